@@ -1,0 +1,111 @@
+"""Building blocks shared by the vision tower and the decoder: dense, RMSNorm, gated MLP, masked attention.
+
+Every parameter carries `logical_axes` metadata; `vlmr1_jax.parallel.mesh` maps those names to mesh axes, so the
+modules themselves know nothing about devices.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+# Finite mask value: -inf turns fully-masked (pad) rows into NaN, which then poisons later layers (PORT.md 3.3).
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: Axes, init: str, dtype: jnp.dtype) -> nnx.Param:
+    """A parameter with its logical axis names; `init` is "normal" (std 0.02), "zeros" or "ones"."""
+    if init == "normal":
+        value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return nnx.Param(value, logical_axes=axes)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias); kernel is [in, out] (the transpose of torch's Linear weight)."""
+
+    def __init__(self, in_features: int, out_features: int, axes: Axes, *, use_bias: bool, rngs: nnx.Rngs,
+                 dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32):
+        self.kernel = param(rngs, (in_features, out_features), axes, "normal", param_dtype)
+        self.bias = param(rngs, (out_features,), axes[1:], "zeros", param_dtype) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """HF Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype, then multiply by the plain weight."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, axis: str | None, *, param_dtype: jnp.dtype = jnp.float32):
+        self.scale = param(None, (dim,), (axis,), "ones", param_dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+class GatedMLP(nnx.Module):
+    """down(act(gate(x)) * up(x)): the SwiGLU block of both towers (biases only in the vision tower)."""
+
+    def __init__(self, dim: int, hidden: int, act: str, embed_axis: str, mlp_axis: str, *, use_bias: bool,
+                 rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32):
+        kw = dict(use_bias=use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.gate = Dense(dim, hidden, (embed_axis, mlp_axis), **kw)
+        self.up = Dense(dim, hidden, (embed_axis, mlp_axis), **kw)
+        self.down = Dense(hidden, dim, (mlp_axis, embed_axis), **kw)
+        self.act = ACTIVATIONS[act]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Non-interleaved rotary embedding (the `rotate_half` layout of Qwen2 / Qwen2.5-VL)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention with grouped KV heads; softmax in fp32 with a finite mask.
+
+    q: [..., L, H, d]; k, v: [..., S, KV, d] with H a multiple of KV (query head j reads KV head j // (H/KV));
+    mask: boolean, broadcastable to [..., L, S] (True = may attend). Returns [..., L, H, d].
+    """
+    *lead, length, heads, dim = q.shape
+    kv_heads = k.shape[-2]
+    group = heads // kv_heads
+    qg = q.reshape(*lead, length, kv_heads, group, dim)
+    scores = jnp.einsum("...lkgd,...skd->...kgls", qg, k, preferred_element_type=jnp.float32) * dim**-0.5
+    scores = jnp.where(mask[..., None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("...kgls,...skd->...lkgd", probs, v)
+    return out.reshape(*lead, length, heads, dim)

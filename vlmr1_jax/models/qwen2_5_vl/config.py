@@ -1,0 +1,238 @@
+"""Qwen2.5-VL architecture configuration: presets and the HF `config.json` mapping (both directions).
+
+The released hub layout is flat (text fields at the top level, `rope_scaling.mrope_section`); transformers 5.x
+writes a nested `text_config` instead. We read both and always write the flat one (see QWEN25VL-PORT.md 4.3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    num_heads: int = 16
+    intermediate_size: int = 3420
+    out_hidden_size: int = 2048
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    tokens_per_second: float = 2.0
+    in_channels: int = 3
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened pixel row: C * Tp * p * p (1176 for the released models)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_unit(self) -> int:
+        return self.spatial_merge_size**2
+
+    @property
+    def window_merged(self) -> int:
+        """Window side in merged units (4 for the released 112-pixel windows)."""
+        return self.window_size // self.spatial_merge_size // self.patch_size
+
+    @property
+    def window_patches(self) -> int:
+        """Patches in one full window (64 for the released models)."""
+        return self.window_merged**2 * self.merge_unit
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    mrope_section: tuple[int, int, int] = (16, 24, 24)
+    max_position_embeddings: int = 128000
+    tie_word_embeddings: bool = True
+    hidden_act: str = "silu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLConfig:
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    vision_token_id: int = 151654
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+
+    def validate(self) -> "Qwen25VLConfig":
+        t, v = self.text, self.vision
+        if t.hidden_size % t.num_attention_heads:
+            raise ValueError(f"text hidden_size {t.hidden_size} not divisible by heads {t.num_attention_heads}")
+        if t.num_attention_heads % t.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if 2 * sum(t.mrope_section) != t.head_dim:
+            raise ValueError(f"mrope_section {t.mrope_section} must sum to head_dim/2 = {t.head_dim // 2}")
+        if v.hidden_size % v.num_heads or v.head_dim % 4:
+            raise ValueError("vision head_dim must be a multiple of 4 (2-D rotary)")
+        if v.out_hidden_size != t.hidden_size:
+            raise ValueError(f"vision out_hidden_size {v.out_hidden_size} != text hidden_size {t.hidden_size}")
+        if any(not 0 <= i < v.depth for i in v.fullatt_block_indexes):
+            raise ValueError(f"fullatt_block_indexes {v.fullatt_block_indexes} out of range for depth {v.depth}")
+        return self
+
+
+def _preset(text: dict[str, Any], vision_intermediate: int, vocab: int, tied: bool) -> Qwen25VLConfig:
+    t = TextConfig(vocab_size=vocab, tie_word_embeddings=tied, **text)
+    v = VisionConfig(intermediate_size=vision_intermediate, out_hidden_size=t.hidden_size)
+    return Qwen25VLConfig(text=t, vision=v).validate()
+
+
+# Released sizes (QWEN25VL-PORT.md 1.2). The 32B vision intermediate (3456) follows the 72B release.
+PRESETS: dict[str, Qwen25VLConfig] = {
+    "qwen2.5-vl-3b": _preset(dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                  num_attention_heads=16, num_key_value_heads=2), 3420, 151936, True),
+    "qwen2.5-vl-7b": _preset(dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                  num_attention_heads=28, num_key_value_heads=4), 3420, 152064, False),
+    "qwen2.5-vl-32b": _preset(dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                                   num_attention_heads=40, num_key_value_heads=8), 3456, 152064, False),
+    "qwen2.5-vl-72b": _preset(dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                                   num_attention_heads=64, num_key_value_heads=8), 3456, 152064, False),
+    # Covers every code path in milliseconds (QWEN25VL-PORT.md 1.3).
+    "tiny": Qwen25VLConfig(
+        text=TextConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 3, 3),
+                        max_position_embeddings=512, tie_word_embeddings=False),
+        vision=VisionConfig(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                            window_size=56, fullatt_block_indexes=(1, 3)),
+        image_token_id=150, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153,
+        vision_token_id=154, bos_token_id=0, eos_token_id=1,
+    ).validate(),
+}
+
+
+def get_preset(name: str) -> Qwen25VLConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}") from None
+
+
+def from_hf_config(cfg: dict[str, Any]) -> Qwen25VLConfig:
+    """Build a config from an HF `config.json` dict: the flat hub layout or the 5.x nested `text_config` one."""
+    if cfg.get("model_type") not in (None, "qwen2_5_vl"):
+        raise ValueError(f"config.json model_type is {cfg.get('model_type')!r}, expected 'qwen2_5_vl'")
+    text = dict(cfg)
+    text.update(cfg.get("text_config") or {})
+    rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
+    if "mrope_section" not in rope:
+        raise ValueError("config.json has no rope_scaling.mrope_section (or text_config.rope_parameters)")
+    rope_theta = text.get("rope_theta", rope.get("rope_theta"))
+    if rope_theta is None:
+        raise ValueError("config.json has no rope_theta")
+    tied = cfg.get("tie_word_embeddings", (cfg.get("text_config") or {}).get("tie_word_embeddings", False))
+    required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "rms_norm_eps"]
+    missing = [k for k in required if k not in text]
+    if missing:
+        raise ValueError(f"config.json lacks text fields {missing}")
+    t = TextConfig(
+        vocab_size=text["vocab_size"], hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
+        num_hidden_layers=text["num_hidden_layers"], num_attention_heads=text["num_attention_heads"],
+        num_key_value_heads=text["num_key_value_heads"], rms_norm_eps=float(text["rms_norm_eps"]),
+        rope_theta=float(rope_theta), mrope_section=tuple(rope["mrope_section"]),
+        max_position_embeddings=text.get("max_position_embeddings", 128000), tie_word_embeddings=bool(tied),
+        hidden_act=text.get("hidden_act", "silu"),
+    )
+    vc = cfg.get("vision_config")
+    if not vc:
+        raise ValueError("config.json has no vision_config")
+    vrope = vc.get("rope_parameters") or {}
+    v = VisionConfig(
+        depth=vc["depth"], hidden_size=vc["hidden_size"], num_heads=vc["num_heads"],
+        intermediate_size=vc["intermediate_size"], out_hidden_size=vc.get("out_hidden_size", t.hidden_size),
+        patch_size=vc.get("patch_size", 14), temporal_patch_size=vc.get("temporal_patch_size", 2),
+        spatial_merge_size=vc.get("spatial_merge_size", 2), window_size=vc.get("window_size", 112),
+        fullatt_block_indexes=tuple(vc.get("fullatt_block_indexes", ())),
+        tokens_per_second=float(vc.get("tokens_per_second", 2)),
+        in_channels=vc.get("in_chans", vc.get("in_channels", 3)), hidden_act=vc.get("hidden_act", "silu"),
+        rope_theta=float(vrope.get("rope_theta", 10000.0)),
+    )
+    get = lambda k, d: cfg.get(k, (cfg.get("text_config") or {}).get(k, d))  # noqa: E731
+    return Qwen25VLConfig(
+        text=t, vision=v,
+        image_token_id=get("image_token_id", 151655), video_token_id=get("video_token_id", 151656),
+        vision_start_token_id=get("vision_start_token_id", 151652),
+        vision_end_token_id=get("vision_end_token_id", 151653), vision_token_id=get("vision_token_id", 151654),
+        bos_token_id=get("bos_token_id", 151643), eos_token_id=get("eos_token_id", 151645),
+    ).validate()
+
+
+def to_hf_config(cfg: Qwen25VLConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+    """The flat, hub-style `config.json` that transformers 4.49+ / 5.x and vLLM all read (PORT.md 4.3)."""
+    t, v = cfg.text, cfg.vision
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "torch_dtype": torch_dtype,
+        "attention_dropout": 0.0,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "vision_start_token_id": cfg.vision_start_token_id,
+        "vision_end_token_id": cfg.vision_end_token_id,
+        "vision_token_id": cfg.vision_token_id,
+        "image_token_id": cfg.image_token_id,
+        "video_token_id": cfg.video_token_id,
+        "hidden_act": t.hidden_act,
+        "hidden_size": t.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": t.intermediate_size,
+        "max_position_embeddings": t.max_position_embeddings,
+        "max_window_layers": t.num_hidden_layers,
+        "num_attention_heads": t.num_attention_heads,
+        "num_hidden_layers": t.num_hidden_layers,
+        "num_key_value_heads": t.num_key_value_heads,
+        "rms_norm_eps": t.rms_norm_eps,
+        "rope_theta": t.rope_theta,
+        "sliding_window": t.max_position_embeddings,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": t.vocab_size,
+        "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
+        "vision_config": {
+            "depth": v.depth,
+            "hidden_act": v.hidden_act,
+            "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size,
+            "num_heads": v.num_heads,
+            "in_chans": v.in_channels,
+            "out_hidden_size": v.out_hidden_size,
+            "patch_size": v.patch_size,
+            "spatial_merge_size": v.spatial_merge_size,
+            "spatial_patch_size": v.patch_size,
+            "window_size": v.window_size,
+            "fullatt_block_indexes": list(v.fullatt_block_indexes),
+            "tokens_per_second": v.tokens_per_second,
+            "temporal_patch_size": v.temporal_patch_size,
+        },
+    }

@@ -1,0 +1,46 @@
+"""Qwen2.5-VL for conditional generation: vision tower + Qwen2 decoder, with visual tokens gathered into the text.
+
+The host passes `vision_gather` [B, L]: for each image/video placeholder token, the row of the tower's output that
+belongs there (HF's row-major `masked_scatter`, precomputed), and -1 elsewhere. Several text rows may gather the
+same features, so a prompt's images are encoded once and shared by its G sampled rows.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+from vlmr1_jax.models.qwen2_5_vl.text import KVCache, TextModel
+from vlmr1_jax.models.qwen2_5_vl.vision import VisionTower
+
+
+class Qwen25VL(nnx.Module):
+    def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype = jnp.float32):
+        self.cfg = cfg
+        self.visual = VisionTower(cfg.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.text = TextModel(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def encode_vision(self, pixel_values: jax.Array, hw_positions: jax.Array, frame_ids: jax.Array) -> jax.Array:
+        """Merged visual tokens [N/4, D] in the plan's padded window layout (see `plan_vision`)."""
+        return self.visual(pixel_values, hw_positions, frame_ids)
+
+    def embed(self, input_ids: jax.Array, vision_features: jax.Array | None = None,
+              vision_gather: jax.Array | None = None) -> jax.Array:
+        embeds = self.text.embed_tokens(input_ids)
+        if vision_features is None:
+            return embeds
+        picked = jnp.take(vision_features.astype(embeds.dtype), jnp.maximum(vision_gather, 0), axis=0)
+        return jnp.where((vision_gather >= 0)[..., None], picked, embeds)
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, attention_mask: jax.Array,
+                 vision_features: jax.Array | None = None, vision_gather: jax.Array | None = None,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Hidden states after the final norm (call `logits` on the positions you need) and the updated cache."""
+        embeds = self.embed(input_ids, vision_features, vision_gather)
+        return self.text(embeds, positions, attention_mask, cache)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        return self.text.logits(hidden)

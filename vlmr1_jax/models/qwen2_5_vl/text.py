@@ -1,0 +1,137 @@
+"""Qwen2 decoder with sectioned M-RoPE, GQA, q/k/v biases and an optional KV cache for incremental decoding."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlmr1_jax.models.layers import Dense, GatedMLP, RMSNorm, apply_rotary, attention, param
+from vlmr1_jax.models.qwen2_5_vl.config import TextConfig
+from vlmr1_jax.models.qwen2_5_vl.rope import inv_frequencies, mrope_cos_sin
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys (stored after rotation, as HF) and values per layer, which slots hold valid tokens, and the write index.
+
+    k, v: [layers, B, S, KV, head_dim]; valid: [B, S] bool; index: int32 scalar (next slot to write).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def empty(cls, cfg: TextConfig, batch: int, size: int, dtype: jnp.dtype) -> "KVCache":
+        shape = (cfg.num_hidden_layers, batch, size, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, size), bool),
+                   jnp.zeros((), jnp.int32))
+
+    def repeat(self, times: int) -> "KVCache":
+        """Fan each row out to `times` consecutive rows (prefill once, sample G completions)."""
+        rep = lambda x, axis: jnp.repeat(x, times, axis=axis)  # noqa: E731
+        return KVCache(rep(self.k, 1), rep(self.v, 1), rep(self.valid, 0), self.index)
+
+
+class TextAttention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q = Dense(d, cfg.num_attention_heads * hd, ("embed", "heads"), use_bias=True, **kw)
+        self.k = Dense(d, cfg.num_key_value_heads * hd, ("embed", "kv_heads"), use_bias=True, **kw)
+        self.v = Dense(d, cfg.num_key_value_heads * hd, ("embed", "kv_heads"), use_bias=True, **kw)
+        self.o = Dense(cfg.num_attention_heads * hd, d, ("heads", "embed"), use_bias=False, **kw)
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+
+    def __call__(self, x, cos, sin, mask, layer_cache):
+        b, length, _ = x.shape
+        q = self.q(x).reshape(b, length, self.heads, self.head_dim)
+        k = self.k(x).reshape(b, length, self.kv_heads, self.head_dim)
+        v = self.v(x).reshape(b, length, self.kv_heads, self.head_dim)
+        q = apply_rotary(q, cos[:, :, None], sin[:, :, None])
+        k = apply_rotary(k, cos[:, :, None], sin[:, :, None])
+        if layer_cache is not None:
+            ck, cv, index = layer_cache
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return self.o(out.reshape(b, length, -1)), (k, v)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", param_dtype=param_dtype)
+        self.attn = TextAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", param_dtype=param_dtype)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, "embed", "mlp",
+                            use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x, cos, sin, mask, layer_cache):
+        h, kv = self.attn(self.input_norm(x), cos, sin, mask, layer_cache)
+        x = x + h
+        return x + self.mlp(self.post_norm(x)), kv
+
+
+class TextModel(nnx.Module):
+    """Token embedding, decoder layers, final norm and the LM head (tied to the embedding when configured)."""
+
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype = jnp.float32):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), "normal", param_dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                                for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", param_dtype=param_dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else Dense(
+            cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, rngs=rngs, dtype=dtype,
+            param_dtype=param_dtype)
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+
+    def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """embeds: [B, L, D]; positions: [3, B, L] M-RoPE ids; attention_mask: [B, L] (1 = real token).
+
+        Without a cache: causal attention over the L tokens. With a cache: the L tokens are written at
+        `cache.index` and attend to every valid earlier slot. Returns final-norm hidden states and the new cache.
+        """
+        cfg = self.cfg
+        length = embeds.shape[1]
+        cos, sin = mrope_cos_sin(positions, inv_frequencies(cfg.head_dim, cfg.rope_theta), cfg.mrope_section,
+                                 self.dtype)
+        valid = attention_mask.astype(bool)
+        if cache is None:
+            causal = jnp.tril(jnp.ones((length, length), bool))
+            mask = causal[None] & valid[:, None, :]
+        else:
+            size = cache.valid.shape[1]
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
+            query_slot = cache.index + jnp.arange(length)
+            causal = jnp.arange(size)[None, :] <= query_slot[:, None]
+            mask = causal[None] & key_valid[:, None, :]
+        x = embeds
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+            x, (k, v) = layer(x, cos, sin, mask, layer_cache)
+            new_k.append(k)
+            new_v.append(v)
+        x = self.norm(x)
+        if cache is None:
+            return x, None
+        return x, KVCache(jnp.stack(new_k), jnp.stack(new_v), key_valid, cache.index + length)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """LM head in float32 logits; tied heads reuse the embedding matrix."""
+        if self.lm_head is None:
+            kernel = self.embed[...].astype(self.dtype).T
+        else:
+            kernel = self.lm_head.kernel[...].astype(self.dtype)
+        return jnp.dot(hidden.astype(self.dtype), kernel, preferred_element_type=jnp.float32)

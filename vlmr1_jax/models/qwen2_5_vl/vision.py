@@ -1,0 +1,101 @@
+"""Qwen2.5-VL vision tower: patch embedding, 2-D rotary, window / full attention blocks, patch merger.
+
+Inputs come in the padded window layout of `vlmr1_jax.processing.vision_plan` (computed on the host), so window
+attention is a reshape to `[windows, slots, D]` and full attention is a mask over frame ids: block-diagonal per
+window or per (item, temporal patch), exactly as HF's variable-length attention (QWEN25VL-PORT.md section 2).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlmr1_jax.models.layers import ACTIVATIONS, Dense, GatedMLP, RMSNorm, apply_rotary, attention, param
+from vlmr1_jax.models.qwen2_5_vl.config import VisionConfig
+from vlmr1_jax.models.qwen2_5_vl.rope import inv_frequencies, vision_cos_sin
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
+        d = cfg.hidden_size
+        kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.qkv = Dense(d, 3 * d, ("vision_embed", "vision_heads"), **kw)  # out axis = [q | k | v], head-major
+        self.proj = Dense(d, d, ("vision_heads", "vision_embed"), **kw)
+        self.num_heads = cfg.num_heads
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 windows: int | None) -> jax.Array:
+        """x: [N, D]. With `windows`, attention runs per window block [windows, N/windows] and mask is
+        [windows, S, S]; otherwise over all N with mask [N, N]."""
+        n, d = x.shape
+        qkv = self.qkv(x).reshape(n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        # Rotate in fp32 and cast back, as HF's vision path does.
+        rot = lambda t: apply_rotary(t.astype(jnp.float32), cos[:, None], sin[:, None]).astype(t.dtype)  # noqa
+        q, k = rot(q), rot(k)
+        if windows is not None:
+            q, k, v = (t.reshape(windows, n // windows, *t.shape[1:]) for t in (q, k, v))
+        out = attention(q, k, v, mask)
+        return self.proj(out.reshape(n, d))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
+        self.norm1 = RMSNorm(cfg.hidden_size, cfg.norm_eps, "vision_embed", param_dtype=param_dtype)
+        self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.norm2 = RMSNorm(cfg.hidden_size, cfg.norm_eps, "vision_embed", param_dtype=param_dtype)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, "vision_embed", "vision_mlp",
+                            use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x, cos, sin, mask, windows):
+        x = x + self.attn(self.norm1(x), cos, sin, mask, windows)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm, then 2x2 patches concatenated -> Linear -> exact GELU -> Linear to the text width."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
+        wide = cfg.hidden_size * cfg.merge_unit
+        kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.ln_q = RMSNorm(cfg.hidden_size, cfg.norm_eps, "vision_embed", param_dtype=param_dtype)
+        self.fc1 = Dense(wide, wide, ("vision_merge", "vision_mlp"), **kw)
+        self.fc2 = Dense(wide, cfg.out_hidden_size, ("vision_mlp", "embed"), **kw)
+        self.unit = cfg.merge_unit
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.ln_q(x).reshape(x.shape[0] // self.unit, -1)
+        return self.fc2(ACTIVATIONS["gelu"](self.fc1(y)))
+
+
+class VisionTower(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype = jnp.float32):
+        self.cfg = cfg
+        self.dtype = dtype
+        # Conv3d with stride == kernel and no bias is a matmul over flattened [C, Tp, p, p] rows.
+        self.patch_embed = param(rngs, (cfg.patch_dim, cfg.hidden_size), (None, "vision_embed"), "normal",
+                                 param_dtype)
+        self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                                for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, pixel_values: jax.Array, hw_positions: jax.Array, frame_ids: jax.Array) -> jax.Array:
+        """Padded window layout in (see `plan_vision`), merged tokens out: [N / 4, out_hidden] in the same layout."""
+        cfg = self.cfg
+        n = pixel_values.shape[0]
+        slots = cfg.window_patches
+        windows = n // slots
+        x = jnp.dot(pixel_values.astype(self.dtype), self.patch_embed[...].astype(self.dtype))
+        cos, sin = vision_cos_sin(hw_positions, inv_frequencies(cfg.head_dim // 2, cfg.rope_theta))
+        valid = frame_ids >= 0
+        wvalid = valid.reshape(windows, slots)
+        window_mask = wvalid[:, :, None] & wvalid[:, None, :]
+        full_mask = (frame_ids[:, None] == frame_ids[None, :]) & valid[:, None]
+        for i, block in enumerate(self.blocks):
+            if i in cfg.fullatt_block_indexes:
+                x = block(x, cos, sin, full_mask, None)
+            else:
+                x = block(x, cos, sin, window_mask, windows)
+        return self.merger(x)

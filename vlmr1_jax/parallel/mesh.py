@@ -1,0 +1,107 @@
+"""Device mesh, the one logical-axis rule table, and shardings for parameter trees and batches.
+
+Mesh axes are `data, fsdp, tensor` (MaxText naming). Parameters carry logical axis names (`embed`, `mlp`, ...);
+`LOGICAL_RULES` maps each name to mesh axes. An axis whose size does not divide by its mesh axes is replicated
+instead of failing, so one rule table serves every model size and mesh shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "vision_embed": ("fsdp",),
+    "vision_mlp": ("tensor",),
+    "vision_heads": ("tensor",),
+    "vision_merge": ("fsdp",),
+    "lora_rank": (),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes; -1 on one axis means "all remaining devices"."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axis types (GSPMD propagation from the logical rules)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide by the fixed mesh axes {sizes}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                         f"have {len(devices)}")
+    grid = np.asarray(devices, dtype=object).reshape(sizes)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """PartitionSpec for one array: each logical name's mesh axes, dropped where the dimension does not divide."""
+    used: set[str] = set()
+    spec: list[Any] = []
+    for name, dim in zip(axes, shape):
+        mesh_axes = tuple(a for a in LOGICAL_RULES.get(name, ()) if a not in used and mesh.shape[a] > 1) \
+            if name else ()
+        if mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+            used.update(mesh_axes)
+            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """NamedShardings for every leaf of an (abstract) nnx.State from its `logical_axes` metadata."""
+
+    def one(variable):
+        axes = variable.get_metadata().get("logical_axes") or (None,) * len(variable.shape)
+        return variable.replace(NamedSharding(mesh, logical_to_spec(axes, variable.shape, mesh)))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
+    """Shard the batch axis over (data, fsdp); replicate the rest."""
+    spec = [None] * ndim
+    spec[batch_axis] = tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1) or None
+    return NamedSharding(mesh, P(*spec))
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """`jax.distributed.initialize`, auto-detecting TPU pods / Slurm / MPI when no arguments are given."""
+    kwargs = {k: v for k, v in dict(coordinator_address=coordinator, num_processes=num_processes,
+                                    process_id=process_id).items() if v is not None}
+    jax.distributed.initialize(**kwargs)
+
+
+def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
+    """Build a module with every parameter born on its target sharding (no replicated host copy first)."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    state = jax.jit(lambda: nnx.split(make())[1], out_shardings=state_shardings(abstract, mesh))()
+    return nnx.merge(graphdef, state)
