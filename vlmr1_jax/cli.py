@@ -8,7 +8,8 @@ import sys
 
 # Each module exposes `register(subparsers)`; it adds its sub-command(s) and sets `func` on the parser.
 COMMAND_MODULES = (
-    "vlmr1_jax.parity",
+    "ports.parity",
+    "vlmr1_jax.data.cli",
 )
 
 

@@ -1,0 +1,98 @@
+"""`vlmr1 data synth` (write the built-in synthetic REC data) and `vlmr1 data check` (validate jsonl + images)."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+from vlmr1_jax.data import synthetic
+from vlmr1_jax.data.jsonl import DataError, LoadReport, Sample, load_jsonl_datasets, read_image_sizes
+from vlmr1_jax.processing.image import IMAGE_FACTOR, MAX_PIXELS, MIN_PIXELS, smart_resize
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `data synth` and `data check` to the `vlmr1` command line."""
+    data = subparsers.add_parser("data", help="make or check VLM-R1 jsonl datasets")
+    actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    synth = actions.add_parser("synth", help="write synthetic REC data (jsonl + images)")
+    synth.add_argument("--out", required=True, help="output folder (<out>/<split>.jsonl, <out>/images/)")
+    synth.add_argument("--n", type=int, required=True, help="number of samples")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--split", choices=synthetic.SPLITS, default="train",
+                       help="train/val are in-domain; ood targets colour+shape pairs never seen in train")
+    synth.add_argument("--families", nargs="+", choices=synthetic.FAMILIES, default=["simple"],
+                       help="referring-expression families to draw from")
+    synth.add_argument("--image-size", type=int, default=112)
+    synth.set_defaults(func=run_synth)
+
+    check = actions.add_parser("check", help="validate every line and image; exit 1 on any problem")
+    check.add_argument("--data-files", required=True, help="':'-separated jsonl files")
+    check.add_argument("--image-folders", required=True, help="':'-separated image folders, one per file")
+    check.add_argument("--reward-method", default=None, help="':'-separated accuracy-reward methods, one per file")
+    check.add_argument("--min-pixels", type=int, default=MIN_PIXELS)
+    check.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
+    check.set_defaults(func=run_check)
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    path = synthetic.generate(args.out, args.n, args.seed, args.split, tuple(args.families), args.image_size)
+    print(f"wrote {args.n} {args.split} samples to {path} (images under {synthetic.image_folder(args.out)})")
+    return 0
+
+
+def token_histogram(counts: collections.Counter) -> list[str]:
+    """Power-of-two bins of image-token counts, one line per non-empty bin."""
+    bins: collections.Counter = collections.Counter()
+    for tokens, n in counts.items():
+        bins[1 << (tokens.bit_length() - 1)] += n
+    width = max(bins.values(), default=0)
+    return [f"  [{lo}, {2 * lo}): {n} {'#' * max(1, round(40 * n / width))}" for lo, n in sorted(bins.items())]
+
+
+def image_tokens(sample: Sample, min_pixels: int, max_pixels: int) -> list[int]:
+    """LLM tokens per image of `sample` after the processor's smart_resize (one token per 28x28 block)."""
+    tokens = []
+    for i, (height, width) in enumerate(read_image_sizes(sample)):
+        try:
+            h, w = smart_resize(height, width, IMAGE_FACTOR, min_pixels, max_pixels)
+        except ValueError as e:
+            raise DataError("bad_image_size", sample.source, sample.line, f"image[{i}]", str(e)) from None
+        tokens.append((h // IMAGE_FACTOR) * (w // IMAGE_FACTOR))
+    return tokens
+
+
+def check_images(samples: list[Sample], report: LoadReport, min_pixels: int, max_pixels: int
+                 ) -> tuple[int, collections.Counter]:
+    """Decode every image; problems go to `report`. Returns (valid samples, Counter of tokens per image)."""
+    valid, counts = 0, collections.Counter()
+    for sample in samples:
+        try:
+            counts.update(image_tokens(sample, min_pixels, max_pixels))
+        except DataError as e:
+            report.add(e)
+            continue
+        valid += 1
+    return valid, counts
+
+
+def run_check(args: argparse.Namespace) -> int:
+    try:
+        samples, report = load_jsonl_datasets(args.data_files, args.image_folders, args.reward_method,
+                                              on_error="skip")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}")
+        return 1
+    valid, counts = check_images(samples, report, args.min_pixels, args.max_pixels)
+    print(f"files: {len(report.files)}  lines: {report.lines}  samples: {valid} valid, "
+          f"{report.lines - valid} with problems")
+    print(f"images: {sum(counts.values())} in valid samples")
+    if counts:
+        print(f"tokens per image (min_pixels={args.min_pixels}, max_pixels={args.max_pixels}): "
+              f"min {min(counts)}, max {max(counts)}")
+        print("\n".join(token_histogram(counts)))
+    if report.problems:
+        print("\n".join(["problems:", *report.problem_lines(max_listed=None)]))
+        return 1
+    print("no problems found")
+    return 0

@@ -1,0 +1,65 @@
+"""Prompt batches for the trainer: a grain pipeline with a per-epoch shuffle, per-process slicing and exact resume.
+
+Order of operations: source -> shuffle(seed) -> keep whole global batches of each epoch -> repeat(num_epochs) ->
+slice [process_index::process_count] -> batch. Like VLM-R1's `RepeatRandomSampler`, every epoch is a fresh
+permutation cut into global batches of unique prompts, and an incomplete final batch of each epoch is dropped.
+Global batch `s` is stream positions [s*B, (s+1)*B); process p gets every `process_count`-th of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grain
+
+from vlmr1_jax.data.jsonl import Sample
+
+
+def batches_per_epoch(num_samples: int, batch_size: int, drop_remainder: bool = True) -> float:
+    """Optimizer steps (global batches) in one epoch; fractional when batches straddle epochs."""
+    if drop_remainder:
+        return float(num_samples // batch_size)
+    return num_samples / batch_size
+
+
+def epoch_of(steps_done: int, num_samples: int, batch_size: int, drop_remainder: bool = True) -> float:
+    """Epochs completed after `steps_done` global batches (HF-style fractional `epoch` for logging)."""
+    return steps_done / batches_per_epoch(num_samples, batch_size, drop_remainder)
+
+
+def make_prompt_dataset(samples: Sequence[Sample], batch_size: int, seed: int, num_epochs: int | None = None,
+                        process_index: int = 0, process_count: int = 1,
+                        drop_remainder: bool = True) -> grain.MapDataset:
+    """This process's batches as a grain `MapDataset` of lists of `Sample`s (`batch_size` is the global batch).
+
+    Each process yields `batch_size // process_count` prompts per step. `drop_remainder=False` keeps every
+    sample (batches then straddle epochs, and the last one may be short); it is single-process only, since a
+    short tail would give processes different numbers of steps.
+    """
+    n = len(samples)
+    if batch_size <= 0 or batch_size % process_count:
+        raise ValueError(f"batch_size {batch_size} must be a positive multiple of process_count {process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is outside [0, {process_count})")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    if drop_remainder and n < batch_size:
+        raise ValueError(f"{n} samples cannot fill one batch of {batch_size} prompts")
+    if not drop_remainder and (process_count > 1 or n == 0):
+        raise ValueError("drop_remainder=False needs a single process and at least one sample")
+    ds = grain.MapDataset.source(list(samples)).shuffle(seed=seed)
+    if drop_remainder:
+        ds = ds[: (n // batch_size) * batch_size]  # slicing after shuffle keeps the per-epoch reshuffle
+    ds = ds.repeat(num_epochs)[process_index::process_count]
+    return ds.batch(batch_size // process_count, drop_remainder=drop_remainder, batch_fn=list)
+
+
+def make_prompt_iterator(samples: Sequence[Sample], batch_size: int, seed: int, num_epochs: int | None = None,
+                         process_index: int = 0, process_count: int = 1,
+                         drop_remainder: bool = True) -> grain.DatasetIterator:
+    """A resumable iterator over `make_prompt_dataset`; `get_state()` / `set_state()` restore it exactly.
+
+    Read synchronously (no threads): the elements are in memory and images are still paths.
+    """
+    ds = make_prompt_dataset(samples, batch_size, seed, num_epochs, process_index, process_count, drop_remainder)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
