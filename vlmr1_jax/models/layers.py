@@ -37,19 +37,30 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: Axes, init: str, 
     return nnx.Param(value, logical_axes=axes)
 
 
+class LoRAParam(nnx.Variable):
+    """Low-rank adapter weights: the only trainable variables of a LoRA run (see `vlmr1_jax.rl.lora`)."""
+
+
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias); kernel is [in, out] (the transpose of torch's Linear weight)."""
+    """y = x @ kernel (+ bias) (+ scale * x @ lora_a @ lora_b); kernel is [in, out] (torch Linear's transpose)."""
 
     def __init__(self, in_features: int, out_features: int, axes: Axes, *, use_bias: bool, rngs: nnx.Rngs,
                  dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32):
         self.kernel = param(rngs, (in_features, out_features), axes, "normal", param_dtype)
         self.bias = param(rngs, (out_features,), axes[1:], "zeros", param_dtype) if use_bias else None
         self.dtype = dtype
+        self.lora_a: LoRAParam | None = nnx.data(None)
+        self.lora_b: LoRAParam | None = nnx.data(None)
+        self.lora_scale = 0.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            low = jnp.dot(x, self.lora_a[...].astype(self.dtype))
+            y = y + self.lora_scale * jnp.dot(low, self.lora_b[...].astype(self.dtype))
         return y
 
 

@@ -1,0 +1,190 @@
+"""Run configuration: frozen dataclasses, loaded from YAML recipes with `section.key=value` overrides.
+
+Batch sizes are stated in prompts and samples (`data.prompts_per_step` prompts x `grpo.num_generations` samples),
+not VLM-R1's per-device completions (VLM-R1-SPEC.md 3.1 and issue #197).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from vlmr1_jax.parallel.mesh import MeshConfig
+from vlmr1_jax.rl.sampler import SamplingConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    preset: str | None = "tiny"  # a name from models.qwen2_5_vl.config.PRESETS, used when hf_model is unset
+    hf_model: str | None = None  # HF Qwen2.5-VL folder to start from (weights, config, tokenizer)
+    checkpoint: str | None = None  # our checkpoint folder to start from (e.g. an SFT warm start)
+    tokenizer: str | None = None  # tokenizer folder; default: hf_model's, else the vendored Qwen2.5 one
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots (per decoder layer)
+    overrides: dict = dataclasses.field(default_factory=dict)  # preset field overrides, e.g. {"text.vocab_size": 512}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    data_file_paths: str = ""  # colon-separated jsonl files (VLM-R1 format)
+    image_folders: str = ""  # colon-separated, one per data file
+    reward_method: str | None = None  # colon-separated accu_reward_method per file
+    task_type: str | None = "rec"  # question template: rec | ic | odLength | default
+    prompts_per_step: int = 8  # unique prompts per optimizer step (all processes together)
+    num_epochs: int | None = None  # None = repeat until max_steps
+    seed: int = 42
+    min_pixels: int = 3136
+    max_pixels: int = 12845056
+    on_error: str = "raise"  # raise | skip (skipped samples are counted and reported)
+    max_prompt_length: int | None = None  # pad prompts to this length (None: bucket per batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    num_generations: int = 8
+    beta: float = 0.04
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    loss: str = "grpo"  # grpo | dapo | dr_grpo | gspo
+    num_iterations: int = 1
+    scale_rewards: bool = True
+    reward_funcs: tuple[str, ...] = ("accuracy", "format")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 1e-6
+    schedule: str = "linear"  # linear (decay to 0) | constant
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 64
+    alpha: float = 128.0
+    dropout: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = "runs/default"
+    max_steps: int = 100
+    trainable: str = "full"  # full | freeze_vision | lora
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+    rollout_log: bool = False  # write prompts, completions and rewards per step (VLM-R1's DEBUG_MODE log)
+    distributed: bool = False  # call jax.distributed.initialize() first
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Convert a YAML / command-line value to the field's annotated type, with an error naming the field."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args or hint is Any:
+            return None
+        raise ValueError(f"{where}: null is not allowed")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(_coerce(v, args[0], where) for v in items)
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if hint in (int, float, str):
+        try:
+            return hint(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}") from None
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in values.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, f"{where}.{key}" if where else key)
+        else:
+            kwargs[key] = _coerce(value, hint, f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`section.key=value` strings on top of a raw YAML dict (values parsed as YAML scalars)."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"override {item!r}: expected section.key=value")
+        section, _, field = key.partition(".")
+        node = raw.setdefault(section, {})
+        *parents, leaf = field.split(".")
+        for parent in parents:  # nested mappings such as model.overrides.text.vocab_size
+            node = node.setdefault(parent, {})
+        node[leaf] = yaml.safe_load(text)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """A recipe (a path, or a name in vlmr1_jax/configs) plus overrides -> RunConfig."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            p = CONFIG_DIR / f"{path}.yaml"
+        if not p.is_file():
+            known = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+            raise FileNotFoundError(f"config {path!r} is neither a file nor a packaged recipe {known}")
+        raw = yaml.safe_load(p.read_text()) or {}
+    return _build(RunConfig, apply_overrides(raw, overrides), "")
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

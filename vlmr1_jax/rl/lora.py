@@ -1,0 +1,55 @@
+"""LoRA as VLM-R1 configures it: adapters on every non-vision linear layer, lm_head included (not the embedding).
+
+`lora_b` starts at zero, so the adapted model equals the base; the base (the GRPO reference) is the same state with
+the adapters zeroed. `merge_lora` folds `scale * A @ B` into the kernels for export.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlmr1_jax.models.layers import Dense, LoRAParam
+
+# Module paths (dotted, inside Qwen25VL) that get adapters: every text linear and the untied LM head.
+TARGET_PREFIX = "text."
+
+
+def lora_targets(model: nnx.Module) -> list[tuple[str, Dense]]:
+    """(path, Dense) for every linear layer outside the vision tower."""
+    out = []
+    for path, module in nnx.iter_graph(model):
+        name = ".".join(str(p) for p in path)
+        if isinstance(module, Dense) and name.startswith(TARGET_PREFIX):
+            out.append((name, module))
+    return out
+
+
+def apply_lora(model: nnx.Module, rank: int, alpha: float, seed: int = 0) -> list[str]:
+    """Attach adapters in place (A ~ N(0, 1/rank) like PEFT's default Kaiming-uniform scale, B = 0); returns
+    the adapted module paths."""
+    if rank <= 0:
+        raise ValueError(f"lora.rank must be positive, got {rank}")
+    key = jax.random.key(seed)
+    names = []
+    for i, (name, dense) in enumerate(lora_targets(model)):
+        fan_in, fan_out = dense.kernel.shape
+        axes = dense.kernel.get_metadata().get("logical_axes", (None, None))
+        a = jax.random.normal(jax.random.fold_in(key, i), (fan_in, rank), dense.kernel.dtype) / jnp.sqrt(fan_in)
+        dense.lora_a = LoRAParam(a, logical_axes=(axes[0], "lora_rank"))
+        dense.lora_b = LoRAParam(jnp.zeros((rank, fan_out), dense.kernel.dtype), logical_axes=("lora_rank", axes[1]))
+        dense.lora_scale = alpha / rank
+        names.append(name)
+    return names
+
+
+def merge_lora(model: nnx.Module) -> None:
+    """Fold every adapter into its kernel (kernel += scale * A @ B) and remove it, in place."""
+    for _, dense in lora_targets(model):
+        if dense.lora_a is None:
+            continue
+        delta = dense.lora_scale * (dense.lora_a[...] @ dense.lora_b[...])
+        dense.kernel[...] = (dense.kernel[...] + delta).astype(dense.kernel.dtype)
+        dense.lora_a = dense.lora_b = nnx.data(None)
+        dense.lora_scale = 0.0

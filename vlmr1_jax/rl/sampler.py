@@ -1,0 +1,124 @@
+"""Grouped sampler: encode each prompt's images and prefill it once, fan the KV cache out to G samples, and decode
+in one compiled `while_loop` that stops as soon as every row has produced an EOS.
+
+VLM-R1 samples with HF `generate` defaults: temperature 1.0, top_k 50, top_p 1.0 (VLM-R1-SPEC.md 3.2); those are
+the defaults here. Returned log-probs are the policy's own (log_softmax of the raw logits, no temperature or
+filtering), i.e. what the GRPO step computes, so they serve as old log-probs when num_iterations > 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
+from vlmr1_jax.models.qwen2_5_vl.text import KVCache
+from vlmr1_jax.rl.grpo import completion_mask, token_logprobs
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 50  # 0 disables
+    top_p: float = 1.0  # 1.0 disables
+    greedy: bool = False
+
+
+def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Temperature, then top-k, then top-p (nucleus), as HF's logits warpers; removed entries become -inf."""
+    logits = logits.astype(jnp.float32) / temperature
+    neg = jnp.finfo(jnp.float32).min
+    if 0 < top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(logits, axis=-1)  # ascending, like HF's TopPLogitsWarper
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        remove_sorted = cumulative <= 1.0 - top_p
+        remove_sorted = remove_sorted.at[..., -1].set(False)  # always keep the most likely token
+        remove = jnp.zeros_like(remove_sorted).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+        logits = jnp.where(remove, neg, logits)
+    return logits
+
+
+def next_tokens(rng: jax.Array, logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    if cfg.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+    return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """Static settings of one compiled sampler; call `generate` under jit (or use `jitted`)."""
+
+    cfg: SamplingConfig
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    banned_ids: tuple[int, ...] = ()  # never sampled: image/video/vision tokens would break the re-forward
+
+    def generate(self, model: Qwen25VL, batch: dict[str, jax.Array], rng: jax.Array,
+                 num_samples: int) -> dict[str, jax.Array]:
+        """batch: `PromptBatch.arrays()` for P prompts. Returns, for the P*G rows (row p*G+g = sample g of p):
+        `tokens` [B, T] (pad after EOS), `logprobs` [B, T], `mask` [B, T] (through the first EOS)."""
+        cfg, steps = self.cfg, self.cfg.max_new_tokens
+        ids = batch["input_ids"]
+        prompts, length = ids.shape
+        features = model.encode_vision(batch["pixel_values"], batch["hw_positions"], batch["frame_ids"])
+        cache = KVCache.empty(model.cfg.text, prompts, length + steps, model.text.dtype)
+        hidden, cache = model(ids, batch["positions"], batch["attention_mask"], features, batch["vision_gather"],
+                              cache)
+        logits = model.logits(hidden[:, -1])
+        # Fan out: one prefill, G rows per prompt.
+        cache = cache.repeat(num_samples)
+        logits = jnp.repeat(logits, num_samples, axis=0)
+        next_position = jnp.repeat(batch["next_position"], num_samples, axis=0)
+        rows = prompts * num_samples
+        eos = jnp.asarray(self.eos_ids, jnp.int32)
+        banned = jnp.asarray(self.banned_ids, jnp.int32)
+
+        def cond(state):
+            step, _, _, _, _, done, _ = state
+            return (step < steps) & ~jnp.all(done)
+
+        def body(state):
+            step, cache, logits, tokens, logprobs, done, rng = state
+            rng, key = jax.random.split(rng)
+            allowed = logits.at[:, banned].set(jnp.finfo(jnp.float32).min) if self.banned_ids else logits
+            token = next_tokens(key, allowed, cfg)
+            logprob = token_logprobs(logits, token)
+            token = jnp.where(done, self.pad_id, token)
+            tokens = tokens.at[:, step].set(token)
+            logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
+            done = done | jnp.isin(token, eos)
+            position = jnp.broadcast_to((next_position + step)[None, :, None], (3, rows, 1))
+            hidden, cache = model(token[:, None], position, jnp.ones((rows, 1), jnp.int32), cache=cache)
+            return step + 1, cache, model.logits(hidden[:, 0]), tokens, logprobs, done, rng
+
+        init = (jnp.zeros((), jnp.int32), cache, logits, jnp.full((rows, steps), self.pad_id, jnp.int32),
+                jnp.zeros((rows, steps), jnp.float32), jnp.zeros((rows,), bool), rng)
+        _, _, _, tokens, logprobs, _, _ = jax.lax.while_loop(cond, body, init)
+        mask = completion_mask(tokens, self.eos_ids)
+        return {"tokens": tokens, "logprobs": logprobs * mask, "mask": mask}
+
+    def jitted(self, graphdef: nnx.GraphDef, num_samples: int):
+        """A jitted `(state, batch, rng) -> outputs` for a split model (`nnx.split(model)`)."""
+
+        @jax.jit
+        def run(state, batch, rng):
+            return self.generate(nnx.merge(graphdef, state), batch, rng, num_samples)
+
+        return run
+
+
+def default_banned_ids(cfg, extra: Sequence[int] = ()) -> tuple[int, ...]:
+    """Vision placeholder/structure tokens the policy must never emit (DEMO-NOTES: they break the re-forward)."""
+    return tuple(sorted({cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id,
+                         cfg.vision_token_id, *extra}))

@@ -1,0 +1,165 @@
+"""The jitted train steps: GRPO (policy log-probs, clipped loss, KL to a frozen reference) and SFT (cross-entropy on
+answer tokens), sharing one forward that encodes each prompt's images once and broadcasts them to its G rows.
+
+State is split with nnx into trainable variables (what the optimizer sees: all params, all but `visual`, or only
+LoRA adapters) and frozen ones; the step is a pure function of (state, batch) with the state donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from vlmr1_jax.models.layers import LoRAParam
+from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
+from vlmr1_jax.rl.grpo import get_loss, token_logprobs
+
+TRAINABLE_FILTERS: dict[str, Any] = {
+    "full": nnx.Param,
+    "freeze_vision": nnx.All(nnx.Param, nnx.Not(nnx.PathContains("visual"))),
+    "lora": LoRAParam,
+}
+
+
+def trainable_filter(mode: str) -> Any:
+    try:
+        return TRAINABLE_FILTERS[mode]
+    except KeyError:
+        raise ValueError(f"train.trainable={mode!r}; choose one of {sorted(TRAINABLE_FILTERS)}") from None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: nnx.State
+    frozen: nnx.State
+    opt_state: optax.OptState
+    reference: nnx.State | None  # trainable variables of the frozen reference policy (None when beta == 0)
+
+
+def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with global-norm clipping and linear decay (VLM-R1 / HF Trainer defaults), with accumulation."""
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        main = optax.linear_schedule(cfg.learning_rate, 0.0, decay_steps)
+    elif cfg.schedule == "constant":
+        main = optax.constant_schedule(cfg.learning_rate)
+    else:
+        raise ValueError(f"optim.schedule={cfg.schedule!r}; choose linear or constant")
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps), main],
+                                    [cfg.warmup_steps]) if cfg.warmup_steps else main
+    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                     optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    if cfg.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
+    return tx, schedule
+
+
+def init_train_state(model: Qwen25VL, mode: str, optimizer: optax.GradientTransformation,
+                     with_reference: bool) -> tuple[nnx.GraphDef, TrainState]:
+    """Split `model` into trainable / frozen state; the reference copies the initial trainable variables
+    (for LoRA it is the base model: the same state with the adapters zeroed)."""
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(mode), ...)
+    reference = None
+    if with_reference:
+        copy = jnp.zeros_like if mode == "lora" else jnp.copy
+        reference = jax.tree.map(copy, trainable)
+    opt_state = optimizer.init(trainable)
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), trainable, frozen, opt_state, reference)
+
+
+def completion_logprobs(model: Qwen25VL, prompts: dict[str, jax.Array], tokens: jax.Array, mask: jax.Array,
+                        num_samples: int) -> jax.Array:
+    """log p(token) for each completion token [B, T]; B = P * num_samples rows of P prompts.
+
+    The prompt's images are encoded once ([P] features) and gathered by all its rows; the whole
+    prompt + completion sequence runs through the decoder, and the LM head only sees completion positions.
+    """
+    rep = lambda x, axis=0: jnp.repeat(x, num_samples, axis=axis)  # noqa: E731
+    prompt_len = prompts["input_ids"].shape[1]
+    steps = tokens.shape[1]
+    features = model.encode_vision(prompts["pixel_values"], prompts["hw_positions"], prompts["frame_ids"])
+    ids = jnp.concatenate([rep(prompts["input_ids"]), tokens], axis=1)
+    attention = jnp.concatenate([rep(prompts["attention_mask"]), mask.astype(jnp.int32)], axis=1)
+    completion_pos = rep(prompts["next_position"])[:, None] + jnp.arange(steps)[None]
+    positions = jnp.concatenate([rep(prompts["positions"], 1),
+                                 jnp.broadcast_to(completion_pos[None], (3, *completion_pos.shape))], axis=2)
+    gather = jnp.concatenate([rep(prompts["vision_gather"]), jnp.full(tokens.shape, -1, jnp.int32)], axis=1)
+    hidden, _ = model(ids, positions, attention, features, gather)
+    logits = model.logits(hidden[:, prompt_len - 1:prompt_len - 1 + steps])
+    return token_logprobs(logits, tokens)
+
+
+def _merge(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State) -> Qwen25VL:
+    return nnx.merge(graphdef, trainable, frozen)
+
+
+def make_logprob_fn(graphdef: nnx.GraphDef, num_samples: int) -> Callable:
+    """Jitted `(trainable, frozen, prompts, tokens, mask) -> logp` for reference / old log-probs at rollout time."""
+
+    @jax.jit
+    def run(trainable, frozen, prompts, tokens, mask):
+        return completion_logprobs(_merge(graphdef, trainable, frozen), prompts, tokens, mask, num_samples)
+
+    return run
+
+
+def _apply_gradients(state: TrainState, grads: nnx.State, optimizer: optax.GradientTransformation,
+                     schedule: optax.Schedule, grad_accum: int) -> tuple[TrainState, dict[str, jax.Array]]:
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {"grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step // grad_accum)}
+    return dataclasses.replace(state, step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+
+def make_grpo_step(graphdef: nnx.GraphDef, grpo_cfg, optimizer: optax.GradientTransformation,
+                   schedule: optax.Schedule, grad_accum: int = 1) -> Callable:
+    """Jitted, donated `(state, batch) -> (state, metrics)`.
+
+    batch: `prompts` (PromptBatch arrays for P prompts), `tokens`/`mask` [B, T], `advantages` [B], and
+    `ref_logprobs` / `old_logprobs` [B, T] (None when beta == 0 / num_iterations == 1).
+    """
+    loss_fn = get_loss(grpo_cfg.loss)
+    num_samples = grpo_cfg.num_generations
+
+    def step(state: TrainState, batch: dict[str, Any]):
+        def objective(trainable):
+            model = _merge(graphdef, trainable, state.frozen)
+            logp = completion_logprobs(model, batch["prompts"], batch["tokens"], batch["mask"], num_samples)
+            return loss_fn(logp, batch.get("old_logprobs"), batch.get("ref_logprobs"), batch["advantages"],
+                           batch["mask"], epsilon=grpo_cfg.epsilon, epsilon_high=grpo_cfg.epsilon_high,
+                           beta=grpo_cfg.beta, max_completion_length=batch["tokens"].shape[1])
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
+        state, extra = _apply_gradients(state, grads, optimizer, schedule, grad_accum)
+        return state, {"loss": loss, **metrics, **extra}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                  grad_accum: int = 1) -> Callable:
+    """Jitted `(state, batch) -> (state, metrics)`: mean cross-entropy over answer tokens (`tokens`, `mask`)."""
+
+    def step(state: TrainState, batch: dict[str, Any]):
+        def objective(trainable):
+            model = _merge(graphdef, trainable, state.frozen)
+            logp = completion_logprobs(model, batch["prompts"], batch["tokens"], batch["mask"], 1)
+            mask = batch["mask"].astype(jnp.float32)
+            return -(logp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+        loss, grads = jax.value_and_grad(objective)(state.trainable)
+        state, extra = _apply_gradients(state, grads, optimizer, schedule, grad_accum)
+        return state, {"loss": loss, **extra}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def current_model(graphdef: nnx.GraphDef, state: TrainState) -> Qwen25VL:
+    return _merge(graphdef, state.trainable, state.frozen)
