@@ -1,0 +1,213 @@
+"""Training checkpoints: the whole `TrainState` pytree, the grain iterator position and a JSON `meta`, via orbax.
+
+Layout (orbax `CheckpointManager`, one folder per step): `<dir>/<step>/state` (OCDBT arrays of the TrainState:
+params, optimizer state, step, reference), `<dir>/<step>/data/process_<i>-of-<n>.json` (grain iterator state, one file
+per process) and `<dir>/<step>/meta/metadata` (JSON: run config, model config, tokenizer path, seed...).
+
+Orbax writes each step into a temporary folder and renames it when every item is written, so a crash leaves no
+half checkpoint behind. nnx.State, nnx Variables and optax states (named tuples, MultiSteps) are ordinary pytrees
+and are saved as they are; leaves are named by their key path (e.g. `opt_state.inner_opt_state.1.0.mu.a.kernel.value`).
+Restores are checked leaf by leaf against the expected abstract state before any array is read (orbax would
+silently cast a dtype), and again afterwards (shape, dtype, sharding).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+STATE, DATA, META = "state", "data", "meta"
+_MAX_LISTED = 10  # problems listed in one mismatch error
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not match the state it is restored into."""
+
+
+def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
+    return {STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler(),
+            META: ocp.JsonCheckpointHandler()}
+
+
+def _leaf_name(path: tuple[Any, ...]) -> str:
+    """Orbax's name for a leaf: its key path joined with dots."""
+    return ".".join(ocp.tree.str_keypath(path))
+
+
+def _describe(shape: Any, dtype: Any) -> str:
+    return f"{jax.numpy.dtype(dtype).name}[{','.join(map(str, shape))}]"
+
+
+def abstract_like(state: Any) -> Any:
+    """`jax.ShapeDtypeStruct` leaves (shape, dtype, sharding) of a live state: the target of a restore.
+
+    To restore onto another mesh, build the state (or this tree) with the new shardings instead.
+    """
+
+    def leaf(path: tuple[Any, ...], x: Any) -> jax.ShapeDtypeStruct:
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        if not isinstance(x, jax.Array):
+            raise TypeError(f"abstract_like: leaf {_leaf_name(path)} is a {type(x).__name__}, not a jax.Array")
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+    return jax.tree_util.tree_map_with_path(leaf, state)
+
+
+def check_against_stored(stored: Any, abstract: Any, where: str) -> None:
+    """Raise `CheckpointError` naming each leaf that is missing, extra, or of another shape / dtype."""
+    on_disk = {m.name: m for m in jax.tree.leaves(getattr(stored, "tree", stored))}
+    wanted = {_leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    problems = [f"{name}: expected {_describe(wanted[name].shape, wanted[name].dtype)}, missing from the checkpoint"
+                for name in sorted(wanted.keys() - on_disk.keys())]
+    problems += [f"{name}: in the checkpoint ({_describe(on_disk[name].shape, on_disk[name].dtype)}) "
+                 f"but not in the expected state" for name in sorted(on_disk.keys() - wanted.keys())]
+    for name in sorted(wanted.keys() & on_disk.keys()):
+        want, have = wanted[name], on_disk[name]
+        if tuple(want.shape) != tuple(have.shape) or jax.numpy.dtype(want.dtype) != jax.numpy.dtype(have.dtype):
+            problems.append(f"{name}: checkpoint has {_describe(have.shape, have.dtype)}, "
+                            f"expected {_describe(want.shape, want.dtype)}")
+    if problems:
+        more = [f"  ... and {len(problems) - _MAX_LISTED} more"] if len(problems) > _MAX_LISTED else []
+        raise CheckpointError("\n".join([f"{where} does not match the expected state:",
+                                         *(f"  {p}" for p in problems[:_MAX_LISTED]), *more]))
+
+
+def check_restored(restored: Any, abstract: Any, where: str) -> None:
+    """Raise `CheckpointError` unless `restored` has the abstract state's structure, shapes, dtypes and shardings."""
+    if jax.tree.structure(restored) != jax.tree.structure(abstract):
+        raise CheckpointError(f"{where}: restored tree structure {jax.tree.structure(restored)} differs from the "
+                              f"expected {jax.tree.structure(abstract)}")
+    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(restored)[0], jax.tree.leaves(abstract)):
+        name = _leaf_name(path)
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise CheckpointError(f"{where}: leaf {name} restored as {_describe(got.shape, got.dtype)}, "
+                                  f"expected {_describe(want.shape, want.dtype)}")
+        if want.sharding is not None and not got.sharding.is_equivalent_to(want.sharding, got.ndim):
+            raise CheckpointError(f"{where}: leaf {name} restored with sharding {got.sharding}, "
+                                  f"expected {want.sharding}")
+
+
+class Checkpointer:
+    """Periodic, asynchronous checkpoints of a training run, keeping the newest `keep`.
+
+    `save` writes at multiples of `save_every` (or when `force`, e.g. at the end of training, or on a preemption
+    signal in a multi-process run) and returns as soon as the arrays are copied off the device, so the caller may
+    donate the state to the next step. Every process of a multi-process run must make the same calls.
+    """
+
+    def __init__(self, directory: str | Path, save_every: int, keep: int, async_save: bool = True):
+        if save_every < 1 or keep < 1:
+            raise ValueError(f"save_every ({save_every}) and keep ({keep}) must be at least 1")
+        self.directory = Path(directory).absolute()
+        policy = checkpoint_managers.AnySavePolicy([checkpoint_managers.FixedIntervalPolicy(save_every),
+                                                    checkpoint_managers.PreemptionCheckpointingPolicy()])
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               save_decision_policy=policy)
+        self._manager = ocp.CheckpointManager(self.directory, item_handlers=_item_handlers(), options=options)
+
+    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None = None,
+             meta: dict[str, Any] | None = None, force: bool = False) -> bool:
+        """Checkpoint `state` (and the iterator position, and `meta`) as `step` if it is due; True if saved.
+
+        A step that is already saved is skipped (False), so a forced final save may follow a periodic one.
+        """
+        if step in self._manager.all_steps() or not (force or self._manager.should_save(step)):
+            return False
+        meta = dict(meta or {})
+        try:
+            json.dumps(meta, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint meta must be plain JSON: {e}") from None
+        items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
+        if data_iterator is not None:
+            items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def restore(self, abstract_state: Any, data_iterator: grain.DatasetIterator | None = None,
+                step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """Read `step` (default: the latest) onto `abstract_state`'s shardings; returns `(state, meta)`.
+
+        `abstract_state` is a tree of `jax.ShapeDtypeStruct` with shardings (see `abstract_like`). When
+        `data_iterator` is given its position is restored in place.
+        """
+        self.wait()
+        step = _resolve_step(self._manager, self.directory, step)
+        where = f"checkpoint {self.directory / str(step)}"
+        items = _stored_items(self._manager, step, where)
+        if STATE not in items:
+            raise CheckpointError(f"{where} has no training state")
+        if data_iterator is not None and DATA not in items:
+            raise CheckpointError(f"{where} was saved without a data iterator position")
+        check_against_stored(items[STATE], abstract_state, where)
+        args = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            args[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # orbax / tensorstore / grain raise many types; name the checkpoint
+            raise CheckpointError(f"cannot read {where}: {type(e).__name__}: {e}") from e
+        check_restored(restored[STATE], abstract_state, where)
+        return restored[STATE], dict(restored[META] or {})
+
+    def wait(self) -> None:
+        """Block until the last asynchronous save is committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _resolve_step(manager: ocp.CheckpointManager, directory: Path, step: int | None) -> int:
+    steps = manager.all_steps()
+    if step is None:
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        return max(steps)
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; saved steps: {sorted(steps)}")
+    return step
+
+
+def _stored_items(manager: ocp.CheckpointManager, step: int, where: str) -> dict[str, Any]:
+    """Item name -> stored metadata (the array tree for `state`) of one saved step."""
+    try:
+        items = manager.metadata(step).item_metadata
+        return {name: value for name, value in items.items()}
+    except Exception as e:
+        raise CheckpointError(f"cannot read the metadata of {where}: {type(e).__name__}: {e}") from e
+
+
+def read_meta(checkpoint_dir: str | Path, step: int | None = None) -> dict[str, Any]:
+    """Only the JSON meta of a checkpoint (default: the latest step), without building a TrainState."""
+    directory = Path(checkpoint_dir).absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {directory} does not exist")
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    with ocp.CheckpointManager(directory, item_handlers={META: ocp.JsonCheckpointHandler()},
+                               options=options) as manager:
+        step = _resolve_step(manager, directory, step)
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+        except Exception as e:
+            raise CheckpointError(f"cannot read the meta of checkpoint {directory / str(step)}: "
+                                  f"{type(e).__name__}: {e}") from e
+    return dict(restored[META] or {})
