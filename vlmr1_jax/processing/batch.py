@@ -27,6 +27,7 @@ class PromptBatch:
     pixel_values: np.ndarray  # [windows * slots, patch_dim] float32 (padded window layout)
     hw_positions: np.ndarray  # [windows * slots, 2] int32
     frame_ids: np.ndarray  # [windows * slots] int32
+    frame_index: np.ndarray  # [frames, frame_slots] int32
     vision_gather: np.ndarray  # [P, L] int32 row of the tower output per image token, -1 elsewhere
     image_grids: tuple[tuple[tuple[int, int, int], ...], ...]  # per prompt, the grid of each image
 
@@ -89,5 +90,27 @@ def build_prompt_batch(
     return PromptBatch(
         input_ids=input_ids, attention_mask=mask, positions=positions.astype(np.int32),
         next_position=(mask.sum(1) + deltas).astype(np.int32), pixel_values=plan.pixel_values,
-        hw_positions=plan.hw_positions, frame_ids=plan.frame_ids, vision_gather=gather,
+        hw_positions=plan.hw_positions, frame_ids=plan.frame_ids, frame_index=plan.frame_index, vision_gather=gather,
         image_grids=tuple(tuple(tuple(int(x) for x in g) for _, g in imgs) for imgs in images))
+
+
+def encode_prompts(
+    problems: Sequence[str],
+    image_paths: Sequence[Sequence[str]],
+    tokenizer,
+    cfg: Qwen25VLConfig,
+    *,
+    task_type: str | None,
+    min_pixels: int,
+    max_pixels: int,
+    length: int | None = None,
+) -> PromptBatch:
+    """VLM-R1 prompts (images first, templated question, Qwen chat template) with their images, loaded lazily here."""
+    from vlmr1_jax.processing.image import load_image, preprocess_image
+    from vlmr1_jax.processing.prompts import render_prompt
+
+    ids, images = [], []
+    for problem, paths in zip(problems, image_paths):
+        ids.append(tokenizer.encode(render_prompt(tokenizer, problem, len(paths), task_type)))
+        images.append([preprocess_image(load_image(p), min_pixels=min_pixels, max_pixels=max_pixels) for p in paths])
+    return build_prompt_batch(ids, images, cfg, pad_id=tokenizer.pad_id, length=length)

@@ -28,7 +28,10 @@ class ChatTemplater(Protocol):
 
 
 def question_template(task_type: str | None) -> str:
-    """The template for `task_type` ("rec", "ic", "odLength"); "default" for anything else (gui, math, None)."""
+    """The template for `task_type` ("rec", "ic", "odLength"); "default" for anything else (gui, math, None).
+    A string containing "{Question}" is itself the template (a custom prompt)."""
+    if task_type and "{Question}" in task_type:
+        return task_type
     return QUESTION_TEMPLATES.get(task_type or "default", QUESTION_TEMPLATES["default"])
 
 

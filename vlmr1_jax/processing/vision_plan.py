@@ -21,6 +21,7 @@ class VisionPlan:
     pixel_values: np.ndarray  # [windows * slots, patch_dim] float32, padded window layout
     hw_positions: np.ndarray  # [windows * slots, 2] int32, (row, col) of each patch in its frame
     frame_ids: np.ndarray  # [windows * slots] int32, one id per (item, temporal patch); -1 = pad slot
+    frame_index: np.ndarray  # [frames, frame_slots] int32: the slots of each frame; N (one past the end) = pad
     merged_index: np.ndarray  # [n_merged] int32: processor-order merged token -> row of the tower's output
     tokens_per_item: tuple[int, ...]  # merged tokens of each item, in item order
     slots: int  # patch slots per window
@@ -31,11 +32,12 @@ class VisionPlan:
 
     def device_inputs(self) -> dict[str, np.ndarray]:
         """The arrays the jitted tower takes (static shapes)."""
-        return {"pixel_values": self.pixel_values, "hw_positions": self.hw_positions, "frame_ids": self.frame_ids}
+        return {"pixel_values": self.pixel_values, "hw_positions": self.hw_positions, "frame_ids": self.frame_ids,
+                "frame_index": self.frame_index}
 
 
 def window_bucket(num_windows: int, minimum: int = 4) -> int:
-    """Round a window count up to a bucket: powers of two up to 64, then multiples of 32."""
+    """Round a count up to a bucket: powers of two up to 64, then multiples of 32."""
     n = max(num_windows, minimum)
     if n <= 64:
         return 1 << (n - 1).bit_length()
@@ -109,7 +111,24 @@ def plan_vision(
     unit_source = source[::unit]
     merged_index = np.empty((base // unit,), np.int32)
     merged_index[unit_source[unit_source >= 0] // unit] = np.flatnonzero(unit_source >= 0)
-    return VisionPlan(laid_out, hw, frame_ids, merged_index, tuple(tokens_per_item), slots)
+    return VisionPlan(laid_out, hw, frame_ids, frame_slot_index(frames, padded, slots, bucket), merged_index,
+                      tuple(tokens_per_item), slots)
+
+
+def frame_slot_index(window_frames: Sequence[int], num_windows: int, slots: int, bucket: bool) -> np.ndarray:
+    """[frames, frame_slots] slot indices of each frame (its windows are contiguous), padded with the index one
+    past the end. Full-attention blocks attend within these rows only: cost per frame, not per batch."""
+    frames = np.asarray(window_frames, np.int64)
+    counts = np.bincount(frames, minlength=int(frames.max()) + 1) if frames.size else np.zeros((0,), np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    rows = max(len(counts), 1)
+    width = int(counts.max()) if counts.size else 1
+    if bucket:
+        rows, width = window_bucket(rows, 1), window_bucket(width, 1)
+    index = np.full((rows, width * slots), num_windows * slots, np.int32)
+    for f, (start, count) in enumerate(zip(starts, counts)):
+        index[f, :count * slots] = np.arange(start * slots, (start + count) * slots)
+    return index
 
 
 def vision_gather_indices(input_ids: np.ndarray, plan: VisionPlan, *, image_token_id: int, video_token_id: int,

@@ -71,7 +71,8 @@ class Sampler:
         cfg, steps = self.cfg, self.cfg.max_new_tokens
         ids = batch["input_ids"]
         prompts, length = ids.shape
-        features = model.encode_vision(batch["pixel_values"], batch["hw_positions"], batch["frame_ids"])
+        features = model.encode_vision(batch["pixel_values"], batch["hw_positions"], batch["frame_ids"],
+                                       batch["frame_index"])
         cache = KVCache.empty(model.cfg.text, prompts, length + steps, model.text.dtype)
         hidden, cache = model(ids, batch["positions"], batch["attention_mask"], features, batch["vision_gather"],
                               cache)

@@ -84,7 +84,8 @@ def completion_logprobs(model: Qwen25VL, prompts: dict[str, jax.Array], tokens: 
     rep = lambda x, axis=0: jnp.repeat(x, num_samples, axis=axis)  # noqa: E731
     prompt_len = prompts["input_ids"].shape[1]
     steps = tokens.shape[1]
-    features = model.encode_vision(prompts["pixel_values"], prompts["hw_positions"], prompts["frame_ids"])
+    features = model.encode_vision(prompts["pixel_values"], prompts["hw_positions"], prompts["frame_ids"],
+                                       prompts["frame_index"])
     ids = jnp.concatenate([rep(prompts["input_ids"]), tokens], axis=1)
     attention = jnp.concatenate([rep(prompts["attention_mask"]), mask.astype(jnp.int32)], axis=1)
     completion_pos = rep(prompts["next_position"])[:, None] + jnp.arange(steps)[None]

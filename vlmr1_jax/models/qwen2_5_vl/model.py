@@ -23,9 +23,10 @@ class Qwen25VL(nnx.Module):
         self.visual = VisionTower(cfg.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.text = TextModel(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def encode_vision(self, pixel_values: jax.Array, hw_positions: jax.Array, frame_ids: jax.Array) -> jax.Array:
+    def encode_vision(self, pixel_values: jax.Array, hw_positions: jax.Array, frame_ids: jax.Array,
+                      frame_index: jax.Array) -> jax.Array:
         """Merged visual tokens [N/4, D] in the plan's padded window layout (see `plan_vision`)."""
-        return self.visual(pixel_values, hw_positions, frame_ids)
+        return self.visual(pixel_values, hw_positions, frame_ids, frame_index)
 
     def embed(self, input_ids: jax.Array, vision_features: jax.Array | None = None,
               vision_gather: jax.Array | None = None) -> jax.Array:

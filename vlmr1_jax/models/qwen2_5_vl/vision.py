@@ -24,19 +24,19 @@ class VisionAttention(nnx.Module):
         self.proj = Dense(d, d, ("vision_heads", "vision_embed"), **kw)
         self.num_heads = cfg.num_heads
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 windows: int | None) -> jax.Array:
-        """x: [N, D]. With `windows`, attention runs per window block [windows, N/windows] and mask is
-        [windows, S, S]; otherwise over all N with mask [N, N]."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, blocks: jax.Array,
+                 mask: jax.Array) -> jax.Array:
+        """x: [N, D]; attention runs inside each row of `blocks` ([G, S] slot indices, N = pad) with mask
+        [G, S, S]: the windows, or the frames for full-attention blocks."""
         n, d = x.shape
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         # Rotate in fp32 and cast back, as HF's vision path does.
         rot = lambda t: apply_rotary(t.astype(jnp.float32), cos[:, None], sin[:, None]).astype(t.dtype)  # noqa
         q, k = rot(q), rot(k)
-        if windows is not None:
-            q, k, v = (t.reshape(windows, n // windows, *t.shape[1:]) for t in (q, k, v))
-        out = attention(q, k, v, mask)
+        pad = lambda t: jnp.concatenate([t, jnp.zeros_like(t[:1])])  # noqa: E731  (row N = padding)
+        out = attention(*(jnp.take(pad(t), blocks, axis=0) for t in (q, k, v)), mask)
+        out = jnp.zeros((n + 1, *out.shape[2:]), out.dtype).at[blocks].set(out)[:n]
         return self.proj(out.reshape(n, d))
 
 
@@ -48,8 +48,8 @@ class VisionBlock(nnx.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, "vision_embed", "vision_mlp",
                             use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x, cos, sin, mask, windows):
-        x = x + self.attn(self.norm1(x), cos, sin, mask, windows)
+    def __call__(self, x, cos, sin, blocks, mask):
+        x = x + self.attn(self.norm1(x), cos, sin, blocks, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -81,21 +81,26 @@ class VisionTower(nnx.Module):
                                 for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, pixel_values: jax.Array, hw_positions: jax.Array, frame_ids: jax.Array) -> jax.Array:
-        """Padded window layout in (see `plan_vision`), merged tokens out: [N / 4, out_hidden] in the same layout."""
+    def __call__(self, pixel_values: jax.Array, hw_positions: jax.Array, frame_ids: jax.Array,
+                 frame_index: jax.Array) -> jax.Array:
+        """Padded window layout in (see `plan_vision`), merged tokens out: [N / 4, out_hidden] in the same layout.
+
+        Window blocks attend inside each window (a reshape); full blocks inside each frame (`frame_index` rows),
+        so the cost is per window / per frame, never quadratic in the whole batch.
+        """
         cfg = self.cfg
         n = pixel_values.shape[0]
         slots = cfg.window_patches
-        windows = n // slots
         x = jnp.dot(pixel_values.astype(self.dtype), self.patch_embed[...].astype(self.dtype))
         cos, sin = vision_cos_sin(hw_positions, inv_frequencies(cfg.head_dim // 2, cfg.rope_theta))
-        valid = frame_ids >= 0
-        wvalid = valid.reshape(windows, slots)
-        window_mask = wvalid[:, :, None] & wvalid[:, None, :]
-        full_mask = (frame_ids[:, None] == frame_ids[None, :]) & valid[:, None]
+        valid = jnp.concatenate([frame_ids >= 0, jnp.zeros((1,), bool)])  # row N: padding
+        window_index = jnp.arange(n).reshape(n // slots, slots)
+        groups = {False: window_index, True: frame_index}
+        masks = {}
+        for full, index in groups.items():
+            ok = valid[index]
+            masks[full] = ok[:, :, None] & ok[:, None, :]
         for i, block in enumerate(self.blocks):
-            if i in cfg.fullatt_block_indexes:
-                x = block(x, cos, sin, full_mask, None)
-            else:
-                x = block(x, cos, sin, window_mask, windows)
+            full = i in cfg.fullatt_block_indexes
+            x = block(x, cos, sin, groups[full], masks[full])
         return self.merger(x)
