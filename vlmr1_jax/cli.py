@@ -11,6 +11,8 @@ COMMAND_MODULES = (
     "ports.parity",
     "vlmr1_jax.data.cli",
     "vlmr1_jax.train.plot",
+    "vlmr1_jax.train.cli",
+    "vlmr1_jax.train.demo",
 )
 
 

@@ -23,7 +23,6 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 class ModelConfig:
     preset: str | None = "tiny"  # a name from models.qwen2_5_vl.config.PRESETS, used when hf_model is unset
     hf_model: str | None = None  # HF Qwen2.5-VL folder to start from (weights, config, tokenizer)
-    checkpoint: str | None = None  # our checkpoint folder to start from (e.g. an SFT warm start)
     tokenizer: str | None = None  # tokenizer folder; default: hf_model's, else the vendored Qwen2.5 one
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"
@@ -72,6 +71,13 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    # The assistant text trained on; "{answer}" is the sample's answer (its solution without <answer> tags).
+    target_template: str = "<answer> {answer} </answer>"
+    max_target_length: int = 64  # answer tokens (incl. <|im_end|>) are padded / must fit to this
+
+
+@dataclasses.dataclass(frozen=True)
 class LoRAConfig:
     rank: int = 64
     alpha: float = 128.0
@@ -99,6 +105,7 @@ class RunConfig:
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 

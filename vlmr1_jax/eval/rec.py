@@ -1,0 +1,123 @@
+"""REC evaluation with the JAX model: greedy decoding, then VLM-R1's protocol (VLM-R1-SPEC.md 5.1).
+
+Acc@0.5 follows `test_rec_r1.py`: the first `<answer>`, a JSON-brace box regex (failure -> [0,0,0,0]), the rescale
+from the resized frame to the original image, and the +-1 IoU strictly above 0.5. We also report the mean of the
+`rec_iou` and `rec_format` training rewards, which is what the demo tracks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from vlmr1_jax.data.jsonl import Sample
+from vlmr1_jax.processing.batch import encode_prompts
+from vlmr1_jax.rewards import get_reward
+from vlmr1_jax.rewards.common import iou
+from vlmr1_jax.rl.sampler import Sampler, SamplingConfig, default_banned_ids
+
+_FIRST_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_BRACED_BOX = re.compile(r"\{.*\[(\d+),\s*(\d+),\s*(\d+),\s*(\d+)]\s*.*\}", re.DOTALL)
+
+
+def eval_subset(samples: Sequence[Sample], limit: int | None = 2000, seed: int = 42) -> list[Sample]:
+    """VLM-R1's subsampling: `random.seed(42); random.shuffle(data); data[:2000]`."""
+    data = list(samples)
+    random.Random(seed).shuffle(data)
+    return data[:limit] if limit else data
+
+
+def extract_box(completion: str) -> list[int]:
+    """First `<answer>` block, then the first braced `[x1, y1, x2, y2]`; [0, 0, 0, 0] when absent (VLM-R1)."""
+    answer = _FIRST_ANSWER.search(completion)
+    match = _BRACED_BOX.search(answer.group(1)) if answer else None
+    return [int(v) for v in match.groups()] if match else [0, 0, 0, 0]
+
+
+def rescale_box(box: Sequence[float], grid_thw: Sequence[int], image_path: str, patch_size: int = 14) -> list[float]:
+    """Model coordinates live in the resized frame (grid * 14 pixels); map them back to the original image."""
+    with Image.open(image_path) as img:
+        width, height = img.size
+    in_h, in_w = grid_thw[1] * patch_size, grid_thw[2] * patch_size
+    x1, y1, x2, y2 = box
+    return [x1 * width / in_w, y1 * height / in_h, x2 * width / in_w, y2 * height / in_h]
+
+
+def truth_box(sample: Sample) -> list[float]:
+    """The ground-truth [x1, y1, x2, y2] (original pixels) inside the sample's `<answer>`."""
+    answer = _FIRST_ANSWER.search(sample.solution)
+    try:
+        box = json.loads(answer.group(1) if answer else sample.solution)
+        if len(box) != 4:
+            raise ValueError
+        return [float(v) for v in box]
+    except (ValueError, TypeError):
+        raise ValueError(f"{sample.source}:{sample.line}: field 'solution': expected a box [x1, y1, x2, y2], "
+                         f"got {sample.solution!r}") from None
+
+
+@dataclasses.dataclass
+class GreedyDecoder:
+    """Compiled greedy decoding of prompt batches of a fixed size (the last batch is padded, not recompiled)."""
+
+    model: Any
+    tokenizer: Any
+    task_type: str | None
+    min_pixels: int = 3136
+    max_pixels: int = 12845056
+    batch_size: int = 100
+    max_new_tokens: int = 256
+    prompt_length: int | None = None
+
+    def __post_init__(self):
+        graphdef, self._state = nnx.split(self.model)
+        sampler = Sampler(SamplingConfig(max_new_tokens=self.max_new_tokens, greedy=True),
+                          eos_ids=self.tokenizer.eos_ids, pad_id=self.tokenizer.pad_id,
+                          banned_ids=default_banned_ids(self.model.cfg))
+        self._run = sampler.jitted(graphdef, 1)
+
+    def __call__(self, samples: Sequence[Sample]) -> tuple[list[str], list[list[list[int]]]]:
+        """Completions and, per sample, the image grids (for the rescale)."""
+        completions, grids = [], []
+        for start in range(0, len(samples), self.batch_size):
+            chunk = list(samples[start:start + self.batch_size])
+            padded = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
+            batch = encode_prompts([s.problem for s in padded], [s.image_paths for s in padded], self.tokenizer,
+                                   self.model.cfg, task_type=self.task_type, min_pixels=self.min_pixels,
+                                   max_pixels=self.max_pixels, length=self.prompt_length)
+            out = self._run(self._state, {k: jax.numpy.asarray(v) for k, v in batch.arrays().items()},
+                            jax.random.key(0))
+            tokens, mask = np.asarray(out["tokens"]), np.asarray(out["mask"])
+            texts = self.tokenizer.batch_decode([t[m.astype(bool)] for t, m in zip(tokens, mask)])
+            completions += texts[:len(chunk)]
+            grids += [[list(g) for g in gs] for gs in batch.image_grids[:len(chunk)]]
+        return completions, grids
+
+
+def evaluate_rec(decoder: GreedyDecoder, samples: Sequence[Sample]) -> tuple[dict[str, float], list[dict]]:
+    """Acc@0.5 (VLM-R1 protocol) plus mean `rec_iou` / `rec_format` rewards, and per-sample records."""
+    completions, grids = decoder(samples)
+    columns = {"solution": [s.solution for s in samples], "image_path": [list(s.image_paths) for s in samples],
+               "image_grid_thw": grids}
+    iou_rewards = get_reward("rec_iou")(completions, **columns)
+    format_rewards = get_reward("rec_format")(completions, **columns)
+    records, correct = [], 0
+    for sample, completion, g, r_iou, r_fmt in zip(samples, completions, grids, iou_rewards, format_rewards):
+        box = rescale_box(extract_box(completion), g[0], sample.image_paths[0], decoder.model.cfg.vision.patch_size)
+        hit = iou(box, truth_box(sample)) > 0.5
+        correct += hit
+        records.append({"id": sample.id, "problem": sample.problem, "solution": sample.solution,
+                        "completion": completion, "pred_box": box, "correct": bool(hit), "rec_iou": r_iou,
+                        "rec_format": r_fmt})
+    n = max(len(samples), 1)
+    summary = {"accuracy": 100.0 * correct / n, "iou": float(np.mean(iou_rewards)) if samples else 0.0,
+               "format": float(np.mean(format_rewards)) if samples else 0.0, "n": len(samples)}
+    return summary, records

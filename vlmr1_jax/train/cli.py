@@ -1,0 +1,35 @@
+"""`vlmr1 train` (GRPO) and `vlmr1 sft`: a recipe (YAML path or packaged name) plus `section.key=value` overrides.
+
+Running again on an output folder that holds checkpoints resumes exactly where the last checkpoint stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from vlmr1_jax.config import load_config
+
+
+def _run(kind: str):
+    def run(args: argparse.Namespace) -> int:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        cfg = load_config(args.config, args.overrides)
+        if kind == "grpo":
+            from vlmr1_jax.train.loop import GRPOTrainer as Trainer
+        else:
+            from vlmr1_jax.train.sft import SFTTrainer as Trainer
+        summary = Trainer(cfg, progress=not args.no_progress).train()
+        print(" ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+        return 0
+
+    return run
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    for name, kind, text in (("train", "grpo", "GRPO training"), ("sft", "sft", "supervised fine-tuning")):
+        p = subparsers.add_parser(name, help=f"{text} from a recipe", description=__doc__)
+        p.add_argument("config", help="recipe: a YAML path or a packaged name (vlmr1_jax/configs/*.yaml)")
+        p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10 optim.learning_rate=1e-5")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.set_defaults(func=_run(kind))

@@ -1,0 +1,157 @@
+"""Everything a run builds before its first step: mesh, tokenizer, model (preset, HF folder or checkpoint), data,
+and the host -> device transfer of prompt batches."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from converters.hf import load_hf_model
+from vlmr1_jax.config import RunConfig
+from vlmr1_jax.data.jsonl import Sample, load_jsonl_datasets
+from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, get_preset, with_overrides
+from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
+from vlmr1_jax.parallel.mesh import create_sharded, initialize_distributed, logical_to_spec, make_mesh
+from vlmr1_jax.processing.batch import PromptBatch
+from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer, qwen2_5_tokenizer
+from vlmr1_jax.rl.lora import apply_lora
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Batch axis of each PromptBatch array (positions carry the 3 M-RoPE axes first).
+BATCH_AXIS = {"input_ids": 0, "attention_mask": 0, "positions": 1, "next_position": 0, "vision_gather": 0,
+              "pixel_values": 0, "hw_positions": 0, "frame_ids": 0, "frame_index": 0}
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+
+
+def setup_mesh(cfg: RunConfig) -> Mesh:
+    if cfg.train.distributed:
+        initialize_distributed()
+    return make_mesh(cfg.mesh)
+
+
+def tokenizer_dir(cfg: RunConfig) -> Path:
+    """model.tokenizer, else the HF model's own tokenizer files, else the vendored Qwen2.5 tokenizer."""
+    return Path(cfg.model.tokenizer or cfg.model.hf_model or QWEN2_5_DIR)
+
+
+def load_tokenizer(cfg: RunConfig) -> Tokenizer:
+    path = tokenizer_dir(cfg)
+    return qwen2_5_tokenizer() if path == QWEN2_5_DIR else Tokenizer.load(path)
+
+
+def tokenizer_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """Model config fields that must agree with the tokenizer's special tokens."""
+    return {"image_token_id": tokenizer.image_pad_id, "video_token_id": tokenizer.video_pad_id,
+            "vision_start_token_id": tokenizer.vision_start_id, "vision_end_token_id": tokenizer.vision_end_id,
+            "vision_token_id": tokenizer.token_to_id("<|vision_pad|>"), "bos_token_id": tokenizer.pad_id,
+            "eos_token_id": tokenizer.eos_ids[0]}
+
+
+def preset_config(cfg: RunConfig, tokenizer: Tokenizer) -> Qwen25VLConfig:
+    """A preset with its special token ids (and, for compact tokenizers, its vocabulary) set from the tokenizer."""
+    base = get_preset(cfg.model.preset)
+    overrides: dict[str, Any] = dict(tokenizer_token_ids(tokenizer))
+    if tokenizer.vocab_size > base.text.vocab_size or cfg.model.preset in ("tiny", "demo-s"):
+        overrides["text.vocab_size"] = -(-tokenizer.vocab_size // 64) * 64
+    overrides.update(cfg.model.overrides)
+    return with_overrides(base, overrides)
+
+
+def check_tokenizer_matches(model_cfg: Qwen25VLConfig, tokenizer: Tokenizer, where: str) -> None:
+    if tokenizer.vocab_size > model_cfg.text.vocab_size:
+        raise ValueError(f"{where}: tokenizer has {tokenizer.vocab_size} tokens but the model vocab is "
+                         f"{model_cfg.text.vocab_size}")
+    if model_cfg.image_token_id != tokenizer.image_pad_id:
+        raise ValueError(f"{where}: model image_token_id {model_cfg.image_token_id} != tokenizer <|image_pad|> "
+                         f"{tokenizer.image_pad_id}")
+
+
+def build_model(cfg: RunConfig, tokenizer: Tokenizer, mesh: Mesh) -> Qwen25VL:
+    """The policy, born sharded over `mesh`: from an HF folder, or a preset's random init (seed train.seed).
+    Starting from one of our checkpoints is handled by the trainer (it restores the whole state)."""
+    dtype, param_dtype = dtype_of(cfg.model.dtype), dtype_of(cfg.model.param_dtype)
+    if cfg.model.hf_model:
+        model = load_hf_model(cfg.model.hf_model, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+        where = cfg.model.hf_model
+    else:
+        model_cfg = preset_config(cfg, tokenizer)
+        model = create_sharded(lambda: Qwen25VL(model_cfg, rngs=nnx.Rngs(cfg.train.seed), dtype=dtype,
+                                                param_dtype=param_dtype), mesh)
+        where = f"preset {cfg.model.preset}"
+    check_tokenizer_matches(model.cfg, tokenizer, where)
+    if cfg.train.trainable == "lora":
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, seed=cfg.train.seed)
+    return model
+
+
+def load_samples(cfg: RunConfig) -> list[Sample]:
+    samples, report = load_jsonl_datasets(cfg.data.data_file_paths, cfg.data.image_folders, cfg.data.reward_method,
+                                          on_error=cfg.data.on_error)
+    if report.problems:
+        log.warning("data: %s", report.summary())
+    if not samples:
+        raise ValueError(f"no usable samples in {cfg.data.data_file_paths!r}")
+    return samples
+
+
+def to_device(batch: PromptBatch | dict[str, np.ndarray], mesh: Mesh,
+              axes: dict[str, int] | None = None) -> dict[str, jax.Array]:
+    """Global host arrays -> arrays sharded over the batch axes of `mesh` (every process holds the whole global
+    batch and contributes its addressable shards, so the same code runs on one host or a pod)."""
+    arrays = batch.arrays() if isinstance(batch, PromptBatch) else batch
+    axes = BATCH_AXIS if axes is None else axes
+    out = {}
+    for name, value in arrays.items():
+        value = np.asarray(value)
+        logical: list[str | None] = [None] * value.ndim
+        if name in axes:
+            logical[axes[name]] = "batch"
+        sharding = NamedSharding(mesh, logical_to_spec(logical, value.shape, mesh))
+        out[name] = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
+    return out
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array on every process's host (all-gather across processes when needed)."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    path = Path(cfg.train.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def columns_for(samples: Sequence[Sample], batch: PromptBatch, repeat: int) -> dict[str, list[Any]]:
+    """Reward keyword columns for G consecutive completions per sample (VLM-R1 passes every dataset column)."""
+    cols: dict[str, list[Any]] = {"solution": [], "accu_reward_method": [], "image_path": [], "problem": [],
+                                  "id": [], "image_grid_thw": []}
+    for sample, grids in zip(samples, batch.image_grids):
+        for _ in range(repeat):
+            cols["solution"].append(sample.solution)
+            cols["accu_reward_method"].append(sample.accu_reward_method)
+            cols["image_path"].append(list(sample.image_paths))
+            cols["problem"].append(sample.problem)
+            cols["id"].append(sample.id)
+            cols["image_grid_thw"].append([list(g) for g in grids])
+    return cols
