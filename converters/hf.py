@@ -172,7 +172,7 @@ def load_hf_model(model_dir: str | os.PathLike, *, dtype=np.float32, param_dtype
         from vlmr1_jax.parallel.mesh import state_shardings
 
         shardings = flat_paths(state_shardings(abstract, mesh))
-        place = lambda path, value: jax.device_put(value, shardings[path][...])  # noqa: E731
+        place = lambda path, value: jax.device_put(value, shardings[path].get_value())  # noqa: E731
     return nnx.merge(graphdef, load_hf_state(model_dir, abstract, cfg, place))
 
 

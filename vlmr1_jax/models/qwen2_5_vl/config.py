@@ -256,7 +256,9 @@ def to_hf_config(cfg: Qwen25VLConfig, torch_dtype: str = "bfloat16") -> dict[str
             "spatial_patch_size": v.patch_size,
             "window_size": v.window_size,
             "fullatt_block_indexes": list(v.fullatt_block_indexes),
-            "tokens_per_second": v.tokens_per_second,
+            # transformers 5.x requires an int here when it is whole (the hub files hold 2).
+            "tokens_per_second": int(v.tokens_per_second) if float(v.tokens_per_second).is_integer()
+            else v.tokens_per_second,
             "temporal_patch_size": v.temporal_patch_size,
         },
     }

@@ -1,0 +1,102 @@
+"""Released-size presets against transformers' own Qwen2_5_VLForConditionalGeneration, built on the meta device.
+
+Every parameter of our abstract model (no memory: `nnx.eval_shape`) is mapped to its HF name and HF layout through
+`converters.hf` and must match the HF module's tensor of that name exactly; the parameter counts (tied head counted
+once) must be equal. Config mapping: hub-flat round trip and the 5.x nested `to_dict` form.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import types
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from converters.hf import canonical_hf_name, flat_paths, to_hf_name, to_hf_tensor
+from vlmr1_jax.models.qwen2_5_vl.config import PRESETS, from_hf_config, to_hf_config
+from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
+
+RELEASED = ["qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2.5-vl-32b", "qwen2.5-vl-72b"]
+SHAPELESS = np.dtype([])  # zero-byte items: runs `to_hf_tensor`'s transposes/reshapes on huge shapes for free
+
+
+def hf_shapes(cfg) -> tuple[dict[str, tuple[int, ...]], bool]:
+    """Legacy HF name -> shape of every (deduplicated) parameter, and whether lm_head is tied to the embedding."""
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**to_hf_config(cfg)))
+    tied = model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    return {canonical_hf_name(n): tuple(p.shape) for n, p in model.named_parameters()}, tied
+
+
+@functools.cache
+def our_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Legacy HF name -> HF-layout shape of every parameter of our model, via the converter's name/layout rules.
+
+    Shapes do not depend on the keys, so a fixed key stands in for `nnx.Rngs`: tracing nnx's RNG counter updates
+    costs 5-25 s per released preset (flax asks each traced count for `.sharding`; jax answers with an error
+    message that walks the whole trace).
+    """
+    keys = types.SimpleNamespace(params=lambda: jax.random.key(0))
+    abstract = nnx.state(nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=keys)))
+    return {to_hf_name(path): to_hf_tensor(path, np.empty(var.shape, SHAPELESS), cfg).shape
+            for path, var in flat_paths(abstract).items()}
+
+
+@pytest.mark.parametrize("name", RELEASED)
+def test_preset_matches_hf_tensor_for_tensor(name):
+    cfg = PRESETS[name]
+    hf, tied = hf_shapes(cfg)
+    ours = our_shapes(cfg)
+    assert tied == cfg.text.tie_word_embeddings
+    assert ("lm_head.weight" in hf) == (not tied)  # named_parameters lists a tied matrix once
+    assert sorted(ours) == sorted(hf)
+    mismatched = {k: (ours[k], hf[k]) for k in hf if ours[k] != hf[k]}
+    assert not mismatched
+    assert sum(map(np.prod, ours.values())) == sum(map(np.prod, hf.values()))
+
+
+def test_3b_parameter_count():
+    count = sum(int(np.prod(s)) for s in our_shapes(PRESETS["qwen2.5-vl-3b"]).values())
+    assert abs(count - 3.75e9) < 0.01e9, count  # PORT.md 4.1: 3.75e9 with the tied head counted once
+
+
+@pytest.mark.parametrize("name", [*RELEASED, "tiny"])
+def test_hf_config_round_trip(name):
+    cfg = PRESETS[name]
+    assert from_hf_config(to_hf_config(cfg)) == cfg
+
+
+@pytest.mark.parametrize("name", [*RELEASED, "tiny"])
+def test_reads_transformers_5_nested_config(name):
+    cfg = PRESETS[name]
+    nested = Qwen2_5_VLConfig(**to_hf_config(cfg)).to_dict()
+    assert "text_config" in nested and "hidden_size" not in nested  # really the nested layout
+    assert from_hf_config(nested) == cfg
+
+
+def test_written_config_json_loads_in_transformers(tmp_path):
+    """A config.json we write must pass transformers' strict config validation (e.g. int-typed fields)."""
+    from transformers import AutoConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(to_hf_config(PRESETS["qwen2.5-vl-7b"])))
+    hf = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(hf, Qwen2_5_VLConfig)
+    assert hf.vision_config.tokens_per_second == 2 and hf.text_config.hidden_size == 3584
+
+
+def test_config_errors():
+    flat = to_hf_config(PRESETS["tiny"])
+    with pytest.raises(ValueError, match="model_type"):
+        from_hf_config({**flat, "model_type": "qwen2_vl_x"})
+    with pytest.raises(ValueError, match="mrope_section"):
+        from_hf_config({k: v for k, v in flat.items() if k != "rope_scaling"})
+    with pytest.raises(ValueError, match="vision_config"):
+        from_hf_config({k: v for k, v in flat.items() if k != "vision_config"})
+    with pytest.raises(ValueError, match="intermediate_size"):
+        from_hf_config({k: v for k, v in flat.items() if k != "intermediate_size"})
