@@ -28,8 +28,8 @@ from vlmr1_jax.rl.sampler import Sampler, default_banned_ids
 from vlmr1_jax.rl.step import current_model, init_train_state, make_grpo_step, make_logprob_fn, make_optimizer
 from vlmr1_jax.train.checkpoint import Checkpointer, abstract_like
 from vlmr1_jax.train.metrics import MetricsWriter, RolloutLog, mean_metrics
-from vlmr1_jax.train.setup import (build_model, columns_for, load_samples, load_tokenizer, run_dir, setup_mesh,
-                                   to_device, to_host)
+from vlmr1_jax.train.setup import (build_model, columns_for, load_samples, load_tokenizer, resolve_max_steps, run_dir,
+                                   setup_mesh, to_device, to_host)
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,13 @@ class GRPOTrainer:
         self.mesh = setup_mesh(cfg)
         self.tokenizer = load_tokenizer(cfg)
         self.samples = load_samples(cfg)
+        self.max_steps = resolve_max_steps(cfg, len(self.samples))
         model = build_model(cfg, self.tokenizer, self.mesh)
         self.model_cfg = model.cfg
         g = cfg.grpo
         if g.num_generations < 2:
             raise ValueError("grpo.num_generations must be >= 2 (advantages need a group)")
-        self.optimizer, self.schedule = make_optimizer(cfg.optim, cfg.train.max_steps * g.num_iterations)
+        self.optimizer, self.schedule = make_optimizer(cfg.optim, self.max_steps * g.num_iterations)
         self.graphdef, self.state = init_train_state(model, cfg.train.trainable, self.optimizer,
                                                      with_reference=g.beta > 0)
         self.reward_fns = {name: get_reward(name) for name in g.reward_funcs}
@@ -121,9 +122,9 @@ class GRPOTrainer:
         cfg = self.cfg
         window: list[dict[str, float]] = []
         last: dict[str, float] = {}
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="grpo", disable=not self.progress,
+        bar = tqdm(total=self.max_steps, initial=self.step, desc="grpo", disable=not self.progress,
                    dynamic_ncols=True)
-        while self.step < cfg.train.max_steps:
+        while self.step < self.max_steps:
             samples = next(self.data)
             train_batch, metrics, _ = self.rollout(samples)
             t0 = time.perf_counter()
@@ -134,7 +135,7 @@ class GRPOTrainer:
             self.step += 1
             metrics["epoch"] = epoch_of(self.step, len(self.samples), cfg.data.prompts_per_step)
             window.append(metrics)
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+            if self.step % cfg.train.log_every == 0 or self.step == self.max_steps:
                 last = mean_metrics(window)
                 window = []
                 self.metrics.write(self.step, last)

@@ -155,3 +155,16 @@ def columns_for(samples: Sequence[Sample], batch: PromptBatch, repeat: int) -> d
             cols["id"].append(sample.id)
             cols["image_grid_thw"].append([list(g) for g in grids])
     return cols
+
+
+def resolve_max_steps(cfg: RunConfig, num_samples: int) -> int:
+    """train.max_steps, or (when it is <= 0) the steps of data.num_epochs full epochs of prompt batches."""
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    if not cfg.data.num_epochs:
+        raise ValueError("train.max_steps <= 0 needs data.num_epochs to define the run length")
+    steps = (num_samples // cfg.data.prompts_per_step) * cfg.data.num_epochs
+    if steps <= 0:
+        raise ValueError(f"{num_samples} samples make no full batch of data.prompts_per_step="
+                         f"{cfg.data.prompts_per_step}")
+    return steps

@@ -23,7 +23,8 @@ from vlmr1_jax.processing.batch import encode_prompts
 from vlmr1_jax.rl.step import current_model, init_train_state, make_optimizer, make_sft_step
 from vlmr1_jax.train.checkpoint import Checkpointer, abstract_like
 from vlmr1_jax.train.metrics import MetricsWriter, mean_metrics
-from vlmr1_jax.train.setup import build_model, load_samples, load_tokenizer, run_dir, setup_mesh, to_device
+from vlmr1_jax.train.setup import (build_model, load_samples, load_tokenizer, resolve_max_steps, run_dir, setup_mesh,
+                                   to_device)
 
 log = logging.getLogger(__name__)
 _ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
@@ -56,9 +57,10 @@ class SFTTrainer:
         self.mesh = setup_mesh(cfg)
         self.tokenizer = load_tokenizer(cfg)
         self.samples = load_samples(cfg)
+        self.max_steps = resolve_max_steps(cfg, len(self.samples))
         model = build_model(cfg, self.tokenizer, self.mesh)
         self.model_cfg = model.cfg
-        self.optimizer, self.schedule = make_optimizer(cfg.optim, cfg.train.max_steps)
+        self.optimizer, self.schedule = make_optimizer(cfg.optim, self.max_steps)
         self.graphdef, self.state = init_train_state(model, cfg.train.trainable, self.optimizer,
                                                      with_reference=False)
         self.step_fn = make_sft_step(self.graphdef, self.optimizer, self.schedule, cfg.optim.grad_accum)
@@ -85,9 +87,9 @@ class SFTTrainer:
         cfg = self.cfg
         window: list[dict[str, float]] = []
         last: dict[str, float] = {}
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="sft", disable=not self.progress,
+        bar = tqdm(total=self.max_steps, initial=self.step, desc="sft", disable=not self.progress,
                    dynamic_ncols=True)
-        while self.step < cfg.train.max_steps:
+        while self.step < self.max_steps:
             t0 = time.perf_counter()
             batch = self.batch(next(self.data))
             self.state, metrics = self.step_fn(self.state, batch)
@@ -96,7 +98,7 @@ class SFTTrainer:
             metrics.update({"epoch": epoch_of(self.step, len(self.samples), cfg.data.prompts_per_step),
                             "time/step": time.perf_counter() - t0})
             window.append(metrics)
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+            if self.step % cfg.train.log_every == 0 or self.step == self.max_steps:
                 last = mean_metrics(window)
                 window = []
                 self.metrics.write(self.step, last)
