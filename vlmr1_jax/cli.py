@@ -13,6 +13,8 @@ COMMAND_MODULES = (
     "vlmr1_jax.train.plot",
     "vlmr1_jax.train.cli",
     "vlmr1_jax.train.demo",
+    "converters.cli",
+    "ports.cli",
 )
 
 

@@ -1,0 +1,353 @@
+"""Write a complete HF Qwen2.5-VL release folder: weights, configs, processor, tokenizer, chat template, model card.
+
+The layout is the hub one that transformers 4.49+ / 5.x and vLLM / vllm-ascend read (ECOSYSTEM.md 2, DESIGN.md
+"Exports"). Weights are streamed shard by shard, so at most one shard is on the host. Everything is written into
+a temporary sibling folder, validated with `converters.check.check_export`, then moved into place in one rename
+(an existing folder is only replaced with `overwrite=True`, by an atomic exchange where the OS has one).
+
+float16 (300I Duo): weights are cast with round-to-nearest-even and never clamped or rescaled; a weight beyond
++-65504 is an error. Activation overflow (QWEN25VL-PORT.md pitfall 22: the 3B vision tower's last blocks) is a
+property of inputs, not of the file: `vlmr1 check-export --forward --image REAL.jpg` measures it (see
+docs/deploy-ascend.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from converters.check import DTYPES, INDEX_FILE, SINGLE_FILE, TARGETS, check_export
+from converters.hf import flat_paths, hf_tensors, load_hf_model, to_hf_name
+from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, to_hf_config
+from vlmr1_jax.processing import image as image_processing
+from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.json", "chat_template.jinja")
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class ExportError(RuntimeError):
+    """The written folder failed validation; nothing was moved into place."""
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5 * 10**9 (decimal units as in transformers; KiB/MiB/GiB are binary); ints pass through."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
+        if not match or match.group(2).upper() not in _SIZE_UNITS:
+            raise ValueError(f"cannot parse size {size!r}; use e.g. 5GB, 500MB, 2GiB or a byte count")
+        value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return value
+
+
+def resolve_dtype(target: str, dtype: str | None) -> str:
+    """The release dtype key for `target`: its default when `dtype` is None; ValueError if not allowed."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; known: {sorted(TARGETS)}")
+    allowed = TARGETS[target]
+    if dtype is None:
+        return allowed[0]
+    if dtype not in allowed:
+        why = " (Atlas 300I Duo / 310P supports only float16)" if target == "ascend-310p" else ""
+        raise ValueError(f"dtype {dtype!r} is not allowed for target {target}{why}; allowed: {', '.join(allowed)}")
+    return dtype
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Greedy, order-preserving split of (name, bytes) into shards of at most `max_bytes` (a larger tensor gets
+    a shard of its own), as transformers does."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, nbytes in sizes:
+        if shards[-1] and used + nbytes > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    """`model.safetensors` for one shard, else `model-0000K-of-0000N.safetensors` (1-based)."""
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+
+
+def write_weights(state: nnx.State, cfg: Qwen25VLConfig, folder: Path, dtype: str,
+                  max_shard_size: int | str = "5GB") -> dict[str, str]:
+    """Stream every parameter into safetensors shards (+ index when several); returns name -> file."""
+    np_dtype = np.dtype(DTYPES[dtype].numpy)
+    params = flat_paths(state)
+    sizes = [(to_hf_name(p), int(np.prod(v.shape, dtype=np.int64)) * np_dtype.itemsize) for p, v in params.items()]
+    shards = plan_shards(sizes, parse_size(max_shard_size))
+    files = shard_file_names(len(shards))
+    tensors: Iterator[tuple[str, np.ndarray]] = hf_tensors(state, cfg, np_dtype)
+    weight_map: dict[str, str] = {}
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, naming the tensor
+        for names, file in zip(shards, files):
+            _write_shard(tensors, names, folder / file, dtype)
+            weight_map.update(dict.fromkeys(names, file))
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(n for _, n in sizes),
+                              "total_parameters": sum(n for _, n in sizes) // np_dtype.itemsize},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        _write_json(folder / INDEX_FILE, index)
+    return weight_map
+
+
+def _write_shard(tensors: Iterator[tuple[str, np.ndarray]], names: list[str], path: Path, dtype: str) -> None:
+    """Pull `names` from the tensor stream, check they are finite, write them as one shard."""
+    shard: dict[str, np.ndarray] = {}
+    for expected in names:
+        name, value = next(tensors)
+        if name != expected:
+            raise RuntimeError(f"parameter order changed while exporting: {name} != {expected}")
+        bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+        if bad:
+            raise ValueError(f"{name}: {bad} values are inf/NaN as {DTYPES[dtype].torch_name} (float16 holds "
+                             f"|x| <= 65504); refusing to write a broken release")
+        shard[name] = value
+    save_file(shard, str(path), metadata={"format": "pt"})
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def preprocessor_config(cfg: Qwen25VLConfig) -> dict[str, Any]:
+    """Qwen2.5-VL's preprocessor_config.json (QWEN25VL-PORT.md 5), with size/resample/rescale_factor so that
+    old and new image processors agree."""
+    p = image_processing
+    v = cfg.vision
+    return {
+        "min_pixels": p.MIN_PIXELS, "max_pixels": p.MAX_PIXELS,
+        "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size, "merge_size": v.spatial_merge_size,
+        "image_mean": list(p.IMAGE_MEAN), "image_std": list(p.IMAGE_STD),
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+        "size": {"shortest_edge": p.MIN_PIXELS, "longest_edge": p.MAX_PIXELS},
+        "resample": 3, "rescale_factor": 1 / 255,
+        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+    }
+
+
+def generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
+    """Our default generation_config.json (used when the base model has none): stop at <|im_end|> or
+    <|endoftext|>, pad with <|endoftext|>, greedy (as VLM-R1 evaluates)."""
+    end_of_text = tokenizer.token_to_id("<|endoftext|>")
+    return {"bos_token_id": end_of_text, "pad_token_id": tokenizer.pad_id, "eos_token_id": list(tokenizer.eos_ids),
+            "do_sample": False, "use_cache": True}
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer_config.json").is_file() and (
+        (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file())
+
+
+def tokenizer_source(tokenizer_dir: str | os.PathLike | None, base_model_dir: str | os.PathLike | None) -> Path:
+    """Where the release's tokenizer comes from: `tokenizer_dir`, else the base model, else the vendored set."""
+    if tokenizer_dir is not None:
+        if not _has_tokenizer(Path(tokenizer_dir)):
+            raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer_config.json + tokenizer.json/vocab.json")
+        return Path(tokenizer_dir)
+    if base_model_dir is not None and _has_tokenizer(Path(base_model_dir)):
+        return Path(base_model_dir)
+    return QWEN2_5_DIR
+
+
+def write_tokenizer(source: Path, folder: Path) -> Tokenizer:
+    """Copy the tokenizer files of `source` byte for byte (the vendored set is re-saved, which adds
+    tokenizer.json); add chat_template.json when the source keeps its template elsewhere."""
+    if source.resolve() == QWEN2_5_DIR.resolve():
+        tokenizer = Tokenizer.load(source)
+        tokenizer.save(folder)
+        return tokenizer
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+    tokenizer = Tokenizer.load(folder)
+    if not (folder / "chat_template.json").is_file() and not (folder / "chat_template.jinja").is_file():
+        _write_json(folder / "chat_template.json", {"chat_template": tokenizer.chat_template})
+    return tokenizer
+
+
+def model_card(cfg: Qwen25VLConfig, target: str, dtype: str, card: Mapping[str, Any], notes: list[str]) -> str:
+    """README.md: YAML front matter for the hub, then model, data, rewards, steps, final metrics, usage, notes."""
+    card = dict(card)
+    name = card.pop("name", "Qwen2.5-VL GRPO checkpoint (vlmr1-jax)")
+    base = card.pop("base_model", None)
+    license_ = card.pop("license", None)
+    datasets = card.pop("datasets", None)
+    rewards = card.pop("rewards", None)
+    steps = card.pop("steps", None)
+    metrics = card.pop("metrics", None) or {}
+    as_list = lambda x: [x] if isinstance(x, str) else list(x or [])  # noqa: E731
+    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text"]
+    if base:
+        front.append(f"base_model: {json.dumps(str(base))}")
+    if license_:
+        front.append(f"license: {json.dumps(str(license_))}")
+    front += ["tags:", "- qwen2_5_vl", "- vlm-r1", "- grpo", "- vlmr1-jax", "---", ""]
+    t, v = cfg.text, cfg.vision
+    body = [f"# {name}", "",
+            "Qwen2.5-VL trained with GRPO (VLM-R1 recipe) in JAX by vlmr1-jax, exported in the Hugging Face hub "
+            "layout (`Qwen2_5_VLForConditionalGeneration`; no custom code, no `trust_remote_code`).", "",
+            "## Model", "",
+            f"- base model: {base or 'not recorded'}",
+            f"- text: {t.num_hidden_layers} layers, hidden {t.hidden_size}, vocab {t.vocab_size}, "
+            f"tied embeddings: {str(t.tie_word_embeddings).lower()}",
+            f"- vision: {v.depth} blocks, hidden {v.hidden_size}",
+            f"- weights: {DTYPES[dtype].torch_name}, export target `{target}`", "",
+            "## Training", "",
+            f"- data: {', '.join(as_list(datasets)) or 'not recorded'}",
+            f"- rewards: {', '.join(as_list(rewards)) or 'not recorded'}",
+            f"- steps: {steps if steps is not None else 'not recorded'}"]
+    body += [f"- {key}: {value}" for key, value in card.items()]
+    body += ["", "## Final metrics", ""]
+    if metrics:
+        body += ["| metric | value |", "|---|---|"]
+        body += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
+                 for key, value in metrics.items()]
+    else:
+        body.append("not recorded")
+    body += ["", "## Usage", "", "```python",
+             "from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration",
+             'model = Qwen2_5_VLForConditionalGeneration.from_pretrained("PATH", dtype="auto")',
+             'processor = AutoProcessor.from_pretrained("PATH")', "```", "",
+             "Prompts follow VLM-R1: one user turn with the image(s) first, then the question and the task's "
+             "reasoning template. See docs/deploy-ascend.md of vlmr1-jax for vLLM / Ascend serving.", "",
+             "## Notes", ""]
+    body += [f"- {n}" for n in notes]
+    return "\n".join(front + body) + "\n"
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`; an existing `out` is swapped out atomically (or, failing that, moved aside and
+    restored on error) and then deleted."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        os.replace(tmp, out)  # rename(2) replaces an empty folder atomically
+        return
+    if _exchange(tmp, out):
+        shutil.rmtree(tmp)  # tmp now holds the previous release
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old / out.name, out)
+        raise
+    shutil.rmtree(old)
+
+
+def export_release(state: nnx.State | nnx.Module, cfg: Qwen25VLConfig, out_dir: str | os.PathLike, *,
+                   target: str = "hf", dtype: str | None = None, max_shard_size: int | str = "5GB",
+                   tokenizer_dir: str | os.PathLike | None = None, base_model_dir: str | os.PathLike | None = None,
+                   card: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write the release folder `out_dir` for `target` ("hf", "ascend-a2", "ascend-310p") from model parameters.
+
+    `dtype` ("bf16", "fp16", "fp32") defaults to the target's (bf16; fp16 for 310P, which allows nothing else).
+    Tokenizer files come from `tokenizer_dir`, else `base_model_dir`, else the vendored Qwen2.5 set;
+    generation_config.json is copied from `base_model_dir` when it has one. `card` fills README.md (keys name,
+    base_model, license, datasets, rewards, steps, metrics, plus any others). Returns the folder.
+    """
+    dtype = resolve_dtype(target, dtype)
+    if isinstance(state, nnx.Module):
+        state = nnx.state(state, nnx.Param)
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the release gets the usual folder permissions
+    try:
+        _write_release(state, cfg, tmp, target, dtype, max_shard_size, tokenizer_dir, base_model_dir, card or {})
+        problems = check_export(tmp, target)
+        if problems:
+            raise ExportError(f"export to {out} failed validation; nothing was written there:\n  "
+                              + "\n  ".join(problems))
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target == "ascend-310p":
+        warnings.warn(f"{out}: float16 activations of Qwen2.5-VL's last vision blocks can exceed 65504 on real "
+                      f"images (the weights are fine); measure with `vlmr1 check-export {out} --target "
+                      f"ascend-310p --forward --image <real image>` before deploying", stacklevel=2)
+    return out
+
+
+def _write_release(state: nnx.State, cfg: Qwen25VLConfig, folder: Path, target: str, dtype: str,
+                   max_shard_size: int | str, tokenizer_dir: str | os.PathLike | None,
+                   base_model_dir: str | os.PathLike | None, card: Mapping[str, Any]) -> None:
+    """Every file of the release into `folder` (no validation)."""
+    write_weights(state, cfg, folder, dtype, max_shard_size)
+    _write_json(folder / "config.json", to_hf_config(cfg, DTYPES[dtype].torch_name))
+    _write_json(folder / "preprocessor_config.json", preprocessor_config(cfg))
+    source = tokenizer_source(tokenizer_dir, base_model_dir)
+    tokenizer = write_tokenizer(source, folder)
+    origin = "the vendored offline Qwen2.5 set of vlmr1-jax" if source == QWEN2_5_DIR else f"copied from {source.name}"
+    notes = [f"tokenizer files: {origin}"]
+    base_generation = Path(base_model_dir) / "generation_config.json" if base_model_dir is not None else None
+    if base_generation is not None and base_generation.is_file():
+        shutil.copyfile(base_generation, folder / "generation_config.json")
+        notes.append(f"generation_config.json: copied from {Path(base_model_dir).name}")
+    else:
+        _write_json(folder / "generation_config.json", generation_config(tokenizer))
+        notes.append("generation_config.json: vlmr1-jax defaults (no base-model file): greedy, stop at "
+                     "<|im_end|> or <|endoftext|>")
+    notes.append("preprocessor_config.json: Qwen2.5-VL processor values (min_pixels 3136, max_pixels 12845056)")
+    if dtype == "fp16":
+        notes.append("float16 weights were cast with round-to-nearest-even, not clamped; check activations with "
+                     "`vlmr1 check-export DIR --target ascend-310p --forward --image IMAGE`")
+    (folder / "README.md").write_text(model_card(cfg, target, dtype, card, notes), encoding="utf-8")
+
+
+def export_hf_folder(source: str | os.PathLike, out_dir: str | os.PathLike, *, target: str = "hf",
+                     dtype: str | None = None, max_shard_size: int | str = "5GB",
+                     tokenizer_dir: str | os.PathLike | None = None, card: Mapping[str, Any] | None = None,
+                     overwrite: bool = False) -> Path:
+    """Re-export an HF Qwen2.5-VL folder (e.g. a dtype conversion for Ascend): loaded with our converter, so the
+    release gets the legacy names and flat config; tokenizer and generation config come from `source`."""
+    dtype = resolve_dtype(target, dtype)
+    model = load_hf_model(source, param_dtype=DTYPES[dtype].numpy)
+    card = {"base_model": Path(source).name, **(card or {})}
+    return export_release(model, model.cfg, out_dir, target=target, dtype=dtype, max_shard_size=max_shard_size,
+                          tokenizer_dir=tokenizer_dir, base_model_dir=source, card=card, overwrite=overwrite)

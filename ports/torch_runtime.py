@@ -1,0 +1,178 @@
+"""Run an exported release folder with transformers on an Ascend NPU, a CUDA GPU or the CPU.
+
+Prompts are built exactly as in training: VLM-R1's single user turn (images first, then the text, optionally in
+the task's question template) rendered with the release's own chat template by our tokenizer, and images
+processed by our PIL-bicubic pipeline (the one the policy was trained on) with the release's min/max pixels.
+This needs no torchvision, which transformers 5.x's `AutoProcessor` requires for Qwen2.5-VL's video processor.
+
+torch-npu breaks a plain `import torch` where CANN is missing (ECOSYSTEM.md 1.3), so torch is imported with
+device-backend autoload off and torch_npu is imported explicitly, its failures caught.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config
+from vlmr1_jax.processing.image import load_image, preprocess_image
+from vlmr1_jax.processing.prompts import build_messages
+from vlmr1_jax.processing.tokenizer import Tokenizer
+
+DEVICES = ("auto", "cpu", "cuda", "npu")
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+
+
+def import_torch():
+    """`import torch` with device-backend autoload disabled, so a torch-npu without CANN cannot break it."""
+    os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+    import torch
+
+    return torch
+
+
+def npu_unavailable_reason() -> str | None:
+    """None when torch_npu imports and sees an NPU, else why not."""
+    torch = import_torch()
+    try:
+        import torch_npu  # noqa: F401  (registers the "npu" device with torch)
+    except (ImportError, OSError, RuntimeError) as e:
+        return f"torch_npu does not import ({type(e).__name__}: {e})"
+    try:
+        if not torch.npu.is_available():
+            return "torch_npu imports but torch.npu.is_available() is False (no device or driver)"
+    except (AttributeError, RuntimeError) as e:
+        return f"torch.npu is not usable ({type(e).__name__}: {e})"
+    return None
+
+
+def pick_device(device: str = "auto") -> str:
+    """'auto' -> npu if usable, else cuda, else cpu; an explicitly named device must be usable."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose one of {DEVICES}")
+    torch = import_torch()
+    if device in ("auto", "npu"):
+        reason = npu_unavailable_reason()
+        if reason is None:
+            return "npu"
+        if device == "npu":
+            raise RuntimeError(f"--device npu: {reason}. See docs/deploy-ascend.md (torch-npu must match torch "
+                               f"and the CANN toolkit must be installed and sourced).")
+    if device in ("auto", "cuda"):
+        if torch.cuda.is_available():
+            return "cuda"
+        if device == "cuda":
+            raise RuntimeError("--device cuda: torch.cuda.is_available() is False")
+    return "cpu"
+
+
+def build_chat(prompt: str, num_images: int, task_type: str | None = None) -> list[dict[str, Any]]:
+    """VLM-R1's user turn: `num_images` image entries, then the text. `task_type` ("rec", "ic", "odLength",
+    "default") wraps the text in that task's question template exactly as in training; None keeps it verbatim."""
+    if task_type is not None:
+        return build_messages(prompt, num_images, task_type)
+    return [{"role": "user", "content": [{"type": "image"} for _ in range(num_images)]
+             + [{"type": "text", "text": prompt}]}]
+
+
+def expand_image_tokens(ids: Sequence[int], grids: Sequence[tuple[int, int, int]], image_token_id: int,
+                        merge_unit: int) -> list[int]:
+    """Replace the k-th `<|image_pad|>` with t*h*w/merge_unit copies for the k-th image (what the HF processor
+    does to the text)."""
+    slots = sum(1 for t in ids if t == image_token_id)
+    if slots != len(grids):
+        raise ValueError(f"the prompt has {slots} image placeholders but {len(grids)} images were given")
+    out: list[int] = []
+    grid_iter = iter(grids)
+    for t in ids:
+        out.extend([t] * (int(np.prod(next(grid_iter))) // merge_unit) if t == image_token_id else [t])
+    return out
+
+
+@dataclasses.dataclass
+class TorchRuntime:
+    """A loaded release: the transformers model on its device, our tokenizer and the processor settings."""
+
+    model: Any
+    tokenizer: Tokenizer
+    cfg: Qwen25VLConfig
+    device: str
+    min_pixels: int
+    max_pixels: int
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, device: str = "auto", dtype: str | None = None) -> TorchRuntime:
+        """Load `model_dir` on `device`; `dtype` ("bfloat16", "float16", "float32") defaults to float32 on the
+        CPU and to the release's torch_dtype on an accelerator."""
+        torch = import_torch()
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        folder = Path(model_dir)
+        config = json.loads((folder / "config.json").read_text())
+        preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
+        device = pick_device(device)  # imports torch_npu when the NPU is used
+        dtype = dtype or ("float32" if device == "cpu" else config.get("torch_dtype", "bfloat16"))
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype))
+        return cls(model=model.to(device).eval(), tokenizer=Tokenizer.load(folder), cfg=from_hf_config(config),
+                   device=device, min_pixels=preprocessor["min_pixels"], max_pixels=preprocessor["max_pixels"])
+
+    def prompt_text(self, prompt: str, num_images: int, task_type: str | None = None) -> str:
+        """The rendered chat prompt (one `<|image_pad|>` per image, generation prompt appended)."""
+        return self.tokenizer.apply_chat_template(build_chat(prompt, num_images, task_type),
+                                                  add_generation_prompt=True)
+
+    def inputs(self, images: Sequence[ImageInput], prompt: str, task_type: str | None = None) -> dict[str, Any]:
+        """The model's keyword inputs for one prompt: input_ids, attention_mask, pixel_values, image_grid_thw."""
+        torch = import_torch()
+        pixels, grids = [], []
+        for image in images:
+            if isinstance(image, (str, os.PathLike)):
+                image = load_image(image)
+            values, grid = preprocess_image(image, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            pixels.append(values)
+            grids.append(grid)
+        ids = expand_image_tokens(self.tokenizer.encode(self.prompt_text(prompt, len(images), task_type)), grids,
+                                  self.cfg.image_token_id, self.cfg.vision.merge_unit)
+        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones((1, len(ids)), dtype=torch.long)}
+        if images:
+            batch["pixel_values"] = torch.from_numpy(np.concatenate(pixels)).to(self.model.dtype)
+            batch["image_grid_thw"] = torch.tensor(grids)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def generate_ids(self, images: Sequence[ImageInput], prompt: str, max_new_tokens: int = 256,
+                     greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50,
+                     seed: int = 0, task_type: str | None = None) -> list[int]:
+        """Generated token ids (prompt excluded), stopping at <|im_end|> / <|endoftext|>. Sampling defaults are
+        VLM-R1's rollout ones (temperature 1, top_k 50, top_p 1)."""
+        torch = import_torch()
+        from transformers import GenerationConfig
+
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy,
+                                  eos_token_id=list(self.tokenizer.eos_ids), pad_token_id=self.tokenizer.pad_id,
+                                  **sampling)
+        batch = self.inputs(images, prompt, task_type)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = self.model.generate(**batch, generation_config=config)
+        return out[0, batch["input_ids"].shape[1]:].tolist()
+
+    def generate(self, images: Sequence[ImageInput], prompt: str, max_new_tokens: int = 256, greedy: bool = True,
+                 **kwargs: Any) -> str:
+        """The decoded completion (special tokens dropped); kwargs as in `generate_ids`."""
+        ids = self.generate_ids(images, prompt, max_new_tokens, greedy, **kwargs)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def generate(model_dir: str | os.PathLike, images: Sequence[ImageInput], prompt: str, max_new_tokens: int = 256,
+             greedy: bool = True, device: str = "auto", **kwargs: Any) -> str:
+    """Load `model_dir` and complete one VLM-R1 style prompt (greedy by default, else sampled)."""
+    return TorchRuntime.load(model_dir, device).generate(images, prompt, max_new_tokens, greedy, **kwargs)
