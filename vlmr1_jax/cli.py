@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = (
     "ports.parity",
     "vlmr1_jax.data.cli",
+    "vlmr1_jax.rewards.cli",
     "vlmr1_jax.train.plot",
     "vlmr1_jax.train.cli",
     "vlmr1_jax.train.demo",

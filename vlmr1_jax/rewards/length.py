@@ -1,0 +1,129 @@
+"""`length` (cosine length reward, arXiv 2502.03373) and `repetition` (n-gram repetition penalty); SPEC §2.6-2.7."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+from json_repair import repair_json
+
+from vlmr1_jax.rewards.common import aligned, score_samples
+from vlmr1_jax.rewards.detection import weighted_sum_score
+from vlmr1_jax.rewards.registry import register_reward
+
+COSINE_MAX_LEN = 1024
+CORRECT_THRESHOLD = 0.7
+TEXT_NGRAM = 6
+
+
+def cosine_score(length: int, correct: bool, max_len: int = COSINE_MAX_LEN) -> float:
+    """Cosine schedule: correct 1.0 (empty) -> 0.5 (`max_len`); wrong -0.5 -> 0.0. Periodic beyond `max_len`,
+    as in VLM-R1 (the length is not clamped)."""
+    at_zero, at_max = (1.0, 0.5) if correct else (-0.5, 0.0)
+    return at_zero - (at_zero - at_max) * (1 - math.cos(length * math.pi / max_len)) / 2
+
+
+def byte_length(content: str) -> int:
+    """Fallback token count: UTF-8 bytes / 4, rounded up (a rough BPE estimate, used with no tokenizer given)."""
+    return -(-len(content.encode("utf-8")) // 4)
+
+
+@register_reward("length")
+def cosine_rewards(completions: list[str], *, solution: list[str] | None = None, tokenizer: Any = None,
+                   length_fn: Callable[[str], int] | None = None, max_len: int = COSINE_MAX_LEN,
+                   vlmr1_compat: bool = False, **columns: Any) -> list[float]:
+    """Cosine length reward in [-0.5, 1.0]; correct means `weighted_sum` accuracy >= 0.7 (VLM-R1 computes that).
+
+    Length = `length_fn(text)`, else `len(tokenizer.encode(text))` (VLM-R1 re-encodes the decoded completion),
+    else `byte_length`. [BUG in VLM-R1] the accuracy is overwritten with 1.0, so every completion takes the
+    "correct" branch; `vlmr1_compat=True` reproduces that (and then needs no `solution`).
+    """
+    n = len(completions)
+    solutions = aligned(solution, "solution", n, required=not vlmr1_compat)
+    if length_fn is None:
+        length_fn = (lambda text: len(tokenizer.encode(text))) if tokenizer is not None else byte_length
+
+    def score(i: int) -> float:
+        correct = vlmr1_compat or weighted_sum_score(completions[i], solutions[i]) >= CORRECT_THRESHOLD
+        return cosine_score(length_fn(completions[i]), correct, max_len)
+
+    return score_samples(score, n, aligned(columns.get("id"), "id", n))
+
+
+_FENCED_JSON = re.compile(r"```json(.*?)```", re.DOTALL)
+_FENCED = re.compile(r"```(.*?)```", re.DOTALL)
+_ARRAY_START = re.compile(r"\[\s*\{")
+_ARRAY_END = re.compile(r"\}\s*\]")
+
+
+def find_box_array(content: str) -> str | None:
+    r"""`re.search(r'\[\s*{.*?"bbox_2d".*?"label".*?}\s*\]', content, re.DOTALL)`'s match, in linear time.
+
+    The regex takes tens of seconds on a truncated repetitive box list. Its match starts at the first `[{`
+    (if that start fails, every later one does) and ends at the first `}\s*]` after the first `"bbox_2d"`
+    and then `"label"`.
+    """
+    start = _ARRAY_START.search(content)
+    key = content.find('"bbox_2d"', start.end()) if start else -1
+    label = content.find('"label"', key + len('"bbox_2d"')) if key >= 0 else -1
+    end = _ARRAY_END.search(content, label + len('"label"')) if label >= 0 else None
+    return content[start.start():end.end()] if end else None
+
+
+def _json_candidate(content: str) -> str | None:
+    """First ```json block; else the first ``` block; else a bare `[{..."bbox_2d"..."label"...}]` array."""
+    fenced = _FENCED_JSON.search(content)
+    if fenced:
+        return fenced.group(1).strip()
+    fenced = _FENCED.search(content)
+    candidate = fenced.group(1).strip() if fenced else None
+    return candidate or find_box_array(content)
+
+
+def _load_json(text: str) -> Any:
+    """`json.loads`, else `json.loads(json_repair.repair_json(text))`, else None."""
+    try:
+        return json.loads(text)
+    except Exception:
+        try:
+            return json.loads(repair_json(text))
+        except Exception:
+            return None
+
+
+def _penalty(items: list) -> float:
+    """-(1 - unique / total), in [-1, 0]."""
+    return -(1.0 - len(set(items)) / len(items))
+
+
+def repetition_score(content: str) -> float:
+    """VLM-R1 `repetition_reward` in [-1, 0]: duplicate boxes in a JSON box list, else duplicate word 6-grams.
+
+    A non-empty JSON list scores its `f"{bbox_2d}_{label}"` items (0.0 with none); entries that are not dicts with
+    both keys are skipped (VLM-R1 crashes on non-dict entries). Otherwise lowercased whitespace words;
+    fewer than 6 words score 0.0.
+    """
+    if not content:
+        return 0.0
+    candidate = _json_candidate(content)
+    data = _load_json(candidate) if candidate else None
+    if data and isinstance(data, list):
+        boxes = [e for e in data if isinstance(e, dict) and "bbox_2d" in e and "label" in e]
+        try:
+            items = [f"{e['bbox_2d']}_{e['label']}" for e in boxes]
+        except RecursionError:  # absurdly nested values
+            return 0.0
+        return _penalty(items) if items else 0.0
+    words = content.lower().split()
+    if len(words) < TEXT_NGRAM:
+        return 0.0
+    return _penalty(list(zip(*(words[k:] for k in range(TEXT_NGRAM)))))
+
+
+@register_reward("repetition")
+def repetition_rewards(completions: list[str], **columns: Any) -> list[float]:
+    """Repetition penalty per completion, in [-1, 0] (0 = no repetition)."""
+    return [repetition_score(content) for content in completions]
