@@ -17,6 +17,7 @@ from flax import nnx
 
 from vlmr1_jax.models.layers import LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
+from vlmr1_jax.models.qwen2_5_vl.text import KVCache
 from vlmr1_jax.rl.grpo import get_loss, token_logprobs
 
 TRAINABLE_FILTERS: dict[str, Any] = {
@@ -78,22 +79,22 @@ def completion_logprobs(model: Qwen25VL, prompts: dict[str, jax.Array], tokens: 
                         num_samples: int) -> jax.Array:
     """log p(token) for each completion token [B, T]; B = P * num_samples rows of P prompts.
 
-    The prompt's images are encoded once ([P] features) and gathered by all its rows; the whole
-    prompt + completion sequence runs through the decoder, and the LM head only sees completion positions.
+    Shared prefix: each prompt (and its images) runs through the model once, its KV cache is fanned out to its
+    G rows, and only the completions run per row. Causal attention makes this equal to the full
+    prompt + completion forward, at (P*L + B*T) instead of B*(L + T) tokens; gradients flow through the cache.
     """
-    rep = lambda x, axis=0: jnp.repeat(x, num_samples, axis=axis)  # noqa: E731
     prompt_len = prompts["input_ids"].shape[1]
     steps = tokens.shape[1]
     features = model.encode_vision(prompts["pixel_values"], prompts["hw_positions"], prompts["frame_ids"],
-                                       prompts["frame_index"])
-    ids = jnp.concatenate([rep(prompts["input_ids"]), tokens], axis=1)
-    attention = jnp.concatenate([rep(prompts["attention_mask"]), mask.astype(jnp.int32)], axis=1)
-    completion_pos = rep(prompts["next_position"])[:, None] + jnp.arange(steps)[None]
-    positions = jnp.concatenate([rep(prompts["positions"], 1),
-                                 jnp.broadcast_to(completion_pos[None], (3, *completion_pos.shape))], axis=2)
-    gather = jnp.concatenate([rep(prompts["vision_gather"]), jnp.full(tokens.shape, -1, jnp.int32)], axis=1)
-    hidden, _ = model(ids, positions, attention, features, gather)
-    logits = model.logits(hidden[:, prompt_len - 1:prompt_len - 1 + steps])
+                                   prompts["frame_index"])
+    cache = KVCache.empty(model.cfg.text, prompts["input_ids"].shape[0], prompt_len + steps, model.text.dtype)
+    hidden, cache = model(prompts["input_ids"], prompts["positions"], prompts["attention_mask"], features,
+                          prompts["vision_gather"], cache)
+    first = jnp.repeat(model.logits(hidden[:, -1]), num_samples, axis=0)  # predicts completion token 0
+    positions = jnp.repeat(prompts["next_position"], num_samples)[:, None] + jnp.arange(steps)[None]
+    hidden, _ = model(tokens, jnp.broadcast_to(positions[None], (3, *positions.shape)), mask.astype(jnp.int32),
+                      cache=cache.repeat(num_samples))
+    logits = jnp.concatenate([first[:, None], model.logits(hidden[:, :-1])], axis=1)
     return token_logprobs(logits, tokens)
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from vlmr1_jax.config import RunConfig, to_dict
 from vlmr1_jax.data.pipeline import epoch_of, make_prompt_iterator
-from vlmr1_jax.processing.batch import encode_prompts
+from vlmr1_jax.processing.batch import PromptBatch, encode_prompts
 from vlmr1_jax.rewards import get_reward
 from vlmr1_jax.rl.grpo import group_advantages
 from vlmr1_jax.rl.sampler import Sampler, default_banned_ids
@@ -85,14 +85,19 @@ class GRPOTrainer:
         self.step = int(self.state.step) // self.cfg.grpo.num_iterations
         log.info("resumed from step %d in %s", self.step, self.checkpoints.directory)
 
-    def rollout(self, samples) -> tuple[dict[str, Any], dict[str, float], list[str]]:
-        """Sample G completions per prompt, score them, and assemble the train batch."""
-        cfg, g = self.cfg, self.cfg.grpo
-        t0 = time.perf_counter()
+    def prepare(self, samples) -> tuple[list, PromptBatch, dict[str, jax.Array]]:
+        """Host work for the next prompts (images, tokens, vision plan) and their transfer to the devices."""
+        cfg = self.cfg
         batch = encode_prompts([s.problem for s in samples], [s.image_paths for s in samples], self.tokenizer,
                                self.model_cfg, task_type=cfg.data.task_type, min_pixels=cfg.data.min_pixels,
                                max_pixels=cfg.data.max_pixels, length=cfg.data.max_prompt_length)
-        prompts = to_device(batch, self.mesh)
+        return samples, batch, to_device(batch, self.mesh)
+
+    def rollout(self, prepared) -> tuple[dict[str, Any], dict[str, float], list[str]]:
+        """Sample G completions per prompt, score them, and assemble the train batch."""
+        cfg, g = self.cfg, self.cfg.grpo
+        samples, batch, prompts = prepared
+        t0 = time.perf_counter()
         key = jax.random.fold_in(jax.random.key(cfg.train.seed), self.step)
         out = self.generate(self.state.trainable, self.state.frozen, prompts, key)
         tokens, mask = to_host(out["tokens"]), to_host(out["mask"])
@@ -124,15 +129,19 @@ class GRPOTrainer:
         last: dict[str, float] = {}
         bar = tqdm(total=self.max_steps, initial=self.step, desc="grpo", disable=not self.progress,
                    dynamic_ncols=True)
+        prepared = self.prepare(next(self.data)) if self.step < self.max_steps else None
         while self.step < self.max_steps:
-            samples = next(self.data)
-            train_batch, metrics, _ = self.rollout(samples)
+            train_batch, metrics, _ = self.rollout(prepared)
             t0 = time.perf_counter()
             for _ in range(cfg.grpo.num_iterations):
-                self.state, step_metrics = self.step_fn(self.state, train_batch)
+                self.state, step_metrics = self.step_fn(self.state, train_batch)  # dispatched asynchronously
+            self.step += 1
+            # Save before the iterator moves on, then prepare the next prompts while the devices train.
+            self.checkpoints.save(self.step, self.state, self.data, meta=self.meta())
+            if self.step < self.max_steps:
+                prepared = self.prepare(next(self.data))
             step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             metrics.update(step_metrics, **{"time/train": time.perf_counter() - t0})
-            self.step += 1
             metrics["epoch"] = epoch_of(self.step, len(self.samples), cfg.data.prompts_per_step)
             window.append(metrics)
             if self.step % cfg.train.log_every == 0 or self.step == self.max_steps:
@@ -140,7 +149,6 @@ class GRPOTrainer:
                 window = []
                 self.metrics.write(self.step, last)
                 bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last.get('kl', 0.0):.4f}")
-            self.checkpoints.save(self.step, self.state, self.data, meta=self.meta())
             bar.update(1)
         bar.close()
         self.checkpoints.save(self.step, self.state, self.data, meta=self.meta(), force=True)

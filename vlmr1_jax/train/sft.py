@@ -89,12 +89,16 @@ class SFTTrainer:
         last: dict[str, float] = {}
         bar = tqdm(total=self.max_steps, initial=self.step, desc="sft", disable=not self.progress,
                    dynamic_ncols=True)
+        batch = self.batch(next(self.data)) if self.step < self.max_steps else None
         while self.step < self.max_steps:
             t0 = time.perf_counter()
-            batch = self.batch(next(self.data))
-            self.state, metrics = self.step_fn(self.state, batch)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            self.state, metrics = self.step_fn(self.state, batch)  # dispatched asynchronously
             self.step += 1
+            # Save before the iterator moves on, then build the next batch while the devices train.
+            self.checkpoints.save(self.step, self.state, self.data, meta=self.meta())
+            if self.step < self.max_steps:
+                batch = self.batch(next(self.data))
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             metrics.update({"epoch": epoch_of(self.step, len(self.samples), cfg.data.prompts_per_step),
                             "time/step": time.perf_counter() - t0})
             window.append(metrics)
@@ -103,7 +107,6 @@ class SFTTrainer:
                 window = []
                 self.metrics.write(self.step, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
-            self.checkpoints.save(self.step, self.state, self.data, meta=self.meta())
             bar.update(1)
         bar.close()
         self.checkpoints.save(self.step, self.state, self.data, meta=self.meta(), force=True)
