@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -94,10 +95,25 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
-    """`jax.distributed.initialize`, auto-detecting TPU pods / Slurm / MPI when no arguments are given."""
+    """`jax.distributed.initialize`. Arguments default to the COORDINATOR (host:port), NUM_PROCESSES and
+    PROCESS_ID environment variables; with none set, JAX auto-detects TPU pods, Slurm, Open MPI and Kubernetes."""
+    env = os.environ
+    coordinator = coordinator or env.get("COORDINATOR")
+    num_processes = num_processes if num_processes is not None else _env_int("NUM_PROCESSES")
+    process_id = process_id if process_id is not None else _env_int("PROCESS_ID")
     kwargs = {k: v for k, v in dict(coordinator_address=coordinator, num_processes=num_processes,
                                     process_id=process_id).items() if v is not None}
     jax.distributed.initialize(**kwargs)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:

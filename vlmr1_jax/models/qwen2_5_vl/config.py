@@ -84,6 +84,14 @@ class Qwen25VLConfig:
     bos_token_id: int = 151643
     eos_token_id: int = 151645
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Qwen25VLConfig":
+        """Inverse of `dataclasses.asdict` (lists back to tuples), e.g. for checkpoint metadata."""
+        tuples = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # noqa: E731
+        rest = {k: v for k, v in data.items() if k not in ("text", "vision")}
+        return cls(text=TextConfig(**tuples(data["text"])), vision=VisionConfig(**tuples(data["vision"])),
+                   **rest).validate()
+
     def validate(self) -> "Qwen25VLConfig":
         t, v = self.text, self.vision
         if t.hidden_size % t.num_attention_heads:
