@@ -29,7 +29,7 @@ from vlmr1_jax.rl.step import current_model, init_train_state, make_grpo_step, m
 from vlmr1_jax.train.checkpoint import Checkpointer, abstract_like
 from vlmr1_jax.train.metrics import MetricsWriter, RolloutLog, mean_metrics
 from vlmr1_jax.train.setup import (build_model, columns_for, load_samples, load_tokenizer, resolve_max_steps, run_dir,
-                                   setup_mesh, to_device, to_host)
+                                   on_mesh, setup_mesh, to_device, to_host)
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ class GRPOTrainer:
         if g.num_generations < 2:
             raise ValueError("grpo.num_generations must be >= 2 (advantages need a group)")
         self.optimizer, self.schedule = make_optimizer(cfg.optim, self.max_steps * g.num_iterations)
-        self.graphdef, self.state = init_train_state(model, cfg.train.trainable, self.optimizer,
-                                                     with_reference=g.beta > 0)
+        self.graphdef, state = init_train_state(model, cfg.train.trainable, self.optimizer, with_reference=g.beta > 0)
+        self.state = on_mesh(state, self.mesh)
         self.reward_fns = {name: get_reward(name) for name in g.reward_funcs}
         banned = default_banned_ids(self.model_cfg)
         self.sampler = Sampler(cfg.sampling, eos_ids=self.tokenizer.eos_ids, pad_id=self.tokenizer.pad_id,
@@ -73,7 +73,8 @@ class GRPOTrainer:
         self.out = run_dir(cfg)
         self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.train.save_every, cfg.train.keep_checkpoints)
         self.metrics = MetricsWriter(self.out, process_index=jax.process_index())
-        self.rollouts = RolloutLog(self.out) if cfg.train.rollout_log else None
+        # Every process holds the same global rollouts: one copy, from process 0.
+        self.rollouts = RolloutLog(self.out) if cfg.train.rollout_log and jax.process_index() == 0 else None
         self.step = 0
         self._resume()
 
@@ -119,7 +120,7 @@ class GRPOTrainer:
                    "reward_std": float(np.asarray(group_std).mean()), "time/sample": t1 - t0, "time/score": t2 - t1,
                    "tokens_per_second": float(lengths.sum()) / max(t1 - t0, 1e-9)}
         if self.rollouts is not None:
-            self.rollouts.write(self.step, [s.problem for s in samples], completions, per_fn,
+            self.rollouts.write(self.step + 1, [s.problem for s in samples], completions, per_fn,  # metrics' step
                                 extra={"solution": [s.solution for s in samples for _ in range(g.num_generations)],
                                        "advantage": np.asarray(advantages).tolist()})
         return train_batch, metrics, completions

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from converters.hf import load_hf_model
 from vlmr1_jax.config import RunConfig
@@ -125,6 +125,21 @@ def to_device(batch: PromptBatch | dict[str, np.ndarray], mesh: Mesh,
         sharding = NamedSharding(mesh, logical_to_spec(logical, value.shape, mesh))
         out[name] = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
     return out
+
+
+def on_mesh(tree: Any, mesh: Mesh) -> Any:
+    """`tree` with its single-device leaves (the step and optimizer counters `jnp.zeros` makes) replicated over
+    `mesh`, so the jitted step gets back the shardings it was given (one compile, not two) and a restore target
+    built from the state is valid in every process."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(x: jax.Array) -> jax.Array:
+        if not isinstance(x.sharding, SingleDeviceSharding):
+            return x
+        value = np.asarray(x)
+        return jax.make_array_from_callback(value.shape, replicated, lambda idx: value[idx])
+
+    return jax.tree.map(place, tree)
 
 
 def to_host(x: jax.Array) -> np.ndarray:

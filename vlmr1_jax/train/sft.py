@@ -23,8 +23,8 @@ from vlmr1_jax.processing.batch import encode_prompts
 from vlmr1_jax.rl.step import current_model, init_train_state, make_optimizer, make_sft_step
 from vlmr1_jax.train.checkpoint import Checkpointer, abstract_like
 from vlmr1_jax.train.metrics import MetricsWriter, mean_metrics
-from vlmr1_jax.train.setup import (build_model, load_samples, load_tokenizer, resolve_max_steps, run_dir, setup_mesh,
-                                   to_device)
+from vlmr1_jax.train.setup import (build_model, load_samples, load_tokenizer, on_mesh, resolve_max_steps, run_dir,
+                                   setup_mesh, to_device)
 
 log = logging.getLogger(__name__)
 _ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
@@ -61,8 +61,8 @@ class SFTTrainer:
         model = build_model(cfg, self.tokenizer, self.mesh)
         self.model_cfg = model.cfg
         self.optimizer, self.schedule = make_optimizer(cfg.optim, self.max_steps)
-        self.graphdef, self.state = init_train_state(model, cfg.train.trainable, self.optimizer,
-                                                     with_reference=False)
+        self.graphdef, state = init_train_state(model, cfg.train.trainable, self.optimizer, with_reference=False)
+        self.state = on_mesh(state, self.mesh)
         self.step_fn = make_sft_step(self.graphdef, self.optimizer, self.schedule, cfg.optim.grad_accum)
         self.data = make_prompt_iterator(self.samples, cfg.data.prompts_per_step, cfg.data.seed,
                                          num_epochs=cfg.data.num_epochs)
