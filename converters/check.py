@@ -450,7 +450,8 @@ def forward_report(model_dir: str | os.PathLike, dtype: str | None = None, image
         with torch.no_grad():
             model(input_ids=ids, attention_mask=torch.ones_like(ids),
                   pixel_values=torch.from_numpy(pixels).to(getattr(torch, torch_dtype)),
-                  image_grid_thw=torch.tensor([grid]))
+                  image_grid_thw=torch.tensor([grid]),
+                  mm_token_type_ids=(ids == cfg.image_token_id).long())  # else 5.x silently uses 1-D positions
     finally:
         for h in handles:
             h.remove()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from converters.check import DTYPES, TARGETS, check_export
 
+ADAPTER_DIR = "adapter"  # `--lora adapter`: the PEFT adapter folder inside the release
+
 
 def _load_card(path: str | None) -> dict:
     if path is None:
@@ -22,27 +24,89 @@ def _load_card(path: str | None) -> dict:
     return card
 
 
-def export_source(source: Path, out: str, **options) -> Path:
-    """Export SOURCE: an HF folder (re-export / dtype conversion). A training checkpoint restores to
-    (state, cfg) and goes through `converters.release.export_release(state, cfg, out, **options)`."""
+def _checkpoint_card(meta: dict, run) -> dict:
+    """Model-card fields a training checkpoint knows: base model, data files, rewards, steps."""
+    card = {"steps": meta.get("step")}
+    if run.model.hf_model:
+        card["base_model"] = Path(run.model.hf_model).name
+    if run.data.data_file_paths:
+        card["datasets"] = [Path(p).stem for p in run.data.data_file_paths.split(":")]
+    if meta.get("kind") == "grpo":
+        card["rewards"] = list(run.grpo.reward_funcs)
+    return card
+
+
+def export_checkpoint(source: Path, out: str, *, lora: str | None = None, step: int | None = None,
+                      tokenizer_dir: str | None = None, card: dict | None = None, **options) -> Path:
+    """Export one of our training checkpoints. LoRA runs are merged by default (`lora="merge"`); with
+    `lora="adapter"` the release holds the base weights (adapters left out) and `OUT/adapter` the PEFT adapter."""
+    from flax import nnx
+
+    from converters.peft import export_peft_adapter
+    from converters.release import export_release
+    from vlmr1_jax.train.restore import checkpoint_meta, load_checkpoint, restore_for_export, run_config_from_dict
+
+    meta = checkpoint_meta(source, step)
+    run = run_config_from_dict(meta["run_config"])
+    if lora == "adapter":
+        if run.train.trainable != "lora":
+            raise ValueError(f"{source}: --lora adapter needs a LoRA run, but train.trainable is "
+                             f"{run.train.trainable!r}")
+        model, _, run_tokenizer = load_checkpoint(source, step)
+        params, cfg = nnx.state(model, nnx.Param), model.cfg  # the base: LoRAParams are not Params
+    else:
+        params, cfg, run_tokenizer = restore_for_export(source, step)
+    base = run.model.hf_model if run.model.hf_model and Path(run.model.hf_model).is_dir() else None
+    release = export_release(params, cfg, out, tokenizer_dir=tokenizer_dir or run_tokenizer, base_model_dir=base,
+                             card={**_checkpoint_card(meta, run), **(card or {})}, **options)
+    if lora == "adapter":
+        export_peft_adapter(model, cfg, release / ADAPTER_DIR, run.lora.rank, run.lora.alpha,
+                            run.lora.dropout, base_model_name_or_path=str(release))
+    return release
+
+
+def export_source(source: Path, out: str, *, lora: str | None = None, step: int | None = None,
+                  **options) -> Path:
+    """Export SOURCE: an HF folder (re-export / dtype conversion) or one of our training checkpoints (a run
+    folder, its `checkpoints` folder or a step folder)."""
     from converters.release import export_hf_folder
+    from vlmr1_jax.train.restore import find_checkpoint
 
     if (source / "config.json").is_file():
+        if lora is not None or step is not None:
+            raise ValueError(f"{source}: --lora and --step apply to training checkpoints, not HF folders")
         return export_hf_folder(source, out, **options)
-    raise ValueError(f"{source}: not an HF Qwen2.5-VL folder (no config.json)")
+    if find_checkpoint(source) is not None:
+        return export_checkpoint(source, out, lora=lora, step=step, **options)
+    raise ValueError(f"{source}: neither an HF Qwen2.5-VL folder (no config.json) nor a vlmr1-jax checkpoint "
+                     f"(no checkpoints/<step>/)")
 
 
 def run_export(args: argparse.Namespace) -> int:
     from converters.release import ExportError
+    from vlmr1_jax.train.checkpoint import CheckpointError
 
     try:
-        out = export_source(Path(args.source), args.out, target=args.target, dtype=args.dtype,
-                            max_shard_size=args.max_shard_size, tokenizer_dir=args.tokenizer_dir,
+        out = export_source(Path(args.source), args.out, lora=args.lora, step=args.step, target=args.target,
+                            dtype=args.dtype, max_shard_size=args.max_shard_size, tokenizer_dir=args.tokenizer_dir,
                             card=_load_card(args.card), overwrite=args.overwrite)
-    except (ExportError, OSError, ValueError, KeyError) as e:
+    except (ExportError, CheckpointError, OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {out} (target {args.target})")
+    adapter = f"; PEFT adapter in {out / ADAPTER_DIR}" if args.lora == "adapter" else ""
+    print(f"wrote {out} (target {args.target}){adapter}")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from vlmr1_jax.train.restore import import_hf
+
+    try:
+        out = import_hf(args.model, args.out, param_dtype=args.param_dtype)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote checkpoint {out} (step 0, kind import)")
     return 0
 
 
@@ -66,7 +130,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="write a complete HF release folder (hf, ascend-a2, ascend-310p)",
                               description="Write a complete HF Qwen2.5-VL release folder: sharded safetensors, "
                                           "config, generation config, processor, tokenizer, chat template, card.")
-    p.add_argument("source", help="an HF Qwen2.5-VL folder (re-export, e.g. bf16 -> fp16 for 310P)")
+    p.add_argument("source", help="an HF Qwen2.5-VL folder (re-export, e.g. bf16 -> fp16 for 310P), or a vlmr1-jax "
+                                  "checkpoint: a run folder, its checkpoints/ folder or one step folder")
     p.add_argument("--out", required=True, help="release folder to create")
     p.add_argument("--target", choices=targets, default="hf",
                    help="hf / ascend-a2: bf16 by default; ascend-310p: fp16 only")
@@ -76,7 +141,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--card", help="JSON object for README.md: name, base_model, license, datasets, rewards, "
                                   "steps, metrics, ...")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (atomically)")
+    p.add_argument("--step", type=int, help="checkpoint step to export (default: the latest)")
+    p.add_argument("--lora", choices=("merge", "adapter"),
+                   help="LoRA checkpoints: merge (default) folds the adapters into the weights; adapter writes the "
+                        f"base weights as the release and the PEFT adapter to OUT/{ADAPTER_DIR}")
     p.set_defaults(func=run_export)
+
+    i = subparsers.add_parser("import-hf", help="turn an HF Qwen2.5-VL folder into a vlmr1-jax checkpoint",
+                              description="Write an HF Qwen2.5-VL folder as a checkpoint of ours "
+                                          "(OUT/checkpoints/0: full-mode train state, fresh optimizer state, "
+                                          "kind 'import'); the tokenizer stays in --model.")
+    i.add_argument("--model", required=True, help="HF Qwen2.5-VL folder")
+    i.add_argument("--out", required=True, help="run folder to create (must not exist or be empty)")
+    i.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32")
+    i.set_defaults(func=run_import)
 
     c = subparsers.add_parser("check-export", help="validate an exported release folder for a target",
                               description="Validate a release folder without torch; --forward adds a "

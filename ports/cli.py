@@ -10,18 +10,49 @@ from vlmr1_jax.processing.prompts import QUESTION_TEMPLATES
 BACKENDS = ("torch", "jax")
 
 
-def run_infer(args: argparse.Namespace) -> int:
-    if args.backend == "jax":
-        print("error: --backend jax is not available yet (the JAX sampler is not wired into `vlmr1 infer`); "
-              "use --backend torch", file=sys.stderr)
-        return 2
+def infer_jax(args: argparse.Namespace) -> str:
+    """Greedy completion of one prompt with our JAX model loaded from the release folder (its own tokenizer and
+    preprocessor bounds), built exactly as `TorchRuntime` builds it."""
+    from pathlib import Path
+
+    from converters.hf import load_hf_model
+    from vlmr1_jax.data.jsonl import Sample
+    from vlmr1_jax.eval.cli import pixel_bounds
+    from vlmr1_jax.eval.rec import GreedyDecoder
+    from vlmr1_jax.processing.tokenizer import Tokenizer
+    from vlmr1_jax.train.setup import dtype_of
+
+    if args.sample:
+        raise ValueError("--backend jax decodes greedily; use --backend torch for --sample")
+    folder = Path(args.model)
+    dtype = dtype_of(args.dtype or "float32")
+    model = load_hf_model(folder, dtype=dtype, param_dtype=dtype)
+    min_pixels, max_pixels = pixel_bounds(folder, None, None)
+    # "{Question}" is the verbatim template: the prompt is used as given unless --task-type names one.
+    decoder = GreedyDecoder(model, Tokenizer.load(folder), task_type=args.task_type or "{Question}",
+                            min_pixels=min_pixels, max_pixels=max_pixels, batch_size=1,
+                            max_new_tokens=args.max_new_tokens)
+    sample = Sample(id=0, problem=args.prompt, solution="", image_paths=tuple(args.image),
+                    accu_reward_method="default", source="<prompt>", line=0)
+    completions, _ = decoder([sample])
+    return completions[0]
+
+
+def infer_torch(args: argparse.Namespace) -> str:
     from ports.torch_runtime import TorchRuntime
 
+    runtime = TorchRuntime.load(args.model, device=args.device, dtype=args.dtype)
+    return runtime.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens, greedy=not args.sample,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            task_type=args.task_type)
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        print(f"error: --max-new-tokens must be >= 1, got {args.max_new_tokens}", file=sys.stderr)
+        return 2
     try:
-        runtime = TorchRuntime.load(args.model, device=args.device, dtype=args.dtype)
-        text = runtime.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens, greedy=not args.sample,
-                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                                task_type=args.task_type)
+        text = infer_jax(args) if args.backend == "jax" else infer_torch(args)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -63,11 +94,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="the question / instruction text")
     p.add_argument("--task-type", choices=sorted(QUESTION_TEMPLATES),
                    help="wrap the prompt in this task's training question template (default: verbatim)")
-    p.add_argument("--backend", choices=BACKENDS, default="torch", help="torch: transformers (cpu/cuda/npu)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="torch: transformers (cpu/cuda/npu); jax: our model on the default JAX device (greedy)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "npu"), default="auto",
                    help="auto: npu if torch_npu works, else cuda, else cpu")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                   help="default: float32 on cpu, the release's torch_dtype on an accelerator")
+                   help="torch default: float32 on cpu, the release's torch_dtype on an accelerator; jax: float32")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)

@@ -12,6 +12,7 @@ device-backend autoload off and torch_npu is imported explicitly, its failures c
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 from pathlib import Path
@@ -24,6 +25,7 @@ from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config
 from vlmr1_jax.processing.image import load_image, preprocess_image
 from vlmr1_jax.processing.prompts import build_messages
 from vlmr1_jax.processing.tokenizer import Tokenizer
+from vlmr1_jax.rl.sampler import default_banned_ids
 
 DEVICES = ("auto", "cpu", "cuda", "npu")
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
@@ -95,6 +97,11 @@ def expand_image_tokens(ids: Sequence[int], grids: Sequence[tuple[int, int, int]
     return out
 
 
+def mm_token_type_ids(input_ids: Any, cfg: Qwen25VLConfig) -> Any:
+    """The processor's modality ids per token (transformers 5.x): 1 = image token, 2 = video token, 0 = text."""
+    return (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
+
+
 @dataclasses.dataclass
 class TorchRuntime:
     """A loaded release: the transformers model on its device, our tokenizer and the processor settings."""
@@ -127,9 +134,9 @@ class TorchRuntime:
         return self.tokenizer.apply_chat_template(build_chat(prompt, num_images, task_type),
                                                   add_generation_prompt=True)
 
-    def inputs(self, images: Sequence[ImageInput], prompt: str, task_type: str | None = None) -> dict[str, Any]:
-        """The model's keyword inputs for one prompt: input_ids, attention_mask, pixel_values, image_grid_thw."""
-        torch = import_torch()
+    def _encode(self, images: Sequence[ImageInput], prompt: str,
+                task_type: str | None) -> tuple[list[int], list[np.ndarray], list[tuple[int, int, int]]]:
+        """One prompt's token ids (image placeholders expanded), pixel rows per image, and grids."""
         pixels, grids = [], []
         for image in images:
             if isinstance(image, (str, os.PathLike)):
@@ -139,31 +146,69 @@ class TorchRuntime:
             grids.append(grid)
         ids = expand_image_tokens(self.tokenizer.encode(self.prompt_text(prompt, len(images), task_type)), grids,
                                   self.cfg.image_token_id, self.cfg.vision.merge_unit)
-        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones((1, len(ids)), dtype=torch.long)}
-        if images:
+        return ids, pixels, grids
+
+    def inputs(self, images: Sequence[ImageInput], prompt: str, task_type: str | None = None) -> dict[str, Any]:
+        """The model's keyword inputs for one prompt: input_ids, attention_mask, pixel_values, image_grid_thw."""
+        return self.batch_inputs([(images, prompt)], task_type)
+
+    def batch_inputs(self, requests: Sequence[tuple[Sequence[ImageInput], str]],
+                     task_type: str | None = None) -> dict[str, Any]:
+        """Keyword inputs for several (images, prompt) requests, left-padded with the pad token as VLM-R1's
+        processor does; image rows and grids are concatenated in request order."""
+        torch = import_torch()
+        encoded = [self._encode(images, prompt, task_type) for images, prompt in requests]
+        length = max(len(ids) for ids, _, _ in encoded)
+        input_ids = torch.full((len(encoded), length), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(encoded), length), dtype=torch.long)
+        for row, (ids, _, _) in enumerate(encoded):
+            input_ids[row, length - len(ids):] = torch.tensor(ids)
+            mask[row, length - len(ids):] = 1
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        pixels = [p for _, rows, _ in encoded for p in rows]
+        if pixels:
             batch["pixel_values"] = torch.from_numpy(np.concatenate(pixels)).to(self.model.dtype)
-            batch["image_grid_thw"] = torch.tensor(grids)
+            batch["image_grid_thw"] = torch.tensor([g for _, _, grids in encoded for g in grids])
+            if self._takes_token_types():
+                batch["mm_token_type_ids"] = mm_token_type_ids(input_ids, self.cfg)
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def generate_ids(self, images: Sequence[ImageInput], prompt: str, max_new_tokens: int = 256,
-                     greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50,
-                     seed: int = 0, task_type: str | None = None) -> list[int]:
-        """Generated token ids (prompt excluded), stopping at <|im_end|> / <|endoftext|>. Sampling defaults are
-        VLM-R1's rollout ones (temperature 1, top_k 50, top_p 1)."""
+    def _takes_token_types(self) -> bool:
+        """transformers >= 5 computes M-RoPE only when given `mm_token_type_ids` (else text positions for image
+        tokens); older versions have no such argument and reject it."""
+        return "mm_token_type_ids" in inspect.signature(self.model.forward).parameters
+
+    def generate_from(self, batch: dict[str, Any], max_new_tokens: int = 256, greedy: bool = True,
+                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50,
+                      seed: int = 0) -> list[list[int]]:
+        """Generated token ids per row of `batch_inputs` output, through the first <|im_end|> / <|endoftext|>.
+        Vision placeholder tokens are never generated (as in the JAX sampler). Sampling defaults are VLM-R1's
+        rollout ones (temperature 1, top_k 50, top_p 1)."""
         torch = import_torch()
         from transformers import GenerationConfig
 
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": top_k}
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy,
-                                  eos_token_id=list(self.tokenizer.eos_ids), pad_token_id=self.tokenizer.pad_id,
-                                  **sampling)
-        batch = self.inputs(images, prompt, task_type)
+        eos = list(self.tokenizer.eos_ids)
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, eos_token_id=eos,
+                                  pad_token_id=self.tokenizer.pad_id,
+                                  suppress_tokens=list(default_banned_ids(self.cfg)), **sampling)
         torch.manual_seed(seed)
         with torch.no_grad():
             out = self.model.generate(**batch, generation_config=config)
-        return out[0, batch["input_ids"].shape[1]:].tolist()
+        rows = []
+        for row in out[:, batch["input_ids"].shape[1]:].tolist():
+            end = next((i for i, t in enumerate(row) if t in eos), len(row) - 1)
+            rows.append(row[:end + 1])
+        return rows
+
+    def generate_ids(self, images: Sequence[ImageInput], prompt: str, max_new_tokens: int = 256,
+                     greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50,
+                     seed: int = 0, task_type: str | None = None) -> list[int]:
+        """Generated token ids (prompt excluded) for one prompt; see `generate_from`."""
+        return self.generate_from(self.inputs(images, prompt, task_type), max_new_tokens, greedy, temperature,
+                                  top_p, top_k, seed)[0]
 
     def generate(self, images: Sequence[ImageInput], prompt: str, max_new_tokens: int = 256, greedy: bool = True,
                  **kwargs: Any) -> str:

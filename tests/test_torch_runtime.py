@@ -13,7 +13,7 @@ from PIL import Image
 from converters.release import export_release
 from converters.hf import load_hf_model
 from ports import cli as ports_cli
-from ports.torch_runtime import TorchRuntime, build_chat, npu_unavailable_reason, pick_device
+from ports.torch_runtime import TorchRuntime, build_chat, mm_token_type_ids, npu_unavailable_reason, pick_device
 from test_export import make_release_source
 
 PROMPT = "what is in the image?"
@@ -106,7 +106,8 @@ def test_greedy_generation_matches_an_argmax_loop(runtime, image_file):
     with torch.no_grad():
         for _ in range(6):
             logits = runtime.model(input_ids=sequence, attention_mask=torch.ones_like(sequence),
-                                   pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"]).logits
+                                   pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                                   mm_token_type_ids=mm_token_type_ids(sequence, runtime.cfg)).logits
             token = int(logits[0, -1].argmax())
             expected.append(token)
             if token in runtime.tokenizer.eos_ids:
@@ -130,8 +131,8 @@ def test_infer_command(release, image_file, capsys):
     assert run("infer", "--model", str(release), "--image", str(image_file), "--prompt", PROMPT,
                "--device", "cpu", "--max-new-tokens", "3") == 0
     assert capsys.readouterr().out.endswith("\n")
-    assert run("infer", "--model", str(release), "--prompt", PROMPT, "--backend", "jax") == 2
-    assert "--backend jax is not available yet" in capsys.readouterr().err
+    assert run("infer", "--model", str(release), "--prompt", PROMPT, "--backend", "jax", "--sample") == 1
+    assert "decodes greedily" in capsys.readouterr().err
     assert run("infer", "--model", str(release / "missing"), "--prompt", PROMPT, "--device", "cpu") == 1
     assert "config.json" in capsys.readouterr().err
 

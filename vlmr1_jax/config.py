@@ -163,6 +163,11 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """A RunConfig from its `to_dict` form (e.g. checkpoint metadata), validated like a recipe."""
+    return _build(RunConfig, data, "")
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """`section.key=value` strings on top of a raw YAML dict (values parsed as YAML scalars)."""
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}

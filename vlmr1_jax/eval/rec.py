@@ -84,9 +84,9 @@ class GreedyDecoder:
                           banned_ids=default_banned_ids(self.model.cfg))
         self._run = sampler.jitted(graphdef, 1)
 
-    def __call__(self, samples: Sequence[Sample]) -> tuple[list[str], list[list[list[int]]]]:
-        """Completions and, per sample, the image grids (for the rescale)."""
-        completions, grids = [], []
+    def generate(self, samples: Sequence[Sample]) -> tuple[list[list[int]], list[list[list[int]]]]:
+        """Completion token ids (through the first EOS) and, per sample, the image grids (for the rescale)."""
+        ids, grids = [], []
         for start in range(0, len(samples), self.batch_size):
             chunk = list(samples[start:start + self.batch_size])
             padded = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
@@ -96,28 +96,39 @@ class GreedyDecoder:
             out = self._run(self._state, {k: jax.numpy.asarray(v) for k, v in batch.arrays().items()},
                             jax.random.key(0))
             tokens, mask = np.asarray(out["tokens"]), np.asarray(out["mask"])
-            texts = self.tokenizer.batch_decode([t[m.astype(bool)] for t, m in zip(tokens, mask)])
-            completions += texts[:len(chunk)]
+            ids += [t[m.astype(bool)].tolist() for t, m in zip(tokens[:len(chunk)], mask[:len(chunk)])]
             grids += [[list(g) for g in gs] for gs in batch.image_grids[:len(chunk)]]
-        return completions, grids
+        return ids, grids
+
+    def __call__(self, samples: Sequence[Sample]) -> tuple[list[str], list[list[list[int]]]]:
+        """Completions (special tokens dropped) and, per sample, the image grids (for the rescale)."""
+        ids, grids = self.generate(samples)
+        return self.tokenizer.batch_decode(ids), grids
+
+
+def score_rec(samples: Sequence[Sample], completions: Sequence[str], grids: Sequence[Sequence[Sequence[int]]],
+              patch_size: int = 14) -> tuple[dict[str, float], list[dict]]:
+    """Acc@0.5 (VLM-R1 protocol) plus mean `rec_iou` / `rec_format` rewards, and per-sample records, for the
+    completions of `samples` whose first images were resized to `grids[i][0]`."""
+    columns = {"solution": [s.solution for s in samples], "image_path": [list(s.image_paths) for s in samples],
+               "image_grid_thw": [[list(g) for g in gs] for gs in grids]}
+    iou_rewards = get_reward("rec_iou")(list(completions), **columns)
+    format_rewards = get_reward("rec_format")(list(completions), **columns)
+    records, correct = [], 0
+    for sample, completion, g, r_iou, r_fmt in zip(samples, completions, grids, iou_rewards, format_rewards):
+        box = rescale_box(extract_box(completion), g[0], sample.image_paths[0], patch_size)
+        hit = iou(box, truth_box(sample)) > 0.5
+        correct += hit
+        records.append({"id": sample.id, "image": sample.image_paths[0], "problem": sample.problem,
+                        "solution": sample.solution, "completion": completion, "pred_box": box,
+                        "correct": bool(hit), "rec_iou": float(r_iou), "rec_format": float(r_fmt)})
+    n = max(len(samples), 1)
+    summary = {"accuracy": 100.0 * correct / n, "iou": float(np.mean(iou_rewards)) if samples else 0.0,
+               "format": float(np.mean(format_rewards)) if samples else 0.0, "n": len(samples)}
+    return summary, records
 
 
 def evaluate_rec(decoder: GreedyDecoder, samples: Sequence[Sample]) -> tuple[dict[str, float], list[dict]]:
     """Acc@0.5 (VLM-R1 protocol) plus mean `rec_iou` / `rec_format` rewards, and per-sample records."""
     completions, grids = decoder(samples)
-    columns = {"solution": [s.solution for s in samples], "image_path": [list(s.image_paths) for s in samples],
-               "image_grid_thw": grids}
-    iou_rewards = get_reward("rec_iou")(completions, **columns)
-    format_rewards = get_reward("rec_format")(completions, **columns)
-    records, correct = [], 0
-    for sample, completion, g, r_iou, r_fmt in zip(samples, completions, grids, iou_rewards, format_rewards):
-        box = rescale_box(extract_box(completion), g[0], sample.image_paths[0], decoder.model.cfg.vision.patch_size)
-        hit = iou(box, truth_box(sample)) > 0.5
-        correct += hit
-        records.append({"id": sample.id, "problem": sample.problem, "solution": sample.solution,
-                        "completion": completion, "pred_box": box, "correct": bool(hit), "rec_iou": r_iou,
-                        "rec_format": r_fmt})
-    n = max(len(samples), 1)
-    summary = {"accuracy": 100.0 * correct / n, "iou": float(np.mean(iou_rewards)) if samples else 0.0,
-               "format": float(np.mean(format_rewards)) if samples else 0.0, "n": len(samples)}
-    return summary, records
+    return score_rec(samples, completions, grids, decoder.model.cfg.vision.patch_size)

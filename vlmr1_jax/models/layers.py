@@ -41,8 +41,16 @@ class LoRAParam(nnx.Variable):
     """Low-rank adapter weights: the only trainable variables of a LoRA run (see `vlmr1_jax.rl.lora`)."""
 
 
+class LoRADropoutKey(nnx.Variable):
+    """PRNG key for one adapter's input dropout; set only on the model a train step builds (`rl.lora`)."""
+
+
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias) (+ scale * x @ lora_a @ lora_b); kernel is [in, out] (torch Linear's transpose)."""
+    """y = x @ kernel (+ bias) (+ scale * drop(x) @ lora_a @ lora_b); kernel is [in, out] (torch Linear's transpose).
+
+    `drop` is PEFT's inverted dropout of rate `lora_dropout` on the adapter input, active only while a
+    `lora_dropout_key` is set, so sampling, reference and evaluation forwards are never dropped.
+    """
 
     def __init__(self, in_features: int, out_features: int, axes: Axes, *, use_bias: bool, rngs: nnx.Rngs,
                  dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32):
@@ -52,6 +60,8 @@ class Dense(nnx.Module):
         self.lora_a: LoRAParam | None = nnx.data(None)
         self.lora_b: LoRAParam | None = nnx.data(None)
         self.lora_scale = 0.0
+        self.lora_dropout = 0.0
+        self.lora_dropout_key: LoRADropoutKey | None = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
@@ -59,7 +69,11 @@ class Dense(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
-            low = jnp.dot(x, self.lora_a[...].astype(self.dtype))
+            adapter_in = x
+            if self.lora_dropout_key is not None and self.lora_dropout > 0.0:
+                keep = jax.random.bernoulli(self.lora_dropout_key[...], 1.0 - self.lora_dropout, x.shape)
+                adapter_in = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(self.dtype)
+            low = jnp.dot(adapter_in, self.lora_a[...].astype(self.dtype))
             y = y + self.lora_scale * jnp.dot(low, self.lora_b[...].astype(self.dtype))
         return y
 

@@ -1,7 +1,9 @@
 """LoRA as VLM-R1 configures it: adapters on every non-vision linear layer, lm_head included (not the embedding).
 
 `lora_b` starts at zero, so the adapted model equals the base; the base (the GRPO reference) is the same state with
-the adapters zeroed. `merge_lora` folds `scale * A @ B` into the kernels for export.
+the adapters zeroed. `merge_lora` folds `scale * A @ B` into the kernels for export. Adapter-input dropout (PEFT's
+`lora_dropout`) is a static rate set here and runs only on a model given keys by `set_lora_dropout_keys`, which a
+train step calls on the model it merges; every other forward (sampling, reference, eval) is dropout-free.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlmr1_jax.models.layers import Dense, LoRAParam
+from vlmr1_jax.models.layers import Dense, LoRADropoutKey, LoRAParam
 
 # Module paths (dotted, inside Qwen25VL) that get adapters: every text linear and the untied LM head.
 TARGET_PREFIX = "text."
@@ -26,11 +28,13 @@ def lora_targets(model: nnx.Module) -> list[tuple[str, Dense]]:
     return out
 
 
-def apply_lora(model: nnx.Module, rank: int, alpha: float, seed: int = 0) -> list[str]:
-    """Attach adapters in place (A ~ N(0, 1/rank) like PEFT's default Kaiming-uniform scale, B = 0); returns
-    the adapted module paths."""
+def apply_lora(model: nnx.Module, rank: int, alpha: float, seed: int = 0, dropout: float = 0.0) -> list[str]:
+    """Attach adapters in place (A ~ N(0, 1/rank) like PEFT's default Kaiming-uniform scale, B = 0) with
+    adapter-input dropout rate `dropout`; returns the adapted module paths."""
     if rank <= 0:
         raise ValueError(f"lora.rank must be positive, got {rank}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lora.dropout must be in [0, 1), got {dropout}")
     key = jax.random.key(seed)
     names = []
     for i, (name, dense) in enumerate(lora_targets(model)):
@@ -40,8 +44,20 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, seed: int = 0) -> lis
         dense.lora_a = LoRAParam(a, logical_axes=(axes[0], "lora_rank"))
         dense.lora_b = LoRAParam(jnp.zeros((rank, fan_out), dense.kernel.dtype), logical_axes=("lora_rank", axes[1]))
         dense.lora_scale = alpha / rank
+        dense.lora_dropout = float(dropout)
         names.append(name)
     return names
+
+
+def set_lora_dropout_keys(model: nnx.Module, key: jax.Array) -> None:
+    """Switch adapter dropout on for this model object, in place: adapter i draws its mask from fold_in(key, i).
+
+    Call it inside the train step on the freshly merged model, with a key derived from (seed, state.step), so the
+    step stays a pure function of its inputs; the model's graphdef and stored state never hold a key.
+    """
+    for i, (_, dense) in enumerate(lora_targets(model)):
+        if dense.lora_a is not None and dense.lora_dropout > 0.0:
+            dense.lora_dropout_key = LoRADropoutKey(jax.random.fold_in(key, i))
 
 
 def merge_lora(model: nnx.Module) -> None:
@@ -51,5 +67,5 @@ def merge_lora(model: nnx.Module) -> None:
             continue
         delta = dense.lora_scale * (dense.lora_a[...] @ dense.lora_b[...])
         dense.kernel[...] = (dense.kernel[...] + delta).astype(dense.kernel.dtype)
-        dense.lora_a = dense.lora_b = nnx.data(None)
-        dense.lora_scale = 0.0
+        dense.lora_a = dense.lora_b = dense.lora_dropout_key = nnx.data(None)
+        dense.lora_scale = dense.lora_dropout = 0.0

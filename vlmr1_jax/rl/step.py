@@ -19,6 +19,7 @@ from vlmr1_jax.models.layers import LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.models.qwen2_5_vl.text import KVCache
 from vlmr1_jax.rl.grpo import get_loss, token_logprobs
+from vlmr1_jax.rl.lora import set_lora_dropout_keys
 
 TRAINABLE_FILTERS: dict[str, Any] = {
     "full": nnx.Param,
@@ -102,6 +103,13 @@ def _merge(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State) -> Q
     return nnx.merge(graphdef, trainable, frozen)
 
 
+def _train_model(graphdef: nnx.GraphDef, state: TrainState, trainable: nnx.State, seed: int) -> Qwen25VL:
+    """The model a train step differentiates: LoRA dropout on, its masks a function of (seed, state.step)."""
+    model = _merge(graphdef, trainable, state.frozen)
+    set_lora_dropout_keys(model, jax.random.fold_in(jax.random.key(seed), state.step))
+    return model
+
+
 def make_logprob_fn(graphdef: nnx.GraphDef, num_samples: int) -> Callable:
     """Jitted `(trainable, frozen, prompts, tokens, mask) -> logp` for reference / old log-probs at rollout time."""
 
@@ -121,7 +129,7 @@ def _apply_gradients(state: TrainState, grads: nnx.State, optimizer: optax.Gradi
 
 
 def make_grpo_step(graphdef: nnx.GraphDef, grpo_cfg, optimizer: optax.GradientTransformation,
-                   schedule: optax.Schedule, grad_accum: int = 1) -> Callable:
+                   schedule: optax.Schedule, grad_accum: int = 1, seed: int = 0) -> Callable:
     """Jitted, donated `(state, batch) -> (state, metrics)`.
 
     batch: `prompts` (PromptBatch arrays for P prompts), `tokens`/`mask` [B, T], `advantages` [B], and
@@ -132,7 +140,7 @@ def make_grpo_step(graphdef: nnx.GraphDef, grpo_cfg, optimizer: optax.GradientTr
 
     def step(state: TrainState, batch: dict[str, Any]):
         def objective(trainable):
-            model = _merge(graphdef, trainable, state.frozen)
+            model = _train_model(graphdef, state, trainable, seed)
             logp = completion_logprobs(model, batch["prompts"], batch["tokens"], batch["mask"], num_samples)
             return loss_fn(logp, batch.get("old_logprobs"), batch.get("ref_logprobs"), batch["advantages"],
                            batch["mask"], epsilon=grpo_cfg.epsilon, epsilon_high=grpo_cfg.epsilon_high,
@@ -146,12 +154,12 @@ def make_grpo_step(graphdef: nnx.GraphDef, grpo_cfg, optimizer: optax.GradientTr
 
 
 def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                  grad_accum: int = 1) -> Callable:
+                  grad_accum: int = 1, seed: int = 0) -> Callable:
     """Jitted `(state, batch) -> (state, metrics)`: mean cross-entropy over answer tokens (`tokens`, `mask`)."""
 
     def step(state: TrainState, batch: dict[str, Any]):
         def objective(trainable):
-            model = _merge(graphdef, trainable, state.frozen)
+            model = _train_model(graphdef, state, trainable, seed)
             logp = completion_logprobs(model, batch["prompts"], batch["tokens"], batch["mask"], 1)
             mask = batch["mask"].astype(jnp.float32)
             return -(logp * mask).sum() / jnp.maximum(mask.sum(), 1.0)

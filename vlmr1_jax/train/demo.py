@@ -28,7 +28,7 @@ from vlmr1_jax.train.metrics import read_metrics
 
 QUESTION = "{Question}"
 TARGET = '<think> </think><answer>{"bbox_2d": {answer}}</answer>'
-TARGET_TOKENS = 40
+TARGET_TOKENS = 36
 EVAL_BATCH = 250
 
 
@@ -39,9 +39,9 @@ class DemoConfig:
     n_train: int = 4000
     n_eval: int = 1000
     n_ood: int = 500
-    sft_steps: int = 2500
+    sft_steps: int = 3000
     grpo_steps: int = 300
-    sft_batch: int = 32
+    sft_batch: int = 16
     grpo_prompts: int = 8
     generations: int = 8
 

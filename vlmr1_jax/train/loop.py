@@ -67,7 +67,8 @@ class GRPOTrainer:
         self.generate = jax.jit(lambda tr, fr, prompts, key: sampler.generate(
             nnx.merge(graphdef, tr, fr), prompts, key, g.num_generations))
         self.logprobs = make_logprob_fn(self.graphdef, g.num_generations)
-        self.step_fn = make_grpo_step(self.graphdef, g, self.optimizer, self.schedule, cfg.optim.grad_accum)
+        self.step_fn = make_grpo_step(self.graphdef, g, self.optimizer, self.schedule, cfg.optim.grad_accum,
+                                      seed=cfg.train.seed)
         self.data = make_prompt_iterator(self.samples, cfg.data.prompts_per_step, cfg.data.seed,
                                          num_epochs=cfg.data.num_epochs)
         self.out = run_dir(cfg)

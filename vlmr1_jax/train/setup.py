@@ -18,6 +18,7 @@ from vlmr1_jax.config import RunConfig
 from vlmr1_jax.data.jsonl import Sample, load_jsonl_datasets
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, get_preset, with_overrides
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
+from vlmr1_jax.models.qwen2_5_vl.text import REMAT_POLICIES
 from vlmr1_jax.parallel.mesh import create_sharded, initialize_distributed, logical_to_spec, make_mesh
 from vlmr1_jax.processing.batch import PromptBatch
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer, qwen2_5_tokenizer
@@ -95,8 +96,11 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer, mesh: Mesh) -> Qwen25VL:
                                                 param_dtype=param_dtype), mesh)
         where = f"preset {cfg.model.preset}"
     check_tokenizer_matches(model.cfg, tokenizer, where)
+    if cfg.model.remat not in ("none", *REMAT_POLICIES):
+        raise ValueError(f"model.remat={cfg.model.remat!r}; choose none, {', '.join(REMAT_POLICIES)}")
+    model.text.remat = cfg.model.remat  # a static setting of the compiled program, not a parameter
     if cfg.train.trainable == "lora":
-        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, seed=cfg.train.seed)
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, seed=cfg.train.seed, dropout=cfg.lora.dropout)
     return model
 
 

@@ -63,7 +63,8 @@ class SFTTrainer:
         self.optimizer, self.schedule = make_optimizer(cfg.optim, self.max_steps)
         self.graphdef, state = init_train_state(model, cfg.train.trainable, self.optimizer, with_reference=False)
         self.state = on_mesh(state, self.mesh)
-        self.step_fn = make_sft_step(self.graphdef, self.optimizer, self.schedule, cfg.optim.grad_accum)
+        self.step_fn = make_sft_step(self.graphdef, self.optimizer, self.schedule, cfg.optim.grad_accum,
+                                     seed=cfg.train.seed)
         self.data = make_prompt_iterator(self.samples, cfg.data.prompts_per_step, cfg.data.seed,
                                          num_epochs=cfg.data.num_epochs)
         self.out = run_dir(cfg)

@@ -18,10 +18,10 @@ from vlmr1_jax.models.qwen2_5_vl.vision import VisionTower
 
 class Qwen25VL(nnx.Module):
     def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32):
+                 param_dtype: jnp.dtype = jnp.float32, remat: str = "none"):
         self.cfg = cfg
         self.visual = VisionTower(cfg.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.text = TextModel(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.text = TextModel(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
 
     def encode_vision(self, pixel_values: jax.Array, hw_positions: jax.Array, frame_ids: jax.Array,
                       frame_index: jax.Array) -> jax.Array:

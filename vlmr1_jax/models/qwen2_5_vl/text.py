@@ -12,6 +12,10 @@ from vlmr1_jax.models.layers import Dense, GatedMLP, RMSNorm, apply_rotary, atte
 from vlmr1_jax.models.qwen2_5_vl.config import TextConfig
 from vlmr1_jax.models.qwen2_5_vl.rope import inv_frequencies, mrope_cos_sin
 
+# Rematerialisation per decoder layer: "full" saves only the layer inputs, "dots" also keeps the outputs of
+# weight matmuls (batch-free dots), so the backward recomputes attention and element-wise work but no projection.
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -77,13 +81,23 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_norm(x)), kv
 
 
+def _run_layer(layer: DecoderLayer, x, cos, sin, mask, layer_cache):
+    return layer(x, cos, sin, mask, layer_cache)
+
+
 class TextModel(nnx.Module):
-    """Token embedding, decoder layers, final norm and the LM head (tied to the embedding when configured)."""
+    """Token embedding, decoder layers, final norm and the LM head (tied to the embedding when configured).
+
+    `remat` ("none" | "full" | "dots") rematerialises each decoder layer in the backward pass (REMAT_POLICIES).
+    """
 
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32):
+                 param_dtype: jnp.dtype = jnp.float32, remat: str = "none"):
+        if remat != "none" and remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={remat!r}; choose none, {', '.join(REMAT_POLICIES)}")
         self.cfg = cfg
         self.dtype = dtype
+        self.remat = remat
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), "normal", param_dtype)
         self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
                                 for _ in range(cfg.num_hidden_layers)])
@@ -116,11 +130,15 @@ class TextModel(nnx.Module):
             query_slot = cache.index + jnp.arange(length)
             causal = jnp.arange(size)[None, :] <= query_slot[:, None]
             mask = causal[None] & key_valid[:, None, :]
+        # Tree mode: graph mode tries to write the layer's variables back across trace levels and fails when
+        # only part of the state is differentiated (LoRA: adapters are grad tracers, the base is not).
+        run = _run_layer if self.remat == "none" else nnx.remat(_run_layer, policy=REMAT_POLICIES[self.remat],
+                                                                graph=False)
         x = embeds
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-            x, (k, v) = layer(x, cos, sin, mask, layer_cache)
+            x, (k, v) = run(layer, x, cos, sin, mask, layer_cache)
             new_k.append(k)
             new_v.append(v)
         x = self.norm(x)
@@ -130,8 +148,7 @@ class TextModel(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head in float32 logits; tied heads reuse the embedding matrix."""
-        if self.lm_head is None:
-            kernel = self.embed[...].astype(self.dtype).T
-        else:
-            kernel = self.lm_head.kernel[...].astype(self.dtype)
+        if self.lm_head is not None:
+            return self.lm_head(hidden).astype(jnp.float32)  # through the Dense, so a LoRA adapter applies
+        kernel = self.embed[...].astype(self.dtype).T
         return jnp.dot(hidden.astype(self.dtype), kernel, preferred_element_type=jnp.float32)

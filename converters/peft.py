@@ -1,0 +1,119 @@
+"""LoRA adapters as a PEFT adapter folder (`adapter_model.safetensors` + `adapter_config.json`) that
+`peft.PeftModel.from_pretrained(Qwen2_5_VLForConditionalGeneration, folder)` loads onto the exported base model.
+
+Key names follow what PEFT 0.21 saves for Qwen2.5-VL under transformers >= 4.52 (module tree
+`model.language_model.*`, `model.visual.*`, `lm_head`): `base_model.model.<module>.lora_A.weight` is [r, in] (our
+`lora_a` transposed) and `lora_B.weight` is [out, r] (our `lora_b` transposed); the scale is lora_alpha / r, as
+ours. `target_modules` is a regex that excludes the vision tower, whose MLP also has gate/up/down_proj.
+Older transformers (< 4.52, module tree `model.layers.*`) would not find these keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from converters.check import DTYPES, expected_tensors
+from converters.hf import flat_paths, to_hf_name
+from vlmr1_jax.models.layers import LoRAParam
+from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+_LORA_LEAF = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[ab])$")
+
+
+def peft_module_name(module_path: str) -> str:
+    """Our Dense path (e.g. `text.layers.0.attn.q`) -> the transformers >= 4.52 module name
+    (`model.language_model.layers.0.self_attn.q_proj`)."""
+    legacy = to_hf_name(module_path + ".kernel").removesuffix(".weight")
+    if legacy.startswith("model."):
+        return "model.language_model." + legacy[len("model."):]
+    return legacy
+
+
+def adapter_weights(model_or_state: nnx.Module | nnx.State, cfg: Qwen25VLConfig,
+                    dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """PEFT key -> array (torch layout) for every LoRA adapter of a model, or of a state holding its LoRAParams;
+    each adapter's in / out sizes are checked against `cfg`'s linear layer."""
+    state = nnx.state(model_or_state, LoRAParam) if isinstance(model_or_state, nnx.Module) else model_or_state
+    shapes = expected_tensors(cfg)
+    out: dict[str, np.ndarray] = {}
+    for path, var in flat_paths(state).items():
+        match = _LORA_LEAF.match(path)
+        if match is None or not isinstance(var, LoRAParam):
+            continue
+        value = np.ascontiguousarray(np.asarray(jax.device_get(var[...])).astype(dtype).T)
+        weight = to_hf_name(match["module"] + ".kernel")
+        out_size, in_size = shapes.get(weight, (None, None))
+        size, expected = (value.shape[1], in_size) if match["which"] == "a" else (value.shape[0], out_size)
+        if size != expected:
+            raise ValueError(f"{path}: adapter of size {size} does not fit {weight} {shapes.get(weight)} "
+                             f"of this model config")
+        which = "A" if match["which"] == "a" else "B"
+        out[f"{PEFT_PREFIX}{peft_module_name(match['module'])}.lora_{which}.weight"] = value
+    return out
+
+
+def target_modules_regex(module_names: list[str]) -> str:
+    """A PEFT `target_modules` regex (full match) for the adapted modules' last names, outside `visual`."""
+    names = sorted({name.rsplit(".", 1)[-1] for name in module_names})
+    return rf"^(?!.*visual)(.*\.)?({'|'.join(map(re.escape, names))})$"
+
+
+def adapter_config(module_names: list[str], rank: int, alpha: float, dropout: float,
+                   base_model_name_or_path: str | None) -> dict[str, Any]:
+    """adapter_config.json for a plain LoRA (no DoRA / rsLoRA, no bias, no extra saved modules)."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+            "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
+            "target_modules": target_modules_regex(module_names), "bias": "none", "fan_in_fan_out": False,
+            "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "use_rslora": False,
+            "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+            "alpha_pattern": {}, "revision": None}
+
+
+def export_peft_adapter(model_or_state: nnx.Module | nnx.State, cfg: Qwen25VLConfig, out_dir: str | os.PathLike,
+                        rank: int, alpha: float, dropout: float, *, base_model_name_or_path: str | None = None,
+                        dtype: str = "fp32", overwrite: bool = False) -> Path:
+    """Write the PEFT adapter folder `out_dir` (atomically) from a LoRA model (or a state with its LoRAParams).
+
+    `rank` / `alpha` / `dropout` are the run's `lora` settings; every adapter must have rank `rank`.
+    """
+    weights = adapter_weights(model_or_state, cfg, np.dtype(DTYPES[dtype].numpy))
+    if not weights:
+        raise ValueError("the model has no LoRA adapters (train.trainable was not 'lora'); export it merged")
+    modules = sorted({key[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for key in weights})
+    for key, value in weights.items():
+        r = value.shape[0] if ".lora_A." in key else value.shape[1]
+        if r != rank:
+            raise ValueError(f"{key}: adapter rank {r} differs from lora.rank {rank}")
+    out = Path(out_dir).absolute()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        config = adapter_config(modules, rank, alpha, dropout, base_model_name_or_path)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

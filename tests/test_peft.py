@@ -1,0 +1,143 @@
+"""LoRA exports (converters.peft, `vlmr1 export --lora merge|adapter`) against PEFT 0.21 on transformers: the adapter
+folder loads with `PeftModel.from_pretrained` onto the exported base and reproduces our JAX LoRA logits, and the
+merged release equals PEFT's own `merge_and_unload()`."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from converters.hf import iter_hf_tensors, read_config
+from converters.peft import peft_module_name, target_modules_regex
+from ports.parity import make_inputs, positions_for
+from test_restore_export import cli, save_trainer_checkpoint, shared_source
+from vlmr1_jax.config import LoRAConfig, ModelConfig, RunConfig, TrainConfig
+from vlmr1_jax.processing.vision_plan import plan_vision, vision_gather_indices
+from vlmr1_jax.rl.lora import lora_targets, merge_lora
+
+RANK, ALPHA, DROPOUT = 4, 8.0, 0.05
+LANGUAGE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_module_names_and_target_regex():
+    """Our Dense paths -> transformers >= 4.52 module names; the regex takes every language linear and lm_head,
+    and no vision module (whose MLP is also gate/up/down_proj)."""
+    assert peft_module_name("text.layers.3.attn.q") == "model.language_model.layers.3.self_attn.q_proj"
+    assert peft_module_name("text.layers.0.mlp.down") == "model.language_model.layers.0.mlp.down_proj"
+    assert peft_module_name("text.lm_head") == "lm_head"
+    regex = target_modules_regex([f"model.language_model.layers.0.self_attn.{n}" for n in LANGUAGE[:4]]
+                                 + [f"model.language_model.layers.0.mlp.{n}" for n in LANGUAGE[4:]] + ["lm_head"])
+    for name in ("model.language_model.layers.11.self_attn.q_proj", "model.language_model.layers.0.mlp.up_proj",
+                 "model.layers.2.mlp.down_proj", "lm_head"):
+        assert re.fullmatch(regex, name), name
+    for name in ("model.visual.blocks.0.mlp.gate_proj", "visual.blocks.3.mlp.down_proj",
+                 "model.visual.blocks.0.attn.qkv", "model.language_model.embed_tokens",
+                 "model.language_model.layers.0.self_attn", "model.language_model.layers.0.mlp.up_proj.lora_A"):
+        assert not re.fullmatch(regex, name), name
+
+
+def random_adapters(model) -> None:
+    """Non-zero A and B on every adapter (B starts at zero in training), deterministic."""
+    rng = np.random.default_rng(0)
+    for _, dense in lora_targets(model):
+        a, b = dense.lora_a, dense.lora_b
+        a[...] = jnp.asarray(0.3 * rng.standard_normal(a[...].shape), a[...].dtype)
+        b[...] = jnp.asarray(0.05 * rng.standard_normal(b[...].shape), b[...].dtype)
+
+
+def jax_logits(model, inputs) -> np.ndarray:
+    """Our forward (jitted) on a single-device copy of `model` (the checkpoint's is sharded over 8 CPU devices)."""
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
+    cfg = model.cfg
+    positions, _ = positions_for(cfg, inputs)
+    plan = plan_vision(inputs.image_pixels, inputs.image_grids, spatial_merge_size=cfg.vision.spatial_merge_size,
+                       window_merged=cfg.vision.window_merged)
+    gather = vision_gather_indices(inputs.input_ids, plan, image_token_id=cfg.image_token_id,
+                                   video_token_id=cfg.video_token_id, num_image_items=len(inputs.image_grids))
+
+    @nnx.jit
+    def forward(model, vision, ids, positions, mask, gather):
+        hidden, _ = model(ids, positions, mask, model.encode_vision(**vision), gather)
+        return model.logits(hidden)
+
+    vision = {k: jnp.asarray(v) for k, v in plan.device_inputs().items()}
+    arrays = [jnp.asarray(x) for x in (inputs.input_ids, positions, inputs.attention_mask, gather)]
+    return np.asarray(forward(model, vision, *arrays))
+
+
+def hf_logits(model, inputs, cfg) -> np.ndarray:
+    import torch
+
+    positions, _ = positions_for(cfg, inputs)
+    t = torch.from_numpy
+    with torch.no_grad():
+        out = model(input_ids=t(inputs.input_ids), attention_mask=t(inputs.attention_mask), position_ids=t(positions),
+                    pixel_values=t(inputs.image_pixels), image_grid_thw=torch.tensor(inputs.image_grids))
+    return out.logits.float().numpy()
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A trainer-built LoRA GRPO checkpoint (reference kept) with random non-zero adapters, lm_head included."""
+    source = shared_source(tmp_path_factory)
+    cfg = RunConfig(model=ModelConfig(hf_model=str(source)), lora=LoRAConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT),
+                    train=TrainConfig(trainable="lora", max_steps=4))
+    run = tmp_path_factory.mktemp("lora_run")
+    model = save_trainer_checkpoint(run, cfg, "grpo", step=4, adjust=random_adapters)
+    return source, run, model
+
+
+def test_peft_adapter_and_merged_export_match_peft(lora_run, tmp_path, capsys):
+    import torch
+    from peft import PeftModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    source, run, model = lora_run
+    export = cli()
+    base_dir, merged_dir = tmp_path / "base", tmp_path / "merged"
+    assert export("export", run, "--out", base_dir, "--dtype", "fp32", "--lora", "adapter") == 0
+    assert f"PEFT adapter in {base_dir / 'adapter'}" in capsys.readouterr().out
+    assert export("export", run, "--out", merged_dir, "--dtype", "fp32") == 0  # merge is the default
+
+    # The base release is the model without the LoRA delta: the HF source, bit for bit.
+    base, expected = dict(iter_hf_tensors(base_dir)), dict(iter_hf_tensors(source))
+    assert base.keys() == expected.keys() and all(np.array_equal(base[k], expected[k]) for k in expected)
+    config = json.loads((base_dir / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"], config["task_type"], config["peft_type"]) == \
+        (RANK, ALPHA, DROPOUT, "CAUSAL_LM", "LORA")
+
+    cfg = read_config(base_dir)
+    inputs = make_inputs(cfg, [(1, 4, 6), (1, 4, 4)], batch=2, steps=1, seed=3)
+    valid = inputs.attention_mask.astype(bool)
+    load = lambda folder: Qwen2_5_VLForConditionalGeneration.from_pretrained(  # noqa: E731
+        folder, dtype=torch.float32, attn_implementation="eager").eval()
+
+    peft_model = PeftModel.from_pretrained(load(base_dir), base_dir / "adapter").eval()
+    adapted = sorted(n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A))
+    assert len(adapted) == 2 * 7 + 1 and not [n for n in adapted if "visual" in n] and adapted[0].endswith(".lm_head")
+    peft_out = hf_logits(peft_model, inputs, cfg)
+    merged_out = hf_logits(load(merged_dir), inputs, cfg)
+    merged = nnx.clone(model)
+    merge_lora(merged)
+    ours_merged = jax_logits(merged, inputs)
+    scale = np.abs(peft_out[valid]).max()
+    assert scale > 0.1
+    # Our merged export (transformers) == PEFT's own merge of the adapter folder == our merged JAX model.
+    np.testing.assert_allclose(merged_out[valid], hf_logits(peft_model.merge_and_unload(), inputs, cfg)[valid],
+                               atol=1e-4)
+    np.testing.assert_allclose(ours_merged[valid], peft_out[valid], atol=1e-4)
+    # The adapters change the output (the comparison is not between two copies of the base).
+    assert np.abs(hf_logits(load(base_dir), inputs, cfg)[valid] - peft_out[valid]).max() > 1e-2
+
+    # Our unmerged LoRA forward (lm_head adapter included) against the adapter-loaded PEFT model.
+    peft_model = PeftModel.from_pretrained(load(base_dir), base_dir / "adapter").eval()
+    np.testing.assert_allclose(jax_logits(model, inputs)[valid], hf_logits(peft_model, inputs, cfg)[valid],
+                               atol=1e-4)
+

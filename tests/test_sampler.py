@@ -1,0 +1,299 @@
+"""The grouped sampler (vlmr1_jax.rl.sampler) against independent references.
+
+References: transformers' `generate(do_sample=False)` on the same tiny random checkpoint (images, left padding, two
+EOS ids), numpy float64 softmax / top-k / top-p written from HF's TemperatureLogitsWarper -> TopKLogitsWarper ->
+TopPLogitsWarper semantics (and the warpers themselves), chi-square tests on sample counts, and the train-time forward
+(`completion_logprobs`) for the returned log-probs.
+
+The helpers at the top (random multimodal prompts, the matching HF inputs) are shared with test_train_step/test_lora.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from converters.hf import load_hf_model
+from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+from vlmr1_jax.processing.batch import PromptBatch, build_prompt_batch
+from vlmr1_jax.rl.grpo import completion_mask
+from vlmr1_jax.rl.sampler import Sampler, SamplingConfig, default_banned_ids, filter_logits, next_tokens
+from vlmr1_jax.rl.step import make_logprob_fn
+
+PAD = 2  # prompt padding and the token written after EOS (never an ordinary text token below)
+
+# Per prompt: (text before, image grids, text after). Different lengths give left padding; prompt 2 has two images.
+PROMPTS = [
+    ([5, 6], [(1, 4, 4)], [7, 8, 9]),
+    ([10], [(1, 4, 6)], [11, 12, 13, 14, 15, 16, 17]),
+    ([20, 21, 22], [(1, 4, 4), (1, 6, 4)], [23]),
+]
+
+
+# ---------------------------------------------------------------- shared helpers: prompts and the HF side
+
+
+def prompt_rows(cfg: Qwen25VLConfig, specs=PROMPTS, seed: int = 0) -> tuple[list[list[int]], list[list]]:
+    """Token ids (one placeholder per image) and (random pixels, grid) per image, per prompt."""
+    rng = np.random.default_rng(seed)
+    ids, images = [], []
+    for before, grids, after in specs:
+        row = list(before)
+        imgs = []
+        for grid in grids:
+            row += [cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id]
+            imgs.append((rng.standard_normal((int(np.prod(grid)), cfg.vision.patch_dim)).astype(np.float32), grid))
+        ids.append(row + list(after))
+        images.append(imgs)
+    return ids, images
+
+
+def make_prompts(cfg: Qwen25VLConfig, specs=PROMPTS, seed: int = 0) -> tuple[PromptBatch, list[list[np.ndarray]]]:
+    """Left-padded multimodal prompts with random pixels; returns the batch and each prompt's pixel arrays."""
+    ids, images = prompt_rows(cfg, specs, seed)
+    batch = build_prompt_batch(ids, images, cfg, pad_id=PAD)
+    return batch, [[px for px, _ in imgs] for imgs in images]
+
+
+def device_prompts(batch: PromptBatch) -> dict[str, jax.Array]:
+    return {k: jnp.asarray(v) for k, v in batch.arrays().items()}
+
+
+def hf_inputs(batch: PromptBatch, pixels: list[list[np.ndarray]], cfg: Qwen25VLConfig, repeat: int = 1,
+              completions: np.ndarray | None = None, completions_mask: np.ndarray | None = None) -> dict:
+    """transformers inputs for the same rows (prompt p repeated `repeat` times, completions appended), with
+    `mm_token_type_ids` so HF computes its own 3-D M-RoPE positions."""
+    ids = np.repeat(batch.input_ids, repeat, axis=0).astype(np.int64)
+    mask = np.repeat(batch.attention_mask, repeat, axis=0).astype(np.int64)
+    if completions is not None:
+        ids = np.concatenate([ids, completions.astype(np.int64)], axis=1)
+        mask = np.concatenate([mask, completions_mask.astype(np.int64)], axis=1)
+    rows = [p for p in range(len(pixels)) for _ in range(repeat)]
+    ids_t = torch.from_numpy(ids)
+    return {"input_ids": ids_t, "attention_mask": torch.from_numpy(mask),
+            "pixel_values": torch.from_numpy(np.concatenate([px for p in rows for px in pixels[p]])),
+            "image_grid_thw": torch.tensor([g for p in rows for g in batch.image_grids[p]]),
+            "mm_token_type_ids": (ids_t == cfg.image_token_id).long()}
+
+
+def load_hf(model_dir):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+
+
+def first_eos(tokens: np.ndarray, eos) -> np.ndarray:
+    """Index of each row's first EOS token, or the row length when there is none."""
+    is_eos = np.isin(tokens, eos)
+    return np.where(is_eos.any(1), is_eos.argmax(1), tokens.shape[1])
+
+
+def hf_completion_logprobs(hf, inputs: dict, prompt_len: int, tokens: np.ndarray) -> np.ndarray:
+    """float64 log p(token) of each completion position from HF's logits."""
+    with torch.no_grad():
+        logits = hf(**inputs).logits.double()
+    steps = tokens.shape[1]
+    logp = torch.log_softmax(logits[:, prompt_len - 1:prompt_len - 1 + steps], dim=-1)
+    return logp.gather(-1, torch.from_numpy(tokens.astype(np.int64))[..., None])[..., 0].numpy()
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def model(tiny_hf_dir):
+    return load_hf_model(tiny_hf_dir)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_hf_dir):
+    return load_hf(tiny_hf_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    return make_prompts(model.cfg)
+
+
+# ---------------------------------------------------------------- (a) greedy decoding equals HF generate
+
+STEPS = 20
+GROUP = 2
+
+
+def _hf_greedy(hf, batch, pixels, cfg, eos: list[int]) -> np.ndarray:
+    """HF greedy tokens [P, STEPS]; finished rows get PAD and a batch that stops early is padded with PAD."""
+    with torch.no_grad():
+        out = hf.generate(**hf_inputs(batch, pixels, cfg), do_sample=False, max_new_tokens=STEPS,
+                          eos_token_id=eos, pad_token_id=PAD, top_k=None, top_p=None, temperature=None)
+    new = out[:, batch.input_ids.shape[1]:].numpy()
+    return np.pad(new, ((0, 0), (0, STEPS - new.shape[1])), constant_values=PAD)
+
+
+def _pick_eos(tokens: np.ndarray) -> int:
+    """A token that ends one row mid-way while another row runs on for 16+ steps, so EOS handling is exercised."""
+    for t in dict.fromkeys(tokens.ravel().tolist()):
+        first = [int(np.argmax(r == t)) if (r == t).any() else STEPS for r in tokens]
+        if 2 <= min(first) <= STEPS - 3 and max(first) >= 16:
+            return t
+    raise AssertionError(f"no token of the greedy output can serve as a mid-way EOS:\n{tokens}")
+
+
+def test_greedy_matches_hf_generate(model, hf, prompts):
+    batch, pixels = prompts
+    cfg = model.cfg
+    assert (batch.attention_mask == 0).any(), "the batch must contain left padding"
+    free_run = _hf_greedy(hf, batch, pixels, cfg, eos=[cfg.eos_token_id])
+    eos = [cfg.eos_token_id, _pick_eos(free_run)]
+    expected = _hf_greedy(hf, batch, pixels, cfg, eos=eos)
+
+    sampler = Sampler(SamplingConfig(max_new_tokens=STEPS, greedy=True), eos_ids=tuple(eos), pad_id=PAD)
+    graphdef, state = nnx.split(model)
+    out = jax.device_get(sampler.jitted(graphdef, GROUP)(state, device_prompts(batch), jax.random.key(0)))
+
+    tokens = out["tokens"]
+    for g in range(GROUP):  # row p*G+g is sample g of prompt p; greedy samples of one prompt are identical
+        np.testing.assert_array_equal(tokens[g::GROUP], expected)
+    ends = first_eos(expected, eos)
+    assert ends.min() < STEPS - 2 and ends.max() >= 16, ends  # one row stopped early, one ran 16+ steps
+    np.testing.assert_array_equal(out["mask"], (np.arange(STEPS) <= ends[:, None]).repeat(GROUP, axis=0))
+
+
+# ---------------------------------------------------------------- (b) sampling frequencies: chi-square tests
+
+# Hand-set probabilities (permuted so the sorted order is not the index order); top-p cut points stay clear of
+# cumulative sums, which `reference_probs` asserts.
+BASE_PROBS = np.array([0.30, 0.20, 0.15, 0.10, 0.08, 0.06, 0.05, 0.03, 0.02, 0.01])[[3, 7, 0, 9, 5, 1, 8, 2, 6, 4]]
+LOGITS = np.log(BASE_PROBS) + 1.7  # an offset: softmax is shift-invariant
+DRAWS = 40_000
+CONFIGS = [  # (temperature, top_k, top_p)
+    (0.7, 0, 1.0),  # temperature only
+    (1.0, 4, 1.0),  # top-k only
+    (1.0, 0, 0.8),  # top-p only
+    (1.6, 6, 0.75),  # all three, in HF's order
+    (1.0, 50, 1.0),  # VLM-R1's effective setting: top_k 50 > vocab is a no-op
+]
+
+
+def reference_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """float64 sampling distribution: logits / T, then keep the k largest (ties kept), then HF's top-p (drop the
+    ascending-sorted tokens whose cumulative probability is <= 1 - p, always keeping the most likely one)."""
+    z = logits.astype(np.float64) / temperature
+    keep = np.ones(z.shape, bool)
+    if 0 < top_k < z.size:
+        keep &= z >= np.sort(z)[-top_k]
+    if top_p < 1.0:
+        order = np.argsort(z)
+        p = np.where(keep, np.exp(z - z.max()), 0.0)[order]
+        cumulative = np.cumsum(p / p.sum())
+        assert np.abs(cumulative - (1 - top_p)).min() > 1e-3, "cut point too close to a cumulative sum"
+        removed = cumulative <= 1 - top_p
+        removed[-1] = False
+        keep[order[removed]] = False
+    p = np.where(keep, np.exp(z - z.max()), 0.0)
+    return p / p.sum()
+
+
+def chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Pearson chi-square p-value of `counts` against `probs` over the tokens with probability > 0."""
+    support = probs > 0
+    expected = counts.sum() * probs[support]
+    stat = float(((counts[support] - expected) ** 2 / expected).sum())
+    return float(jax.scipy.stats.chi2.sf(stat, support.sum() - 1))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", CONFIGS)
+def test_sampling_frequencies_follow_filtered_softmax(temperature, top_k, top_p):
+    cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (DRAWS, LOGITS.size))
+    draws = np.asarray(next_tokens(jax.random.key(1234), logits, cfg))
+    counts = np.bincount(draws, minlength=LOGITS.size)
+    probs = reference_probs(LOGITS, temperature, top_k, top_p)
+    assert counts[probs == 0].sum() == 0, f"excluded tokens were sampled: {counts} vs {probs}"
+    assert chi2_pvalue(counts, probs) > 1e-3, (counts / DRAWS, probs)
+    # The test has power: the unfiltered, untempered softmax is rejected whenever it differs.
+    if (temperature, top_k, top_p) != (1.0, 50, 1.0):
+        plain = reference_probs(LOGITS, 1.0, 0, 1.0)
+        assert counts[plain > 0].sum() == DRAWS and chi2_pvalue(counts, plain) < 1e-9
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", CONFIGS + [(0.9, 3, 0.5), (1.0, 0, 0.3)])
+def test_filter_logits_matches_hf_warpers(temperature, top_k, top_p):
+    """The same kept set and renormalised probabilities as transformers' warpers on random logit rows."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    logits = np.random.default_rng(7).normal(0, 2.0, (64, 40)).astype(np.float32)
+    scores = TemperatureLogitsWarper(temperature)(None, torch.from_numpy(logits))
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    hf_probs = torch.softmax(scores, dim=-1).numpy()
+    ours = np.asarray(jax.nn.softmax(filter_logits(jnp.asarray(logits), temperature, top_k, top_p), axis=-1))
+    np.testing.assert_array_equal(ours > 0, hf_probs > 0)
+    np.testing.assert_allclose(ours, hf_probs, atol=1e-6)
+    for row in range(0, 64, 16):  # and both agree with the float64 formula
+        np.testing.assert_allclose(ours[row], reference_probs(logits[row], temperature, top_k, top_p), atol=1e-6)
+
+
+# ---------------------------------------------------------------- (c) grouped sampling with EOS and banned ids
+
+
+class CountingModel:
+    """Forwards to the model and counts, at run time, how often the decoder runs (prefill + decode steps)."""
+
+    def __init__(self, model, calls: list[int]):
+        self.model, self.cfg, self.text, self.calls = model, model.cfg, model.text, calls
+
+    def encode_vision(self, *args):
+        return self.model.encode_vision(*args)
+
+    def logits(self, hidden):
+        return self.model.logits(hidden)
+
+    def __call__(self, *args, **kwargs):
+        jax.debug.callback(lambda: self.calls.append(1))
+        return self.model(*args, **kwargs)
+
+
+def test_grouped_sampling_eos_banned_and_logprobs(model, prompts):
+    batch, _ = prompts
+    cfg, vocab = model.cfg, model.cfg.text.vocab_size
+    group, steps = 4, 12
+    banned = default_banned_ids(cfg, extra=range(100, 150))  # a third of the vocabulary
+    allowed = np.setdiff1d(np.arange(vocab), [*banned, PAD])
+    eos = tuple(int(t) for t in allowed[::2])  # half the allowed tokens end a row: rows stop after a few steps
+    sampler = Sampler(SamplingConfig(max_new_tokens=steps, top_k=0), eos_ids=eos, pad_id=PAD, banned_ids=banned)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    calls: list[int] = []
+    run = jax.jit(lambda p, r, prompts, key: sampler.generate(CountingModel(nnx.merge(graphdef, p, r), calls),
+                                                              prompts, key, group))
+    prompts_dev = device_prompts(batch)
+    out = jax.device_get(run(params, rest, prompts_dev, jax.random.key(3)))
+    tokens, mask, logprobs = out["tokens"], out["mask"], out["logprobs"]
+    rows = len(PROMPTS) * group
+    assert tokens.shape == (rows, steps)
+
+    assert not np.isin(tokens, banned).any(), tokens
+    ends = first_eos(tokens, eos)
+    for r in range(rows):  # mask through the first EOS, PAD after it
+        np.testing.assert_array_equal(mask[r], np.arange(steps) <= ends[r])
+        assert (tokens[r, ends[r] + 1:] == PAD).all(), tokens[r]
+    np.testing.assert_array_equal(mask, np.asarray(completion_mask(tokens, eos)))
+    assert len(set(ends.tolist())) > 1, "rows should have different lengths"
+    # Early stop: every row ended before max_new_tokens, and the decoder ran once per step until the last EOS.
+    assert ends.max() < steps - 1
+    assert len(calls) == 1 + ends.max() + 1, (len(calls), ends)
+    # Samples of one prompt differ (independent keys per row).
+    assert all(len({tuple(t) for t in tokens[p * group:(p + 1) * group]}) > 1 for p in range(len(PROMPTS)))
+
+    forward = make_logprob_fn(graphdef, group)(params, rest, prompts_dev, jnp.asarray(tokens), jnp.asarray(mask))
+    np.testing.assert_allclose(logprobs, np.asarray(forward) * mask, atol=1e-5)
+    assert (logprobs[mask == 0] == 0).all()
+    assert (logprobs[mask == 1] < 0).all()

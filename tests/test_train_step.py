@@ -1,0 +1,266 @@
+"""GRPO / SFT train steps (vlmr1_jax.rl.step) against independent references.
+
+References: the single-device step for the sharded one; transformers' logits on the same prompts + completions for
+the SFT cross-entropy and the GRPO loss (numpy float64 from VLM-R1-SPEC 3.3, old = policy since num_iterations = 1);
+the full-batch step for gradient accumulation; gradients without rematerialisation for the remat variants.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from converters.hf import flat_paths, load_hf_model, read_config
+from test_sampler import PAD, device_prompts, hf_completion_logprobs, hf_inputs, load_hf, prompt_rows
+from vlmr1_jax.config import GRPOConfig, OptimConfig
+from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
+from vlmr1_jax.models.qwen2_5_vl.text import KVCache
+from vlmr1_jax.parallel.mesh import MeshConfig, batch_sharding, make_mesh
+from vlmr1_jax.processing.batch import build_prompt_batch
+from vlmr1_jax.rl.lora import apply_lora, lora_targets
+from vlmr1_jax.rl.step import (current_model, init_train_state, make_grpo_step, make_optimizer, make_sft_step,
+                               trainable_filter)
+from vlmr1_jax.train.setup import to_device
+
+# Four prompts (the batch axis splits over data x fsdp = 4), G = 2 samples each, completions of T tokens.
+SPECS = [
+    ([5, 6], [(1, 4, 4)], [7, 8, 9]),
+    ([10], [(1, 4, 6)], [11, 12, 13, 14, 15, 16, 17]),
+    ([20, 21, 22], [(1, 4, 4)], [23]),
+    ([30], [(1, 6, 4)], [31, 32, 33, 34]),
+]
+G, T = 2, 6
+LENGTH, WINDOWS = 32, 8  # forced so the half batches (gradient accumulation) share one compiled program
+BETA = 0.04
+LR = 1e-3
+# Adam's first update is lr * g / (|g| + eps): with the default eps=1e-8 a gradient entry at rounding-noise level
+# (1e-10) moves its parameter by up to lr, so two correct programs differ by ~lr. A larger eps keeps the update a
+# smooth function of the gradient, so parameters after a step agree as closely as the gradients do.
+ADAM_EPS = 1e-3
+
+
+def build(cfg, rows: slice = slice(None)):
+    ids, images = prompt_rows(cfg, SPECS, seed=0)
+    batch = build_prompt_batch(ids[rows], images[rows], cfg, pad_id=PAD, length=LENGTH, num_windows=WINDOWS)
+    return batch, [[px for px, _ in imgs] for imgs in images[rows]]
+
+
+def completions(rows: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Random text tokens and masks with one EOS-like cut per row (lengths 1..T)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, 150, (rows, T)).astype(np.int32)
+    lengths = np.array([T, 1, 4, T, 2, 5, 3, T][:rows])
+    return tokens, (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+
+
+def host_params(state: nnx.State) -> dict[str, np.ndarray]:
+    return {path: np.array(jax.device_get(var[...])) for path, var in flat_paths(state).items()}
+
+
+def assert_params_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max(a, key=lambda k: np.abs(a[k] - b[k]).max())
+    assert np.abs(a[worst] - b[worst]).max() <= atol, (worst, np.abs(a[worst] - b[worst]).max())
+
+
+def optimizer(grad_accum: int = 1):
+    return make_optimizer(OptimConfig(learning_rate=LR, schedule="constant", eps=ADAM_EPS, grad_accum=grad_accum),
+                          total_steps=10)
+
+
+# ---------------------------------------------------------------- shared GRPO batch and the HF reference
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_hf_dir):
+    return read_config(tiny_hf_dir)
+
+
+@pytest.fixture(scope="module")
+def grpo_data(cfg, tiny_hf_dir):
+    """Host arrays of one GRPO batch, and HF float64 log-probs of its completions."""
+    batch, pixels = build(cfg)
+    tokens, mask = completions(len(SPECS) * G)
+    hf_logp = hf_completion_logprobs(load_hf(tiny_hf_dir), hf_inputs(batch, pixels, cfg, G, tokens, mask), LENGTH,
+                                     tokens)
+    rng = np.random.default_rng(2)
+    return {"batch": batch, "tokens": tokens, "mask": mask, "hf_logp": hf_logp,
+            "advantages": rng.standard_normal(len(tokens)).astype(np.float32),
+            "ref_logprobs": (hf_logp + 0.3 * rng.standard_normal(tokens.shape)).astype(np.float32)}
+
+
+def device_batch(data: dict, mesh=None, rows: slice = slice(None), prompts=None) -> dict:
+    prompts = data["batch"] if prompts is None else prompts
+    arrays = {k: data[k][rows] for k in ("tokens", "mask", "advantages", "ref_logprobs")}
+    if mesh is None:
+        return {"prompts": device_prompts(prompts), **{k: jnp.asarray(v) for k, v in arrays.items()}}
+    return {"prompts": to_device(prompts, mesh),
+            **{k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in arrays.items()}}
+
+
+def grpo_step(model, mode: str = "full", grad_accum: int = 1):
+    tx, schedule = optimizer(grad_accum)
+    graphdef, state = init_train_state(model, mode, tx, with_reference=True)
+    step = make_grpo_step(graphdef, GRPOConfig(num_generations=G, beta=BETA, loss="grpo"), tx, schedule, grad_accum)
+    return graphdef, state, step
+
+
+@pytest.fixture(scope="module")
+def single(tiny_hf_dir, grpo_data):
+    """Two full-parameter GRPO steps on one device: parameters before / after each step, metrics, reference."""
+    graphdef, state, step = grpo_step(load_hf_model(tiny_hf_dir))
+    before = host_params(state.trainable)
+    batch = device_batch(grpo_data)
+    state, metrics1 = step(state, batch)
+    after1 = host_params(state.trainable)
+    state, metrics2 = step(state, batch)
+    return {"before": before, "after1": after1, "after2": host_params(state.trainable),
+            "reference": host_params(state.reference), "metrics1": jax.device_get(metrics1),
+            "metrics2": jax.device_get(metrics2)}
+
+
+# ---------------------------------------------------------------- (a) sharded step == single-device step
+
+
+def test_sharded_grpo_step_matches_single_device(tiny_hf_dir, grpo_data, single):
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    graphdef, state, step = grpo_step(load_hf_model(tiny_hf_dir, mesh=mesh))
+    specs = {str(var.sharding.spec) for var in jax.tree.leaves(state.trainable)}
+    assert any("tensor" in s for s in specs) and any("fsdp" in s for s in specs), specs  # really sharded
+    batch = device_batch(grpo_data, mesh)
+    assert batch["tokens"].sharding.spec[0] == ("data", "fsdp")
+    state, metrics = step(state, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), float(single["metrics1"]["loss"]), atol=1e-6)
+    assert_params_close(host_params(state.trainable), single["after1"], atol=1e-5)
+    moved = max(np.abs(single["after1"][k] - single["before"][k]).max() for k in single["before"])
+    assert moved > 10 * 1e-5, "the update must be far larger than the tolerance"
+
+
+# ---------------------------------------------------------------- (e) loss plumbing, fixed reference
+
+
+def test_grpo_loss_equals_formula_on_hf_logprobs(grpo_data, single):
+    """num_iterations = 1: ratio = 1, so loss_i = masked mean_t(-A_i + beta * k3(ref - logp))."""
+    logp, ref, mask = grpo_data["hf_logp"], grpo_data["ref_logprobs"].astype(np.float64), grpo_data["mask"]
+    k3 = np.exp(ref - logp) - (ref - logp) - 1.0
+    per_token = -grpo_data["advantages"][:, None].astype(np.float64) + BETA * k3
+    n = mask.sum(1)
+    loss = np.mean((per_token * mask).sum(1) / n)
+    kl = np.mean((k3 * mask).sum(1) / n)
+    m = single["metrics1"]
+    np.testing.assert_allclose(float(m["loss"]), loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(m["kl"]), kl, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(m["ratio_mean"]), 1.0, atol=1e-6)
+    assert float(m["grad_norm"]) > 0
+
+
+def test_reference_stays_fixed_across_steps(single):
+    for path, value in single["before"].items():
+        np.testing.assert_array_equal(single["reference"][path], value, err_msg=path)
+    assert any(not np.array_equal(single["after2"][k], single["after1"][k]) for k in single["after1"])
+    assert float(single["metrics2"]["kl"]) > 0  # the policy moved away from the reference
+
+
+# ---------------------------------------------------------------- (d) gradient accumulation
+
+
+def test_grad_accum_over_half_batches_equals_full_batch_step(cfg, tiny_hf_dir, grpo_data, single):
+    """`grpo` averages per row, so the mean of two equal-size half-batch losses is the full-batch loss."""
+    graphdef, state, step = grpo_step(load_hf_model(tiny_hf_dir), grad_accum=2)
+    half = len(SPECS) // 2
+    for i, (start, stop) in enumerate([(0, half), (half, len(SPECS))]):
+        prompts, _ = build(cfg, slice(start, stop))
+        state, _ = step(state, device_batch(grpo_data, rows=slice(start * G, stop * G), prompts=prompts))
+        if i == 0:  # no update after the first micro-step
+            for path, value in host_params(state.trainable).items():
+                np.testing.assert_array_equal(value, single["before"][path], err_msg=path)
+    assert_params_close(host_params(state.trainable), single["after1"], atol=1e-5)
+
+
+# ---------------------------------------------------------------- (b) freeze_vision
+
+
+def test_freeze_vision_updates_text_only(tiny_hf_dir, grpo_data, single):
+    graphdef, state, step = grpo_step(load_hf_model(tiny_hf_dir), mode="freeze_vision")
+    assert all(not path.startswith("visual.") for path in flat_paths(state.trainable))
+    state, _ = step(state, device_batch(grpo_data))
+    after = host_params(nnx.state(current_model(graphdef, state), nnx.Param))
+    for path, value in after.items():
+        changed = not np.array_equal(value, single["before"][path])
+        assert changed != path.startswith("visual."), path
+    # In full mode the same batch does move the vision tower, so freezing is what kept it fixed.
+    assert any(not np.array_equal(single["after1"][k], single["before"][k]) for k in after if k.startswith("visual."))
+
+
+# ---------------------------------------------------------------- (c) SFT
+
+
+def test_sft_loss_equals_hf_cross_entropy_and_decreases(cfg, tiny_hf_dir):
+    batch, pixels = build(cfg)
+    tokens, mask = completions(len(SPECS), seed=3)
+    hf_logp = hf_completion_logprobs(load_hf(tiny_hf_dir), hf_inputs(batch, pixels, cfg, 1, tokens, mask), LENGTH,
+                                     tokens)
+    expected = -(hf_logp * mask).sum() / mask.sum()  # token mean over all answer tokens of the batch
+
+    tx, schedule = make_optimizer(OptimConfig(learning_rate=1e-2, schedule="constant"), total_steps=10)
+    graphdef, state = init_train_state(load_hf_model(tiny_hf_dir), "full", tx, with_reference=False)
+    step = make_sft_step(graphdef, tx, schedule)
+    data = {"prompts": device_prompts(batch), "tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask)}
+    losses = []
+    for _ in range(4):
+        state, metrics = step(state, data)
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses[0], expected, rtol=1e-5)
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+# ---------------------------------------------------------------- rematerialisation
+
+
+def text_grads(model_dir, remat: str, trainable: str) -> tuple[dict[str, np.ndarray], str]:
+    """Gradients of a text-only loss w.r.t. the `trainable` variables (the rest enters as a plain jit argument, as in
+    the train step) for the checkpoint in a model built with `remat`, and the gradient's jaxpr."""
+    rng = np.random.default_rng(4)
+    ids = jnp.asarray(rng.integers(3, 150, (2, 12)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(12)[None, None], (3, 2, 12))
+    attention = jnp.ones((2, 12), jnp.int32).at[1, :3].set(0)
+    loaded = load_hf_model(model_dir)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen25VL(loaded.cfg, rngs=nnx.Rngs(0), remat=remat)))
+    model = nnx.merge(graphdef, nnx.state(loaded))
+    if trainable == "lora":
+        apply_lora(model, rank=4, alpha=8.0)
+        for i, (_, dense) in enumerate(lora_targets(model)):  # non-zero B, so lora_a gets gradients too
+            dense.lora_b[...] = 0.1 * jax.random.normal(jax.random.key(i), dense.lora_b.shape)
+    graphdef, params, rest = nnx.split(model, trainable_filter(trainable), ...)
+
+    def loss(params, rest):
+        """Cross-entropy of a cached prefix + continuation, the decoder path the train forward takes."""
+        model = nnx.merge(graphdef, params, rest)
+        cache = KVCache.empty(model.cfg.text, 2, 12, jnp.float32)
+        prefix, cache = model(ids[:, :7], positions[..., :7], attention[:, :7], cache=cache)
+        continuation, _ = model(ids[:, 7:], positions[..., 7:], attention[:, 7:], cache=cache)
+        logp = jax.nn.log_softmax(model.logits(jnp.concatenate([prefix, continuation], 1))[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0] * attention[:, 1:])
+
+    fn = jax.grad(loss)
+    return host_params(jax.jit(fn)(params, rest)), str(jax.make_jaxpr(fn)(params, rest))
+
+
+# Each policy once, each trainable split once (LoRA is where graph-mode nnx.remat breaks); compiles are costly.
+@pytest.mark.parametrize("remat,trainable", [("full", "lora"), ("dots", "full")])
+def test_remat_gives_the_same_gradients(tiny_hf_dir, remat, trainable):
+    plain, plain_jaxpr = text_grads(tiny_hf_dir, "none", trainable)
+    rematted, jaxpr = text_grads(tiny_hf_dir, remat, trainable)
+    assert "checkpoint" in jaxpr or "remat" in jaxpr
+    assert "checkpoint" not in plain_jaxpr and "remat" not in plain_jaxpr
+    assert_params_close(rematted, plain, atol=1e-6)
+    assert min(np.abs(v).max() for k, v in plain.items() if k.startswith("text.layers")) > 1e-6
+
+
+def test_unknown_remat_is_rejected(cfg):
+    with pytest.raises(ValueError, match="remat"):
+        Qwen25VL(cfg, rngs=nnx.Rngs(0), remat="sometimes")

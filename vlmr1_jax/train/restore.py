@@ -1,0 +1,168 @@
+"""Our training checkpoints as models outside training: restore one for evaluation or export, and import an HF
+folder as one.
+
+A checkpoint holds the whole `TrainState` (`vlmr1_jax.train.checkpoint`). To read it we rebuild the abstract state
+the trainer built from the JSON meta alone (model config, dtypes, LoRA, optimizer, reference) with
+`jax.eval_shape`, so nothing is initialised, then let the `Checkpointer` check and restore it onto `mesh`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vlmr1_jax.config import ModelConfig, RunConfig, TrainConfig, from_dict, to_dict
+from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
+from vlmr1_jax.parallel.mesh import MeshConfig, logical_to_spec, make_mesh
+from vlmr1_jax.rl.lora import apply_lora, merge_lora
+from vlmr1_jax.rl.step import TrainState, current_model, init_train_state, make_optimizer
+from vlmr1_jax.train.checkpoint import META, STATE, CheckpointError, Checkpointer, read_meta
+from vlmr1_jax.train.setup import dtype_of
+
+CHECKPOINTS = "checkpoints"
+KINDS = ("grpo", "sft", "import")
+
+
+def find_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None] | None:
+    """(checkpoints folder, step or None for the latest) when `path` is a run folder, its `checkpoints` folder or
+    one step folder of it; None when it is none of these."""
+    path = Path(path).absolute()
+    if not path.is_dir():
+        return None
+    if (path / CHECKPOINTS).is_dir():
+        return path / CHECKPOINTS, None
+    if path.name.isdigit() and ((path / STATE).is_dir() or (path / META).is_dir()):
+        return path.parent, int(path.name)
+    if any(p.name.isdigit() and (p / STATE).is_dir() for p in path.iterdir() if p.is_dir()):
+        return path, None
+    return None
+
+
+def _locate(path: str | os.PathLike, step: int | None) -> tuple[Path, int | None]:
+    found = find_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: not a checkpoint (expected a run folder with {CHECKPOINTS}/<step>/, a "
+                                f"{CHECKPOINTS} folder, or one <step> folder holding state/ and meta/)")
+    directory, at = found
+    if at is not None and step is not None and at != step:
+        raise ValueError(f"{path} is the folder of step {at}, but step {step} was asked for")
+    return directory, at if at is not None else step
+
+
+def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """`dataclasses.asdict(RunConfig)` (as stored in checkpoint meta) back to a RunConfig."""
+    return from_dict(data)
+
+
+def _parse_meta(meta: dict[str, Any], where: str) -> tuple[RunConfig, Qwen25VLConfig, str]:
+    missing = [k for k in ("run_config", "model_config", "kind") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{where}: meta lacks {missing}; not a vlmr1-jax training checkpoint")
+    if meta["kind"] not in KINDS:
+        raise CheckpointError(f"{where}: meta kind {meta['kind']!r} is not one of {KINDS}")
+    try:
+        return run_config_from_dict(meta["run_config"]), Qwen25VLConfig.from_dict(meta["model_config"]), meta["kind"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: cannot read the configs in its meta: {e}") from e
+
+
+def _abstract_train_state(run: RunConfig, model_cfg: Qwen25VLConfig, kind: str,
+                          mesh: Mesh) -> tuple[nnx.GraphDef, TrainState]:
+    """The graphdef and the abstract TrainState (ShapeDtypeStructs placed on `mesh` by their logical axes) that
+    the trainer of `kind` built for `run`."""
+    with_reference = kind == "grpo" and run.grpo.beta > 0
+    optimizer, _ = make_optimizer(run.optim, max(1, run.train.max_steps))
+    graphdefs: list[nnx.GraphDef] = []
+
+    def build() -> TrainState:
+        model = Qwen25VL(model_cfg, rngs=nnx.Rngs(0), dtype=dtype_of(run.model.dtype),
+                         param_dtype=dtype_of(run.model.param_dtype))
+        if run.train.trainable == "lora":
+            apply_lora(model, run.lora.rank, run.lora.alpha, seed=run.train.seed)
+        graphdef, state = init_train_state(model, run.train.trainable, optimizer, with_reference)
+        graphdefs.append(graphdef)
+        return state
+
+    abstract = jax.eval_shape(build)
+
+    def place(leaf: Any) -> Any:
+        if isinstance(leaf, nnx.Variable):
+            value = leaf.get_value()
+            axes = leaf.get_metadata().get("logical_axes") or (None,) * len(value.shape)
+            sharding = NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh))
+            return leaf.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+    return graphdefs[0], jax.tree.map(place, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def tokenizer_dir_of(run: RunConfig) -> str | None:
+    """The run's tokenizer folder: model.tokenizer, else the HF model it started from; None = the vendored one."""
+    return run.model.tokenizer or run.model.hf_model or None
+
+
+def checkpoint_meta(path: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """The JSON meta of a checkpoint (run folder, `checkpoints` folder or step folder; default the latest step)."""
+    directory, step = _locate(path, step)
+    meta = read_meta(directory, step)
+    _parse_meta(meta, str(directory))
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike, step: int | None = None,
+                    mesh: Mesh | None = None) -> tuple[Qwen25VL, dict[str, Any], str | None]:
+    """The policy of a checkpoint (LoRA adapters kept, not merged), its meta, and its tokenizer folder.
+
+    `path`: a run folder, its `checkpoints` folder or a step folder; `step` defaults to the latest (or the step
+    folder's). Parameters land on `mesh` (default: every device on the fsdp axis).
+    """
+    directory, step = _locate(path, step)
+    meta = read_meta(directory, step)
+    run, model_cfg, kind = _parse_meta(meta, str(directory))
+    mesh = make_mesh(MeshConfig()) if mesh is None else mesh
+    graphdef, abstract = _abstract_train_state(run, model_cfg, kind, mesh)
+    checkpointer = Checkpointer(directory, save_every=1, keep=1, async_save=False)
+    try:
+        state, meta = checkpointer.restore(abstract, step=step)
+    finally:
+        checkpointer.close()
+    return current_model(graphdef, state), meta, tokenizer_dir_of(run)
+
+
+def restore_for_export(path: str | os.PathLike, step: int | None = None,
+                       mesh: Mesh | None = None) -> tuple[nnx.State, Qwen25VLConfig, str | None]:
+    """Parameters of a checkpoint with LoRA merged into the kernels (a plain Qwen2.5-VL, as `export_release`
+    takes), the model config, and the tokenizer folder."""
+    model, _, tokenizer_dir = load_checkpoint(path, step, mesh)
+    merge_lora(model)
+    return nnx.state(model, nnx.Param), model.cfg, tokenizer_dir
+
+
+def import_hf(model_dir: str | os.PathLike, out: str | os.PathLike, param_dtype: str = "float32") -> Path:
+    """Write the HF Qwen2.5-VL folder `model_dir` as a checkpoint of ours (`<out>/checkpoints/0`): a full-mode
+    TrainState with a fresh optimizer, kind "import", whose run config points at `model_dir` for the tokenizer."""
+    from converters.hf import load_hf_model
+
+    model_dir = Path(model_dir).absolute()
+    out = Path(out).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: exists and is not an empty folder")
+    run = RunConfig(model=ModelConfig(preset=None, hf_model=str(model_dir), dtype=param_dtype,
+                                      param_dtype=param_dtype),
+                    train=TrainConfig(output_dir=str(out), trainable="full"))
+    model = load_hf_model(model_dir, dtype=dtype_of(param_dtype), param_dtype=dtype_of(param_dtype))
+    optimizer, _ = make_optimizer(run.optim, max(1, run.train.max_steps))
+    _, state = init_train_state(model, "full", optimizer, with_reference=False)
+    meta = {"run_config": to_dict(run), "model_config": dataclasses.asdict(model.cfg), "step": 0, "kind": "import",
+            "source": str(model_dir)}
+    with Checkpointer(out / CHECKPOINTS, save_every=1, keep=1, async_save=False) as checkpointer:
+        checkpointer.save(0, state, meta=meta, force=True)
+        checkpointer.wait()
+    return out
