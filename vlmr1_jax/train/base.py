@@ -1,0 +1,118 @@
+"""The run machinery GRPO and SFT share: set-up, resume, the step loop with host/device overlap, logging, saving.
+
+A subclass says how to turn samples into a prepared batch (`prepare`, host work) and how to run one optimizer step
+on it (`dispatch`, returning host metrics and the step's device metrics without waiting for them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import jax
+from tqdm import tqdm
+
+from vlmr1_jax.config import RunConfig, to_dict
+from vlmr1_jax.data.pipeline import epoch_of, make_prompt_iterator
+from vlmr1_jax.processing.batch import PromptBatch, encode_prompts
+from vlmr1_jax.rl.step import current_model, init_train_state, make_optimizer
+from vlmr1_jax.train.checkpoint import Checkpointer, abstract_like
+from vlmr1_jax.train.metrics import MetricsWriter, mean_metrics
+from vlmr1_jax.train.setup import (build_model, load_samples, load_tokenizer, on_mesh, resolve_max_steps, run_dir,
+                                   setup_mesh)
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    kind = "base"
+
+    def __init__(self, cfg: RunConfig, *, progress: bool = True, with_reference: bool = False,
+                 updates_per_step: int = 1):
+        self.cfg = cfg
+        self.progress = progress
+        self.updates_per_step = updates_per_step
+        self.mesh = setup_mesh(cfg)
+        self.tokenizer = load_tokenizer(cfg)
+        self.samples = load_samples(cfg)
+        self.max_steps = resolve_max_steps(cfg, len(self.samples))
+        model = build_model(cfg, self.tokenizer, self.mesh)
+        self.model_cfg = model.cfg
+        self.optimizer, self.schedule = make_optimizer(cfg.optim, self.max_steps * updates_per_step)
+        self.graphdef, state = init_train_state(model, cfg.train.trainable, self.optimizer, with_reference)
+        self.state = on_mesh(state, self.mesh)
+        self.data = make_prompt_iterator(self.samples, cfg.data.prompts_per_step, cfg.data.seed,
+                                         num_epochs=cfg.data.num_epochs)
+        self.out = run_dir(cfg)
+        self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.train.save_every, cfg.train.keep_checkpoints)
+        self.metrics = MetricsWriter(self.out, process_index=jax.process_index())
+        self.step = 0
+        if self.checkpoints.latest_step() is not None:
+            self.state, _ = self.checkpoints.restore(abstract_like(self.state), self.data)
+            self.step = int(self.state.step) // updates_per_step
+            log.info("resumed from step %d in %s", self.step, self.checkpoints.directory)
+
+    def encode(self, samples) -> PromptBatch:
+        """VLM-R1 prompts for `samples`, images loaded and laid out for the tower."""
+        data = self.cfg.data
+        return encode_prompts([s.problem for s in samples], [s.image_paths for s in samples], self.tokenizer,
+                              self.model_cfg, task_type=data.task_type, min_pixels=data.min_pixels,
+                              max_pixels=data.max_pixels, length=data.max_prompt_length)
+
+    def prepare(self, samples) -> Any:
+        raise NotImplementedError
+
+    def dispatch(self, prepared) -> tuple[dict[str, float], dict[str, jax.Array]]:
+        """Run one optimizer step on `prepared`: (host metrics, device metrics still in flight)."""
+        raise NotImplementedError
+
+    def finish_metrics(self, metrics: dict[str, float]) -> None:
+        """Derive per-step metrics once the step's time is known (in place)."""
+
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{metrics['loss']:.4f}"}
+
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        window: list[dict[str, float]] = []
+        last: dict[str, float] = {}
+        bar = tqdm(total=self.max_steps, initial=self.step, desc=self.kind, disable=not self.progress,
+                   dynamic_ncols=True)
+        prepared = self.prepare(next(self.data)) if self.step < self.max_steps else None
+        while self.step < self.max_steps:
+            start = time.perf_counter()
+            metrics, pending = self.dispatch(prepared)
+            self.step += 1
+            # Save before the iterator moves on, then prepare the next batch while the devices train.
+            self.checkpoints.save(self.step, self.state, self.data, meta=self.meta())
+            if self.step < self.max_steps:
+                prepared = self.prepare(next(self.data))
+            metrics.update({k: float(v) for k, v in jax.device_get(pending).items()})
+            metrics["time/step"] = time.perf_counter() - start
+            self.finish_metrics(metrics)
+            metrics["epoch"] = epoch_of(self.step, len(self.samples), cfg.data.prompts_per_step)
+            window.append(metrics)
+            if self.step % cfg.train.log_every == 0 or self.step == self.max_steps:
+                last = mean_metrics(window)
+                window = []
+                self.metrics.write(self.step, last)
+                bar.set_postfix(self.progress_postfix(last))
+            bar.update(1)
+        bar.close()
+        self.checkpoints.save(self.step, self.state, self.data, meta=self.meta(), force=True)
+        self.close()
+        return last
+
+    def close(self) -> None:
+        self.checkpoints.wait()
+        self.checkpoints.close()
+        self.metrics.close()
+
+    def meta(self) -> dict[str, Any]:
+        return {"run_config": to_dict(self.cfg), "model_config": dataclasses.asdict(self.model_cfg),
+                "step": self.step, "kind": self.kind}
+
+    def model(self):
+        return current_model(self.graphdef, self.state)
