@@ -173,8 +173,8 @@ def test_forward_report_measures_activations(releases):
     text = [t for t in range(100) if t not in specials][:8]
     ids = torch.tensor([[cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id] + text])
     with torch.no_grad():
-        logits = model(input_ids=ids, pixel_values=torch.from_numpy(pixels),
-                       image_grid_thw=torch.tensor([grid])).logits
+        logits = model(input_ids=ids, pixel_values=torch.from_numpy(pixels), image_grid_thw=torch.tensor([grid]),
+                       mm_token_type_ids=(ids == cfg.image_token_id).long()).logits
     assert report.layers[-1].max_abs == pytest.approx(float(logits.abs().max()), rel=1e-6)
 
 
