@@ -106,11 +106,11 @@ def expected_tensors(cfg: Qwen25VLConfig) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape for a release of `cfg`, from our model definition and the converter's name table."""
     from flax import nnx
 
-    from converters.hf import flat_paths, to_hf_name
+    from converters.hf import hf_entries
     from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 
     abstract = nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
-    return {to_hf_name(p): hf_shape(p, v.shape, cfg) for p, v in flat_paths(nnx.state(abstract, nnx.Param)).items()}
+    return {name: hf_shape(path, shape, cfg) for name, path, _, shape in hf_entries(nnx.state(abstract, nnx.Param))}
 
 
 def _listing(items: Sequence[str], limit: int = 5) -> str:

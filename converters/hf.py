@@ -7,13 +7,15 @@ names (`model.visual.*`, `model.language_model.*`); writing emits the legacy nam
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
@@ -25,33 +27,61 @@ from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
-# (our flattened path, HF legacy name). Kernels are transposed ([in, out] vs torch's [out, in]); the patch
-# embedding is a Conv3d weight flattened to a matmul; everything else is copied.
+# (our flattened path, HF legacy name). Vision blocks and decoder layers are stacked on our side (one tensor with a
+# leading [layers] axis, see `models.layers.stacked`); their HF names carry the layer index where "{i}" stands.
+# Kernels are transposed ([in, out] vs torch's [out, in]); the patch embedding is a Conv3d weight flattened to a
+# matmul; everything else is copied.
 NAME_RULES: tuple[tuple[str, str], ...] = (
     (r"visual\.patch_embed", r"visual.patch_embed.proj.weight"),
-    (r"visual\.blocks\.(\d+)\.norm([12])\.scale", r"visual.blocks.\1.norm\2.weight"),
-    (r"visual\.blocks\.(\d+)\.attn\.(qkv|proj)\.(kernel|bias)", r"visual.blocks.\1.attn.\2.\3"),
-    (r"visual\.blocks\.(\d+)\.mlp\.(gate|up|down)\.(kernel|bias)", r"visual.blocks.\1.mlp.\2_proj.\3"),
+    (r"visual\.blocks\.norm([12])\.scale", r"visual.blocks.{i}.norm\1.weight"),
+    (r"visual\.blocks\.attn\.(qkv|proj)\.(kernel|bias)", r"visual.blocks.{i}.attn.\1.\2"),
+    (r"visual\.blocks\.mlp\.(gate|up|down)\.(kernel|bias)", r"visual.blocks.{i}.mlp.\1_proj.\2"),
     (r"visual\.merger\.ln_q\.scale", r"visual.merger.ln_q.weight"),
     (r"visual\.merger\.fc1\.(kernel|bias)", r"visual.merger.mlp.0.\1"),
     (r"visual\.merger\.fc2\.(kernel|bias)", r"visual.merger.mlp.2.\1"),
     (r"text\.embed", r"model.embed_tokens.weight"),
-    (r"text\.layers\.(\d+)\.input_norm\.scale", r"model.layers.\1.input_layernorm.weight"),
-    (r"text\.layers\.(\d+)\.post_norm\.scale", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"text\.layers\.(\d+)\.attn\.(q|k|v|o)\.(kernel|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
-    (r"text\.layers\.(\d+)\.mlp\.(gate|up|down)\.(kernel|bias)", r"model.layers.\1.mlp.\2_proj.\3"),
+    (r"text\.layers\.input_norm\.scale", r"model.layers.{i}.input_layernorm.weight"),
+    (r"text\.layers\.post_norm\.scale", r"model.layers.{i}.post_attention_layernorm.weight"),
+    (r"text\.layers\.attn\.(q|k|v|o)\.(kernel|bias)", r"model.layers.{i}.self_attn.\1_proj.\2"),
+    (r"text\.layers\.mlp\.(gate|up|down)\.(kernel|bias)", r"model.layers.{i}.mlp.\1_proj.\2"),
     (r"text\.norm\.scale", r"model.norm.weight"),
     (r"text\.lm_head\.kernel", r"lm_head.kernel"),
 )
 _TO_HF = [(re.compile(f"^{ours}$"), hf) for ours, hf in NAME_RULES]
 
 
-def to_hf_name(path: str) -> str:
-    """Our dotted parameter path -> the legacy HF tensor name."""
+def _rule(path: str) -> tuple[re.Pattern, str]:
     for pattern, template in _TO_HF:
         if pattern.match(path):
-            return pattern.sub(template, path).replace(".kernel", ".weight")
+            return pattern, template
     raise KeyError(f"no HF name rule for parameter {path!r}")
+
+
+def is_stacked(path: str) -> bool:
+    """Whether our parameter `path` holds one tensor per layer on a leading axis (HF: one name per layer)."""
+    return "{i}" in _rule(path)[1]
+
+
+def to_hf_name(path: str, layer: int | None = None) -> str:
+    """Our dotted parameter path (and, for stacked layers, the layer index) -> the legacy HF tensor name."""
+    pattern, template = _rule(path)
+    if ("{i}" in template) != (layer is not None):
+        raise ValueError(f"{path}: a layer index is {'required' if layer is None else 'not allowed'}")
+    name = pattern.sub(template, path).replace(".kernel", ".weight")
+    return name.replace("{i}", str(layer)) if layer is not None else name
+
+
+def hf_entries(state: nnx.State) -> list[tuple[str, str, int | None, tuple[int, ...]]]:
+    """(HF name, our path, layer index or None, HF-side shape before `to_hf_tensor`) for every tensor HF stores,
+    in HF order (layer by layer): one entry per layer of each stacked parameter."""
+    entries = []
+    for path, var in flat_paths(state).items():
+        if is_stacked(path):
+            entries += [(to_hf_name(path, i), path, i, tuple(var.shape[1:])) for i in range(var.shape[0])]
+        else:
+            entries.append((to_hf_name(path), path, None, tuple(var.shape)))
+    natural = lambda entry: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", entry[0])]  # noqa: E731
+    return sorted(entries, key=natural)
 
 
 def canonical_hf_name(name: str) -> str:
@@ -127,38 +157,55 @@ def iter_hf_tensors(model_dir: str | os.PathLike) -> Iterator[tuple[str, np.ndar
 
 
 def load_hf_state(model_dir: str | os.PathLike, abstract_state: nnx.State, cfg: Qwen25VLConfig,
-                  place: Callable[[str, np.ndarray], jax.Array] | None = None) -> nnx.State:
+                  shardings: dict[str, jax.sharding.Sharding] | None = None) -> nnx.State:
     """Fill an abstract model state from an HF folder; every key must be used and every shape must match.
 
-    `place(path, array)` puts one tensor on its device(s) (default: the default device), so only one tensor is on
-    the host at a time.
+    Each tensor goes straight to its device(s) (`shardings`: our path -> sharding; default: the default device),
+    so only one tensor is on the host at a time; a stacked parameter is assembled there one layer at a time.
     """
     targets = flat_paths(abstract_state)
-    hf_to_ours = {to_hf_name(p): p for p in targets}
+    entries = {name: (path, layer, shape) for name, path, layer, shape in hf_entries(abstract_state)}
     loaded: dict[str, jax.Array] = {}
+    seen: set[str] = set()
     where = str(model_dir)
     for name, tensor in iter_hf_tensors(model_dir):
-        path = hf_to_ours.get(name)
-        if path is None:
+        if name not in entries:
             if name == "lm_head.weight" and cfg.text.tie_word_embeddings:
                 continue  # some exports keep the tied copy; it equals embed_tokens
             raise KeyError(f"{where}: unexpected tensor {name!r} (not part of a Qwen2.5-VL with this config)")
-        if path in loaded:
+        if name in seen:
             raise KeyError(f"{where}: tensor {name!r} appears twice")
+        seen.add(name)
+        path, layer, shape = entries[name]
         value = from_hf_tensor(path, tensor)
-        target = targets[path]
-        if tuple(value.shape) != tuple(target.shape):
+        if tuple(value.shape) != shape:
             raise ValueError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, config expects "
-                             f"{tuple(to_hf_tensor(path, np.zeros(target.shape, np.float32), cfg).shape)}")
-        dtype = target.dtype
-        value = value.astype(dtype) if value.dtype != dtype else value
-        loaded[path] = place(path, value) if place is not None else jax.device_put(value)
-    missing = sorted(to_hf_name(p) for p in targets if p not in loaded)
+                             f"{tuple(to_hf_tensor(path, np.zeros(shape, np.float32), cfg).shape)}")
+        target = targets[path]
+        value = value.astype(target.dtype) if value.dtype != target.dtype else value
+        sharding = None if shardings is None else shardings[path]
+        if layer is None:
+            loaded[path] = jax.device_put(value, sharding)
+        else:
+            if path not in loaded:
+                loaded[path] = _zeros(target.shape, target.dtype, sharding)
+            loaded[path] = _set_layer(loaded[path], layer, value)
+    missing = sorted(name for name in entries if name not in seen)
     if missing:
         raise KeyError(f"{where}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     flat = [(tuple(int(k) if k.isdigit() else k for k in p.split(".")), targets[p].replace(loaded[p]))
             for p in targets]
     return nnx.from_flat_state(flat)
+
+
+def _zeros(shape: tuple[int, ...], dtype: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """A zero-filled (stacked) parameter born on its target devices."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stack: jax.Array, layer: int, value: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stack, value.astype(stack.dtype), layer, 0)
 
 
 def load_hf_model(model_dir: str | os.PathLike, *, dtype=np.float32, param_dtype=np.float32,
@@ -167,22 +214,24 @@ def load_hf_model(model_dir: str | os.PathLike, *, dtype=np.float32, param_dtype
     cfg = read_config(model_dir)
     make = lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)  # noqa: E731
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    place = None
+    shardings = None
     if mesh is not None:
         from vlmr1_jax.parallel.mesh import state_shardings
 
-        shardings = flat_paths(state_shardings(abstract, mesh))
-        place = lambda path, value: jax.device_put(value, shardings[path].get_value())  # noqa: E731
-    return nnx.merge(graphdef, load_hf_state(model_dir, abstract, cfg, place))
+        shardings = {path: var.get_value() for path, var in flat_paths(state_shardings(abstract, mesh)).items()}
+    return nnx.merge(graphdef, load_hf_state(model_dir, abstract, cfg, shardings))
 
 
 def hf_tensors(state: nnx.State, cfg: Qwen25VLConfig, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """(legacy HF name, numpy array) for every parameter, one at a time (gathered to the host)."""
-    for path, var in flat_paths(state).items():
-        value = np.asarray(jax.device_get(var[...]))
+    """(legacy HF name, numpy array) for every tensor HF stores, one at a time (gathered to the host), in
+    `hf_entries` order."""
+    params = flat_paths(state)
+    for name, path, layer, _ in hf_entries(state):
+        value = params[path][...]
+        value = np.asarray(jax.device_get(value if layer is None else value[layer]))
         if dtype is not None:
             value = value.astype(dtype)
-        yield to_hf_name(path), to_hf_tensor(path, value, cfg)
+        yield name, to_hf_tensor(path, value, cfg)
 
 
 def save_hf_safetensors(state: nnx.State, cfg: Qwen25VLConfig, path: str | os.PathLike, dtype=None) -> None:

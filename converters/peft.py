@@ -24,7 +24,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from converters.check import DTYPES, expected_tensors
-from converters.hf import flat_paths, to_hf_name
+from converters.hf import flat_paths, is_stacked, to_hf_name
 from vlmr1_jax.models.layers import LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 
@@ -34,10 +34,10 @@ PEFT_PREFIX = "base_model.model."
 _LORA_LEAF = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[ab])$")
 
 
-def peft_module_name(module_path: str) -> str:
-    """Our Dense path (e.g. `text.layers.0.attn.q`) -> the transformers >= 4.52 module name
+def peft_module_name(module_path: str, layer: int | None = None) -> str:
+    """Our Dense path (e.g. `text.layers.attn.q`, layer 0) -> the transformers >= 4.52 module name
     (`model.language_model.layers.0.self_attn.q_proj`)."""
-    legacy = to_hf_name(module_path + ".kernel").removesuffix(".weight")
+    legacy = to_hf_name(module_path + ".kernel", layer).removesuffix(".weight")
     if legacy.startswith("model."):
         return "model.language_model." + legacy[len("model."):]
     return legacy
@@ -54,15 +54,19 @@ def adapter_weights(model_or_state: nnx.Module | nnx.State, cfg: Qwen25VLConfig,
         match = _LORA_LEAF.match(path)
         if match is None or not isinstance(var, LoRAParam):
             continue
-        value = np.ascontiguousarray(np.asarray(jax.device_get(var[...])).astype(dtype).T)
-        weight = to_hf_name(match["module"] + ".kernel")
-        out_size, in_size = shapes.get(weight, (None, None))
-        size, expected = (value.shape[1], in_size) if match["which"] == "a" else (value.shape[0], out_size)
-        if size != expected:
-            raise ValueError(f"{path}: adapter of size {size} does not fit {weight} {shapes.get(weight)} "
-                             f"of this model config")
-        which = "A" if match["which"] == "a" else "B"
-        out[f"{PEFT_PREFIX}{peft_module_name(match['module'])}.lora_{which}.weight"] = value
+        module = match["module"]
+        stack = np.asarray(jax.device_get(var[...])).astype(dtype)
+        per_layer = list(enumerate(stack)) if is_stacked(module + ".kernel") else [(None, stack)]
+        for layer, matrix in per_layer:
+            value = np.ascontiguousarray(matrix.T)
+            weight = to_hf_name(module + ".kernel", layer)
+            out_size, in_size = shapes.get(weight, (None, None))
+            size, expected = (value.shape[1], in_size) if match["which"] == "a" else (value.shape[0], out_size)
+            if size != expected:
+                raise ValueError(f"{path}: adapter of size {size} does not fit {weight} {shapes.get(weight)} "
+                                 f"of this model config")
+            which = "A" if match["which"] == "a" else "B"
+            out[f"{PEFT_PREFIX}{peft_module_name(module, layer)}.lora_{which}.weight"] = value
     return out
 
 

@@ -29,7 +29,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from converters.check import DTYPES, INDEX_FILE, SINGLE_FILE, TARGETS, check_export
-from converters.hf import flat_paths, hf_tensors, load_hf_model, to_hf_name
+from converters.hf import hf_entries, hf_tensors, load_hf_model
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, to_hf_config
 from vlmr1_jax.processing import image as image_processing
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer
@@ -96,8 +96,7 @@ def write_weights(state: nnx.State, cfg: Qwen25VLConfig, folder: Path, dtype: st
                   max_shard_size: int | str = "5GB") -> dict[str, str]:
     """Stream every parameter into safetensors shards (+ index when several); returns name -> file."""
     np_dtype = np.dtype(DTYPES[dtype].numpy)
-    params = flat_paths(state)
-    sizes = [(to_hf_name(p), int(np.prod(v.shape, dtype=np.int64)) * np_dtype.itemsize) for p, v in params.items()]
+    sizes = [(name, int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize) for name, _, _, shape in hf_entries(state)]
     shards = plan_shards(sizes, parse_size(max_shard_size))
     files = shard_file_names(len(shards))
     tensors: Iterator[tuple[str, np.ndarray]] = hf_tensors(state, cfg, np_dtype)

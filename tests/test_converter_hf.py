@@ -19,7 +19,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from converters.hf import INDEX_FILE, flat_paths, from_hf_tensor, load_hf_model, save_hf_safetensors, to_hf_name
+from converters.hf import INDEX_FILE, flat_paths, from_hf_tensor, hf_entries, load_hf_model, save_hf_safetensors
 
 SINGLE = "model.safetensors"
 
@@ -157,12 +157,15 @@ def test_bf16_checkpoint_loads_rounded_values(tiny_hf_dir, tmp_path, param_dtype
     with safe_open(src / SINGLE, framework="numpy") as f:
         assert f.get_tensor("model.norm.weight").dtype == ml_dtypes.bfloat16
     fp32 = load_file(tiny_hf_dir / SINGLE)
-    loaded = params(load_hf_model(src, param_dtype=param_dtype))
+    model = load_hf_model(src, param_dtype=param_dtype)
+    loaded = params(model)
+    entries = hf_entries(nnx.state(model))
     rounded = 0
-    for path, value in loaded.items():
-        exact = from_hf_tensor(path, fp32[to_hf_name(path)])
-        assert value.dtype == param_dtype, path
+    for name, path, layer, _ in entries:
+        value = loaded[path] if layer is None else loaded[path][layer]
+        exact = from_hf_tensor(path, fp32[name])
+        assert value.dtype == param_dtype, name
         np.testing.assert_array_equal(value.astype(np.float32),
-                                      exact.astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=path)
+                                      exact.astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=name)
         rounded += int((value.astype(np.float32) != exact).any())
-    assert rounded == len(loaded)  # random fp32 values: every tensor really went through bf16
+    assert rounded == len(entries) == len(fp32)  # random fp32 values: every tensor really went through bf16

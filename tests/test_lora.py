@@ -15,7 +15,7 @@ import pytest
 import torch
 from flax import nnx
 
-from converters.hf import canonical_hf_name, flat_paths, load_hf_model, read_config, to_hf_name
+from converters.hf import canonical_hf_name, flat_paths, is_stacked, load_hf_model, read_config, to_hf_name
 from test_sampler import device_prompts, load_hf
 from test_train_step import build, completions, host_params, optimizer
 from vlmr1_jax.config import GRPOConfig
@@ -60,7 +60,10 @@ def test_targets_are_the_linears_peft_wraps_in_vlm_r1(tiny_hf_dir):
     expected = {canonical_hf_name(n) for n, m in hf.named_modules()
                 if isinstance(m, torch.nn.Linear) and "visual" not in n and "embed_tokens" not in n}
     assert "lm_head" in expected and len(expected) == 7 * model.cfg.text.num_hidden_layers + 1
-    assert {to_hf_name(n + ".kernel").removesuffix(".weight") for n in names} == expected
+    layers = range(model.cfg.text.num_hidden_layers)
+    hf_names = {to_hf_name(n + ".kernel", i if is_stacked(n + ".kernel") else None).removesuffix(".weight")
+                for n in names for i in layers}
+    assert hf_names == expected
     adapted = {path for path, var in flat_paths(nnx.state(model, LoRAParam)).items()}
     assert adapted == {f"{n}.lora_{ab}" for n in names for ab in "ab"}
     assert all(dense.lora_a is None for path, dense in nnx.iter_graph(model)

@@ -28,8 +28,8 @@ LANGUAGE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 def test_module_names_and_target_regex():
     """Our Dense paths -> transformers >= 4.52 module names; the regex takes every language linear and lm_head,
     and no vision module (whose MLP is also gate/up/down_proj)."""
-    assert peft_module_name("text.layers.3.attn.q") == "model.language_model.layers.3.self_attn.q_proj"
-    assert peft_module_name("text.layers.0.mlp.down") == "model.language_model.layers.0.mlp.down_proj"
+    assert peft_module_name("text.layers.attn.q", 3) == "model.language_model.layers.3.self_attn.q_proj"
+    assert peft_module_name("text.layers.mlp.down", 0) == "model.language_model.layers.0.mlp.down_proj"
     assert peft_module_name("text.lm_head") == "lm_head"
     regex = target_modules_regex([f"model.language_model.layers.0.self_attn.{n}" for n in LANGUAGE[:4]]
                                  + [f"model.language_model.layers.0.mlp.{n}" for n in LANGUAGE[4:]] + ["lm_head"])

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import functools
 import json
-import types
 
-import jax
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from converters.hf import canonical_hf_name, flat_paths, to_hf_name, to_hf_tensor
+from converters.hf import canonical_hf_name, hf_entries, to_hf_tensor
 from vlmr1_jax.models.qwen2_5_vl.config import PRESETS, from_hf_config, to_hf_config
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 
@@ -36,16 +34,10 @@ def hf_shapes(cfg) -> tuple[dict[str, tuple[int, ...]], bool]:
 
 @functools.cache
 def our_shapes(cfg) -> dict[str, tuple[int, ...]]:
-    """Legacy HF name -> HF-layout shape of every parameter of our model, via the converter's name/layout rules.
-
-    Shapes do not depend on the keys, so a fixed key stands in for `nnx.Rngs`: tracing nnx's RNG counter updates
-    costs 5-25 s per released preset (flax asks each traced count for `.sharding`; jax answers with an error
-    message that walks the whole trace).
-    """
-    keys = types.SimpleNamespace(params=lambda: jax.random.key(0))
-    abstract = nnx.state(nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=keys)))
-    return {to_hf_name(path): to_hf_tensor(path, np.empty(var.shape, SHAPELESS), cfg).shape
-            for path, var in flat_paths(abstract).items()}
+    """Legacy HF name -> HF-layout shape of every parameter of our model, via the converter's name/layout rules."""
+    abstract = nnx.state(nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0))))
+    return {name: to_hf_tensor(path, np.empty(shape, SHAPELESS), cfg).shape
+            for name, path, _, shape in hf_entries(abstract)}
 
 
 @pytest.mark.parametrize("name", RELEASED)

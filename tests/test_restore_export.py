@@ -126,9 +126,9 @@ def test_lora_sft_checkpoint_restores_adapters(source, tmp_path):
     saved = save_trainer_checkpoint(tmp_path, cfg, "sft", step=5)
     model, meta, _ = load_checkpoint(tmp_path)
     assert_same_params(model, saved)
-    adapter = np.asarray(model.text.layers[0].mlp.up.lora_b[...])
-    assert adapter.shape == (4, 96) and np.abs(adapter).max() > 0  # perturbed away from B = 0
-    assert model.text.layers[0].mlp.up.lora_scale == 2.0
+    adapter = np.asarray(model.text.layers.mlp.up.lora_b[...])  # stacked: [layers, rank, out]
+    assert adapter.shape == (model.cfg.text.num_hidden_layers, 4, 96) and np.abs(adapter[0]).max() > 0
+    assert model.text.layers.mlp.up.lora_scale == 2.0
 
 
 def test_meta_that_does_not_describe_the_state_is_refused(grpo_run, tmp_path):

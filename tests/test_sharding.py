@@ -1,23 +1,27 @@
 """The tiny model sharded over an 8-device CPU mesh (data 2, fsdp 2, tensor 2) computes what one device computes.
 
 Parameters are placed by the logical-axis rules (`vlmr1_jax.parallel.mesh`), both when loading an HF folder and
-when initialising in place; the batch goes on `batch_sharding`. Also: the rule fallback and mesh-shape errors.
+when initialising in place; the batch goes on `batch_sharding`; under `jax.set_mesh` activations and the KV cache
+are pinned by the same rules. Also: the rule fallback (and its warning) and mesh-shape errors.
 """
 
 from __future__ import annotations
 
 from functools import partial
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from converters.hf import flat_paths, load_hf_model, read_config
 from ports.parity import make_inputs, positions_for
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
+from vlmr1_jax.models.qwen2_5_vl.text import KVCache
 from vlmr1_jax.parallel.mesh import MeshConfig, batch_sharding, create_sharded, logical_to_spec, make_mesh
 from vlmr1_jax.processing.vision_plan import plan_vision, vision_gather_indices
 
@@ -26,12 +30,12 @@ VIDEO_GRIDS = [(2, 4, 6)]
 # Large kernels and where the rules must put them (tiny config: text 64/96/160, vision 32/48, merger 128).
 EXPECTED_SPECS = {
     "text.embed": P("tensor", "fsdp"),  # [vocab, embed]
-    "text.layers.0.mlp.gate.kernel": P("fsdp", "tensor"),  # [embed, mlp]
-    "text.layers.1.mlp.down.kernel": P("tensor", "fsdp"),  # [mlp, embed]
-    "text.layers.0.attn.q.kernel": P("fsdp", "tensor"),  # [embed, heads]
+    "text.layers.mlp.gate.kernel": P(None, "fsdp", "tensor"),  # [layers, embed, mlp]: layers never sharded
+    "text.layers.mlp.down.kernel": P(None, "tensor", "fsdp"),  # [layers, mlp, embed]
+    "text.layers.attn.q.kernel": P(None, "fsdp", "tensor"),  # [layers, embed, heads]
     "text.lm_head.kernel": P("fsdp", "tensor"),  # [embed, vocab]
-    "visual.blocks.0.attn.qkv.kernel": P("fsdp", "tensor"),  # [vision_embed, vision_heads]
-    "visual.blocks.3.mlp.up.kernel": P("fsdp", "tensor"),
+    "visual.blocks.attn.qkv.kernel": P(None, "fsdp", "tensor"),  # [layers, vision_embed, vision_heads]
+    "visual.blocks.mlp.up.kernel": P(None, "fsdp", "tensor"),
     "visual.merger.fc1.kernel": P("fsdp", "tensor"),  # [vision_merge, vision_mlp]
 }
 
@@ -62,6 +66,16 @@ def _forward(graphdef, state, vision, text):
     feats = model.encode_vision(**vision)
     hidden, _ = model(text["input_ids"], text["positions"], text["attention_mask"], feats, text["gather"])
     return feats, model.logits(hidden)
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _prefill(graphdef, state, vision, text, cache_size):
+    """Vision + cached prefill, returning the cache (its sharding shows whether the constraints applied)."""
+    model = nnx.merge(graphdef, state)
+    feats = model.encode_vision(**vision)
+    cache = KVCache.empty(model.cfg.text, text["input_ids"].shape[0], cache_size, model.text.dtype)
+    hidden, cache = model(text["input_ids"], text["positions"], text["attention_mask"], feats, text["gather"], cache)
+    return model.logits(hidden), cache
 
 
 def forward(model, batch, mesh=None):
@@ -148,3 +162,49 @@ def test_make_mesh_shapes_and_errors():
         make_mesh(MeshConfig(data=3, fsdp=-1))
     with pytest.raises(ValueError, match="needs 4 devices, have 8"):
         make_mesh(MeshConfig(data=2, fsdp=2, tensor=1))
+
+
+def shard_inputs(batch, mesh):
+    plan, text = batch
+    vision = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in plan.device_inputs().items()}
+    text = {k: jax.device_put(v, batch_sharding(mesh, v.ndim, 1 if k == "positions" else 0)) for k, v in text.items()}
+    return vision, text
+
+
+def test_activation_and_cache_constraints_match_single_device(tiny_hf_dir, mesh, batch):
+    """Under `jax.set_mesh` the cache comes out laid out by the rules (rows over data x fsdp, KV heads over
+    tensor) and the logits and cache equal the single-device ones."""
+    sharded = load_hf_model(tiny_hf_dir, mesh=mesh)
+    vision, text = shard_inputs(batch, mesh)
+    with jax.set_mesh(mesh):
+        logits, cache = _prefill(*nnx.split(sharded), vision, text, 40)
+    layout = lambda x, *spec: x.sharding.is_equivalent_to(NamedSharding(mesh, P(*spec)), x.ndim)  # noqa: E731
+    assert layout(cache.k, None, ("data", "fsdp"), None, "tensor", None), cache.k.sharding
+    assert layout(logits, ("data", "fsdp"), None, "tensor"), logits.sharding
+    single = load_hf_model(tiny_hf_dir)
+    logits_1, cache_1 = _prefill(*nnx.split(single), batch[0].device_inputs(), batch[1], 40)
+    valid = batch[1]["attention_mask"].astype(bool)
+    np.testing.assert_allclose(np.asarray(logits)[valid], np.asarray(logits_1)[valid], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(cache.k), np.asarray(cache_1.k), atol=1e-5, rtol=0)
+
+
+def test_cache_bytes_per_device_fall_as_fsdp_grows(tiny_hf_dir, batch):
+    """XLA's own accounting of the compiled prefill: the per-device output (logits + KV cache) shrinks with
+    the fsdp size, because the cache rows are sharded, not replicated."""
+    sizes = {}
+    for fsdp in (1, 2, 4):
+        mesh = make_mesh(MeshConfig(data=1, fsdp=fsdp, tensor=1), devices=jax.devices()[:fsdp])
+        model = load_hf_model(tiny_hf_dir, mesh=mesh)
+        vision, text = shard_inputs(batch, mesh)
+        with jax.set_mesh(mesh):
+            compiled = _prefill.lower(*nnx.split(model), vision, text, 256).compile()
+        sizes[fsdp] = compiled.memory_analysis().output_size_in_bytes
+    assert sizes[1] > 1.8 * sizes[2] > 1.8 * 1.8 * sizes[4], sizes
+
+
+def test_replication_fallback_warns_once(mesh, caplog):
+    with caplog.at_level(logging.WARNING, logger="vlmr1_jax.parallel.mesh"):
+        assert logical_to_spec(("kv_heads",), (7,), mesh) == P(None)
+        assert logical_to_spec(("kv_heads",), (7,), mesh) == P(None)
+    warnings = [r.getMessage() for r in caplog.records if "'kv_heads' of size 7" in r.getMessage()]
+    assert len(warnings) == 1 and "replicated" in warnings[0], warnings

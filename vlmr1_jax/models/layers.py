@@ -6,10 +6,11 @@ modules themselves know nothing about devices.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Axes = tuple[str | None, ...]
@@ -134,3 +135,57 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("...kgls,...skd->...lkgd", probs, v)
     return out.reshape(*lead, length, heads, dim)
+
+
+LAYERS_AXIS = "layers"  # logical name of the leading axis of stacked layer parameters (never sharded)
+
+
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`count` layers built by `make` as ONE module whose parameters carry a leading [count] axis.
+
+    One layout for scanned and unrolled execution (see `run_layers`): converters, LoRA and sharding see a single
+    stacked tensor per weight, and building the model traces one layer, not `count`.
+    """
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=count)
+    def create(layer_rngs: nnx.Rngs) -> nnx.Module:
+        return make(layer_rngs)
+
+    module = create(rngs)
+    for _, variable in nnx.iter_graph(module):
+        if isinstance(variable, nnx.Variable):
+            axes = variable.get_metadata().get("logical_axes") or (None,) * (variable.ndim - 1)
+            variable.set_metadata(logical_axes=(LAYERS_AXIS, *axes))
+    return module
+
+
+def run_layers(layers: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]], carry: Any,
+               xs: Any = None, *, scan: bool = True, remat_policy: Any = "none") -> tuple[Any, Any]:
+    """Apply a `stacked` module layer by layer: `carry, y_i = body(layer_i, carry, xs[i])`; returns the final
+    carry and the stacked y_i.
+
+    scan=True compiles one layer (`jax.lax.scan`), so compile time does not grow with depth; scan=False unrolls a
+    Python loop over static slices (same parameters, same results; `xs` slices are then concrete host values).
+    `remat_policy`: "none" (keep activations), None (save only the layer inputs) or a `jax.checkpoint_policies`.
+    """
+    graphdef, state = nnx.split(layers)
+
+    def one(carry, inputs):
+        layer_state, x = inputs
+        return body(nnx.merge(graphdef, layer_state), carry, x)
+
+    if remat_policy != "none":
+        one = jax.checkpoint(one, policy=remat_policy, prevent_cse=not scan)
+    if scan:
+        return jax.lax.scan(one, carry, (state, xs))
+    count = jax.tree.leaves(state)[0].shape[0]
+    outputs = []
+    for i in range(count):
+        layer_slice = jax.tree.map(lambda a: a[i], state)
+        x = None if xs is None else jax.tree.map(lambda a: np.asarray(a)[i] if isinstance(a, np.ndarray) else a[i],
+                                                   xs)
+        carry, y = one(carry, (layer_slice, x))
+        outputs.append(y)
+    ys = None if outputs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+    return carry, ys

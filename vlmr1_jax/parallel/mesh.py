@@ -1,13 +1,16 @@
 """Device mesh, the one logical-axis rule table, and shardings for parameter trees and batches.
 
 Mesh axes are `data, fsdp, tensor` (MaxText naming). Parameters carry logical axis names (`embed`, `mlp`, ...);
-`LOGICAL_RULES` maps each name to mesh axes. An axis whose size does not divide by its mesh axes is replicated
-instead of failing, so one rule table serves every model size and mesh shape.
+activations and the KV cache are pinned with `constrain` at block boundaries. `LOGICAL_RULES` maps each name to
+mesh axes. An axis whose size does not divide by its mesh axes is replicated instead of failing (with a warning,
+once), so one rule table serves every model size and mesh shape.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -15,12 +18,18 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    # activations and KV cache: rows over data x fsdp, heads / vocab over tensor, hidden and length replicated
     "batch": ("data", "fsdp"),
+    "length": (),
+    "act_embed": (),
+    # parameters (heads, kv_heads, mlp and vocab also name activation axes)
     "embed": ("fsdp",),
     "vocab": ("tensor",),
     "mlp": ("tensor",),
@@ -31,6 +40,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "vision_heads": ("tensor",),
     "vision_merge": ("fsdp",),
     "lora_rank": (),
+    "layers": (),  # the leading axis of stacked (scanned) layer parameters
 }
 
 
@@ -61,19 +71,38 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | No
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
-    """PartitionSpec for one array: each logical name's mesh axes, dropped where the dimension does not divide."""
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh | AbstractMesh) -> P:
+    """PartitionSpec for one array: each logical name's mesh axes, dropped (with a warning) where the dimension
+    does not divide."""
     used: set[str] = set()
     spec: list[Any] = []
     for name, dim in zip(axes, shape):
         mesh_axes = tuple(a for a in LOGICAL_RULES.get(name, ()) if a not in used and mesh.shape[a] > 1) \
             if name else ()
-        if mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+        ways = math.prod(mesh.shape[a] for a in mesh_axes)
+        if mesh_axes and dim % ways == 0:
             used.update(mesh_axes)
             spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
         else:
+            if mesh_axes:
+                _warn_replicated(name, dim, mesh_axes, ways)
             spec.append(None)
     return P(*spec)
+
+
+@functools.cache
+def _warn_replicated(name: str, dim: int, mesh_axes: tuple[str, ...], ways: int) -> None:
+    log.warning("logical axis %r of size %d does not divide over mesh axes %s (%d ways): replicated there; "
+                "choose mesh sizes that divide it to shard it", name, dim, "x".join(mesh_axes), ways)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Pin an activation to the layout of its logical axes on the current mesh (`jax.set_mesh`); outside a mesh
+    context (one device, tests) it is the identity."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:

@@ -38,11 +38,12 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, seed: int = 0, dropou
     key = jax.random.key(seed)
     names = []
     for i, (name, dense) in enumerate(lora_targets(model)):
-        fan_in, fan_out = dense.kernel.shape
-        axes = dense.kernel.get_metadata().get("logical_axes", (None, None))
-        a = jax.random.normal(jax.random.fold_in(key, i), (fan_in, rank), dense.kernel.dtype) / jnp.sqrt(fan_in)
-        dense.lora_a = LoRAParam(a, logical_axes=(axes[0], "lora_rank"))
-        dense.lora_b = LoRAParam(jnp.zeros((rank, fan_out), dense.kernel.dtype), logical_axes=("lora_rank", axes[1]))
+        *layers, fan_in, fan_out = dense.kernel.shape  # stacked layers carry a leading [layers] axis
+        *lead, in_axis, out_axis = dense.kernel.get_metadata().get("logical_axes") or (None,) * dense.kernel.ndim
+        a = jax.random.normal(jax.random.fold_in(key, i), (*layers, fan_in, rank), dense.kernel.dtype)
+        dense.lora_a = LoRAParam(a / jnp.sqrt(fan_in), logical_axes=(*lead, in_axis, "lora_rank"))
+        dense.lora_b = LoRAParam(jnp.zeros((*layers, rank, fan_out), dense.kernel.dtype),
+                                 logical_axes=(*lead, "lora_rank", out_axis))
         dense.lora_scale = alpha / rank
         dense.lora_dropout = float(dropout)
         names.append(name)
@@ -57,7 +58,10 @@ def set_lora_dropout_keys(model: nnx.Module, key: jax.Array) -> None:
     """
     for i, (_, dense) in enumerate(lora_targets(model)):
         if dense.lora_a is not None and dense.lora_dropout > 0.0:
-            dense.lora_dropout_key = LoRADropoutKey(jax.random.fold_in(key, i))
+            adapter_key = jax.random.fold_in(key, i)
+            if dense.kernel.ndim == 3:  # stacked layers: one key per layer, sliced by the layer loop
+                adapter_key = jax.random.split(adapter_key, dense.kernel.shape[0])
+            dense.lora_dropout_key = LoRADropoutKey(adapter_key)
 
 
 def merge_lora(model: nnx.Module) -> None:

@@ -75,6 +75,11 @@ class Trainer:
         return {"loss": f"{metrics['loss']:.4f}"}
 
     def train(self) -> dict[str, float]:
+        """Run to `max_steps` (from the resumed step); activations follow the mesh's logical rules."""
+        with jax.set_mesh(self.mesh):
+            return self._train()
+
+    def _train(self) -> dict[str, float]:
         cfg = self.cfg
         window: list[dict[str, float]] = []
         last: dict[str, float] = {}

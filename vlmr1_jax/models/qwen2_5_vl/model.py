@@ -18,10 +18,15 @@ from vlmr1_jax.models.qwen2_5_vl.vision import VisionTower
 
 class Qwen25VL(nnx.Module):
     def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32, remat: str = "none"):
+                 param_dtype: jnp.dtype = jnp.float32, remat: str = "none", scan_layers: bool = True):
         self.cfg = cfg
-        self.visual = VisionTower(cfg.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.text = TextModel(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
+        self.visual = VisionTower(cfg.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, scan=scan_layers)
+        self.text = TextModel(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                              scan=scan_layers)
+
+    def set_scan_layers(self, scan: bool) -> None:
+        """Scan (one compiled layer) or unroll the vision blocks and decoder layers; parameters are unchanged."""
+        self.visual.scan = self.text.scan = scan
 
     def encode_vision(self, pixel_values: jax.Array, hw_positions: jax.Array, frame_ids: jax.Array,
                       frame_index: jax.Array) -> jax.Array:

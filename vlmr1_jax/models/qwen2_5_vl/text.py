@@ -8,12 +8,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlmr1_jax.models.layers import Dense, GatedMLP, RMSNorm, apply_rotary, attention, param
+from vlmr1_jax.models.layers import Dense, GatedMLP, RMSNorm, apply_rotary, attention, param, run_layers, stacked
 from vlmr1_jax.models.qwen2_5_vl.config import TextConfig
 from vlmr1_jax.models.qwen2_5_vl.rope import inv_frequencies, mrope_cos_sin
+from vlmr1_jax.parallel.mesh import constrain
 
 # Rematerialisation per decoder layer: "full" saves only the layer inputs, "dots" also keeps the outputs of
 # weight matmuls (batch-free dots), so the backward recomputes attention and element-wise work but no projection.
+HIDDEN_AXES = ("batch", "length", "act_embed")  # the residual stream between decoder layers
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
@@ -30,16 +32,18 @@ class KVCache:
     valid: jax.Array
     index: jax.Array
 
+    AXES = ("layers", "batch", "length", "kv_heads", None)  # logical axes of k and v
+
     @classmethod
     def empty(cls, cfg: TextConfig, batch: int, size: int, dtype: jnp.dtype) -> "KVCache":
         shape = (cfg.num_hidden_layers, batch, size, cfg.num_key_value_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, size), bool),
-                   jnp.zeros((), jnp.int32))
+        return cls(constrain(jnp.zeros(shape, dtype), cls.AXES), constrain(jnp.zeros(shape, dtype), cls.AXES),
+                   jnp.zeros((batch, size), bool), jnp.zeros((), jnp.int32))
 
     def repeat(self, times: int) -> "KVCache":
         """Fan each row out to `times` consecutive rows (prefill once, sample G completions)."""
-        rep = lambda x, axis: jnp.repeat(x, times, axis=axis)  # noqa: E731
-        return KVCache(rep(self.k, 1), rep(self.v, 1), rep(self.valid, 0), self.index)
+        rep = lambda x: constrain(jnp.repeat(x, times, axis=1), self.AXES)  # noqa: E731
+        return KVCache(rep(self.k), rep(self.v), jnp.repeat(self.valid, times, axis=0), self.index)
 
 
 class TextAttention(nnx.Module):
@@ -57,12 +61,13 @@ class TextAttention(nnx.Module):
         q = self.q(x).reshape(b, length, self.heads, self.head_dim)
         k = self.k(x).reshape(b, length, self.kv_heads, self.head_dim)
         v = self.v(x).reshape(b, length, self.kv_heads, self.head_dim)
-        q = apply_rotary(q, cos[:, :, None], sin[:, :, None])
+        q = constrain(apply_rotary(q, cos[:, :, None], sin[:, :, None]), ("batch", "length", "heads", None))
         k = apply_rotary(k, cos[:, :, None], sin[:, :, None])
         if layer_cache is not None:
             ck, cv, index = layer_cache
             k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+        k, v = (constrain(t, ("batch", "length", "kv_heads", None)) for t in (k, v))
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         return self.o(out.reshape(b, length, -1)), (k, v)
 
@@ -81,26 +86,25 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_norm(x)), kv
 
 
-def _run_layer(layer: DecoderLayer, x, cos, sin, mask, layer_cache):
-    return layer(x, cos, sin, mask, layer_cache)
-
-
 class TextModel(nnx.Module):
     """Token embedding, decoder layers, final norm and the LM head (tied to the embedding when configured).
 
-    `remat` ("none" | "full" | "dots") rematerialises each decoder layer in the backward pass (REMAT_POLICIES).
+    The decoder layers are one `stacked` module (parameters [layers, ...]); `scan` runs them with `jax.lax.scan`
+    (compile time independent of depth) or unrolled. `remat` ("none" | "full" | "dots") rematerialises each decoder
+    layer in the backward pass (REMAT_POLICIES). Both are static settings of the compiled program.
     """
 
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32, remat: str = "none"):
+                 param_dtype: jnp.dtype = jnp.float32, remat: str = "none", scan: bool = True):
         if remat != "none" and remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={remat!r}; choose none, {', '.join(REMAT_POLICIES)}")
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
+        self.scan = scan
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), "normal", param_dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-                                for _ in range(cfg.num_hidden_layers)])
+        self.layers = stacked(lambda r: DecoderLayer(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
+                              cfg.num_hidden_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", param_dtype=param_dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Dense(
             cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, rngs=rngs, dtype=dtype,
@@ -130,25 +134,26 @@ class TextModel(nnx.Module):
             query_slot = cache.index + jnp.arange(length)
             causal = jnp.arange(size)[None, :] <= query_slot[:, None]
             mask = causal[None] & key_valid[:, None, :]
-        # Tree mode: graph mode tries to write the layer's variables back across trace levels and fails when
-        # only part of the state is differentiated (LoRA: adapters are grad tracers, the base is not).
-        run = _run_layer if self.remat == "none" else nnx.remat(_run_layer, policy=REMAT_POLICIES[self.remat],
-                                                                graph=False)
-        x = embeds
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-            x, (k, v) = run(layer, x, cos, sin, mask, layer_cache)
-            new_k.append(k)
-            new_v.append(v)
+
+        def body(layer: DecoderLayer, x, layer_cache):
+            layer_cache = None if layer_cache is None else (*layer_cache, cache.index)
+            x, kv = layer(x, cos, sin, mask, layer_cache)
+            return constrain(x, HIDDEN_AXES), (None if cache is None else kv)
+
+        policy = "none" if self.remat == "none" else REMAT_POLICIES[self.remat]
+        x, kv = run_layers(self.layers, body, constrain(embeds, HIDDEN_AXES), None if cache is None else (cache.k, cache.v),
+                           scan=self.scan, remat_policy=policy)
         x = self.norm(x)
         if cache is None:
             return x, None
-        return x, KVCache(jnp.stack(new_k), jnp.stack(new_v), key_valid, cache.index + length)
+        return x, KVCache(kv[0], kv[1], key_valid, cache.index + length)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head in float32 logits; tied heads reuse the embedding matrix."""
+        axes = ("batch", "length", "vocab") if hidden.ndim == 3 else ("batch", "vocab")
         if self.lm_head is not None:
-            return self.lm_head(hidden).astype(jnp.float32)  # through the Dense, so a LoRA adapter applies
-        kernel = self.embed[...].astype(self.dtype).T
-        return jnp.dot(hidden.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
+            logits = self.lm_head(hidden).astype(jnp.float32)  # through the Dense, so a LoRA adapter applies
+        else:
+            kernel = self.embed[...].astype(self.dtype).T
+            logits = jnp.dot(hidden.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
+        return constrain(logits, axes)

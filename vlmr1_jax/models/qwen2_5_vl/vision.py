@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from vlmr1_jax.models.layers import ACTIVATIONS, Dense, GatedMLP, RMSNorm, apply_rotary, attention, param
+from vlmr1_jax.models.layers import (ACTIVATIONS, Dense, GatedMLP, RMSNorm, apply_rotary, attention, param, run_layers,
+                                     stacked)
 from vlmr1_jax.models.qwen2_5_vl.config import VisionConfig
 from vlmr1_jax.models.qwen2_5_vl.rope import inv_frequencies, vision_cos_sin
 
@@ -70,15 +72,18 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
+    """Patch embedding, the blocks as one `stacked` module (scanned or unrolled, see `run_layers`), the merger."""
+
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32):
+                 param_dtype: jnp.dtype = jnp.float32, scan: bool = True):
         self.cfg = cfg
         self.dtype = dtype
+        self.scan = scan
         # Conv3d with stride == kernel and no bias is a matmul over flattened [C, Tp, p, p] rows.
         self.patch_embed = param(rngs, (cfg.patch_dim, cfg.hidden_size), (None, "vision_embed"), "normal",
                                  param_dtype)
-        self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-                                for _ in range(cfg.depth)])
+        self.blocks = stacked(lambda r: VisionBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype), cfg.depth,
+                              rngs)
         self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, pixel_values: jax.Array, hw_positions: jax.Array, frame_ids: jax.Array,
@@ -100,7 +105,14 @@ class VisionTower(nnx.Module):
         for full, index in groups.items():
             ok = valid[index]
             masks[full] = ok[:, :, None] & ok[:, None, :]
-        for i, block in enumerate(self.blocks):
-            full = i in cfg.fullatt_block_indexes
-            x = block(x, cos, sin, groups[full], masks[full])
+        # Indexes past the depth mean "no full attention there", as in transformers.
+        full_blocks = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
+
+        def body(block: VisionBlock, x, full):
+            run = lambda f: block(x, cos, sin, groups[f], masks[f])  # noqa: E731
+            if isinstance(full, (bool, np.bool_)):  # unrolled: a static choice
+                return run(bool(full)), None
+            return jax.lax.cond(full, lambda: run(True), lambda: run(False)), None
+
+        x, _ = run_layers(self.blocks, body, x, full_blocks, scan=self.scan)
         return self.merger(x)
