@@ -243,6 +243,8 @@ def test_bf16_master_weights_are_refused_by_build_model():
     cfg = RunConfig(model=ModelConfig(param_dtype="bfloat16"))
     with pytest.raises(ValueError, match=BF16_MASTERS):
         build_model(cfg, load_tokenizer(cfg), setup_mesh(cfg))
+    with pytest.raises(ValueError, match=r"^model\.frozen_dtype='bf16': unknown dtype; choose one of"):
+        check_model_config(RunConfig(model=ModelConfig(frozen_dtype="bf16")))
 
 
 # ---------------------------------------------------------------- (e) no silent preset

@@ -54,12 +54,12 @@ def check_model_config(cfg: RunConfig) -> None:
         raise ValueError("model.hf_model and model.preset are both unset: set model.hf_model=/ckpt/Qwen2.5-VL-3B-"
                          "Instruct (the HF folder to train), or model.preset=NAME for a random-init experiment")
     dtype_of(model.dtype, "model.dtype")
-    frozen_dtype_of(model)
     if dtype_of(model.param_dtype, "model.param_dtype") != jnp.float32:
         raise ValueError(f"model.param_dtype={model.param_dtype}: trained parameters are AdamW's master weights, "
                          f"and in {model.param_dtype} an update under half an ulp rounds away (at lr 1e-6 most "
                          f"weights never move); set model.param_dtype=float32 (compute stays in model.dtype) and "
                          f"model.frozen_dtype=bfloat16 to keep the frozen parts in bf16")
+    frozen_dtype_of(model)
 
 
 def setup_mesh(cfg: RunConfig) -> Mesh:
