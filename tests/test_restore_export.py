@@ -21,7 +21,7 @@ from vlmr1_jax.config import GRPOConfig, LoRAConfig, ModelConfig, OptimConfig, R
 from vlmr1_jax.rl.step import current_model, init_train_state, make_optimizer
 from vlmr1_jax.train.checkpoint import CheckpointError, Checkpointer
 from vlmr1_jax.train.restore import find_checkpoint, load_checkpoint
-from vlmr1_jax.train.setup import build_model, load_tokenizer, setup_mesh
+from vlmr1_jax.train.setup import build_model, frozen_dtype_of, load_tokenizer, setup_mesh
 
 
 _SHARED: dict[str, Path] = {}
@@ -57,7 +57,8 @@ def save_trainer_checkpoint(run_dir: Path, cfg: RunConfig, kind: str, step: int,
         adjust(model)
     optimizer, _ = make_optimizer(cfg.optim, cfg.train.max_steps)
     graphdef, state = init_train_state(model, cfg.train.trainable, optimizer,
-                                       with_reference=kind == "grpo" and cfg.grpo.beta > 0)
+                                       with_reference=kind == "grpo" and cfg.grpo.beta > 0,
+                                       frozen_dtype=frozen_dtype_of(cfg.model))
     if adjust is None:
         state = dataclasses.replace(state, trainable=perturb(state.trainable, step),
                                     opt_state=perturb(state.opt_state, step + 1), step=state.step + step)

@@ -21,11 +21,15 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    preset: str | None = "tiny"  # a name from models.qwen2_5_vl.config.PRESETS, used when hf_model is unset
+    # A name from models.qwen2_5_vl.config.PRESETS (random init), used when hf_model is unset; recipes for real
+    # checkpoints set null, so a forgotten model.hf_model is an error instead of a random model.
+    preset: str | None = "tiny"
     hf_model: str | None = None  # HF Qwen2.5-VL folder to start from (weights, config, tokenizer)
     tokenizer: str | None = None  # tokenizer folder; default: hf_model's, else the vendored Qwen2.5 one
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16
-    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (every parameter is cast to it at use)
+    param_dtype: str = "float32"  # storage of trained parameters (AdamW's master weights): float32 for training
+    # Storage of the frozen parts (reference policy, frozen vision tower, LoRA base); null = param_dtype.
+    frozen_dtype: str | None = None
     remat: str = "none"  # none | full | dots (per decoder layer)
     overrides: dict = dataclasses.field(default_factory=dict)  # preset field overrides, e.g. {"text.vocab_size": 512}
 

@@ -63,15 +63,26 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
     return tx, schedule
 
 
-def init_train_state(model: Qwen25VL, mode: str, optimizer: optax.GradientTransformation,
-                     with_reference: bool) -> tuple[nnx.GraphDef, TrainState]:
+def init_train_state(model: Qwen25VL, mode: str, optimizer: optax.GradientTransformation, with_reference: bool,
+                     frozen_dtype: jnp.dtype | None = None) -> tuple[nnx.GraphDef, TrainState]:
     """Split `model` into trainable / frozen state; the reference copies the initial trainable variables
-    (for LoRA it is the base model: the same state with the adapters zeroed)."""
+    (for LoRA it is the base model: the same state with the adapters zeroed).
+
+    The trainable variables keep the model's parameter dtype (AdamW's master weights; its moments follow them).
+    `frozen_dtype` (None: unchanged) stores the frozen variables and the reference in that dtype, e.g. bf16 to
+    halve their memory; compute is unaffected, since every layer casts its parameters to `model.dtype` at use.
+    """
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(mode), ...)
+
+    def store(x: jax.Array) -> jax.Array:
+        floating = frozen_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating)
+        return x.astype(frozen_dtype) if floating else x
+
+    frozen = jax.tree.map(store, frozen)
     reference = None
     if with_reference:
         copy = jnp.zeros_like if mode == "lora" else jnp.copy
-        reference = jax.tree.map(copy, trainable)
+        reference = jax.tree.map(lambda x: store(copy(x)), trainable)
     opt_state = optimizer.init(trainable)
     return graphdef, TrainState(jnp.zeros((), jnp.int32), trainable, frozen, opt_state, reference)
 

@@ -20,8 +20,8 @@ from vlmr1_jax.processing.batch import PromptBatch, encode_prompts
 from vlmr1_jax.rl.step import current_model, init_train_state, make_optimizer
 from vlmr1_jax.train.checkpoint import Checkpointer, abstract_like
 from vlmr1_jax.train.metrics import MetricsWriter, mean_metrics
-from vlmr1_jax.train.setup import (build_model, load_samples, load_tokenizer, on_mesh, resolve_max_steps, run_dir,
-                                   setup_mesh)
+from vlmr1_jax.train.setup import (build_model, check_model_config, frozen_dtype_of, load_samples, load_tokenizer,
+                                   on_mesh, resolve_max_steps, run_dir, setup_mesh)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, *, progress: bool = True, with_reference: bool = False,
                  updates_per_step: int = 1):
+        check_model_config(cfg)  # before any data or weights are read
         self.cfg = cfg
         self.progress = progress
         self.updates_per_step = updates_per_step
@@ -41,7 +42,8 @@ class Trainer:
         model = build_model(cfg, self.tokenizer, self.mesh)
         self.model_cfg = model.cfg
         self.optimizer, self.schedule = make_optimizer(cfg.optim, self.max_steps * updates_per_step)
-        self.graphdef, state = init_train_state(model, cfg.train.trainable, self.optimizer, with_reference)
+        self.graphdef, state = init_train_state(model, cfg.train.trainable, self.optimizer, with_reference,
+                                                frozen_dtype_of(cfg.model))
         self.state = on_mesh(state, self.mesh)
         self.data = make_prompt_iterator(self.samples, cfg.data.prompts_per_step, cfg.data.seed,
                                          num_epochs=cfg.data.num_epochs)

@@ -24,7 +24,7 @@ from vlmr1_jax.parallel.mesh import MeshConfig, logical_to_spec, make_mesh
 from vlmr1_jax.rl.lora import apply_lora, merge_lora
 from vlmr1_jax.rl.step import TrainState, current_model, init_train_state, make_optimizer
 from vlmr1_jax.train.checkpoint import META, STATE, CheckpointError, Checkpointer, read_meta
-from vlmr1_jax.train.setup import dtype_of
+from vlmr1_jax.train.setup import dtype_of, frozen_dtype_of
 
 CHECKPOINTS = "checkpoints"
 KINDS = ("grpo", "sft", "import")
@@ -86,7 +86,8 @@ def _abstract_train_state(run: RunConfig, model_cfg: Qwen25VLConfig, kind: str,
                          param_dtype=dtype_of(run.model.param_dtype))
         if run.train.trainable == "lora":
             apply_lora(model, run.lora.rank, run.lora.alpha, seed=run.train.seed)
-        graphdef, state = init_train_state(model, run.train.trainable, optimizer, with_reference)
+        graphdef, state = init_train_state(model, run.train.trainable, optimizer, with_reference,
+                                           frozen_dtype_of(run.model))
         graphdefs.append(graphdef)
         return state
 

@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from converters.hf import load_hf_model
-from vlmr1_jax.config import RunConfig
+from vlmr1_jax.config import ModelConfig, RunConfig
 from vlmr1_jax.data.jsonl import Sample, load_jsonl_datasets
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, get_preset, with_overrides
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
@@ -33,11 +33,33 @@ BATCH_AXIS = {"input_ids": 0, "attention_mask": 0, "positions": 1, "next_positio
               "pixel_values": 0, "hw_positions": 0, "frame_ids": 0, "frame_index": 0}
 
 
-def dtype_of(name: str) -> jnp.dtype:
+def dtype_of(name: str, field: str = "dtype") -> jnp.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+        raise ValueError(f"{field}={name!r}: unknown dtype; choose one of {sorted(DTYPES)}") from None
+
+
+def frozen_dtype_of(model: ModelConfig) -> jnp.dtype:
+    """Storage dtype of the frozen parts (reference policy, frozen vision tower, LoRA base): model.frozen_dtype,
+    else model.param_dtype."""
+    return dtype_of(model.frozen_dtype or model.param_dtype, "model.frozen_dtype")
+
+
+def check_model_config(cfg: RunConfig) -> None:
+    """Refuse, before anything is loaded, a training run without a model source or with half-precision master
+    weights (AdamW updates the trained parameters in place: a bf16 update under half an ulp rounds away)."""
+    model = cfg.model
+    if not model.hf_model and not model.preset:
+        raise ValueError("model.hf_model and model.preset are both unset: set model.hf_model=/ckpt/Qwen2.5-VL-3B-"
+                         "Instruct (the HF folder to train), or model.preset=NAME for a random-init experiment")
+    dtype_of(model.dtype, "model.dtype")
+    if dtype_of(model.param_dtype, "model.param_dtype") != jnp.float32:
+        raise ValueError(f"model.param_dtype={model.param_dtype}: trained parameters are AdamW's master weights, "
+                         f"and in {model.param_dtype} an update under half an ulp rounds away (at lr 1e-6 most "
+                         f"weights never move); set model.param_dtype=float32 (compute stays in model.dtype) and "
+                         f"model.frozen_dtype=bfloat16 to keep the frozen parts in bf16")
+    frozen_dtype_of(model)
 
 
 def setup_mesh(cfg: RunConfig) -> Mesh:
@@ -86,6 +108,7 @@ def check_tokenizer_matches(model_cfg: Qwen25VLConfig, tokenizer: Tokenizer, whe
 def build_model(cfg: RunConfig, tokenizer: Tokenizer, mesh: Mesh) -> Qwen25VL:
     """The policy, born sharded over `mesh`: from an HF folder, or a preset's random init (seed train.seed).
     Starting from one of our checkpoints is handled by the trainer (it restores the whole state)."""
+    check_model_config(cfg)
     dtype, param_dtype = dtype_of(cfg.model.dtype), dtype_of(cfg.model.param_dtype)
     if cfg.model.hf_model:
         model = load_hf_model(cfg.model.hf_model, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
