@@ -221,15 +221,16 @@ def test_sft_loss_equals_hf_cross_entropy_and_decreases(cfg, tiny_hf_dir):
 # ---------------------------------------------------------------- rematerialisation
 
 
-def text_grads(model_dir, remat: str, trainable: str) -> tuple[dict[str, np.ndarray], str]:
+def text_grads(model_dir, remat: str, trainable: str, scan: bool = True) -> tuple[dict[str, np.ndarray], str]:
     """Gradients of a text-only loss w.r.t. the `trainable` variables (the rest enters as a plain jit argument, as in
-    the train step) for the checkpoint in a model built with `remat`, and the gradient's jaxpr."""
+    the train step) for the checkpoint in a model built with `remat` and `scan`, and the gradient's jaxpr."""
     rng = np.random.default_rng(4)
     ids = jnp.asarray(rng.integers(3, 150, (2, 12)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(12)[None, None], (3, 2, 12))
     attention = jnp.ones((2, 12), jnp.int32).at[1, :3].set(0)
     loaded = load_hf_model(model_dir)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen25VL(loaded.cfg, rngs=nnx.Rngs(0), remat=remat)))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen25VL(loaded.cfg, rngs=nnx.Rngs(0), remat=remat,
+                                                            scan_layers=scan)))
     model = nnx.merge(graphdef, nnx.state(loaded))
     if trainable == "lora":
         apply_lora(model, rank=4, alpha=8.0)
@@ -259,6 +260,28 @@ def test_remat_gives_the_same_gradients(tiny_hf_dir, remat, trainable):
     assert "checkpoint" not in plain_jaxpr and "remat" not in plain_jaxpr
     assert_params_close(rematted, plain, atol=1e-6)
     assert min(np.abs(v).max() for k, v in plain.items() if k.startswith("text.layers")) > 1e-6
+
+
+def test_scanned_and_unrolled_layers_give_the_same_gradients(tiny_hf_dir):
+    """One stacked layout, two programs: lax.scan over the layers (rematerialised) and the unrolled loop."""
+    scanned, scan_jaxpr = text_grads(tiny_hf_dir, "full", "full", scan=True)
+    unrolled, loop_jaxpr = text_grads(tiny_hf_dir, "none", "full", scan=False)
+    assert "scan[" in scan_jaxpr and "scan[" not in loop_jaxpr
+    assert_params_close(scanned, unrolled, atol=1e-6)
+    assert min(np.abs(v).max() for k, v in unrolled.items() if k.startswith("text.layers")) > 1e-6
+
+
+def test_scanned_and_unrolled_vision_towers_agree(tiny_hf_b_dir):
+    """Window and full-attention blocks (a `lax.cond` per scanned block) against the static unrolled choice."""
+    model = load_hf_model(tiny_hf_b_dir)
+    arrays = build(model.cfg)[0].arrays()
+    inputs = {k: jnp.asarray(arrays[k]) for k in ("pixel_values", "hw_positions", "frame_ids", "frame_index")}
+    features = {}
+    for scan in (True, False):
+        model.set_scan_layers(scan)
+        features[scan] = np.asarray(jax.jit(lambda m, x: m.encode_vision(**x))(model, inputs))
+    np.testing.assert_allclose(features[True], features[False], atol=1e-5, rtol=0)
+    assert np.abs(features[False]).max() > 0.1
 
 
 def test_unknown_remat_is_rejected(cfg):

@@ -31,6 +31,9 @@ class ModelConfig:
     # Storage of the frozen parts (reference policy, frozen vision tower, LoRA base); null = param_dtype.
     frozen_dtype: str | None = None
     remat: str = "none"  # none | full | dots (per decoder layer)
+    # Run the stacked vision blocks / decoder layers with lax.scan (compile time independent of depth) or unrolled
+    # (same parameters and results; can be faster to run on small models).
+    scan_layers: bool = True
     overrides: dict = dataclasses.field(default_factory=dict)  # preset field overrides, e.g. {"text.vocab_size": 512}
 
 

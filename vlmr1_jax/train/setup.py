@@ -121,7 +121,8 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer, mesh: Mesh) -> Qwen25VL:
     check_tokenizer_matches(model.cfg, tokenizer, where)
     if cfg.model.remat not in ("none", *REMAT_POLICIES):
         raise ValueError(f"model.remat={cfg.model.remat!r}; choose none, {', '.join(REMAT_POLICIES)}")
-    model.text.remat = cfg.model.remat  # a static setting of the compiled program, not a parameter
+    model.text.remat = cfg.model.remat  # static settings of the compiled program, not parameters
+    model.set_scan_layers(cfg.model.scan_layers)
     if cfg.train.trainable == "lora":
         apply_lora(model, cfg.lora.rank, cfg.lora.alpha, seed=cfg.train.seed, dropout=cfg.lora.dropout)
     return model
