@@ -20,17 +20,47 @@ COMMAND_MODULES = (
 )
 
 
+# Errors that mean "the user's input or machine is wrong" (config values, paths, data, disk): one line, no traceback.
+USER_ERRORS = (ValueError, KeyError, OSError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmr1", description="GRPO for vision-language models in JAX")
+    parser.add_argument("--debug", action="store_true",
+                        help="show full tracebacks and library INFO logs (absl / orbax) instead of one error line")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
+def quiet_libraries() -> None:
+    """Silence absl / orbax INFO chatter (hundreds of lines a run); warnings and errors still show."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("absl", "orbax", "jax._src.xla_bridge"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    if not args.debug:
+        quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {message}", file=sys.stderr)
+        print("(run `vlmr1 --debug ...` for the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ not VLM-R1's per-device completions (VLM-R1-SPEC.md 3.1 and issue #197).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any, Sequence
@@ -170,9 +171,89 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+def flatten_overrides(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`model.overrides` in either form config files use, {"text.vocab_size": 512} or {"text": {"vocab_size": 512}},
+    as dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_overrides(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+# Closed choices a recipe can name, checked when the config is read (before any model is built or compiled).
+TASK_TYPES = ("rec", "ic", "odLength", "default", "gui", "math")  # gui / math use the default template
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def _check(ok: bool, field: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{field}={value!r}: expected {expected}")
+
+
+def _positive(value: float) -> bool:
+    return value > 0 and math.isfinite(value)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Range and choice checks of every field whose nonsense value would otherwise fail deep inside a run (or train
+    silently); the error names the field. Returns `cfg` with `model.overrides` flattened."""
+    m, d, s, g, o, lo, t = cfg.model, cfg.data, cfg.sampling, cfg.grpo, cfg.optim, cfg.lora, cfg.train
+    for field, value in (("model.dtype", m.dtype), ("model.param_dtype", m.param_dtype),
+                         ("model.frozen_dtype", m.frozen_dtype or m.param_dtype)):
+        _check(value in DTYPE_NAMES, field, value, f"one of {DTYPE_NAMES}")
+    _check(m.remat in ("none", "full", "dots"), "model.remat", m.remat, "none, full or dots")
+    custom = d.task_type is not None and "{Question}" in d.task_type
+    _check(d.task_type is None or custom or d.task_type in TASK_TYPES, "data.task_type", d.task_type,
+           f"one of {TASK_TYPES} or a template containing {{Question}}")
+    _check(d.prompts_per_step >= 1, "data.prompts_per_step", d.prompts_per_step, "an integer >= 1")
+    _check(d.num_epochs is None or d.num_epochs >= 1, "data.num_epochs", d.num_epochs, "null or >= 1")
+    _check(d.min_pixels >= 1, "data.min_pixels", d.min_pixels, ">= 1")
+    _check(d.max_pixels >= d.min_pixels, "data.max_pixels", d.max_pixels, f">= data.min_pixels ({d.min_pixels})")
+    _check(d.on_error in ("raise", "skip"), "data.on_error", d.on_error, "raise or skip")
+    _check(d.max_prompt_length is None or d.max_prompt_length >= 1, "data.max_prompt_length", d.max_prompt_length,
+           "null or >= 1")
+    _check(s.max_new_tokens >= 1, "sampling.max_new_tokens", s.max_new_tokens, "an integer >= 1")
+    _check(s.greedy or _positive(s.temperature), "sampling.temperature", s.temperature,
+           "> 0 (for greedy decoding set sampling.greedy=true)")
+    _check(s.top_k >= 0, "sampling.top_k", s.top_k, ">= 0 (0 disables)")
+    _check(0 < s.top_p <= 1, "sampling.top_p", s.top_p, "in (0, 1]")
+    _check(g.num_generations >= 1, "grpo.num_generations", g.num_generations, ">= 1 (GRPO needs >= 2)")
+    _check(g.num_iterations >= 1, "grpo.num_iterations", g.num_iterations, "an integer >= 1")
+    _check(g.beta >= 0 and math.isfinite(g.beta), "grpo.beta", g.beta, ">= 0 (0: no reference model)")
+    _check(_positive(g.epsilon), "grpo.epsilon", g.epsilon, "> 0")
+    _check(g.epsilon_high is None or _positive(g.epsilon_high), "grpo.epsilon_high", g.epsilon_high, "null or > 0")
+    _check(len(g.reward_funcs) >= 1, "grpo.reward_funcs", g.reward_funcs, "at least one reward")
+    _check(o.learning_rate >= 0 and math.isfinite(o.learning_rate), "optim.learning_rate", o.learning_rate,
+           "a finite value >= 0")
+    _check(o.schedule in ("linear", "constant"), "optim.schedule", o.schedule, "linear or constant")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    _check(0 <= o.b1 < 1, "optim.b1", o.b1, "in [0, 1)")
+    _check(0 <= o.b2 < 1, "optim.b2", o.b2, "in [0, 1)")
+    _check(_positive(o.eps), "optim.eps", o.eps, "> 0")
+    _check(_positive(o.max_grad_norm), "optim.max_grad_norm", o.max_grad_norm, "> 0")
+    _check(o.grad_accum >= 1, "optim.grad_accum", o.grad_accum, "an integer >= 1")
+    _check(lo.rank >= 1, "lora.rank", lo.rank, ">= 1")
+    _check(_positive(lo.alpha), "lora.alpha", lo.alpha, "> 0")
+    _check(0 <= lo.dropout < 1, "lora.dropout", lo.dropout, "in [0, 1)")
+    _check(cfg.sft.max_target_length >= 1, "sft.max_target_length", cfg.sft.max_target_length, ">= 1")
+    _check(t.trainable in ("full", "freeze_vision", "lora"), "train.trainable", t.trainable,
+           "full, freeze_vision or lora")
+    for field in ("save_every", "keep_checkpoints", "log_every"):
+        _check(getattr(t, field) >= 1, f"train.{field}", getattr(t, field), "an integer >= 1")
+    for field in ("data", "fsdp", "tensor"):
+        size = getattr(cfg.mesh, field)
+        _check(size >= 1 or size == -1, f"mesh.{field}", size, ">= 1, or -1 for all remaining devices")
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, overrides=flatten_overrides(m.overrides)))
+
+
 def from_dict(data: dict[str, Any]) -> RunConfig:
     """A RunConfig from its `to_dict` form (e.g. checkpoint metadata), validated like a recipe."""
-    return _build(RunConfig, data, "")
+    return validate(_build(RunConfig, data, ""))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -202,7 +283,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             known = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
             raise FileNotFoundError(f"config {path!r} is neither a file nor a packaged recipe {known}")
         raw = yaml.safe_load(p.read_text()) or {}
-    return _build(RunConfig, apply_overrides(raw, overrides), "")
+    return validate(_build(RunConfig, apply_overrides(raw, overrides), ""))
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
