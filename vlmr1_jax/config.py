@@ -103,6 +103,8 @@ class TrainConfig:
     seed: int = 0
     rollout_log: bool = False  # write prompts, completions and rewards per step (VLM-R1's DEBUG_MODE log)
     distributed: bool = False  # call jax.distributed.initialize() first
+    # Steps whose loss / gradient is not finite are skipped (parameters untouched); this many in a row stop the run.
+    max_nonfinite_steps: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +245,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.sft.max_target_length >= 1, "sft.max_target_length", cfg.sft.max_target_length, ">= 1")
     _check(t.trainable in ("full", "freeze_vision", "lora"), "train.trainable", t.trainable,
            "full, freeze_vision or lora")
-    for field in ("save_every", "keep_checkpoints", "log_every"):
+    for field in ("save_every", "keep_checkpoints", "log_every", "max_nonfinite_steps"):
         _check(getattr(t, field) >= 1, f"train.{field}", getattr(t, field), "an integer >= 1")
     for field in ("data", "fsdp", "tensor"):
         size = getattr(cfg.mesh, field)

@@ -131,12 +131,19 @@ def make_logprob_fn(graphdef: nnx.GraphDef, num_samples: int) -> Callable:
     return run
 
 
-def _apply_gradients(state: TrainState, grads: nnx.State, optimizer: optax.GradientTransformation,
+def _apply_gradients(state: TrainState, loss: jax.Array, grads: nnx.State, optimizer: optax.GradientTransformation,
                      schedule: optax.Schedule, grad_accum: int) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update, skipped (parameters and optimizer state left as they were) when the loss, the gradient
+    or the update is not finite; `nonfinite` = 1 in the metrics then. The step counter advances either way."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {"grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step // grad_accum)}
-    return dataclasses.replace(state, step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    trainable = keep(optax.apply_updates(state.trainable, updates), state.trainable)
+    metrics = {"grad_norm": grad_norm, "learning_rate": schedule(state.step // grad_accum),
+               "nonfinite": (~finite).astype(jnp.float32)}
+    return dataclasses.replace(state, step=state.step + 1, trainable=trainable,
+                               opt_state=keep(opt_state, state.opt_state)), metrics
 
 
 def make_grpo_step(graphdef: nnx.GraphDef, grpo_cfg, optimizer: optax.GradientTransformation,
@@ -158,7 +165,7 @@ def make_grpo_step(graphdef: nnx.GraphDef, grpo_cfg, optimizer: optax.GradientTr
                            beta=grpo_cfg.beta, max_completion_length=batch["tokens"].shape[1])
 
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
-        state, extra = _apply_gradients(state, grads, optimizer, schedule, grad_accum)
+        state, extra = _apply_gradients(state, loss, grads, optimizer, schedule, grad_accum)
         return state, {"loss": loss, **metrics, **extra}
 
     return jax.jit(step, donate_argnums=0)
@@ -176,7 +183,7 @@ def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
             return -(logp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
         loss, grads = jax.value_and_grad(objective)(state.trainable)
-        state, extra = _apply_gradients(state, grads, optimizer, schedule, grad_accum)
+        state, extra = _apply_gradients(state, loss, grads, optimizer, schedule, grad_accum)
         return state, {"loss": loss, **extra}
 
     return jax.jit(step, donate_argnums=0)

@@ -26,6 +26,10 @@ from vlmr1_jax.train.setup import (build_model, check_model_config, frozen_dtype
 log = logging.getLogger(__name__)
 
 
+class TrainingDiverged(ValueError):
+    """Too many consecutive steps with a non-finite loss or gradient (their updates were skipped)."""
+
+
 class Trainer:
     kind = "base"
 
@@ -51,6 +55,8 @@ class Trainer:
         self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.train.save_every, cfg.train.keep_checkpoints)
         self.metrics = MetricsWriter(self.out, process_index=jax.process_index())
         self.step = 0
+        self.nonfinite_streak = 0
+        self.closed = False
         if self.checkpoints.latest_step() is not None:
             self.state, _ = self.checkpoints.restore(abstract_like(self.state), self.data)
             self.step = int(self.state.step) // updates_per_step
@@ -77,9 +83,14 @@ class Trainer:
         return {"loss": f"{metrics['loss']:.4f}"}
 
     def train(self) -> dict[str, float]:
-        """Run to `max_steps` (from the resumed step); activations follow the mesh's logical rules."""
-        with jax.set_mesh(self.mesh):
-            return self._train()
+        """Run to `max_steps` (from the resumed step); activations follow the mesh's logical rules. On any failure
+        the checkpoint being written is allowed to commit before the error propagates."""
+        try:
+            with jax.set_mesh(self.mesh):
+                return self._train()
+        except BaseException:
+            self.close()
+            raise
 
     def _train(self) -> dict[str, float]:
         cfg = self.cfg
@@ -97,6 +108,7 @@ class Trainer:
             if self.step < self.max_steps:
                 prepared = self.prepare(next(self.data))
             metrics.update({k: float(v) for k, v in jax.device_get(pending).items()})
+            self._check_finite(metrics)
             metrics["time/step"] = time.perf_counter() - start
             self.finish_metrics(metrics)
             metrics["epoch"] = epoch_of(self.step, len(self.samples), cfg.data.prompts_per_step)
@@ -112,10 +124,30 @@ class Trainer:
         self.close()
         return last
 
+    def _check_finite(self, metrics: dict[str, float]) -> None:
+        """Count consecutive skipped (non-finite) steps; stop the run once `train.max_nonfinite_steps` are reached."""
+        self.nonfinite_streak = self.nonfinite_streak + 1 if metrics.get("nonfinite", 0.0) > 0 else 0
+        if self.nonfinite_streak:
+            log.warning("step %d: non-finite loss or gradient (loss=%s); update skipped", self.step,
+                        metrics.get("loss"))
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.nonfinite_streak >= limit:
+            raise TrainingDiverged(
+                f"{limit} steps in a row (up to step {self.step}) had a non-finite loss or gradient; their updates "
+                f"were skipped, so the parameters are those of step {self.step - limit}. Lower "
+                f"optim.learning_rate (now {self.cfg.optim.learning_rate:g}) or check the data, then resume "
+                f"(train.max_nonfinite_steps sets this limit)")
+
     def close(self) -> None:
-        self.checkpoints.wait()
-        self.checkpoints.close()
-        self.metrics.close()
+        """Let an in-flight checkpoint commit, then release the checkpointer and metric writers (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.checkpoints.wait()
+        finally:
+            self.checkpoints.close()
+            self.metrics.close()
 
     def meta(self) -> dict[str, Any]:
         return {"run_config": to_dict(self.cfg), "model_config": dataclasses.asdict(self.model_cfg),
