@@ -171,8 +171,8 @@ def run_jax(model_dir: str, inputs: ParityInputs, dtype: jnp.dtype = jnp.float32
         hidden, cache = model(ids, pos, mask, feats, gather, cache)
         return model.logits(hidden), cache
 
-    logits, cache = step(state, jnp.asarray(inputs.input_ids), jnp.asarray(positions), jnp.asarray(inputs.attention_mask),
-                         jnp.asarray(gather), feats, cache)
+    logits, cache = step(state, jnp.asarray(inputs.input_ids), jnp.asarray(positions),
+                         jnp.asarray(inputs.attention_mask), jnp.asarray(gather), feats, cache)
     decode = []
     next_pos = inputs.attention_mask.sum(1) + deltas
     for s in range(steps):
