@@ -1,14 +1,19 @@
 """`vlmr1 check-parity`: run an HF Qwen2.5-VL folder through transformers and through our JAX port, same inputs.
 
-Compares merged vision features, prompt logits on valid tokens, and cached decode steps, in float32. Both sides get
-identical pixel values (random, so no image backend differences) and identical 3-D position ids (ours, reference
-semantics: QWEN25VL-PORT.md pitfall 1).
+Compares merged vision features, prompt logits on valid tokens, and each cached decode step's logits; transformers
+runs in float32, our side in float32 (or --dtype bfloat16). Both sides get identical pixel values (random, so no
+image backend differences) and identical 3-D position ids (ours, in transformers' semantics).
+
+Each compared tensor passes when max|ours - ref| <= atol + rtol * max|ref|: the tolerance scales with the
+tensor's magnitude (vision activations of real checkpoints reach the thousands, logits tens). float32 ports agree
+to a relative 1e-6..1e-5; a real bug (a wrong rope section, a missing bias, a perturbed weight) shows at 1e-3..1.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from typing import Sequence
 
@@ -17,6 +22,7 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # a stray torch-npu
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from converters.hf import load_hf_model  # noqa: E402
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig  # noqa: E402
@@ -24,6 +30,9 @@ from vlmr1_jax.models.qwen2_5_vl.rope import get_rope_index  # noqa: E402
 from vlmr1_jax.models.qwen2_5_vl.text import KVCache  # noqa: E402
 from vlmr1_jax.processing.image import smart_resize  # noqa: E402
 from vlmr1_jax.processing.vision_plan import plan_vision, vision_gather_indices  # noqa: E402
+
+RTOL = 1e-4  # 10-100x above float32 rounding at real widths, 10x below the smallest bug in tests/test_parity.py
+ATOL = 1e-6  # only matters for a reference that is (nearly) all zeros
 
 
 @dataclasses.dataclass
@@ -40,15 +49,55 @@ class ParityInputs:
     decode_tokens: np.ndarray  # [B, steps] tokens fed during the cached decode steps
 
 
+@dataclasses.dataclass(frozen=True)
+class Diff:
+    """One compared tensor: the largest absolute difference and the reference's scale max|ref|."""
+
+    name: str
+    max_diff: float
+    scale: float
+
+    @property
+    def relative(self) -> float:
+        return self.max_diff / self.scale if self.scale else (0.0 if self.max_diff == 0 else math.inf)
+
+    def passed(self, rtol: float = RTOL, atol: float = ATOL) -> bool:
+        return self.max_diff <= atol + rtol * self.scale
+
+    def line(self, rtol: float = RTOL, atol: float = ATOL) -> str:
+        verdict = "ok" if self.passed(rtol, atol) else "FAIL"
+        return (f"{self.name:<16} max|diff| {self.max_diff:.3e}  max|ref| {self.scale:.3e}  "
+                f"relative {self.relative:.2e}  limit {atol + rtol * self.scale:.3e}  {verdict}")
+
+    @classmethod
+    def of(cls, name: str, ours: np.ndarray, ref: np.ndarray) -> "Diff":
+        if ours.shape != ref.shape:
+            raise ValueError(f"{name}: our shape {ours.shape} != reference shape {ref.shape}")
+        diff = np.abs(ours - ref)  # NaN anywhere makes max_diff NaN, which fails every rule
+        return cls(name, float(diff.max(initial=0.0)), float(np.abs(ref).max(initial=0.0)))
+
+
 @dataclasses.dataclass
 class ParityReport:
-    vision: float
-    logits: float
-    decode: list[float]
-    logit_scale: float
+    """Per-tensor differences of one parity run; passes when every compared tensor does."""
 
-    def passed(self, vision_tol: float, logits_tol: float) -> bool:
-        return self.vision <= vision_tol and self.logits <= logits_tol and max(self.decode, default=0) <= logits_tol
+    vision: Diff | None  # None without images or videos
+    logits: Diff
+    decode: list[Diff]
+
+    @property
+    def diffs(self) -> list[Diff]:
+        return [d for d in (self.vision, self.logits, *self.decode) if d is not None]
+
+    def passed(self, rtol: float = RTOL, atol: float = ATOL) -> bool:
+        return all(d.passed(rtol, atol) for d in self.diffs)
+
+    @property
+    def worst_relative(self) -> float:
+        return max(d.relative for d in self.diffs)
+
+
+Outputs = tuple[np.ndarray, np.ndarray, list[np.ndarray]]  # (vision features, prompt logits, decode-step logits)
 
 
 def make_inputs(cfg: Qwen25VLConfig, image_grids: Sequence[tuple[int, int, int]],
@@ -88,6 +137,7 @@ def make_inputs(cfg: Qwen25VLConfig, image_grids: Sequence[tuple[int, int, int]]
 
 
 def positions_for(cfg: Qwen25VLConfig, inputs: ParityInputs) -> tuple[np.ndarray, np.ndarray]:
+    """3-D M-RoPE position ids [3, B, L] and per-row decode offsets, fed identically to both sides."""
     return get_rope_index(
         inputs.input_ids, inputs.attention_mask, inputs.image_grids, inputs.video_grids, inputs.second_per_grid_ts,
         image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
@@ -95,9 +145,10 @@ def positions_for(cfg: Qwen25VLConfig, inputs: ParityInputs) -> tuple[np.ndarray
         tokens_per_second=cfg.vision.tokens_per_second)
 
 
-def run_jax(model_dir: str, inputs: ParityInputs) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Our side: (merged vision features in processor order, prompt logits, decode-step logits)."""
-    model = load_hf_model(model_dir)
+def run_jax(model_dir: str, inputs: ParityInputs, dtype: jnp.dtype = jnp.float32) -> Outputs:
+    """Our side, computing in `dtype` (float32 parameters): (merged vision features in processor order, prompt
+    logits, decode-step logits), all as float32."""
+    model = load_hf_model(model_dir, dtype=dtype)
     cfg = model.cfg
     positions, deltas = positions_for(cfg, inputs)
     grids = inputs.image_grids + inputs.video_grids
@@ -106,29 +157,33 @@ def run_jax(model_dir: str, inputs: ParityInputs) -> tuple[np.ndarray, np.ndarra
                        window_merged=cfg.vision.window_merged)
     gather = vision_gather_indices(inputs.input_ids, plan, image_token_id=cfg.image_token_id,
                                    video_token_id=cfg.video_token_id, num_image_items=len(inputs.image_grids))
-    feats = jax.jit(model.encode_vision)(**{k: jnp.asarray(v) for k, v in plan.device_inputs().items()})
+    # Parameters go in as arguments: closed over, XLA would fold them as constants (>20 GB at the 3B's widths).
+    graphdef, state = nnx.split(model)
+    feats = jax.jit(lambda state, kw: nnx.merge(graphdef, state).encode_vision(**kw))(
+        state, {k: jnp.asarray(v) for k, v in plan.device_inputs().items()})
     batch, length = inputs.input_ids.shape
     steps = inputs.decode_tokens.shape[1]
-    cache = KVCache.empty(cfg.text, batch, length + steps, jnp.float32)
+    cache = KVCache.empty(cfg.text, batch, length + steps, dtype)
 
     @jax.jit
-    def step(ids, pos, mask, gather, feats, cache):
+    def step(state, ids, pos, mask, gather, feats, cache):
+        model = nnx.merge(graphdef, state)
         hidden, cache = model(ids, pos, mask, feats, gather, cache)
         return model.logits(hidden), cache
 
-    logits, cache = step(jnp.asarray(inputs.input_ids), jnp.asarray(positions), jnp.asarray(inputs.attention_mask),
-                         jnp.asarray(gather), feats, cache)
+    logits, cache = step(state, jnp.asarray(inputs.input_ids), jnp.asarray(positions),
+                         jnp.asarray(inputs.attention_mask), jnp.asarray(gather), feats, cache)
     decode = []
     next_pos = inputs.attention_mask.sum(1) + deltas
     for s in range(steps):
         pos = np.broadcast_to((next_pos + s)[None, :, None], (3, batch, 1))
-        out, cache = step(jnp.asarray(inputs.decode_tokens[:, s:s + 1]), jnp.asarray(pos),
+        out, cache = step(state, jnp.asarray(inputs.decode_tokens[:, s:s + 1]), jnp.asarray(pos),
                           jnp.ones((batch, 1), jnp.int32), jnp.full((batch, 1), -1, jnp.int32), feats, cache)
-        decode.append(np.asarray(out[:, 0]))
-    return np.asarray(feats)[plan.merged_index], np.asarray(logits), decode
+        decode.append(np.asarray(out[:, 0], np.float32))
+    return np.asarray(feats, np.float32)[plan.merged_index], np.asarray(logits, np.float32), decode
 
 
-def run_hf(model_dir: str, inputs: ParityInputs) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+def run_hf(model_dir: str, inputs: ParityInputs) -> Outputs:
     """transformers' side, in float32 eager attention, with our position ids passed explicitly."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -170,21 +225,60 @@ def run_hf(model_dir: str, inputs: ParityInputs) -> tuple[np.ndarray, np.ndarray
     return vision, logits, decode
 
 
-def compare(model_dir: str, inputs: ParityInputs) -> ParityReport:
-    ours_v, ours_l, ours_d = run_jax(model_dir, inputs)
-    hf_v, hf_l, hf_d = run_hf(model_dir, inputs)
-    valid = inputs.attention_mask.astype(bool)  # pad query rows are garbage on both sides (pitfall 21)
-    vision = float(np.abs(ours_v - hf_v).max()) if ours_v.size else 0.0
-    return ParityReport(vision=vision, logits=float(np.abs(ours_l - hf_l)[valid].max()),
-                        decode=[float(np.abs(a - b).max()) for a, b in zip(ours_d, hf_d)],
-                        logit_scale=float(np.abs(hf_l[valid]).max()))
+def compare(model_dir: str, inputs: ParityInputs, dtype: jnp.dtype = jnp.float32) -> ParityReport:
+    """Run our side (computing in `dtype`) and transformers' (float32) on `inputs` and compare them."""
+    return diff_report(inputs, run_jax(model_dir, inputs, dtype), run_hf(model_dir, inputs))
 
 
-def _parse_sizes(text: str) -> list[tuple[int, int]]:
+def diff_report(inputs: ParityInputs, ours: Outputs, ref: Outputs) -> ParityReport:
+    """Differences of each compared tensor; prompt logits on valid (non-pad) positions only."""
+    (ours_v, ours_l, ours_d), (hf_v, hf_l, hf_d) = ours, ref
+    valid = inputs.attention_mask.astype(bool)  # pad query rows are garbage on both sides
+    return ParityReport(vision=Diff.of("vision features", ours_v, hf_v) if hf_v.size else None,
+                        logits=Diff.of("prompt logits", ours_l[valid], hf_l[valid]),
+                        decode=[Diff.of(f"decode step {i}", a, b) for i, (a, b) in enumerate(zip(ours_d, hf_d))])
+
+
+def _count(minimum: int):
+    """argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _tolerance(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _image_sizes(text: str) -> list[tuple[int, int]]:
+    """argparse type: comma-separated HxW pixel sizes, both positive, aspect ratio the processor accepts."""
     out = []
-    for part in filter(None, text.split(",")):
-        h, _, w = part.lower().partition("x")
-        out.append((int(h), int(w)))
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        h, sep, w = part.lower().partition("x")
+        try:
+            size = (int(h), int(w))
+        except ValueError:
+            size = None
+        if not sep or size is None or min(size) < 1:
+            raise argparse.ArgumentTypeError(f"{part!r} is not HxW with positive integers, e.g. 336x448")
+        try:
+            smart_resize(*size)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{part}: {e}") from None
+        out.append(size)
     return out
 
 
@@ -192,7 +286,7 @@ def run_cli(args: argparse.Namespace) -> int:
     from converters.hf import read_config
 
     cfg = read_config(args.hf_model)
-    sizes = _parse_sizes(args.image_sizes) or [(112, 168), (84, 140)]
+    sizes = args.image_sizes or [(112, 168), (84, 140)]
     sizes = [sizes[i % len(sizes)] for i in range(args.images)]
     p, m = cfg.vision.patch_size, cfg.vision.spatial_merge_size
     grids = []
@@ -202,30 +296,33 @@ def run_cli(args: argparse.Namespace) -> int:
     videos = [(2, 4, 6)] if args.video else []
     inputs = make_inputs(cfg, grids, videos, [1.0] * len(videos), batch=args.batch, steps=args.steps,
                          seed=args.seed)
-    report = compare(args.hf_model, inputs)
-    ok = report.passed(args.vision_tol, args.logits_tol)
-    print(f"image grids: {grids}; videos: {videos}; batch {args.batch}; prompt length {inputs.input_ids.shape[1]}")
-    print(f"vision features  max|diff| = {report.vision:.3e}  (tolerance {args.vision_tol:g})")
-    print(f"prompt logits    max|diff| = {report.logits:.3e}  (tolerance {args.logits_tol:g}, "
-          f"logit scale {report.logit_scale:.3g})")
-    for i, d in enumerate(report.decode):
-        print(f"decode step {i}    max|diff| = {d:.3e}")
+    report = compare(args.hf_model, inputs, jnp.dtype(args.dtype))
+    ok = report.passed(args.rtol, args.atol)
+    print(f"image grids: {grids}; videos: {videos}; batch {args.batch}; prompt length {inputs.input_ids.shape[1]}; "
+          f"ours in {args.dtype}, transformers in float32")
+    print(f"rule: max|diff| <= atol + rtol * max|ref| with rtol {args.rtol:g}, atol {args.atol:g}")
+    for d in report.diffs:
+        print(d.line(args.rtol, args.atol))
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("check-parity", help="compare our JAX model with transformers on an HF folder",
-                              description=__doc__)
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-model", required=True, help="HF Qwen2.5-VL folder (config.json + safetensors)")
-    p.add_argument("--images", type=int, default=2, help="number of images in the batch")
-    p.add_argument("--image-sizes", default="", help="comma-separated HxW pixel sizes, cycled over the images")
+    p.add_argument("--images", type=_count(0), default=2, help="number of images in the batch (0: text only)")
+    p.add_argument("--image-sizes", type=_image_sizes, default=[],
+                   help="comma-separated HxW pixel sizes, cycled over the images (default 112x168,84x140)")
     p.add_argument("--video", action="store_true", help="add one video with 4 frames (T=2)")
-    p.add_argument("--batch", type=int, default=2, help="batch rows (shorter rows are left-padded)")
-    p.add_argument("--steps", type=int, default=4, help="cached decode steps to compare")
-    p.add_argument("--min-pixels", type=int, default=3136)
-    p.add_argument("--max-pixels", type=int, default=12845056)
-    p.add_argument("--vision-tol", type=float, default=1e-5)
-    p.add_argument("--logits-tol", type=float, default=1e-4)
+    p.add_argument("--batch", type=_count(1), default=2, help="batch rows (shorter rows are left-padded)")
+    p.add_argument("--steps", type=_count(0), default=4, help="cached decode steps to compare")
+    p.add_argument("--min-pixels", type=_count(1), default=3136)
+    p.add_argument("--max-pixels", type=_count(1), default=12845056)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="our compute dtype (bfloat16 differs at ~1e-2 relative: raise --rtol to compare it)")
+    p.add_argument("--rtol", type=_tolerance, default=RTOL,
+                   help=f"relative tolerance: pass when max|diff| <= atol + rtol * max|ref| (default {RTOL:g})")
+    p.add_argument("--atol", type=_tolerance, default=ATOL, help=f"absolute tolerance (default {ATOL:g})")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_cli)

@@ -1,4 +1,4 @@
-"""Tiny random HF Qwen2.5-VL checkpoints for parity tests (every parameter randomised: HF zero-inits biases)."""
+"""Random HF Qwen2.5-VL checkpoints for parity tests: tiny shapes, and the released 3B's widths at shallow depth."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
-# QWEN25VL-PORT.md 1.3: covers every code path (windowed + full blocks, padded windows, GQA, sectioned M-RoPE).
+# Covers every code path: windowed + full blocks, padded windows, GQA, sectioned M-RoPE.
 TINY_CONFIG = {
     "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "torch_dtype": "float32",
     "vocab_size": 160, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -31,9 +31,33 @@ TINY_CONFIG_B.update({"hidden_size": 96, "intermediate_size": 80, "num_hidden_la
 TINY_CONFIG_B["vision_config"].update({"depth": 5, "hidden_size": 48, "intermediate_size": 40, "num_heads": 3,
                                        "out_hidden_size": 96, "window_size": 112, "fullatt_block_indexes": [0, 4]})
 
+# The released Qwen2.5-VL-3B-Instruct config.json with only 2 text and 4 vision layers: every width, the vocabulary,
+# the tied head and the 112-pixel windows are real, so activations and logits have realistic scales. Full attention
+# on blocks 1 and 3 (the release's [7, 15, 23, 31] would leave 4 blocks all windowed).
+WIDTH_3B_CONFIG = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "torch_dtype": "float32",
+    "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 2,
+    "num_attention_heads": 16, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "max_position_embeddings": 128000,
+    "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": 70, "hidden_act": "silu",
+    "bos_token_id": 151643, "eos_token_id": 151645, "image_token_id": 151655, "video_token_id": 151656,
+    "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
+    "tie_word_embeddings": True,
+    "vision_config": {"depth": 4, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "in_chans": 3,
+                      "out_hidden_size": 2048, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                      "window_size": 112, "fullatt_block_indexes": [1, 3], "tokens_per_second": 2,
+                      "hidden_act": "silu"},
+}
 
-def save_random_hf_model(out_dir: str | Path, config: dict, seed: int = 0, tied: bool | None = None) -> Path:
-    """Build `Qwen2_5_VLForConditionalGeneration` from `config`, randomise every tensor, save_pretrained."""
+
+def save_random_hf_model(out_dir: str | Path, config: dict, seed: int = 0, tied: bool | None = None,
+                         std: float | None = 0.05) -> Path:
+    """Build `Qwen2_5_VLForConditionalGeneration` from `config` and save_pretrained it.
+
+    With `std`, every tensor is redrawn (HF zero-initialises biases and sets norms to one, which would hide bias and
+    norm bugs): weights and biases N(0, std) plus a per-bias offset, norm scales 1 + N(0, 0.2). With `std=None` the
+    model keeps transformers' own initialisation.
+    """
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -42,12 +66,13 @@ def save_random_hf_model(out_dir: str | Path, config: dict, seed: int = 0, tied:
         config["tie_word_embeddings"] = tied
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config)).float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "norm1" in name or "norm2" in name or "ln_q" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.05 * torch.randn_like(p) + (0.02 * torch.randn(()) if p.ndim == 1 else 0.0))
+    if std is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight") or "norm1" in name or "norm2" in name or "ln_q" in name:
+                    p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                else:
+                    p.copy_(std * torch.randn_like(p) + (0.4 * std * torch.randn(()) if p.ndim == 1 else 0.0))
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     return out_dir

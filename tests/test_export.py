@@ -153,8 +153,8 @@ def test_hf_release_loads_offline_and_matches_jax(model, source_dir, tmp_path, m
                           video_pixels=np.zeros((0, 1176), np.float32), video_grids=[], second_per_grid_ts=[],
                           decode_tokens=np.array([[5, 17, 33]]))
     report = compare(str(out), parity)
-    assert report.vision <= 1e-5 and report.logits <= 1e-4 and max(report.decode) <= 1e-4, report
-    assert report.logit_scale > 0.1
+    assert report.passed(), report
+    assert report.logits.scale > 0.1
 
 
 def test_jax_export_import_is_bit_exact_and_sharded(model, source_dir, tmp_path):

@@ -1,13 +1,20 @@
 """Qwen2.5-VL architecture configuration: presets and the HF `config.json` mapping (both directions).
 
 The released hub layout is flat (text fields at the top level, `rope_scaling.mrope_section`); transformers 5.x
-writes a nested `text_config` instead. We read both and always write the flat one (see QWEN25VL-PORT.md 4.3).
+writes a nested `text_config` instead. We read both, a missing key meaning what it means to transformers, and always
+write the flat one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
+
+# Special token ids of a finalised config: each must index the text vocabulary (an id outside it would embed as
+# NaN: jnp.take fills out-of-range rows; transformers raises).
+TOKEN_ID_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                   "vision_token_id", "bos_token_id", "eos_token_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +99,9 @@ class Qwen25VLConfig:
         return cls(text=TextConfig(**tuples(data["text"])), vision=VisionConfig(**tuples(data["vision"])),
                    **rest).validate()
 
-    def validate(self) -> "Qwen25VLConfig":
+    def validate(self, check_token_ids: bool = True) -> "Qwen25VLConfig":
+        """Raise ValueError naming the field on an inconsistent config; `check_token_ids=False` only for presets
+        whose ids and vocabulary come from a tokenizer later (`with_overrides`)."""
         t, v = self.text, self.vision
         if t.hidden_size % t.num_attention_heads:
             raise ValueError(f"text hidden_size {t.hidden_size} not divisible by heads {t.num_attention_heads}")
@@ -104,8 +113,16 @@ class Qwen25VLConfig:
             raise ValueError("vision head_dim must be a multiple of 4 (2-D rotary)")
         if v.out_hidden_size != t.hidden_size:
             raise ValueError(f"vision out_hidden_size {v.out_hidden_size} != text hidden_size {t.hidden_size}")
-        if any(not 0 <= i < v.depth for i in v.fullatt_block_indexes):
-            raise ValueError(f"fullatt_block_indexes {v.fullatt_block_indexes} out of range for depth {v.depth}")
+        # Indexes >= depth are allowed: transformers' own default [7, 15, 23, 31] at a smaller depth means that
+        # those blocks do not exist, i.e. fewer (or no) full-attention blocks.
+        if not all(isinstance(i, numbers.Integral) for i in v.fullatt_block_indexes):
+            raise ValueError(f"vision fullatt_block_indexes {v.fullatt_block_indexes} must be block numbers (ints)")
+        if check_token_ids:
+            for name in TOKEN_ID_FIELDS:
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < t.vocab_size:
+                    raise ValueError(f"{name} {value!r} is not a token id of the {t.vocab_size}-token vocabulary "
+                                     f"(text vocab_size): set {name} to the tokenizer's id, below {t.vocab_size}")
         return self
 
 
@@ -115,7 +132,7 @@ def _preset(text: dict[str, Any], vision_intermediate: int, vocab: int, tied: bo
     return Qwen25VLConfig(text=t, vision=v).validate()
 
 
-# Released sizes (QWEN25VL-PORT.md 1.2). The 32B vision intermediate (3456) follows the 72B release.
+# Released sizes. The 32B vision intermediate (3456) follows the 72B release.
 PRESETS: dict[str, Qwen25VLConfig] = {
     "qwen2.5-vl-3b": _preset(dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                                   num_attention_heads=16, num_key_value_heads=2), 3420, 151936, True),
@@ -125,7 +142,7 @@ PRESETS: dict[str, Qwen25VLConfig] = {
                                    num_attention_heads=40, num_key_value_heads=8), 3456, 152064, False),
     "qwen2.5-vl-72b": _preset(dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
                                    num_attention_heads=64, num_key_value_heads=8), 3456, 152064, False),
-    # Covers every code path in milliseconds (QWEN25VL-PORT.md 1.3).
+    # Covers every code path in milliseconds.
     "tiny": Qwen25VLConfig(
         text=TextConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 3, 3),
@@ -135,22 +152,25 @@ PRESETS: dict[str, Qwen25VLConfig] = {
         image_token_id=150, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153,
         vision_token_id=154, bos_token_id=0, eos_token_id=1,
     ).validate(),
-    # DEMO-NOTES.md model "S": learns synthetic REC on 2 CPU cores in minutes (vocab set from the tokenizer).
+    # Learns synthetic REC on 2 CPU cores in minutes; its vocabulary and special ids come from the demo tokenizer
+    # (train/setup.py preset_config), so they are checked there, not here.
     "demo-s": Qwen25VLConfig(
         text=TextConfig(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, mrope_section=(4, 6, 6),
                         max_position_embeddings=2048, tie_word_embeddings=True),
         vision=VisionConfig(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, out_hidden_size=128,
                             window_size=56, fullatt_block_indexes=(1,)),
-    ).validate(),
+    ).validate(check_token_ids=False),
 }
+ALIASES = {"3b": "qwen2.5-vl-3b", "7b": "qwen2.5-vl-7b", "32b": "qwen2.5-vl-32b", "72b": "qwen2.5-vl-72b"}
 
 
 def get_preset(name: str) -> Qwen25VLConfig:
+    """A preset by name or short alias ("3b" = "qwen2.5-vl-3b")."""
     try:
-        return PRESETS[name]
+        return PRESETS[ALIASES.get(str(name).lower(), name)]
     except KeyError:
-        raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}") from None
+        raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}, aliases {sorted(ALIASES)}") from None
 
 
 def with_overrides(cfg: Qwen25VLConfig, overrides: dict[str, Any]) -> Qwen25VLConfig:
@@ -169,58 +189,73 @@ def with_overrides(cfg: Qwen25VLConfig, overrides: dict[str, Any]) -> Qwen25VLCo
                                **sections[""]).validate()
 
 
+# What a key missing from config.json means to transformers (Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig and
+# Qwen2_5_VLConfig defaults; mrope_section from the text rotary embedding). vision_token_id is no transformers field:
+# the released value. These are not our presets' values: HF's defaults describe a 72B text model and a vision tower
+# with hidden_size 3584.
+HF_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "hidden_act": "silu", "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5, "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24], "tie_word_embeddings": False,
+    "bos_token_id": 151643, "eos_token_id": 151645,
+}
+HF_VISION_DEFAULTS: dict[str, Any] = {
+    "depth": 32, "hidden_size": 3584, "hidden_act": "silu", "intermediate_size": 3420, "num_heads": 16,
+    "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "tokens_per_second": 4,
+    "window_size": 112, "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31], "rope_theta": 10000.0,
+}
+HF_TOKEN_DEFAULTS: dict[str, int] = {
+    "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653, "vision_token_id": 151654,
+}
+
+
+def _rope_theta(section: dict[str, Any], default: float) -> float:
+    """transformers' precedence: rope_scaling / rope_parameters["rope_theta"], then a plain rope_theta key."""
+    rope = section.get("rope_scaling") or section.get("rope_parameters") or {}
+    return float(rope.get("rope_theta", section.get("rope_theta", default)))
+
+
 def from_hf_config(cfg: dict[str, Any]) -> Qwen25VLConfig:
-    """Build a config from an HF `config.json` dict: the flat hub layout or the 5.x nested `text_config` one."""
+    """Build a config from an HF `config.json` dict: the flat hub layout or the 5.x nested `text_config` one.
+
+    Reads like transformers 5.x: text fields from `text_config` when present (else from the top level), missing keys
+    take transformers' defaults; the result is validated (special ids must lie inside the vocabulary).
+    """
     if cfg.get("model_type") not in (None, "qwen2_5_vl"):
         raise ValueError(f"config.json model_type is {cfg.get('model_type')!r}, expected 'qwen2_5_vl'")
-    text = dict(cfg)
-    text.update(cfg.get("text_config") or {})
+    nested = cfg.get("text_config")
+    text = {**HF_TEXT_DEFAULTS, **(nested if nested is not None else cfg)}
     rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
-    if "mrope_section" not in rope:
-        raise ValueError("config.json has no rope_scaling.mrope_section (or text_config.rope_parameters)")
-    rope_theta = text.get("rope_theta", rope.get("rope_theta"))
-    if rope_theta is None:
-        raise ValueError("config.json has no rope_theta")
-    tied = cfg.get("tie_word_embeddings", (cfg.get("text_config") or {}).get("tie_word_embeddings", False))
-    required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "rms_norm_eps"]
-    missing = [k for k in required if k not in text]
-    if missing:
-        raise ValueError(f"config.json lacks text fields {missing}")
+    # Pre-5.x saves keep tie_word_embeddings inside text_config; transformers ties when either level says so.
+    tied = bool(cfg.get("tie_word_embeddings", False)) or bool((nested or {}).get("tie_word_embeddings", False))
     t = TextConfig(
         vocab_size=text["vocab_size"], hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
         num_hidden_layers=text["num_hidden_layers"], num_attention_heads=text["num_attention_heads"],
-        num_key_value_heads=text["num_key_value_heads"], rms_norm_eps=float(text["rms_norm_eps"]),
-        rope_theta=float(rope_theta), mrope_section=tuple(rope["mrope_section"]),
-        max_position_embeddings=text.get("max_position_embeddings", 128000), tie_word_embeddings=bool(tied),
-        hidden_act=text.get("hidden_act", "silu"),
+        num_key_value_heads=text["num_key_value_heads"] or text["num_attention_heads"],
+        rms_norm_eps=float(text["rms_norm_eps"]), rope_theta=_rope_theta(text, HF_TEXT_DEFAULTS["rope_theta"]),
+        mrope_section=tuple(rope.get("mrope_section", HF_TEXT_DEFAULTS["mrope_section"])),
+        max_position_embeddings=text["max_position_embeddings"], tie_word_embeddings=tied,
+        hidden_act=text["hidden_act"],
     )
-    vc = cfg.get("vision_config")
-    if not vc:
-        raise ValueError("config.json has no vision_config")
-    vrope = vc.get("rope_parameters") or {}
+    raw_vision = cfg.get("vision_config") or {}
+    vc = {**HF_VISION_DEFAULTS, **raw_vision}
     v = VisionConfig(
         depth=vc["depth"], hidden_size=vc["hidden_size"], num_heads=vc["num_heads"],
-        intermediate_size=vc["intermediate_size"], out_hidden_size=vc.get("out_hidden_size", t.hidden_size),
-        patch_size=vc.get("patch_size", 14), temporal_patch_size=vc.get("temporal_patch_size", 2),
-        spatial_merge_size=vc.get("spatial_merge_size", 2), window_size=vc.get("window_size", 112),
-        fullatt_block_indexes=tuple(vc.get("fullatt_block_indexes", ())),
-        tokens_per_second=float(vc.get("tokens_per_second", 2)),
-        in_channels=vc.get("in_chans", vc.get("in_channels", 3)), hidden_act=vc.get("hidden_act", "silu"),
-        rope_theta=float(vrope.get("rope_theta", 10000.0)),
+        intermediate_size=vc["intermediate_size"], out_hidden_size=vc["out_hidden_size"],
+        patch_size=vc["patch_size"], temporal_patch_size=vc["temporal_patch_size"],
+        spatial_merge_size=vc["spatial_merge_size"], window_size=vc["window_size"],
+        fullatt_block_indexes=tuple(vc["fullatt_block_indexes"]), tokens_per_second=float(vc["tokens_per_second"]),
+        in_channels=raw_vision.get("in_channels", raw_vision.get("in_chans", vc["in_channels"])),
+        hidden_act=vc["hidden_act"], rope_theta=_rope_theta(raw_vision, HF_VISION_DEFAULTS["rope_theta"]),
     )
-    get = lambda k, d: cfg.get(k, (cfg.get("text_config") or {}).get(k, d))  # noqa: E731
-    return Qwen25VLConfig(
-        text=t, vision=v,
-        image_token_id=get("image_token_id", 151655), video_token_id=get("video_token_id", 151656),
-        vision_start_token_id=get("vision_start_token_id", 151652),
-        vision_end_token_id=get("vision_end_token_id", 151653), vision_token_id=get("vision_token_id", 151654),
-        bos_token_id=get("bos_token_id", 151643), eos_token_id=get("eos_token_id", 151645),
-    ).validate()
+    ids = {k: cfg.get(k, (nested or {}).get(k, default)) for k, default in HF_TOKEN_DEFAULTS.items()}
+    return Qwen25VLConfig(text=t, vision=v, bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"],
+                          **ids).validate()
 
 
 def to_hf_config(cfg: Qwen25VLConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
-    """The flat, hub-style `config.json` that transformers 4.49+ / 5.x and vLLM all read (PORT.md 4.3)."""
+    """The flat, hub-style `config.json` that transformers 4.49+ / 5.x and vLLM all read."""
     t, v = cfg.text, cfg.vision
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
