@@ -6,8 +6,11 @@ on it (`dispatch`, returning host metrics and the step's device metrics without 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import signal
+import threading
 import time
 from typing import Any
 
@@ -57,6 +60,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_streak = 0
         self.closed = False
+        self.stopped_by: str | None = None
         if self.checkpoints.latest_step() is not None:
             self.state, _ = self.checkpoints.restore(abstract_like(self.state), self.data)
             self.step = int(self.state.step) // updates_per_step
@@ -84,13 +88,34 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         """Run to `max_steps` (from the resumed step); activations follow the mesh's logical rules. On any failure
-        the checkpoint being written is allowed to commit before the error propagates."""
+        the checkpoint being written is allowed to commit before the error propagates. SIGTERM (preemption) and
+        SIGINT (Ctrl-C) finish the current step, save it and return early; `stopped_by` names the signal."""
         try:
-            with jax.set_mesh(self.mesh):
+            with jax.set_mesh(self.mesh), self._stop_on_signals():
                 return self._train()
         except BaseException:
             self.close()
             raise
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """Turn SIGTERM / SIGINT into a request to stop after the current step (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            if self.stopped_by is not None:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self.stopped_by = signal.Signals(signum).name
+            log.warning("%s: finishing step %d, saving, then stopping", self.stopped_by, self.step + 1)
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _train(self) -> dict[str, float]:
         cfg = self.cfg
@@ -119,6 +144,11 @@ class Trainer:
                 self.metrics.write(self.step, last)
                 bar.set_postfix(self.progress_postfix(last))
             bar.update(1)
+            if self.stopped_by is not None:
+                if window:
+                    last = mean_metrics(window)
+                    self.metrics.write(self.step, last)
+                break
         bar.close()
         self.checkpoints.save(self.step, self.state, self.data, meta=self.meta(), force=True)
         self.close()

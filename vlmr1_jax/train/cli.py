@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from vlmr1_jax.config import load_config
 
@@ -19,8 +20,13 @@ def _run(kind: str):
             from vlmr1_jax.train.loop import GRPOTrainer as Trainer
         else:
             from vlmr1_jax.train.sft import SFTTrainer as Trainer
-        summary = Trainer(cfg, progress=not args.no_progress).train()
+        trainer = Trainer(cfg, progress=not args.no_progress)
+        summary = trainer.train()
         print(" ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+        if trainer.stopped_by is not None:
+            print(f"stopped by {trainer.stopped_by} after step {trainer.step}, checkpoint saved; run the same "
+                  f"command again to resume", file=sys.stderr)
+            return 130 if trainer.stopped_by == "SIGINT" else 0
         return 0
 
     return run
