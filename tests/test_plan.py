@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from converters.hf import load_hf_model
 from vlmr1_jax.cli import main
 from vlmr1_jax.config import load_config
 from vlmr1_jax.models.layers import LoRAParam
@@ -22,7 +23,8 @@ from vlmr1_jax.rl.lora import apply_lora
 from vlmr1_jax.rl.step import init_train_state, make_grpo_step, make_logprob_fn, make_optimizer
 from vlmr1_jax.train.loop import make_generate_fn
 from vlmr1_jax.train.plan import (DEVICE_HBM_GIB, EXIT_DOES_NOT_FIT, abstract_train_state, analytic_param_counts,
-                                  device_bytes, make_plan, model_config, representative_prompts)
+                                  device_bytes, make_plan, model_config, plan_tokenizer,
+                                  representative_prompts)
 from vlmr1_jax.train.setup import build_model, load_tokenizer, on_mesh, to_device
 
 # Small shapes: 8 prompts x 2 samples (both split over the 8 devices), an 84x56 image (6 tokens), 8 new tokens.
@@ -131,6 +133,7 @@ def test_state_bytes_are_the_real_addressable_bytes(planned):
     assert plan.gradients_bytes == plan.state["trainable"]
 
 
+@pytest.mark.slow
 def test_analytic_param_count_matches_real_models():
     """The formula's count equals the parameters of the real model: allocated for tiny, abstract (the real
     constructor under eval_shape) for the released sizes; LoRA adapters as apply_lora adds them."""
@@ -167,6 +170,7 @@ def test_param_bytes_fall_as_fsdp_grows():
     assert sizes[3] < sizes[0] / 4  # most of it is sharded (norms and biases of odd sizes stay replicated)
 
 
+@pytest.mark.slow
 def test_cli_table_and_verdicts(tmp_path, capsys):
     args = ["plan", "demo_tiny", *SMALL, *CASES["tiny-full"], "--devices", "8", "--device-kind", "h100",
             "--image-size", "x".join(map(str, IMAGE))]
@@ -184,6 +188,7 @@ def test_cli_table_and_verdicts(tmp_path, capsys):
     assert "--devices 16" in out and "train.trainable=lora" in out and "model.remat=full" in out
 
 
+@pytest.mark.slow
 def test_cli_simulates_more_devices_in_a_fresh_process(capfd):
     """JAX already runs with 8 devices here: 16 needs a fresh process, which configures its CPU client first."""
     args = ["plan", "demo_tiny", "data.prompts_per_step=2", "grpo.num_generations=2", "sampling.max_new_tokens=4",
@@ -201,3 +206,16 @@ def test_cli_simulates_more_devices_in_a_fresh_process(capfd):
 def test_cli_bad_input(extra, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
         main(["plan", "demo_tiny", *extra, "--devices", "8", "--device-kind", "v5e"])
+
+
+def test_hf_folder_needs_only_its_config(tiny_hf_dir, tmp_path):
+    """model.hf_model=FOLDER reads FOLDER/config.json alone (no weights, no tokenizer files): the abstract state
+    has exactly the parameters of the model the trainer loads from the full folder."""
+    (tmp_path / "config.json").write_text((tiny_hf_dir / "config.json").read_text())
+    cfg = load_config("demo_tiny", [f"model.hf_model={tmp_path}"])
+    model_cfg = model_config(cfg, plan_tokenizer(cfg))
+    optimizer, _ = make_optimizer(cfg.optim, 1)
+    _, state = abstract_train_state(cfg, model_cfg, make_mesh(cfg.mesh), optimizer)
+    real = load_hf_model(tiny_hf_dir)
+    shapes = lambda tree: [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]  # noqa: E731
+    assert shapes(state.trainable) == shapes(nnx.state(real, nnx.Param))
