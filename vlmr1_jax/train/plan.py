@@ -327,6 +327,7 @@ class Plan:
     state: dict[str, int]  # trainable, frozen, optimizer, reference, step
     gradients_bytes: int  # estimate: one gradient per trainable parameter, sharded like it
     kv_cache_bytes: int  # the sampler's fanned-out cache (inside its temporaries)
+    logits_bytes: int  # one fp32 [rows, T, vocab] logits array of the completions (reference / step temporaries)
     programs: list[ProgramReport]
     component_bytes: dict[str, int]  # per-device bytes by part (vision / text / lora) of each state group
 
@@ -433,6 +434,7 @@ def make_plan(cfg: RunConfig, devices: list[jax.Device], device_kind: str, *, re
     cache_rows = rows // batch_shards if rows % batch_shards == 0 else rows
     kv_cache = (2 * text.num_hidden_layers * cache_rows * (prompt_len + cfg.sampling.max_new_tokens)
                 * text.num_key_value_heads * text.head_dim * np.dtype(dtype_of(cfg.model.dtype)).itemsize)
+    logits = cache_rows * cfg.sampling.max_new_tokens * text.vocab_size * 4
     hbm = hbm_gib if hbm_gib is not None else DEVICE_HBM_GIB[device_kind]
     return Plan(
         recipe=recipe, model=cfg.model.hf_model or cfg.model.preset or "", device_kind=device_kind,
@@ -446,7 +448,8 @@ def make_plan(cfg: RunConfig, devices: list[jax.Device], device_kind: str, *, re
         state={"trainable": device_bytes(state.trainable), "frozen": device_bytes(state.frozen),
                "optimizer": device_bytes(state.opt_state), "reference": device_bytes(state.reference),
                "step": device_bytes(state.step)},
-        gradients_bytes=device_bytes(state.trainable), kv_cache_bytes=kv_cache, programs=reports,
+        gradients_bytes=device_bytes(state.trainable), kv_cache_bytes=kv_cache, logits_bytes=logits,
+        programs=reports,
         component_bytes=component_bytes(state))
 
 
@@ -479,6 +482,9 @@ def suggestions(plan: Plan) -> list[str]:
                f"halve, about -{gib(plan.largest.extra_bytes // 2)} GiB")
     out.append(f"sampling.max_new_tokens={max(plan.new_tokens // 2, 1)}: KV cache and completion activations "
                f"roughly halve (KV cache now {gib(plan.kv_cache_bytes)} GiB)")
+    if plan.logits_bytes > plan.budget_bytes // 10:
+        out.append(f"(code) the completions' fp32 logits are {gib(plan.logits_bytes)} GiB per copy; log-probs "
+                   f"computed in chunks of the completion length would keep one chunk of them alive")
     return out
 
 
@@ -517,7 +523,8 @@ def format_plan(plan: Plan) -> str:
                      f"{gib(p.code_bytes):>6} {gib(p.extra_bytes):>8} {p.flops / 1e12:>10.2f} "
                      f"{p.analytic_flops / 1e12:>10.2f}")
     lines += [f"  inside the temporaries: gradients ~{gib(plan.gradients_bytes)} GiB (grpo_step), KV cache "
-              f"{gib(plan.kv_cache_bytes)} GiB (sampler)",
+              f"{gib(plan.kv_cache_bytes)} GiB (sampler), completion logits {gib(plan.logits_bytes)} GiB per fp32 "
+              "copy (reference, grpo_step)",
               "  TFLOP xla: XLA's count for one device, a while loop's body counted once (the sampler's decode);"
               " est: analytical, whole program",
               "",
