@@ -245,8 +245,9 @@ def analytic_flops(cfg: Qwen25VLConfig, *, prompts: int, samples: int, prompt_le
     def decoder(tokens: int) -> float:
         return 2 * tokens * text_mm + tokens * attn_per_query
 
-    sampler = vision + decoder(prompts * prompt_len) + decoder(rows * new_tokens) + head * (prompts + rows * new_tokens)
-    forward_text = decoder(prompts * prompt_len) + decoder(rows * new_tokens) + head * (prompts + rows * (new_tokens - 1))
+    text = decoder(prompts * prompt_len) + decoder(rows * new_tokens)
+    sampler = vision + text + head * (prompts + rows * new_tokens)
+    forward_text = text + head * (prompts + rows * (new_tokens - 1))
     reference = vision + forward_text
     backward_text = {"full": 2.0, "freeze_vision": 2.0, "lora": 1.0}[trainable]
     backward_vision = 2.0 if trainable == "full" else 0.0
