@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "vlmr1_jax.train.plot",
     "vlmr1_jax.train.cli",
     "vlmr1_jax.train.demo",
+    "vlmr1_jax.train.plan",
     "vlmr1_jax.eval.cli",
     "converters.cli",
     "ports.cli",

@@ -17,7 +17,9 @@ import numpy as np
 from flax import nnx
 
 from vlmr1_jax.config import RunConfig
+from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlmr1_jax.processing.batch import PromptBatch
+from vlmr1_jax.processing.tokenizer import Tokenizer
 from vlmr1_jax.rewards import get_reward
 from vlmr1_jax.rl.grpo import group_advantages
 from vlmr1_jax.rl.sampler import Sampler, default_banned_ids
@@ -34,6 +36,17 @@ def score(completions: list[str], columns: dict[str, list[Any]],
     return np.sum(list(per_fn.values()), axis=0), per_fn
 
 
+def make_generate_fn(cfg: RunConfig, tokenizer: Tokenizer, model_cfg: Qwen25VLConfig,
+                     graphdef: nnx.GraphDef) -> Callable:
+    """The jitted grouped sampler the loop runs, `(trainable, frozen, prompts, key) -> rollouts` (also what
+    `vlmr1 plan` compiles)."""
+    sampler = Sampler(cfg.sampling, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
+                      banned_ids=default_banned_ids(model_cfg))
+    num_samples = cfg.grpo.num_generations
+    return jax.jit(lambda tr, fr, prompts, key: sampler.generate(nnx.merge(graphdef, tr, fr), prompts, key,
+                                                                 num_samples))
+
+
 class GRPOTrainer(Trainer):
     """GRPO: each step samples G completions per prompt, scores them on the host, and updates the policy."""
 
@@ -45,11 +58,7 @@ class GRPOTrainer(Trainer):
             raise ValueError("grpo.num_generations must be >= 2 (advantages need a group)")
         super().__init__(cfg, progress=progress, with_reference=g.beta > 0, updates_per_step=g.num_iterations)
         self.reward_fns = {name: get_reward(name) for name in g.reward_funcs}
-        sampler = Sampler(cfg.sampling, eos_ids=self.tokenizer.eos_ids, pad_id=self.tokenizer.pad_id,
-                          banned_ids=default_banned_ids(self.model_cfg))
-        graphdef = self.graphdef
-        self.generate = jax.jit(lambda tr, fr, prompts, key: sampler.generate(
-            nnx.merge(graphdef, tr, fr), prompts, key, g.num_generations))
+        self.generate = make_generate_fn(cfg, self.tokenizer, self.model_cfg, self.graphdef)
         self.logprobs = make_logprob_fn(self.graphdef, g.num_generations)
         self.step_fn = make_grpo_step(self.graphdef, g, self.optimizer, self.schedule, cfg.optim.grad_accum,
                                       seed=cfg.train.seed)
