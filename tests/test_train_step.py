@@ -21,8 +21,8 @@ from vlmr1_jax.models.qwen2_5_vl.text import KVCache
 from vlmr1_jax.parallel.mesh import MeshConfig, batch_sharding, make_mesh
 from vlmr1_jax.processing.batch import build_prompt_batch
 from vlmr1_jax.rl.lora import apply_lora, lora_targets
-from vlmr1_jax.rl.step import (current_model, init_train_state, make_grpo_step, make_optimizer, make_sft_step,
-                               trainable_filter)
+from vlmr1_jax.rl.step import (completion_logprobs, current_model, init_train_state, make_grpo_step, make_optimizer,
+                               make_sft_step, trainable_filter)
 from vlmr1_jax.train.setup import to_device
 
 # Four prompts (the batch axis splits over data x fsdp = 4), G = 2 samples each, completions of T tokens.
@@ -140,6 +140,33 @@ def test_sharded_grpo_step_matches_single_device(tiny_hf_dir, grpo_data, single)
 
 
 # ---------------------------------------------------------------- (e) loss plumbing, fixed reference
+
+
+def test_chunked_logprobs_match_hf_and_unchunked_gradients(tiny_hf_dir, grpo_data):
+    """Log-probs computed 2 positions at a time under remat (5 positions: a padded last chunk) equal transformers'
+    and give the unchunked gradients."""
+    model = load_hf_model(tiny_hf_dir)
+    batch = device_batch(grpo_data)
+    mask = jnp.asarray(grpo_data["mask"], jnp.float32)
+
+    def run(chunk):
+        model.text.logits_chunk = chunk
+        graphdef, params = nnx.split(model)
+
+        def total(params):
+            m = nnx.merge(graphdef, params)
+            logp = completion_logprobs(m, batch["prompts"], batch["tokens"], batch["mask"], G)
+            return (logp * mask).sum(), logp
+
+        (_, logp), grads = jax.jit(jax.value_and_grad(total, has_aux=True))(params)
+        return np.asarray(logp), host_params(grads)
+
+    chunked, chunked_grads = run(2)
+    whole, whole_grads = run(256)
+    valid = grpo_data["mask"].astype(bool)
+    np.testing.assert_allclose(chunked[valid], grpo_data["hf_logp"][valid], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(chunked, whole, atol=1e-6, rtol=0)
+    assert_params_close(chunked_grads, whole_grads, atol=1e-6)
 
 
 def test_grpo_loss_equals_formula_on_hf_logprobs(grpo_data, single):

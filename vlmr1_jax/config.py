@@ -35,6 +35,8 @@ class ModelConfig:
     # Run the stacked vision blocks / decoder layers with lax.scan (compile time independent of depth) or unrolled
     # (same parameters and results; can be faster to run on small models).
     scan_layers: bool = True
+    # Completion positions whose vocabulary logits a train step holds at once ([rows, chunk, vocab] float32).
+    logits_chunk: int = 256
     overrides: dict = dataclasses.field(default_factory=dict)  # preset field overrides, e.g. {"text.vocab_size": 512}
 
 
@@ -208,6 +210,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                          ("model.frozen_dtype", m.frozen_dtype or m.param_dtype)):
         _check(value in DTYPE_NAMES, field, value, f"one of {DTYPE_NAMES}")
     _check(m.remat in ("none", "full", "dots"), "model.remat", m.remat, "none, full or dots")
+    _check(m.logits_chunk >= 1, "model.logits_chunk", m.logits_chunk, "an integer >= 1")
     custom = d.task_type is not None and "{Question}" in d.task_type
     _check(d.task_type is None or custom or d.task_type in TASK_TYPES, "data.task_type", d.task_type,
            f"one of {TASK_TYPES} or a template containing {{Question}}")

@@ -120,12 +120,31 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotate_half(x) * sin
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, query_block: int = 512) -> jax.Array:
     """Softmax attention with grouped KV heads; softmax in fp32 with a finite mask.
 
     q: [..., L, H, d]; k, v: [..., S, KV, d] with H a multiple of KV (query head j reads KV head j // (H/KV));
     mask: boolean, broadcastable to [..., L, S] (True = may attend). Returns [..., L, H, d].
+    Queries longer than `query_block` are processed block by block under rematerialisation, so the [L, S] fp32
+    scores of long completions are never all alive at once, forward or backward (same result).
     """
+    length = q.shape[-3]
+    if length <= query_block:
+        return _attention(q, k, v, mask)
+    count = -(-length // query_block)
+    pad = count * query_block - length
+    mask = jnp.broadcast_to(mask, (*mask.shape[:-2], length, mask.shape[-1]))
+    q = jnp.pad(q, [(0, 0)] * (q.ndim - 3) + [(0, pad), (0, 0), (0, 0)])
+    mask = jnp.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(0, pad), (0, 0)])
+    q_blocks = jnp.moveaxis(q.reshape(*q.shape[:-3], count, query_block, *q.shape[-2:]), -4, 0)
+    mask_blocks = jnp.moveaxis(mask.reshape(*mask.shape[:-2], count, query_block, mask.shape[-1]), -3, 0)
+    one = jax.checkpoint(lambda qb, mb: _attention(qb, k, v, mb))
+    out = jax.lax.map(lambda xs: one(*xs), (q_blocks, mask_blocks))  # [count, ..., block, H, d]
+    out = jnp.moveaxis(out, 0, -4).reshape(*q.shape[:-3], count * query_block, *q.shape[-2:])
+    return out[..., :length, :, :]
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     *lead, length, heads, dim = q.shape
     kv_heads = k.shape[-2]
     group = heads // kv_heads
@@ -136,6 +155,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     out = jnp.einsum("...kgls,...skd->...lkgd", probs, v)
     return out.reshape(*lead, length, heads, dim)
 
+
+# Rematerialisation per layer / block: "full" saves only the layer inputs, "dots" also keeps the outputs of weight
+# matmuls (batch-free dots), so the backward recomputes attention and element-wise work but no projection.
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 LAYERS_AXIS = "layers"  # logical name of the leading axis of stacked layer parameters (never sharded)
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from vlmr1_jax.models.layers import LoRAParam
+from vlmr1_jax.models.layers import LoRADropoutKey, LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.models.qwen2_5_vl.text import KVCache
 from vlmr1_jax.rl.grpo import get_loss, token_logprobs
@@ -106,8 +106,34 @@ def completion_logprobs(model: Qwen25VL, prompts: dict[str, jax.Array], tokens: 
     positions = jnp.repeat(prompts["next_position"], num_samples)[:, None] + jnp.arange(steps)[None]
     hidden, _ = model(tokens, jnp.broadcast_to(positions[None], (3, *positions.shape)), mask.astype(jnp.int32),
                       cache=cache.repeat(num_samples))
-    logits = jnp.concatenate([first[:, None], model.logits(hidden[:, :-1])], axis=1)
-    return token_logprobs(logits, tokens)
+    rest = chunked_logprobs(model, hidden[:, :-1], tokens[:, 1:])
+    return jnp.concatenate([token_logprobs(first, tokens[:, 0])[:, None], rest], axis=1)
+
+
+def chunked_logprobs(model: Qwen25VL, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(targets) [B, T] from final hidden states [B, T, D], `model.text.logits_chunk` positions at a time with
+    rematerialisation, so the [B, T, vocab] float32 logits (the largest training temporary at long completions
+    and a 152k vocabulary) never exist at once, forward or backward."""
+    rows, length, width = hidden.shape
+    chunk = model.text.logits_chunk
+    if length <= chunk:
+        return token_logprobs(model.logits(hidden), targets)
+    count = -(-length // chunk)
+    pad = count * chunk - length
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(rows, count, chunk, width).swapaxes(0, 1)
+    targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(rows, count, chunk).swapaxes(0, 1)
+    graphdef, text_state = nnx.split(model.text)
+
+    @jax.checkpoint
+    def one(text_state, h, y, index):
+        text = nnx.merge(graphdef, text_state)
+        head = text.lm_head
+        if head is not None and head.lora_dropout_key is not None:  # fresh adapter-dropout masks per chunk
+            head.lora_dropout_key = LoRADropoutKey(jax.random.fold_in(head.lora_dropout_key[...], index))
+        return token_logprobs(text.logits(h), y)
+
+    _, out = jax.lax.scan(lambda _, xs: (None, one(text_state, *xs)), None, (hidden, targets, jnp.arange(count)))
+    return out.swapaxes(0, 1).reshape(rows, count * chunk)[:, :length]
 
 
 def _merge(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State) -> Qwen25VL:

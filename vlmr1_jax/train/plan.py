@@ -37,7 +37,7 @@ from vlmr1_jax.processing.batch import PromptBatch, encode_prompts
 from vlmr1_jax.processing.tokenizer import Tokenizer, qwen2_5_tokenizer
 from vlmr1_jax.rl.lora import apply_lora
 from vlmr1_jax.rl.step import TrainState, init_train_state, make_grpo_step, make_logprob_fn, make_optimizer
-from vlmr1_jax.train.setup import BATCH_AXIS, dtype_of, preset_config
+from vlmr1_jax.train.setup import BATCH_AXIS, dtype_of, frozen_dtype_of, preset_config
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,12 @@ def abstract_train_state(cfg: RunConfig, model_cfg: Qwen25VLConfig, mesh: Mesh, 
 
     def build() -> TrainState:
         model = Qwen25VL(model_cfg, rngs=nnx.Rngs(cfg.train.seed), dtype=dtype, param_dtype=param_dtype,
-                         remat=cfg.model.remat)
+                         remat=cfg.model.remat, scan_layers=cfg.model.scan_layers)
+        model.text.logits_chunk = cfg.model.logits_chunk
         if cfg.train.trainable == "lora":
             apply_lora(model, cfg.lora.rank, cfg.lora.alpha, seed=cfg.train.seed, dropout=cfg.lora.dropout)
-        graphdef, state = init_train_state(model, cfg.train.trainable, optimizer, cfg.grpo.beta > 0)
+        graphdef, state = init_train_state(model, cfg.train.trainable, optimizer, cfg.grpo.beta > 0,
+                                           frozen_dtype=frozen_dtype_of(cfg.model))
         graphdefs.append(graphdef)
         return state
 
@@ -328,7 +330,7 @@ class Plan:
     state: dict[str, int]  # trainable, frozen, optimizer, reference, step
     gradients_bytes: int  # estimate: one gradient per trainable parameter, sharded like it
     kv_cache_bytes: int  # the sampler's fanned-out cache (inside its temporaries)
-    logits_bytes: int  # one fp32 [rows, T, vocab] logits array of the completions (reference / step temporaries)
+    logits_bytes: int  # one fp32 [rows, logits_chunk, vocab] chunk of completion logits (reference / step)
     programs: list[ProgramReport]
     component_bytes: dict[str, int]  # per-device bytes by part (vision / text / lora) of each state group
 
@@ -402,24 +404,26 @@ def make_plan(cfg: RunConfig, devices: list[jax.Device], device_kind: str, *, re
 
     from vlmr1_jax.train.loop import make_generate_fn
 
-    reports = []
-    report, rollout = program_report("sampler", make_generate_fn(cfg, tokenizer, model_cfg, graphdef),
-                                     (state.trainable, state.frozen, prompts, key), (state.trainable, state.frozen))
-    reports.append(report)
-    rows = cfg.data.prompts_per_step * g.num_generations
-    train_batch: dict[str, Any] = {"prompts": prompts, "tokens": rollout["tokens"], "mask": rollout["mask"],
-                                   "advantages": jax.ShapeDtypeStruct((rows,), np.float32)}  # a host array
-    if g.beta > 0:
-        report, train_batch["ref_logprobs"] = program_report(
-            "reference", make_logprob_fn(graphdef, g.num_generations),
-            (state.reference, state.frozen, prompts, rollout["tokens"], rollout["mask"]),
-            (state.reference, state.frozen))
+    with jax.set_mesh(mesh):  # activation / KV-cache constraints apply, as in the trainer
+        reports = []
+        report, rollout = program_report("sampler", make_generate_fn(cfg, tokenizer, model_cfg, graphdef),
+                                         (state.trainable, state.frozen, prompts, key),
+                                         (state.trainable, state.frozen))
         reports.append(report)
-    if g.num_iterations > 1:
-        train_batch["old_logprobs"] = rollout["logprobs"]
-    step_fn = make_grpo_step(graphdef, g, optimizer, schedule, cfg.optim.grad_accum, seed=cfg.train.seed)
-    report, _ = program_report("grpo_step", step_fn, (state, train_batch), state)
-    reports.append(report)
+        rows = cfg.data.prompts_per_step * g.num_generations
+        train_batch: dict[str, Any] = {"prompts": prompts, "tokens": rollout["tokens"], "mask": rollout["mask"],
+                                       "advantages": jax.ShapeDtypeStruct((rows,), np.float32)}  # a host array
+        if g.beta > 0:
+            report, train_batch["ref_logprobs"] = program_report(
+                "reference", make_logprob_fn(graphdef, g.num_generations),
+                (state.reference, state.frozen, prompts, rollout["tokens"], rollout["mask"]),
+                (state.reference, state.frozen))
+            reports.append(report)
+        if g.num_iterations > 1:
+            train_batch["old_logprobs"] = rollout["logprobs"]
+        step_fn = make_grpo_step(graphdef, g, optimizer, schedule, cfg.optim.grad_accum, seed=cfg.train.seed)
+        report, _ = program_report("grpo_step", step_fn, (state, train_batch), state)
+        reports.append(report)
 
     prompt_len = batch.input_ids.shape[1]
     lora_rank = cfg.lora.rank if cfg.train.trainable == "lora" else 0
@@ -435,7 +439,7 @@ def make_plan(cfg: RunConfig, devices: list[jax.Device], device_kind: str, *, re
     cache_rows = rows // batch_shards if rows % batch_shards == 0 else rows
     kv_cache = (2 * text.num_hidden_layers * cache_rows * (prompt_len + cfg.sampling.max_new_tokens)
                 * text.num_key_value_heads * text.head_dim * np.dtype(dtype_of(cfg.model.dtype)).itemsize)
-    logits = cache_rows * cfg.sampling.max_new_tokens * text.vocab_size * 4
+    logits = cache_rows * min(cfg.model.logits_chunk, cfg.sampling.max_new_tokens) * text.vocab_size * 4
     hbm = hbm_gib if hbm_gib is not None else DEVICE_HBM_GIB[device_kind]
     return Plan(
         recipe=recipe, model=cfg.model.hf_model or cfg.model.preset or "", device_kind=device_kind,
@@ -483,9 +487,9 @@ def suggestions(plan: Plan) -> list[str]:
                f"halve, about -{gib(plan.largest.extra_bytes // 2)} GiB")
     out.append(f"sampling.max_new_tokens={max(plan.new_tokens // 2, 1)}: KV cache and completion activations "
                f"roughly halve (KV cache now {gib(plan.kv_cache_bytes)} GiB)")
-    if plan.logits_bytes > plan.budget_bytes // 10:
-        out.append(f"(code) the completions' fp32 logits are {gib(plan.logits_bytes)} GiB per copy; log-probs "
-                   f"computed in chunks of the completion length would keep one chunk of them alive")
+    if plan.logits_bytes > plan.budget_bytes // 20:
+        out.append(f"model.logits_chunk smaller: each chunk of completion logits is {gib(plan.logits_bytes)} GiB "
+                   f"(fp32, a few copies live in the backward)")
     return out
 
 
@@ -525,7 +529,7 @@ def format_plan(plan: Plan) -> str:
                      f"{p.analytic_flops / 1e12:>10.2f}")
     lines += [f"  inside the temporaries: gradients ~{gib(plan.gradients_bytes)} GiB (grpo_step), KV cache "
               f"{gib(plan.kv_cache_bytes)} GiB (sampler), completion logits {gib(plan.logits_bytes)} GiB per fp32 "
-              "copy (reference, grpo_step)",
+              "chunk (reference, grpo_step)",
               "  TFLOP xla: XLA's count for one device, a while loop's body counted once (the sampler's decode);"
               " est: analytical, whole program",
               "",

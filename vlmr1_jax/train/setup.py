@@ -18,7 +18,7 @@ from vlmr1_jax.config import ModelConfig, RunConfig
 from vlmr1_jax.data.jsonl import Sample, load_jsonl_datasets
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, get_preset, with_overrides
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-from vlmr1_jax.models.qwen2_5_vl.text import REMAT_POLICIES
+from vlmr1_jax.models.layers import REMAT_POLICIES
 from vlmr1_jax.parallel.mesh import create_sharded, initialize_distributed, logical_to_spec, make_mesh
 from vlmr1_jax.processing.batch import PromptBatch
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer, qwen2_5_tokenizer
@@ -121,8 +121,9 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer, mesh: Mesh) -> Qwen25VL:
     check_tokenizer_matches(model.cfg, tokenizer, where)
     if cfg.model.remat not in ("none", *REMAT_POLICIES):
         raise ValueError(f"model.remat={cfg.model.remat!r}; choose none, {', '.join(REMAT_POLICIES)}")
-    model.text.remat = cfg.model.remat  # static settings of the compiled program, not parameters
+    model.set_remat(cfg.model.remat)  # static settings of the compiled program, not parameters
     model.set_scan_layers(cfg.model.scan_layers)
+    model.text.logits_chunk = cfg.model.logits_chunk
     if cfg.train.trainable == "lora":
         apply_lora(model, cfg.lora.rank, cfg.lora.alpha, seed=cfg.train.seed, dropout=cfg.lora.dropout)
     return model

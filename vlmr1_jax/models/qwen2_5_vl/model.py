@@ -20,13 +20,18 @@ class Qwen25VL(nnx.Module):
     def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
                  param_dtype: jnp.dtype = jnp.float32, remat: str = "none", scan_layers: bool = True):
         self.cfg = cfg
-        self.visual = VisionTower(cfg.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, scan=scan_layers)
+        self.visual = VisionTower(cfg.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, scan=scan_layers,
+                                  remat=remat)
         self.text = TextModel(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat,
                               scan=scan_layers)
 
     def set_scan_layers(self, scan: bool) -> None:
         """Scan (one compiled layer) or unroll the vision blocks and decoder layers; parameters are unchanged."""
         self.visual.scan = self.text.scan = scan
+
+    def set_remat(self, remat: str) -> None:
+        """Rematerialise each vision block and decoder layer in the backward ("none" | "full" | "dots")."""
+        self.visual.remat = self.text.remat = remat
 
     def encode_vision(self, pixel_values: jax.Array, hw_positions: jax.Array, frame_ids: jax.Array,
                       frame_index: jax.Array) -> jax.Array:

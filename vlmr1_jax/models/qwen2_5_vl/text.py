@@ -8,15 +8,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlmr1_jax.models.layers import Dense, GatedMLP, RMSNorm, apply_rotary, attention, param, run_layers, stacked
+from vlmr1_jax.models.layers import (REMAT_POLICIES, Dense, GatedMLP, RMSNorm, apply_rotary, attention, param,
+                                     run_layers, stacked)
 from vlmr1_jax.models.qwen2_5_vl.config import TextConfig
 from vlmr1_jax.models.qwen2_5_vl.rope import inv_frequencies, mrope_cos_sin
 from vlmr1_jax.parallel.mesh import constrain
 
-# Rematerialisation per decoder layer: "full" saves only the layer inputs, "dots" also keeps the outputs of
-# weight matmuls (batch-free dots), so the backward recomputes attention and element-wise work but no projection.
 HIDDEN_AXES = ("batch", "length", "act_embed")  # the residual stream between decoder layers
-REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
 
 
 @jax.tree_util.register_dataclass
@@ -91,17 +90,19 @@ class TextModel(nnx.Module):
 
     The decoder layers are one `stacked` module (parameters [layers, ...]); `scan` runs them with `jax.lax.scan`
     (compile time independent of depth) or unrolled. `remat` ("none" | "full" | "dots") rematerialises each decoder
-    layer in the backward pass (REMAT_POLICIES). Both are static settings of the compiled program.
+    layer in the backward pass (REMAT_POLICIES). These and `logits_chunk` are static settings of the compiled program.
     """
 
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32, remat: str = "none", scan: bool = True):
+                 param_dtype: jnp.dtype = jnp.float32, remat: str = "none", scan: bool = True,
+                 logits_chunk: int = 256):
         if remat != "none" and remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={remat!r}; choose none, {', '.join(REMAT_POLICIES)}")
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
         self.scan = scan
+        self.logits_chunk = logits_chunk  # positions per training log-prob chunk (rl.step.chunked_logprobs)
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), "normal", param_dtype)
         self.layers = stacked(lambda r: DecoderLayer(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
                               cfg.num_hidden_layers, rngs)
@@ -141,8 +142,9 @@ class TextModel(nnx.Module):
             return constrain(x, HIDDEN_AXES), (None if cache is None else kv)
 
         policy = "none" if self.remat == "none" else REMAT_POLICIES[self.remat]
-        x, kv = run_layers(self.layers, body, constrain(embeds, HIDDEN_AXES), None if cache is None else (cache.k, cache.v),
-                           scan=self.scan, remat_policy=policy)
+        per_layer_cache = None if cache is None else (cache.k, cache.v)
+        x, kv = run_layers(self.layers, body, constrain(embeds, HIDDEN_AXES), per_layer_cache, scan=self.scan,
+                           remat_policy=policy)
         x = self.norm(x)
         if cache is None:
             return x, None

@@ -12,10 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlmr1_jax.models.layers import (ACTIVATIONS, Dense, GatedMLP, RMSNorm, apply_rotary, attention, param, run_layers,
-                                     stacked)
+from vlmr1_jax.models.layers import (ACTIVATIONS, REMAT_POLICIES, Dense, GatedMLP, RMSNorm, apply_rotary, attention,
+                                     param, run_layers, stacked)
 from vlmr1_jax.models.qwen2_5_vl.config import VisionConfig
 from vlmr1_jax.models.qwen2_5_vl.rope import inv_frequencies, vision_cos_sin
+from vlmr1_jax.parallel.mesh import constrain
+
+# Rows of the padded window layout go over the batch mesh axes (whole windows per device when they divide).
+ROW_AXES = ("batch", "act_embed")
 
 
 class VisionAttention(nnx.Module):
@@ -72,13 +76,15 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    """Patch embedding, the blocks as one `stacked` module (scanned or unrolled, see `run_layers`), the merger."""
+    """Patch embedding, the blocks as one `stacked` module (scanned or unrolled, see `run_layers`), the merger.
+    `remat` ("none" | "full" | "dots") rematerialises each block in the backward pass, as in the decoder."""
 
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32, scan: bool = True):
+                 param_dtype: jnp.dtype = jnp.float32, scan: bool = True, remat: str = "none"):
         self.cfg = cfg
         self.dtype = dtype
         self.scan = scan
+        self.remat = remat
         # Conv3d with stride == kernel and no bias is a matmul over flattened [C, Tp, p, p] rows.
         self.patch_embed = param(rngs, (cfg.patch_dim, cfg.hidden_size), (None, "vision_embed"), "normal",
                                  param_dtype)
@@ -96,7 +102,7 @@ class VisionTower(nnx.Module):
         cfg = self.cfg
         n = pixel_values.shape[0]
         slots = cfg.window_patches
-        x = jnp.dot(pixel_values.astype(self.dtype), self.patch_embed[...].astype(self.dtype))
+        x = constrain(jnp.dot(pixel_values.astype(self.dtype), self.patch_embed[...].astype(self.dtype)), ROW_AXES)
         cos, sin = vision_cos_sin(hw_positions, inv_frequencies(cfg.head_dim // 2, cfg.rope_theta))
         valid = jnp.concatenate([frame_ids >= 0, jnp.zeros((1,), bool)])  # row N: padding
         window_index = jnp.arange(n).reshape(n // slots, slots)
@@ -109,10 +115,11 @@ class VisionTower(nnx.Module):
         full_blocks = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
 
         def body(block: VisionBlock, x, full):
-            run = lambda f: block(x, cos, sin, groups[f], masks[f])  # noqa: E731
+            run = lambda f: constrain(block(x, cos, sin, groups[f], masks[f]), ROW_AXES)  # noqa: E731
             if isinstance(full, (bool, np.bool_)):  # unrolled: a static choice
                 return run(bool(full)), None
             return jax.lax.cond(full, lambda: run(True), lambda: run(False)), None
 
-        x, _ = run_layers(self.blocks, body, x, full_blocks, scan=self.scan)
+        policy = "none" if self.remat == "none" else REMAT_POLICIES[self.remat]
+        x, _ = run_layers(self.blocks, body, x, full_blocks, scan=self.scan, remat_policy=policy)
         return self.merger(x)
