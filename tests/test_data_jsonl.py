@@ -1,4 +1,4 @@
-"""VLM-R1 jsonl loading (SPEC 1.1-1.2), bad-input errors, skip-mode reports and the `vlmr1 data` commands."""
+"""VLM-R1 jsonl loading, bad-input errors, skip-mode reports and the `vlmr1 data` commands."""
 
 from __future__ import annotations
 
@@ -42,9 +42,9 @@ def test_normalisation_matches_vlm_r1(tmp_path, images):
     path = write_jsonl(tmp_path / "d.jsonl", [
         {"id": 1, "image": "a.png", "conversations": conv("<image>What is this?", " <answer>cat</answer> ")},
         {"id": "x", "image": ["a.png", "sub/b.png"], "accu_reward_method": "mcq",
-         "conversations": conv("<image><image>Compare <image>them", 3)},
+         "conversations": conv("<image><image>Compare <image>them", "3")},
         "",
-        {"conversations": conv("Text only", [1, 2]), "difficulty": "easy"},
+        {"conversations": conv("Text only", "[1, 2]"), "difficulty": "easy"},
         {"id": 4, "image": "sub/../a.png", "conversations": conv("<image>Q", "<answer>  A B\n</answer>")},
     ])
     samples, report = load_jsonl_datasets(path, images)
@@ -97,6 +97,8 @@ BAD_LINES = [  # (line, kind, field)
     ({"conversations": ["q", {"value": "a"}]}, "wrong_type", "conversations[0]"),
     ({"conversations": conv(7, "a")}, "wrong_type", "conversations[0].value"),
     ({"conversations": [{"value": "q"}, {"from": "gpt"}]}, "missing_key", "conversations[1].value"),
+    ({"conversations": conv("q", None)}, "wrong_type", "conversations[1].value"),
+    ("[" * 100_000 + "]" * 100_000, "invalid_json", "<line>"),
     ({"image": 5, "conversations": conv("q", "a")}, "wrong_type", "image"),
     ({"image": ["a.png", 3], "conversations": conv("q", "a")}, "wrong_type", "image[1]"),
     ({"accu_reward_method": 5, "conversations": conv("q", "a")}, "wrong_type", "accu_reward_method"),
@@ -208,7 +210,7 @@ def test_check_reports_exactly_the_corrupted_lines(tmp_path, capsys):
     with pytest.raises(DataError, match=r":3: field '<line>'"):
         load_jsonl_datasets(bad, folder)
 
-    # An image that exists but cannot be decoded is only found by `check`.
+    # An image that exists but cannot be decoded is found at load time, so `check` reports it with its line.
     with open(os.path.join(folder, "train", "train_000001.png"), "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n broken")
     assert run_cli(["data", "check", "--data-files", good, "--image-folders", folder]) == 1

@@ -49,9 +49,14 @@ class DataConfig:
     prompts_per_step: int = 8  # unique prompts per optimizer step (all processes together)
     num_epochs: int | None = None  # None = repeat until max_steps
     seed: int = 42
-    min_pixels: int = 3136
-    max_pixels: int = 12845056
-    on_error: str = "raise"  # raise | skip (skipped samples are counted and reported)
+    min_pixels: int = 3136  # the processor resizes every image to within [min_pixels, max_pixels]
+    max_pixels: int = 12845056  # 16384 image tokens: this, not the file's size, bounds what reaches the model
+    # Cap on an ORIGINAL image's pixels, read from its header at load time before any decode: 50 MP keeps 48-50 MP
+    # photos and refuses a 60 MP image or a decompression bomb with the line that names it.
+    max_image_pixels: int = 50_000_000
+    # raise | skip: bad lines, solutions and images (missing, undecodable, truncated, over max_image_pixels, aspect
+    # ratio > 200) are found at load time; skipped samples are counted and reported.
+    on_error: str = "raise"
     max_prompt_length: int | None = None  # pad prompts to this length (None: bucket per batch)
 
 
@@ -218,6 +223,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(d.num_epochs is None or d.num_epochs >= 1, "data.num_epochs", d.num_epochs, "null or >= 1")
     _check(d.min_pixels >= 1, "data.min_pixels", d.min_pixels, ">= 1")
     _check(d.max_pixels >= d.min_pixels, "data.max_pixels", d.max_pixels, f">= data.min_pixels ({d.min_pixels})")
+    _check(d.max_image_pixels >= 1, "data.max_image_pixels", d.max_image_pixels, ">= 1")
     _check(d.on_error in ("raise", "skip"), "data.on_error", d.on_error, "raise or skip")
     _check(d.max_prompt_length is None or d.max_prompt_length >= 1, "data.max_prompt_length", d.max_prompt_length,
            "null or >= 1")

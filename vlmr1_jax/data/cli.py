@@ -6,8 +6,9 @@ import argparse
 import collections
 
 from vlmr1_jax.data import synthetic
-from vlmr1_jax.data.jsonl import DataError, LoadReport, Sample, load_jsonl_datasets, read_image_sizes
-from vlmr1_jax.processing.image import IMAGE_FACTOR, MAX_PIXELS, MIN_PIXELS, smart_resize
+from vlmr1_jax.data.jsonl import (DataError, LoadReport, Sample, duplicate_ids, load_jsonl_datasets,
+                                  read_image_sizes)
+from vlmr1_jax.processing.image import IMAGE_FACTOR, MAX_IMAGE_PIXELS, MAX_PIXELS, MIN_PIXELS, processed_size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,12 +27,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--image-size", type=int, default=112)
     synth.set_defaults(func=run_synth)
 
-    check = actions.add_parser("check", help="validate every line and image; exit 1 on any problem")
+    check = actions.add_parser("check", help="validate every line and image, flag duplicate ids and empty files; "
+                               "exit 1 on any problem")
     check.add_argument("--data-files", required=True, help="':'-separated jsonl files")
     check.add_argument("--image-folders", required=True, help="':'-separated image folders, one per file")
     check.add_argument("--reward-method", default=None, help="':'-separated accuracy-reward methods, one per file")
     check.add_argument("--min-pixels", type=int, default=MIN_PIXELS)
     check.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
+    check.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                       help="cap on an original image's pixels (data.max_image_pixels)")
     check.set_defaults(func=run_check)
 
 
@@ -51,11 +55,11 @@ def token_histogram(counts: collections.Counter) -> list[str]:
 
 
 def image_tokens(sample: Sample, min_pixels: int, max_pixels: int) -> list[int]:
-    """LLM tokens per image of `sample` after the processor's smart_resize (one token per 28x28 block)."""
+    """LLM tokens per image of `sample` after the processor's resize (one token per 28x28 block)."""
     tokens = []
     for i, (height, width) in enumerate(read_image_sizes(sample)):
         try:
-            h, w = smart_resize(height, width, IMAGE_FACTOR, min_pixels, max_pixels)
+            h, w = processed_size(height, width, min_pixels, max_pixels)
         except ValueError as e:
             raise DataError("bad_image_size", sample.source, sample.line, f"image[{i}]", str(e)) from None
         tokens.append((h // IMAGE_FACTOR) * (w // IMAGE_FACTOR))
@@ -79,11 +83,16 @@ def check_images(samples: list[Sample], report: LoadReport, min_pixels: int, max
 def run_check(args: argparse.Namespace) -> int:
     try:
         samples, report = load_jsonl_datasets(args.data_files, args.image_folders, args.reward_method,
-                                              on_error="skip")
+                                              on_error="skip", max_image_pixels=args.max_image_pixels)
     except (ValueError, OSError) as e:
         print(f"error: {e}")
         return 1
-    valid, counts = check_images(samples, report, args.min_pixels, args.max_pixels)
+    duplicates = duplicate_ids(samples)
+    for problem in duplicates:
+        report.add(problem)
+    repeated = {(p.file, p.line) for p in duplicates}
+    unique = [s for s in samples if (s.source, s.line) not in repeated]
+    valid, counts = check_images(unique, report, args.min_pixels, args.max_pixels)
     print(f"files: {len(report.files)}  lines: {report.lines}  samples: {valid} valid, "
           f"{report.lines - valid} with problems")
     print(f"images: {sum(counts.values())} in valid samples")

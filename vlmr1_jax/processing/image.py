@@ -28,6 +28,10 @@ MERGE_SIZE = 2
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 MIN_SIDE = 28  # VLM-R1 upscales images whose smaller side is below this
+# Cap on an ORIGINAL image's pixel count, checked from its header before any decode (max_pixels above is only a
+# resize target): 50 MP keeps 48-50 MP camera photos, refuses larger ones (a 60 MP image decodes to 180 MB of RGB)
+# and sits below PIL's own decompression-bomb limits (Image.MAX_IMAGE_PIXELS = 89.5 MP warns, twice that raises).
+MAX_IMAGE_PIXELS = 50_000_000
 PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE  # 1176
 
 
@@ -59,17 +63,30 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def upscale_small_image(image: Image.Image, min_side: int = MIN_SIDE) -> Image.Image:
-    """VLM-R1's intended rule: if the smaller side is < `min_side`, LANCZOS-upscale it to `min_side`, keeping
-    the aspect ratio (the other side is truncated to an int, as VLM-R1 does)."""
-    width, height = image.size
+def upscaled_size(width: int, height: int, min_side: int = MIN_SIDE) -> tuple[int, int]:
+    """VLM-R1's intended rule: a smaller side under `min_side` is scaled up to `min_side`, keeping the aspect
+    ratio (the other side is truncated to an int, as VLM-R1 does). Returns (width, height), PIL's order."""
+    if min(width, height) < 1:
+        raise ValueError(f"image has no pixels ({width}x{height})")
     if min(width, height) >= min_side:
-        return image
+        return width, height
     if width < height:
-        size = (min_side, int(height * (min_side / width)))
-    else:
-        size = (int(width * (min_side / height)), min_side)
-    return image.resize(size, Image.Resampling.LANCZOS)
+        return min_side, int(height * (min_side / width))
+    return int(width * (min_side / height)), min_side
+
+
+def upscale_small_image(image: Image.Image, min_side: int = MIN_SIDE) -> Image.Image:
+    """LANCZOS-upscale `image` to `upscaled_size` when its smaller side is under `min_side` (VLM-R1 behaviour)."""
+    size = upscaled_size(*image.size, min_side=min_side)
+    return image if size == image.size else image.resize(size, Image.Resampling.LANCZOS)
+
+
+def processed_size(height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+                   ) -> tuple[int, int]:
+    """(height, width) an original image of this size reaches the model at: `load_image`'s small-image upscale,
+    then smart_resize. ValueError where that path would fail (no pixels, aspect ratio over 200)."""
+    up_width, up_height = upscaled_size(width, height)
+    return smart_resize(up_height, up_width, IMAGE_FACTOR, min_pixels, max_pixels)
 
 
 def load_image(path: str | PathLike, upscale_small: bool = True) -> Image.Image:

@@ -131,7 +131,7 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer, mesh: Mesh) -> Qwen25VL:
 
 def load_samples(cfg: RunConfig) -> list[Sample]:
     samples, report = load_jsonl_datasets(cfg.data.data_file_paths, cfg.data.image_folders, cfg.data.reward_method,
-                                          on_error=cfg.data.on_error)
+                                          on_error=cfg.data.on_error, max_image_pixels=cfg.data.max_image_pixels)
     if report.problems:
         log.warning("data: %s", report.summary())
     if not samples:
