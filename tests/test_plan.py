@@ -25,7 +25,7 @@ from vlmr1_jax.train.loop import make_generate_fn
 from vlmr1_jax.train.plan import (DEVICE_HBM_GIB, EXIT_DOES_NOT_FIT, abstract_train_state, analytic_param_counts,
                                   device_bytes, make_plan, model_config, plan_tokenizer,
                                   representative_prompts)
-from vlmr1_jax.train.setup import build_model, load_tokenizer, on_mesh, to_device
+from vlmr1_jax.train.setup import build_model, frozen_dtype_of, load_tokenizer, on_mesh, to_device
 
 # Small shapes: 8 prompts x 2 samples (both split over the 8 devices), an 84x56 image (6 tokens), 8 new tokens.
 SMALL = ["data.prompts_per_step=8", "grpo.num_generations=2", "sampling.max_new_tokens=8"]
@@ -49,12 +49,19 @@ def addressable_bytes(tree) -> list[int]:
 
 def real_run(cfg):
     """What GRPOTrainer builds (model born sharded, train state, on_mesh), its programs compiled on the real
-    arrays, and the rollout / reference actually computed to feed the step."""
+    arrays inside the mesh context (as the trainer runs them), and the rollout / reference actually computed to
+    feed the step."""
     mesh = make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        return _real_run(cfg, mesh)
+
+
+def _real_run(cfg, mesh):
     tokenizer = load_tokenizer(cfg)
     model = build_model(cfg, tokenizer, mesh)
     optimizer, schedule = make_optimizer(cfg.optim, cfg.train.max_steps)
-    graphdef, state = init_train_state(model, cfg.train.trainable, optimizer, cfg.grpo.beta > 0)
+    graphdef, state = init_train_state(model, cfg.train.trainable, optimizer, cfg.grpo.beta > 0,
+                                       frozen_dtype=frozen_dtype_of(cfg.model))
     state = on_mesh(state, mesh)
     batch = representative_prompts(cfg, model.cfg, tokenizer, IMAGE, 1)
     prompts = to_device(batch, mesh)
@@ -79,12 +86,12 @@ def real_run(cfg):
 @pytest.mark.parametrize("mode", ["full", "freeze_vision", "lora"])
 def test_abstract_state_is_the_trainers(mode):
     """Every leaf of the abstract train state has the shape, dtype and sharding of the trainer's real one."""
-    cfg = load_config("demo_tiny", [f"train.trainable={mode}", "model.param_dtype=bfloat16"])
+    cfg = load_config("demo_tiny", [f"train.trainable={mode}", "model.frozen_dtype=bfloat16"])
     mesh = make_mesh(cfg.mesh)
     tokenizer = load_tokenizer(cfg)
     model = build_model(cfg, tokenizer, mesh)
     optimizer, _ = make_optimizer(cfg.optim, cfg.train.max_steps)
-    _, real = init_train_state(model, mode, optimizer, cfg.grpo.beta > 0)
+    _, real = init_train_state(model, mode, optimizer, cfg.grpo.beta > 0, frozen_dtype=frozen_dtype_of(cfg.model))
     real = on_mesh(real, mesh)
     _, abstract = abstract_train_state(cfg, model.cfg, mesh, optimizer)
     real_leaves, real_tree = jax.tree_util.tree_flatten_with_path(real)
