@@ -46,7 +46,7 @@ def export_checkpoint(source: Path, out: str, *, lora: str | None = None, step: 
     from converters.peft import export_peft_adapter
     from converters.release import export_hf_folder, export_release
     from vlmr1_jax.train.restore import (checkpoint_meta, imported_params, load_checkpoint, restore_for_export,
-                                         run_config_from_dict, tokenizer_dir_of)
+                                         run_config_from_dict)
 
     meta = checkpoint_meta(source, step)
     run = run_config_from_dict(meta["run_config"])
@@ -55,7 +55,7 @@ def export_checkpoint(source: Path, out: str, *, lora: str | None = None, step: 
     params_dir = imported_params(source, step) if meta["kind"] == "import" and lora != "adapter" else None
     if params_dir is not None:
         return export_hf_folder(params_dir, out, base_model_dir=base, card=card,
-                                tokenizer_dir=tokenizer_dir or tokenizer_dir_of(run), **options)
+                                tokenizer_dir=tokenizer_dir or run.model.tokenizer, **options)
     if lora == "adapter":
         if run.train.trainable != "lora":
             raise ValueError(f"{source}: --lora adapter needs a LoRA run, but train.trainable is "
