@@ -1,11 +1,13 @@
 # Two entry points, each self-installing on a fresh machine (Python >= 3.11, pip; no GPU, no model hub):
 #   make demo   - the main job: a GRPO run on a tiny Qwen2.5-VL and built-in synthetic REC data (CPU, minutes)
 #   make test   - the whole test suite (what CI runs)
+#   make test-scale - streaming conversion of a full-size random 3B with peak-memory checks (not in CI: ~40 GB of
+#                     disk, a few minutes; see scripts/test_scale.py)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test test-scale install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +29,9 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+
+test-scale: $(VENV)/.core
+	$(BIN)/python scripts/test_scale.py $(SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) .jax_cache runs .pytest_cache

@@ -38,16 +38,24 @@ def _checkpoint_card(meta: dict, run) -> dict:
 
 def export_checkpoint(source: Path, out: str, *, lora: str | None = None, step: int | None = None,
                       tokenizer_dir: str | None = None, card: dict | None = None, **options) -> Path:
-    """Export one of our training checkpoints. LoRA runs are merged by default (`lora="merge"`); with
-    `lora="adapter"` the release holds the base weights (adapters left out) and `OUT/adapter` the PEFT adapter."""
+    """Export one of our checkpoints. LoRA runs are merged by default (`lora="merge"`); with `lora="adapter"` the
+    release holds the base weights (adapters left out) and `OUT/adapter` the PEFT adapter. An import checkpoint
+    is streamed from its files (one tensor on the host); a training checkpoint is restored whole first."""
     from flax import nnx
 
     from converters.peft import export_peft_adapter
-    from converters.release import export_release
-    from vlmr1_jax.train.restore import checkpoint_meta, load_checkpoint, restore_for_export, run_config_from_dict
+    from converters.release import export_hf_folder, export_release
+    from vlmr1_jax.train.restore import (checkpoint_meta, imported_params, load_checkpoint, restore_for_export,
+                                         run_config_from_dict)
 
     meta = checkpoint_meta(source, step)
     run = run_config_from_dict(meta["run_config"])
+    base = run.model.hf_model if run.model.hf_model and Path(run.model.hf_model).is_dir() else None
+    card = {**_checkpoint_card(meta, run), **(card or {})}
+    params_dir = imported_params(source, step) if meta["kind"] == "import" and lora != "adapter" else None
+    if params_dir is not None:
+        return export_hf_folder(params_dir, out, base_model_dir=base, card=card,
+                                tokenizer_dir=tokenizer_dir or run.model.tokenizer, **options)
     if lora == "adapter":
         if run.train.trainable != "lora":
             raise ValueError(f"{source}: --lora adapter needs a LoRA run, but train.trainable is "
@@ -56,9 +64,8 @@ def export_checkpoint(source: Path, out: str, *, lora: str | None = None, step: 
         params, cfg = nnx.state(model, nnx.Param), model.cfg  # the base: LoRAParams are not Params
     else:
         params, cfg, run_tokenizer = restore_for_export(source, step)
-    base = run.model.hf_model if run.model.hf_model and Path(run.model.hf_model).is_dir() else None
     release = export_release(params, cfg, out, tokenizer_dir=tokenizer_dir or run_tokenizer, base_model_dir=base,
-                             card={**_checkpoint_card(meta, run), **(card or {})}, **options)
+                             card=card, **options)
     if lora == "adapter":
         export_peft_adapter(model, cfg, release / ADAPTER_DIR, run.lora.rank, run.lora.alpha,
                             run.lora.dropout, base_model_name_or_path=str(release))
@@ -149,8 +156,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     i = subparsers.add_parser("import-hf", help="turn an HF Qwen2.5-VL folder into a vlmr1-jax checkpoint",
                               description="Write an HF Qwen2.5-VL folder as a checkpoint of ours "
-                                          "(OUT/checkpoints/0: full-mode train state, fresh optimizer state, "
-                                          "kind 'import'); the tokenizer stays in --model.")
+                                          "(OUT/checkpoints/0, kind 'import': the parameters only, streamed "
+                                          "tensor by tensor with checksums; the optimizer state is created when "
+                                          "training starts); the tokenizer stays in --model.")
     i.add_argument("--model", required=True, help="HF Qwen2.5-VL folder")
     i.add_argument("--out", required=True, help="run folder to create (must not exist or be empty)")
     i.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32")

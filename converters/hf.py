@@ -2,30 +2,34 @@
 
 Reading accepts the hub/legacy names (`visual.*`, `model.*`, `lm_head.weight`) and the transformers 5.x in-memory
 names (`model.visual.*`, `model.language_model.*`); writing emits the legacy names every reader accepts
-(QWEN25VL-PORT.md 4.1-4.3). Tensors are read one at a time and placed straight onto their target sharding.
+Tensors are read one at a time from the shard headers' offsets (`converters.safetensors_io`, no memory
+map) and placed straight onto their target sharding, so loading, importing and re-exporting hold one tensor (one
+layer of a stacked parameter) on the host at a time, whatever the model size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from converters.safetensors_io import read_header, read_tensor, sha256
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+CHECKSUMS_FILE = "checksums.json"  # name -> dtype, shape, sha256 of every tensor of a folder (import checkpoints)
 
 # (our flattened path, HF legacy name). Vision blocks and decoder layers are stacked on our side (one tensor with a
 # leading [layers] axis, see `models.layers.stacked`); their HF names carry the layer index where "{i}" stands.
@@ -128,32 +132,134 @@ def read_config(model_dir: str | os.PathLike) -> Qwen25VLConfig:
         raise ValueError(f"{path}: {e}") from e
 
 
-def safetensors_files(model_dir: str | os.PathLike) -> dict[str, Path]:
-    """HF tensor name -> the shard file holding it (sharded with an index, or one `model.safetensors`)."""
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of an HF folder, located from the shard headers alone; `sha256` is what the folder's checksum
+    manifest (import checkpoints) says its bytes hash to, checked on every read."""
+
+    name: str  # canonical (legacy) HF name
+    file: Path
+    info: dict[str, Any]  # the safetensors header entry: dtype, shape, data_offsets
+    data_start: int
+    sha256: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.info["shape"])
+
+    def read(self) -> np.ndarray:
+        value = read_tensor(self.file, self.info, self.data_start)
+        if self.sha256 is not None and sha256(value) != self.sha256:
+            raise ValueError(f"{self.file}: tensor {self.name!r} does not match its checksum in "
+                             f"{self.file.parent / CHECKSUMS_FILE} (the file is corrupted)")
+        return value
+
+
+def stored_tensors(model_dir: str | os.PathLike) -> dict[str, StoredTensor]:
+    """Every tensor of an HF folder (sharded with an index, or one `model.safetensors`) by canonical name, in
+    file order, from the headers alone. A folder with a checksum manifest must match it name by name, dtype and
+    shape; errors name the file."""
     model_dir = Path(model_dir)
     index = model_dir / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a safetensors index with a weight_map ({e})") from e
         missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
         if missing:
             raise FileNotFoundError(f"{index}: shards listed in weight_map are missing: {missing}")
-        return {name: model_dir / f for name, f in weight_map.items()}
-    single = model_dir / SINGLE_FILE
-    if not single.is_file():
+    elif (model_dir / SINGLE_FILE).is_file():
+        weight_map = None
+    else:
         raise FileNotFoundError(f"{model_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
-    with safe_open(single, framework="numpy") as f:
-        return {name: single for name in f.keys()}
+    files = list(dict.fromkeys(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
+    headers = {f: read_header(model_dir / f) for f in files}
+    if weight_map is None:
+        weight_map = dict.fromkeys(headers[SINGLE_FILE][0], SINGLE_FILE)
+    manifest = read_checksums(model_dir)
+    rank = {f: i for i, f in enumerate(files)}
+    out: dict[str, StoredTensor] = {}
+    for stored, file in sorted(weight_map.items(), key=lambda kv: (rank[kv[1]], _offset(headers[kv[1]], kv[0]))):
+        header, _, start = headers[file]
+        if stored not in header:
+            raise KeyError(f"{index}: maps {stored!r} to {file}, which does not hold it")
+        name = canonical_hf_name(stored)
+        if name in out:
+            raise KeyError(f"{model_dir}: tensor {name!r} appears twice")
+        digest = None
+        if manifest is not None:
+            want = manifest.get(name)
+            if want is None or (want["dtype"], tuple(want["shape"])) != (header[stored]["dtype"],
+                                                                       tuple(header[stored]["shape"])):
+                raise ValueError(f"{model_dir / file}: tensor {name!r} ({header[stored]['dtype']} "
+                                 f"{header[stored]['shape']}) is not as {CHECKSUMS_FILE} records it ({want})")
+            digest = want["sha256"]
+        out[name] = StoredTensor(name, model_dir / file, header[stored], start, digest)
+    if manifest is not None and manifest.keys() != out.keys():
+        raise ValueError(f"{model_dir}: {CHECKSUMS_FILE} lists tensors the shards lack: "
+                         f"{sorted(manifest.keys() - out.keys())[:8]}")
+    return out
+
+
+def _offset(header: tuple[dict[str, Any], dict[str, str], int], name: str) -> int:
+    entry = header[0].get(name)
+    return entry["data_offsets"][0] if entry else -1
+
+
+def read_checksums(model_dir: str | os.PathLike) -> dict[str, dict[str, Any]] | None:
+    """name -> {dtype, shape, sha256} from a folder's checksum manifest; None when it has none."""
+    path = Path(model_dir) / CHECKSUMS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("algorithm") != "sha256" or not isinstance(data.get("tensors"), dict):
+            raise ValueError("expected {\"algorithm\": \"sha256\", \"tensors\": {...}}")
+        return data["tensors"]
+    except (json.JSONDecodeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: not a checksum manifest ({e})") from e
+
+
+def write_checksums(model_dir: str | os.PathLike, tensors: Mapping[str, tuple[str, tuple[int, ...], str]]) -> None:
+    """The checksum manifest of a folder: name -> (safetensors dtype code, shape, sha256 of the bytes)."""
+    data = {"algorithm": "sha256",
+            "tensors": {n: {"dtype": d, "shape": list(s), "sha256": h} for n, (d, s, h) in tensors.items()}}
+    (Path(model_dir) / CHECKSUMS_FILE).write_text(json.dumps(data, indent=1) + "\n")
 
 
 def iter_hf_tensors(model_dir: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
     """(canonical HF name, numpy array) for every tensor, one at a time, shard by shard."""
-    by_file: dict[Path, list[str]] = {}
-    for name, file in safetensors_files(model_dir).items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in by_file.items():
-        with safe_open(file, framework="numpy") as f:
-            for name in names:
-                yield canonical_hf_name(name), f.get_tensor(name)
+    for name, stored in stored_tensors(model_dir).items():
+        yield name, stored.read()
+
+
+def check_stored(stored: Mapping[str, StoredTensor], expected: Mapping[str, tuple[int, ...]],
+                 cfg: Qwen25VLConfig, where: str) -> None:
+    """Refuse, from the headers alone, a folder with an unexpected, missing or misshapen tensor (`expected`: HF
+    name -> HF shape); a tied model's stored copy of the embedding (`lm_head.weight`) is allowed."""
+    for name, tensor in stored.items():
+        if name not in expected:
+            if name == "lm_head.weight" and cfg.text.tie_word_embeddings:
+                continue  # some exports keep the tied copy; it equals embed_tokens
+            raise KeyError(f"{where}: unexpected tensor {name!r} (not part of a Qwen2.5-VL with this config)")
+        if tensor.shape != tuple(expected[name]):
+            raise ValueError(f"{where}: tensor {name!r} has shape {tensor.shape}, config expects "
+                             f"{tuple(expected[name])}")
+    missing = [name for name in expected if name not in stored]
+    if missing:
+        raise KeyError(f"{where}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+
+def folder_tensors(model_dir: str | os.PathLike, cfg: Qwen25VLConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """(legacy HF name, array as stored) of an HF folder, one at a time in `hf_entries` order, after checking
+    from the headers that it holds exactly the tensors `cfg` needs: the source of a streaming export."""
+    from converters.check import expected_tensors
+
+    stored = stored_tensors(model_dir)
+    expected = expected_tensors(cfg)
+    check_stored(stored, expected, cfg, str(model_dir))
+    return ((name, stored[name].read()) for name in expected)
 
 
 def load_hf_state(model_dir: str | os.PathLike, abstract_state: nnx.State, cfg: Qwen25VLConfig,
@@ -163,24 +269,16 @@ def load_hf_state(model_dir: str | os.PathLike, abstract_state: nnx.State, cfg: 
     Each tensor goes straight to its device(s) (`shardings`: our path -> sharding; default: the default device),
     so only one tensor is on the host at a time; a stacked parameter is assembled there one layer at a time.
     """
+    from converters.check import hf_shape
+
     targets = flat_paths(abstract_state)
-    entries = {name: (path, layer, shape) for name, path, layer, shape in hf_entries(abstract_state)}
+    entries = hf_entries(abstract_state)
+    stored = stored_tensors(model_dir)
+    check_stored(stored, {name: hf_shape(path, shape, cfg) for name, path, _, shape in entries}, cfg,
+                 str(model_dir))
     loaded: dict[str, jax.Array] = {}
-    seen: set[str] = set()
-    where = str(model_dir)
-    for name, tensor in iter_hf_tensors(model_dir):
-        if name not in entries:
-            if name == "lm_head.weight" and cfg.text.tie_word_embeddings:
-                continue  # some exports keep the tied copy; it equals embed_tokens
-            raise KeyError(f"{where}: unexpected tensor {name!r} (not part of a Qwen2.5-VL with this config)")
-        if name in seen:
-            raise KeyError(f"{where}: tensor {name!r} appears twice")
-        seen.add(name)
-        path, layer, shape = entries[name]
-        value = from_hf_tensor(path, tensor)
-        if tuple(value.shape) != shape:
-            raise ValueError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, config expects "
-                             f"{tuple(to_hf_tensor(path, np.zeros(shape, np.float32), cfg).shape)}")
+    for name, path, layer, _ in entries:
+        value = from_hf_tensor(path, stored[name].read())
         target = targets[path]
         value = value.astype(target.dtype) if value.dtype != target.dtype else value
         sharding = None if shardings is None else shardings[path]
@@ -190,9 +288,6 @@ def load_hf_state(model_dir: str | os.PathLike, abstract_state: nnx.State, cfg: 
             if path not in loaded:
                 loaded[path] = _zeros(target.shape, target.dtype, sharding)
             loaded[path] = _set_layer(loaded[path], layer, value)
-    missing = sorted(name for name in entries if name not in seen)
-    if missing:
-        raise KeyError(f"{where}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     flat = [(tuple(int(k) if k.isdigit() else k for k in p.split(".")), targets[p].replace(loaded[p]))
             for p in targets]
     return nnx.from_flat_state(flat)
@@ -222,20 +317,16 @@ def load_hf_model(model_dir: str | os.PathLike, *, dtype=np.float32, param_dtype
     return nnx.merge(graphdef, load_hf_state(model_dir, abstract, cfg, shardings))
 
 
-def hf_tensors(state: nnx.State, cfg: Qwen25VLConfig, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """(legacy HF name, numpy array) for every tensor HF stores, one at a time (gathered to the host), in
-    `hf_entries` order."""
+def hf_tensors(state: nnx.State, cfg: Qwen25VLConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """(legacy HF name, numpy array in the HF layout) for every tensor HF stores, one at a time (one layer of a
+    stacked parameter gathered to the host), in `hf_entries` order."""
     params = flat_paths(state)
     for name, path, layer, _ in hf_entries(state):
         value = params[path][...]
-        value = np.asarray(jax.device_get(value if layer is None else value[layer]))
-        if dtype is not None:
-            value = value.astype(dtype)
-        yield name, to_hf_tensor(path, value, cfg)
+        yield name, to_hf_tensor(path, np.asarray(jax.device_get(value if layer is None else value[layer])), cfg)
 
 
 def save_hf_safetensors(state: nnx.State, cfg: Qwen25VLConfig, path: str | os.PathLike, dtype=None) -> None:
     """Write every parameter into one safetensors file with legacy names and `{"format": "pt"}` metadata."""
-    tensors = dict(hf_tensors(state, cfg, dtype))
+    tensors = {name: value if dtype is None else value.astype(dtype) for name, value in hf_tensors(state, cfg)}
     save_file(tensors, str(path), metadata={"format": "pt"})
-

@@ -1,12 +1,13 @@
 """Write a complete HF Qwen2.5-VL release folder: weights, configs, processor, tokenizer, chat template, model card.
 
-The layout is the hub one that transformers 4.49+ / 5.x and vLLM / vllm-ascend read (ECOSYSTEM.md 2, DESIGN.md
-"Exports"). Weights are streamed shard by shard, so at most one shard is on the host. Everything is written into
+The layout is the hub one that transformers 4.49+ / 5.x and vLLM / vllm-ascend read. Weights are streamed tensor by
+tensor (each shard's header is written first, then its tensors as they come), so one tensor is on the host at a
+time: an HF folder is re-exported without building the model. Everything is written into
 a temporary sibling folder, validated with `converters.check.check_export`, then moved into place in one rename
 (an existing folder is only replaced with `overwrite=True`, by an atomic exchange where the OS has one).
 
 float16 (300I Duo): weights are cast with round-to-nearest-even and never clamped or rescaled; a weight beyond
-+-65504 is an error. Activation overflow (QWEN25VL-PORT.md pitfall 22: the 3B vision tower's last blocks) is a
++-65504 is an error. Activation overflow (the 3B vision tower's last blocks) is a
 property of inputs, not of the file: `vlmr1 check-export --forward --image REAL.jpg` measures it (see
 docs/deploy-ascend.md).
 """
@@ -22,14 +23,13 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
-
-from converters.check import DTYPES, INDEX_FILE, SINGLE_FILE, TARGETS, check_export
-from converters.hf import hf_entries, hf_tensors, load_hf_model
+from converters.check import DTYPES, INDEX_FILE, SINGLE_FILE, TARGETS, check_export, expected_tensors
+from converters.hf import folder_tensors, hf_tensors, read_config, write_checksums
+from converters.safetensors_io import ShardWriter, sha256
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, to_hf_config
 from vlmr1_jax.processing import image as image_processing
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer
@@ -92,40 +92,59 @@ def shard_file_names(count: int) -> list[str]:
     return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
 
 
-def write_weights(state: nnx.State, cfg: Qwen25VLConfig, folder: Path, dtype: str,
-                  max_shard_size: int | str = "5GB") -> dict[str, str]:
-    """Stream every parameter into safetensors shards (+ index when several); returns name -> file."""
+def write_weights(tensors: Iterable[tuple[str, np.ndarray]], cfg: Qwen25VLConfig, folder: Path, dtype: str,
+                  max_shard_size: int | str = "5GB", checksums: bool = False) -> dict[str, str]:
+    """Stream `tensors` (legacy HF name, HF-layout array, in `hf_entries` order) into safetensors shards (+ an
+    index when several); returns name -> file.
+
+    One tensor is on the host at a time: each is checked against the config's name and shape, cast to `dtype`,
+    checked finite, and appended to its shard, whose header was written from the shard plan. Peak memory is
+    about 2.5x the largest tensor (as read, as cast, the finiteness mask). `checksums`: also write the folder's
+    checksum manifest (`converters.hf.CHECKSUMS_FILE`).
+    """
     np_dtype = np.dtype(DTYPES[dtype].numpy)
-    sizes = [(name, int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize) for name, _, _, shape in hf_entries(state)]
+    code = DTYPES[dtype].safetensors
+    shapes = expected_tensors(cfg)
+    sizes = [(name, int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize) for name, shape in shapes.items()]
     shards = plan_shards(sizes, parse_size(max_shard_size))
     files = shard_file_names(len(shards))
-    tensors: Iterator[tuple[str, np.ndarray]] = hf_tensors(state, cfg, np_dtype)
+    stream = iter(tensors)
     weight_map: dict[str, str] = {}
+    digests: dict[str, tuple[str, tuple[int, ...], str]] = {}
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, naming the tensor
         for names, file in zip(shards, files):
-            _write_shard(tensors, names, folder / file, dtype)
+            with ShardWriter(folder / file, [(n, code, shapes[n]) for n in names], {"format": "pt"}) as writer:
+                for expected in names:
+                    value = _next_tensor(stream, expected, shapes[expected]).astype(np_dtype, copy=False)
+                    bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+                    if bad:
+                        raise ValueError(f"{expected}: {bad} values are inf/NaN as {DTYPES[dtype].torch_name} "
+                                         f"(float16 holds |x| <= 65504); refusing to write a broken release")
+                    writer.write(expected, value)
+                    if checksums:
+                        digests[expected] = (code, shapes[expected], sha256(value))
             weight_map.update(dict.fromkeys(names, file))
+    extra = next(stream, None)
+    if extra is not None:
+        raise RuntimeError(f"tensor {extra[0]} is not part of a Qwen2.5-VL with this config")
     if len(files) > 1:
         index = {"metadata": {"total_size": sum(n for _, n in sizes),
                               "total_parameters": sum(n for _, n in sizes) // np_dtype.itemsize},
                  "weight_map": dict(sorted(weight_map.items()))}
         _write_json(folder / INDEX_FILE, index)
+    if checksums:
+        write_checksums(folder, digests)
     return weight_map
 
 
-def _write_shard(tensors: Iterator[tuple[str, np.ndarray]], names: list[str], path: Path, dtype: str) -> None:
-    """Pull `names` from the tensor stream, check they are finite, write them as one shard."""
-    shard: dict[str, np.ndarray] = {}
-    for expected in names:
-        name, value = next(tensors)
-        if name != expected:
-            raise RuntimeError(f"parameter order changed while exporting: {name} != {expected}")
-        bad = int(value.size - np.count_nonzero(np.isfinite(value)))
-        if bad:
-            raise ValueError(f"{name}: {bad} values are inf/NaN as {DTYPES[dtype].torch_name} (float16 holds "
-                             f"|x| <= 65504); refusing to write a broken release")
-        shard[name] = value
-    save_file(shard, str(path), metadata={"format": "pt"})
+def _next_tensor(stream: Iterator[tuple[str, np.ndarray]], name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The next tensor of the stream, which must be `name` with `shape`."""
+    got = next(stream, None)
+    if got is None or got[0] != name:
+        raise RuntimeError(f"parameter order changed while exporting: {got[0] if got else 'end'} != {name}")
+    if tuple(got[1].shape) != tuple(shape):
+        raise ValueError(f"{name}: shape {tuple(got[1].shape)}, the config expects {tuple(shape)}")
+    return got[1]
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -133,7 +152,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def preprocessor_config(cfg: Qwen25VLConfig) -> dict[str, Any]:
-    """Qwen2.5-VL's preprocessor_config.json (QWEN25VL-PORT.md 5), with size/resample/rescale_factor so that
+    """Qwen2.5-VL's preprocessor_config.json, with size/resample/rescale_factor so that
     old and new image processors agree."""
     p = image_processing
     v = cfg.vision
@@ -253,7 +272,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
+def move_into_place(tmp: Path, out: Path) -> None:
     """Rename `tmp` to `out`; an existing `out` is swapped out atomically (or, failing that, moved aside and
     restored on error) and then deleted."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
@@ -272,11 +291,21 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
-def export_release(state: nnx.State | nnx.Module, cfg: Qwen25VLConfig, out_dir: str | os.PathLike, *,
+def export_release(state: nnx.State | nnx.Module, cfg: Qwen25VLConfig, out_dir: str | os.PathLike,
+                   **options: Any) -> Path:
+    """Write the release folder `out_dir` of model parameters (see `export_tensors` for the options); one layer
+    of a stacked parameter at a time is gathered to the host."""
+    if isinstance(state, nnx.Module):
+        state = nnx.state(state, nnx.Param)
+    return export_tensors(hf_tensors(state, cfg), cfg, out_dir, **options)
+
+
+def export_tensors(tensors: Iterable[tuple[str, np.ndarray]], cfg: Qwen25VLConfig, out_dir: str | os.PathLike, *,
                    target: str = "hf", dtype: str | None = None, max_shard_size: int | str = "5GB",
                    tokenizer_dir: str | os.PathLike | None = None, base_model_dir: str | os.PathLike | None = None,
                    card: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Write the release folder `out_dir` for `target` ("hf", "ascend-a2", "ascend-310p") from model parameters.
+    """Write the release folder `out_dir` for `target` ("hf", "ascend-a2", "ascend-310p") from a stream of HF
+    tensors (legacy name, HF-layout array, in `hf_entries` order), one tensor on the host at a time.
 
     `dtype` ("bf16", "fp16", "fp32") defaults to the target's (bf16; fp16 for 310P, which allows nothing else).
     Tokenizer files come from `tokenizer_dir`, else `base_model_dir`, else the vendored Qwen2.5 set;
@@ -284,40 +313,46 @@ def export_release(state: nnx.State | nnx.Module, cfg: Qwen25VLConfig, out_dir: 
     base_model, license, datasets, rewards, steps, metrics, plus any others). Returns the folder.
     """
     dtype = resolve_dtype(target, dtype)
-    if isinstance(state, nnx.Module):
-        state = nnx.state(state, nnx.Param)
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the release gets the usual folder permissions
+    tmp = make_temp_sibling(out)
     try:
-        _write_release(state, cfg, tmp, target, dtype, max_shard_size, tokenizer_dir, base_model_dir, card or {})
+        _write_release(tensors, cfg, tmp, target, dtype, max_shard_size, tokenizer_dir, base_model_dir, card or {})
         problems = check_export(tmp, target)
         if problems:
             raise ExportError(f"export to {out} failed validation; nothing was written there:\n  "
                               + "\n  ".join(problems))
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if target == "ascend-310p":
         warnings.warn(f"{out}: float16 activations of Qwen2.5-VL's last vision blocks can exceed 65504 on real "
                       f"images (the weights are fine); measure with `vlmr1 check-export {out} --target "
-                      f"ascend-310p --forward --image <real image>` before deploying", stacklevel=2)
+                      f"ascend-310p --forward --image <real image>` before deploying", stacklevel=3)
     return out
 
 
-def _write_release(state: nnx.State, cfg: Qwen25VLConfig, folder: Path, target: str, dtype: str,
+def make_temp_sibling(out: Path) -> Path:
+    """A fresh hidden folder beside `out` (same file system, so it can be renamed into place), with the usual
+    folder permissions rather than mkdtemp's private ones."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
+
+
+def _write_release(tensors: Iterable[tuple[str, np.ndarray]], cfg: Qwen25VLConfig, folder: Path, target: str,
+                   dtype: str,
                    max_shard_size: int | str, tokenizer_dir: str | os.PathLike | None,
                    base_model_dir: str | os.PathLike | None, card: Mapping[str, Any]) -> None:
     """Every file of the release into `folder` (no validation)."""
-    write_weights(state, cfg, folder, dtype, max_shard_size)
+    write_weights(tensors, cfg, folder, dtype, max_shard_size)
     _write_json(folder / "config.json", to_hf_config(cfg, DTYPES[dtype].torch_name))
     _write_json(folder / "preprocessor_config.json", preprocessor_config(cfg))
     source = tokenizer_source(tokenizer_dir, base_model_dir)
@@ -339,14 +374,14 @@ def _write_release(state: nnx.State, cfg: Qwen25VLConfig, folder: Path, target: 
     (folder / "README.md").write_text(model_card(cfg, target, dtype, card, notes), encoding="utf-8")
 
 
-def export_hf_folder(source: str | os.PathLike, out_dir: str | os.PathLike, *, target: str = "hf",
-                     dtype: str | None = None, max_shard_size: int | str = "5GB",
-                     tokenizer_dir: str | os.PathLike | None = None, card: Mapping[str, Any] | None = None,
-                     overwrite: bool = False) -> Path:
-    """Re-export an HF Qwen2.5-VL folder (e.g. a dtype conversion for Ascend): loaded with our converter, so the
-    release gets the legacy names and flat config; tokenizer and generation config come from `source`."""
-    dtype = resolve_dtype(target, dtype)
-    model = load_hf_model(source, param_dtype=DTYPES[dtype].numpy)
+def export_hf_folder(source: str | os.PathLike, out_dir: str | os.PathLike, *,
+                     base_model_dir: str | os.PathLike | None = None, card: Mapping[str, Any] | None = None,
+                     **options: Any) -> Path:
+    """Re-export an HF Qwen2.5-VL folder (e.g. a dtype conversion for Ascend) tensor by tensor, never building
+    the model: the release gets the legacy names and flat config; tokenizer and generation config come from
+    `base_model_dir` (default: `source`). Peak host memory: about 2.5x the largest tensor plus a constant."""
+    cfg = read_config(source)
+    tensors = folder_tensors(source, cfg)  # checks names and shapes from the headers before anything is written
     card = {"base_model": Path(source).name, **(card or {})}
-    return export_release(model, model.cfg, out_dir, target=target, dtype=dtype, max_shard_size=max_shard_size,
-                          tokenizer_dir=tokenizer_dir, base_model_dir=source, card=card, overwrite=overwrite)
+    return export_tensors(tensors, cfg, out_dir, base_model_dir=source if base_model_dir is None else base_model_dir,
+                          card=card, **options)

@@ -23,6 +23,7 @@ from vlmr1_jax.processing.batch import PromptBatch, encode_prompts
 from vlmr1_jax.rl.step import current_model, init_train_state, make_optimizer
 from vlmr1_jax.train.checkpoint import Checkpointer, abstract_like
 from vlmr1_jax.train.metrics import MetricsWriter, mean_metrics
+from vlmr1_jax.train.restore import imported_params
 from vlmr1_jax.train.setup import (build_model, check_model_config, frozen_dtype_of, load_samples, load_tokenizer,
                                    on_mesh, resolve_max_steps, run_dir, setup_mesh)
 
@@ -46,7 +47,15 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg)
         self.samples = load_samples(cfg)
         self.max_steps = resolve_max_steps(cfg, len(self.samples))
-        model = build_model(cfg, self.tokenizer, self.mesh)
+        self.out = run_dir(cfg)
+        self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.train.save_every, cfg.train.keep_checkpoints)
+        latest = self.checkpoints.latest_step()
+        # An import checkpoint (vlmr1 import-hf) holds parameters only: the model is loaded from it, one tensor at
+        # a time onto the mesh, and the optimizer state and reference are created here, as for an HF folder.
+        imported = imported_params(self.checkpoints.directory, latest) if latest is not None else None
+        source = cfg if imported is None else dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, hf_model=str(imported)))
+        model = build_model(source, self.tokenizer, self.mesh)
         self.model_cfg = model.cfg
         self.optimizer, self.schedule = make_optimizer(cfg.optim, self.max_steps * updates_per_step)
         self.graphdef, state = init_train_state(model, cfg.train.trainable, self.optimizer, with_reference,
@@ -54,14 +63,14 @@ class Trainer:
         self.state = on_mesh(state, self.mesh)
         self.data = make_prompt_iterator(self.samples, cfg.data.prompts_per_step, cfg.data.seed,
                                          num_epochs=cfg.data.num_epochs)
-        self.out = run_dir(cfg)
-        self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.train.save_every, cfg.train.keep_checkpoints)
         self.metrics = MetricsWriter(self.out, process_index=jax.process_index())
         self.step = 0
         self.nonfinite_streak = 0
         self.closed = False
         self.stopped_by: str | None = None
-        if self.checkpoints.latest_step() is not None:
+        if imported is not None:
+            log.info("starting from the imported parameters in %s", imported)
+        elif latest is not None:
             self.state, _ = self.checkpoints.restore(abstract_like(self.state), self.data)
             self.step = int(self.state.step) // updates_per_step
             log.info("resumed from step %d in %s", self.step, self.checkpoints.directory)

@@ -211,3 +211,13 @@ def read_meta(checkpoint_dir: str | Path, step: int | None = None) -> dict[str, 
             raise CheckpointError(f"cannot read the meta of checkpoint {directory / str(step)}: "
                                   f"{type(e).__name__}: {e}") from e
     return dict(restored[META] or {})
+
+
+def save_meta(checkpoint_dir: str | Path, step: int, meta: dict[str, Any]) -> Path:
+    """Write a step that holds only the JSON meta (an import checkpoint adds its parameters beside it); returns
+    the step folder."""
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+    with ocp.CheckpointManager(Path(checkpoint_dir).absolute(), item_handlers={META: ocp.JsonCheckpointHandler()},
+                               options=options) as manager:
+        manager.save(step, args=ocp.args.Composite(**{META: ocp.args.JsonSave(meta)}))
+    return Path(checkpoint_dir).absolute() / str(step)

@@ -1,15 +1,25 @@
 """Our training checkpoints as models outside training: restore one for evaluation or export, and import an HF
 folder as one.
 
-A checkpoint holds the whole `TrainState` (`vlmr1_jax.train.checkpoint`). To read it we rebuild the abstract state
-the trainer built from the JSON meta alone (model config, dtypes, LoRA, optimizer, reference) with
+A training checkpoint holds the whole `TrainState` (`vlmr1_jax.train.checkpoint`). To read it we rebuild the
+abstract state the trainer built from the JSON meta alone (model config, dtypes, LoRA, optimizer, reference) with
 `jax.eval_shape`, so nothing is initialised, then let the `Checkpointer` check and restore it onto `mesh`.
+
+An import checkpoint (kind "import", `vlmr1 import-hf`) holds parameters only: `<step>/params` is an HF-layout
+safetensors folder (legacy names, one tensor per layer, the run's param_dtype, config.json) with a checksum
+manifest, beside the usual `<step>/meta`. It is written and read one tensor at a time, so importing, loading and
+exporting it never hold more than one tensor (or, when loading, the model on its devices) whatever the model
+size; the optimizer state is created when training starts, on the devices. Orbax would need each stacked
+parameter whole (one array per leaf: 3.2 GB for the 3B's MLP kernels in fp32, 77 GB for a 72B's); the per-layer
+HF layout also keeps one name table (`converters.hf`) for every safetensors file we read or write.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +33,12 @@ from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.parallel.mesh import MeshConfig, logical_to_spec, make_mesh
 from vlmr1_jax.rl.lora import apply_lora, merge_lora
 from vlmr1_jax.rl.step import TrainState, current_model, init_train_state, make_optimizer
-from vlmr1_jax.train.checkpoint import META, STATE, CheckpointError, Checkpointer, read_meta
+from vlmr1_jax.train.checkpoint import META, STATE, CheckpointError, Checkpointer, read_meta, save_meta
 from vlmr1_jax.train.setup import dtype_of, frozen_dtype_of
 
 CHECKPOINTS = "checkpoints"
 KINDS = ("grpo", "sft", "import")
+PARAMS = "params"  # an import checkpoint's parameter folder inside its step folder
 
 
 def find_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None] | None:
@@ -40,7 +51,7 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None] | None:
         return path / CHECKPOINTS, None
     if path.name.isdigit() and ((path / STATE).is_dir() or (path / META).is_dir()):
         return path.parent, int(path.name)
-    if any(p.name.isdigit() and (p / STATE).is_dir() for p in path.iterdir() if p.is_dir()):
+    if any(p.name.isdigit() and ((p / STATE).is_dir() or (p / META).is_dir()) for p in path.iterdir() if p.is_dir()):
         return path, None
     return None
 
@@ -117,17 +128,48 @@ def checkpoint_meta(path: str | os.PathLike, step: int | None = None) -> dict[st
     return meta
 
 
+def _import_params(directory: Path, step: int | None) -> Path:
+    """The parameter folder of the import checkpoint at `step` (default: the latest) of `directory`."""
+    from converters.hf import CHECKSUMS_FILE
+
+    if step is None:
+        step = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    folder = directory / str(step) / PARAMS
+    if not (folder / CHECKSUMS_FILE).is_file():
+        raise CheckpointError(f"{folder}: an import checkpoint needs its parameters there, with {CHECKSUMS_FILE}; "
+                              f"run `vlmr1 import-hf` again")
+    return folder
+
+
+def imported_params(path: str | os.PathLike, step: int | None = None) -> Path | None:
+    """The parameter folder (HF layout, checksummed) when the checkpoint at `path` / `step` (default: the latest)
+    is an import checkpoint; None for training checkpoints."""
+    directory, step = _locate(path, step)
+    meta = read_meta(directory, step)
+    return _import_params(directory, step) if _parse_meta(meta, str(directory))[2] == "import" else None
+
+
 def load_checkpoint(path: str | os.PathLike, step: int | None = None,
                     mesh: Mesh | None = None) -> tuple[Qwen25VL, dict[str, Any], str | None]:
     """The policy of a checkpoint (LoRA adapters kept, not merged), its meta, and its tokenizer folder.
 
     `path`: a run folder, its `checkpoints` folder or a step folder; `step` defaults to the latest (or the step
-    folder's). Parameters land on `mesh` (default: every device on the fsdp axis).
+    folder's). Parameters land on `mesh` (default: every device on the fsdp axis); those of an import checkpoint
+    are read one tensor at a time and checked against its checksums.
     """
     directory, step = _locate(path, step)
     meta = read_meta(directory, step)
     run, model_cfg, kind = _parse_meta(meta, str(directory))
     mesh = make_mesh(MeshConfig()) if mesh is None else mesh
+    if kind == "import":
+        from converters.hf import load_hf_model
+
+        folder = _import_params(directory, step)
+        model = load_hf_model(folder, dtype=dtype_of(run.model.dtype), param_dtype=dtype_of(run.model.param_dtype),
+                              mesh=mesh)
+        if model.cfg != model_cfg:
+            raise CheckpointError(f"{folder}/config.json does not describe the model of its meta ({directory})")
+        return model, meta, tokenizer_dir_of(run)
     graphdef, abstract = _abstract_train_state(run, model_cfg, kind, mesh)
     checkpointer = Checkpointer(directory, save_every=1, keep=1, async_save=False)
     try:
@@ -140,30 +182,46 @@ def load_checkpoint(path: str | os.PathLike, step: int | None = None,
 def restore_for_export(path: str | os.PathLike, step: int | None = None,
                        mesh: Mesh | None = None) -> tuple[nnx.State, Qwen25VLConfig, str | None]:
     """Parameters of a checkpoint with LoRA merged into the kernels (a plain Qwen2.5-VL, as `export_release`
-    takes), the model config, and the tokenizer folder."""
+    takes), the model config, and the tokenizer folder. The whole TrainState of a training checkpoint is
+    restored (peak: its size); `vlmr1 export` streams import checkpoints from their files instead."""
     model, _, tokenizer_dir = load_checkpoint(path, step, mesh)
     merge_lora(model)
     return nnx.state(model, nnx.Param), model.cfg, tokenizer_dir
 
 
 def import_hf(model_dir: str | os.PathLike, out: str | os.PathLike, param_dtype: str = "float32") -> Path:
-    """Write the HF Qwen2.5-VL folder `model_dir` as a checkpoint of ours (`<out>/checkpoints/0`): a full-mode
-    TrainState with a fresh optimizer, kind "import", whose run config points at `model_dir` for the tokenizer."""
-    from converters.hf import load_hf_model
+    """Write the HF Qwen2.5-VL folder `model_dir` as an import checkpoint of ours (`<out>/checkpoints/0`, kind
+    "import"): its parameters only, in `param_dtype`, whose run config points at `model_dir` for the tokenizer.
+
+    Streams one tensor at a time (read, cast, checksum, write), so peak host memory is about 2.5x the largest
+    tensor plus a constant, whatever the model size. Names and shapes are checked against the config before
+    anything is written; the folder appears in one rename when complete.
+    """
+    from converters.check import dtype_key
+    from converters.hf import folder_tensors, read_config
+    from converters.release import make_temp_sibling, move_into_place, write_weights
+    from vlmr1_jax.models.qwen2_5_vl.config import to_hf_config
 
     model_dir = Path(model_dir).absolute()
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: exists and is not an empty folder")
+    dtype_of(param_dtype, "param_dtype")
+    cfg = read_config(model_dir)
+    tensors = folder_tensors(model_dir, cfg)  # names and shapes checked from the headers
     run = RunConfig(model=ModelConfig(preset=None, hf_model=str(model_dir), dtype=param_dtype,
                                       param_dtype=param_dtype),
                     train=TrainConfig(output_dir=str(out), trainable="full"))
-    model = load_hf_model(model_dir, dtype=dtype_of(param_dtype), param_dtype=dtype_of(param_dtype))
-    optimizer, _ = make_optimizer(run.optim, max(1, run.train.max_steps))
-    _, state = init_train_state(model, "full", optimizer, with_reference=False)
-    meta = {"run_config": to_dict(run), "model_config": dataclasses.asdict(model.cfg), "step": 0, "kind": "import",
+    meta = {"run_config": to_dict(run), "model_config": dataclasses.asdict(cfg), "step": 0, "kind": "import",
             "source": str(model_dir)}
-    with Checkpointer(out / CHECKPOINTS, save_every=1, keep=1, async_save=False) as checkpointer:
-        checkpointer.save(0, state, meta=meta, force=True)
-        checkpointer.wait()
+    tmp = make_temp_sibling(out)
+    try:
+        params = save_meta(tmp / CHECKPOINTS, 0, meta) / PARAMS
+        params.mkdir()
+        write_weights(tensors, cfg, params, dtype_key(param_dtype), checksums=True)
+        (params / "config.json").write_text(json.dumps(to_hf_config(cfg, param_dtype), indent=2) + "\n")
+        move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

@@ -1,0 +1,128 @@
+"""Safetensors files read and written one tensor at a time with plain reads and writes (no memory map), so a
+conversion holds one tensor on the host whatever the size of the file or of the model.
+
+The format: an 8-byte little-endian header length, a JSON header (name -> dtype, shape, data_offsets relative to
+the end of the header; `__metadata__` a str -> str map), then the tensors' bytes back to back. The writer knows
+every name, dtype and shape up front (a release's shard plan), writes the header first and then each tensor's
+bytes as it arrives. Files written here read back with the safetensors library and transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from converters.check import read_safetensors_header
+
+# Safetensors dtype codes of the floating types checkpoints use.
+NUMPY_DTYPES: dict[str, np.dtype] = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
+                                     "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
+_ALIGN = 8  # the header is padded with spaces so tensor data starts 8-byte aligned, as the library does
+
+
+def dtype_code(dtype: Any) -> str:
+    """numpy dtype -> safetensors code ('F32', 'BF16', ...)."""
+    for code, np_dtype in NUMPY_DTYPES.items():
+        if np.dtype(dtype) == np_dtype:
+            return code
+    raise ValueError(f"dtype {np.dtype(dtype).name} has no safetensors code here; known: {sorted(NUMPY_DTYPES)}")
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
+    """(name -> {dtype, shape, data_offsets}, `__metadata__`, byte offset of the data) of a safetensors file;
+    ValueError naming the file when the header is malformed or points past the end of the file."""
+    path = Path(path)
+    header = read_safetensors_header(path)
+    start = header.pop("__header_bytes__")
+    metadata = header.pop("__metadata__", None) or {}
+    size = path.stat().st_size
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in NUMPY_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}; only {sorted(NUMPY_DTYPES)} are "
+                             f"read")
+        want = int(np.prod(info["shape"], dtype=np.int64)) * NUMPY_DTYPES[info["dtype"]].itemsize
+        if not 0 <= begin <= end or end - begin != want:
+            raise ValueError(f"{path}: tensor {name!r} spans bytes {begin}..{end}, but {info['dtype']} "
+                             f"{info['shape']} needs {want}")
+        if start + end > size:
+            raise ValueError(f"{path}: tensor {name!r} ends at byte {start + end}, but the file has {size} bytes "
+                             f"(truncated?)")
+    return header, metadata, start
+
+
+def read_tensor(path: str | os.PathLike, info: dict[str, Any], data_start: int) -> np.ndarray:
+    """One tensor of a file (its header entry `info`) read into a fresh array."""
+    dtype = NUMPY_DTYPES[info["dtype"]]
+    begin, end = info["data_offsets"]
+    out = np.empty(tuple(info["shape"]), dtype)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    with open(path, "rb") as f:
+        f.seek(data_start + begin)
+        done = 0
+        while done < end - begin:
+            n = f.readinto(view[done:])
+            if not n:
+                raise ValueError(f"{path}: truncated while reading a tensor at byte {data_start + begin + done}")
+            done += n
+    return out
+
+
+def sha256(array: np.ndarray) -> str:
+    """Hex SHA-256 of an array's bytes (C order)."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))).hexdigest()
+
+
+class ShardWriter:
+    """Write one safetensors file whose tensors (name, dtype code, shape; in this order) are known up front:
+    the header at once, then each tensor's bytes with `write`. Use as a context manager; `close` checks that
+    every tensor arrived."""
+
+    def __init__(self, path: str | os.PathLike, specs: Sequence[tuple[str, str, Sequence[int]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        self._pending: list[tuple[str, str, tuple[int, ...]]] = []
+        offset = 0
+        for name, code, shape in specs:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * NUMPY_DTYPES[code].itemsize
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._pending.append((name, code, tuple(shape)))
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-(8 + len(text)) % _ALIGN)
+        self._file = open(self.path, "wb")
+        self._file.write(struct.pack("<Q", len(text)) + text)
+        self._pending.reverse()
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Append the next tensor; it must be the next one of the header, with its dtype and shape."""
+        if not self._pending:
+            raise ValueError(f"{self.path}: tensor {name!r} is one more than the header lists")
+        want_name, code, shape = self._pending.pop()
+        if name != want_name or array.dtype != NUMPY_DTYPES[code] or tuple(array.shape) != shape:
+            raise ValueError(f"{self.path}: got {name!r} {array.dtype.name}{list(array.shape)}, the header's next "
+                             f"tensor is {want_name!r} {NUMPY_DTYPES[code].name}{list(shape)}")
+        self._file.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+
+    def close(self) -> None:
+        self._file.close()
+        if self._pending:
+            raise ValueError(f"{self.path}: closed before {len(self._pending)} tensors were written, e.g. "
+                             f"{self._pending[-1][0]!r}")
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()
