@@ -29,7 +29,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlmr1_jax.config import RunConfig, load_config
-from vlmr1_jax.models.layers import LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.parallel.mesh import logical_to_spec, make_mesh
@@ -99,16 +98,15 @@ def plan_tokenizer(cfg: RunConfig) -> Tokenizer:
 
 def with_shardings(tree: Any, mesh: Mesh) -> Any:
     """ShapeDtypeStructs of an abstract train state with the shardings the trainer gives them: model parameters
-    are born sharded by their logical axes (`create_sharded`, `load_hf_model`), and so are the optimizer moments and
-    reference copies made from them; LoRA adapters (`apply_lora` creates them on one device) and scalar counters
-    are replicated by `on_mesh`."""
+    and LoRA adapters are sharded by their logical axes (`create_sharded`, `load_hf_model`, `build_model`), and so
+    are the optimizer moments and reference copies made from them; scalar counters are replicated by `on_mesh`."""
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def place(leaf):
         if isinstance(leaf, nnx.Variable):
             value = leaf.get_value()
             axes = leaf.get_metadata().get("logical_axes") or (None,) * len(value.shape)
-            spec = PartitionSpec() if isinstance(leaf, LoRAParam) else logical_to_spec(axes, value.shape, mesh)
+            spec = logical_to_spec(axes, value.shape, mesh)
             return leaf.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=NamedSharding(mesh, spec)))
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated)
 

@@ -16,10 +16,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 from converters.hf import load_hf_model
 from vlmr1_jax.config import ModelConfig, RunConfig
 from vlmr1_jax.data.jsonl import Sample, load_jsonl_datasets
+from vlmr1_jax.models.layers import REMAT_POLICIES, LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, get_preset, with_overrides
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-from vlmr1_jax.models.layers import REMAT_POLICIES
-from vlmr1_jax.parallel.mesh import create_sharded, initialize_distributed, logical_to_spec, make_mesh
+from vlmr1_jax.parallel.mesh import (create_sharded, initialize_distributed, logical_to_spec, make_mesh,
+                                     state_shardings)
 from vlmr1_jax.processing.batch import PromptBatch
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer, qwen2_5_tokenizer
 from vlmr1_jax.rl.lora import apply_lora
@@ -126,6 +127,8 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer, mesh: Mesh) -> Qwen25VL:
     model.text.logits_chunk = cfg.model.logits_chunk
     if cfg.train.trainable == "lora":
         apply_lora(model, cfg.lora.rank, cfg.lora.alpha, seed=cfg.train.seed, dropout=cfg.lora.dropout)
+        adapters = nnx.state(model, LoRAParam)  # born on one device: shard them like their kernels
+        nnx.update(model, jax.device_put(adapters, state_shardings(adapters, mesh)))
     return model
 
 
