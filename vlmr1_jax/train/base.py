@@ -21,7 +21,8 @@ from vlmr1_jax.config import RunConfig, to_dict
 from vlmr1_jax.data.pipeline import epoch_of, make_prompt_iterator
 from vlmr1_jax.processing.batch import PromptBatch, encode_prompts
 from vlmr1_jax.rl.step import current_model, init_train_state, make_optimizer
-from vlmr1_jax.train.checkpoint import Checkpointer, abstract_like
+from vlmr1_jax.train.checkpoint import Checkpointer, abstract_like, read_meta
+from vlmr1_jax.train.identity import check_resume
 from vlmr1_jax.train.metrics import MetricsWriter, mean_metrics
 from vlmr1_jax.train.restore import imported_params
 from vlmr1_jax.train.setup import (build_model, check_model_config, frozen_dtype_of, load_samples, load_tokenizer,
@@ -38,7 +39,7 @@ class Trainer:
     kind = "base"
 
     def __init__(self, cfg: RunConfig, *, progress: bool = True, with_reference: bool = False,
-                 updates_per_step: int = 1):
+                 updates_per_step: int = 1, resume_anyway: bool = False):
         check_model_config(cfg)  # before any data or weights are read
         self.cfg = cfg
         self.progress = progress
@@ -71,6 +72,10 @@ class Trainer:
         if imported is not None:
             log.info("starting from the imported parameters in %s", imported)
         elif latest is not None:
+            if not resume_anyway:
+                meta = read_meta(self.checkpoints.directory, latest)
+                check_resume(meta.get("run_config", {}), to_dict(cfg), self.kind, meta.get("kind", "?"),
+                             str(self.checkpoints.directory))
             self.state, _ = self.checkpoints.restore(abstract_like(self.state), self.data)
             self.step = int(self.state.step) // updates_per_step
             log.info("resumed from step %d in %s", self.step, self.checkpoints.directory)

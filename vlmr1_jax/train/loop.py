@@ -52,11 +52,12 @@ class GRPOTrainer(Trainer):
 
     kind = "grpo"
 
-    def __init__(self, cfg: RunConfig, *, progress: bool = True):
+    def __init__(self, cfg: RunConfig, *, progress: bool = True, resume_anyway: bool = False):
         g = cfg.grpo
         if g.num_generations < 2:
             raise ValueError("grpo.num_generations must be >= 2 (advantages need a group)")
-        super().__init__(cfg, progress=progress, with_reference=g.beta > 0, updates_per_step=g.num_iterations)
+        super().__init__(cfg, progress=progress, with_reference=g.beta > 0, updates_per_step=g.num_iterations,
+                         resume_anyway=resume_anyway)
         self.reward_fns = {name: get_reward(name) for name in g.reward_funcs}
         self.generate = make_generate_fn(cfg, self.tokenizer, self.model_cfg, self.graphdef)
         self.logprobs = make_logprob_fn(self.graphdef, g.num_generations)

@@ -46,8 +46,8 @@ class SFTTrainer(Trainer):
 
     kind = "sft"
 
-    def __init__(self, cfg: RunConfig, *, progress: bool = True):
-        super().__init__(cfg, progress=progress)
+    def __init__(self, cfg: RunConfig, *, progress: bool = True, resume_anyway: bool = False):
+        super().__init__(cfg, progress=progress, resume_anyway=resume_anyway)
         self.step_fn = make_sft_step(self.graphdef, self.optimizer, self.schedule, cfg.optim.grad_accum,
                                      seed=cfg.train.seed)
 
