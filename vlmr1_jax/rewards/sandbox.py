@@ -55,6 +55,10 @@ class _Helper:
                 line = proc.stdout.readline()
             except OSError:  # the helper was killed while we wrote
                 line = ""
+            except BaseException:  # e.g. KeyboardInterrupt: its reply would answer the next request
+                proc.kill()
+                self._proc = None
+                raise
             finally:
                 killer.cancel()
             if not line.endswith("\n"):  # killed, perhaps halfway through its reply
