@@ -47,6 +47,7 @@ CASES = {
     "answers, then unclosed tags": lambda n: "<answer>7</answer>" + _repeat("<answer>\n", n),
     "unclosed json fences": lambda n: _repeat("```json", n),
     "think then many bridges": lambda n: "<think>" + _repeat("</think> <answer>", n),
+    "many boxes in braces": lambda n: "<think></think><answer>{" + _repeat("[1,2,3,4]}", n),
     "nested brackets in a fence": lambda n: "<answer>```json\n" + _repeat("[", n) + "\n```</answer>",
     "open braces in a fence": lambda n: "```json\n" + _repeat("{", n) + "\n```",
     "huge box list": lambda n: "<think>x</think><answer>```json\n" + _boxes(n) + "\n```</answer>",
