@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import select
 import subprocess
 import sys
@@ -33,6 +34,7 @@ class _Helper:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
+        self._owner = os.getpid()
 
     def _start(self) -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -45,6 +47,8 @@ class _Helper:
 
     def call(self, op: str, args: list, seconds: float) -> Any:
         with self._lock:
+            if self._owner != os.getpid():  # a forked child: the helper's pipes belong to the parent
+                self._proc, self._owner = None, os.getpid()
             if self._proc is None or self._proc.poll() is not None:
                 self._proc = self._start()
             proc = self._proc
@@ -73,7 +77,7 @@ class _Helper:
     def close(self) -> None:
         """End the helper (it exits when its stdin closes)."""
         with self._lock:
-            if self._proc is not None:
+            if self._proc is not None and self._owner == os.getpid():
                 self._proc.stdin.close()
                 try:
                     self._proc.wait(timeout=5)
