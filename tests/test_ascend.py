@@ -35,6 +35,21 @@ def flag(args: list[str], name: str) -> str:
     return args[args.index(name) + 1]
 
 
+def docker_args(script: str, tmp_path: Path, **env: str) -> list[str]:
+    """The arguments docker_run.sh passes to `docker`, from running it with a stub `docker` first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "docker").write_text('#!/usr/bin/env bash\nprintf \'%s\\0\' "$@" > "$ARGS_FILE"\n')
+    (bin_dir / "docker").chmod(0o755)
+    (tmp_path / "docker_run.sh").write_text(script)
+    args_file = tmp_path / "docker_args"
+    result = subprocess.run(["bash", str(tmp_path / "docker_run.sh")], capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                 "ARGS_FILE": str(args_file), **env})
+    assert result.returncode == 0, result.stderr
+    return args_file.read_text().split("\0")[:-1]
+
+
 def llm_kwargs(source: str) -> dict:
     """Keyword arguments of the `LLM(...)` call in offline_inference.py, evaluated as literals."""
     for node in ast.walk(ast.parse(source)):
@@ -53,7 +68,7 @@ def releases(tmp_path_factory) -> dict[str, Path]:
     return {"310p": duo, "a2": export_hf_folder(source, root / "rec-bf16", target="ascend-a2")}
 
 
-def test_310p_scripts_use_float16_eager_and_custom_ops():
+def test_310p_scripts_use_float16_eager_and_custom_ops(tmp_path):
     scripts = render_scripts(DUO)
     args = serve_args(scripts["serve.sh"])
     assert args[:3] == ["exec", "vllm", "serve"] and args[3] == "/models/rec-3b-fp16"
@@ -63,7 +78,8 @@ def test_310p_scripts_use_float16_eager_and_custom_ops():
     assert flag(args, "--max-model-len") == "8192" and flag(args, "--tensor-parallel-size") == "2"
     assert flag(args, "--served-model-name") == "rec-3b-fp16"
     docker = scripts["docker_run.sh"]
-    assert 'IMAGE="${IMAGE:-quay.io/ascend/vllm-ascend:v0.10.0rc1-310p}"' in docker
+    assert docker_args(docker, tmp_path)[-3:] == ["quay.io/ascend/vllm-ascend:v0.10.0rc1-310p", "bash",
+                                                  "/deploy/serve.sh"]
     for device in ("/dev/davinci0", "/dev/davinci1", "/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc"):
         assert f"--device {device} \\" in docker
     assert "--device /dev/davinci2" not in docker
@@ -73,15 +89,18 @@ def test_310p_scripts_use_float16_eager_and_custom_ops():
     assert kwargs["tensor_parallel_size"] == 2 and kwargs["limit_mm_per_prompt"] == {"image": 10}
 
 
-def test_a2_scripts_use_bfloat16_and_the_pinned_image():
+def test_a2_scripts_use_bfloat16_and_the_pinned_image(tmp_path):
     scripts = render_scripts(A2)
     args = serve_args(scripts["serve.sh"])
     assert flag(args, "--dtype") == "bfloat16" and flag(args, "--max-model-len") == "16384"
     assert "--enforce-eager" not in args and "--compilation-config" not in args
     assert flag(args, "--tensor-parallel-size") == "1" and flag(args, "--host") == "0.0.0.0"
     docker = scripts["docker_run.sh"]
-    assert 'IMAGE="${IMAGE:-quay.io/ascend/vllm-ascend:v0.13.0}"' in docker
-    assert 'MODEL_DIR="${MODEL_DIR:-/data/releases/rec 3b}"' in docker
+    args = docker_args(docker, tmp_path)
+    assert args[-3] == "quay.io/ascend/vllm-ascend:v0.13.0" and "/data/releases/rec 3b:/models/rec-3b:ro" in args
+    # IMAGE / MODEL_DIR / PORT in the environment override the defaults
+    args = docker_args(docker, tmp_path, IMAGE="my/image:1", MODEL_DIR="/other", PORT="9001")
+    assert args[-3] == "my/image:1" and "/other:/models/rec-3b:ro" in args and "9001:9001" in args
     for mount in ("/usr/local/dcmi", "/usr/local/bin/npu-smi", "/usr/local/Ascend/driver/lib64/",
                   "/usr/local/Ascend/driver/version.info", "/etc/ascend_install.info", "/root/.cache"):
         assert f"-v {mount}:{mount} \\" in docker
@@ -115,8 +134,20 @@ def test_spec_validation():
         DeploySpec(PLATFORMS["310p"], "/m", "bfloat16", "m", PLATFORMS["310p"].image)
     with pytest.raises(ValueError, match="served model name"):
         DeploySpec(PLATFORMS["a2"], "/m", "bfloat16", "my model", PLATFORMS["a2"].image)
-    with pytest.raises(ValueError, match="quotes"):
-        DeploySpec(PLATFORMS["a2"], '/m/"x"', "bfloat16", "m", PLATFORMS["a2"].image)
+    for image in ("x$(touch pwned)", "x`id`", 'x"', "x y", "x\nrm -rf /", "x;id", "", "-x", "x:"):
+        with pytest.raises(ValueError, match=r"image .* is not a container image reference"):
+            DeploySpec(PLATFORMS["a2"], "/m", "bfloat16", "m", image)
+    for image in ("ubuntu", "localhost:5000/team/vllm-ascend:v0.10.0rc1", "quay.io/a/b@sha256:" + "0" * 64):
+        assert DeploySpec(PLATFORMS["a2"], "/m", "bfloat16", "m", image).image == image
+
+
+def test_any_model_folder_reaches_docker_verbatim(tmp_path):
+    """Shell syntax in the model folder is passed on as text (shlex.quote), never run."""
+    marker = tmp_path / "pwned"
+    folder = f"/data/$(touch {marker}) `touch {marker}` \"q\" 'a' }} \\ $HOME\nline2"
+    spec = DeploySpec(PLATFORMS["a2"], folder, "bfloat16", "m", PLATFORMS["a2"].image)
+    assert f"{folder}:/models/m:ro" in docker_args(render_scripts(spec)["docker_run.sh"], tmp_path)
+    assert not marker.exists()
 
 
 def test_deploy_command(releases, tmp_path, capsys):
@@ -130,8 +161,8 @@ def test_deploy_command(releases, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["docker_run.sh", "offline_inference.py", "query.sh",
                                                      "serve.sh"]
     assert all(os.access(out / n, os.X_OK) for n in ("docker_run.sh", "serve.sh", "query.sh"))
-    docker = (out / "docker_run.sh").read_text()
-    assert f'MODEL_DIR="${{MODEL_DIR:-{releases["310p"]}}}"' in docker and 'PORT="${PORT:-9000}"' in docker
+    args = docker_args((out / "docker_run.sh").read_text(), tmp_path / "run")
+    assert f'{releases["310p"]}:/models/rec-fp16:ro' in args and "9000:9000" in args
     assert flag(serve_args((out / "serve.sh").read_text()), "--served-model-name") == "rec-fp16"
     # A bf16 release is refused for the 300I Duo, naming the problem; existing scripts are not replaced.
     assert run("deploy", "ascend", "--model", str(releases["a2"]), "--target", "310p", "--out",
@@ -141,6 +172,11 @@ def test_deploy_command(releases, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     assert run("deploy", "ascend", "--model", str(releases["310p"]), "--target", "310p", "--out", str(out)) == 1
     assert "--overwrite" in capsys.readouterr().err
+    # an image that is not an image reference (here: command substitution) is refused, nothing written
+    assert run("deploy", "ascend", "--model", str(releases["310p"]), "--target", "310p", "--out",
+               str(tmp_path / "y"), "--image", "x$(touch pwned)") == 1
+    assert "image 'x$(touch pwned)' is not a container image reference" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
     assert run("deploy", "ascend", "--model", str(releases["a2"]), "--target", "a2", "--out", str(out),
                "--overwrite", "--devices", "2", "3") == 0
     args = serve_args((out / "serve.sh").read_text())

@@ -1,5 +1,5 @@
-"""Text helpers and format rewards against SPEC §2.2, §2.8, §2.9: hand tables, and the linear-time format checks
-against the regexes SPEC quotes (run on short strings, where the regex engine is fast)."""
+"""Text helpers and format rewards against SPEC §2.2, §2.8, §2.9: hand tables, and the linear-time tag scans, format
+checks and choice scoring against the regexes and loop VLM-R1 uses (run on short strings, where those are fast)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vlmr1_jax.rewards.choice import extract_choice, mcq_score, yes_no_score
-from vlmr1_jax.rewards.common import clean_text, iou
+from vlmr1_jax.rewards.common import clean_text, first_answer, first_between, iou, last_answer
+from vlmr1_jax.rewards.detection import json_block
 from vlmr1_jax.rewards.format import format_reward, has_think_answer_format
 from vlmr1_jax.rewards.length import find_box_array
 from vlmr1_jax.rewards.rec import format_reward_rec, has_rec_format
@@ -163,12 +164,61 @@ def test_linear_format_checks_agree_with_the_spec_regexes(text):
         assert find_box_array(candidate) == (match.group(0) if match else None)
 
 
-def test_linear_checks_are_fast_on_long_repetitive_output():
-    # The SPEC regexes take tens of seconds on these (measured); the linear checks must not.
-    import time
-    texts = ['[{"bbox_2d": [1, 2, 3, 4], "label": "cat"}, ' * 400,
-             "<think></think><answer>{" + "[1,2,3,4]}" * 2000, "<think>" + "</think><answer>" * 3000]
-    start = time.perf_counter()
-    for text in texts:
-        find_box_array(text), has_rec_format(text), has_think_answer_format(text)
-    assert time.perf_counter() - start < 0.5
+# VLM-R1's tag regexes (SPEC §2.2-2.5): the references for the str.find scans.
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+ANSWER_LINE_RE = re.compile(r"<answer>(.*?)</answer>")
+JSON_BLOCK_RE = re.compile(r"```json(.*?)```", re.DOTALL)
+FENCE_RE = re.compile(r"```(.*?)```", re.DOTALL)
+TAG_PIECES = ["<answer>", "</answer>", "<answer", "answer>", "</", "\n", "\r", " ", "x", "```json", "```", "``", "`",
+              "json", "<answer>\n</answer>"]
+
+
+def _group(match):
+    return match.group(1) if match else None
+
+
+@given(st.lists(st.sampled_from(TAG_PIECES), max_size=16).map("".join))
+@settings(max_examples=3000, deadline=None)
+def test_linear_tag_scans_agree_with_the_vlmr1_regexes(text):
+    assert first_answer(text) == _group(ANSWER_RE.search(text))
+    assert first_answer(text, one_line=True) == _group(ANSWER_LINE_RE.search(text))
+    found = ANSWER_RE.findall(text)
+    assert last_answer(text) == (found[-1] if found else None)
+    found = JSON_BLOCK_RE.findall(text)
+    assert json_block(text, last=True) == (found[-1].strip() if found else None)
+    assert json_block(text, last=False) == (found[0].strip() if found else None)
+    assert first_between(text, "```", "```") == _group(FENCE_RE.search(text))
+
+
+def vlmr1_extract_choice(text: str) -> str | None:
+    """VLM-R1's `extract_choice` loop: a `str.find` per candidate occurrence (the reference for the linear one)."""
+    text = re.sub(r"\s+", " ", text.upper())
+    choices = re.findall(r"(?<![A-Z])([A-Z])(?=[\.\,\?\!\:\;]|$)", text)
+    if not choices:
+        return None
+    if len(choices) == 1:
+        return choices[0]
+    keywords = ["答案", "选择", "正确", "是", "对", "answer", "correct", "choose", "select", "right", "认为", "应该",
+                "觉得", "think", "believe", "should"]
+    scores = {c: 0 for c in choices}
+    for c in choices:
+        pos = text.find(c)
+        context = text[max(0, pos - 20):min(len(text), pos + 20)]
+        for keyword in keywords:
+            if keyword.upper() in context:
+                scores[c] += 1
+        if pos > len(text) * 0.7:
+            scores[c] += 2
+        if pos < len(text) - 1 and text[pos + 1] in "。.!！,，":
+            scores[c] += 1
+    return max(scores.items(), key=lambda x: x[1])[0]
+
+
+CHOICE_PIECES = ["A", "B", "C", "a", ".", ",", ";", "!", " ", "\n", "x", "AB", "答案", "是", "answer", "THINK", "。",
+                 "xxxxxxxxxx", "(", ")"]
+
+
+@given(st.lists(st.sampled_from(CHOICE_PIECES), max_size=30).map("".join))
+@settings(max_examples=3000, deadline=None)
+def test_extract_choice_agrees_with_vlmr1s_loop(text):
+    assert extract_choice(text) == vlmr1_extract_choice(text)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,12 @@ SCRIPTS = {"docker_run.sh": True, "serve.sh": True, "offline_inference.py": Fals
 CONTAINER_MODELS = "/models"
 COMMON_ENV = (("PYTORCH_NPU_ALLOC_CONF", "max_split_size_mb:256"), ("TASK_QUEUE_ENABLE", "1"),
               ("OMP_NUM_THREADS", "1"), ("OMP_PROC_BIND", "false"))
+# A container image reference as docker parses it: [registry[:port]/]name[/name...][:tag][@algorithm:hex]
+_HOST = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_NAME = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_REFERENCE = re.compile(
+    rf"(?:{_HOST}(?:\.{_HOST})*(?::[0-9]+)?/)?{_NAME}(?:/{_NAME})*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +76,9 @@ class DeploySpec:
                              f"export with `vlmr1 export --target {self.platform.export_target}`")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.served_model_name):
             raise ValueError(f"served model name {self.served_model_name!r}: use letters, digits, '.', '_', '-'")
-        if re.search(r'["$`\\\n]', self.model_dir):
-            raise ValueError(f"model folder {self.model_dir!r}: quotes, '$', backquotes, backslashes and newlines "
-                             f"cannot be passed safely through the shell scripts; rename or symlink it")
+        if not IMAGE_REFERENCE.fullmatch(self.image):
+            raise ValueError(f"image {self.image!r} is not a container image reference such as "
+                             f"{self.platform.image} ([registry/]name[:tag][@sha256:digest])")
         if not self.devices or self.max_model_len < 1 or not 0 < self.port < 65536:
             raise ValueError("need at least one device, a positive --max-model-len and a valid port")
 
@@ -94,9 +101,10 @@ def spec_for_release(model_dir: str | os.PathLike, platform: str, *, image: str 
 
 
 def render_scripts(spec: DeploySpec) -> dict[str, str]:
-    """File name -> text of every script."""
+    """File name -> text of every script; strings go into shell code through the `shell_quote` filter."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, autoescape=False)
+    env.filters["shell_quote"] = shlex.quote
     p = spec.platform
     context = {
         "platform": p, "image": spec.image, "model_dir": spec.model_dir, "port": spec.port,

@@ -1,6 +1,8 @@
 """Helpers shared by the VLM-R1 rewards: answer-tag extraction, `clean_text`, the +-1 IoU, box and column checks.
 
 Everything here follows VLM-R1 (SPEC §2.2) exactly; model output that does not parse yields None or 0, never an error.
+Tags are found with `str.find`, in time linear in the text: VLM-R1's `<answer>(.*?)</answer>` regexes restart the
+lazy scan at every opening tag, which is quadratic on a completion of repeated unclosed tags.
 """
 
 from __future__ import annotations
@@ -10,9 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-# VLM-R1 reads most ground truths without DOTALL: an answer spanning lines does not match.
-ANSWER_TAG_ONE_LINE = re.compile(r"<answer>(.*?)</answer>")
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
 _NEWLINE_AFTER_SPACE = {c: re.compile(r"(?<=\s)" + re.escape(c)) for c in ("\n", "\r")}
 _NEWLINE_AFTER_OTHER = {c: re.compile(r"(?<!\s)" + re.escape(c)) for c in ("\n", "\r")}
@@ -24,16 +24,48 @@ class RewardInputError(ValueError):
     """A dataset column (ground truth, image size, grid) a reward cannot read: a data problem, not the model's."""
 
 
+def first_between(text: str, open_tag: str, close_tag: str, *, one_line: bool = False) -> str | None:
+    """`re.search(open(.*?)close, text, DOTALL).group(1)` (without DOTALL if `one_line`), in linear time, or None.
+
+    The first opening tag with a closing tag after it is the first opening tag (a later one has less text after
+    it); without DOTALL, the first such pair within one line.
+    """
+    start = 0
+    while (begin := text.find(open_tag, start)) >= 0:
+        begin += len(open_tag)
+        line_end = text.find("\n", begin) if one_line else -1
+        end = text.find(close_tag, begin, len(text) if line_end < 0 else line_end)
+        if end >= 0:
+            return text[begin:end]
+        if line_end < 0:
+            return None
+        start = line_end + 1
+    return None
+
+
+def last_between(text: str, open_tag: str, close_tag: str) -> str | None:
+    """`re.findall(open(.*?)close, text, DOTALL)[-1]` in linear time, or None: non-overlapping pairs, left to right."""
+    found, start = None, 0
+    while (begin := text.find(open_tag, start)) >= 0:
+        begin += len(open_tag)
+        end = text.find(close_tag, begin)
+        if end < 0:
+            break
+        found, start = (begin, end), end + len(close_tag)
+    return text[found[0]:found[1]] if found else None
+
+
 def first_answer(text: str, *, one_line: bool = False) -> str | None:
-    """Inner text of the first `<answer>...</answer>` (DOTALL unless `one_line`), or None."""
-    match = (ANSWER_TAG_ONE_LINE if one_line else ANSWER_TAG).search(text)
-    return match.group(1) if match else None
+    """Inner text of the first `<answer>...</answer>` (DOTALL unless `one_line`), or None.
+
+    VLM-R1 reads most ground truths without DOTALL: an answer spanning lines does not match there.
+    """
+    return first_between(text, ANSWER_OPEN, ANSWER_CLOSE, one_line=one_line)
 
 
 def last_answer(text: str) -> str | None:
     """Inner text of the last `<answer>...</answer>` (DOTALL), or None."""
-    found = ANSWER_TAG.findall(text)
-    return found[-1] if found else None
+    return last_between(text, ANSWER_OPEN, ANSWER_CLOSE)
 
 
 def clean_text(text: str) -> str:

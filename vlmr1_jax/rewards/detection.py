@@ -9,25 +9,23 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import re
 from typing import Any
 
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from vlmr1_jax.rewards.common import RewardInputError, as_box, clean_text, first_answer, iou, last_answer
+from vlmr1_jax.rewards.common import (
+    RewardInputError, as_box, clean_text, first_answer, first_between, iou, last_answer, last_between,
+)
 
-_JSON_BLOCK = re.compile(r"```json(.*?)```", re.DOTALL)
+JSON_OPEN, FENCE = "```json", "```"
 IMAGE_SIZE = 2048  # VLM-R1's fixed COCO image size; boxes are never clipped to it
 
 
 def json_block(text: str, *, last: bool) -> str | None:
-    """Stripped body of the last (or first) ```` ```json ... ``` ```` block, or None."""
-    if last:
-        found = _JSON_BLOCK.findall(text)
-        return found[-1].strip() if found else None
-    match = _JSON_BLOCK.search(text)
-    return match.group(1).strip() if match else None
+    """Stripped body of the last (or first) ```` ```json ... ``` ```` block (VLM-R1's `` ```json(.*?)``` ``), or None."""
+    body = last_between(text, JSON_OPEN, FENCE) if last else first_between(text, JSON_OPEN, FENCE)
+    return body.strip() if body is not None else None
 
 
 def _entries(data: Any) -> list:
@@ -172,14 +170,15 @@ def detection_score(content: str, solution: str, *, iou_threshold: float = 0.5, 
     if not predictions:
         return 0.0
     # Greedy matching: repeatedly the best free pair, ties to the first in (pred, truth) order as VLM-R1's
-    # strict-'>' double loop picks them; walking all pairs sorted that way is the same and O(PG log PG).
-    pairs = sorted(((-_entry_iou(pred, truth), p, t) for p, pred in enumerate(predictions)
-                    for t, truth in enumerate(truths)))
+    # strict-'>' double loop picks them; walking the pairs sorted that way is the same and O(PG log PG). Pairs
+    # below the threshold end the walk, so only the others are sorted.
+    scored = ((_entry_iou(pred, truth), p, t) for p, pred in enumerate(predictions) for t, truth in enumerate(truths))
+    pairs = sorted((-value, p, t) for value, p, t in scored if value >= iou_threshold)
     free_preds, free_truths = set(range(len(predictions))), set(range(len(truths)))
     matched_ious, correct_labels = [], 0
     stale_label = None
     for negative_iou, p, t in pairs:
-        if not (free_preds and free_truths) or -negative_iou < iou_threshold:
+        if not (free_preds and free_truths):
             break
         if p not in free_preds or t not in free_truths:
             continue

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Callable
 from typing import Any
 
-from json_repair import repair_json
-
-from vlmr1_jax.rewards.common import aligned, score_samples
-from vlmr1_jax.rewards.detection import weighted_sum_score
+from vlmr1_jax.rewards import sandbox
+from vlmr1_jax.rewards.common import aligned, first_between, score_samples
+from vlmr1_jax.rewards.detection import FENCE, JSON_OPEN, weighted_sum_score
 from vlmr1_jax.rewards.registry import register_reward
 
 COSINE_MAX_LEN = 1024
 CORRECT_THRESHOLD = 0.7
 TEXT_NGRAM = 6
+# json_repair is quadratic on some shapes ('["' * 4096 takes 0.5 s, * 16384 10 s); a truncated box list repairs in
+# about 1 us per char. Longer JSON is not repaired, and a repair over the time limit (run by `sandbox`) fails.
+REPAIR_MAX_CHARS = 16384
+REPAIR_SECONDS = 1.0
+_log = logging.getLogger(__name__)
 
 
 def cosine_score(length: int, correct: bool, max_len: int = COSINE_MAX_LEN) -> float:
@@ -53,8 +58,6 @@ def cosine_rewards(completions: list[str], *, solution: list[str] | None = None,
     return score_samples(score, n, aligned(columns.get("id"), "id", n))
 
 
-_FENCED_JSON = re.compile(r"```json(.*?)```", re.DOTALL)
-_FENCED = re.compile(r"```(.*?)```", re.DOTALL)
 _ARRAY_START = re.compile(r"\[\s*\{")
 _ARRAY_END = re.compile(r"\}\s*\]")
 
@@ -75,23 +78,31 @@ def find_box_array(content: str) -> str | None:
 
 def _json_candidate(content: str) -> str | None:
     """First ```json block; else the first ``` block; else a bare `[{..."bbox_2d"..."label"...}]` array."""
-    fenced = _FENCED_JSON.search(content)
-    if fenced:
-        return fenced.group(1).strip()
-    fenced = _FENCED.search(content)
-    candidate = fenced.group(1).strip() if fenced else None
-    return candidate or find_box_array(content)
+    fenced = first_between(content, JSON_OPEN, FENCE)
+    if fenced is not None:
+        return fenced.strip()
+    fenced = first_between(content, FENCE, FENCE)
+    return (fenced.strip() if fenced is not None else None) or find_box_array(content)
 
 
 def _load_json(text: str) -> Any:
-    """`json.loads`, else `json.loads(json_repair.repair_json(text))`, else None."""
+    """`json.loads`, else `json.loads(json_repair.repair_json(text))` within `REPAIR_MAX_CHARS` and
+    `REPAIR_SECONDS`, else None."""
     try:
         return json.loads(text)
     except Exception:
-        try:
-            return json.loads(repair_json(text))
-        except Exception:
-            return None
+        pass
+    if len(text) > REPAIR_MAX_CHARS:
+        return None
+    try:
+        repaired = sandbox.call("repair_json", text, seconds=REPAIR_SECONDS)
+    except sandbox.SandboxTimeout as err:
+        _log.warning("json_repair gave up (%s) on %d chars: not JSON", err, len(text))
+        return None
+    try:
+        return json.loads(repaired)
+    except Exception:  # None (repair_json raised), or still not JSON
+        return None
 
 
 def _penalty(items: list) -> float:

@@ -1,16 +1,22 @@
 """Math answers (SPEC §2.3 `math`): math_verify, then the last `\\boxed{}` with hendrycks-MATH normalisation.
 
 Mirrors VLM-R1's `utils/math.py::compute_score`, including which inputs fall back to a raw string comparison.
+math_verify runs under a per-sample time limit on inputs of bounded length (see `verify_equal`).
 """
 
 from __future__ import annotations
 
-import threading
+import logging
 
-from math_verify import parse, verify
-from math_verify.errors import TimeoutException
-
+from vlmr1_jax.rewards import sandbox
 from vlmr1_jax.rewards.common import clean_text
+
+# Longer inputs (a few thousand tokens) are not answers and skip math_verify, whose extraction regexes are up to
+# cubic in the length (2 kB of `\\boxed{\\(` take 1 s, 4 kB 8 s).
+VERIFY_MAX_CHARS = 8192
+# One sample's parse + parse + verify; plain answers take milliseconds, a power tower `2^2^2^2^2^2` runs for ever.
+VERIFY_SECONDS = 2.0
+_log = logging.getLogger(__name__)
 
 _BOXED_SPACE = "\\boxed "
 _BOXED_BRACE = "\\boxed{"
@@ -19,14 +25,16 @@ _BOXED_BRACE = "\\boxed{"
 def verify_equal(student: str, truth: str) -> bool:
     """math_verify's `verify(parse(student), parse(truth)) > 0` (VLM-R1's argument order); any failure is False.
 
-    math_verify times out with SIGALRM, which only works on the main thread; elsewhere it runs without a timeout.
+    Two limits VLM-R1 does not have: False without parsing when either side is longer than `VERIFY_MAX_CHARS`, and
+    False when the whole check takes over `VERIFY_SECONDS` (enforced in any thread by `sandbox`; math_verify's own
+    SIGALRM timeout works only on the main thread and allows 5 s per parse and per comparison).
     """
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    if len(student) > VERIFY_MAX_CHARS or len(truth) > VERIFY_MAX_CHARS:
+        return False
     try:
-        gold = parse(student, parsing_timeout=timeout)
-        target = parse(truth, parsing_timeout=timeout)
-        return float(verify(gold, target, timeout_seconds=timeout)) > 0
-    except (Exception, TimeoutException):
+        return bool(sandbox.call("math_equal", student, truth, seconds=VERIFY_SECONDS))
+    except sandbox.SandboxTimeout as err:
+        _log.warning("math_verify gave up (%s) on %r vs %r: scored as not equal", err, student[:80], truth[:80])
         return False
 
 
@@ -62,31 +70,30 @@ def remove_boxed(boxed: str) -> str | None:
 def _fix_sqrt(text: str) -> str:
     """`\\sqrt3` -> `\\sqrt{3}`; a trailing bare `\\sqrt` cannot be normalised (ValueError)."""
     parts = text.split("\\sqrt")
-    out = parts[0]
+    out = [parts[0]]
     for part in parts[1:]:
         if not part:
             raise ValueError("bare \\sqrt")
-        out += "\\sqrt" + part if part[0] == "{" else "\\sqrt{" + part[0] + "}" + part[1:]
-    return out
+        out.append("\\sqrt" + part if part[0] == "{" else "\\sqrt{" + part[0] + "}" + part[1:])
+    return "".join(out)
 
 
 def _fix_fracs(text: str) -> str:
     """`\\frac12` -> `\\frac{1}{2}`, `\\frac1{2}` -> `\\frac{1}{2}`; gives up (unchanged) on a one-char tail."""
     parts = text.split("\\frac")
-    out = parts[0]
+    out = [parts[0]]
     for part in parts[1:]:
-        out += "\\frac"
         if not part:
             raise ValueError("bare \\frac")
         if part[0] == "{":
-            out += part
+            out.append("\\frac" + part)
         elif len(part) < 2:
             return text
         elif part[1] != "{":
-            out += "{" + part[0] + "}{" + part[1] + "}" + part[2:]
+            out.append("\\frac{" + part[0] + "}{" + part[1] + "}" + part[2:])
         else:
-            out += "{" + part[0] + "}" + part[1:]
-    return out
+            out.append("\\frac{" + part[0] + "}" + part[1:])
+    return "".join(out)
 
 
 def _fix_a_slash_b(text: str) -> str:
