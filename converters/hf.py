@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
 
-from converters.safetensors_io import read_header, read_tensor, sha256
+from converters.safetensors_io import read_header, read_tensor, save_tensors, sha256
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 
@@ -329,4 +328,4 @@ def hf_tensors(state: nnx.State, cfg: Qwen25VLConfig) -> Iterator[tuple[str, np.
 def save_hf_safetensors(state: nnx.State, cfg: Qwen25VLConfig, path: str | os.PathLike, dtype=None) -> None:
     """Write every parameter into one safetensors file with legacy names and `{"format": "pt"}` metadata."""
     tensors = {name: value if dtype is None else value.astype(dtype) for name, value in hf_tensors(state, cfg)}
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    save_tensors(tensors, path)

@@ -21,10 +21,10 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
 
 from converters.check import DTYPES, expected_tensors
 from converters.hf import flat_paths, is_stacked, to_hf_name
+from converters.safetensors_io import save_tensors
 from vlmr1_jax.models.layers import LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 
@@ -108,7 +108,7 @@ def export_peft_adapter(model_or_state: nnx.Module | nnx.State, cfg: Qwen25VLCon
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        save_file(weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_tensors(weights, tmp / ADAPTER_WEIGHTS)
         config = adapter_config(modules, rank, alpha, dropout, base_model_name_or_path)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         umask = os.umask(0)

@@ -126,3 +126,14 @@ class ShardWriter:
             self.close()
         else:
             self._file.close()
+
+
+def save_tensors(tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
+    """safetensors' `save_file` with `{"format": "pt"}` metadata, given the usual file permissions (the library
+    creates its files 0600 whatever the umask, unlike every other file of a release)."""
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -7,6 +7,7 @@ dtypes are checked against what HF produces, not against our writer.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -169,3 +170,13 @@ def test_bf16_checkpoint_loads_rounded_values(tiny_hf_dir, tmp_path, param_dtype
                                       exact.astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=name)
         rounded += int((value.astype(np.float32) != exact).any())
     assert rounded == len(entries) == len(fp32)  # random fp32 values: every tensor really went through bf16
+
+
+def test_written_safetensors_get_the_usual_permissions(tiny_hf_dir, tmp_path):
+    """safetensors creates files 0600 whatever the umask; ours get 0666 & ~umask like every other file we write."""
+    model = load_hf_model(tiny_hf_dir)
+    path = tmp_path / "model.safetensors"
+    save_hf_safetensors(nnx.state(model), model.cfg, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
