@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from flax import nnx
 
 from converters.check import DTYPES, expected_tensors
 from converters.hf import flat_paths, is_stacked, to_hf_name
+from converters.release import check_replaceable, make_temp_sibling, move_into_place, write_marker
 from converters.safetensors_io import save_tensors
 from vlmr1_jax.models.layers import LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
@@ -103,20 +103,14 @@ def export_peft_adapter(model_or_state: nnx.Module | nnx.State, cfg: Qwen25VLCon
         if r != rank:
             raise ValueError(f"{key}: adapter rank {r} differs from lora.rank {rank}")
     out = Path(out_dir).absolute()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: exists and is not empty; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_replaceable(out, overwrite)
+    tmp = make_temp_sibling(out)
     try:
         save_tensors(weights, tmp / ADAPTER_WEIGHTS)
+        write_marker(tmp)
         config = adapter_config(modules, rank, alpha, dropout, base_model_name_or_path)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

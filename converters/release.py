@@ -272,6 +272,30 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+RELEASE_MARKER = ".vlmr1-release"  # written into every folder we export: the only kind --overwrite may replace
+
+
+def check_replaceable(out: Path, overwrite: bool, marker: str = RELEASE_MARKER) -> None:
+    """Refuse to write into `out` unless it is absent or empty, or (with `overwrite`) a folder we wrote before
+    (it carries `marker`); never the current directory or one of its parents, whatever it holds."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty; pass --overwrite to replace a folder vlmr1 wrote")
+    cwd, target = Path.cwd().resolve(), out.resolve()
+    if target == cwd or target in cwd.parents:
+        raise FileExistsError(f"{out}: is the current directory or one of its parents; refusing to replace it")
+    if not (out / marker).is_file():
+        raise FileExistsError(f"{out}: not a folder vlmr1 wrote (no {marker} marker), so --overwrite will not delete "
+                              f"it; choose another --out, or remove it yourself")
+
+
+def write_marker(folder: Path, marker: str = RELEASE_MARKER) -> None:
+    (folder / marker).write_text("written by vlmr1-jax; `--overwrite` may replace this folder\n", encoding="utf-8")
+
+
 def move_into_place(tmp: Path, out: Path) -> None:
     """Rename `tmp` to `out`; an existing `out` is swapped out atomically (or, failing that, moved aside and
     restored on error) and then deleted."""
@@ -314,13 +338,11 @@ def export_tensors(tensors: Iterable[tuple[str, np.ndarray]], cfg: Qwen25VLConfi
     """
     dtype = resolve_dtype(target, dtype)
     out = Path(out_dir).absolute()
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    check_replaceable(out, overwrite)
     tmp = make_temp_sibling(out)
     try:
         _write_release(tensors, cfg, tmp, target, dtype, max_shard_size, tokenizer_dir, base_model_dir, card or {})
+        write_marker(tmp)
         problems = check_export(tmp, target)
         if problems:
             raise ExportError(f"export to {out} failed validation; nothing was written there:\n  "
