@@ -350,6 +350,19 @@ def _processor_problems(folder: Path, cfg: Qwen25VLConfig) -> list[str]:
     return problems
 
 
+def nonfinite_problems(model_dir: str | os.PathLike) -> list[str]:
+    """One problem per tensor of the folder holding inf / NaN values, reading one tensor at a time."""
+    from converters.hf import stored_tensors
+
+    problems = []
+    for stored in stored_tensors(model_dir).values():
+        try:
+            stored.read()
+        except ValueError as e:
+            problems.append(str(e))
+    return problems
+
+
 def check_export(model_dir: str | os.PathLike, target: str) -> list[str]:
     """Every problem found in a release folder for `target` ("hf", "ascend-a2", "ascend-310p"); [] if none."""
     if target not in TARGETS:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from converters.check import DTYPES, TARGETS, check_export
+from converters.check import DTYPES, TARGETS, check_export, nonfinite_problems
 
 ADAPTER_DIR = "adapter"  # `--lora adapter`: the PEFT adapter folder inside the release
 
@@ -119,6 +119,8 @@ def run_import(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     problems = check_export(args.dir, args.target)
+    if not problems:  # the weights' values, one tensor at a time (the headers are known good now)
+        problems = nonfinite_problems(args.dir)
     if args.forward:
         from converters.check import forward_report
 

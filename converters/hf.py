@@ -147,10 +147,15 @@ class StoredTensor:
         return tuple(self.info["shape"])
 
     def read(self) -> np.ndarray:
+        """The tensor's values, verified: its checksum (when the folder has a manifest) and finiteness (inf / NaN
+        weights would train or serve silent garbage)."""
         value = read_tensor(self.file, self.info, self.data_start)
         if self.sha256 is not None and sha256(value) != self.sha256:
             raise ValueError(f"{self.file}: tensor {self.name!r} does not match its checksum in "
                              f"{self.file.parent / CHECKSUMS_FILE} (the file is corrupted)")
+        bad = value.size - int(np.count_nonzero(np.isfinite(value)))
+        if bad:
+            raise ValueError(f"{self.file}: tensor {self.name!r} holds {bad} inf/NaN values; refusing broken weights")
         return value
 
 

@@ -76,3 +76,18 @@ def save_random_hf_model(out_dir: str | Path, config: dict, seed: int = 0, tied:
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def tiny_model_with_qwen_ids():
+    """Our tiny architecture with the vendored Qwen2.5 tokenizer's vocabulary size and special ids, so a release of
+    it passes export validation with the default tokenizer files."""
+    from flax import nnx
+
+    from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, get_preset, with_overrides
+    from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
+
+    qwen = Qwen25VLConfig()
+    ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "vision_token_id",
+           "bos_token_id", "eos_token_id")
+    cfg = with_overrides(get_preset("tiny"), {"text.vocab_size": 151680, **{k: getattr(qwen, k) for k in ids}})
+    return Qwen25VL(cfg, rngs=nnx.Rngs(0))

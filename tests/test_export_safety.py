@@ -7,24 +7,13 @@ import os
 
 import pytest
 
-from flax import nnx
-
 from converters.release import RELEASE_MARKER, export_release
-from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, get_preset, with_overrides
-from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-
-QWEN_IDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "vision_token_id",
-            "bos_token_id", "eos_token_id")
+from hf_models import tiny_model_with_qwen_ids
 
 
 @pytest.fixture(scope="module")
 def model():
-    """The tiny architecture with the vendored Qwen2.5 tokenizer's vocabulary and special ids (so a release of it
-    passes export validation with the default tokenizer files)."""
-    defaults = Qwen25VLConfig()
-    cfg = with_overrides(get_preset("tiny"), {"text.vocab_size": 151680,
-                                              **{k: getattr(defaults, k) for k in QWEN_IDS}})
-    return Qwen25VL(cfg, rngs=nnx.Rngs(0))
+    return tiny_model_with_qwen_ids()
 
 
 def test_overwrite_replaces_a_release_we_wrote(model, tmp_path):
