@@ -18,8 +18,8 @@ from safetensors import safe_open
 from converters import cli as converters_cli
 from converters.check import check_export
 from converters.hf import flat_paths, iter_hf_tensors, load_hf_model
-from converters.release import (ExportError, export_hf_folder, export_release, parse_size, plan_shards,
-                                resolve_dtype)
+from converters.release import (RELEASE_MARKER, ExportError, export_hf_folder, export_release, parse_size,
+                                plan_shards, resolve_dtype)
 from hf_models import TINY_CONFIG, save_random_hf_model
 from vlmr1_jax.processing.tokenizer import build_compact_tokenizer
 
@@ -115,7 +115,7 @@ def test_hf_release_loads_offline_and_matches_jax(model, source_dir, tmp_path, m
     files = {p.name for p in out.iterdir()}
     assert files == {"config.json", "generation_config.json", "preprocessor_config.json", "chat_template.json",
                      "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "model.safetensors",
-                     "README.md"}
+                     "README.md", RELEASE_MARKER}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
     config = json.loads((out / "config.json").read_text())
     assert config["torch_dtype"] == "float32" and "text_config" not in config
@@ -252,13 +252,14 @@ def test_existing_folder_is_never_half_overwritten(model, source_dir, tmp_path, 
     out = tmp_path / "release"
     out.mkdir()
     (out / "keep.txt").write_text("previous release")
+    (out / RELEASE_MARKER).write_text("")  # a release we wrote: --overwrite may replace it
     with pytest.raises(FileExistsError, match="overwrite"):
         export_release(model, model.cfg, out, dtype="fp32", tokenizer_dir=source_dir)
     monkeypatch.setattr("converters.release.check_export", lambda folder, target: ["config.json: broken"])
     with pytest.raises(ExportError, match="config.json: broken"):
         export_release(model, model.cfg, out, dtype="fp32", tokenizer_dir=source_dir, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([RELEASE_MARKER, "keep.txt"])
     monkeypatch.undo()
     export_release(model, model.cfg, out, dtype="fp32", tokenizer_dir=source_dir, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
