@@ -1,6 +1,6 @@
 """Grouped sampler vs HF `generate` on the same random Qwen2.5-VL, same prompts, same work; ratio in one run.
 
-VLM-R1 samples by repeating each prompt G times and calling `model.generate` (VLM-R1-SPEC.md 3.2), so the baseline
+VLM-R1 samples by repeating each prompt G times and calling `model.generate` (docs/facts.md: Sampling), so the baseline
 prefills and encodes the images of all P*G rows; ours prefills P prompts once and fans the KV cache out to G rows.
 Both sample T new tokens with temperature 1, top-k 50 (EOS ignored so the work is equal).
 
@@ -31,7 +31,7 @@ from converters.hf import load_hf_model  # noqa: E402
 from vlmr1_jax.processing.batch import build_prompt_batch  # noqa: E402
 from vlmr1_jax.rl.sampler import Sampler, SamplingConfig  # noqa: E402
 
-# A demo-sized model (DEMO-NOTES "S") with the tiny test config's special token ids.
+# A demo-sized model ("demo-s") with the tiny test config's special token ids.
 BENCH_CONFIG = copy.deepcopy(TINY_CONFIG)
 BENCH_CONFIG.update({"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
                      "num_key_value_heads": 2, "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},

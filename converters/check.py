@@ -1,9 +1,9 @@
 """Validate an exported HF Qwen2.5-VL release folder against its own config.json, without torch.
 
 Checks the file set, the flat hub config, every safetensors header (read directly: an 8-byte little-endian length
-and a JSON header), the index, the tokenizer, the chat template and the processor config (ECOSYSTEM.md 1.2, 2).
+and a JSON header), the index, the tokenizer, the chat template and the processor config (docs/facts.md: Release files).
 `forward_report` adds an optional transformers forward in the release dtype that looks for inf/NaN and measures
-how close each layer's activations come to the float16 limit (QWEN25VL-PORT.md pitfall 22); it imports torch
+how close each layer's activations come to the float16 limit (docs/facts.md: float16); it imports torch
 lazily, so nothing else here needs it.
 """
 
@@ -42,7 +42,7 @@ DTYPES: dict[str, DType] = {
     "fp16": DType("float16", "F16", np.float16),
     "fp32": DType("float32", "F32", np.float32),
 }
-# Allowed release dtypes per target, the default first. 300I Duo (310P) has no bf16 (ECOSYSTEM.md 1.2).
+# Allowed release dtypes per target, the default first. 300I Duo (310P) has no bf16 (docs/facts.md: vllm-ascend).
 TARGETS: dict[str, tuple[str, ...]] = {
     "hf": ("bf16", "fp16", "fp32"),
     "ascend-a2": ("bf16", "fp32"),

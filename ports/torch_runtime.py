@@ -5,7 +5,7 @@ the task's question template) rendered with the release's own chat template by o
 processed by our PIL-bicubic pipeline (the one the policy was trained on) with the release's min/max pixels.
 This needs no torchvision, which transformers 5.x's `AutoProcessor` requires for Qwen2.5-VL's video processor.
 
-torch-npu breaks a plain `import torch` where CANN is missing (ECOSYSTEM.md 1.3), so torch is imported with
+torch-npu breaks a plain `import torch` where CANN is missing (docs/facts.md: torch-npu), so torch is imported with
 device-backend autoload off and torch_npu is imported explicitly, its failures caught.
 """
 

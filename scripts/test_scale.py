@@ -187,7 +187,7 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\ncheckpoint {size / 1e9:.2f} GB (bf16); bound = baseline + {K} x largest tensor + "
           f"{SLACK // 2**20} MiB")
-    print(f"| step | seconds | baseline RSS | peak RSS | growth | allowed growth | ok |\n|---|---|---|---|---|---|---|")
+    print("| step | seconds | baseline RSS | peak RSS | growth | allowed growth | ok |\n|---|---|---|---|---|---|---|")
     failed = False
     for label, m, allowed in rows:
         ok = m.returncode == 0 and m.growth <= allowed

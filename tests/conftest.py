@@ -24,7 +24,7 @@ from hf_models import TINY_CONFIG, TINY_CONFIG_B, save_random_hf_model  # noqa: 
 
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory) -> Path:
-    """Tiny untied Qwen2.5-VL (QWEN25VL-PORT.md 1.3), every parameter random, saved by transformers."""
+    """Tiny untied Qwen2.5-VL (covers windowed + full blocks, padded windows, GQA, sectioned M-RoPE), every parameter random, saved by transformers."""
     return save_random_hf_model(tmp_path_factory.mktemp("tiny_untied"), TINY_CONFIG, seed=0, tied=False)
 
 

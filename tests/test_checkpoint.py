@@ -216,7 +216,7 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path):
     assert json.loads((tmp_path / "1" / "meta" / "metadata").read_text()) == {"a": 1}
 
 
-# Run in 2 processes x 4 CPU devices (ECOSYSTEM.md 6): argv = process id, port, folder, save|restore.
+# Run in 2 processes x 4 CPU devices (docs/facts.md: Multi-host on CPU): argv = process id, port, folder, save|restore.
 WORKER = """
 import sys
 pid, port, folder, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]

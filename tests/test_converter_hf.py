@@ -75,7 +75,7 @@ def test_round_trip_is_byte_identical(fixture, request, tmp_path):
             x, y = a.get_tensor(name), b.get_tensor(name)
             assert (x.dtype, x.shape) == (y.dtype, y.shape), name
             assert x.tobytes() == y.tobytes(), name
-        assert len(a.keys()) == (80 if model.cfg.text.tie_word_embeddings else 81)  # PORT.md 4.1
+        assert len(a.keys()) == (80 if model.cfg.text.tie_word_embeddings else 81)  # docs/facts.md: Checkpoint layout
         assert ("lm_head.weight" in b.keys()) == (not model.cfg.text.tie_word_embeddings)
 
 

@@ -1,6 +1,6 @@
 """GRPO math (vlmr1_jax.rl.grpo) against independent references.
 
-References: numpy float64 written from VLM-R1-SPEC 3.2/3.3 (and the DAPO / Dr.GRPO / GSPO formulas), a torch
+References: numpy float64 written from VLM-R1's loss (docs/facts.md: Loss; DAPO / Dr.GRPO / GSPO formulas), a torch
 autograd copy of VLM-R1's compute_loss for the gradient, torch log_softmax+gather, and hand-written mask tables.
 """
 
@@ -79,7 +79,7 @@ def np_loss(name, logp, old, ref, adv, mask, eps, eps_high, beta, max_len=None):
 
 
 def torch_vlmr1_compute_loss(per_token_logps, old, ref, advantages, completion_mask, epsilon, epsilon_high, beta):
-    """VLM-R1 compute_loss per SPEC 3.3, with autograd: ratio vs old (detached current when old is None)."""
+    """VLM-R1 compute_loss as VLM-R1 computes it, with autograd: ratio vs old (detached current when old is None)."""
     old = per_token_logps.detach() if old is None else old
     coef_1 = torch.exp(per_token_logps - old)
     coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + (epsilon_high or epsilon))

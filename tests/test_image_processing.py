@@ -1,6 +1,6 @@
 """vlmr1_jax.processing.image against transformers' PIL-backend Qwen2VLImageProcessor and hand-computed tables.
 
-The reference processor is built offline from the Qwen2.5-VL preprocessor_config values (QWEN25VL-PORT.md 5).
+The reference processor is built offline from the Qwen2.5-VL preprocessor_config values (docs/facts.md: Processor).
 Videos are checked against the same image processor run frame by frame (the 5.x video processor needs torchvision,
 which is not installed), re-assembled into the [C, Tp, 14, 14] row layout.
 """
@@ -70,7 +70,7 @@ def test_uint8_array_input_equals_pil_input():
 
 
 @pytest.mark.parametrize("size,resized,grid,tokens", [
-    ((700, 1000), (700, 1008), (1, 50, 72), 900),  # QWEN25VL-PORT.md section 5 example
+    ((700, 1000), (700, 1008), (1, 50, 72), 900),  # the processor example
     ((42, 70), (56, 56), (1, 4, 4), 4),  # 42/28 = 1.5 and 70/28 = 2.5 both round half-to-even to 2
     ((28, 28), (56, 56), (1, 4, 4), 4),  # 784 < min_pixels 3136: scaled up by sqrt(4) = 2
     ((10, 40), (28, 112), (1, 2, 8), 4),

@@ -1,6 +1,6 @@
 """LoRA (vlmr1_jax.rl.lora): VLM-R1's target selection, identity at init, adapter-only training, merging, dropout.
 
-References: the set of `nn.Linear` modules PEFT would wrap in transformers' model (VLM-R1-SPEC 3.4: every linear
+References: the set of `nn.Linear` modules PEFT would wrap in transformers' model (VLM-R1: every linear
 without a vision keyword, not the embedding), the base model's logits, and inverted-dropout statistics.
 """
 

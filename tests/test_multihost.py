@@ -1,5 +1,6 @@
 """`vlmr1 train` as two processes of 4 CPU devices each on one (data=2, fsdp=4) mesh of 8 global devices
-(ECOSYSTEM.md 6): both finish, agree on every metric, write one shared checkpoint and one copy of the logs."""
+(docs/facts.md: Multi-host on CPU): both finish, agree on every metric, write one shared checkpoint and one
+copy of the logs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""vlmr1_jax.processing.prompts against the exact strings of VLM-R1-SPEC.md sections 1.2-1.4 (copied by hand)."""
+"""vlmr1_jax.processing.prompts against the exact strings VLM-R1 builds (typed by hand from its templates)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_build_messages_puts_images_first_and_has_no_system_turn():
 
 
 def test_render_prompt_single_image_rec():
-    # VLM-R1-SPEC.md 1.4: the Qwen default system turn, one vision block per image, then the templated question.
+    # VLM-R1: the Qwen default system turn, one vision block per image, then the templated question.
     expected = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                 "<|vision_start|><|image_pad|><|vision_end|>" + REC_PROBLEM + " First output the thinking process "
                 "in <think> </think> tags and then output the final answer in <answer> </answer> tags. Output the "

@@ -1,6 +1,6 @@
-"""`get_rope_index` against hand-computed position tables (reference semantics, QWEN25VL-PORT.md 3.2).
+"""`get_rope_index` against hand-computed position tables (reference semantics, docs/facts.md: Position ids).
 
-Every expected array below was worked out by hand from the rules in PORT.md 3.2 (text runs count up; a vision item
+Every expected array below was worked out by hand from those rules (text runs count up; a vision item
 puts T, H, W at `next + floor(t * tokens_per_second * spg)`, `next + row`, `next + col`; the next chunk starts at
 the chunk's max + 1), never from the code under test. Token ids follow the tiny config: image 150, video 151,
 vision_start 152, vision_end 153; `X` is an ordinary text token and `P` a pad.
@@ -42,13 +42,13 @@ def test_two_images_in_one_row():
     np.testing.assert_array_equal(delta, [12 + 1 - 16])
 
 
-# PORT.md worked example: 4 text tokens, then a video grid (4,4,4) (2x2 merged per frame), then text.
+# Worked example: 4 text tokens, then a video grid (4,4,4) (2x2 merged per frame), then text.
 VIDEO_ROW = [X, X, X, VS] + [VID] * 16 + [VE, X]
 VIDEO_CASES = {
     # spg: (T of the 4 frames, first position after the video)
     0.25: ([4, 4, 5, 5], 6),  # interval 0.5: floor(0, .5, 1, 1.5) -- 4.57's int cast would give all zeros
     0.5: ([4, 5, 6, 7], 8),  # interval 1
-    1.0: ([4, 6, 8, 10], 11),  # interval 2: PORT.md's example (5.23 would restart text at 6)
+    1.0: ([4, 6, 8, 10], 11),  # interval 2: the reference example (5.23 would restart text at 6)
     2.0: ([4, 8, 12, 16], 17),  # interval 4
 }
 

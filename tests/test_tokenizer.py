@@ -25,13 +25,13 @@ VENDORED_SHA256 = {
     "tokenizer_config.json": "6d54e7aba54bedac2ebb2206015e65171e6b2a5534b0e3167c8b794510db6636",
     "chat_template.json": "94174d7176c52a7192f96fc34eb2cf23c7c2059d63cdbfadca1586ba89731fb7",
 }
-# QWEN25VL-PORT.md 5 / ECOSYSTEM.md 2.4: (id, content, special) of the 22 Qwen2.5 added tokens.
+# docs/facts.md: Tokenizer: (id, content, special) of the 22 Qwen2.5 added tokens.
 ADDED_TOKENS = [(151643 + i, name, i < 14) for i, name in enumerate([
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
     "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
     "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
     "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"])]
-# ECOSYSTEM.md 3 (ids of the published Qwen2.5 tokenizer).
+# Ids of the published Qwen2.5 tokenizer.
 KNOWN_IDS = [
     ("Hello world", [9707, 1879]),
     ("Hello, world!", [9707, 11, 1879, 0]),

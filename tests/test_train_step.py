@@ -1,7 +1,7 @@
 """GRPO / SFT train steps (vlmr1_jax.rl.step) against independent references.
 
 References: the single-device step for the sharded one; transformers' logits on the same prompts + completions for
-the SFT cross-entropy and the GRPO loss (numpy float64 from VLM-R1-SPEC 3.3, old = policy since num_iterations = 1);
+the SFT cross-entropy and the GRPO loss (numpy float64 from VLM-R1's loss, old = policy since num_iterations = 1);
 the full-batch step for gradient accumulation; gradients without rematerialisation for the remat variants.
 """
 

@@ -1,7 +1,7 @@
 """`plan_vision` / `vision_gather_indices` against an independent numpy model of HF's window algorithm.
 
-The reference below follows QWEN25VL-PORT.md section 2 step 2 (per-patch (h, w) positions), step 3 (`widx`,
-`cu_window_seqlens` with unique_consecutive) and step 5 (`cu_seqlens`, one segment per item and temporal patch).
+The reference below follows transformers' window algorithm (docs/facts.md: Vision tower): step 2 (per-patch
+(h, w) positions), step 3 (`widx`, `cu_window_seqlens` with unique_consecutive) and step 5 (`cu_seqlens`, one segment per item and temporal patch).
 Our plan gives every window a fixed number of slots; once its pad slots are dropped it must be exactly HF's
 window-ordered sequence.
 """
@@ -43,7 +43,7 @@ def hf_cu_seqlens(grids):
 
 
 def hf_hw_positions(grids):
-    """Processor-order (row, col) of every patch (PORT.md 2 step 2)."""
+    """Processor-order (row, col) of every patch (step 2)."""
     out = []
     for t, h, w in grids:
         hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")

@@ -1,7 +1,7 @@
 """Run configuration: frozen dataclasses, loaded from YAML recipes with `section.key=value` overrides.
 
 Batch sizes are stated in prompts and samples (`data.prompts_per_step` prompts x `grpo.num_generations` samples),
-not VLM-R1's per-device completions (VLM-R1-SPEC.md 3.1 and issue #197).
+not VLM-R1's per-device completions (docs/facts.md: VLM-R1 training).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Render docker_run.sh, serve.sh, offline_inference.py and query.sh for serving a release with vllm-ascend.
 
-Images and flags are the pinned ones of ECOSYSTEM.md 1.1-1.2: A2 on `vllm-ascend:v0.13.0` in bfloat16 (the last
+Images and flags are the pinned ones (docs/facts.md: vllm-ascend): A2 on `vllm-ascend:v0.13.0` in bfloat16 (the last
 line whose docs list Qwen2.5-VL with BF16; VLM-R1 itself used v0.10.0rc1, pass `image=` to pin that); 300I Duo
 on `v0.10.0rc1-310p`, float16 only, eager mode only, with the 310P custom-op compilation config.
 """

@@ -1,6 +1,6 @@
 """Built-in synthetic REC data: coloured shapes on noisy dark backgrounds, referring expressions, tight pixel boxes.
 
-The `simple` family ("the red circle") is the task DEMO-NOTES measured as learnable on 2 CPU cores. `superlative`
+The `simple` family ("the red circle") is the task measured as learnable on 2 CPU cores. `superlative`
 ("the largest red shape") and `relational` ("the triangle left of the green star") are built so that exactly one
 object matches. Train / val never contain the `HELD_OUT` colour+shape pairs; in `ood` the target is always one.
 Output is VLM-R1 jsonl plus an image folder; every sample is a pure function of (seed, split, index).

@@ -1,4 +1,4 @@
-"""`vlmr1 eval rec`: VLM-R1's REC evaluation (VLM-R1-SPEC.md 5.1) of an exported model or one of our checkpoints.
+"""`vlmr1 eval rec`: VLM-R1's REC evaluation (docs/facts.md) of an exported model or one of our checkpoints.
 
 Protocol of `test_rec_r1.py`: `random.seed(42); random.shuffle(data); data[:2000]`, the "rec" question template,
 greedy decoding of at most 256 new tokens, the first `<answer>` and its braced box, the rescale from the resized

@@ -1,4 +1,4 @@
-"""REC evaluation with the JAX model: greedy decoding, then VLM-R1's protocol (VLM-R1-SPEC.md 5.1).
+"""REC evaluation with the JAX model: greedy decoding, then VLM-R1's protocol (docs/facts.md: VLM-R1 REC evaluation).
 
 Acc@0.5 follows `test_rec_r1.py`: the first `<answer>`, a JSON-brace box regex (failure -> [0,0,0,0]), the rescale
 from the resized frame to the original image, and the +-1 IoU strictly above 0.5. We also report the mean of the

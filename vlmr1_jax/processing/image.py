@@ -4,7 +4,7 @@ Numpy + PIL only (no torch, no jax). We match the *PIL* backend of transformers'
 (`Qwen2VLImageProcessorPil` in 5.x, the only "slow" processor in 4.x): resize is PIL bicubic on the uint8 image,
 then rescale by 1/255 and CLIP mean/std normalisation. Why PIL: it is what VLM-R1 trained with (transformers 4.49,
 slow processor), it needs no torch/torchvision in the JAX core, and torchvision's bicubic gives different pixels
-(QWEN25VL-PORT.md pitfall 20). Grids and token counts do not depend on the backend.
+(docs/facts.md: Processor). Grids and token counts do not depend on the backend.
 """
 
 from __future__ import annotations

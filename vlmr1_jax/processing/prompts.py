@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-# Qwen2VLModule.get_question_template, verbatim (VLM-R1-SPEC.md section 1.3); other task types use "default".
+# Qwen2VLModule.get_question_template, verbatim (docs/facts.md: Prompts); other task types use "default".
 QUESTION_TEMPLATES: dict[str, str] = {
     "rec": ("{Question} First output the thinking process in <think> </think> tags and then output the final "
             "answer in <answer> </answer> tags. Output the final answer in JSON format."),

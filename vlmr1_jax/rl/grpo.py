@@ -1,7 +1,7 @@
 """GRPO-family math as pure JAX functions: group advantages, completion masks, token log-probs, registered losses.
 
 Everything is a pure function of arrays and safe under `jax.jit`; loss options (epsilon, beta, ...) are static Python
-values. Semantics follow VLM-R1's `VLMGRPOTrainer` (shared/reference/VLM-R1-SPEC.md, sections 3.2 and 3.3).
+values. Semantics follow VLM-R1's `VLMGRPOTrainer` (docs/facts.md: Loss).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Grouped sampler: encode each prompt's images and prefill it once, fan the KV cache out to G samples, and decode
 in one compiled `while_loop` that stops as soon as every row has produced an EOS.
 
-VLM-R1 samples with HF `generate` defaults: temperature 1.0, top_k 50, top_p 1.0 (VLM-R1-SPEC.md 3.2); those are
+VLM-R1 samples with HF `generate` defaults: temperature 1.0, top_k 50, top_p 1.0 (docs/facts.md: Sampling); those are
 the defaults here. Returned log-probs are the policy's own (log_softmax of the raw logits, no temperature or
 filtering), i.e. what the GRPO step computes, so they serve as old log-probs when num_iterations > 1.
 """
@@ -120,6 +120,6 @@ class Sampler:
 
 
 def default_banned_ids(cfg, extra: Sequence[int] = ()) -> tuple[int, ...]:
-    """Vision placeholder/structure tokens the policy must never emit (DEMO-NOTES: they break the re-forward)."""
+    """Vision placeholder/structure tokens the policy must never emit (they would break the re-forward)."""
     return tuple(sorted({cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id,
                          cfg.vision_token_id, *extra}))

@@ -2,7 +2,7 @@
 
 Synthetic REC data -> a compact tokenizer for the task (a real `tokenizers` BPE with Qwen's special tokens and
 chat template) -> a tiny Qwen2.5-VL ("demo-s") -> SFT warm start -> GRPO with the Qwen REC IoU and format rewards
--> greedy evaluation on >= 1000 held-out in-domain samples before and after GRPO. Sizes follow DEMO-NOTES.md.
+-> greedy evaluation on >= 1000 held-out in-domain samples before and after GRPO. Sizes: docs/facts.md: The CPU demo.
 The prompt uses the bare question (no R1 instruction): the SFT target teaches the `<think>`/`<answer>` format,
 and a short prompt halves every step on two cores. A short SFT teaches the format and the average box (longer SFT
 stays on that plateau for thousands of steps on this budget); GRPO then moves the boxes onto the objects.
@@ -64,7 +64,7 @@ def sft_config(demo: DemoConfig, data: dict[str, str], images: str, tokenizer_di
         model=ModelConfig(preset="demo-s", tokenizer=str(tokenizer_dir)),
         data=DataConfig(data_file_paths=data["train"], image_folders=images, task_type=QUESTION,
                         prompts_per_step=demo.sft_batch, seed=demo.seed),
-        # DEMO-NOTES: lr 1e-3, 100-step warm-up, constant, AdamW betas 0.9/0.95, wd 0.01, clip 1.0.
+        # Measured SFT settings: lr 1e-3, 100-step warm-up, constant, AdamW betas 0.9/0.95, wd 0.01, clip 1.0.
         optim=OptimConfig(learning_rate=1e-3, schedule="constant", warmup_steps=100, b2=0.95, weight_decay=0.01),
         sft=SFTConfig(target_template=TARGET, max_target_length=TARGET_TOKENS),
         train=TrainConfig(output_dir=str(Path(demo.out) / "sft"), max_steps=demo.sft_steps,

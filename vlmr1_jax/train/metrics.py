@@ -1,6 +1,6 @@
 """Training logs: scalar metrics as JSONL + TensorBoard, and per-step rollouts (VLM-R1's DEBUG_MODE log) as JSONL.
 
-Metric names follow VLM-R1 (SPEC 3.2-3.3): completion_length, rewards/<fn>, reward, reward_std, kl, clip_ratio,
+Metric names follow VLM-R1 (docs/facts.md: Loss): completion_length, rewards/<fn>, reward, reward_std, kl, clip_ratio,
 loss, grad_norm, learning_rate, epoch, plus time/sample, time/score, time/train and tokens_per_second.
 Only process 0 writes metrics; JSONL files are appended to, so a resumed run continues the same file (`read_metrics`
 keeps the last record of a step that was logged twice).

@@ -2,7 +2,7 @@
 
 `get_rope_index` follows the reference semantics (Qwen's original code = transformers 4.49 = vLLM), not whichever
 transformers is installed: 4.57 truncates fractional `second_per_grid_ts` and 5.x restarts text after a video at
-`start + max(h, w) // 2` (QWEN25VL-PORT.md 3.2). It runs on the host in numpy.
+`start + max(h, w) // 2` (docs/facts.md: Position ids). It runs on the host in numpy.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Inputs come in the padded window layout of `vlmr1_jax.processing.vision_plan` (computed on the host), so window
 attention is a reshape to `[windows, slots, D]` and full attention is a mask over frame ids: block-diagonal per
-window or per (item, temporal patch), exactly as HF's variable-length attention (QWEN25VL-PORT.md section 2).
+window or per (item, temporal patch), exactly as HF's variable-length attention (docs/facts.md: Vision tower).
 """
 
 from __future__ import annotations
