@@ -10,11 +10,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 Axes = tuple[str | None, ...]
-# Finite mask value: -inf turns fully-masked (pad) rows into NaN, which then poisons later layers (PORT.md 3.3).
+# Finite mask value: -inf turns fully-masked (pad) rows into NaN, which poisons later layers (docs/facts.md: Masks).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -206,8 +205,7 @@ def run_layers(layers: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[
     outputs = []
     for i in range(count):
         layer_slice = jax.tree.map(lambda a: a[i], state)
-        x = None if xs is None else jax.tree.map(lambda a: np.asarray(a)[i] if isinstance(a, np.ndarray) else a[i],
-                                                   xs)
+        x = None if xs is None else jax.tree.map(lambda a: a[i], xs)
         carry, y = one(carry, (layer_slice, x))
         outputs.append(y)
     ys = None if outputs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)

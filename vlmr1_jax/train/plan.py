@@ -36,7 +36,7 @@ from vlmr1_jax.processing.batch import PromptBatch, encode_prompts
 from vlmr1_jax.processing.tokenizer import Tokenizer, qwen2_5_tokenizer
 from vlmr1_jax.rl.lora import apply_lora
 from vlmr1_jax.rl.step import TrainState, init_train_state, make_grpo_step, make_logprob_fn, make_optimizer
-from vlmr1_jax.train.setup import BATCH_AXIS, dtype_of, frozen_dtype_of, preset_config
+from vlmr1_jax.train.setup import BATCH_AXIS, configure_model, dtype_of, frozen_dtype_of, preset_config
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,8 @@ def abstract_train_state(cfg: RunConfig, model_cfg: Qwen25VLConfig, mesh: Mesh, 
     graphdefs = []
 
     def build() -> TrainState:
-        model = Qwen25VL(model_cfg, rngs=nnx.Rngs(cfg.train.seed), dtype=dtype, param_dtype=param_dtype,
-                         remat=cfg.model.remat, scan_layers=cfg.model.scan_layers)
-        model.text.logits_chunk = cfg.model.logits_chunk
+        model = Qwen25VL(model_cfg, rngs=nnx.Rngs(cfg.train.seed), dtype=dtype, param_dtype=param_dtype)
+        configure_model(model, cfg.model)
         if cfg.train.trainable == "lora":
             apply_lora(model, cfg.lora.rank, cfg.lora.alpha, seed=cfg.train.seed, dropout=cfg.lora.dropout)
         graphdef, state = init_train_state(model, cfg.train.trainable, optimizer, cfg.grpo.beta > 0,

@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 from converters.hf import load_hf_model
 from vlmr1_jax.config import ModelConfig, RunConfig
 from vlmr1_jax.data.jsonl import Sample, load_jsonl_datasets
-from vlmr1_jax.models.layers import REMAT_POLICIES, LoRAParam
+from vlmr1_jax.models.layers import LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, get_preset, with_overrides
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.parallel.mesh import (create_sharded, initialize_distributed, logical_to_spec, make_mesh,
@@ -106,6 +106,14 @@ def check_tokenizer_matches(model_cfg: Qwen25VLConfig, tokenizer: Tokenizer, whe
                          f"{tokenizer.image_pad_id}")
 
 
+def configure_model(model: Qwen25VL, cfg: ModelConfig) -> None:
+    """Apply the recipe's static program settings (remat, scanned layers, log-prob chunk), which are not
+    parameters: every model a run compiles gets them here."""
+    model.set_remat(cfg.remat)
+    model.set_scan_layers(cfg.scan_layers)
+    model.text.logits_chunk = cfg.logits_chunk
+
+
 def build_model(cfg: RunConfig, tokenizer: Tokenizer, mesh: Mesh) -> Qwen25VL:
     """The policy, born sharded over `mesh`: from an HF folder, or a preset's random init (seed train.seed).
     Starting from one of our checkpoints is handled by the trainer (it restores the whole state)."""
@@ -120,11 +128,7 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer, mesh: Mesh) -> Qwen25VL:
                                                 param_dtype=param_dtype), mesh)
         where = f"preset {cfg.model.preset}"
     check_tokenizer_matches(model.cfg, tokenizer, where)
-    if cfg.model.remat not in ("none", *REMAT_POLICIES):
-        raise ValueError(f"model.remat={cfg.model.remat!r}; choose none, {', '.join(REMAT_POLICIES)}")
-    model.set_remat(cfg.model.remat)  # static settings of the compiled program, not parameters
-    model.set_scan_layers(cfg.model.scan_layers)
-    model.text.logits_chunk = cfg.model.logits_chunk
+    configure_model(model, cfg.model)
     if cfg.train.trainable == "lora":
         apply_lora(model, cfg.lora.rank, cfg.lora.alpha, seed=cfg.train.seed, dropout=cfg.lora.dropout)
         adapters = nnx.state(model, LoRAParam)  # born on one device: shard them like their kernels

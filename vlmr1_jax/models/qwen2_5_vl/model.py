@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlmr1_jax.models.layers import REMAT_POLICIES
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlmr1_jax.models.qwen2_5_vl.text import KVCache, TextModel
 from vlmr1_jax.models.qwen2_5_vl.vision import VisionTower
@@ -31,6 +32,8 @@ class Qwen25VL(nnx.Module):
 
     def set_remat(self, remat: str) -> None:
         """Rematerialise each vision block and decoder layer in the backward ("none" | "full" | "dots")."""
+        if remat != "none" and remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={remat!r}; choose none, {', '.join(REMAT_POLICIES)}")
         self.visual.remat = self.text.remat = remat
 
     def encode_vision(self, pixel_values: jax.Array, hw_positions: jax.Array, frame_ids: jax.Array,
