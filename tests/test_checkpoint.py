@@ -23,7 +23,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from vlmr1_jax.data.jsonl import Sample
 from vlmr1_jax.data.pipeline import make_prompt_iterator
 from vlmr1_jax.rl.step import init_train_state
-from vlmr1_jax.train.checkpoint import CheckpointError, Checkpointer, abstract_like, read_meta
+from vlmr1_jax.train.checkpoint import (CheckpointError, Checkpointer, CorruptCheckpoint, abstract_like, fingerprints,
+                                       read_meta)
 
 
 class Tiny(nnx.Module):
@@ -213,7 +214,44 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "2" / "meta" / "metadata").write_text("{not json")
     with pytest.raises(CheckpointError, match="meta of checkpoint"):
         read_meta(tmp_path, step=2)
-    assert json.loads((tmp_path / "1" / "meta" / "metadata").read_text()) == {"a": 1}
+    assert json.loads((tmp_path / "1" / "meta" / "metadata").read_text())["a"] == 1
+
+
+def flip_bytes(path: Path, count: int = 4096) -> None:
+    """Invert `count` bytes in the middle of `path` (bit rot in a stored array)."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + count] = bytes(b ^ 0xFF for b in data[mid:mid + count])
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_an_array_file_are_caught(tmp_path):
+    """Orbax reads the flipped file without complaint; the fingerprints saved in the meta catch it."""
+    rng = np.random.default_rng(0)
+    state = {"w": jnp.asarray(rng.normal(size=(256, 256)).astype(np.float32)), "b": jnp.zeros(3)}
+    with Checkpointer(tmp_path, save_every=1, keep=2) as ckpt:
+        ckpt.save(1, state, meta={"a": 1})
+        ckpt.wait()
+        largest = max((p for p in (tmp_path / "1" / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        flip_bytes(largest)
+        with pytest.raises(CorruptCheckpoint, match=r"checkpoint .*/1 is corrupted: the arrays w differ"):
+            ckpt.restore(abstract_like(state))
+        moved = ckpt.quarantine(1)
+        assert moved.is_dir() and moved.name.startswith("1.corrupt-") and ckpt.all_steps() == []
+
+
+def test_fingerprints_see_any_changed_or_moved_word():
+    base = np.arange(1000, dtype=np.float32)
+    reference = fingerprints({"x": jnp.asarray(base)})["x"]
+    changed, swapped, key = base.copy(), base.copy(), jax.random.key(3)
+    changed[500] = np.nextafter(changed[500], np.float32(1e9))  # one bit
+    swapped[[10, 20]] = swapped[[20, 10]]  # same sum, other positions
+    assert fingerprints({"x": jnp.asarray(changed)})["x"] != reference
+    assert fingerprints({"x": jnp.asarray(swapped)})["x"] != reference
+    assert fingerprints({"x": jnp.asarray(base)})["x"] == reference
+    assert fingerprints({"k": key}) == fingerprints({"k": jax.random.key(3)}) != fingerprints({"k": jax.random.key(4)})
+    assert set(fingerprints({"h": jnp.ones(4, jnp.bfloat16), "i": jnp.ones(2, jnp.int64 if jax.config.x64_enabled
+                                                                             else jnp.int32)})) == {"h", "i"}
 
 
 # Run in 2 processes x 4 CPU devices (docs/facts.md: Multi-host on CPU): argv = process id, port, folder, save|restore.

@@ -21,7 +21,7 @@ from vlmr1_jax.config import RunConfig, to_dict
 from vlmr1_jax.data.pipeline import epoch_of, make_prompt_iterator
 from vlmr1_jax.processing.batch import PromptBatch, encode_prompts
 from vlmr1_jax.rl.step import current_model, init_train_state, make_optimizer
-from vlmr1_jax.train.checkpoint import Checkpointer, abstract_like, read_meta
+from vlmr1_jax.train.checkpoint import Checkpointer, CorruptCheckpoint, abstract_like, read_meta
 from vlmr1_jax.train.identity import check_resume
 from vlmr1_jax.train.metrics import MetricsWriter, mean_metrics
 from vlmr1_jax.train.restore import imported_params
@@ -72,13 +72,37 @@ class Trainer:
         if imported is not None:
             log.info("starting from the imported parameters in %s", imported)
         elif latest is not None:
-            if not resume_anyway:
-                meta = read_meta(self.checkpoints.directory, latest)
-                check_resume(meta.get("run_config", {}), to_dict(cfg), self.kind, meta.get("kind", "?"),
-                             str(self.checkpoints.directory))
-            self.state, _ = self.checkpoints.restore(abstract_like(self.state), self.data)
-            self.step = int(self.state.step) // updates_per_step
-            log.info("resumed from step %d in %s", self.step, self.checkpoints.directory)
+            self._resume(resume_anyway)
+
+    def _resume(self, resume_anyway: bool) -> None:
+        """Restore the newest checkpoint that reads back intact; a corrupt one is moved aside (never deleted) with a
+        warning naming it and the step resumed instead."""
+        directory = self.checkpoints.directory
+        corrupt: list[tuple[int, str]] = []
+        for step in reversed(self.checkpoints.all_steps()):
+            if corrupt and imported_params(directory, step) is not None:
+                raise CorruptCheckpoint(f"checkpoint step {corrupt[0][0]} is corrupt (moved to {corrupt[0][1]}); "
+                                        f"run the same command again to start over from the imported parameters")
+            try:
+                if not resume_anyway:
+                    meta = read_meta(directory, step)
+                    check_resume(meta.get("run_config", {}), to_dict(self.cfg), self.kind, meta.get("kind", "?"),
+                                 str(directory))
+                self.state, _ = self.checkpoints.restore(abstract_like(self.state), self.data, step=step)
+            except CorruptCheckpoint as e:
+                moved = self.checkpoints.quarantine(step)
+                corrupt.append((step, str(moved)))
+                log.warning("%s; moved it to %s", e, moved)
+                continue
+            self.step = int(self.state.step) // self.updates_per_step
+            if corrupt:
+                log.warning("checkpoint step %s is corrupt; resuming from step %d instead (the steps after it run "
+                            "again)", ", ".join(str(s) for s, _ in corrupt), self.step)
+            log.info("resumed from step %d in %s", self.step, directory)
+            return
+        raise CorruptCheckpoint(f"every checkpoint in {directory} is corrupt (moved aside: "
+                                f"{', '.join(path for _, path in corrupt)}); start a new run with "
+                                f"train.output_dir=NEW_FOLDER")
 
     def encode(self, samples) -> PromptBatch:
         """VLM-R1 prompts for `samples`, images loaded and laid out for the tower."""

@@ -8,26 +8,79 @@ Orbax writes each step into a temporary folder and renames it when every item is
 half checkpoint behind. nnx.State, nnx Variables and optax states (named tuples, MultiSteps) are ordinary pytrees
 and are saved as they are; leaves are named by their key path (e.g. `opt_state.inner_opt_state.1.0.mu.a.kernel.value`).
 Restores are checked leaf by leaf against the expected abstract state before any array is read (orbax would
-silently cast a dtype), and again afterwards (shape, dtype, sharding).
+silently cast a dtype), and again afterwards (shape, dtype, sharding). The meta carries a fingerprint of every leaf
+(two wrapping sums of its bits, computed on the devices at save time); a restore recomputes them and raises
+`CorruptCheckpoint` on any difference, so flipped bytes in an array file are caught instead of trained on.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 STATE, DATA, META = "state", "data", "meta"
+FINGERPRINTS = "fingerprints"  # meta key: leaf name -> [sum of bits, position-weighted sum of bits], both mod 2**32
 _MAX_LISTED = 10  # problems listed in one mismatch error
+log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match the state it is restored into."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint whose files cannot be read or whose arrays differ from the fingerprints saved with them."""
+
+
+def _leaf_bits(x: jax.Array) -> jax.Array:
+    """The raw bits of a leaf as uint32 of the leaf's shape (a trailing axis of 2 for 8-byte types; typed PRNG keys
+    as their key data). No reshape, so the leaf keeps its sharding under explicit mesh axes."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _fingerprint_arrays(leaves: list[jax.Array]) -> list[jax.Array]:
+    def one(x: jax.Array) -> jax.Array:
+        bits = _leaf_bits(x)
+        sharding = jax.typeof(bits).sharding
+        weights, stride = jnp.ones((), jnp.uint32), 1
+        for axis in reversed(range(bits.ndim)):  # 1 + row-major position; wraps like the sums (a checksum)
+            iota = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis, out_sharding=sharding)
+            weights, stride = weights + iota * jnp.uint32(stride % 2**32), stride * bits.shape[axis]
+        return jnp.stack([bits.sum(dtype=jnp.uint32), (bits * weights).sum(dtype=jnp.uint32)])
+
+    return [one(x) for x in leaves]
+
+
+def fingerprints(state: Any) -> dict[str, list[int]]:
+    """Leaf name -> two 32-bit checksums of its bits (a plain sum and a position-weighted one, both wrapping),
+    computed where the arrays live; a flipped, zeroed or moved word changes at least one of them."""
+    named = jax.tree_util.tree_flatten_with_path(state)[0]
+    sums = jax.device_get(_fingerprint_arrays([x for _, x in named]))
+    return {_leaf_name(path): [int(v) for v in s] for (path, _), s in zip(named, sums)}
+
+
+def check_fingerprints(state: Any, expected: dict[str, list[int]], where: str) -> None:
+    """Raise `CorruptCheckpoint` naming the leaves whose restored bits differ from the saved fingerprints."""
+    bad = sorted(name for name, value in fingerprints(state).items() if expected.get(name, value) != value)
+    if bad:
+        more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+        raise CorruptCheckpoint(f"{where} is corrupted: the arrays {', '.join(bad[:_MAX_LISTED])}{more} differ "
+                                f"from the checksums saved with them")
 
 
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -120,7 +173,7 @@ class Checkpointer:
         """
         if step in self._manager.all_steps() or not (force or self._manager.should_save(step)):
             return False
-        meta = dict(meta or {})
+        meta = {**(meta or {}), FINGERPRINTS: fingerprints(state)}
         try:
             json.dumps(meta, allow_nan=False)
         except (TypeError, ValueError) as e:
@@ -158,9 +211,21 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # orbax / tensorstore / grain raise many types; name the checkpoint
-            raise CheckpointError(f"cannot read {where}: {type(e).__name__}: {e}") from e
+            raise CorruptCheckpoint(f"cannot read {where}: {type(e).__name__}: {e}") from e
         check_restored(restored[STATE], abstract_state, where)
-        return restored[STATE], dict(restored[META] or {})
+        meta = dict(restored[META] or {})
+        if FINGERPRINTS in meta:
+            check_fingerprints(restored[STATE], meta.pop(FINGERPRINTS), where)
+        return restored[STATE], meta
+
+    def quarantine(self, step: int) -> Path:
+        """Move a corrupt step aside (renamed, never deleted) so it is neither restored nor rotated into again."""
+        source = self.directory / str(step)
+        target = self.directory / f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            source.rename(target)
+        self._manager.reload()
+        return target
 
     def wait(self) -> None:
         """Block until the last asynchronous save is committed."""
@@ -193,7 +258,7 @@ def _stored_items(manager: ocp.CheckpointManager, step: int, where: str) -> dict
         items = manager.metadata(step).item_metadata
         return {name: value for name, value in items.items()}
     except Exception as e:
-        raise CheckpointError(f"cannot read the metadata of {where}: {type(e).__name__}: {e}") from e
+        raise CorruptCheckpoint(f"cannot read the metadata of {where}: {type(e).__name__}: {e}") from e
 
 
 def read_meta(checkpoint_dir: str | Path, step: int | None = None) -> dict[str, Any]:
@@ -208,9 +273,11 @@ def read_meta(checkpoint_dir: str | Path, step: int | None = None) -> dict[str, 
         try:
             restored = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
         except Exception as e:
-            raise CheckpointError(f"cannot read the meta of checkpoint {directory / str(step)}: "
+            raise CorruptCheckpoint(f"cannot read the meta of checkpoint {directory / str(step)}: "
                                   f"{type(e).__name__}: {e}") from e
-    return dict(restored[META] or {})
+    meta = dict(restored[META] or {})
+    meta.pop(FINGERPRINTS, None)
+    return meta
 
 
 def save_meta(checkpoint_dir: str | Path, step: int, meta: dict[str, Any]) -> Path:
