@@ -19,11 +19,11 @@ def test_error_in_prepare_keeps_the_inflight_checkpoint(tmp_path, monkeypatch):
     trainer = GRPOTrainer(cfg, progress=False)
     prepare, calls = trainer.prepare, []
 
-    def failing_prepare(samples):
+    def failing_prepare(samples, batch):
         calls.append(1)
         if len(calls) == 3:  # the batch of step 3, prepared right after step 2's checkpoint was started
             raise ValueError("undecodable image in sample 7")
-        return prepare(samples)
+        return prepare(samples, batch)
 
     monkeypatch.setattr(trainer, "prepare", failing_prepare)
     with pytest.raises(ValueError, match="sample 7"):

@@ -27,16 +27,8 @@ def epoch_of(steps_done: int, num_samples: int, batch_size: int, drop_remainder:
     return steps_done / batches_per_epoch(num_samples, batch_size, drop_remainder)
 
 
-def make_prompt_dataset(samples: Sequence[Sample], batch_size: int, seed: int, num_epochs: int | None = None,
-                        process_index: int = 0, process_count: int = 1,
-                        drop_remainder: bool = True) -> grain.MapDataset:
-    """This process's batches as a grain `MapDataset` of lists of `Sample`s (`batch_size` is the global batch).
-
-    Each process yields `batch_size // process_count` prompts per step. `drop_remainder=False` keeps every
-    sample (batches then straddle epochs, and the last one may be short); it is single-process only, since a
-    short tail would give processes different numbers of steps.
-    """
-    n = len(samples)
+def _check_stream_args(n: int, batch_size: int, seed: int, process_index: int, process_count: int,
+                       drop_remainder: bool) -> None:
     if batch_size <= 0 or batch_size % process_count:
         raise ValueError(f"batch_size {batch_size} must be a positive multiple of process_count {process_count}")
     if not 0 <= process_index < process_count:
@@ -47,19 +39,51 @@ def make_prompt_dataset(samples: Sequence[Sample], batch_size: int, seed: int, n
         raise ValueError(f"{n} samples cannot fill one batch of {batch_size} prompts")
     if not drop_remainder and (process_count > 1 or n == 0):
         raise ValueError("drop_remainder=False needs a single process and at least one sample")
+
+
+def make_sample_dataset(samples: Sequence[Sample], batch_size: int, seed: int, num_epochs: int | None = None,
+                        process_index: int = 0, process_count: int = 1,
+                        drop_remainder: bool = True) -> grain.MapDataset:
+    """This process's samples one at a time, in the order `make_prompt_dataset` batches them.
+
+    The trainer draws from this stream so that a sample that fails when its images are read can be replaced by the
+    next one: the stream position alone (checkpointed) then decides every batch, and resume stays exact.
+    """
+    _check_stream_args(len(samples), batch_size, seed, process_index, process_count, drop_remainder)
+    n = len(samples)
     ds = grain.MapDataset.source(list(samples)).shuffle(seed=seed)
     if drop_remainder:
         ds = ds[: (n // batch_size) * batch_size]  # slicing after shuffle keeps the per-epoch reshuffle
-    ds = ds.repeat(num_epochs)[process_index::process_count]
+    return ds.repeat(num_epochs)[process_index::process_count]
+
+
+def make_prompt_dataset(samples: Sequence[Sample], batch_size: int, seed: int, num_epochs: int | None = None,
+                        process_index: int = 0, process_count: int = 1,
+                        drop_remainder: bool = True) -> grain.MapDataset:
+    """This process's batches as a grain `MapDataset` of lists of `Sample`s (`batch_size` is the global batch).
+
+    Each process yields `batch_size // process_count` prompts per step. `drop_remainder=False` keeps every
+    sample (batches then straddle epochs, and the last one may be short); it is single-process only, since a
+    short tail would give processes different numbers of steps.
+    """
+    ds = make_sample_dataset(samples, batch_size, seed, num_epochs, process_index, process_count, drop_remainder)
     return ds.batch(batch_size // process_count, drop_remainder=drop_remainder, batch_fn=list)
+
+
+def _iterate(ds: grain.MapDataset) -> grain.DatasetIterator:
+    """Read synchronously (no threads): the elements are in memory and images are still paths."""
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
 def make_prompt_iterator(samples: Sequence[Sample], batch_size: int, seed: int, num_epochs: int | None = None,
                          process_index: int = 0, process_count: int = 1,
                          drop_remainder: bool = True) -> grain.DatasetIterator:
-    """A resumable iterator over `make_prompt_dataset`; `get_state()` / `set_state()` restore it exactly.
+    """A resumable iterator over `make_prompt_dataset`; `get_state()` / `set_state()` restore it exactly."""
+    return _iterate(make_prompt_dataset(samples, batch_size, seed, num_epochs, process_index, process_count,
+                                        drop_remainder))
 
-    Read synchronously (no threads): the elements are in memory and images are still paths.
-    """
-    ds = make_prompt_dataset(samples, batch_size, seed, num_epochs, process_index, process_count, drop_remainder)
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
+def make_sample_iterator(samples: Sequence[Sample], batch_size: int, seed: int,
+                         num_epochs: int | None = None) -> grain.DatasetIterator:
+    """A resumable iterator over `make_sample_dataset` (every process reads the same global stream)."""
+    return _iterate(make_sample_dataset(samples, batch_size, seed, num_epochs))

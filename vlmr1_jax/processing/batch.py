@@ -94,6 +94,33 @@ def build_prompt_batch(
         image_grids=tuple(tuple(tuple(int(x) for x in g) for _, g in imgs) for imgs in images))
 
 
+@dataclasses.dataclass(frozen=True)
+class EncodedPrompt:
+    """One prompt's token ids (one placeholder per image) and its preprocessed images, before batching."""
+
+    ids: list[int]
+    images: list[tuple[np.ndarray, tuple[int, int, int]]]  # (pixel_values, grid_thw) per image
+
+    def length(self, merge_unit: int) -> int:
+        """Tokens once each image placeholder is expanded to its merged patches."""
+        return len(self.ids) - len(self.images) + sum(int(np.prod(g)) // merge_unit for _, g in self.images)
+
+
+def encode_prompt_text(problem: str, num_images: int, tokenizer, task_type: str | None) -> list[int]:
+    """VLM-R1's prompt (images first, templated question, Qwen chat template) as token ids."""
+    from vlmr1_jax.processing.prompts import render_prompt
+
+    return tokenizer.encode(render_prompt(tokenizer, problem, num_images, task_type))
+
+
+def load_prompt_images(image_paths: Sequence[str], *, min_pixels: int,
+                       max_pixels: int) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
+    """Read and preprocess one prompt's images (errors name the file)."""
+    from vlmr1_jax.processing.image import load_image, preprocess_image
+
+    return [preprocess_image(load_image(p), min_pixels=min_pixels, max_pixels=max_pixels) for p in image_paths]
+
+
 def encode_prompts(
     problems: Sequence[str],
     image_paths: Sequence[Sequence[str]],
@@ -105,12 +132,7 @@ def encode_prompts(
     max_pixels: int,
     length: int | None = None,
 ) -> PromptBatch:
-    """VLM-R1 prompts (images first, templated question, Qwen chat template) with their images, loaded lazily here."""
-    from vlmr1_jax.processing.image import load_image, preprocess_image
-    from vlmr1_jax.processing.prompts import render_prompt
-
-    ids, images = [], []
-    for problem, paths in zip(problems, image_paths):
-        ids.append(tokenizer.encode(render_prompt(tokenizer, problem, len(paths), task_type)))
-        images.append([preprocess_image(load_image(p), min_pixels=min_pixels, max_pixels=max_pixels) for p in paths])
+    """VLM-R1 prompts with their images, loaded here, as one batch."""
+    ids = [encode_prompt_text(problem, len(paths), tokenizer, task_type) for problem, paths in zip(problems, image_paths)]
+    images = [load_prompt_images(paths, min_pixels=min_pixels, max_pixels=max_pixels) for paths in image_paths]
     return build_prompt_batch(ids, images, cfg, pad_id=tokenizer.pad_id, length=length)

@@ -1,7 +1,9 @@
 """The run machinery GRPO and SFT share: set-up, resume, the step loop with host/device overlap, logging, saving.
 
-A subclass says how to turn samples into a prepared batch (`prepare`, host work) and how to run one optimizer step
-on it (`dispatch`, returning host metrics and the step's device metrics without waiting for them).
+The base draws each step's samples and encodes their prompts (`draw`: a sample whose images or prompt fail is
+skipped and replaced by the next one with `data.on_error=skip`, or stops the run naming its file and line); a
+subclass says how to turn them into a prepared batch (`prepare`, host work) and how to run one optimizer step on it
+(`dispatch`, returning host metrics and the step's device metrics without waiting for them).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import jax
 from tqdm import tqdm
 
 from vlmr1_jax.config import RunConfig, to_dict
-from vlmr1_jax.data.pipeline import epoch_of, make_prompt_iterator
-from vlmr1_jax.processing.batch import PromptBatch, encode_prompts
+from vlmr1_jax.data.jsonl import DataError, Sample
+from vlmr1_jax.data.pipeline import epoch_of, make_sample_iterator
+from vlmr1_jax.processing.batch import (EncodedPrompt, PromptBatch, build_prompt_batch, encode_prompt_text,
+                                         load_prompt_images)
 from vlmr1_jax.rl.step import current_model, init_train_state, make_optimizer
 from vlmr1_jax.train.checkpoint import Checkpointer, CorruptCheckpoint, abstract_like, read_meta
 from vlmr1_jax.train.identity import check_resume
@@ -62,8 +66,9 @@ class Trainer:
         self.graphdef, state = init_train_state(model, cfg.train.trainable, self.optimizer, with_reference,
                                                 frozen_dtype_of(cfg.model))
         self.state = on_mesh(state, self.mesh)
-        self.data = make_prompt_iterator(self.samples, cfg.data.prompts_per_step, cfg.data.seed,
+        self.data = make_sample_iterator(self.samples, cfg.data.prompts_per_step, cfg.data.seed,
                                          num_epochs=cfg.data.num_epochs)
+        self.skipped_samples = 0
         self.metrics = MetricsWriter(self.out, process_index=jax.process_index())
         self.step = 0
         self.nonfinite_streak = 0
@@ -88,13 +93,14 @@ class Trainer:
                     meta = read_meta(directory, step)
                     check_resume(meta.get("run_config", {}), to_dict(self.cfg), self.kind, meta.get("kind", "?"),
                                  str(directory))
-                self.state, _ = self.checkpoints.restore(abstract_like(self.state), self.data, step=step)
+                self.state, meta = self.checkpoints.restore(abstract_like(self.state), self.data, step=step)
             except CorruptCheckpoint as e:
                 moved = self.checkpoints.quarantine(step)
                 corrupt.append((step, str(moved)))
                 log.warning("%s; moved it to %s", e, moved)
                 continue
             self.step = int(self.state.step) // self.updates_per_step
+            self.skipped_samples = int(meta.get("skipped_samples", 0))
             if corrupt:
                 log.warning("checkpoint step %s is corrupt; resuming from step %d instead (the steps after it run "
                             "again)", ", ".join(str(s) for s, _ in corrupt), self.step)
@@ -104,15 +110,58 @@ class Trainer:
                                 f"{', '.join(path for _, path in corrupt)}); start a new run with "
                                 f"train.output_dir=NEW_FOLDER")
 
-    def encode(self, samples) -> PromptBatch:
-        """VLM-R1 prompts for `samples`, images loaded and laid out for the tower."""
+    def encode_one(self, sample: Sample) -> EncodedPrompt:
+        """One sample's VLM-R1 prompt and images; a failure is a `DataError` naming its file, line and field."""
         data = self.cfg.data
-        return encode_prompts([s.problem for s in samples], [s.image_paths for s in samples], self.tokenizer,
-                              self.model_cfg, task_type=data.task_type, min_pixels=data.min_pixels,
-                              max_pixels=data.max_pixels, length=data.max_prompt_length)
+        try:
+            ids = encode_prompt_text(sample.problem, len(sample.image_paths), self.tokenizer, data.task_type)
+        except (ValueError, OSError) as e:
+            raise DataError("prompt", sample.source, sample.line, "problem", str(e)) from e
+        try:
+            images = load_prompt_images(sample.image_paths, min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+        except (ValueError, OSError) as e:
+            raise DataError("image", sample.source, sample.line, "image", str(e)) from e
+        encoded = EncodedPrompt(ids, images)
+        length = encoded.length(self.model_cfg.vision.merge_unit)
+        if data.max_prompt_length is not None and length > data.max_prompt_length:
+            raise DataError("too_long", sample.source, sample.line, "problem",
+                            f"the prompt is {length} tokens with its image tokens, over "
+                            f"data.max_prompt_length={data.max_prompt_length}")
+        return encoded
 
-    def prepare(self, samples) -> Any:
+    def draw(self) -> tuple[list[Sample], PromptBatch] | None:
+        """The next `data.prompts_per_step` samples whose prompts encode, and their batch; None when the data has
+        run out. With `data.on_error=skip` a failing sample is logged, counted and replaced by the next one in the
+        stream (whose position is checkpointed, so resume stays exact); else its `DataError` stops the run."""
+        samples, encoded = [], []
+        while len(samples) < self.cfg.data.prompts_per_step:
+            try:
+                sample = next(self.data)
+            except StopIteration:
+                log.warning("the data ran out after %d skipped samples; stopping at step %d", self.skipped_samples,
+                            self.step)
+                return None
+            try:
+                encoded.append(self.encode_one(sample))
+            except DataError as e:
+                if self.cfg.data.on_error != "skip":
+                    raise
+                self.skipped_samples += 1
+                log.warning("skipped %s (data.on_error=skip; %d so far)", e, self.skipped_samples)
+                continue
+            samples.append(sample)
+        batch = build_prompt_batch([e.ids for e in encoded], [e.images for e in encoded], self.model_cfg,
+                                   pad_id=self.tokenizer.pad_id, length=self.cfg.data.max_prompt_length)
+        return samples, batch
+
+    def prepare(self, samples: list[Sample], batch: PromptBatch) -> Any:
+        """Host work for the next step from its samples and encoded prompts (e.g. the transfer to the devices)."""
         raise NotImplementedError
+
+    def _prepare_next(self) -> tuple[Any, int] | None:
+        """The next prepared step and the count of samples skipped up to it (None when the data has run out)."""
+        drawn = self.draw()
+        return None if drawn is None else (self.prepare(*drawn), self.skipped_samples)
 
     def dispatch(self, prepared) -> tuple[dict[str, float], dict[str, jax.Array]]:
         """Run one optimizer step on `prepared`: (host metrics, device metrics still in flight)."""
@@ -161,20 +210,21 @@ class Trainer:
         last: dict[str, float] = {}
         bar = tqdm(total=self.max_steps, initial=self.step, desc=self.kind, disable=not self.progress,
                    dynamic_ncols=True)
-        prepared = self.prepare(next(self.data)) if self.step < self.max_steps else None
-        while self.step < self.max_steps:
+        upcoming = self._prepare_next() if self.step < self.max_steps else None
+        while upcoming is not None:
             start = time.perf_counter()
+            prepared, skipped = upcoming
             metrics, pending = self.dispatch(prepared)
             self.step += 1
             # Save before the iterator moves on, then prepare the next batch while the devices train.
             self.checkpoints.save(self.step, self.state, self.data, meta=self.meta())
-            if self.step < self.max_steps:
-                prepared = self.prepare(next(self.data))
+            upcoming = self._prepare_next() if self.step < self.max_steps else None
             metrics.update({k: float(v) for k, v in jax.device_get(pending).items()})
             self._check_finite(metrics)
             metrics["time/step"] = time.perf_counter() - start
             self.finish_metrics(metrics)
             metrics["epoch"] = epoch_of(self.step, len(self.samples), cfg.data.prompts_per_step)
+            metrics["data/skipped"] = float(skipped)
             window.append(metrics)
             if self.step % cfg.train.log_every == 0 or self.step == self.max_steps:
                 last = mean_metrics(window)
@@ -219,7 +269,7 @@ class Trainer:
 
     def meta(self) -> dict[str, Any]:
         return {"run_config": to_dict(self.cfg), "model_config": dataclasses.asdict(self.model_cfg),
-                "step": self.step, "kind": self.kind}
+                "step": self.step, "kind": self.kind, "skipped_samples": self.skipped_samples}
 
     def model(self):
         return current_model(self.graphdef, self.state)

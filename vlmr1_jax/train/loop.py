@@ -66,9 +66,8 @@ class GRPOTrainer(Trainer):
         # Every process holds the same global rollouts: one copy, from process 0.
         self.rollouts = RolloutLog(self.out) if cfg.train.rollout_log and jax.process_index() == 0 else None
 
-    def prepare(self, samples) -> tuple[list, PromptBatch, dict[str, jax.Array]]:
-        """Host work for the next prompts (images, tokens, vision plan) and their transfer to the devices."""
-        batch = self.encode(samples)
+    def prepare(self, samples, batch: PromptBatch) -> tuple[list, PromptBatch, dict[str, jax.Array]]:
+        """The next prompts and their transfer to the devices."""
         return samples, batch, to_device(batch, self.mesh)
 
     def rollout(self, prepared) -> tuple[dict[str, Any], dict[str, float]]:

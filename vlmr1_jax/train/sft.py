@@ -14,6 +14,7 @@ import numpy as np
 
 from vlmr1_jax.config import RunConfig
 from vlmr1_jax.data.jsonl import Sample
+from vlmr1_jax.processing.batch import PromptBatch
 from vlmr1_jax.rl.step import make_sft_step
 from vlmr1_jax.train.base import Trainer
 from vlmr1_jax.train.setup import to_device
@@ -51,11 +52,11 @@ class SFTTrainer(Trainer):
         self.step_fn = make_sft_step(self.graphdef, self.optimizer, self.schedule, cfg.optim.grad_accum,
                                      seed=cfg.train.seed)
 
-    def prepare(self, samples: Sequence[Sample]) -> dict[str, Any]:
+    def prepare(self, samples: Sequence[Sample], batch: PromptBatch) -> dict[str, Any]:
         sft = self.cfg.sft
         tokens, mask = target_ids(samples, self.tokenizer, sft.target_template, sft.max_target_length)
         arrays = to_device({"tokens": tokens, "mask": mask}, self.mesh, {"tokens": 0, "mask": 0})
-        return {"prompts": to_device(self.encode(samples), self.mesh), **arrays}
+        return {"prompts": to_device(batch, self.mesh), **arrays}
 
     def dispatch(self, prepared: dict[str, Any]) -> tuple[dict[str, float], dict[str, jax.Array]]:
         self.state, metrics = self.step_fn(self.state, prepared)  # dispatched asynchronously
