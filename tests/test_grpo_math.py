@@ -1,4 +1,4 @@
-"""GRPO math (vlmr1_jax.rl.grpo) against independent references.
+"""GRPO math (vlmr1_jax.rl.grpo) against independent references: each `grpo.loss` preset, advantages, masks.
 
 References: numpy float64 written from VLM-R1's loss (docs/facts.md: Loss; DAPO / Dr.GRPO / GSPO formulas), a torch
 autograd copy of VLM-R1's compute_loss for the gradient, torch log_softmax+gather, and hand-written mask tables.
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlmr1_jax.rl.grpo import completion_mask, get_loss, group_advantages, register_loss, token_logprobs
+from vlmr1_jax.rl.grpo import OBJECTIVES, PRESETS, completion_mask, group_advantages, make_loss, token_logprobs
 
 LOSSES = ("grpo", "dapo", "dr_grpo", "gspo")
 B, T = 8, 12
@@ -90,6 +90,11 @@ def torch_vlmr1_compute_loss(per_token_logps, old, ref, advantages, completion_m
 
 
 # ---------------------------------------------------------------- losses
+
+
+def get_loss(preset: str):
+    """The loss a `grpo.loss` preset trains with."""
+    return make_loss(PRESETS[preset].objective, PRESETS[preset].aggregation)
 
 
 def _f32(x):
@@ -185,10 +190,10 @@ def test_loss_errors():
         get_loss("grpo")(*args, beta=0.04)
     with pytest.raises(ValueError, match="advantages"):
         get_loss("grpo")(_f32(x["logp"]), None, None, _f32(x["adv"][:3]), _f32(x["mask"]), beta=0.0)
-    with pytest.raises(ValueError, match="unknown loss 'ppo'.*grpo"):
-        get_loss("ppo")
+    with pytest.raises(ValueError, match="unknown objective 'ppo'.*ppo_clip"):
+        make_loss("ppo")
     with pytest.raises(ValueError, match="already registered"):
-        register_loss("grpo")(lambda *a, **k: None)
+        OBJECTIVES.register("gspo")(lambda *a, **k: None)
 
 
 # ---------------------------------------------------------------- advantages
@@ -198,7 +203,7 @@ def test_loss_errors():
 @pytest.mark.parametrize("scale", [True, False])
 def test_group_advantages_matches_numpy(g, scale):
     rewards = np.random.default_rng(g).uniform(0, 2, size=12)
-    adv, std = group_advantages(jnp.asarray(rewards), g, scale_rewards=scale)
+    adv, std = group_advantages(jnp.asarray(rewards), g, "grpo" if scale else "dr_grpo")
     want_adv, want_std = np_group_advantages(rewards, g, scale)
     np.testing.assert_allclose(np.asarray(adv), want_adv, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(std), want_std, rtol=1e-5, atol=1e-7)

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import yaml
 
 from vlmr1_jax.parallel.mesh import MeshConfig
+from vlmr1_jax.rl.grpo import ADVANTAGE_ESTIMATORS, AGGREGATIONS, OBJECTIVES, PRESETS, Algorithm
 from vlmr1_jax.rl.sampler import SamplingConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -66,10 +67,23 @@ class GRPOConfig:
     beta: float = 0.04
     epsilon: float = 0.2
     epsilon_high: float | None = None
-    loss: str = "grpo"  # grpo | dapo | dr_grpo | gspo
+    loss: str = "grpo"  # a preset of the three parts below: grpo | dapo | dr_grpo | gspo (docs/grpo.md)
+    # Each overrides the preset's part when set: a registered name or a user 'package.module:function'.
+    advantage_estimator: str | None = None  # grpo | dr_grpo | rloo
+    objective: str | None = None  # ppo_clip | gspo
+    aggregation: str | None = None  # seq_mean_token_mean | token_mean | token_sum_norm
     num_iterations: int = 1
+    # VLM-R1's flag, kept for old recipes: false selects the dr_grpo estimator (r - mean, no std scaling), so it
+    # cannot be combined with another advantage_estimator.
     scale_rewards: bool = True
     reward_funcs: tuple[str, ...] = ("accuracy", "format")
+
+    def algorithm(self) -> Algorithm:
+        """The preset `loss` with the explicitly set parts (and `scale_rewards=false`) applied."""
+        preset = PRESETS[self.loss]
+        unscaled = None if self.scale_rewards else "dr_grpo"
+        return Algorithm(self.advantage_estimator or unscaled or preset.advantage_estimator,
+                         self.objective or preset.objective, self.aggregation or preset.aggregation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +221,23 @@ def _positive(value: float) -> bool:
     return value > 0 and math.isfinite(value)
 
 
+def _check_grpo_algorithm(g: GRPOConfig) -> None:
+    """The loss preset and each part named (user paths are imported now, so a typo fails before any compile)."""
+    _check(g.loss in PRESETS, "grpo.loss", g.loss, f"one of {sorted(PRESETS)}")
+    _check(g.scale_rewards or g.advantage_estimator in (None, "dr_grpo"), "grpo.scale_rewards", g.scale_rewards,
+           f"true with grpo.advantage_estimator={g.advantage_estimator!r} (false means the dr_grpo estimator)")
+    for field, registry in (("advantage_estimator", ADVANTAGE_ESTIMATORS), ("objective", OBJECTIVES),
+                            ("aggregation", AGGREGATIONS)):
+        name = getattr(g, field)
+        if name is None:
+            continue
+        try:
+            registry.get(name)
+        except ValueError as err:
+            raise ValueError(f"grpo.{field}={name!r}: expected one of {registry.names()} or a user function "
+                             f"'package.module:function' ({err})") from None
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Range and choice checks of every field whose nonsense value would otherwise fail deep inside a run (or train
     silently); the error names the field. Returns `cfg` with `model.overrides` flattened."""
@@ -238,6 +269,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(_positive(g.epsilon), "grpo.epsilon", g.epsilon, "> 0")
     _check(g.epsilon_high is None or _positive(g.epsilon_high), "grpo.epsilon_high", g.epsilon_high, "null or > 0")
     _check(len(g.reward_funcs) >= 1, "grpo.reward_funcs", g.reward_funcs, "at least one reward")
+    _check_grpo_algorithm(g)
     _check(o.learning_rate >= 0 and math.isfinite(o.learning_rate), "optim.learning_rate", o.learning_rate,
            "a finite value >= 0")
     _check(o.schedule in ("linear", "constant"), "optim.schedule", o.schedule, "linear or constant")

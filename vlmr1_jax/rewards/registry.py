@@ -7,10 +7,11 @@ image_grid_thw, problem, id, ...). Options (e.g. `vlmr1_compat`, `tokenizer`) ar
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
+
+from vlmr1_jax.user_code import import_function
 
 RewardFn = Callable[..., list[float]]
 
@@ -29,22 +30,6 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     return decorate
 
 
-def _import_reward(path: str) -> RewardFn:
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"reward {path!r}: a user reward is written 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"reward {path!r}: cannot import module {module_name!r} ({err})") from err
-    fn = getattr(module, attr, None)
-    if fn is None:
-        raise ValueError(f"reward {path!r}: module {module_name!r} has no attribute {attr!r}")
-    if not callable(fn):
-        raise ValueError(f"reward {path!r}: {attr!r} is a {type(fn).__name__}, not a function")
-    return fn
-
-
 def get_reward(name: str, **options: Any) -> RewardFn:
     """The reward registered as `name`, or `package.module:function` imported; `options` bound as keywords.
 
@@ -52,7 +37,7 @@ def get_reward(name: str, **options: Any) -> RewardFn:
     function keeps the original `__name__`, which is what training logs as `rewards/<__name__>`.
     """
     if ":" in name:
-        fn = _import_reward(name)
+        fn = import_function(name, "reward")
     elif name in REWARDS:
         fn = REWARDS[name]
     else:

@@ -1,29 +1,99 @@
-"""GRPO-family math as pure JAX functions: group advantages, completion masks, token log-probs, registered losses.
+"""GRPO-family math as pure JAX functions: group advantages, completion masks, token log-probs, and the loss.
 
-Everything is a pure function of arrays and safe under `jax.jit`; loss options (epsilon, beta, ...) are static Python
-values. Semantics follow VLM-R1's `VLMGRPOTrainer` (docs/facts.md: Loss).
+A GRPO variant is three independent choices, each a registry of functions: the advantage estimator (rewards of a
+group -> advantages), the token objective (log-probs and advantages -> per-token loss) and the aggregation (per-token
+loss -> one scalar); `PRESETS` names the usual combinations (docs/grpo.md). Any part may also be a user function
+given as 'package.module:function'. Everything is safe under `jax.jit`; options (epsilon, beta, ...) are static
+Python values. Semantics follow VLM-R1's `VLMGRPOTrainer` (docs/facts.md: Loss).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
 
+from vlmr1_jax.user_code import import_function
+
 Array = jax.Array
 Metrics = dict[str, Array]
+F = TypeVar("F", bound=Callable)
 
 
-def group_advantages(
-    rewards: Array, group_size: int, scale_rewards: bool = True, eps: float = 1e-4
-) -> tuple[Array, Array]:
-    """Advantages for groups of `group_size` consecutive rows, and each group's unbiased std (for `reward_std`).
+class Registry(Generic[F]):
+    """Functions of one kind by name; `get` also accepts a user function as 'package.module:function'."""
 
-    VLM-R1: `(r - mean_g) / (std_g + eps)` with torch.std's N-1 std; `scale_rewards=False` gives Dr.GRPO's
-    `r - mean_g`. Returns `(advantages [B], group_std [B // group_size])`, both float32.
-    """
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._fns: dict[str, F] = {}
+
+    def register(self, name: str) -> Callable[[F], F]:
+        """Decorator adding `fn` under `name` (a second function with the same name is an error)."""
+
+        def add(fn: F) -> F:
+            if name in self._fns and self._fns[name] is not fn:
+                raise ValueError(f"{self.kind} {name!r} is already registered (to {self._fns[name].__qualname__})")
+            self._fns[name] = fn
+            return fn
+
+        return add
+
+    def names(self) -> list[str]:
+        return sorted(self._fns)
+
+    def get(self, name: str) -> F:
+        """The function registered as `name`, or imported from 'package.module:function'."""
+        if ":" in name:
+            return import_function(name, self.kind)
+        if name not in self._fns:
+            raise ValueError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}, "
+                             f"or a user function as 'package.module:function'")
+        return self._fns[name]
+
+
+# ---------------------------------------------------------------- advantage estimators
+
+
+class AdvantageFn(Protocol):
+    """float32 rewards [N, G] (N groups of G samples of one prompt) -> advantages [N, G]."""
+
+    def __call__(self, rewards: Array) -> Array: ...
+
+
+ADVANTAGE_ESTIMATORS: Registry[AdvantageFn] = Registry("advantage estimator")
+
+
+def _centred(grouped: Array) -> Array:
+    """`r - mean_g(r)`, centred on each group's first reward before averaging, so an all-equal group gives exactly 0."""
+    shifted = grouped - grouped[:, :1]
+    return shifted - shifted.mean(axis=1, keepdims=True)
+
+
+@ADVANTAGE_ESTIMATORS.register("grpo")
+def grpo_advantages(rewards: Array) -> Array:
+    """VLM-R1 / GRPO: `(r - mean_g) / (std_g + 1e-4)` with the unbiased (N-1) std, as torch.std."""
+    return _centred(rewards) / (jnp.std(rewards - rewards[:, :1], axis=1, ddof=1, keepdims=True) + 1e-4)
+
+
+@ADVANTAGE_ESTIMATORS.register("dr_grpo")
+def dr_grpo_advantages(rewards: Array) -> Array:
+    """Dr.GRPO: `r - mean_g`, no std scaling (a group's reward spread is not divided away)."""
+    return _centred(rewards)
+
+
+@ADVANTAGE_ESTIMATORS.register("rloo")
+def rloo_advantages(rewards: Array) -> Array:
+    """RLOO: `r_i - mean_{j != i} r_j` (leave-one-out baseline), which is `G / (G - 1) * (r_i - mean_g)`."""
+    size = rewards.shape[1]
+    return _centred(rewards) * (size / (size - 1))
+
+
+def group_advantages(rewards: Array, group_size: int, estimator: str = "grpo") -> tuple[Array, Array]:
+    """Advantages for groups of `group_size` consecutive rows by `estimator` (a registered name or a user path),
+    and each group's unbiased reward std (for `reward_std`). Returns `(advantages [B], group_std [B // group_size])`,
+    both float32."""
     rewards = jnp.asarray(rewards, jnp.float32)
     if rewards.ndim != 1:
         raise ValueError(f"group_advantages: rewards must be 1-D [B], got shape {rewards.shape}")
@@ -32,12 +102,14 @@ def group_advantages(
     if rewards.shape[0] % group_size:
         raise ValueError(f"group_advantages: batch {rewards.shape[0]} is not a multiple of group_size {group_size}")
     grouped = rewards.reshape(-1, group_size)
-    # Centre on each group's first reward before averaging, so an all-equal group gives exactly 0 (no rounding).
-    shifted = grouped - grouped[:, :1]
-    centred = shifted - shifted.mean(axis=1, keepdims=True)
-    std = jnp.std(shifted, axis=1, ddof=1)
-    advantages = centred / (std[:, None] + eps) if scale_rewards else centred
-    return advantages.reshape(-1), std
+    advantages = jnp.asarray(ADVANTAGE_ESTIMATORS.get(estimator)(grouped), jnp.float32)
+    if advantages.shape != grouped.shape:
+        raise ValueError(f"advantage estimator {estimator!r} returned shape {advantages.shape} for rewards "
+                         f"{grouped.shape}; it must keep the [groups, group_size] shape")
+    return advantages.reshape(-1), jnp.std(grouped - grouped[:, :1], axis=1, ddof=1)
+
+
+# ---------------------------------------------------------------- completion masks and token log-probs
 
 
 def completion_mask(completion_ids: Array, eos_ids: int | Sequence[int]) -> Array:
@@ -65,44 +137,21 @@ def token_logprobs(logits: Array, targets: Array) -> Array:
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-class LossFn(Protocol):
-    """The one signature every registered loss has; see `grpo_loss` for the meaning of each argument."""
-
-    def __call__(
-        self,
-        logp: Array,
-        old_logp: Array | None,
-        ref_logp: Array | None,
-        advantages: Array,
-        mask: Array,
-        *,
-        epsilon: float = 0.2,
-        epsilon_high: float | None = None,
-        beta: float = 0.04,
-        max_completion_length: int | None = None,
-    ) -> tuple[Array, Metrics]: ...
+# ---------------------------------------------------------------- token objectives
 
 
-_LOSSES: dict[str, LossFn] = {}
+class ObjectiveFn(Protocol):
+    """`(logp, old_logp, advantages, mask, *, epsilon, epsilon_high) -> (per-token loss [B, T], metrics)`.
+
+    logp/old_logp: [B, T] float32 (old_logp is never None here); advantages [B]; mask [B, T] float 0/1. Metrics are
+    scalars averaged over valid tokens (may be empty). Masked positions may hold anything: aggregation drops them.
+    """
+
+    def __call__(self, logp: Array, old_logp: Array, advantages: Array, mask: Array, *, epsilon: float,
+                 epsilon_high: float) -> tuple[Array, Metrics]: ...
 
 
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
-    """Decorator adding a loss to the registry under `name` (a second loss with the same name is an error)."""
-
-    def add(fn: LossFn) -> LossFn:
-        if name in _LOSSES:
-            raise ValueError(f"register_loss: a loss named {name!r} is already registered")
-        _LOSSES[name] = fn
-        return fn
-
-    return add
-
-
-def get_loss(name: str) -> LossFn:
-    """The registered loss called `name`; unknown names raise with the list of known ones."""
-    if name not in _LOSSES:
-        raise ValueError(f"unknown loss {name!r}; registered losses: {sorted(_LOSSES)}")
-    return _LOSSES[name]
+OBJECTIVES: Registry[ObjectiveFn] = Registry("objective")
 
 
 def _seq_mean(x: Array, mask: Array) -> Array:
@@ -110,144 +159,137 @@ def _seq_mean(x: Array, mask: Array) -> Array:
     return jnp.sum(x * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 
-def _token_loss(
-    logp: Array,
-    old_logp: Array | None,
-    ref_logp: Array | None,
-    advantages: Array,
-    mask: Array,
-    epsilon: float,
-    epsilon_high: float | None,
-    beta: float,
-    sequence_ratio: bool = False,
-) -> tuple[Array, Array, Metrics]:
-    """Per-token `-min(ratio*A, clip(ratio, 1-eps, 1+eps_high)*A) + beta*k3`, the float mask, and masked metrics.
+def _clipped_surrogate(log_ratio: Array, advantages: Array, mask: Array, epsilon: float,
+                       epsilon_high: float) -> tuple[Array, Metrics]:
+    """`-min(ratio*A, clip(ratio, 1-eps, 1+eps_high)*A)` per token and its metrics, for any ratio [B, T].
 
-    `old = stop_gradient(logp)` when `old_logp` is None (num_iterations == 1). `sequence_ratio` uses one ratio per
-    sequence, `exp(masked mean_t(logp - old))` (GSPO). `clip_ratio` is VLM-R1's count of tokens with
-    `ratio*A < clipped*A` (ratio out of range on the side where the min keeps the unclipped term);
-    `clip_active_ratio` counts the tokens whose gradient the clip removes (`clipped*A < ratio*A`).
+    `clip_ratio` is VLM-R1's count of tokens with `ratio*A < clipped*A` (ratio out of range on the side where the min
+    keeps the unclipped term); `clip_active_ratio` counts the tokens whose gradient the clip removes.
     """
-    if logp.ndim != 2 or mask.shape != logp.shape or advantages.shape != logp.shape[:1]:
-        raise ValueError(
-            f"loss: need logp [B, T], mask [B, T], advantages [B]; got {logp.shape}, {mask.shape}, {advantages.shape}"
-        )
-    mask = mask.astype(logp.dtype)
-    log_ratio = logp - (jax.lax.stop_gradient(logp) if old_logp is None else old_logp)
-    if sequence_ratio:
-        log_ratio = jnp.broadcast_to(_seq_mean(log_ratio, mask)[:, None], logp.shape)
-    eps_high = epsilon if epsilon_high is None else epsilon_high
     ratio = jnp.exp(log_ratio)
-    clipped = jnp.clip(ratio, 1.0 - epsilon, 1.0 + eps_high)
+    clipped = jnp.clip(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
     adv = advantages[:, None]
     objective, clipped_objective = ratio * adv, clipped * adv
-    per_token = -jnp.minimum(objective, clipped_objective)
     n_tokens = jnp.maximum(jnp.sum(mask), 1.0)
     metrics = {
         "clip_ratio": jnp.sum((objective < clipped_objective) * mask) / n_tokens,
         "clip_active_ratio": jnp.sum((clipped_objective < objective) * mask) / n_tokens,
         "ratio_mean": jnp.sum(ratio * mask) / n_tokens,
     }
-    if beta != 0.0:
-        if ref_logp is None:
-            raise ValueError(f"loss: beta={beta} needs ref_logp (pass beta=0 to train without a reference model)")
-        delta = ref_logp - logp
-        kl = jnp.exp(delta) - delta - 1.0  # k3 estimator of KL(policy || reference)
-        per_token = per_token + beta * kl
-        metrics["kl"] = jnp.mean(_seq_mean(kl, mask))
-    return per_token, mask, jax.tree.map(jax.lax.stop_gradient, metrics)
+    return -jnp.minimum(objective, clipped_objective), metrics
 
 
-@register_loss("grpo")
-def grpo_loss(
-    logp: Array,
-    old_logp: Array | None,
-    ref_logp: Array | None,
-    advantages: Array,
-    mask: Array,
-    *,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    beta: float = 0.04,
-    max_completion_length: int | None = None,
-) -> tuple[Array, Metrics]:
-    """VLM-R1's compute_loss: clipped per-token ratio loss + beta*k3, masked mean per sequence, then batch mean.
+@OBJECTIVES.register("ppo_clip")
+def ppo_clip(logp: Array, old_logp: Array, advantages: Array, mask: Array, *, epsilon: float,
+             epsilon_high: float) -> tuple[Array, Metrics]:
+    """GRPO / PPO: per-token ratio `exp(logp - old_logp)`, clipped to [1 - epsilon, 1 + epsilon_high]."""
+    return _clipped_surrogate(logp - old_logp, advantages, mask, epsilon, epsilon_high)
 
-    logp/old_logp/ref_logp: [B, T] float32 token log-probs of the policy, the rollout policy and the reference.
-    Pass `old_logp=None` when num_iterations == 1: it then is `stop_gradient(logp)` (ratio 1, gradient -A).
+
+@OBJECTIVES.register("gspo")
+def gspo(logp: Array, old_logp: Array, advantages: Array, mask: Array, *, epsilon: float,
+         epsilon_high: float) -> tuple[Array, Metrics]:
+    """GSPO (the sequence objective, not GSPO-token): one ratio per sequence, `s_i = exp(masked mean_t(logp - old))`,
+    clipped as in `ppo_clip`, on every token of the sequence. The paper uses a far smaller epsilon (3e-4 / 4e-4)
+    than token-level GRPO; metrics are token-weighted."""
+    log_ratio = jnp.broadcast_to(_seq_mean(logp - old_logp, mask)[:, None], logp.shape)
+    return _clipped_surrogate(log_ratio, advantages, mask, epsilon, epsilon_high)
+
+
+# ---------------------------------------------------------------- aggregations
+
+
+class AggregationFn(Protocol):
+    """`(per_token [B, T], mask [B, T] float 0/1, max_completion_length) -> scalar loss`."""
+
+    def __call__(self, per_token: Array, mask: Array, max_completion_length: int) -> Array: ...
+
+
+AGGREGATIONS: Registry[AggregationFn] = Registry("aggregation")
+
+
+@AGGREGATIONS.register("seq_mean_token_mean")
+def seq_mean_token_mean(per_token: Array, mask: Array, max_completion_length: int) -> Array:
+    """VLM-R1 / GRPO: masked mean over each sequence's tokens, then the mean over sequences."""
+    return jnp.mean(_seq_mean(per_token, mask))
+
+
+@AGGREGATIONS.register("token_mean")
+def token_mean(per_token: Array, mask: Array, max_completion_length: int) -> Array:
+    """DAPO: mean over all valid tokens of the batch (long completions weigh more than under seq_mean_token_mean)."""
+    return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+@AGGREGATIONS.register("token_sum_norm")
+def token_sum_norm(per_token: Array, mask: Array, max_completion_length: int) -> Array:
+    """Dr.GRPO: sum over valid tokens / (B * max_completion_length), a constant that does not depend on lengths."""
+    return jnp.sum(per_token * mask) / (per_token.shape[0] * max_completion_length)
+
+
+# ---------------------------------------------------------------- presets and the loss
+
+
+class Algorithm(NamedTuple):
+    """The three choices that make a GRPO variant (registered names or 'package.module:function' paths)."""
+
+    advantage_estimator: str
+    objective: str
+    aggregation: str
+
+
+# `grpo.loss` names. They keep the results of the losses they replace: `dr_grpo` changes the aggregation only, as
+# VLM-R1's loss_type does; the full Dr.GRPO recipe adds `advantage_estimator=dr_grpo`.
+PRESETS: dict[str, Algorithm] = {
+    "grpo": Algorithm("grpo", "ppo_clip", "seq_mean_token_mean"),
+    "dapo": Algorithm("grpo", "ppo_clip", "token_mean"),
+    "dr_grpo": Algorithm("grpo", "ppo_clip", "token_sum_norm"),
+    "gspo": Algorithm("grpo", "gspo", "seq_mean_token_mean"),
+}
+
+
+class LossFn(Protocol):
+    """The loss `make_loss` builds; see there for the arguments."""
+
+    def __call__(self, logp: Array, old_logp: Array | None, ref_logp: Array | None, advantages: Array, mask: Array,
+                 *, epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.04,
+                 max_completion_length: int | None = None) -> tuple[Array, Metrics]: ...
+
+
+def make_loss(objective: str = "ppo_clip", aggregation: str = "seq_mean_token_mean") -> LossFn:
+    """The loss `aggregation(objective per token + beta * k3 KL to the reference)`; parts by name or user path.
+
+    The loss takes logp/old_logp/ref_logp: [B, T] float32 token log-probs of the policy, the rollout policy and the
+    reference; `old_logp=None` when num_iterations == 1 means `stop_gradient(logp)` (ratio 1, gradient -A).
     `ref_logp` may be None when `beta == 0` (no KL term, no `kl` metric). advantages: [B]; mask: [B, T] (0/1).
-    `epsilon_high=None` means a symmetric clip. `max_completion_length` is used by `dr_grpo` only.
+    `epsilon_high=None` is a symmetric clip; `max_completion_length` (default T) is the aggregation's constant.
     Returns `(loss, metrics)`; dividing by gradient-accumulation steps is the caller's job.
     """
-    per_token, mask, metrics = _token_loss(logp, old_logp, ref_logp, advantages, mask, epsilon, epsilon_high, beta)
-    return jnp.mean(_seq_mean(per_token, mask)), metrics
+    objective_fn, aggregate = OBJECTIVES.get(objective), AGGREGATIONS.get(aggregation)
 
+    def loss(logp: Array, old_logp: Array | None, ref_logp: Array | None, advantages: Array, mask: Array, *,
+             epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.04,
+             max_completion_length: int | None = None) -> tuple[Array, Metrics]:
+        if logp.ndim != 2 or mask.shape != logp.shape or advantages.shape != logp.shape[:1]:
+            raise ValueError(f"loss: need logp [B, T], mask [B, T], advantages [B]; got {logp.shape}, {mask.shape}, "
+                             f"{advantages.shape}")
+        if beta != 0.0 and ref_logp is None:
+            raise ValueError(f"loss: beta={beta} needs ref_logp (pass beta=0 to train without a reference model)")
+        mask = mask.astype(logp.dtype)
+        old = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
+        per_token, metrics = objective_fn(logp, old, advantages, mask, epsilon=epsilon,
+                                          epsilon_high=epsilon if epsilon_high is None else epsilon_high)
+        if per_token.shape != logp.shape:
+            raise ValueError(f"objective {objective!r} returned a per-token loss of shape {per_token.shape}, "
+                             f"expected {logp.shape}")
+        metrics = dict(metrics)
+        if beta != 0.0:
+            delta = ref_logp - logp
+            kl = jnp.exp(delta) - delta - 1.0  # k3 estimator of KL(policy || reference)
+            per_token = per_token + beta * kl
+            metrics["kl"] = jnp.mean(_seq_mean(kl, mask))
+        total = aggregate(per_token, mask, logp.shape[1] if max_completion_length is None else max_completion_length)
+        if jnp.shape(total) != ():
+            raise ValueError(f"aggregation {aggregation!r} returned shape {jnp.shape(total)}, expected a scalar")
+        return total, jax.tree.map(jax.lax.stop_gradient, metrics)
 
-@register_loss("dapo")
-def dapo_loss(
-    logp: Array,
-    old_logp: Array | None,
-    ref_logp: Array | None,
-    advantages: Array,
-    mask: Array,
-    *,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    beta: float = 0.04,
-    max_completion_length: int | None = None,
-) -> tuple[Array, Metrics]:
-    """DAPO token-level loss: the `grpo` per-token loss averaged over all valid tokens of the batch.
-
-    Long completions weigh more than under `grpo`. Arguments as in `grpo_loss`.
-    """
-    per_token, mask, metrics = _token_loss(logp, old_logp, ref_logp, advantages, mask, epsilon, epsilon_high, beta)
-    return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0), metrics
-
-
-@register_loss("dr_grpo")
-def dr_grpo_loss(
-    logp: Array,
-    old_logp: Array | None,
-    ref_logp: Array | None,
-    advantages: Array,
-    mask: Array,
-    *,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    beta: float = 0.04,
-    max_completion_length: int | None = None,
-) -> tuple[Array, Metrics]:
-    """Dr.GRPO: sum of the masked per-token loss over the batch / (B * max_completion_length), a constant.
-
-    `max_completion_length` defaults to T (the padded completion length). Pair with
-    `group_advantages(scale_rewards=False)` for the full Dr.GRPO recipe. Other arguments as in `grpo_loss`.
-    """
-    per_token, mask, metrics = _token_loss(logp, old_logp, ref_logp, advantages, mask, epsilon, epsilon_high, beta)
-    length = logp.shape[1] if max_completion_length is None else max_completion_length
-    return jnp.sum(per_token * mask) / (logp.shape[0] * length), metrics
-
-
-@register_loss("gspo")
-def gspo_loss(
-    logp: Array,
-    old_logp: Array | None,
-    ref_logp: Array | None,
-    advantages: Array,
-    mask: Array,
-    *,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    beta: float = 0.04,
-    max_completion_length: int | None = None,
-) -> tuple[Array, Metrics]:
-    """GSPO, sequence variant (the paper's main objective, not GSPO-token): one ratio per sequence.
-
-    `s_i = exp(masked mean_t(logp - old_logp))`, loss_i = `-min(s_i*A_i, clip(s_i, 1-eps, 1+eps_high)*A_i)`
-    + `beta *` masked mean_t of k3, then the mean over sequences. The paper uses a far smaller epsilon
-    (3e-4 / 4e-4) than token-level GRPO. Metrics `clip_ratio`/`ratio_mean` are token-weighted over sequences.
-    Arguments as in `grpo_loss`.
-    """
-    per_token, mask, metrics = _token_loss(
-        logp, old_logp, ref_logp, advantages, mask, epsilon, epsilon_high, beta, sequence_ratio=True
-    )
-    return jnp.mean(_seq_mean(per_token, mask)), metrics
+    return loss

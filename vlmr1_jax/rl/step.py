@@ -18,7 +18,7 @@ from flax import nnx
 from vlmr1_jax.models.layers import LoRADropoutKey, LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.models.qwen2_5_vl.text import KVCache
-from vlmr1_jax.rl.grpo import get_loss, token_logprobs
+from vlmr1_jax.rl.grpo import make_loss, token_logprobs
 from vlmr1_jax.rl.lora import set_lora_dropout_keys
 
 TRAINABLE_FILTERS: dict[str, Any] = {
@@ -179,7 +179,8 @@ def make_grpo_step(graphdef: nnx.GraphDef, grpo_cfg, optimizer: optax.GradientTr
     batch: `prompts` (PromptBatch arrays for P prompts), `tokens`/`mask` [B, T], `advantages` [B], and
     `ref_logprobs` / `old_logprobs` [B, T] (None when beta == 0 / num_iterations == 1).
     """
-    loss_fn = get_loss(grpo_cfg.loss)
+    algorithm = grpo_cfg.algorithm()
+    loss_fn = make_loss(algorithm.objective, algorithm.aggregation)
     num_samples = grpo_cfg.num_generations
 
     def step(state: TrainState, batch: dict[str, Any]):

@@ -81,7 +81,8 @@ class GRPOTrainer(Trainer):
         t1 = time.perf_counter()
         completions = self.tokenizer.batch_decode([row[m.astype(bool)] for row, m in zip(tokens, mask)])
         rewards, per_fn = score(completions, columns_for(samples, batch, g.num_generations), self.reward_fns)
-        advantages, group_std = group_advantages(jnp.asarray(rewards), g.num_generations, g.scale_rewards)
+        advantages, group_std = group_advantages(jnp.asarray(rewards), g.num_generations,
+                                                 g.algorithm().advantage_estimator)
         advantages = np.asarray(advantages)  # host value: every process passes the same global array
         t2 = time.perf_counter()
         train_batch = {"prompts": prompts, "tokens": out["tokens"], "mask": out["mask"], "advantages": advantages}
