@@ -20,7 +20,7 @@ from vlmr1_jax.dtypes import DTYPES
 from vlmr1_jax.filenames import (CHAT_TEMPLATE_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE,
                                  PREPROCESSOR_CONFIG_FILE, SINGLE_FILE)
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config
-from vlmr1_jax.models.qwen2_5_vl.params import expected_hf_shapes
+from vlmr1_jax.models.qwen2_5_vl.params import TIED_HEAD, expected_hf_shapes
 
 ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
 # The special tokens whose ids the processor (tokenizer side) and the model (config side) must agree on.
@@ -178,9 +178,9 @@ def _weight_problems(folder: Path, cfg: Qwen25VLConfig, dtype: str | None) -> li
     if missing:
         problems.append(f"missing tensors: {_listing(missing)}")
     extra = [n for n in found if n not in expected]
-    if "lm_head.weight" in extra and cfg.text.tie_word_embeddings:
-        extra.remove("lm_head.weight")
-        problems.append("lm_head.weight present although tie_word_embeddings is true (hub releases omit it)")
+    if TIED_HEAD in extra and cfg.text.tie_word_embeddings:
+        extra.remove(TIED_HEAD)
+        problems.append(f"{TIED_HEAD} present although tie_word_embeddings is true (hub releases omit it)")
     if extra:
         problems.append(f"unexpected tensors (not part of this config's Qwen2.5-VL): {_listing(extra)}")
     shapes = [f"{n} {tuple(found[n]['shape'])} (expected {expected[n]})" for n in expected

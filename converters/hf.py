@@ -26,8 +26,8 @@ from converters.safetensors_io import read_header, read_tensor, save_tensors, sh
 from vlmr1_jax.filenames import CHECKSUMS_FILE, CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-from vlmr1_jax.models.qwen2_5_vl.params import (canonical_hf_name, expected_hf_shapes, flat_paths, from_hf_tensor,
-                                                hf_entries, hf_shape, to_hf_tensor)
+from vlmr1_jax.models.qwen2_5_vl.params import (TIED_HEAD, canonical_hf_name, expected_hf_shapes, flat_paths,
+                                                from_hf_tensor, hf_entries, hf_shape, to_hf_tensor)
 
 
 def read_config(model_dir: str | os.PathLike) -> Qwen25VLConfig:
@@ -151,10 +151,10 @@ def iter_hf_tensors(model_dir: str | os.PathLike) -> Iterator[tuple[str, np.ndar
 def check_stored(stored: Mapping[str, StoredTensor], expected: Mapping[str, tuple[int, ...]],
                  cfg: Qwen25VLConfig, where: str) -> None:
     """Refuse, from the headers alone, a folder with an unexpected, missing or misshapen tensor (`expected`: HF
-    name -> HF shape); a tied model's stored copy of the embedding (`lm_head.weight`) is allowed."""
+    name -> HF shape); a tied model's stored copy of the embedding (`TIED_HEAD`) is allowed."""
     for name, tensor in stored.items():
         if name not in expected:
-            if name == "lm_head.weight" and cfg.text.tie_word_embeddings:
+            if name == TIED_HEAD and cfg.text.tie_word_embeddings:
                 continue  # some exports keep the tied copy; it equals embed_tokens
             raise KeyError(f"{where}: unexpected tensor {name!r} (not part of a Qwen2.5-VL with this config)")
         if tensor.shape != tuple(expected[name]):

@@ -146,6 +146,10 @@ def from_hf_tensor(path: str, value: np.ndarray) -> np.ndarray:
     return layout_of(path)[1].from_hf(value)
 
 
+# Our tree has no head when tie_word_embeddings is set; some HF exports still store this copy of the embedding.
+TIED_HEAD = to_hf_name("text.lm_head.kernel")
+
+
 def hf_shape(path: str, shape: Sequence[int], cfg: Qwen25VLConfig) -> tuple[int, ...]:
     """Shape of our (per-layer) parameter `path` in the HF layout: its transform applied to a zero-byte array."""
     return tuple(to_hf_tensor(path, np.empty(tuple(shape), np.dtype([])), cfg).shape)
