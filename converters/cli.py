@@ -7,7 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from converters.check import DTYPES, TARGETS, check_export, nonfinite_problems
+from converters.check import check_export, nonfinite_problems
+from converters.targets import TARGETS
+from vlmr1_jax.dtypes import DTYPES, dtype_arg
+from vlmr1_jax.filenames import CONFIG_FILE
 
 ADAPTER_DIR = "adapter"  # `--lora adapter`: the PEFT adapter folder inside the release
 
@@ -79,7 +82,7 @@ def export_source(source: Path, out: str, *, lora: str | None = None, step: int 
     from converters.release import export_hf_folder
     from vlmr1_jax.train.restore import find_checkpoint
 
-    if (source / "config.json").is_file():
+    if (source / CONFIG_FILE).is_file():
         if lora is not None or step is not None:
             raise ValueError(f"{source}: --lora and --step apply to training checkpoints, not HF folders")
         return export_hf_folder(source, out, **options)
@@ -122,7 +125,7 @@ def run_check(args: argparse.Namespace) -> int:
     if not problems:  # the weights' values, one tensor at a time (the headers are known good now)
         problems = nonfinite_problems(args.dir)
     if args.forward:
-        from converters.check import forward_report
+        from ports.forward_report import forward_report  # the only part of check-export that needs torch
 
         report = forward_report(args.dir, dtype=args.forward_dtype, image=args.image, max_pixels=args.max_pixels)
         print(f"{report.dtype} forward, largest |activation| per layer (float16 limit 65504):")
@@ -143,8 +146,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                   "checkpoint: a run folder, its checkpoints/ folder or one step folder")
     p.add_argument("--out", required=True, help="release folder to create")
     p.add_argument("--target", choices=targets, default="hf",
-                   help="hf / ascend-a2: bf16 by default; ascend-310p: fp16 only")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the target's)")
+                   help="hf / ascend-a2: bfloat16 by default; ascend-310p: float16 only")
+    p.add_argument("--dtype", type=dtype_arg, choices=list(DTYPES),
+                   help="weights dtype (bf16 / fp16 / fp32 also accepted; default: the target's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     p.add_argument("--tokenizer-dir", help="tokenizer files to ship (default: SOURCE's, else the vendored Qwen2.5)")
     p.add_argument("--card", help="JSON object for README.md: name, base_model, license, datasets, rewards, "
@@ -163,7 +167,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "training starts); the tokenizer stays in --model.")
     i.add_argument("--model", required=True, help="HF Qwen2.5-VL folder")
     i.add_argument("--out", required=True, help="run folder to create (must not exist or be empty)")
-    i.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32")
+    i.add_argument("--param-dtype", type=dtype_arg, choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the stored parameters (fp32 / bf16 also accepted; default float32)")
     i.set_defaults(func=run_import)
 
     c = subparsers.add_parser("check-export", help="validate an exported release folder for a target",
@@ -173,8 +178,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--target", choices=targets, required=True)
     c.add_argument("--forward", action="store_true",
                    help="also run transformers on CPU in the release dtype and report activations per layer")
-    c.add_argument("--forward-dtype", choices=[d.torch_name for d in DTYPES.values()],
-                   help="dtype of that forward (default: config.json torch_dtype)")
+    c.add_argument("--forward-dtype", type=dtype_arg, choices=list(DTYPES),
+                   help="dtype of that forward (bf16 / fp16 / fp32 also accepted; default: config.json torch_dtype)")
     c.add_argument("--image", help="image for the forward (default: a synthetic one; real images find more)")
     c.add_argument("--max-pixels", type=int, default=448 * 448,
                    help="resize bound for that image (default 448*448); fp16 overflow grows with the number of "

@@ -1,7 +1,8 @@
-"""HF Qwen2.5-VL safetensors <-> our parameter tree, through one table of name rules.
+"""HF Qwen2.5-VL safetensors folders <-> our parameter tree: the I/O; the layout is
+`vlmr1_jax.models.qwen2_5_vl.params`'s table.
 
 Reading accepts the hub/legacy names (`visual.*`, `model.*`, `lm_head.weight`) and the transformers 5.x in-memory
-names (`model.visual.*`, `model.language_model.*`); writing emits the legacy names every reader accepts
+names (`model.visual.*`, `model.language_model.*`); writing emits the legacy names every reader accepts.
 Tensors are read one at a time from the shard headers' offsets (`converters.safetensors_io`, no memory
 map) and placed straight onto their target sharding, so loading, importing and re-exporting hold one tensor (one
 layer of a stacked parameter) on the host at a time, whatever the model size.
@@ -13,7 +14,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -23,108 +23,18 @@ import numpy as np
 from flax import nnx
 
 from converters.safetensors_io import read_header, read_tensor, save_tensors, sha256
+from vlmr1_jax.filenames import CHECKSUMS_FILE, CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-CHECKSUMS_FILE = "checksums.json"  # name -> dtype, shape, sha256 of every tensor of a folder (import checkpoints)
-
-# (our flattened path, HF legacy name). Vision blocks and decoder layers are stacked on our side (one tensor with a
-# leading [layers] axis, see `models.layers.stacked`); their HF names carry the layer index where "{i}" stands.
-# Kernels are transposed ([in, out] vs torch's [out, in]); the patch embedding is a Conv3d weight flattened to a
-# matmul; everything else is copied.
-NAME_RULES: tuple[tuple[str, str], ...] = (
-    (r"visual\.patch_embed", r"visual.patch_embed.proj.weight"),
-    (r"visual\.blocks\.norm([12])\.scale", r"visual.blocks.{i}.norm\1.weight"),
-    (r"visual\.blocks\.attn\.(qkv|proj)\.(kernel|bias)", r"visual.blocks.{i}.attn.\1.\2"),
-    (r"visual\.blocks\.mlp\.(gate|up|down)\.(kernel|bias)", r"visual.blocks.{i}.mlp.\1_proj.\2"),
-    (r"visual\.merger\.ln_q\.scale", r"visual.merger.ln_q.weight"),
-    (r"visual\.merger\.fc1\.(kernel|bias)", r"visual.merger.mlp.0.\1"),
-    (r"visual\.merger\.fc2\.(kernel|bias)", r"visual.merger.mlp.2.\1"),
-    (r"text\.embed", r"model.embed_tokens.weight"),
-    (r"text\.layers\.input_norm\.scale", r"model.layers.{i}.input_layernorm.weight"),
-    (r"text\.layers\.post_norm\.scale", r"model.layers.{i}.post_attention_layernorm.weight"),
-    (r"text\.layers\.attn\.(q|k|v|o)\.(kernel|bias)", r"model.layers.{i}.self_attn.\1_proj.\2"),
-    (r"text\.layers\.mlp\.(gate|up|down)\.(kernel|bias)", r"model.layers.{i}.mlp.\1_proj.\2"),
-    (r"text\.norm\.scale", r"model.norm.weight"),
-    (r"text\.lm_head\.kernel", r"lm_head.kernel"),
-)
-_TO_HF = [(re.compile(f"^{ours}$"), hf) for ours, hf in NAME_RULES]
-
-
-def _rule(path: str) -> tuple[re.Pattern, str]:
-    for pattern, template in _TO_HF:
-        if pattern.match(path):
-            return pattern, template
-    raise KeyError(f"no HF name rule for parameter {path!r}")
-
-
-def is_stacked(path: str) -> bool:
-    """Whether our parameter `path` holds one tensor per layer on a leading axis (HF: one name per layer)."""
-    return "{i}" in _rule(path)[1]
-
-
-def to_hf_name(path: str, layer: int | None = None) -> str:
-    """Our dotted parameter path (and, for stacked layers, the layer index) -> the legacy HF tensor name."""
-    pattern, template = _rule(path)
-    if ("{i}" in template) != (layer is not None):
-        raise ValueError(f"{path}: a layer index is {'required' if layer is None else 'not allowed'}")
-    name = pattern.sub(template, path).replace(".kernel", ".weight")
-    return name.replace("{i}", str(layer)) if layer is not None else name
-
-
-def hf_entries(state: nnx.State) -> list[tuple[str, str, int | None, tuple[int, ...]]]:
-    """(HF name, our path, layer index or None, HF-side shape before `to_hf_tensor`) for every tensor HF stores,
-    in HF order (layer by layer): one entry per layer of each stacked parameter."""
-    entries = []
-    for path, var in flat_paths(state).items():
-        if is_stacked(path):
-            entries += [(to_hf_name(path, i), path, i, tuple(var.shape[1:])) for i in range(var.shape[0])]
-        else:
-            entries.append((to_hf_name(path), path, None, tuple(var.shape)))
-    natural = lambda entry: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", entry[0])]  # noqa: E731
-    return sorted(entries, key=natural)
-
-
-def canonical_hf_name(name: str) -> str:
-    """Map transformers >= 4.52 / 5.x in-memory names onto the legacy hub names."""
-    if name.startswith("model.visual."):
-        return name[len("model."):]
-    if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model."):]
-    return name
-
-
-def to_hf_tensor(path: str, value: np.ndarray, cfg: Qwen25VLConfig) -> np.ndarray:
-    """Our array -> the HF tensor layout."""
-    if path == "visual.patch_embed":
-        v = cfg.vision
-        return np.ascontiguousarray(value.T).reshape(
-            v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-    if path.endswith(".kernel"):
-        return np.ascontiguousarray(value.T)
-    return value
-
-
-def from_hf_tensor(path: str, value: np.ndarray) -> np.ndarray:
-    """HF tensor -> our layout (the inverse of `to_hf_tensor`)."""
-    if path == "visual.patch_embed":
-        return np.ascontiguousarray(value.reshape(value.shape[0], -1).T)
-    if path.endswith(".kernel"):
-        return np.ascontiguousarray(value.T)
-    return value
-
-
-def flat_paths(state: nnx.State) -> dict[str, nnx.Variable]:
-    """Dotted path -> Variable for every parameter of a model state."""
-    return {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
+from vlmr1_jax.models.qwen2_5_vl.params import (TIED_HEAD, canonical_hf_name, expected_hf_shapes, flat_paths,
+                                                from_hf_tensor, hf_entries, hf_shape, to_hf_tensor)
 
 
 def read_config(model_dir: str | os.PathLike) -> Qwen25VLConfig:
-    path = Path(model_dir) / "config.json"
+    """The model config of an HF folder; errors name the file."""
+    path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json in the model folder")
+        raise FileNotFoundError(f"{path}: no {CONFIG_FILE} in the model folder")
     try:
         return from_hf_config(json.loads(path.read_text()))
     except (KeyError, ValueError) as e:
@@ -241,10 +151,10 @@ def iter_hf_tensors(model_dir: str | os.PathLike) -> Iterator[tuple[str, np.ndar
 def check_stored(stored: Mapping[str, StoredTensor], expected: Mapping[str, tuple[int, ...]],
                  cfg: Qwen25VLConfig, where: str) -> None:
     """Refuse, from the headers alone, a folder with an unexpected, missing or misshapen tensor (`expected`: HF
-    name -> HF shape); a tied model's stored copy of the embedding (`lm_head.weight`) is allowed."""
+    name -> HF shape); a tied model's stored copy of the embedding (`TIED_HEAD`) is allowed."""
     for name, tensor in stored.items():
         if name not in expected:
-            if name == "lm_head.weight" and cfg.text.tie_word_embeddings:
+            if name == TIED_HEAD and cfg.text.tie_word_embeddings:
                 continue  # some exports keep the tied copy; it equals embed_tokens
             raise KeyError(f"{where}: unexpected tensor {name!r} (not part of a Qwen2.5-VL with this config)")
         if tensor.shape != tuple(expected[name]):
@@ -258,10 +168,8 @@ def check_stored(stored: Mapping[str, StoredTensor], expected: Mapping[str, tupl
 def folder_tensors(model_dir: str | os.PathLike, cfg: Qwen25VLConfig) -> Iterator[tuple[str, np.ndarray]]:
     """(legacy HF name, array as stored) of an HF folder, one at a time in `hf_entries` order, after checking
     from the headers that it holds exactly the tensors `cfg` needs: the source of a streaming export."""
-    from converters.check import expected_tensors
-
     stored = stored_tensors(model_dir)
-    expected = expected_tensors(cfg)
+    expected = expected_hf_shapes(cfg)
     check_stored(stored, expected, cfg, str(model_dir))
     return ((name, stored[name].read()) for name in expected)
 
@@ -273,8 +181,6 @@ def load_hf_state(model_dir: str | os.PathLike, abstract_state: nnx.State, cfg: 
     Each tensor goes straight to its device(s) (`shardings`: our path -> sharding; default: the default device),
     so only one tensor is on the host at a time; a stacked parameter is assembled there one layer at a time.
     """
-    from converters.check import hf_shape
-
     targets = flat_paths(abstract_state)
     entries = hf_entries(abstract_state)
     stored = stored_tensors(model_dir)

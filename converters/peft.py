@@ -2,9 +2,10 @@
 `peft.PeftModel.from_pretrained(Qwen2_5_VLForConditionalGeneration, folder)` loads onto the exported base model.
 
 Key names follow what PEFT 0.21 saves for Qwen2.5-VL under transformers >= 4.52 (module tree
-`model.language_model.*`, `model.visual.*`, `lm_head`): `base_model.model.<module>.lora_A.weight` is [r, in] (our
-`lora_a` transposed) and `lora_B.weight` is [out, r] (our `lora_b` transposed); the scale is lora_alpha / r, as
-ours. `target_modules` is a regex that excludes the vision tower, whose MLP also has gate/up/down_proj.
+`model.language_model.*`, `model.visual.*`, `lm_head`; see `params.hf_module_name`):
+`base_model.model.<module>.lora_A.weight` is [r, in] (our `lora_a` transposed) and `lora_B.weight` is [out, r]
+(our `lora_b` transposed); the scale is lora_alpha / r, as ours. `target_modules` is a regex that excludes the
+vision tower, whose MLP also has gate/up/down_proj.
 Older transformers (< 4.52, module tree `model.layers.*`) would not find these keys.
 """
 
@@ -21,12 +22,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from converters.check import DTYPES, expected_tensors
-from converters.hf import flat_paths, is_stacked, to_hf_name
 from converters.release import check_replaceable, make_temp_sibling, move_into_place, write_marker
 from converters.safetensors_io import save_tensors
+from vlmr1_jax.dtypes import dtype_info
 from vlmr1_jax.models.layers import LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+from vlmr1_jax.models.qwen2_5_vl.params import expected_hf_shapes, flat_paths, hf_module_name, is_stacked, to_hf_name
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -34,21 +35,12 @@ PEFT_PREFIX = "base_model.model."
 _LORA_LEAF = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[ab])$")
 
 
-def peft_module_name(module_path: str, layer: int | None = None) -> str:
-    """Our Dense path (e.g. `text.layers.attn.q`, layer 0) -> the transformers >= 4.52 module name
-    (`model.language_model.layers.0.self_attn.q_proj`)."""
-    legacy = to_hf_name(module_path + ".kernel", layer).removesuffix(".weight")
-    if legacy.startswith("model."):
-        return "model.language_model." + legacy[len("model."):]
-    return legacy
-
-
 def adapter_weights(model_or_state: nnx.Module | nnx.State, cfg: Qwen25VLConfig,
                     dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """PEFT key -> array (torch layout) for every LoRA adapter of a model, or of a state holding its LoRAParams;
     each adapter's in / out sizes are checked against `cfg`'s linear layer."""
     state = nnx.state(model_or_state, LoRAParam) if isinstance(model_or_state, nnx.Module) else model_or_state
-    shapes = expected_tensors(cfg)
+    shapes = expected_hf_shapes(cfg)
     out: dict[str, np.ndarray] = {}
     for path, var in flat_paths(state).items():
         match = _LORA_LEAF.match(path)
@@ -66,7 +58,7 @@ def adapter_weights(model_or_state: nnx.Module | nnx.State, cfg: Qwen25VLConfig,
                 raise ValueError(f"{path}: adapter of size {size} does not fit {weight} {shapes.get(weight)} "
                                  f"of this model config")
             which = "A" if match["which"] == "a" else "B"
-            out[f"{PEFT_PREFIX}{peft_module_name(module, layer)}.lora_{which}.weight"] = value
+            out[f"{PEFT_PREFIX}{hf_module_name(module, layer)}.lora_{which}.weight"] = value
     return out
 
 
@@ -89,12 +81,12 @@ def adapter_config(module_names: list[str], rank: int, alpha: float, dropout: fl
 
 def export_peft_adapter(model_or_state: nnx.Module | nnx.State, cfg: Qwen25VLConfig, out_dir: str | os.PathLike,
                         rank: int, alpha: float, dropout: float, *, base_model_name_or_path: str | None = None,
-                        dtype: str = "fp32", overwrite: bool = False) -> Path:
+                        dtype: str = "float32", overwrite: bool = False) -> Path:
     """Write the PEFT adapter folder `out_dir` (atomically) from a LoRA model (or a state with its LoRAParams).
 
     `rank` / `alpha` / `dropout` are the run's `lora` settings; every adapter must have rank `rank`.
     """
-    weights = adapter_weights(model_or_state, cfg, np.dtype(DTYPES[dtype].numpy))
+    weights = adapter_weights(model_or_state, cfg, np.dtype(dtype_info(dtype).numpy))
     if not weights:
         raise ValueError("the model has no LoRA adapters (train.trainable was not 'lora'); export it merged")
     modules = sorted({key[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for key in weights})

@@ -27,15 +27,20 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 from flax import nnx
-from converters.check import DTYPES, INDEX_FILE, SINGLE_FILE, TARGETS, check_export, expected_tensors
+
+from converters.check import check_export
 from converters.hf import folder_tensors, hf_tensors, read_config, write_checksums
 from converters.safetensors_io import ShardWriter, sha256
+from converters.targets import resolve_dtype
+from vlmr1_jax.dtypes import dtype_info
+from vlmr1_jax.filenames import (CHAT_TEMPLATE_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE,
+                                 PREPROCESSOR_CONFIG_FILE, RELEASE_MARKER, SINGLE_FILE, TOKENIZER_CONFIG_FILE,
+                                 TOKENIZER_FILES)
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, to_hf_config
+from vlmr1_jax.models.qwen2_5_vl.params import expected_hf_shapes
 from vlmr1_jax.processing import image as image_processing
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.json", "chat_template.jinja")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -56,19 +61,6 @@ def parse_size(size: int | str) -> int:
     if value <= 0:
         raise ValueError(f"size must be positive, got {size!r}")
     return value
-
-
-def resolve_dtype(target: str, dtype: str | None) -> str:
-    """The release dtype key for `target`: its default when `dtype` is None; ValueError if not allowed."""
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; known: {sorted(TARGETS)}")
-    allowed = TARGETS[target]
-    if dtype is None:
-        return allowed[0]
-    if dtype not in allowed:
-        why = " (Atlas 300I Duo / 310P supports only float16)" if target == "ascend-310p" else ""
-        raise ValueError(f"dtype {dtype!r} is not allowed for target {target}{why}; allowed: {', '.join(allowed)}")
-    return dtype
 
 
 def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
@@ -97,14 +89,14 @@ def write_weights(tensors: Iterable[tuple[str, np.ndarray]], cfg: Qwen25VLConfig
     """Stream `tensors` (legacy HF name, HF-layout array, in `hf_entries` order) into safetensors shards (+ an
     index when several); returns name -> file.
 
-    One tensor is on the host at a time: each is checked against the config's name and shape, cast to `dtype`,
-    checked finite, and appended to its shard, whose header was written from the shard plan. Peak memory is
-    about 2.5x the largest tensor (as read, as cast, the finiteness mask). `checksums`: also write the folder's
-    checksum manifest (`converters.hf.CHECKSUMS_FILE`).
+    One tensor is on the host at a time: each is checked against the config's name and shape, cast to `dtype` (any
+    `vlmr1_jax.dtypes` spelling), checked finite, and appended to its shard, whose header was written from the shard
+    plan. Peak memory is about 2.5x the largest tensor (as read, as cast, the finiteness mask). `checksums`: also write the folder's
+    checksum manifest (`vlmr1_jax.filenames.CHECKSUMS_FILE`).
     """
-    np_dtype = np.dtype(DTYPES[dtype].numpy)
-    code = DTYPES[dtype].safetensors
-    shapes = expected_tensors(cfg)
+    info = dtype_info(dtype)
+    dtype, np_dtype, code = info.name, np.dtype(info.numpy), info.safetensors
+    shapes = expected_hf_shapes(cfg)
     sizes = [(name, int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize) for name, shape in shapes.items()]
     shards = plan_shards(sizes, parse_size(max_shard_size))
     files = shard_file_names(len(shards))
@@ -118,7 +110,7 @@ def write_weights(tensors: Iterable[tuple[str, np.ndarray]], cfg: Qwen25VLConfig
                     value = _next_tensor(stream, expected, shapes[expected]).astype(np_dtype, copy=False)
                     bad = int(value.size - np.count_nonzero(np.isfinite(value)))
                     if bad:
-                        raise ValueError(f"{expected}: {bad} values are inf/NaN as {DTYPES[dtype].torch_name} "
+                        raise ValueError(f"{expected}: {bad} values are inf/NaN as {dtype} "
                                          f"(float16 holds |x| <= 65504); refusing to write a broken release")
                     writer.write(expected, value)
                     if checksums:
@@ -176,7 +168,7 @@ def generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
 
 
 def _has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer_config.json").is_file() and (
+    return (folder / TOKENIZER_CONFIG_FILE).is_file() and (
         (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file())
 
 
@@ -202,8 +194,8 @@ def write_tokenizer(source: Path, folder: Path) -> Tokenizer:
         if (source / name).is_file():
             shutil.copyfile(source / name, folder / name)
     tokenizer = Tokenizer.load(folder)
-    if not (folder / "chat_template.json").is_file() and not (folder / "chat_template.jinja").is_file():
-        _write_json(folder / "chat_template.json", {"chat_template": tokenizer.chat_template})
+    if not (folder / CHAT_TEMPLATE_FILE).is_file() and not (folder / "chat_template.jinja").is_file():
+        _write_json(folder / CHAT_TEMPLATE_FILE, {"chat_template": tokenizer.chat_template})
     return tokenizer
 
 
@@ -233,7 +225,7 @@ def model_card(cfg: Qwen25VLConfig, target: str, dtype: str, card: Mapping[str, 
             f"- text: {t.num_hidden_layers} layers, hidden {t.hidden_size}, vocab {t.vocab_size}, "
             f"tied embeddings: {str(t.tie_word_embeddings).lower()}",
             f"- vision: {v.depth} blocks, hidden {v.hidden_size}",
-            f"- weights: {DTYPES[dtype].torch_name}, export target `{target}`", "",
+            f"- weights: {dtype}, export target `{target}`", "",
             "## Training", "",
             f"- data: {', '.join(as_list(datasets)) or 'not recorded'}",
             f"- rewards: {', '.join(as_list(rewards)) or 'not recorded'}",
@@ -270,9 +262,6 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), str(b))
-
-
-RELEASE_MARKER = ".vlmr1-release"  # written into every folder we export: the only kind --overwrite may replace
 
 
 def check_replaceable(out: Path, overwrite: bool, marker: str = RELEASE_MARKER) -> None:
@@ -331,7 +320,8 @@ def export_tensors(tensors: Iterable[tuple[str, np.ndarray]], cfg: Qwen25VLConfi
     """Write the release folder `out_dir` for `target` ("hf", "ascend-a2", "ascend-310p") from a stream of HF
     tensors (legacy name, HF-layout array, in `hf_entries` order), one tensor on the host at a time.
 
-    `dtype` ("bf16", "fp16", "fp32") defaults to the target's (bf16; fp16 for 310P, which allows nothing else).
+    `dtype` (bfloat16 / bf16, float16 / fp16, float32 / fp32) defaults to the target's (bfloat16; float16 for
+    310P, which allows nothing else).
     Tokenizer files come from `tokenizer_dir`, else `base_model_dir`, else the vendored Qwen2.5 set;
     generation_config.json is copied from `base_model_dir` when it has one. `card` fills README.md (keys name,
     base_model, license, datasets, rewards, steps, metrics, plus any others). Returns the folder.
@@ -375,22 +365,22 @@ def _write_release(tensors: Iterable[tuple[str, np.ndarray]], cfg: Qwen25VLConfi
                    base_model_dir: str | os.PathLike | None, card: Mapping[str, Any]) -> None:
     """Every file of the release into `folder` (no validation)."""
     write_weights(tensors, cfg, folder, dtype, max_shard_size)
-    _write_json(folder / "config.json", to_hf_config(cfg, DTYPES[dtype].torch_name))
-    _write_json(folder / "preprocessor_config.json", preprocessor_config(cfg))
+    _write_json(folder / CONFIG_FILE, to_hf_config(cfg, dtype))
+    _write_json(folder / PREPROCESSOR_CONFIG_FILE, preprocessor_config(cfg))
     source = tokenizer_source(tokenizer_dir, base_model_dir)
     tokenizer = write_tokenizer(source, folder)
     origin = "the vendored offline Qwen2.5 set of vlmr1-jax" if source == QWEN2_5_DIR else f"copied from {source.name}"
     notes = [f"tokenizer files: {origin}"]
-    base_generation = Path(base_model_dir) / "generation_config.json" if base_model_dir is not None else None
+    base_generation = Path(base_model_dir) / GENERATION_CONFIG_FILE if base_model_dir is not None else None
     if base_generation is not None and base_generation.is_file():
-        shutil.copyfile(base_generation, folder / "generation_config.json")
+        shutil.copyfile(base_generation, folder / GENERATION_CONFIG_FILE)
         notes.append(f"generation_config.json: copied from {Path(base_model_dir).name}")
     else:
-        _write_json(folder / "generation_config.json", generation_config(tokenizer))
+        _write_json(folder / GENERATION_CONFIG_FILE, generation_config(tokenizer))
         notes.append("generation_config.json: vlmr1-jax defaults (no base-model file): greedy, stop at "
                      "<|im_end|> or <|endoftext|>")
     notes.append("preprocessor_config.json: Qwen2.5-VL processor values (min_pixels 3136, max_pixels 12845056)")
-    if dtype == "fp16":
+    if dtype == "float16":
         notes.append("float16 weights were cast with round-to-nearest-even, not clamped; check activations with "
                      "`vlmr1 check-export DIR --target ascend-310p --forward --image IMAGE`")
     (folder / "README.md").write_text(model_card(cfg, target, dtype, card, notes), encoding="utf-8")

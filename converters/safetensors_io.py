@@ -19,9 +19,11 @@ from typing import Any, Sequence
 import ml_dtypes
 import numpy as np
 
-from converters.check import read_safetensors_header
-
-# Safetensors dtype codes of the floating types checkpoints use.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Bytes per element of every safetensors dtype code (the checker sizes tensors of any type with it).
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+            "F8_E4M3": 1, "F8_E5M2": 1}
+# Safetensors dtype codes of the floating types checkpoints use: the ones read here.
 NUMPY_DTYPES: dict[str, np.dtype] = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
                                      "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
 _ALIGN = 8  # the header is padded with spaces so tensor data starts 8-byte aligned, as the library does
@@ -33,6 +35,34 @@ def dtype_code(dtype: Any) -> str:
         if np.dtype(dtype) == np_dtype:
             return code
     raise ValueError(f"dtype {np.dtype(dtype).name} has no safetensors code here; known: {sorted(NUMPY_DTYPES)}")
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor name -> dtype/shape/data_offsets, plus `__metadata__`) and
+    `__header_bytes__`, where the data starts; ValueError naming the file when it is not a safetensors header."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: shorter than the 8-byte header length")
+        (length,) = struct.unpack("<Q", raw)
+        if length > MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: header length {length} is implausible (not a safetensors file?)")
+        text = f.read(length)
+    if len(text) != length:
+        raise ValueError(f"{path}: truncated header ({len(text)} of {length} bytes)")
+    try:
+        header = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header is not a JSON object")
+    entry_keys = {"dtype", "shape", "data_offsets"}
+    for name, info in header.items():
+        if name != "__metadata__" and not (isinstance(info, dict) and entry_keys <= info.keys()):
+            raise ValueError(f"{path}: malformed header entry for {name!r}")
+    header["__header_bytes__"] = 8 + length
+    return header
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:

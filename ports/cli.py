@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vlmr1_jax.dtypes import DTYPES, dtype_arg
 from vlmr1_jax.processing.prompts import QUESTION_TEMPLATES
 
 BACKENDS = ("torch", "jax")
@@ -98,8 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="torch: transformers (cpu/cuda/npu); jax: our model on the default JAX device (greedy)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "npu"), default="auto",
                    help="auto: npu if torch_npu works, else cuda, else cpu")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                   help="torch default: float32 on cpu, the release's torch_dtype on an accelerator; jax: float32")
+    p.add_argument("--dtype", type=dtype_arg, choices=list(DTYPES),
+                   help="torch default: float32 on cpu, the release's torch_dtype on an accelerator; jax: float32 "
+                        "(bf16 / fp16 / fp32 also accepted)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)

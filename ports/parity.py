@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from converters.hf import load_hf_model  # noqa: E402
+from vlmr1_jax.dtypes import dtype_arg  # noqa: E402
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig  # noqa: E402
 from vlmr1_jax.models.qwen2_5_vl.rope import get_rope_index  # noqa: E402
 from vlmr1_jax.models.qwen2_5_vl.text import KVCache  # noqa: E402
@@ -319,8 +320,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=_count(0), default=4, help="cached decode steps to compare")
     p.add_argument("--min-pixels", type=_count(1), default=3136)
     p.add_argument("--max-pixels", type=_count(1), default=12845056)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="our compute dtype (bfloat16 differs at ~1e-2 relative: raise --rtol to compare it)")
+    p.add_argument("--dtype", type=dtype_arg, choices=["float32", "bfloat16"], default="float32",
+                   help="our compute dtype (fp32 / bf16 also accepted; bfloat16 differs at ~1e-2 relative: raise "
+                        "--rtol to compare it)")
     p.add_argument("--rtol", type=_tolerance, default=RTOL,
                    help=f"relative tolerance: pass when max|diff| <= atol + rtol * max|ref| (default {RTOL:g})")
     p.add_argument("--atol", type=_tolerance, default=ATOL, help=f"absolute tolerance (default {ATOL:g})")

@@ -56,10 +56,10 @@ class Measured:
 
 def random_tensors(cfg, seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, float32 array) for every tensor of `cfg` in release order: N(0, 0.02), norm weights around 1."""
-    from converters.check import expected_tensors
+    from vlmr1_jax.models.qwen2_5_vl.params import expected_hf_shapes
 
     rng = np.random.default_rng(seed)
-    for name, shape in expected_tensors(cfg).items():
+    for name, shape in expected_hf_shapes(cfg).items():
         value = rng.standard_normal(shape, dtype=np.float32)
         value *= 0.2 if "norm" in name or "ln_q" in name else 0.02
         if "norm" in name or "ln_q" in name:
@@ -71,21 +71,21 @@ def random_hf_checkpoint(cfg, folder: Path, dtype: str = "bf16", max_shard_size:
                          seed: int = 0) -> Path:
     """An HF Qwen2.5-VL folder of `cfg` with random weights (config.json + safetensors shards), written one
     tensor at a time; no tokenizer (exports then ship the vendored Qwen2.5 one)."""
-    from converters.check import DTYPES
     from converters.release import write_weights
+    from vlmr1_jax.dtypes import canonical_dtype
     from vlmr1_jax.models.qwen2_5_vl.config import to_hf_config
 
     folder.mkdir(parents=True, exist_ok=True)
     write_weights(random_tensors(cfg, seed), cfg, folder, dtype, max_shard_size)
-    (folder / "config.json").write_text(json.dumps(to_hf_config(cfg, DTYPES[dtype].torch_name), indent=2))
+    (folder / "config.json").write_text(json.dumps(to_hf_config(cfg, canonical_dtype(dtype)), indent=2))
     return folder
 
 
 def largest_tensor_bytes(cfg, itemsize: int) -> int:
     """Bytes of the largest tensor of `cfg` at `itemsize` bytes per value."""
-    from converters.check import expected_tensors
+    from vlmr1_jax.models.qwen2_5_vl.params import expected_hf_shapes
 
-    return max(int(np.prod(shape, dtype=np.int64)) for shape in expected_tensors(cfg).values()) * itemsize
+    return max(int(np.prod(shape, dtype=np.int64)) for shape in expected_hf_shapes(cfg).values()) * itemsize
 
 
 def bound(cfg, itemsize: int, slack: int = SLACK) -> int:

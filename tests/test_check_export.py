@@ -13,8 +13,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from converters import cli as converters_cli
-from converters.check import check_export, forward_report, read_safetensors_header
+from converters.check import check_export
 from converters.release import export_hf_folder
+from converters.safetensors_io import read_safetensors_header
+from ports.forward_report import forward_report, synthetic_image
 from test_export import make_release_source
 
 
@@ -164,7 +166,6 @@ def test_forward_report_measures_activations(releases):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(releases["a2"], dtype=torch.float32)
     cfg = model.config
     from vlmr1_jax.processing.image import preprocess_image
-    from converters.check import synthetic_image
 
     pixels, grid = preprocess_image(synthetic_image(), max_pixels=448 * 448)
     n = int(np.prod(grid)) // 4

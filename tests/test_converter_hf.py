@@ -20,7 +20,9 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from converters.hf import INDEX_FILE, flat_paths, from_hf_tensor, hf_entries, load_hf_model, save_hf_safetensors
+from converters.hf import load_hf_model, save_hf_safetensors
+from vlmr1_jax.filenames import INDEX_FILE
+from vlmr1_jax.models.qwen2_5_vl.params import flat_paths, from_hf_tensor, hf_entries
 
 SINGLE = "model.safetensors"
 

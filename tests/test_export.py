@@ -18,9 +18,10 @@ from safetensors import safe_open
 from converters import cli as converters_cli
 from converters.check import check_export
 from converters.hf import flat_paths, iter_hf_tensors, load_hf_model
-from converters.release import (RELEASE_MARKER, ExportError, export_hf_folder, export_release, parse_size,
-                                plan_shards, resolve_dtype)
+from converters.release import ExportError, export_hf_folder, export_release, parse_size, plan_shards
+from converters.targets import resolve_dtype
 from hf_models import TINY_CONFIG, save_random_hf_model
+from vlmr1_jax.filenames import RELEASE_MARKER
 from vlmr1_jax.processing.tokenizer import build_compact_tokenizer
 
 CORPUS = ["what is in the image", "find the red box", "the answer is 42", "a photo of a cat on a mat"] * 4
@@ -87,11 +88,11 @@ def test_parse_size_and_plan_shards():
 
 
 def test_target_dtypes():
-    assert resolve_dtype("hf", None) == "bf16"
-    assert resolve_dtype("ascend-a2", None) == "bf16"
-    assert resolve_dtype("ascend-310p", None) == "fp16"
-    assert resolve_dtype("ascend-a2", "fp32") == "fp32"
-    for target, dtype in (("ascend-310p", "bf16"), ("ascend-310p", "fp32"), ("ascend-a2", "fp16")):
+    assert resolve_dtype("hf", None) == "bfloat16"
+    assert resolve_dtype("ascend-a2", None) == "bfloat16"
+    assert resolve_dtype("ascend-310p", None) == "float16"
+    assert resolve_dtype("ascend-a2", "fp32") == resolve_dtype("ascend-a2", "float32") == "float32"
+    for target, dtype in (("ascend-310p", "bf16"), ("ascend-310p", "float32"), ("ascend-a2", "fp16")):
         with pytest.raises(ValueError, match="not allowed"):
             resolve_dtype(target, dtype)
     with pytest.raises(ValueError, match="unknown target"):

@@ -15,11 +15,12 @@ import pytest
 import torch
 from flax import nnx
 
-from converters.hf import canonical_hf_name, flat_paths, is_stacked, load_hf_model, read_config, to_hf_name
+from converters.hf import load_hf_model, read_config
 from test_sampler import device_prompts, load_hf
 from test_train_step import build, completions, host_params, optimizer
 from vlmr1_jax.config import GRPOConfig
 from vlmr1_jax.models.layers import Dense, LoRADropoutKey, LoRAParam
+from vlmr1_jax.models.qwen2_5_vl.params import canonical_hf_name, flat_paths, is_stacked, to_hf_name
 from vlmr1_jax.rl.lora import apply_lora, lora_targets, merge_lora, set_lora_dropout_keys
 from vlmr1_jax.rl.step import current_model, init_train_state, make_grpo_step
 

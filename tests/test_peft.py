@@ -14,10 +14,11 @@ import pytest
 from flax import nnx
 
 from converters.hf import iter_hf_tensors, read_config
-from converters.peft import peft_module_name, target_modules_regex
+from converters.peft import target_modules_regex
 from ports.parity import make_inputs, positions_for
 from test_restore_export import cli, save_trainer_checkpoint, shared_source
 from vlmr1_jax.config import LoRAConfig, ModelConfig, RunConfig, TrainConfig
+from vlmr1_jax.models.qwen2_5_vl.params import hf_module_name
 from vlmr1_jax.processing.vision_plan import plan_vision, vision_gather_indices
 from vlmr1_jax.rl.lora import lora_targets, merge_lora
 
@@ -28,9 +29,9 @@ LANGUAGE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 def test_module_names_and_target_regex():
     """Our Dense paths -> transformers >= 4.52 module names; the regex takes every language linear and lm_head,
     and no vision module (whose MLP is also gate/up/down_proj)."""
-    assert peft_module_name("text.layers.attn.q", 3) == "model.language_model.layers.3.self_attn.q_proj"
-    assert peft_module_name("text.layers.mlp.down", 0) == "model.language_model.layers.0.mlp.down_proj"
-    assert peft_module_name("text.lm_head") == "lm_head"
+    assert hf_module_name("text.layers.attn.q", 3) == "model.language_model.layers.3.self_attn.q_proj"
+    assert hf_module_name("text.layers.mlp.down", 0) == "model.language_model.layers.0.mlp.down_proj"
+    assert hf_module_name("text.lm_head") == "lm_head"
     regex = target_modules_regex([f"model.language_model.layers.0.self_attn.{n}" for n in LANGUAGE[:4]]
                                  + [f"model.language_model.layers.0.mlp.{n}" for n in LANGUAGE[4:]] + ["lm_head"])
     for name in ("model.language_model.layers.11.self_attn.q_proj", "model.language_model.layers.0.mlp.up_proj",

@@ -1,8 +1,8 @@
 """Released-size presets against transformers' own Qwen2_5_VLForConditionalGeneration, built on the meta device.
 
 Every parameter of our abstract model (no memory: `nnx.eval_shape`) is mapped to its HF name and HF layout through
-`converters.hf` and must match the HF module's tensor of that name exactly; the parameter counts (tied head counted
-once) must be equal. Config mapping: hub-flat round trip and the 5.x nested `to_dict` form.
+`models.qwen2_5_vl.params` and must match the HF module's tensor of that name exactly; the parameter counts (tied head
+counted once) must be equal. Config mapping: hub-flat round trip and the 5.x nested `to_dict` form.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from flax import nnx
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from converters.hf import canonical_hf_name, hf_entries, to_hf_tensor
+from vlmr1_jax.models.qwen2_5_vl.params import canonical_hf_name, hf_entries, to_hf_tensor
 from vlmr1_jax.models.qwen2_5_vl.config import PRESETS, from_hf_config, get_preset, to_hf_config
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 

@@ -21,7 +21,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from converters.hf import CHECKSUMS_FILE, iter_hf_tensors, load_hf_model, stored_tensors
+from converters.hf import iter_hf_tensors, load_hf_model, stored_tensors
+from vlmr1_jax.filenames import CHECKSUMS_FILE
 from test_export import CORPUS, compact_config, make_release_source
 from test_restore_export import assert_same_params, cli, host_params, shared_source
 from hf_models import TINY_CONFIG

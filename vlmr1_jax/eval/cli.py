@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from vlmr1_jax.data.jsonl import DataError, Sample, load_jsonl_datasets
+from vlmr1_jax.dtypes import dtype_arg
 from vlmr1_jax.eval.rec import eval_subset, score_rec
 
 BACKENDS = ("jax", "torch")
@@ -131,8 +132,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="question template: rec (default), another task type, or a custom '{Question}' string")
     r.add_argument("--min-pixels", type=int, help="default: the release's preprocessor_config.json, else 3136")
     r.add_argument("--max-pixels", type=int, help="default: the release's preprocessor_config.json, else 12845056")
-    r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="jax on an HF folder: default float32; torch: float32 on cpu, else the release's")
+    r.add_argument("--dtype", type=dtype_arg, choices=("float32", "bfloat16", "float16"),
+                   help="jax on an HF folder: default float32; torch: float32 on cpu, else the release's "
+                        "(fp32 / bf16 / fp16 also accepted)")
     r.add_argument("--device", choices=("auto", "cpu", "cuda", "npu"), default="auto", help="torch backend only")
     r.add_argument("--step", type=int, help="checkpoint step (jax backend; default: the latest)")
     r.add_argument("--out", help="per-sample results JSON (default: rec_results_<data>_<backend>.json)")

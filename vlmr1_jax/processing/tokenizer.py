@@ -2,8 +2,9 @@
 
 Folders follow the HF hub layout (tokenizer.json and/or vocab.json + merges.txt, a 4.x-format
 tokenizer_config.json, chat_template.json), so what `save` writes loads with `transformers.AutoTokenizer` and
-vLLM, and `load` reads official release folders. The vendored Qwen2.5 files (converters/tokenizer_files/qwen2_5,
-see PROVENANCE.md there) hold no tokenizer.json (11 MB); it is built from vocab.json + merges.txt at load time.
+vLLM, and `load` reads official release folders. The vendored Qwen2.5 files (tokenizer_files/qwen2_5 beside this
+module, see PROVENANCE.md there) hold no tokenizer.json (11 MB); it is built from vocab.json + merges.txt at load
+time.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jinja2.sandbox
 import tokenizers
 from tokenizers import AddedToken, pre_tokenizers, trainers
 
-QWEN2_5_DIR = Path(__file__).resolve().parents[2] / "converters" / "tokenizer_files" / "qwen2_5"
+QWEN2_5_DIR = Path(__file__).resolve().parent / "tokenizer_files" / "qwen2_5"
 
 # Qwen2's pre-tokenizer regex (single digits, letter runs, punctuation runs, whitespace), hub tokenizer.json layout.
 PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"

@@ -11,7 +11,7 @@ manifest, beside the usual `<step>/meta`. It is written and read one tensor at a
 exporting it never hold more than one tensor (or, when loading, the model on its devices) whatever the model
 size; the optimizer state is created when training starts, on the devices. Orbax would need each stacked
 parameter whole (one array per leaf: 3.2 GB for the 3B's MLP kernels in fp32, 77 GB for a 72B's); the per-layer
-HF layout also keeps one name table (`converters.hf`) for every safetensors file we read or write.
+HF layout also keeps one layout table (`models.qwen2_5_vl.params`) for every safetensors file we read or write.
 """
 
 from __future__ import annotations
@@ -197,7 +197,6 @@ def import_hf(model_dir: str | os.PathLike, out: str | os.PathLike, param_dtype:
     tensor plus a constant, whatever the model size. Names and shapes are checked against the config before
     anything is written; the folder appears in one rename when complete.
     """
-    from converters.check import dtype_key
     from converters.hf import folder_tensors, read_config
     from converters.release import make_temp_sibling, move_into_place, write_weights
     from vlmr1_jax.models.qwen2_5_vl.config import to_hf_config
@@ -218,7 +217,7 @@ def import_hf(model_dir: str | os.PathLike, out: str | os.PathLike, param_dtype:
     try:
         params = save_meta(tmp / CHECKPOINTS, 0, meta) / PARAMS
         params.mkdir()
-        write_weights(tensors, cfg, params, dtype_key(param_dtype), checksums=True)
+        write_weights(tensors, cfg, params, param_dtype, checksums=True)
         (params / "config.json").write_text(json.dumps(to_hf_config(cfg, param_dtype), indent=2) + "\n")
         move_into_place(tmp, out)
     except BaseException:
