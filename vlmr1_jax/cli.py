@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
+
+from vlmr1_jax.quiet import quiet_libraries, without_background_tracebacks
 
 # Each module exposes `register(subparsers)`; it adds its sub-command(s) and sets `func` on the parser.
 COMMAND_MODULES = (
@@ -35,23 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_libraries() -> None:
-    """Silence absl / orbax INFO chatter (hundreds of lines a run); warnings and errors still show."""
-    import logging
-
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    for name in ("absl", "orbax", "jax._src.xla_bridge"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
         quiet_libraries()
     try:
-        return int(args.func(args) or 0)
+        with contextlib.nullcontext() if args.debug else without_background_tracebacks():
+            return int(args.func(args) or 0)
     except USER_ERRORS as e:
         if args.debug:
             raise

@@ -15,8 +15,11 @@ silently cast a dtype), and again afterwards (shape, dtype, sharding). The meta 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -181,7 +184,8 @@ class Checkpointer:
         items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+        with _write_errors(self.directory):
+            return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -229,7 +233,8 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the last asynchronous save is committed."""
-        self._manager.wait_until_finished()
+        with _write_errors(self.directory):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.close()
@@ -239,6 +244,26 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+@contextlib.contextmanager
+def _write_errors(directory: Path):
+    """Turn a failed checkpoint write (raised here, or in orbax's writer threads and re-raised here) into an
+    `OSError` naming the folder and the cause, e.g. a full disk, instead of tensorstore's status text."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        code = _OS_ERROR_CODE.search(str(e))
+        if code is None:
+            raise
+        errno_ = int(code.group(1))
+        raise OSError(errno_, f"cannot write a checkpoint in {directory}: {os.strerror(errno_)} (free space or "
+                              f"point train.output_dir elsewhere, then run the same command again to resume)") from e
 
 
 def _resolve_step(manager: ocp.CheckpointManager, directory: Path, step: int | None) -> int:
