@@ -14,8 +14,9 @@ import functools
 import json
 import os
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +84,7 @@ def hf_entries(state: nnx.State) -> list[tuple[str, str, int | None, tuple[int, 
             entries += [(to_hf_name(path, i), path, i, tuple(var.shape[1:])) for i in range(var.shape[0])]
         else:
             entries.append((to_hf_name(path), path, None, tuple(var.shape)))
-    natural = lambda entry: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", entry[0])]  # noqa: E731
+    natural = lambda entry: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", entry[0])]
     return sorted(entries, key=natural)
 
 
@@ -311,7 +312,7 @@ def load_hf_model(model_dir: str | os.PathLike, *, dtype=np.float32, param_dtype
                   mesh: jax.sharding.Mesh | None = None) -> Qwen25VL:
     """Build our model from an HF Qwen2.5-VL folder, optionally sharded over `mesh`."""
     cfg = read_config(model_dir)
-    make = lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)  # noqa: E731
+    make = lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     shardings = None
     if mesh is not None:

@@ -22,11 +22,13 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 from flax import nnx
+
 from converters.check import DTYPES, INDEX_FILE, SINGLE_FILE, TARGETS, check_export, expected_tensors
 from converters.hf import folder_tensors, hf_tensors, read_config, write_checksums
 from converters.safetensors_io import ShardWriter, sha256
@@ -217,7 +219,7 @@ def model_card(cfg: Qwen25VLConfig, target: str, dtype: str, card: Mapping[str, 
     rewards = card.pop("rewards", None)
     steps = card.pop("steps", None)
     metrics = card.pop("metrics", None) or {}
-    as_list = lambda x: [x] if isinstance(x, str) else list(x or [])  # noqa: E731
+    as_list = lambda x: [x] if isinstance(x, str) else list(x or [])
     front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text"]
     if base:
         front.append(f"base_model: {json.dumps(str(base))}")

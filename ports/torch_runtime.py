@@ -15,8 +15,9 @@ import dataclasses
 import inspect
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -43,7 +44,7 @@ def npu_unavailable_reason() -> str | None:
     """None when torch_npu imports and sees an NPU, else why not."""
     torch = import_torch()
     try:
-        import torch_npu  # noqa: F401  (registers the "npu" device with torch)
+        import torch_npu  # noqa: F401 -- registers the "npu" device with torch
     except (ImportError, OSError, RuntimeError) as e:
         return f"torch_npu does not import ({type(e).__name__}: {e})"
     try:

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from vlmr1_jax.data.jsonl import Sample
 from vlmr1_jax.data.pipeline import make_prompt_iterator
 from vlmr1_jax.rl.step import init_train_state
-from vlmr1_jax.train.checkpoint import CheckpointError, Checkpointer, abstract_like, read_meta
+from vlmr1_jax.train.checkpoint import Checkpointer, CheckpointError, abstract_like, read_meta
 
 
 class Tiny(nnx.Module):
@@ -130,7 +130,7 @@ def test_save_every_keep_and_force(tmp_path):
 
 
 def test_grain_iterator_resumes_exactly(tmp_path):
-    make = lambda: make_prompt_iterator(samples(10), batch_size=2, seed=3, num_epochs=2)  # noqa: E731
+    make = lambda: make_prompt_iterator(samples(10), batch_size=2, seed=3, num_epochs=2)
     reference = [[s.id for s in batch] for batch in make()]  # 10 batches over two shuffled epochs
     it = make()
     for _ in range(6):
@@ -158,9 +158,8 @@ def test_read_meta_only(tmp_path):
 
 
 def test_meta_must_be_json(tmp_path):
-    with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
-        with pytest.raises(ValueError, match="JSON"):
-            ckpt.save(1, {"w": jnp.zeros(2)}, meta={"bad": object()})
+    with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt, pytest.raises(ValueError, match="JSON"):
+        ckpt.save(1, {"w": jnp.zeros(2)}, meta={"bad": object()})
 
 
 def test_mismatched_state_names_the_leaf(tmp_path):

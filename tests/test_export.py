@@ -18,8 +18,15 @@ from safetensors import safe_open
 from converters import cli as converters_cli
 from converters.check import check_export
 from converters.hf import flat_paths, iter_hf_tensors, load_hf_model
-from converters.release import (RELEASE_MARKER, ExportError, export_hf_folder, export_release, parse_size,
-                                plan_shards, resolve_dtype)
+from converters.release import (
+    RELEASE_MARKER,
+    ExportError,
+    export_hf_folder,
+    export_release,
+    parse_size,
+    plan_shards,
+    resolve_dtype,
+)
 from hf_models import TINY_CONFIG, save_random_hf_model
 from vlmr1_jax.processing.tokenizer import build_compact_tokenizer
 
@@ -275,7 +282,7 @@ def test_existing_folder_is_never_half_overwritten(model, source_dir, tmp_path, 
 def test_export_command(source_dir, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     converters_cli.register(parser.add_subparsers(dest="command"))
-    run = lambda *argv: (lambda a: a.func(a))(parser.parse_args(list(argv)))  # noqa: E731
+    run = lambda *argv: (lambda a: a.func(a))(parser.parse_args(list(argv)))
     out = tmp_path / "a2"
     card = tmp_path / "card.json"
     card.write_text(json.dumps({"steps": 7, "rewards": ["accuracy"]}))

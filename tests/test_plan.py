@@ -22,9 +22,17 @@ from vlmr1_jax.parallel.mesh import make_mesh
 from vlmr1_jax.rl.lora import apply_lora
 from vlmr1_jax.rl.step import init_train_state, make_grpo_step, make_logprob_fn, make_optimizer
 from vlmr1_jax.train.loop import make_generate_fn
-from vlmr1_jax.train.plan import (DEVICE_HBM_GIB, EXIT_DOES_NOT_FIT, abstract_train_state, analytic_param_counts,
-                                  device_bytes, make_plan, model_config, plan_tokenizer,
-                                  representative_prompts)
+from vlmr1_jax.train.plan import (
+    DEVICE_HBM_GIB,
+    EXIT_DOES_NOT_FIT,
+    abstract_train_state,
+    analytic_param_counts,
+    device_bytes,
+    make_plan,
+    model_config,
+    plan_tokenizer,
+    representative_prompts,
+)
 from vlmr1_jax.train.setup import build_model, frozen_dtype_of, load_tokenizer, on_mesh, to_device
 
 # Small shapes: 8 prompts x 2 samples (both split over the 8 devices), an 84x56 image (6 tokens), 8 new tokens.
@@ -145,7 +153,7 @@ def test_analytic_param_count_matches_real_models():
     """The formula's count equals the parameters of the real model: allocated for tiny, abstract (the real
     constructor under eval_shape) for the released sizes; LoRA adapters as apply_lora adds them."""
     tiny = Qwen25VL(PRESETS["tiny"], rngs=nnx.Rngs(0))
-    count = lambda m: sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    count = lambda m: sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
     assert analytic_param_counts(PRESETS["tiny"])["total"] == count(tiny)
     apply_lora(tiny, 4, 8.0)
     adapters = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(tiny, LoRAParam)))
@@ -224,5 +232,5 @@ def test_hf_folder_needs_only_its_config(tiny_hf_dir, tmp_path):
     optimizer, _ = make_optimizer(cfg.optim, 1)
     _, state = abstract_train_state(cfg, model_cfg, make_mesh(cfg.mesh), optimizer)
     real = load_hf_model(tiny_hf_dir)
-    shapes = lambda tree: [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]  # noqa: E731
+    shapes = lambda tree: [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
     assert shapes(state.trainable) == shapes(nnx.state(real, nnx.Param))

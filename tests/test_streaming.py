@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from converters.hf import CHECKSUMS_FILE, iter_hf_tensors, load_hf_model, stored_tensors
+from hf_models import TINY_CONFIG
 from test_export import CORPUS, compact_config, make_release_source
 from test_restore_export import assert_same_params, cli, host_params, shared_source
-from hf_models import TINY_CONFIG
 from vlmr1_jax.models.qwen2_5_vl.config import from_hf_config
 from vlmr1_jax.processing.tokenizer import build_compact_tokenizer
 from vlmr1_jax.train.checkpoint import CheckpointError

@@ -21,8 +21,15 @@ from vlmr1_jax.models.qwen2_5_vl.text import KVCache
 from vlmr1_jax.parallel.mesh import MeshConfig, batch_sharding, make_mesh
 from vlmr1_jax.processing.batch import build_prompt_batch
 from vlmr1_jax.rl.lora import apply_lora, lora_targets
-from vlmr1_jax.rl.step import (completion_logprobs, current_model, init_train_state, make_grpo_step, make_optimizer,
-                               make_sft_step, trainable_filter)
+from vlmr1_jax.rl.step import (
+    completion_logprobs,
+    current_model,
+    init_train_state,
+    make_grpo_step,
+    make_optimizer,
+    make_sft_step,
+    trainable_filter,
+)
 from vlmr1_jax.train.setup import to_device
 
 # Four prompts (the batch axis splits over data x fsdp = 4), G = 2 samples each, completions of T tokens.

@@ -6,8 +6,7 @@ import argparse
 import collections
 
 from vlmr1_jax.data import synthetic
-from vlmr1_jax.data.jsonl import (DataError, LoadReport, Sample, duplicate_ids, load_jsonl_datasets,
-                                  read_image_sizes)
+from vlmr1_jax.data.jsonl import DataError, LoadReport, Sample, duplicate_ids, load_jsonl_datasets, read_image_sizes
 from vlmr1_jax.processing.image import IMAGE_FACTOR, MAX_IMAGE_PIXELS, MAX_PIXELS, MIN_PIXELS, processed_size
 
 

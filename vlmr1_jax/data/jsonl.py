@@ -162,7 +162,7 @@ def check_image_file(path: str, folder: str, max_image_pixels: int = MAX_IMAGE_P
             image = Image.open(path)
     except Image.DecompressionBombError as e:
         raise problem("image_too_large", f"PIL refuses it as a decompression bomb ({e})") from None
-    except Exception as e:  # noqa: BLE001 - PIL signals a bad file with many exception types
+    except Exception as e:  # noqa: BLE001 -- PIL signals a bad file with many exception types
         raise problem("unreadable_image", f"cannot open ({type(e).__name__}: {e})") from None
     with image:
         width, height = image.size
@@ -176,7 +176,7 @@ def check_image_file(path: str, folder: str, max_image_pixels: int = MAX_IMAGE_P
                           "crop or pad the image") from None
         try:
             _check_complete(image, path)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 -- as above, for a truncated or corrupt file
             raise problem("unreadable_image", f"truncated or corrupt ({type(e).__name__}: {e})") from None
 
 
@@ -347,7 +347,7 @@ def read_image_sizes(sample: Sample) -> list[tuple[int, int]]:
             with Image.open(path) as im:
                 im.load()
                 width, height = im.size
-        except Exception as e:  # noqa: BLE001 - PIL signals a bad file with many exception types
+        except Exception as e:  # noqa: BLE001 -- PIL signals a bad file with many exception types
             raise DataError("unreadable_image", sample.source, sample.line, name,
                             f"cannot decode {path}: {type(e).__name__}: {e}") from None
         sizes.append((height, width))

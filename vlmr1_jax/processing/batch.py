@@ -7,7 +7,7 @@ train step compile a handful of programs, not one per batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -9,7 +9,7 @@ they never attend and are never attended. The window count is padded to a bucket
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -15,7 +15,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from vlmr1_jax.rewards.common import (
-    RewardInputError, as_box, clean_text, first_answer, first_between, iou, last_answer, last_between,
+    RewardInputError,
+    as_box,
+    clean_text,
+    first_answer,
+    first_between,
+    iou,
+    last_answer,
+    last_between,
 )
 
 JSON_OPEN, FENCE = "```json", "```"

@@ -11,7 +11,14 @@ import numpy as np
 from PIL import Image
 
 from vlmr1_jax.rewards.common import (
-    Box, RewardInputError, aligned, as_box, first_answer, iou, last_answer, score_samples,
+    Box,
+    RewardInputError,
+    aligned,
+    as_box,
+    first_answer,
+    iou,
+    last_answer,
+    score_samples,
 )
 from vlmr1_jax.rewards.format import THINK_THEN_ANSWER
 from vlmr1_jax.rewards.registry import register_reward

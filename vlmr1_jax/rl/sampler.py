@@ -9,7 +9,7 @@ filtering), i.e. what the GRPO step computes, so they serve as old log-probs whe
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -8,7 +8,8 @@ LoRA adapters) and frozen ones; the step is a pure function of (state, batch) wi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -164,7 +165,7 @@ def _apply_gradients(state: TrainState, loss: jax.Array, grads: nnx.State, optim
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     trainable = keep(optax.apply_updates(state.trainable, updates), state.trainable)
     metrics = {"grad_norm": grad_norm, "learning_rate": schedule(state.step // grad_accum),
                "nonfinite": (~finite).astype(jnp.float32)}

@@ -25,8 +25,17 @@ from vlmr1_jax.train.checkpoint import Checkpointer, abstract_like, read_meta
 from vlmr1_jax.train.identity import check_resume
 from vlmr1_jax.train.metrics import MetricsWriter, mean_metrics
 from vlmr1_jax.train.restore import imported_params
-from vlmr1_jax.train.setup import (build_model, check_model_config, frozen_dtype_of, load_samples, load_tokenizer,
-                                   on_mesh, resolve_max_steps, run_dir, setup_mesh)
+from vlmr1_jax.train.setup import (
+    build_model,
+    check_model_config,
+    frozen_dtype_of,
+    load_samples,
+    load_tokenizer,
+    on_mesh,
+    resolve_max_steps,
+    run_dir,
+    setup_mesh,
+)
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,16 @@ import random
 import time
 from pathlib import Path
 
-from vlmr1_jax.config import (DataConfig, GRPOConfig, ModelConfig, OptimConfig, RunConfig, SFTConfig, TrainConfig,
-                              to_dict)
+from vlmr1_jax.config import (
+    DataConfig,
+    GRPOConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    SFTConfig,
+    TrainConfig,
+    to_dict,
+)
 from vlmr1_jax.data.jsonl import load_jsonl_datasets
 from vlmr1_jax.data.synthetic import corpus_strings, image_folder, write_default_dataset
 from vlmr1_jax.eval.rec import GreedyDecoder, evaluate_rec

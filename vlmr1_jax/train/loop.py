@@ -9,7 +9,8 @@ updates, with the sampler's log-probs as the old policy (they equal the forward'
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -4,8 +4,9 @@ and the host -> device transfer of prompt batches."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +20,7 @@ from vlmr1_jax.data.jsonl import Sample, load_jsonl_datasets
 from vlmr1_jax.models.layers import LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, get_preset, with_overrides
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-from vlmr1_jax.parallel.mesh import (create_sharded, initialize_distributed, logical_to_spec, make_mesh,
-                                     state_shardings)
+from vlmr1_jax.parallel.mesh import create_sharded, initialize_distributed, logical_to_spec, make_mesh, state_shardings
 from vlmr1_jax.processing.batch import PromptBatch
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer, qwen2_5_tokenizer
 from vlmr1_jax.rl.lora import apply_lora

@@ -92,14 +92,14 @@ class Qwen25VLConfig:
     eos_token_id: int = 151645
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Qwen25VLConfig":
+    def from_dict(cls, data: dict[str, Any]) -> Qwen25VLConfig:
         """Inverse of `dataclasses.asdict` (lists back to tuples), e.g. for checkpoint metadata."""
-        tuples = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # noqa: E731
+        tuples = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         rest = {k: v for k, v in data.items() if k not in ("text", "vision")}
         return cls(text=TextConfig(**tuples(data["text"])), vision=VisionConfig(**tuples(data["vision"])),
                    **rest).validate()
 
-    def validate(self, check_token_ids: bool = True) -> "Qwen25VLConfig":
+    def validate(self, check_token_ids: bool = True) -> Qwen25VLConfig:
         """Raise ValueError naming the field on an inconsistent config; `check_token_ids=False` only for presets
         whose ids and vocabulary come from a tokenizer later (`with_overrides`)."""
         t, v = self.text, self.vision

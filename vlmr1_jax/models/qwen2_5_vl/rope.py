@@ -7,7 +7,7 @@ transformers is installed: 4.57 truncates fractional `second_per_grid_ts` and 5.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

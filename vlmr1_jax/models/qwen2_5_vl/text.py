@@ -8,8 +8,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlmr1_jax.models.layers import (REMAT_POLICIES, Dense, GatedMLP, RMSNorm, apply_rotary, attention, param,
-                                     run_layers, stacked)
+from vlmr1_jax.models.layers import (
+    REMAT_POLICIES,
+    Dense,
+    GatedMLP,
+    RMSNorm,
+    apply_rotary,
+    attention,
+    param,
+    run_layers,
+    stacked,
+)
 from vlmr1_jax.models.qwen2_5_vl.config import TextConfig
 from vlmr1_jax.models.qwen2_5_vl.rope import inv_frequencies, mrope_cos_sin
 from vlmr1_jax.parallel.mesh import constrain
@@ -34,14 +43,14 @@ class KVCache:
     AXES = ("layers", "batch", "length", "kv_heads", None)  # logical axes of k and v
 
     @classmethod
-    def empty(cls, cfg: TextConfig, batch: int, size: int, dtype: jnp.dtype) -> "KVCache":
+    def empty(cls, cfg: TextConfig, batch: int, size: int, dtype: jnp.dtype) -> KVCache:
         shape = (cfg.num_hidden_layers, batch, size, cfg.num_key_value_heads, cfg.head_dim)
         return cls(constrain(jnp.zeros(shape, dtype), cls.AXES), constrain(jnp.zeros(shape, dtype), cls.AXES),
                    jnp.zeros((batch, size), bool), jnp.zeros((), jnp.int32))
 
-    def repeat(self, times: int) -> "KVCache":
+    def repeat(self, times: int) -> KVCache:
         """Fan each row out to `times` consecutive rows (prefill once, sample G completions)."""
-        rep = lambda x: constrain(jnp.repeat(x, times, axis=1), self.AXES)  # noqa: E731
+        rep = lambda x: constrain(jnp.repeat(x, times, axis=1), self.AXES)
         return KVCache(rep(self.k), rep(self.v), jnp.repeat(self.valid, times, axis=0), self.index)
 
 

@@ -12,8 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlmr1_jax.models.layers import (ACTIVATIONS, REMAT_POLICIES, Dense, GatedMLP, RMSNorm, apply_rotary, attention,
-                                     param, run_layers, stacked)
+from vlmr1_jax.models.layers import (
+    ACTIVATIONS,
+    REMAT_POLICIES,
+    Dense,
+    GatedMLP,
+    RMSNorm,
+    apply_rotary,
+    attention,
+    param,
+    run_layers,
+    stacked,
+)
 from vlmr1_jax.models.qwen2_5_vl.config import VisionConfig
 from vlmr1_jax.models.qwen2_5_vl.rope import inv_frequencies, vision_cos_sin
 from vlmr1_jax.parallel.mesh import constrain
@@ -38,9 +48,9 @@ class VisionAttention(nnx.Module):
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         # Rotate in fp32 and cast back, as HF's vision path does.
-        rot = lambda t: apply_rotary(t.astype(jnp.float32), cos[:, None], sin[:, None]).astype(t.dtype)  # noqa
+        rot = lambda t: apply_rotary(t.astype(jnp.float32), cos[:, None], sin[:, None]).astype(t.dtype)
         q, k = rot(q), rot(k)
-        pad = lambda t: jnp.concatenate([t, jnp.zeros_like(t[:1])])  # noqa: E731  (row N = padding)
+        pad = lambda t: jnp.concatenate([t, jnp.zeros_like(t[:1])])  # row N = padding
         out = attention(*(jnp.take(pad(t), blocks, axis=0) for t in (q, k, v)), mask)
         out = jnp.zeros((n + 1, *out.shape[2:]), out.dtype).at[blocks].set(out)[:n]
         return self.proj(out.reshape(n, d))
@@ -115,7 +125,7 @@ class VisionTower(nnx.Module):
         full_blocks = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
 
         def body(block: VisionBlock, x, full):
-            run = lambda f: constrain(block(x, cos, sin, groups[f], masks[f]), ROW_AXES)  # noqa: E731
+            run = lambda f: constrain(block(x, cos, sin, groups[f], masks[f]), ROW_AXES)
             if isinstance(full, (bool, np.bool_)):  # unrolled: a static choice
                 return run(bool(full)), None
             return jax.lax.cond(full, lambda: run(True), lambda: run(False)), None
