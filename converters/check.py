@@ -300,7 +300,7 @@ def _tokenizer_problems(folder: Path, cfg: Qwen25VLConfig) -> list[str]:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except Exception as e:  # jinja2 raises many types for a broken template
+    except Exception as e:  # noqa: BLE001 -- jinja2 raises many types for a broken template
         return problems + [f"chat template does not render: {type(e).__name__}: {e}"]
     if "<|vision_start|><|image_pad|><|vision_end|>" not in text or not text.endswith("<|im_start|>assistant\n"):
         problems.append(f"chat template renders an image turn unexpectedly: {text!r}")

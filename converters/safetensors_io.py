@@ -99,7 +99,7 @@ class ShardWriter:
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-(8 + len(text)) % _ALIGN)
-        self._file = open(self.path, "wb")
+        self._file = open(self.path, "wb")  # noqa: SIM115 -- open across write() calls, closed by close()
         self._file.write(struct.pack("<Q", len(text)) + text)
         self._pending.reverse()
 

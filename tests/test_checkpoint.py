@@ -39,8 +39,8 @@ def make_state(seed: int, updates: int = 0, with_reference: bool = True):
     _, state = init_train_state(Tiny(seed), "freeze_vision", tx, with_reference)
     key = jax.random.key(seed)
     for i in range(updates):
-        grads = jax.tree.map(lambda x: jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype),
-                             state.trainable)
+        k = jax.random.fold_in(key, i)
+        grads = jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape, x.dtype), state.trainable)
         upd, opt_state = tx.update(grads, state.opt_state, state.trainable)
         state = dataclasses.replace(state, step=state.step + 1, opt_state=opt_state,
                                     trainable=optax.apply_updates(state.trainable, upd))
@@ -189,9 +189,9 @@ def test_mismatched_state_names_the_leaf(tmp_path):
             ckpt.restore(target)
         with pytest.raises(FileNotFoundError, match="step 9"):
             ckpt.restore(target, step=9)
-    with Checkpointer(tmp_path / "empty", save_every=1, keep=1) as ckpt:
-        with pytest.raises(FileNotFoundError, match="no checkpoint"):
-            ckpt.restore(target)
+    with Checkpointer(tmp_path / "empty", save_every=1, keep=1) as ckpt, pytest.raises(FileNotFoundError,
+                                                                                      match="no checkpoint"):
+        ckpt.restore(target)
 
 
 def test_damaged_checkpoint_is_a_clear_error(tmp_path):

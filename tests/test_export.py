@@ -73,7 +73,7 @@ def shard_tensors(folder: Path) -> dict[str, tuple[np.ndarray, str, dict]]:
     out = {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(path, framework="numpy") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 -- safe_open has keys() but is not iterable
                 out[name] = (f.get_tensor(name), path.name, f.metadata())
     return out
 
@@ -263,7 +263,7 @@ def test_existing_folder_is_never_half_overwritten(model, source_dir, tmp_path, 
     with pytest.raises(FileExistsError, match="overwrite"):
         export_release(model, model.cfg, out, dtype="fp32", tokenizer_dir=source_dir)
     monkeypatch.setattr("converters.release.check_export", lambda folder, target: ["config.json: broken"])
-    with pytest.raises(ExportError, match="config.json: broken"):
+    with pytest.raises(ExportError, match=r"config\.json: broken"):
         export_release(model, model.cfg, out, dtype="fp32", tokenizer_dir=source_dir, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
     assert sorted(p.name for p in out.iterdir()) == sorted([RELEASE_MARKER, "keep.txt"])

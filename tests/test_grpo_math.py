@@ -185,7 +185,7 @@ def test_loss_errors():
         get_loss("grpo")(*args, beta=0.04)
     with pytest.raises(ValueError, match="advantages"):
         get_loss("grpo")(_f32(x["logp"]), None, None, _f32(x["adv"][:3]), _f32(x["mask"]), beta=0.0)
-    with pytest.raises(ValueError, match="unknown loss 'ppo'.*grpo"):
+    with pytest.raises(ValueError, match=r"unknown loss 'ppo'.*grpo"):
         get_loss("ppo")
     with pytest.raises(ValueError, match="already registered"):
         register_loss("grpo")(lambda *a, **k: None)

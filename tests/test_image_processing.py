@@ -153,5 +153,5 @@ def test_load_image_composites_alpha_on_white_and_names_bad_files(tmp_path):
     loaded = np.asarray(load_image(tmp_path / "alpha.png"))
     assert tuple(loaded[0, 0]) == (10, 20, 30) and tuple(loaded[-1, -1]) == (255, 255, 255)
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="bad.png"):
+    with pytest.raises(ValueError, match=r"bad\.png"):
         load_image(tmp_path / "bad.png")

@@ -159,7 +159,7 @@ def test_analytic_param_count_matches_real_models():
     adapters = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(tiny, LoRAParam)))
     assert analytic_param_counts(PRESETS["tiny"], lora_rank=4)["lora"] == adapters
     for name in ("demo-s", "qwen2.5-vl-3b", "qwen2.5-vl-7b"):  # tied and untied heads
-        abstract = nnx.eval_shape(lambda: Qwen25VL(PRESETS[name], rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda cfg=PRESETS[name]: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
         assert analytic_param_counts(PRESETS[name])["total"] == count(abstract), name
     assert abs(analytic_param_counts(PRESETS["qwen2.5-vl-3b"])["total"] / 1e9 - 3.75) < 0.01  # the release's size
     assert abs(analytic_param_counts(PRESETS["qwen2.5-vl-7b"])["total"] / 1e9 - 8.29) < 0.01
@@ -167,7 +167,7 @@ def test_analytic_param_count_matches_real_models():
 
 @pytest.mark.slow
 def test_plan_params_are_the_model_params(planned):
-    cfg, plan, (state, _, _) = planned
+    _cfg, plan, (state, _, _) = planned
     real = sum(x.size for x in jax.tree.leaves((state.trainable, state.frozen)))
     assert plan.params == real == plan.analytic_params["total"]
 

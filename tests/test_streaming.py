@@ -93,7 +93,8 @@ def test_conversions_hold_a_few_tensors_not_the_model(big_source, tmp_path):
     duo, exported = dict(iter_hf_tensors(release)), dict(iter_hf_tensors(back))
     for name, value in iter_hf_tensors(source):
         assert value.dtype == ml_dtypes.bfloat16
-        assert duo[name].dtype == np.float16 and np.array_equal(duo[name], value.astype(np.float32).astype(np.float16)), name
+        half = value.astype(np.float32).astype(np.float16)
+        assert duo[name].dtype == np.float16 and np.array_equal(duo[name], half), name
         assert params[name].dtype == np.float32 and np.array_equal(params[name], value.astype(np.float32)), name
         assert exported[name].tobytes() == params[name].tobytes(), name
     assert duo.keys() == params.keys() == exported.keys()

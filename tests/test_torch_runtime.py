@@ -63,7 +63,7 @@ def test_broken_torch_npu_falls_back(tmp_path, monkeypatch):
 
     assert pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device("cpu") == "cpu"
-    with pytest.raises(RuntimeError, match="--device npu: torch_npu does not import .*libhccl"):
+    with pytest.raises(RuntimeError, match=r"--device npu: torch_npu does not import .*libhccl"):
         pick_device("npu")
     with pytest.raises(ValueError, match="unknown device"):
         pick_device("tpu")

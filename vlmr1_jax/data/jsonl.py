@@ -40,7 +40,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One normalised prompt: VLM-R1's `problem` / `solution` columns, image paths joined to their folder, provenance."""
+    """One normalised prompt: VLM-R1's `problem` / `solution` columns, image paths joined to their folder, origin."""
 
     id: Any
     problem: str

@@ -6,6 +6,7 @@ modules themselves know nothing about devices.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -205,8 +206,8 @@ def run_layers(layers: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[
     count = jax.tree.leaves(state)[0].shape[0]
     outputs = []
     for i in range(count):
-        layer_slice = jax.tree.map(lambda a: a[i], state)
-        x = None if xs is None else jax.tree.map(lambda a: a[i], xs)
+        layer_slice = jax.tree.map(operator.itemgetter(i), state)
+        x = None if xs is None else jax.tree.map(operator.itemgetter(i), xs)
         carry, y = one(carry, (layer_slice, x))
         outputs.append(y)
     ys = None if outputs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)

@@ -30,7 +30,7 @@ IMAGE_SIZE = 2048  # VLM-R1's fixed COCO image size; boxes are never clipped to 
 
 
 def json_block(text: str, *, last: bool) -> str | None:
-    """Stripped body of the last (or first) ```` ```json ... ``` ```` block (VLM-R1's `` ```json(.*?)``` ``), or None."""
+    """Stripped body of the last (or first) ```` ```json ... ``` ```` block (VLM-R1's `` ```json(.*?)``` ``) or None."""
     body = last_between(text, JSON_OPEN, FENCE) if last else first_between(text, JSON_OPEN, FENCE)
     return body.strip() if body is not None else None
 
@@ -47,7 +47,7 @@ def predicted_entries(text: str, *, last: bool) -> list:
         return []
     try:
         return _entries(json.loads(block))
-    except Exception:  # JSONDecodeError, RecursionError, oversized integers
+    except Exception:  # noqa: BLE001 -- JSONDecodeError, RecursionError, oversized integers: a reward never raises
         return []
 
 
@@ -58,7 +58,7 @@ def truth_entries(text: str, *, last: bool) -> list[dict]:
         return []
     try:
         data = json.loads(block)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- any json.loads failure is one clear error
         raise RewardInputError(f"solution: the ```json block is not valid JSON ({err})") from None
     if not isinstance(data, list):
         raise RewardInputError(f"solution: the ```json block holds a {type(data).__name__}, expected a list of boxes")

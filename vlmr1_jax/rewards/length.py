@@ -90,7 +90,7 @@ def _load_json(text: str) -> Any:
     `REPAIR_SECONDS`, else None."""
     try:
         return json.loads(text)
-    except Exception:
+    except Exception:  # noqa: BLE001 -- not JSON as it stands: try the repair below
         pass
     if len(text) > REPAIR_MAX_CHARS:
         return None
@@ -101,7 +101,7 @@ def _load_json(text: str) -> Any:
         return None
     try:
         return json.loads(repaired)
-    except Exception:  # None (repair_json raised), or still not JSON
+    except Exception:  # noqa: BLE001 -- None (repair_json raised), or still not JSON
         return None
 
 

@@ -36,7 +36,7 @@ def answer(op: str, seconds: float, args: list) -> dict:
         signal.setitimer(signal.ITIMER_REAL, seconds)
         try:
             reply = {"result": OPS[op](*args)}
-        except Exception:
+        except Exception:  # noqa: BLE001 -- math_verify / json_repair fail many ways on model text
             reply = {"result": None}
         signal.setitimer(signal.ITIMER_REAL, 0)
     except TimeUp:

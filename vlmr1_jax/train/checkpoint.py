@@ -191,7 +191,7 @@ def _stored_items(manager: ocp.CheckpointManager, step: int, where: str) -> dict
     """Item name -> stored metadata (the array tree for `state`) of one saved step."""
     try:
         items = manager.metadata(step).item_metadata
-        return {name: value for name, value in items.items()}
+        return dict(items.items())
     except Exception as e:
         raise CheckpointError(f"cannot read the metadata of {where}: {type(e).__name__}: {e}") from e
 

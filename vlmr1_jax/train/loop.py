@@ -94,7 +94,8 @@ class GRPOTrainer(Trainer):
             train_batch["old_logprobs"] = out["logprobs"]
         lengths = mask.sum(1)
         metrics = {"completion_length": float(lengths.mean()),
-                   **{f"rewards/{name}": float(v.mean()) for name, v in per_fn.items()}, "reward": float(rewards.mean()),
+                   **{f"rewards/{name}": float(v.mean()) for name, v in per_fn.items()},
+                   "reward": float(rewards.mean()),
                    "reward_std": float(np.asarray(group_std).mean()), "time/sample": t1 - t0, "time/score": t2 - t1,
                    "tokens_per_second": float(lengths.sum()) / max(t1 - t0, 1e-9)}
         if self.rollouts is not None:
