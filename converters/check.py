@@ -20,6 +20,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from vlmr1_jax.extras import require_torch_extra
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -424,6 +425,7 @@ def forward_report(model_dir: str | os.PathLike, dtype: str | None = None, image
     """Run transformers' Qwen2.5-VL on CPU in `dtype` (default: the config's torch_dtype) on one image prompt,
     recording the largest |activation| and inf/NaN count of every vision block, the merger, every decoder layer
     and the logits. Random-looking inputs can miss overflows that real images trigger: pass a real `image`."""
+    require_torch_extra("the forward check (check-export --forward)")
     os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # a stray torch-npu must not break `import torch`
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration

@@ -78,7 +78,7 @@ def to_hf_name(path: str, layer: int | None = None) -> str:
 def hf_entries(state: nnx.State) -> list[tuple[str, str, int | None, tuple[int, ...]]]:
     """(HF name, our path, layer index or None, HF-side shape before `to_hf_tensor`) for every tensor HF stores,
     in HF order (layer by layer): one entry per layer of each stacked parameter."""
-    entries = []
+    entries: list[tuple[str, str, int | None, tuple[int, ...]]] = []
     for path, var in flat_paths(state).items():
         if is_stacked(path):
             entries += [(to_hf_name(path, i), path, i, tuple(var.shape[1:])) for i in range(var.shape[0])]

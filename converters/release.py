@@ -386,7 +386,7 @@ def _write_release(tensors: Iterable[tuple[str, np.ndarray]], cfg: Qwen25VLConfi
     base_generation = Path(base_model_dir) / "generation_config.json" if base_model_dir is not None else None
     if base_generation is not None and base_generation.is_file():
         shutil.copyfile(base_generation, folder / "generation_config.json")
-        notes.append(f"generation_config.json: copied from {Path(base_model_dir).name}")
+        notes.append(f"generation_config.json: copied from {base_generation.parent.name}")
     else:
         _write_json(folder / "generation_config.json", generation_config(tokenizer))
         notes.append("generation_config.json: vlmr1-jax defaults (no base-model file): greedy, stop at "

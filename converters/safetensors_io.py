@@ -64,7 +64,7 @@ def read_tensor(path: str | os.PathLike, info: dict[str, Any], data_start: int) 
     dtype = NUMPY_DTYPES[info["dtype"]]
     begin, end = info["data_offsets"]
     out = np.empty(tuple(info["shape"]), dtype)
-    view = memoryview(out.reshape(-1).view(np.uint8))
+    view = out.reshape(-1).view(np.uint8).data
     with open(path, "rb") as f:
         f.seek(data_start + begin)
         done = 0
@@ -78,7 +78,7 @@ def read_tensor(path: str | os.PathLike, info: dict[str, Any], data_start: int) 
 
 def sha256(array: np.ndarray) -> str:
     """Hex SHA-256 of an array's bytes (C order)."""
-    return hashlib.sha256(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data).hexdigest()
 
 
 class ShardWriter:
@@ -111,7 +111,7 @@ class ShardWriter:
         if name != want_name or array.dtype != NUMPY_DTYPES[code] or tuple(array.shape) != shape:
             raise ValueError(f"{self.path}: got {name!r} {array.dtype.name}{list(array.shape)}, the header's next "
                              f"tensor is {want_name!r} {NUMPY_DTYPES[code].name}{list(shape)}")
-        self._file.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+        self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
 
     def close(self) -> None:
         self._file.close()

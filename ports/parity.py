@@ -16,6 +16,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Sequence
+from typing import Any
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # a stray torch-npu must not break `import torch`
 
@@ -25,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from converters.hf import load_hf_model
+from vlmr1_jax.extras import require_torch_extra
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlmr1_jax.models.qwen2_5_vl.rope import get_rope_index
 from vlmr1_jax.models.qwen2_5_vl.text import KVCache
@@ -116,7 +118,8 @@ def make_inputs(cfg: Qwen25VLConfig, image_grids: Sequence[tuple[int, int, int]]
     per_row: list[list[tuple[int, tuple[int, int, int]]]] = [[] for _ in range(batch)]
     for i, item in enumerate(items):
         per_row[i % batch].append(item)
-    image_order, video_order = [], []
+    image_order: list[tuple[int, int, int]] = []
+    video_order: list[tuple[int, int, int]] = []
     for b in range(batch):
         for token, grid in per_row[b]:
             n = int(np.prod(grid)) // unit
@@ -185,6 +188,7 @@ def run_jax(model_dir: str, inputs: ParityInputs, dtype: jnp.dtype = jnp.float32
 
 def run_hf(model_dir: str, inputs: ParityInputs) -> Outputs:
     """transformers' side, in float32 eager attention, with our position ids passed explicitly."""
+    require_torch_extra("check-parity")
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -195,7 +199,7 @@ def run_hf(model_dir: str, inputs: ParityInputs) -> Outputs:
                                                                attn_implementation="eager").eval()
     positions, deltas = positions_for(cfg, inputs)
     t = torch.from_numpy
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     feats = []
     with torch.no_grad():
         if inputs.image_grids:

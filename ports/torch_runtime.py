@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vlmr1_jax.extras import require_torch_extra
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config
 from vlmr1_jax.processing.image import load_image, preprocess_image
 from vlmr1_jax.processing.prompts import build_messages
@@ -34,6 +35,7 @@ ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 def import_torch():
     """`import torch` with device-backend autoload disabled, so a torch-npu without CANN cannot break it."""
+    require_torch_extra("the torch backend")
     os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
     import torch
 

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from vlmr1_jax.extras import MissingExtraError
+
 # Each module exposes `register(subparsers)`; it adds its sub-command(s) and sets `func` on the parser.
 COMMAND_MODULES = (
     "ports.parity",
@@ -21,8 +23,9 @@ COMMAND_MODULES = (
 )
 
 
-# Errors that mean "the user's input or machine is wrong" (config values, paths, data, disk): one line, no traceback.
-USER_ERRORS = (ValueError, KeyError, OSError)
+# Errors that mean "the user's input or machine is wrong" (config values, paths, data, disk, a missing extra): one
+# line, no traceback.
+USER_ERRORS = (ValueError, KeyError, OSError, MissingExtraError)
 
 
 def build_parser() -> argparse.ArgumentParser:

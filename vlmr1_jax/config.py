@@ -175,7 +175,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     for key, value in values.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value or {}, f"{where}.{key}" if where else key)
+            kwargs[key] = _build(hint, value or {}, f"{where}.{key}" if where else key)  # type: ignore[arg-type]
         else:
             kwargs[key] = _coerce(value, hint, f"{where}.{key}" if where else key)
     return cls(**kwargs)

@@ -116,7 +116,8 @@ def _describe(value: Any, limit: int = 40) -> str:
     elif isinstance(value, (int, float)):
         kind = "number"
     else:
-        kind = {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+        kinds: dict[type, str] = {str: "string", list: "array", dict: "object"}
+        kind = kinds.get(type(value), type(value).__name__)
     text = json.dumps(value)
     return f"{kind} {text if len(text) <= limit else text[:limit] + '...'}"
 

@@ -81,13 +81,13 @@ def coco_map(predictions: list, truths: list[dict], *, ap50: bool = False) -> fl
     so queried-but-absent labels are never penalised (VLM-R1 semantics). No surviving prediction gives 0.0;
     pycocotools' -1 "no valid ground truth" sentinel (all boxes inverted or huge) is returned as 0.0.
     """
-    category = {}
+    category: dict[Any, int] = {}
     annotations = []
     for k, truth in enumerate(truths):
         category.setdefault(truth["label"], len(category))
         box = as_box(truth["bbox_2d"])
         annotations.append({"id": k + 1, "image_id": 0, "category_id": category[truth["label"]],
-                            "bbox": _xywh(box), "area": (box[2] - box[0]) * (box[3] - box[1]), "iscrowd": 0})
+                            "bbox": _xywh(box), "area": (box[2] - box[0]) * (box[3] - box[1]), "iscrowd": 0})  # type: ignore[arg-type, index]
     detections = []
     for pred in predictions:
         if not isinstance(pred, dict):
@@ -156,7 +156,7 @@ def _label(entry: Any) -> str | None:
 
 def _entry_iou(pred: Any, truth: dict) -> float:
     box = as_box(pred.get("bbox_2d")) if isinstance(pred, dict) else None
-    return iou(box, as_box(truth["bbox_2d"])) if box is not None else 0.0
+    return iou(box, as_box(truth["bbox_2d"])) if box is not None else 0.0  # type: ignore[arg-type]
 
 
 def detection_score(content: str, solution: str, *, iou_threshold: float = 0.5, alpha: float = 0.7,

@@ -73,7 +73,7 @@ def find_box_array(content: str) -> str | None:
     key = content.find('"bbox_2d"', start.end()) if start else -1
     label = content.find('"label"', key + len('"bbox_2d"')) if key >= 0 else -1
     end = _ARRAY_END.search(content, label + len('"label"')) if label >= 0 else None
-    return content[start.start():end.end()] if end else None
+    return content[start.start():end.end()] if start and end else None
 
 
 def _json_candidate(content: str) -> str | None:

@@ -8,6 +8,8 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from json_repair import repair_json
 from math_verify import parse, verify
@@ -27,7 +29,7 @@ def math_equal(student: str, truth: str) -> bool:
                         timeout_seconds=None)) > 0
 
 
-OPS = {"math_equal": math_equal, "repair_json": repair_json}
+OPS: dict[str, Callable[..., Any]] = {"math_equal": math_equal, "repair_json": repair_json}
 
 
 def answer(op: str, seconds: float, args: list) -> dict:

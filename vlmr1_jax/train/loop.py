@@ -84,7 +84,7 @@ class GRPOTrainer(Trainer):
         completions = self.tokenizer.batch_decode([row[m.astype(bool)] for row, m in zip(tokens, mask)])
         rewards, per_fn = score(completions, columns_for(samples, batch, g.num_generations), self.reward_fns)
         advantages, group_std = group_advantages(jnp.asarray(rewards), g.num_generations, g.scale_rewards)
-        advantages = np.asarray(advantages)  # host value: every process passes the same global array
+        advantages = np.asarray(advantages)  # type: ignore[assignment]  # host value: every process passes the same global array
         t2 = time.perf_counter()
         train_batch = {"prompts": prompts, "tokens": out["tokens"], "mask": out["mask"], "advantages": advantages}
         if g.beta > 0:
@@ -99,7 +99,7 @@ class GRPOTrainer(Trainer):
                    "reward_std": float(np.asarray(group_std).mean()), "time/sample": t1 - t0, "time/score": t2 - t1,
                    "tokens_per_second": float(lengths.sum()) / max(t1 - t0, 1e-9)}
         if self.rollouts is not None:
-            self.rollouts.write(self.step + 1, [s.problem for s in samples], completions, per_fn,  # metrics' step
+            self.rollouts.write(self.step + 1, [s.problem for s in samples], completions, per_fn,  # type: ignore[arg-type]  # metrics' step
                                 extra={"solution": [s.solution for s in samples for _ in range(g.num_generations)],
                                        "advantage": advantages.tolist()})
         return train_batch, metrics

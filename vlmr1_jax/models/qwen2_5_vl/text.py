@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +58,7 @@ class KVCache:
 class TextAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
         d, hd = cfg.hidden_size, cfg.head_dim
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw: dict[str, Any] = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q = Dense(d, cfg.num_attention_heads * hd, ("embed", "heads"), use_bias=True, **kw)
         self.k = Dense(d, cfg.num_key_value_heads * hd, ("embed", "kv_heads"), use_bias=True, **kw)
         self.v = Dense(d, cfg.num_key_value_heads * hd, ("embed", "kv_heads"), use_bias=True, **kw)
@@ -146,7 +147,7 @@ class TextModel(nnx.Module):
             mask = causal[None] & key_valid[:, None, :]
 
         def body(layer: DecoderLayer, x, layer_cache):
-            layer_cache = None if layer_cache is None else (*layer_cache, cache.index)
+            layer_cache = None if layer_cache is None else (*layer_cache, cache.index)  # type: ignore[union-attr]
             x, kv = layer(x, cos, sin, mask, layer_cache)
             return constrain(x, HIDDEN_AXES), (None if cache is None else kv)
 

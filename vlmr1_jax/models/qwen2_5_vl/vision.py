@@ -7,6 +7,8 @@ window or per (item, temporal patch), exactly as HF's variable-length attention 
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +37,7 @@ ROW_AXES = ("batch", "act_embed")
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
         d = cfg.hidden_size
-        kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw: dict[str, Any] = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.qkv = Dense(d, 3 * d, ("vision_embed", "vision_heads"), **kw)  # out axis = [q | k | v], head-major
         self.proj = Dense(d, d, ("vision_heads", "vision_embed"), **kw)
         self.num_heads = cfg.num_heads
@@ -51,7 +53,8 @@ class VisionAttention(nnx.Module):
         rot = lambda t: apply_rotary(t.astype(jnp.float32), cos[:, None], sin[:, None]).astype(t.dtype)
         q, k = rot(q), rot(k)
         pad = lambda t: jnp.concatenate([t, jnp.zeros_like(t[:1])])  # row N = padding
-        out = attention(*(jnp.take(pad(t), blocks, axis=0) for t in (q, k, v)), mask)
+        qb, kb, vb = (jnp.take(pad(t), blocks, axis=0) for t in (q, k, v))
+        out = attention(qb, kb, vb, mask)
         out = jnp.zeros((n + 1, *out.shape[2:]), out.dtype).at[blocks].set(out)[:n]
         return self.proj(out.reshape(n, d))
 
@@ -74,7 +77,7 @@ class PatchMerger(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
         wide = cfg.hidden_size * cfg.merge_unit
-        kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw: dict[str, Any] = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.ln_q = RMSNorm(cfg.hidden_size, cfg.norm_eps, "vision_embed", param_dtype=param_dtype)
         self.fc1 = Dense(wide, wide, ("vision_merge", "vision_mlp"), **kw)
         self.fc2 = Dense(wide, cfg.out_hidden_size, ("vision_mlp", "embed"), **kw)
