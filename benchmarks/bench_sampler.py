@@ -19,17 +19,16 @@ from pathlib import Path
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from hf_models import TINY_CONFIG, save_random_hf_model  # noqa: E402
-
-from converters.hf import load_hf_model  # noqa: E402
-from vlmr1_jax.processing.batch import build_prompt_batch  # noqa: E402
-from vlmr1_jax.rl.sampler import Sampler, SamplingConfig  # noqa: E402
+from converters.hf import load_hf_model
+from hf_models import TINY_CONFIG, save_random_hf_model
+from vlmr1_jax.processing.batch import build_prompt_batch
+from vlmr1_jax.rl.sampler import Sampler, SamplingConfig
 
 # A demo-sized model ("demo-s") with the tiny test config's special token ids.
 BENCH_CONFIG = copy.deepcopy(TINY_CONFIG)

@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from converters.safetensors_io import ITEMSIZE, read_safetensors_header
 from converters.targets import TARGETS, check_target
 from vlmr1_jax.dtypes import DTYPES
-from vlmr1_jax.filenames import (CHAT_TEMPLATE_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE,
-                                 PREPROCESSOR_CONFIG_FILE, SINGLE_FILE)
+from vlmr1_jax.filenames import (
+    CHAT_TEMPLATE_FILE,
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    INDEX_FILE,
+    PREPROCESSOR_CONFIG_FILE,
+    SINGLE_FILE,
+)
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config
 from vlmr1_jax.models.qwen2_5_vl.params import TIED_HEAD, expected_hf_shapes
 
@@ -215,7 +222,7 @@ def _tokenizer_problems(folder: Path, cfg: Qwen25VLConfig) -> list[str]:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except Exception as e:  # jinja2 raises many types for a broken template
+    except Exception as e:  # noqa: BLE001 -- jinja2 raises many types for a broken template
         return problems + [f"chat template does not render: {type(e).__name__}: {e}"]
     if "<|vision_start|><|image_pad|><|vision_end|>" not in text or not text.endswith("<|im_start|>assistant\n"):
         problems.append(f"chat template renders an image turn unexpectedly: {text!r}")

@@ -48,8 +48,13 @@ def export_checkpoint(source: Path, out: str, *, lora: str | None = None, step: 
 
     from converters.peft import export_peft_adapter
     from converters.release import export_hf_folder, export_release
-    from vlmr1_jax.train.restore import (checkpoint_meta, imported_params, load_checkpoint, restore_for_export,
-                                         run_config_from_dict)
+    from vlmr1_jax.train.restore import (
+        checkpoint_meta,
+        imported_params,
+        load_checkpoint,
+        restore_for_export,
+        run_config_from_dict,
+    )
 
     meta = checkpoint_meta(source, step)
     run = run_config_from_dict(meta["run_config"])

@@ -14,8 +14,9 @@ import dataclasses
 import functools
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,16 @@ from converters.safetensors_io import read_header, read_tensor, save_tensors, sh
 from vlmr1_jax.filenames import CHECKSUMS_FILE, CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-from vlmr1_jax.models.qwen2_5_vl.params import (TIED_HEAD, canonical_hf_name, expected_hf_shapes, flat_paths,
-                                                from_hf_tensor, hf_entries, hf_shape, to_hf_tensor)
+from vlmr1_jax.models.qwen2_5_vl.params import (
+    TIED_HEAD,
+    canonical_hf_name,
+    expected_hf_shapes,
+    flat_paths,
+    from_hf_tensor,
+    hf_entries,
+    hf_shape,
+    to_hf_tensor,
+)
 
 
 def read_config(model_dir: str | os.PathLike) -> Qwen25VLConfig:
@@ -217,7 +226,7 @@ def load_hf_model(model_dir: str | os.PathLike, *, dtype=np.float32, param_dtype
                   mesh: jax.sharding.Mesh | None = None) -> Qwen25VL:
     """Build our model from an HF Qwen2.5-VL folder, optionally sharded over `mesh`."""
     cfg = read_config(model_dir)
-    make = lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)  # noqa: E731
+    make = lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     shardings = None
     if mesh is not None:

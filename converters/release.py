@@ -22,8 +22,9 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 from flax import nnx
@@ -33,9 +34,17 @@ from converters.hf import folder_tensors, hf_tensors, read_config, write_checksu
 from converters.safetensors_io import ShardWriter, sha256
 from converters.targets import resolve_dtype
 from vlmr1_jax.dtypes import dtype_info
-from vlmr1_jax.filenames import (CHAT_TEMPLATE_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE,
-                                 PREPROCESSOR_CONFIG_FILE, RELEASE_MARKER, SINGLE_FILE, TOKENIZER_CONFIG_FILE,
-                                 TOKENIZER_FILES)
+from vlmr1_jax.filenames import (
+    CHAT_TEMPLATE_FILE,
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    INDEX_FILE,
+    PREPROCESSOR_CONFIG_FILE,
+    RELEASE_MARKER,
+    SINGLE_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILES,
+)
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, to_hf_config
 from vlmr1_jax.models.qwen2_5_vl.params import expected_hf_shapes
 from vlmr1_jax.processing import image as image_processing
@@ -91,8 +100,8 @@ def write_weights(tensors: Iterable[tuple[str, np.ndarray]], cfg: Qwen25VLConfig
 
     One tensor is on the host at a time: each is checked against the config's name and shape, cast to `dtype` (any
     `vlmr1_jax.dtypes` spelling), checked finite, and appended to its shard, whose header was written from the shard
-    plan. Peak memory is about 2.5x the largest tensor (as read, as cast, the finiteness mask). `checksums`: also write the folder's
-    checksum manifest (`vlmr1_jax.filenames.CHECKSUMS_FILE`).
+    plan. Peak memory is about 2.5x the largest tensor (as read, as cast, the finiteness mask). `checksums`: also
+    write the folder's checksum manifest (`vlmr1_jax.filenames.CHECKSUMS_FILE`).
     """
     info = dtype_info(dtype)
     dtype, np_dtype, code = info.name, np.dtype(info.numpy), info.safetensors
@@ -209,7 +218,7 @@ def model_card(cfg: Qwen25VLConfig, target: str, dtype: str, card: Mapping[str, 
     rewards = card.pop("rewards", None)
     steps = card.pop("steps", None)
     metrics = card.pop("metrics", None) or {}
-    as_list = lambda x: [x] if isinstance(x, str) else list(x or [])  # noqa: E731
+    as_list = lambda x: [x] if isinstance(x, str) else list(x or [])
     front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text"]
     if base:
         front.append(f"base_model: {json.dumps(str(base))}")
@@ -374,7 +383,7 @@ def _write_release(tensors: Iterable[tuple[str, np.ndarray]], cfg: Qwen25VLConfi
     base_generation = Path(base_model_dir) / GENERATION_CONFIG_FILE if base_model_dir is not None else None
     if base_generation is not None and base_generation.is_file():
         shutil.copyfile(base_generation, folder / GENERATION_CONFIG_FILE)
-        notes.append(f"generation_config.json: copied from {Path(base_model_dir).name}")
+        notes.append(f"generation_config.json: copied from {base_generation.parent.name}")
     else:
         _write_json(folder / GENERATION_CONFIG_FILE, generation_config(tokenizer))
         notes.append("generation_config.json: vlmr1-jax defaults (no base-model file): greedy, stop at "

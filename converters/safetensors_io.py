@@ -13,8 +13,9 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -93,7 +94,7 @@ def read_tensor(path: str | os.PathLike, info: dict[str, Any], data_start: int) 
     dtype = NUMPY_DTYPES[info["dtype"]]
     begin, end = info["data_offsets"]
     out = np.empty(tuple(info["shape"]), dtype)
-    view = memoryview(out.reshape(-1).view(np.uint8))
+    view = out.reshape(-1).view(np.uint8).data
     with open(path, "rb") as f:
         f.seek(data_start + begin)
         done = 0
@@ -107,7 +108,7 @@ def read_tensor(path: str | os.PathLike, info: dict[str, Any], data_start: int) 
 
 def sha256(array: np.ndarray) -> str:
     """Hex SHA-256 of an array's bytes (C order)."""
-    return hashlib.sha256(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data).hexdigest()
 
 
 class ShardWriter:
@@ -128,7 +129,7 @@ class ShardWriter:
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-(8 + len(text)) % _ALIGN)
-        self._file = open(self.path, "wb")
+        self._file = open(self.path, "wb")  # noqa: SIM115 -- open across write() calls, closed by close()
         self._file.write(struct.pack("<Q", len(text)) + text)
         self._pending.reverse()
 
@@ -140,7 +141,7 @@ class ShardWriter:
         if name != want_name or array.dtype != NUMPY_DTYPES[code] or tuple(array.shape) != shape:
             raise ValueError(f"{self.path}: got {name!r} {array.dtype.name}{list(array.shape)}, the header's next "
                              f"tensor is {want_name!r} {NUMPY_DTYPES[code].name}{list(shape)}")
-        self._file.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+        self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
 
     def close(self) -> None:
         self._file.close()

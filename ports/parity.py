@@ -15,22 +15,24 @@ import argparse
 import dataclasses
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # a stray torch-npu must not break `import torch`
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from converters.hf import load_hf_model  # noqa: E402
-from vlmr1_jax.dtypes import dtype_arg  # noqa: E402
-from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig  # noqa: E402
-from vlmr1_jax.models.qwen2_5_vl.rope import get_rope_index  # noqa: E402
-from vlmr1_jax.models.qwen2_5_vl.text import KVCache  # noqa: E402
-from vlmr1_jax.processing.image import smart_resize  # noqa: E402
-from vlmr1_jax.processing.vision_plan import plan_vision, vision_gather_indices  # noqa: E402
+from converters.hf import load_hf_model
+from vlmr1_jax.dtypes import dtype_arg
+from vlmr1_jax.extras import require_torch_extra
+from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+from vlmr1_jax.models.qwen2_5_vl.rope import get_rope_index
+from vlmr1_jax.models.qwen2_5_vl.text import KVCache
+from vlmr1_jax.processing.image import smart_resize
+from vlmr1_jax.processing.vision_plan import plan_vision, vision_gather_indices
 
 RTOL = 1e-4  # 10-100x above float32 rounding at real widths, 10x below the smallest bug in tests/test_parity.py
 ATOL = 1e-6  # only matters for a reference that is (nearly) all zeros
@@ -71,7 +73,7 @@ class Diff:
                 f"relative {self.relative:.2e}  limit {atol + rtol * self.scale:.3e}  {verdict}")
 
     @classmethod
-    def of(cls, name: str, ours: np.ndarray, ref: np.ndarray) -> "Diff":
+    def of(cls, name: str, ours: np.ndarray, ref: np.ndarray) -> Diff:
         if ours.shape != ref.shape:
             raise ValueError(f"{name}: our shape {ours.shape} != reference shape {ref.shape}")
         diff = np.abs(ours - ref)  # NaN anywhere makes max_diff NaN, which fails every rule
@@ -109,7 +111,7 @@ def make_inputs(cfg: Qwen25VLConfig, image_grids: Sequence[tuple[int, int, int]]
     specials = (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id,
                 cfg.vision_token_id, cfg.bos_token_id, cfg.eos_token_id)
     plain = np.setdiff1d(np.arange(min(cfg.text.vocab_size, 151643)), specials)  # ordinary text tokens
-    text = lambda n: list(rng.choice(plain, n))  # noqa: E731
+    text = lambda n: list(rng.choice(plain, n))
     unit = cfg.vision.merge_unit
     rows: list[list[int]] = [text(3 + b) for b in range(batch)]
     items = [(cfg.image_token_id, g) for g in image_grids] + [(cfg.video_token_id, g) for g in video_grids]
@@ -117,7 +119,8 @@ def make_inputs(cfg: Qwen25VLConfig, image_grids: Sequence[tuple[int, int, int]]
     per_row: list[list[tuple[int, tuple[int, int, int]]]] = [[] for _ in range(batch)]
     for i, item in enumerate(items):
         per_row[i % batch].append(item)
-    image_order, video_order = [], []
+    image_order: list[tuple[int, int, int]] = []
+    video_order: list[tuple[int, int, int]] = []
     for b in range(batch):
         for token, grid in per_row[b]:
             n = int(np.prod(grid)) // unit
@@ -131,7 +134,7 @@ def make_inputs(cfg: Qwen25VLConfig, image_grids: Sequence[tuple[int, int, int]]
         mask[b, length - len(row):] = 1
     spg = [float(s) for s in second_per_grid_ts] or [1.0] * len(video_grids)
     spg_order = [spg[list(video_grids).index(g)] for g in video_order] if video_grids else []
-    pixels = lambda grids: (rng.standard_normal((sum(int(np.prod(g)) for g in grids), cfg.vision.patch_dim))  # noqa
+    pixels = lambda grids: (rng.standard_normal((sum(int(np.prod(g)) for g in grids), cfg.vision.patch_dim))
                             .astype(np.float32))
     return ParityInputs(ids, mask, pixels(image_order), image_order, pixels(video_order), video_order, spg_order,
                         rng.choice(plain, (batch, steps)))
@@ -186,6 +189,7 @@ def run_jax(model_dir: str, inputs: ParityInputs, dtype: jnp.dtype = jnp.float32
 
 def run_hf(model_dir: str, inputs: ParityInputs) -> Outputs:
     """transformers' side, in float32 eager attention, with our position ids passed explicitly."""
+    require_torch_extra("check-parity")
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -196,7 +200,7 @@ def run_hf(model_dir: str, inputs: ParityInputs) -> Outputs:
                                                                attn_implementation="eager").eval()
     positions, deltas = positions_for(cfg, inputs)
     t = torch.from_numpy
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     feats = []
     with torch.no_grad():
         if inputs.image_grids:

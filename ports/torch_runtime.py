@@ -15,12 +15,14 @@ import dataclasses
 import inspect
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from vlmr1_jax.extras import require_torch_extra
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config
 from vlmr1_jax.processing.image import load_image, preprocess_image
 from vlmr1_jax.processing.prompts import build_messages
@@ -33,6 +35,7 @@ ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 def import_torch():
     """`import torch` with device-backend autoload disabled, so a torch-npu without CANN cannot break it."""
+    require_torch_extra("the torch backend")
     os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
     import torch
 
@@ -43,7 +46,7 @@ def npu_unavailable_reason() -> str | None:
     """None when torch_npu imports and sees an NPU, else why not."""
     torch = import_torch()
     try:
-        import torch_npu  # noqa: F401  (registers the "npu" device with torch)
+        import torch_npu  # noqa: F401 -- registers the "npu" device with torch
     except (ImportError, OSError, RuntimeError) as e:
         return f"torch_npu does not import ({type(e).__name__}: {e})"
     try:

@@ -91,7 +91,7 @@ def main() -> int:
     parser.add_argument("--no-run", action="store_true", help="only render the JSON already there")
     parser.add_argument("--write", help="replace the tables section of this markdown file (docs/scaling.md)")
     args = parser.parse_args()
-    pick = lambda text: [x for x in text.split(",") if x]  # noqa: E731
+    pick = lambda text: [x for x in text.split(",") if x]
     models, targets, modes = pick(args.models), pick(args.targets), pick(args.modes)
     for name, values, known in (("models", models, MODELS), ("targets", targets, TARGETS), ("modes", modes, MODES)):
         unknown = sorted(set(values) - set(known))

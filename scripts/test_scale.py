@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import shutil
@@ -26,8 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -120,11 +121,11 @@ def _measured_child(argv: list[str]) -> int:
     """The child of `run_measured`: import what the CLI needs, note the RSS, run the command, report."""
     import jax
 
-    import converters.check  # noqa: F401  (every module a conversion uses is loaded before the baseline)
-    import converters.release  # noqa: F401
-    import vlmr1_jax.processing.tokenizer  # noqa: F401
-    import vlmr1_jax.train.restore  # noqa: F401
     from vlmr1_jax.cli import build_parser
+
+    # every module a conversion uses is loaded before the baseline
+    for name in ("converters.check", "converters.release", "vlmr1_jax.processing.tokenizer", "vlmr1_jax.train.restore"):
+        importlib.import_module(name)
 
     args = build_parser().parse_args(argv)
     jax.devices()

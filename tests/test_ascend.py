@@ -153,7 +153,7 @@ def test_any_model_folder_reaches_docker_verbatim(tmp_path):
 def test_deploy_command(releases, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     ports_cli.register(parser.add_subparsers(dest="command"))
-    run = lambda *argv: (lambda a: a.func(a))(parser.parse_args(list(argv)))  # noqa: E731
+    run = lambda *argv: (lambda a: a.func(a))(parser.parse_args(list(argv)))
     out = tmp_path / "deploy"
     assert run("deploy", "ascend", "--model", str(releases["310p"]), "--target", "310p", "--out", str(out),
                "--port", "9000") == 0

@@ -23,8 +23,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from vlmr1_jax.data.jsonl import Sample
 from vlmr1_jax.data.pipeline import make_prompt_iterator
 from vlmr1_jax.rl.step import init_train_state
-from vlmr1_jax.train.checkpoint import (CheckpointError, Checkpointer, CorruptCheckpoint, abstract_like, fingerprints,
-                                       read_meta)
+from vlmr1_jax.train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    CorruptCheckpoint,
+    abstract_like,
+    fingerprints,
+    read_meta,
+)
 
 
 class Tiny(nnx.Module):
@@ -40,8 +46,8 @@ def make_state(seed: int, updates: int = 0, with_reference: bool = True):
     _, state = init_train_state(Tiny(seed), "freeze_vision", tx, with_reference)
     key = jax.random.key(seed)
     for i in range(updates):
-        grads = jax.tree.map(lambda x: jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype),
-                             state.trainable)
+        k = jax.random.fold_in(key, i)
+        grads = jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape, x.dtype), state.trainable)
         upd, opt_state = tx.update(grads, state.opt_state, state.trainable)
         state = dataclasses.replace(state, step=state.step + 1, opt_state=opt_state,
                                     trainable=optax.apply_updates(state.trainable, upd))
@@ -131,7 +137,7 @@ def test_save_every_keep_and_force(tmp_path):
 
 
 def test_grain_iterator_resumes_exactly(tmp_path):
-    make = lambda: make_prompt_iterator(samples(10), batch_size=2, seed=3, num_epochs=2)  # noqa: E731
+    make = lambda: make_prompt_iterator(samples(10), batch_size=2, seed=3, num_epochs=2)
     reference = [[s.id for s in batch] for batch in make()]  # 10 batches over two shuffled epochs
     it = make()
     for _ in range(6):
@@ -159,9 +165,8 @@ def test_read_meta_only(tmp_path):
 
 
 def test_meta_must_be_json(tmp_path):
-    with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
-        with pytest.raises(ValueError, match="JSON"):
-            ckpt.save(1, {"w": jnp.zeros(2)}, meta={"bad": object()})
+    with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt, pytest.raises(ValueError, match="JSON"):
+        ckpt.save(1, {"w": jnp.zeros(2)}, meta={"bad": object()})
 
 
 def test_mismatched_state_names_the_leaf(tmp_path):
@@ -191,9 +196,9 @@ def test_mismatched_state_names_the_leaf(tmp_path):
             ckpt.restore(target)
         with pytest.raises(FileNotFoundError, match="step 9"):
             ckpt.restore(target, step=9)
-    with Checkpointer(tmp_path / "empty", save_every=1, keep=1) as ckpt:
-        with pytest.raises(FileNotFoundError, match="no checkpoint"):
-            ckpt.restore(target)
+    with Checkpointer(tmp_path / "empty", save_every=1, keep=1) as ckpt, pytest.raises(FileNotFoundError,
+                                                                                      match="no checkpoint"):
+        ckpt.restore(target)
 
 
 def test_damaged_checkpoint_is_a_clear_error(tmp_path):

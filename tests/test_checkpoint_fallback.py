@@ -54,6 +54,6 @@ def test_every_checkpoint_corrupt_is_one_clear_error(tmp_path):
     overrides = [*inputs, *TINY_RUN, "train.save_every=2", "train.keep_checkpoints=1", f"train.output_dir={run}"]
     GRPOTrainer(load_config("demo_tiny", [*overrides, "train.max_steps=2"]), progress=False).train()
     flip_bytes(largest_array_file(run / "checkpoints" / "2"))
-    with pytest.raises(CorruptCheckpoint, match="every checkpoint in .* is corrupt .*train.output_dir=NEW_FOLDER"):
+    with pytest.raises(CorruptCheckpoint, match=r"every checkpoint in .* is corrupt .*train\.output_dir=NEW_FOLDER"):
         GRPOTrainer(load_config("demo_tiny", [*overrides, "train.max_steps=4"]), progress=False)
     assert [p.name.split(".")[0] for p in (run / "checkpoints").iterdir()] == ["2"]

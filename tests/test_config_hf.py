@@ -5,8 +5,8 @@ its model, for vision features) are the reference."""
 from __future__ import annotations
 
 import copy
-import json
 import dataclasses
+import json
 
 import pytest
 from transformers import Qwen2_5_VLConfig
@@ -16,7 +16,12 @@ from converters.hf import read_config
 from hf_models import TINY_CONFIG, save_random_hf_model
 from ports.parity import compare, make_inputs
 from vlmr1_jax.models.qwen2_5_vl.config import (
-    PRESETS, TOKEN_ID_FIELDS, Qwen25VLConfig, from_hf_config, to_hf_config, with_overrides,
+    PRESETS,
+    TOKEN_ID_FIELDS,
+    Qwen25VLConfig,
+    from_hf_config,
+    to_hf_config,
+    with_overrides,
 )
 
 SMALL = {"text_config": {"num_hidden_layers": 2}, "vision_config": {"depth": 2, "out_hidden_size": 8192}}

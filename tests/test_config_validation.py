@@ -57,5 +57,5 @@ def test_cli_prints_one_error_line(capsys):
 
 
 def test_cli_debug_shows_the_traceback():
-    with pytest.raises(ValueError, match="grpo.num_iterations"):
+    with pytest.raises(ValueError, match=r"grpo\.num_iterations"):
         main(["--debug", "train", "demo_tiny", "grpo.num_iterations=0"])

@@ -10,8 +10,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -73,12 +73,12 @@ def test_round_trip_is_byte_identical(fixture, request, tmp_path):
     with safe_open(src / SINGLE, framework="numpy") as a, safe_open(out, framework="numpy") as b:
         assert sorted(a.keys()) == sorted(b.keys())
         assert b.metadata() == {"format": "pt"}
-        for name in a.keys():
+        for name in a.keys():  # noqa: SIM118 -- safe_open has keys() but is not iterable
             x, y = a.get_tensor(name), b.get_tensor(name)
             assert (x.dtype, x.shape) == (y.dtype, y.shape), name
             assert x.tobytes() == y.tobytes(), name
         assert len(a.keys()) == (80 if model.cfg.text.tie_word_embeddings else 81)  # docs/facts.md: Checkpoint layout
-        assert ("lm_head.weight" in b.keys()) == (not model.cfg.text.tie_word_embeddings)
+        assert ("lm_head.weight" in b.keys()) == (not model.cfg.text.tie_word_embeddings)  # noqa: SIM118 -- safe_open has keys() but is not iterable
 
 
 def test_sharded_folder_loads_identically(sharded_dir, untied):
@@ -144,7 +144,7 @@ def test_missing_shard_is_named(sharded_dir, tmp_path):
 
 def test_missing_config_is_named(tiny_hf_dir, tmp_path):
     shutil.copy(tiny_hf_dir / SINGLE, tmp_path / SINGLE)
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         load_hf_model(tmp_path)
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_data_jsonl import PROBLEM_LINE, run_cli
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
+from test_data_jsonl import PROBLEM_LINE, run_cli
 from vlmr1_jax.config import load_config
 from vlmr1_jax.data.jsonl import DataError, load_jsonl_datasets
 from vlmr1_jax.processing.image import load_image, preprocess_image, processed_size, upscaled_size
@@ -74,9 +74,8 @@ def test_fixture_images_are_what_they_claim(hostile):
     with Image.open(hostile / "images" / "big.png") as image:
         assert image.size == BIG_SIZE and 50_000_000 < BIG_SIZE[0] * BIG_SIZE[1] < Image.MAX_IMAGE_PIXELS
     for name in ("truncated.png", "truncated.jpg"):
-        with Image.open(hostile / "images" / name) as image:
-            with pytest.raises(OSError, match="[Tt]runcated"):
-                image.load()
+        with Image.open(hostile / "images" / name) as image, pytest.raises(OSError, match=r"[Tt]runcated"):
+            image.load()
     assert os.path.realpath(hostile / "images" / "escape.png") == str((hostile / "outside" / "secret.png").resolve())
     assert (hostile / "images" / "bomb.png").stat().st_size < 100_000
     assert sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file()) < 20_000
@@ -134,7 +133,7 @@ def test_pixel_cap_is_the_configured_one(hostile, tmp_path):
     with pytest.raises(DataError, match="max_image_pixels"):
         load_samples(load_config(None, overrides))
     assert len(load_samples(load_config(None, [*overrides, "data.max_image_pixels=60000000"]))) == 1
-    with pytest.raises(ValueError, match="data.max_image_pixels"):
+    with pytest.raises(ValueError, match=r"data\.max_image_pixels"):
         load_config(None, ["data.max_image_pixels=0"])
 
 
@@ -142,7 +141,7 @@ def test_pixel_cap_is_the_configured_one(hostile, tmp_path):
 def test_refused_images_fail_the_training_image_path(hostile, name):
     """What the loader refuses (other than by policy: the pixel cap, the symlink) would fail when the batch is
     built: the real load_image + preprocess_image path."""
-    with pytest.raises(Exception):  # noqa: B017 - PIL and the processor fail in different ways
+    with pytest.raises(Exception):  # noqa: B017 -- PIL and the processor fail in different ways
         preprocess_image(load_image(hostile / "images" / name))
 
 

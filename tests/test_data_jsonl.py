@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -190,7 +191,7 @@ def test_synth_then_check_passes(tmp_path, capsys):
 def test_check_reports_exactly_the_corrupted_lines(tmp_path, capsys):
     out = str(tmp_path / "syn")
     good = synthetic.generate(out, 10, seed=2)
-    lines = open(good, "rb").read().splitlines()
+    lines = Path(good).read_bytes().splitlines()
     lines[2] = b'{"id": "broken", "conversations": ['                                  # line 3
     lines[4] = lines[4].replace(b"train/train_000004.png", b"train/gone.png")             # line 5
     lines[6] = lines[6].replace(b"train/train_000006.png", b"../../secret.png")           # line 7

@@ -28,7 +28,7 @@ def test_each_epoch_is_a_fresh_permutation_with_the_remainder_dropped():
     batches = list(make_prompt_iterator(make_samples(n), b, seed=7, num_epochs=3))
     assert len(batches) == 3 * 4 and all(len(x) == b for x in batches)
     assert all(isinstance(s, Sample) and s.image_paths == (f"img/{s.id}.png",) for x in batches for s in x)
-    epochs = [sum((ids(x) for x in batches[e * 4:(e + 1) * 4]), []) for e in range(3)]
+    epochs = [[i for x in batches[e * 4:(e + 1) * 4] for i in ids(x)] for e in range(3)]
     for epoch in epochs:
         assert len(set(epoch)) == 20 and set(epoch) <= set(range(n))  # unique prompts within an epoch
     assert epochs[0] != epochs[1] != epochs[2]  # reshuffled every epoch
@@ -80,7 +80,7 @@ def test_per_process_state_restores():
 def test_keeping_the_remainder_streams_every_sample():
     batches = list(make_prompt_iterator(make_samples(10), 4, seed=2, num_epochs=2, drop_remainder=False))
     assert [len(x) for x in batches] == [4, 4, 4, 4, 4]
-    flat = sum((ids(x) for x in batches), [])
+    flat = [i for x in batches for i in ids(x)]
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
 
 

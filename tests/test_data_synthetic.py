@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def dataset(tmp_path_factory) -> dict[str, list[dict]]:
     for family in ALL_FAMILIES:
         for split in ("train", "val", "ood"):
             path = synthetic.generate(os.path.join(out, family), 10, seed=4, split=split, families=(family,))
-            records = [json.loads(line) for line in open(path)]
+            records = [json.loads(line) for line in Path(path).read_text().splitlines()]
             for r in records:
                 r["pixels"] = np.asarray(Image.open(os.path.join(out, family, "images", r["image"])))
                 r["path"] = path
@@ -164,7 +165,7 @@ def test_relational_uses_a_bare_shape_word_sometimes(dataset):
 
 
 def test_held_out_pairs_only_in_ood_and_always_the_target_there(dataset):
-    for (family, split), records in dataset.items():
+    for (_family, split), records in dataset.items():
         for r in records:
             pairs = {(o["colour"], o["shape"]) for o in r["objects"]}
             target = next(o for o in r["objects"] if o["box"] == answer_box(r))
@@ -190,7 +191,7 @@ def tree_digest(folder: str) -> dict[str, str]:
     for root, _, files in os.walk(folder):
         for name in files:
             path = os.path.join(root, name)
-            out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+            out[os.path.relpath(path, folder)] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return out
 
 
@@ -205,7 +206,7 @@ def test_same_seed_gives_identical_bytes(tmp_path):
 def test_splits_differ_and_families_mix(tmp_path):
     out = str(tmp_path)
     paths = synthetic.write_default_dataset(out, 30, 30, 0, seed=1, families=ALL_FAMILIES)
-    train, val = ([json.loads(line) for line in open(paths[s])] for s in ("train", "val"))
+    train, val = ([json.loads(line) for line in Path(paths[s]).read_text().splitlines()] for s in ("train", "val"))
     assert [r["conversations"] for r in train] != [r["conversations"] for r in val]
     assert {r["family"] for r in train} == set(ALL_FAMILIES)
 

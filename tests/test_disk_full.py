@@ -16,7 +16,8 @@ import pytest
 from multihost_worker import TINY_RUN, make_run_inputs
 from vlmr1_jax.quiet import TracebackFilter
 
-TRACEBACK = 'Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\nRuntimeError: Event loop is closed\n'
+TRACEBACK = ('Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\n'
+             'RuntimeError: Event loop is closed\n')
 
 
 def test_filter_drops_interleaved_thread_tracebacks_and_keeps_the_rest():

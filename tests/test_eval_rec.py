@@ -139,7 +139,7 @@ def test_infer_backends_give_the_same_greedy_tokens(release, rec_data, capsys):
     from vlmr1_jax.eval.rec import GreedyDecoder
     from vlmr1_jax.processing.tokenizer import Tokenizer
 
-    data, images = rec_data
+    _data, images = rec_data
     image = str(sorted(Path(images).rglob("*.png"))[0])
     torch_ids = TorchRuntime.load(release, device="cpu").generate_ids([image], PROMPT, max_new_tokens=10)
     decoder = GreedyDecoder(load_hf_model(release), Tokenizer.load(release), task_type="{Question}", batch_size=1,

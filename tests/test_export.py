@@ -67,7 +67,7 @@ def shard_tensors(folder: Path) -> dict[str, tuple[np.ndarray, str, dict]]:
     out = {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(path, framework="numpy") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 -- safe_open has keys() but is not iterable
                 out[name] = (f.get_tensor(name), path.name, f.metadata())
     return out
 
@@ -257,7 +257,7 @@ def test_existing_folder_is_never_half_overwritten(model, source_dir, tmp_path, 
     with pytest.raises(FileExistsError, match="overwrite"):
         export_release(model, model.cfg, out, dtype="fp32", tokenizer_dir=source_dir)
     monkeypatch.setattr("converters.release.check_export", lambda folder, target: ["config.json: broken"])
-    with pytest.raises(ExportError, match="config.json: broken"):
+    with pytest.raises(ExportError, match=r"config\.json: broken"):
         export_release(model, model.cfg, out, dtype="fp32", tokenizer_dir=source_dir, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
     assert sorted(p.name for p in out.iterdir()) == sorted([RELEASE_MARKER, "keep.txt"])
@@ -276,7 +276,7 @@ def test_existing_folder_is_never_half_overwritten(model, source_dir, tmp_path, 
 def test_export_command(source_dir, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     converters_cli.register(parser.add_subparsers(dest="command"))
-    run = lambda *argv: (lambda a: a.func(a))(parser.parse_args(list(argv)))  # noqa: E731
+    run = lambda *argv: (lambda a: a.func(a))(parser.parse_args(list(argv)))
     out = tmp_path / "a2"
     card = tmp_path / "card.json"
     card.write_text(json.dumps({"steps": 7, "rewards": ["accuracy"]}))

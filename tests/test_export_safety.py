@@ -8,8 +8,8 @@ import os
 import pytest
 
 from converters.release import export_release
-from vlmr1_jax.filenames import RELEASE_MARKER
 from hf_models import tiny_model_with_qwen_ids
+from vlmr1_jax.filenames import RELEASE_MARKER
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,15 @@ from test_train_step import SPECS, G, build, completions
 from vlmr1_jax.config import load_config
 from vlmr1_jax.models.qwen2_5_vl.config import get_preset
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-from vlmr1_jax.rl.grpo import (ADVANTAGE_ESTIMATORS, AGGREGATIONS, OBJECTIVES, PRESETS, Algorithm, group_advantages,
-                               make_loss)
+from vlmr1_jax.rl.grpo import (
+    ADVANTAGE_ESTIMATORS,
+    AGGREGATIONS,
+    OBJECTIVES,
+    PRESETS,
+    Algorithm,
+    group_advantages,
+    make_loss,
+)
 from vlmr1_jax.rl.step import init_train_state, make_grpo_step, make_optimizer
 
 B, T = 6, 10
@@ -132,7 +139,7 @@ def test_user_estimator_by_path():
     grouped = rewards.reshape(-1, 4)
     np.testing.assert_allclose(np.asarray(adv), (grouped - np.median(grouped, axis=1, keepdims=True)).reshape(-1),
                                rtol=1e-6, atol=1e-7)
-    with pytest.raises(ValueError, match="returned shape .* must keep the"):
+    with pytest.raises(ValueError, match=r"returned shape .* must keep the"):
         group_advantages(jnp.asarray(rewards), 4, f"{THIS}:per_row_estimator")
 
 
@@ -225,7 +232,7 @@ def test_user_objective_and_aggregation_by_path():
     want = np.mean([(-x["adv"][i] * x["logp"][i] * x["mask"][i]).sum() for i in range(B)])
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["logp_mean"]), (x["logp"] * x["mask"]).sum() / x["mask"].sum(), rtol=1e-5)
-    with pytest.raises(ValueError, match="aggregation .*per_row' returned shape \\(6,\\), expected a scalar"):
+    with pytest.raises(ValueError, match=r"aggregation .*per_row' returned shape \(6,\), expected a scalar"):
         make_loss("ppo_clip", f"{THIS}:per_row")(_f32(x["logp"]), None, None, _f32(x["adv"]), _f32(x["mask"]),
                                                  beta=0.0)
 

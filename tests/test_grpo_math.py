@@ -190,7 +190,7 @@ def test_loss_errors():
         get_loss("grpo")(*args, beta=0.04)
     with pytest.raises(ValueError, match="advantages"):
         get_loss("grpo")(_f32(x["logp"]), None, None, _f32(x["adv"][:3]), _f32(x["mask"]), beta=0.0)
-    with pytest.raises(ValueError, match="unknown objective 'ppo'.*ppo_clip"):
+    with pytest.raises(ValueError, match=r"unknown objective 'ppo'.*ppo_clip"):
         make_loss("ppo")
     with pytest.raises(ValueError, match="already registered"):
         OBJECTIVES.register("gspo")(lambda *a, **k: None)

@@ -12,8 +12,17 @@ import pytest
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from vlmr1_jax.processing.image import (MAX_PIXELS, MIN_PIXELS, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, load_image,
-                                        preprocess_image, preprocess_video, smart_resize, tokens_for_grid)
+from vlmr1_jax.processing.image import (
+    MAX_PIXELS,
+    MIN_PIXELS,
+    VIDEO_MAX_PIXELS,
+    VIDEO_MIN_PIXELS,
+    load_image,
+    preprocess_image,
+    preprocess_video,
+    smart_resize,
+    tokens_for_grid,
+)
 
 # (height, width, max_pixels): tiny (incl. below 28 and round-half-to-even heights), aspect ratios up to 200,
 # big images downscaled under a lowered max_pixels to keep the test fast, then seeded random sizes.
@@ -144,5 +153,5 @@ def test_load_image_composites_alpha_on_white_and_names_bad_files(tmp_path):
     loaded = np.asarray(load_image(tmp_path / "alpha.png"))
     assert tuple(loaded[0, 0]) == (10, 20, 30) and tuple(loaded[-1, -1]) == (255, 255, 255)
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="bad.png"):
+    with pytest.raises(ValueError, match=r"bad\.png"):
         load_image(tmp_path / "bad.png")

@@ -65,7 +65,7 @@ def test_resumed_run_appends_and_reading_keeps_last_record_per_step(tmp_path):
 
 
 def test_read_metrics_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="metrics.jsonl does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"metrics\.jsonl does not exist"):
         read_metrics(tmp_path)
     (tmp_path / "metrics.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no metrics records"):
@@ -126,7 +126,7 @@ def test_plot_run_draws_each_panel(tmp_path):
 def test_plot_skips_missing_panels_and_errors_without_data(tmp_path):
     write_run(tmp_path / "a", 4, with_kl=False)
     assert [p.name for p in plot_run(tmp_path / "a", tmp_path / "out")] == ["reward.png", "completion_length.png"]
-    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"metrics\.jsonl"):
         plot_run(tmp_path / "missing")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')

@@ -91,7 +91,7 @@ def test_bf16_compute_with_fp32_masters_moves_parameters_like_fp32(fp32_run):
     bias), 0.09 overall. The failure modes give >= 1: a lost update (bf16 masters, below), a sign error, or no
     update at all.
     """
-    before, fp32 = fp32_run
+    _before, fp32 = fp32_run
     _, bf16 = grpo_deltas(jnp.bfloat16, jnp.float32, frozen_dtype=jnp.bfloat16)
     for path, delta in bf16.items():
         assert np.any(delta != 0), f"{path}: not updated"  # every trained tensor changes
@@ -192,7 +192,7 @@ def test_bf16_frozen_checkpoint_round_trip(source, tmp_path, trainable, kind):
                     grpo=GRPOConfig(beta=0.04), lora=LoRAConfig(rank=4, alpha=8.0),
                     train=TrainConfig(trainable=trainable, max_steps=3))
     saved = save_trainer_checkpoint(tmp_path, cfg, kind, step=2)
-    model, meta, _ = load_checkpoint(tmp_path)
+    model, _meta, _ = load_checkpoint(tmp_path)
     ours, theirs = host_params(nnx.state(model)), host_params(nnx.state(saved))
     assert ours.keys() == theirs.keys()
     for path, value in ours.items():

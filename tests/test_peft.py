@@ -117,7 +117,7 @@ def test_peft_adapter_and_merged_export_match_peft(lora_run, tmp_path, capsys):
     cfg = read_config(base_dir)
     inputs = make_inputs(cfg, [(1, 4, 6), (1, 4, 4)], batch=2, steps=1, seed=3)
     valid = inputs.attention_mask.astype(bool)
-    load = lambda folder: Qwen2_5_VLForConditionalGeneration.from_pretrained(  # noqa: E731
+    load = lambda folder: Qwen2_5_VLForConditionalGeneration.from_pretrained(
         folder, dtype=torch.float32, attn_implementation="eager").eval()
 
     peft_model = PeftModel.from_pretrained(load(base_dir), base_dir / "adapter").eval()

@@ -22,9 +22,17 @@ from vlmr1_jax.parallel.mesh import make_mesh
 from vlmr1_jax.rl.lora import apply_lora
 from vlmr1_jax.rl.step import init_train_state, make_grpo_step, make_logprob_fn, make_optimizer
 from vlmr1_jax.train.loop import make_generate_fn
-from vlmr1_jax.train.plan import (DEVICE_HBM_GIB, EXIT_DOES_NOT_FIT, abstract_train_state, analytic_param_counts,
-                                  device_bytes, make_plan, model_config, plan_tokenizer,
-                                  representative_prompts)
+from vlmr1_jax.train.plan import (
+    DEVICE_HBM_GIB,
+    EXIT_DOES_NOT_FIT,
+    abstract_train_state,
+    analytic_param_counts,
+    device_bytes,
+    make_plan,
+    model_config,
+    plan_tokenizer,
+    representative_prompts,
+)
 from vlmr1_jax.train.setup import build_model, frozen_dtype_of, load_tokenizer, on_mesh, to_device
 
 # Small shapes: 8 prompts x 2 samples (both split over the 8 devices), an 84x56 image (6 tokens), 8 new tokens.
@@ -145,13 +153,13 @@ def test_analytic_param_count_matches_real_models():
     """The formula's count equals the parameters of the real model: allocated for tiny, abstract (the real
     constructor under eval_shape) for the released sizes; LoRA adapters as apply_lora adds them."""
     tiny = Qwen25VL(PRESETS["tiny"], rngs=nnx.Rngs(0))
-    count = lambda m: sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    count = lambda m: sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
     assert analytic_param_counts(PRESETS["tiny"])["total"] == count(tiny)
     apply_lora(tiny, 4, 8.0)
     adapters = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(tiny, LoRAParam)))
     assert analytic_param_counts(PRESETS["tiny"], lora_rank=4)["lora"] == adapters
     for name in ("demo-s", "qwen2.5-vl-3b", "qwen2.5-vl-7b"):  # tied and untied heads
-        abstract = nnx.eval_shape(lambda: Qwen25VL(PRESETS[name], rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda cfg=PRESETS[name]: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
         assert analytic_param_counts(PRESETS[name])["total"] == count(abstract), name
     assert abs(analytic_param_counts(PRESETS["qwen2.5-vl-3b"])["total"] / 1e9 - 3.75) < 0.01  # the release's size
     assert abs(analytic_param_counts(PRESETS["qwen2.5-vl-7b"])["total"] / 1e9 - 8.29) < 0.01
@@ -159,7 +167,7 @@ def test_analytic_param_count_matches_real_models():
 
 @pytest.mark.slow
 def test_plan_params_are_the_model_params(planned):
-    cfg, plan, (state, _, _) = planned
+    _cfg, plan, (state, _, _) = planned
     real = sum(x.size for x in jax.tree.leaves((state.trainable, state.frozen)))
     assert plan.params == real == plan.analytic_params["total"]
 
@@ -224,5 +232,5 @@ def test_hf_folder_needs_only_its_config(tiny_hf_dir, tmp_path):
     optimizer, _ = make_optimizer(cfg.optim, 1)
     _, state = abstract_train_state(cfg, model_cfg, make_mesh(cfg.mesh), optimizer)
     real = load_hf_model(tiny_hf_dir)
-    shapes = lambda tree: [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]  # noqa: E731
+    shapes = lambda tree: [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
     assert shapes(state.trainable) == shapes(nnx.state(real, nnx.Param))

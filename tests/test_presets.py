@@ -16,9 +16,9 @@ import torch
 from flax import nnx
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from vlmr1_jax.models.qwen2_5_vl.params import canonical_hf_name, hf_entries, to_hf_tensor
 from vlmr1_jax.models.qwen2_5_vl.config import PRESETS, from_hf_config, get_preset, to_hf_config
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
+from vlmr1_jax.models.qwen2_5_vl.params import canonical_hf_name, hf_entries, to_hf_tensor
 
 RELEASED = ["qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2.5-vl-32b", "qwen2.5-vl-72b"]
 SHAPELESS = np.dtype([])  # zero-byte items: runs `to_hf_tensor`'s transposes/reshapes on huge shapes for free

@@ -19,10 +19,9 @@ from converters.hf import flat_paths, iter_hf_tensors, load_hf_model
 from test_export import make_release_source
 from vlmr1_jax.config import GRPOConfig, LoRAConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, to_dict
 from vlmr1_jax.rl.step import current_model, init_train_state, make_optimizer
-from vlmr1_jax.train.checkpoint import CheckpointError, Checkpointer
+from vlmr1_jax.train.checkpoint import Checkpointer, CheckpointError
 from vlmr1_jax.train.restore import find_checkpoint, load_checkpoint
 from vlmr1_jax.train.setup import build_model, frozen_dtype_of, load_tokenizer, setup_mesh
-
 
 _SHARED: dict[str, Path] = {}
 
@@ -125,7 +124,7 @@ def test_lora_sft_checkpoint_restores_adapters(source, tmp_path):
     cfg = RunConfig(model=ModelConfig(hf_model=str(source)), lora=LoRAConfig(rank=4, alpha=8.0),
                     train=TrainConfig(trainable="lora", max_steps=5, seed=3))
     saved = save_trainer_checkpoint(tmp_path, cfg, "sft", step=5)
-    model, meta, _ = load_checkpoint(tmp_path)
+    model, _meta, _ = load_checkpoint(tmp_path)
     assert_same_params(model, saved)
     adapter = np.asarray(model.text.layers.mlp.up.lora_b[...])  # stacked: [layers, rank, out]
     assert adapter.shape == (model.cfg.text.num_hidden_layers, 4, 96) and np.abs(adapter[0]).max() > 0
@@ -143,7 +142,7 @@ def test_meta_that_does_not_describe_the_state_is_refused(grpo_run, tmp_path):
     with pytest.raises(CheckpointError, match=r"reference\..*not in the expected state"):
         load_checkpoint(tmp_path)
     meta_file.write_text(json.dumps({"step": 3}))
-    with pytest.raises(CheckpointError, match="lacks .*run_config"):
+    with pytest.raises(CheckpointError, match=r"lacks .*run_config"):
         load_checkpoint(tmp_path)
 
 

@@ -11,8 +11,7 @@ import json
 import random
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vlmr1_jax.rewards import get_reward
 from vlmr1_jax.rewards.common import RewardInputError

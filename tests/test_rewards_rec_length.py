@@ -74,7 +74,7 @@ CAT_BLOCK = '```json\n[{"bbox_2d": [0, 0, 100, 100], "label": "cat"}]\n```'
 def test_cosine_rewards_correctness_and_lengths():
     right, wrong = f"<answer>{CAT_BLOCK}</answer>", "<answer>None</answer>"
     solution = [f"<answer> {CAT_BLOCK} </answer>"] * 2
-    words = lambda text: 512  # noqa: E731  (a length_fn)
+    words = lambda text: 512  # a length_fn
     assert cosine_rewards([right, wrong], solution=solution, length_fn=words) == pytest.approx([0.75, -0.25])
     # VLM-R1's bug: every completion is "correct"
     assert cosine_rewards([right, wrong], solution=solution, length_fn=words, vlmr1_compat=True) == \

@@ -6,8 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from vlmr1_jax.rewards.choice import extract_choice, mcq_score, yes_no_score
 from vlmr1_jax.rewards.common import clean_text, first_answer, first_between, iou, last_answer
@@ -200,7 +199,7 @@ def vlmr1_extract_choice(text: str) -> str | None:
         return choices[0]
     keywords = ["答案", "选择", "正确", "是", "对", "answer", "correct", "choose", "select", "right", "认为", "应该",
                 "觉得", "think", "believe", "should"]
-    scores = {c: 0 for c in choices}
+    scores = dict.fromkeys(choices, 0)
     for c in choices:
         pos = text.find(c)
         context = text[max(0, pos - 20):min(len(text), pos + 20)]

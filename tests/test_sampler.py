@@ -225,8 +225,7 @@ def test_sampling_frequencies_follow_filtered_softmax(temperature, top_k, top_p)
 @pytest.mark.parametrize("temperature,top_k,top_p", CONFIGS + [(0.9, 3, 0.5), (1.0, 0, 0.3)])
 def test_filter_logits_matches_hf_warpers(temperature, top_k, top_p):
     """The same kept set and renormalised probabilities as transformers' warpers on random logit rows."""
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     logits = np.random.default_rng(7).normal(0, 2.0, (64, 40)).astype(np.float32)
     scores = TemperatureLogitsWarper(temperature)(None, torch.from_numpy(logits))

@@ -7,9 +7,8 @@ are pinned by the same rules. Also: the rule fallback (and its warning) and mesh
 
 from __future__ import annotations
 
-from functools import partial
-
 import logging
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -178,7 +177,7 @@ def test_activation_and_cache_constraints_match_single_device(tiny_hf_dir, mesh,
     vision, text = shard_inputs(batch, mesh)
     with jax.set_mesh(mesh):
         logits, cache = _prefill(*nnx.split(sharded), vision, text, 40)
-    layout = lambda x, *spec: x.sharding.is_equivalent_to(NamedSharding(mesh, P(*spec)), x.ndim)  # noqa: E731
+    layout = lambda x, *spec: x.sharding.is_equivalent_to(NamedSharding(mesh, P(*spec)), x.ndim)
     assert layout(cache.k, None, ("data", "fsdp"), None, "tensor", None), cache.k.sharding
     assert layout(logits, ("data", "fsdp"), None, "tensor"), logits.sharding
     single = load_hf_model(tiny_hf_dir)

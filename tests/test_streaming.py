@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 
 from converters.hf import iter_hf_tensors, load_hf_model, stored_tensors
-from vlmr1_jax.filenames import CHECKSUMS_FILE
+from hf_models import TINY_CONFIG
 from test_export import CORPUS, compact_config, make_release_source
 from test_restore_export import assert_same_params, cli, host_params, shared_source
-from hf_models import TINY_CONFIG
+from vlmr1_jax.filenames import CHECKSUMS_FILE
 from vlmr1_jax.models.qwen2_5_vl.config import from_hf_config
 from vlmr1_jax.processing.tokenizer import build_compact_tokenizer
 from vlmr1_jax.train.checkpoint import CheckpointError
@@ -94,7 +94,8 @@ def test_conversions_hold_a_few_tensors_not_the_model(big_source, tmp_path):
     duo, exported = dict(iter_hf_tensors(release)), dict(iter_hf_tensors(back))
     for name, value in iter_hf_tensors(source):
         assert value.dtype == ml_dtypes.bfloat16
-        assert duo[name].dtype == np.float16 and np.array_equal(duo[name], value.astype(np.float32).astype(np.float16)), name
+        half = value.astype(np.float32).astype(np.float16)
+        assert duo[name].dtype == np.float16 and np.array_equal(duo[name], half), name
         assert params[name].dtype == np.float32 and np.array_equal(params[name], value.astype(np.float32)), name
         assert exported[name].tobytes() == params[name].tobytes(), name
     assert duo.keys() == params.keys() == exported.keys()

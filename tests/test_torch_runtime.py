@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from converters.release import export_release
 from converters.hf import load_hf_model
+from converters.release import export_release
 from ports import cli as ports_cli
 from ports.torch_runtime import TorchRuntime, build_chat, mm_token_type_ids, npu_unavailable_reason, pick_device
 from test_export import make_release_source
@@ -63,7 +63,7 @@ def test_broken_torch_npu_falls_back(tmp_path, monkeypatch):
 
     assert pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device("cpu") == "cpu"
-    with pytest.raises(RuntimeError, match="--device npu: torch_npu does not import .*libhccl"):
+    with pytest.raises(RuntimeError, match=r"--device npu: torch_npu does not import .*libhccl"):
         pick_device("npu")
     with pytest.raises(ValueError, match="unknown device"):
         pick_device("tpu")
@@ -127,7 +127,7 @@ def test_sampling_is_seeded(runtime, image_file):
 def test_infer_command(release, image_file, capsys):
     parser = argparse.ArgumentParser()
     ports_cli.register(parser.add_subparsers(dest="command"))
-    run = lambda *argv: (lambda a: a.func(a))(parser.parse_args(list(argv)))  # noqa: E731
+    run = lambda *argv: (lambda a: a.func(a))(parser.parse_args(list(argv)))
     assert run("infer", "--model", str(release), "--image", str(image_file), "--prompt", PROMPT,
                "--device", "cpu", "--max-new-tokens", "3") == 0
     assert capsys.readouterr().out.endswith("\n")

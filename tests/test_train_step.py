@@ -7,6 +7,8 @@ the full-batch step for gradient accumulation; gradients without rematerialisati
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,8 +23,15 @@ from vlmr1_jax.models.qwen2_5_vl.text import KVCache
 from vlmr1_jax.parallel.mesh import MeshConfig, batch_sharding, make_mesh
 from vlmr1_jax.processing.batch import build_prompt_batch
 from vlmr1_jax.rl.lora import apply_lora, lora_targets
-from vlmr1_jax.rl.step import (completion_logprobs, current_model, init_train_state, make_grpo_step, make_optimizer,
-                               make_sft_step, trainable_filter)
+from vlmr1_jax.rl.step import (
+    completion_logprobs,
+    current_model,
+    init_train_state,
+    make_grpo_step,
+    make_optimizer,
+    make_sft_step,
+    trainable_filter,
+)
 from vlmr1_jax.train.setup import to_device
 
 # Four prompts (the batch axis splits over data x fsdp = 4), G = 2 samples each, completions of T tokens.
@@ -111,7 +120,7 @@ def grpo_step(model, mode: str = "full", grad_accum: int = 1):
 @pytest.fixture(scope="module")
 def single(tiny_hf_dir, grpo_data):
     """Two full-parameter GRPO steps on one device: parameters before / after each step, metrics, reference."""
-    graphdef, state, step = grpo_step(load_hf_model(tiny_hf_dir))
+    _graphdef, state, step = grpo_step(load_hf_model(tiny_hf_dir))
     before = host_params(state.trainable)
     batch = device_batch(grpo_data)
     state, metrics1 = step(state, batch)
@@ -127,7 +136,7 @@ def single(tiny_hf_dir, grpo_data):
 
 def test_sharded_grpo_step_matches_single_device(tiny_hf_dir, grpo_data, single):
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    graphdef, state, step = grpo_step(load_hf_model(tiny_hf_dir, mesh=mesh))
+    _graphdef, state, step = grpo_step(load_hf_model(tiny_hf_dir, mesh=mesh))
     specs = {str(var.sharding.spec) for var in jax.tree.leaves(state.trainable)}
     assert any("tensor" in s for s in specs) and any("fsdp" in s for s in specs), specs  # really sharded
     batch = device_batch(grpo_data, mesh)
@@ -196,7 +205,7 @@ def test_reference_stays_fixed_across_steps(single):
 
 def test_grad_accum_over_half_batches_equals_full_batch_step(cfg, tiny_hf_dir, grpo_data, single):
     """`grpo` averages per row, so the mean of two equal-size half-batch losses is the full-batch loss."""
-    graphdef, state, step = grpo_step(load_hf_model(tiny_hf_dir), grad_accum=2)
+    _graphdef, state, step = grpo_step(load_hf_model(tiny_hf_dir), grad_accum=2)
     half = len(SPECS) // 2
     for i, (start, stop) in enumerate([(0, half), (half, len(SPECS))]):
         prompts, _ = build(cfg, slice(start, stop))
@@ -241,7 +250,7 @@ def test_sft_loss_equals_hf_cross_entropy_and_decreases(cfg, tiny_hf_dir):
         state, metrics = step(state, data)
         losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses[0], expected, rtol=1e-5)
-    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert all(b < a for a, b in itertools.pairwise(losses)), losses
     assert losses[-1] < 0.8 * losses[0], losses
 
 

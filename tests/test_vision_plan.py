@@ -1,7 +1,8 @@
 """`plan_vision` / `vision_gather_indices` against an independent numpy model of HF's window algorithm.
 
 The reference below follows transformers' window algorithm (docs/facts.md: Vision tower): step 2 (per-patch
-(h, w) positions), step 3 (`widx`, `cu_window_seqlens` with unique_consecutive) and step 5 (`cu_seqlens`, one segment per item and temporal patch).
+(h, w) positions), step 3 (`widx`, `cu_window_seqlens` with unique_consecutive) and step 5 (`cu_seqlens`, one
+segment per item and temporal patch).
 Our plan gives every window a fixed number of slots; once its pad slots are dropped it must be exactly HF's
 window-ordered sequence.
 """

@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import sys
 
+from vlmr1_jax.extras import MissingExtraError
 from vlmr1_jax.quiet import quiet_libraries, without_background_tracebacks
 
 # Each module exposes `register(subparsers)`; it adds its sub-command(s) and sets `func` on the parser.
@@ -24,8 +25,9 @@ COMMAND_MODULES = (
 )
 
 
-# Errors that mean "the user's input or machine is wrong" (config values, paths, data, disk): one line, no traceback.
-USER_ERRORS = (ValueError, KeyError, OSError)
+# Errors that mean "the user's input or machine is wrong" (config values, paths, data, disk, a missing extra): one
+# line, no traceback.
+USER_ERRORS = (ValueError, KeyError, OSError, MissingExtraError)
 
 
 def build_parser() -> argparse.ArgumentParser:

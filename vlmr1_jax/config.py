@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -188,7 +189,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     for key, value in values.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value or {}, f"{where}.{key}" if where else key)
+            kwargs[key] = _build(hint, value or {}, f"{where}.{key}" if where else key)  # type: ignore[arg-type]
         else:
             kwargs[key] = _coerce(value, hint, f"{where}.{key}" if where else key)
     return cls(**kwargs)

@@ -6,8 +6,7 @@ import argparse
 import collections
 
 from vlmr1_jax.data import synthetic
-from vlmr1_jax.data.jsonl import (DataError, LoadReport, Sample, duplicate_ids, load_jsonl_datasets,
-                                  read_image_sizes)
+from vlmr1_jax.data.jsonl import DataError, LoadReport, Sample, duplicate_ids, load_jsonl_datasets, read_image_sizes
 from vlmr1_jax.processing.image import IMAGE_FACTOR, MAX_IMAGE_PIXELS, MAX_PIXELS, MIN_PIXELS, processed_size
 
 
@@ -69,7 +68,7 @@ def image_tokens(sample: Sample, min_pixels: int, max_pixels: int) -> list[int]:
 def check_images(samples: list[Sample], report: LoadReport, min_pixels: int, max_pixels: int
                  ) -> tuple[int, collections.Counter]:
     """Decode every image; problems go to `report`. Returns (valid samples, Counter of tokens per image)."""
-    valid, counts = 0, collections.Counter()
+    valid, counts = 0, collections.Counter[int]()
     for sample in samples:
         try:
             counts.update(image_tokens(sample, min_pixels, max_pixels))

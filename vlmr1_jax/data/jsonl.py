@@ -40,7 +40,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One normalised prompt: VLM-R1's `problem` / `solution` columns, image paths joined to their folder, provenance."""
+    """One normalised prompt: VLM-R1's `problem` / `solution` columns, image paths joined to their folder, origin."""
 
     id: Any
     problem: str
@@ -116,7 +116,8 @@ def _describe(value: Any, limit: int = 40) -> str:
     elif isinstance(value, (int, float)):
         kind = "number"
     else:
-        kind = {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+        kinds: dict[type, str] = {str: "string", list: "array", dict: "object"}
+        kind = kinds.get(type(value), type(value).__name__)
     text = json.dumps(value)
     return f"{kind} {text if len(text) <= limit else text[:limit] + '...'}"
 
@@ -162,7 +163,7 @@ def check_image_file(path: str, folder: str, max_image_pixels: int = MAX_IMAGE_P
             image = Image.open(path)
     except Image.DecompressionBombError as e:
         raise problem("image_too_large", f"PIL refuses it as a decompression bomb ({e})") from None
-    except Exception as e:  # noqa: BLE001 - PIL signals a bad file with many exception types
+    except Exception as e:  # noqa: BLE001 -- PIL signals a bad file with many exception types
         raise problem("unreadable_image", f"cannot open ({type(e).__name__}: {e})") from None
     with image:
         width, height = image.size
@@ -176,7 +177,7 @@ def check_image_file(path: str, folder: str, max_image_pixels: int = MAX_IMAGE_P
                           "crop or pad the image") from None
         try:
             _check_complete(image, path)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 -- as above, for a truncated or corrupt file
             raise problem("unreadable_image", f"truncated or corrupt ({type(e).__name__}: {e})") from None
 
 
@@ -347,7 +348,7 @@ def read_image_sizes(sample: Sample) -> list[tuple[int, int]]:
             with Image.open(path) as im:
                 im.load()
                 width, height = im.size
-        except Exception as e:  # noqa: BLE001 - PIL signals a bad file with many exception types
+        except Exception as e:  # noqa: BLE001 -- PIL signals a bad file with many exception types
             raise DataError("unreadable_image", sample.source, sample.line, name,
                             f"cannot decode {path}: {type(e).__name__}: {e}") from None
         sizes.append((height, width))

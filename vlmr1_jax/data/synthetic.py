@@ -171,7 +171,7 @@ def _scene(rng: np.random.Generator, family: str, split: str, image_size: int) -
         objects = []
         for (colour, shape), (s, x, y) in zip(pairs, footprints):
             mask = shape_mask(shape, s, x, y, image_size)
-            objects.append(Shape(colour, shape, s, x, y, tuple(int(v) for v in mask.getbbox()),
+            objects.append(Shape(colour, shape, s, x, y, tuple(int(v) for v in mask.getbbox()),  # type: ignore[arg-type, union-attr]
                                  mask.histogram()[255]))
         candidates = [(e, t) for e, t in EXPRESSIONS[family](objects)
                       if split != "ood" or (objects[t].colour, objects[t].shape) in HELD_OUT]

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from vlmr1_jax.data.jsonl import DataError, Sample, load_jsonl_datasets
 from vlmr1_jax.dtypes import dtype_arg

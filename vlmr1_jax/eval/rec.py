@@ -11,7 +11,8 @@ import dataclasses
 import json
 import random
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np

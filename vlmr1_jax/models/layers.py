@@ -6,7 +6,9 @@ modules themselves know nothing about devices.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import operator
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: Axes, init: str, dtype: jnp.dtype) -> nnx.Param:
     """A parameter with its logical axis names; `init` is "normal" (std 0.02), "zeros" or "ones"."""
     if init == "normal":
+        assert rngs is not None, "init='normal' needs rngs"
         value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
     elif init == "zeros":
         value = jnp.zeros(shape, dtype)
@@ -74,7 +77,7 @@ class Dense(nnx.Module):
                 keep = jax.random.bernoulli(self.lora_dropout_key[...], 1.0 - self.lora_dropout, x.shape)
                 adapter_in = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(self.dtype)
             low = jnp.dot(adapter_in, self.lora_a[...].astype(self.dtype))
-            y = y + self.lora_scale * jnp.dot(low, self.lora_b[...].astype(self.dtype))
+            y = y + self.lora_scale * jnp.dot(low, self.lora_b[...].astype(self.dtype))  # type: ignore[index]  # set with lora_a
         return y
 
 
@@ -99,7 +102,7 @@ class GatedMLP(nnx.Module):
 
     def __init__(self, dim: int, hidden: int, act: str, embed_axis: str, mlp_axis: str, *, use_bias: bool,
                  rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32):
-        kw = dict(use_bias=use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw: dict[str, Any] = dict(use_bias=use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.gate = Dense(dim, hidden, (embed_axis, mlp_axis), **kw)
         self.up = Dense(dim, hidden, (embed_axis, mlp_axis), **kw)
         self.down = Dense(hidden, dim, (mlp_axis, embed_axis), **kw)
@@ -182,7 +185,7 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) 
     return module
 
 
-def run_layers(layers: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]], carry: Any,
+def run_layers(layers: nnx.Module, body: Callable[..., tuple[Any, Any]], carry: Any,
                xs: Any = None, *, scan: bool = True, remat_policy: Any = "none") -> tuple[Any, Any]:
     """Apply a `stacked` module layer by layer: `carry, y_i = body(layer_i, carry, xs[i])`; returns the final
     carry and the stacked y_i.
@@ -204,8 +207,8 @@ def run_layers(layers: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[
     count = jax.tree.leaves(state)[0].shape[0]
     outputs = []
     for i in range(count):
-        layer_slice = jax.tree.map(lambda a: a[i], state)
-        x = None if xs is None else jax.tree.map(lambda a: a[i], xs)
+        layer_slice = jax.tree.map(operator.itemgetter(i), state)
+        x = None if xs is None else jax.tree.map(operator.itemgetter(i), xs)
         carry, y = one(carry, (layer_slice, x))
         outputs.append(y)
     ys = None if outputs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)

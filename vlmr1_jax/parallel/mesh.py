@@ -13,7 +13,8 @@ import functools
 import logging
 import math
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -21,6 +22,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=nnx.Module)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -117,7 +119,7 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
     """Shard the batch axis over (data, fsdp); replicate the rest."""
-    spec = [None] * ndim
+    spec: list[tuple[str, ...] | None] = [None] * ndim
     spec[batch_axis] = tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1) or None
     return NamedSharding(mesh, P(*spec))
 
@@ -130,7 +132,7 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     coordinator = coordinator or env.get("COORDINATOR")
     num_processes = num_processes if num_processes is not None else _env_int("NUM_PROCESSES")
     process_id = process_id if process_id is not None else _env_int("PROCESS_ID")
-    kwargs = {k: v for k, v in dict(coordinator_address=coordinator, num_processes=num_processes,
+    kwargs: dict[str, Any] = {k: v for k, v in dict(coordinator_address=coordinator, num_processes=num_processes,
                                     process_id=process_id).items() if v is not None}
     jax.distributed.initialize(**kwargs)
 
@@ -145,7 +147,7 @@ def _env_int(name: str) -> int | None:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
+def create_sharded(make: Callable[[], M], mesh: Mesh) -> M:
     """Build a module with every parameter born on its target sharding (no replicated host copy first)."""
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     state = jax.jit(lambda: nnx.split(make())[1], out_shardings=state_shardings(abstract, mesh))()

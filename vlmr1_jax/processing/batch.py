@@ -7,7 +7,7 @@ train step compile a handful of programs, not one per batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -63,9 +63,9 @@ def build_prompt_batch(
         if len(slots) != len(imgs):
             raise ValueError(f"prompt {p}: {len(slots)} image placeholders but {len(imgs)} images")
         row: list[int] = []
-        grids = iter(g for _, g in imgs)
+        row_grids = iter(g for _, g in imgs)
         for t in ids:
-            row.extend([t] * (int(np.prod(next(grids))) // unit) if t == cfg.image_token_id else [t])
+            row.extend([t] * (int(np.prod(next(row_grids))) // unit) if t == cfg.image_token_id else [t])
         rows.append(row)
     longest = max(map(len, rows))
     length = length_bucket(longest) if length is None else length
@@ -91,7 +91,7 @@ def build_prompt_batch(
         input_ids=input_ids, attention_mask=mask, positions=positions.astype(np.int32),
         next_position=(mask.sum(1) + deltas).astype(np.int32), pixel_values=plan.pixel_values,
         hw_positions=plan.hw_positions, frame_ids=plan.frame_ids, frame_index=plan.frame_index, vision_gather=gather,
-        image_grids=tuple(tuple(tuple(int(x) for x in g) for _, g in imgs) for imgs in images))
+        image_grids=tuple(tuple(tuple(int(x) for x in g) for _, g in imgs) for imgs in images))  # type: ignore[misc]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +133,7 @@ def encode_prompts(
     length: int | None = None,
 ) -> PromptBatch:
     """VLM-R1 prompts with their images, loaded here, as one batch."""
-    ids = [encode_prompt_text(problem, len(paths), tokenizer, task_type) for problem, paths in zip(problems, image_paths)]
+    ids = [encode_prompt_text(problem, len(paths), tokenizer, task_type)
+           for problem, paths in zip(problems, image_paths)]
     images = [load_prompt_images(paths, min_pixels=min_pixels, max_pixels=max_pixels) for paths in image_paths]
     return build_prompt_batch(ids, images, cfg, pad_id=tokenizer.pad_id, length=length)

@@ -9,7 +9,7 @@ they never attend and are never attended. The window count is padded to a bucket
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -76,9 +76,8 @@ def plan_vision(
         for ti in range(t):
             for r0 in range(0, gh, window_merged):
                 for c0 in range(0, gw, window_merged):
-                    ur, uc = np.meshgrid(np.arange(r0, min(r0 + window_merged, gh)),
-                                         np.arange(c0, min(c0 + window_merged, gw)), indexing="ij")
-                    ur, uc = ur.ravel(), uc.ravel()
+                    ur, uc = (a.ravel() for a in np.meshgrid(np.arange(r0, min(r0 + window_merged, gh)),
+                                                             np.arange(c0, min(c0 + window_merged, gw)), indexing="ij"))
                     unit_rows = base + (ti * gh * gw + ur * gw + uc) * unit
                     windows.append((unit_rows[:, None] + np.arange(unit)).ravel())
                     positions.append(np.stack([(ur[:, None] * m + sub_r).ravel(),

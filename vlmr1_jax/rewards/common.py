@@ -90,7 +90,7 @@ def as_box(value: Any) -> Box | None:
         return None
     if len(box) != 4 or not all(math.isfinite(v) for v in box):
         return None
-    return box  # type: ignore[return-value]
+    return box
 
 
 def iou(box1: Sequence[float], box2: Sequence[float]) -> float:

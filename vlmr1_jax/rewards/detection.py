@@ -15,7 +15,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from vlmr1_jax.rewards.common import (
-    RewardInputError, as_box, clean_text, first_answer, first_between, iou, last_answer, last_between,
+    RewardInputError,
+    as_box,
+    clean_text,
+    first_answer,
+    first_between,
+    iou,
+    last_answer,
+    last_between,
 )
 
 JSON_OPEN, FENCE = "```json", "```"
@@ -23,7 +30,7 @@ IMAGE_SIZE = 2048  # VLM-R1's fixed COCO image size; boxes are never clipped to 
 
 
 def json_block(text: str, *, last: bool) -> str | None:
-    """Stripped body of the last (or first) ```` ```json ... ``` ```` block (VLM-R1's `` ```json(.*?)``` ``), or None."""
+    """Stripped body of the last (or first) ```` ```json ... ``` ```` block (VLM-R1's `` ```json(.*?)``` ``) or None."""
     body = last_between(text, JSON_OPEN, FENCE) if last else first_between(text, JSON_OPEN, FENCE)
     return body.strip() if body is not None else None
 
@@ -40,7 +47,7 @@ def predicted_entries(text: str, *, last: bool) -> list:
         return []
     try:
         return _entries(json.loads(block))
-    except Exception:  # JSONDecodeError, RecursionError, oversized integers
+    except Exception:  # noqa: BLE001 -- JSONDecodeError, RecursionError, oversized integers: a reward never raises
         return []
 
 
@@ -51,7 +58,7 @@ def truth_entries(text: str, *, last: bool) -> list[dict]:
         return []
     try:
         data = json.loads(block)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- any json.loads failure is one clear error
         raise RewardInputError(f"solution: the ```json block is not valid JSON ({err})") from None
     if not isinstance(data, list):
         raise RewardInputError(f"solution: the ```json block holds a {type(data).__name__}, expected a list of boxes")
@@ -74,13 +81,13 @@ def coco_map(predictions: list, truths: list[dict], *, ap50: bool = False) -> fl
     so queried-but-absent labels are never penalised (VLM-R1 semantics). No surviving prediction gives 0.0;
     pycocotools' -1 "no valid ground truth" sentinel (all boxes inverted or huge) is returned as 0.0.
     """
-    category = {}
+    category: dict[Any, int] = {}
     annotations = []
     for k, truth in enumerate(truths):
         category.setdefault(truth["label"], len(category))
         box = as_box(truth["bbox_2d"])
         annotations.append({"id": k + 1, "image_id": 0, "category_id": category[truth["label"]],
-                            "bbox": _xywh(box), "area": (box[2] - box[0]) * (box[3] - box[1]), "iscrowd": 0})
+                            "bbox": _xywh(box), "area": (box[2] - box[0]) * (box[3] - box[1]), "iscrowd": 0})  # type: ignore[arg-type, index]
     detections = []
     for pred in predictions:
         if not isinstance(pred, dict):
@@ -149,7 +156,7 @@ def _label(entry: Any) -> str | None:
 
 def _entry_iou(pred: Any, truth: dict) -> float:
     box = as_box(pred.get("bbox_2d")) if isinstance(pred, dict) else None
-    return iou(box, as_box(truth["bbox_2d"])) if box is not None else 0.0
+    return iou(box, as_box(truth["bbox_2d"])) if box is not None else 0.0  # type: ignore[arg-type]
 
 
 def detection_score(content: str, solution: str, *, iou_threshold: float = 0.5, alpha: float = 0.7,

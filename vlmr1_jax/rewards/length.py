@@ -73,7 +73,7 @@ def find_box_array(content: str) -> str | None:
     key = content.find('"bbox_2d"', start.end()) if start else -1
     label = content.find('"label"', key + len('"bbox_2d"')) if key >= 0 else -1
     end = _ARRAY_END.search(content, label + len('"label"')) if label >= 0 else None
-    return content[start.start():end.end()] if end else None
+    return content[start.start():end.end()] if start and end else None
 
 
 def _json_candidate(content: str) -> str | None:
@@ -90,7 +90,7 @@ def _load_json(text: str) -> Any:
     `REPAIR_SECONDS`, else None."""
     try:
         return json.loads(text)
-    except Exception:
+    except Exception:  # noqa: BLE001 -- not JSON as it stands: try the repair below
         pass
     if len(text) > REPAIR_MAX_CHARS:
         return None
@@ -101,7 +101,7 @@ def _load_json(text: str) -> Any:
         return None
     try:
         return json.loads(repaired)
-    except Exception:  # None (repair_json raised), or still not JSON
+    except Exception:  # noqa: BLE001 -- None (repair_json raised), or still not JSON
         return None
 
 

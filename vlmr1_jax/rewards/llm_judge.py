@@ -77,7 +77,7 @@ def llm_score(content: str, solution: str, judge: Judge | None = None) -> float:
         return exact
     try:
         verdict = float(judge(answer, truth))
-    except Exception as err:  # network, HTTP, a reply that is not a number
+    except Exception as err:  # noqa: BLE001 -- network, HTTP, a reply that is not a number
         _log.warning("llm judge failed (%s); using exact match", err)
         return exact
     return min(1.0, max(0.0, verdict)) if math.isfinite(verdict) else exact

@@ -143,9 +143,10 @@ def compute_score(answer: str, truth: str) -> float:
         return 1.0
     boxed = last_boxed(answer)
     if boxed is not None:
-        answer = remove_boxed(boxed)
-        if answer is None:
+        unboxed = remove_boxed(boxed)
+        if unboxed is None:
             return 0.0
+        answer = unboxed
     return 1.0 if is_equiv(answer, truth) else 0.0
 
 

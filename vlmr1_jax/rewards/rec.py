@@ -11,7 +11,14 @@ import numpy as np
 from PIL import Image
 
 from vlmr1_jax.rewards.common import (
-    Box, RewardInputError, aligned, as_box, first_answer, iou, last_answer, score_samples,
+    Box,
+    RewardInputError,
+    aligned,
+    as_box,
+    first_answer,
+    iou,
+    last_answer,
+    score_samples,
 )
 from vlmr1_jax.rewards.format import THINK_THEN_ANSWER
 from vlmr1_jax.rewards.registry import register_reward
@@ -94,8 +101,8 @@ def rec_iou_score(content: str, solution: str, frame: tuple[int, int, int, int] 
         x1, y1, x2, y2 = (int(g) for g in match.groups())
         if frame is not None:
             model_h, model_w, image_h, image_w = frame
-            x1, x2 = x1 / model_w * image_w, x2 / model_w * image_w
-            y1, y2 = y1 / model_h * image_h, y2 / model_h * image_h
+            x1, x2 = x1 / model_w * image_w, x2 / model_w * image_w  # type: ignore[assignment]
+            y1, y2 = y1 / model_h * image_h, y2 / model_h * image_h  # type: ignore[assignment]
         box = (float(x1), float(y1), float(x2), float(y2))
     except (ValueError, OverflowError):  # digits beyond int()'s limit or a float's range
         return 0.0

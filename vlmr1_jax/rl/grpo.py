@@ -10,7 +10,7 @@ Python values. Semantics follow VLM-R1's `VLMGRPOTrainer` (docs/facts.md: Loss).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Generic, NamedTuple, Protocol, TypeVar
+from typing import Generic, NamedTuple, Protocol, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ class Registry(Generic[F]):
     def get(self, name: str) -> F:
         """The function registered as `name`, or imported from 'package.module:function'."""
         if ":" in name:
-            return import_function(name, self.kind)
+            return cast(F, import_function(name, self.kind))
         if name not in self._fns:
             raise ValueError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}, "
                              f"or a user function as 'package.module:function'")
@@ -283,6 +283,7 @@ def make_loss(objective: str = "ppo_clip", aggregation: str = "seq_mean_token_me
                              f"expected {logp.shape}")
         metrics = dict(metrics)
         if beta != 0.0:
+            assert ref_logp is not None  # checked above
             delta = ref_logp - logp
             kl = jnp.exp(delta) - delta - 1.0  # k3 estimator of KL(policy || reference)
             per_token = per_token + beta * kl

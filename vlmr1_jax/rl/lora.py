@@ -69,7 +69,7 @@ def merge_lora(model: nnx.Module) -> None:
     for _, dense in lora_targets(model):
         if dense.lora_a is None:
             continue
-        delta = dense.lora_scale * (dense.lora_a[...] @ dense.lora_b[...])
+        delta = dense.lora_scale * (dense.lora_a[...] @ dense.lora_b[...])  # type: ignore[index]  # set with lora_a
         dense.kernel[...] = (dense.kernel[...] + delta).astype(dense.kernel.dtype)
         dense.lora_a = dense.lora_b = dense.lora_dropout_key = nnx.data(None)
         dense.lora_scale = dense.lora_dropout = 0.0

@@ -9,7 +9,7 @@ filtering), i.e. what the GRPO step computes, so they serve as old log-probs whe
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +74,7 @@ class Sampler:
         features = model.encode_vision(batch["pixel_values"], batch["hw_positions"], batch["frame_ids"],
                                        batch["frame_index"])
         cache = KVCache.empty(model.cfg.text, prompts, length + steps, model.text.dtype)
-        hidden, cache = model(ids, batch["positions"], batch["attention_mask"], features, batch["vision_gather"],
+        hidden, cache = model(ids, batch["positions"], batch["attention_mask"], features, batch["vision_gather"],  # type: ignore[assignment]
                               cache)
         logits = model.logits(hidden[:, -1])
         # Fan out: one prefill, G rows per prompt.

@@ -8,7 +8,8 @@ LoRA adapters) and frozen ones; the step is a pure function of (state, batch) wi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +73,7 @@ def init_train_state(model: Qwen25VL, mode: str, optimizer: optax.GradientTransf
     `frozen_dtype` (None: unchanged) stores the frozen variables and the reference in that dtype, e.g. bf16 to
     halve their memory; compute is unaffected, since every layer casts its parameters to `model.dtype` at use.
     """
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter(mode), ...)
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(mode), ...)  # type: ignore[misc]
 
     def store(x: jax.Array) -> jax.Array:
         floating = frozen_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating)
@@ -100,7 +101,7 @@ def completion_logprobs(model: Qwen25VL, prompts: dict[str, jax.Array], tokens: 
     features = model.encode_vision(prompts["pixel_values"], prompts["hw_positions"], prompts["frame_ids"],
                                    prompts["frame_index"])
     cache = KVCache.empty(model.cfg.text, prompts["input_ids"].shape[0], prompt_len + steps, model.text.dtype)
-    hidden, cache = model(prompts["input_ids"], prompts["positions"], prompts["attention_mask"], features,
+    hidden, cache = model(prompts["input_ids"], prompts["positions"], prompts["attention_mask"], features,  # type: ignore[assignment]
                           prompts["vision_gather"], cache)
     first = jnp.repeat(model.logits(hidden[:, -1]), num_samples, axis=0)  # predicts completion token 0
     positions = jnp.repeat(prompts["next_position"], num_samples)[:, None] + jnp.arange(steps)[None]
@@ -164,7 +165,7 @@ def _apply_gradients(state: TrainState, loss: jax.Array, grads: nnx.State, optim
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     trainable = keep(optax.apply_updates(state.trainable, updates), state.trainable)
     metrics = {"grad_norm": grad_norm, "learning_rate": schedule(state.step // grad_accum),
                "nonfinite": (~finite).astype(jnp.float32)}

@@ -22,15 +22,29 @@ from tqdm import tqdm
 from vlmr1_jax.config import RunConfig, to_dict
 from vlmr1_jax.data.jsonl import DataError, Sample
 from vlmr1_jax.data.pipeline import epoch_of, make_sample_iterator
-from vlmr1_jax.processing.batch import (EncodedPrompt, PromptBatch, build_prompt_batch, encode_prompt_text,
-                                         load_prompt_images)
+from vlmr1_jax.processing.batch import (
+    EncodedPrompt,
+    PromptBatch,
+    build_prompt_batch,
+    encode_prompt_text,
+    load_prompt_images,
+)
 from vlmr1_jax.rl.step import current_model, init_train_state, make_optimizer
 from vlmr1_jax.train.checkpoint import Checkpointer, CorruptCheckpoint, abstract_like, read_meta
 from vlmr1_jax.train.identity import check_resume
 from vlmr1_jax.train.metrics import MetricsWriter, mean_metrics
 from vlmr1_jax.train.restore import imported_params
-from vlmr1_jax.train.setup import (build_model, check_model_config, frozen_dtype_of, load_samples, load_tokenizer,
-                                   on_mesh, resolve_max_steps, run_dir, setup_mesh)
+from vlmr1_jax.train.setup import (
+    build_model,
+    check_model_config,
+    frozen_dtype_of,
+    load_samples,
+    load_tokenizer,
+    on_mesh,
+    resolve_max_steps,
+    run_dir,
+    setup_mesh,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +147,8 @@ class Trainer:
         """The next `data.prompts_per_step` samples whose prompts encode, and their batch; None when the data has
         run out. With `data.on_error=skip` a failing sample is logged, counted and replaced by the next one in the
         stream (whose position is checkpointed, so resume stays exact); else its `DataError` stops the run."""
-        samples, encoded = [], []
+        samples: list[Sample] = []
+        encoded: list[EncodedPrompt] = []
         while len(samples) < self.cfg.data.prompts_per_step:
             try:
                 sample = next(self.data)

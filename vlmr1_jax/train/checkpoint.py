@@ -137,7 +137,7 @@ def check_against_stored(stored: Any, abstract: Any, where: str) -> None:
 
 def check_restored(restored: Any, abstract: Any, where: str) -> None:
     """Raise `CheckpointError` unless `restored` has the abstract state's structure, shapes, dtypes and shardings."""
-    if jax.tree.structure(restored) != jax.tree.structure(abstract):
+    if jax.tree.structure(restored) != jax.tree.structure(abstract):  # type: ignore[operator]  # PyTreeDef stub
         raise CheckpointError(f"{where}: restored tree structure {jax.tree.structure(restored)} differs from the "
                               f"expected {jax.tree.structure(abstract)}")
     for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(restored)[0], jax.tree.leaves(abstract)):
@@ -281,7 +281,7 @@ def _stored_items(manager: ocp.CheckpointManager, step: int, where: str) -> dict
     """Item name -> stored metadata (the array tree for `state`) of one saved step."""
     try:
         items = manager.metadata(step).item_metadata
-        return {name: value for name, value in items.items()}
+        return dict(items.items())
     except Exception as e:
         raise CorruptCheckpoint(f"cannot read the metadata of {where}: {type(e).__name__}: {e}") from e
 

@@ -19,7 +19,7 @@ def _run(kind: str):
         if kind == "grpo":
             from vlmr1_jax.train.loop import GRPOTrainer as Trainer
         else:
-            from vlmr1_jax.train.sft import SFTTrainer as Trainer
+            from vlmr1_jax.train.sft import SFTTrainer as Trainer  # type: ignore[assignment]
         trainer = Trainer(cfg, progress=not args.no_progress, resume_anyway=args.resume_anyway)
         if trainer.step >= trainer.max_steps:
             print(f"error: the run in {cfg.train.output_dir} already finished at step {trainer.step} (max steps "
@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for name, kind, text in (("train", "grpo", "GRPO training"), ("sft", "sft", "supervised fine-tuning")):
         p = subparsers.add_parser(name, help=f"{text} from a recipe", description=__doc__)
         p.add_argument("config", help="recipe: a YAML path or a packaged name (vlmr1_jax/configs/*.yaml)")
-        p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10 optim.learning_rate=1e-5")
+        p.add_argument("overrides", nargs="*",
+                       help="section.key=value, e.g. train.max_steps=10 optim.learning_rate=1e-5")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--resume-anyway", action="store_true",
                        help="resume the run in train.output_dir even though its stored configuration differs")

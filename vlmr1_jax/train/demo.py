@@ -17,8 +17,16 @@ import random
 import time
 from pathlib import Path
 
-from vlmr1_jax.config import (DataConfig, GRPOConfig, ModelConfig, OptimConfig, RunConfig, SFTConfig, TrainConfig,
-                              to_dict)
+from vlmr1_jax.config import (
+    DataConfig,
+    GRPOConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    SFTConfig,
+    TrainConfig,
+    to_dict,
+)
 from vlmr1_jax.data.jsonl import load_jsonl_datasets
 from vlmr1_jax.data.synthetic import corpus_strings, image_folder, write_default_dataset
 from vlmr1_jax.eval.rec import GreedyDecoder, evaluate_rec
@@ -97,7 +105,8 @@ def reward_table(run_dir: Path) -> str:
             "---- | ------ | --------------- | ------------------ | -- | -----------------"]
     for m in read_metrics(run_dir):
         rows.append(f"{m['step']:>4} | {m.get('reward', 0):.3f} | {m.get('rewards/rec_iou', 0):.3f} | "
-                    f"{m.get('rewards/rec_format', 0):.3f} | {m.get('kl', 0):.4f} | {m.get('completion_length', 0):.1f}")
+                    f"{m.get('rewards/rec_format', 0):.3f} | {m.get('kl', 0):.4f} | "
+                    f"{m.get('completion_length', 0):.1f}")
     return "\n".join(rows)
 
 

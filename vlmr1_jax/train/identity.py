@@ -29,7 +29,7 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """`key: stored -> current` for every setting that differs, except the RESUMABLE ones and keys the stored
     config predates (settings added to the code later, at their defaults); values compared as JSON."""
-    normal = lambda d: _flat(json.loads(json.dumps(d, default=str)))  # noqa: E731  (tuples vs lists)
+    normal = lambda d: _flat(json.loads(json.dumps(d, default=str)))  # tuples vs lists
     old, new = normal(stored), normal(current)
     return [f"{k}: {old[k]!r} -> {new.get(k, '(absent)')!r}" for k in sorted(set(old) - RESUMABLE)
             if old[k] != new.get(k, "(absent)")]

@@ -9,7 +9,8 @@ updates, with the sampler's log-probs as the old policy (they equal the forward'
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -81,9 +82,9 @@ class GRPOTrainer(Trainer):
         t1 = time.perf_counter()
         completions = self.tokenizer.batch_decode([row[m.astype(bool)] for row, m in zip(tokens, mask)])
         rewards, per_fn = score(completions, columns_for(samples, batch, g.num_generations), self.reward_fns)
-        advantages, group_std = group_advantages(jnp.asarray(rewards), g.num_generations,
-                                                 g.algorithm().advantage_estimator)
-        advantages = np.asarray(advantages)  # host value: every process passes the same global array
+        device_advantages, group_std = group_advantages(jnp.asarray(rewards), g.num_generations,
+                                                        g.algorithm().advantage_estimator)
+        advantages = np.asarray(device_advantages)  # host value: every process passes the same global array
         t2 = time.perf_counter()
         train_batch = {"prompts": prompts, "tokens": out["tokens"], "mask": out["mask"], "advantages": advantages}
         if g.beta > 0:
@@ -93,11 +94,12 @@ class GRPOTrainer(Trainer):
             train_batch["old_logprobs"] = out["logprobs"]
         lengths = mask.sum(1)
         metrics = {"completion_length": float(lengths.mean()),
-                   **{f"rewards/{name}": float(v.mean()) for name, v in per_fn.items()}, "reward": float(rewards.mean()),
+                   **{f"rewards/{name}": float(v.mean()) for name, v in per_fn.items()},
+                   "reward": float(rewards.mean()),
                    "reward_std": float(np.asarray(group_std).mean()), "time/sample": t1 - t0, "time/score": t2 - t1,
                    "tokens_per_second": float(lengths.sum()) / max(t1 - t0, 1e-9)}
         if self.rollouts is not None:
-            self.rollouts.write(self.step + 1, [s.problem for s in samples], completions, per_fn,  # metrics' step
+            self.rollouts.write(self.step + 1, [s.problem for s in samples], completions, per_fn,  # type: ignore[arg-type]  # metrics' step
                                 extra={"solution": [s.solution for s in samples for _ in range(g.num_generations)],
                                        "advantage": advantages.tolist()})
         return train_batch, metrics

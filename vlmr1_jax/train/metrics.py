@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 METRICS_FILE = "metrics.jsonl"
 ROLLOUTS_FILE = "rollouts.jsonl"
@@ -44,7 +44,7 @@ class MetricsWriter:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, process_index: int = 0):
         self.enabled = process_index == 0
         self.path = Path(run_dir) / METRICS_FILE
-        self._file = None
+        self._file: TextIO | None = None
         self._tb = None
         if not self.enabled:
             return
@@ -59,6 +59,7 @@ class MetricsWriter:
         """Log `metrics` (floats, numpy or jax scalars) at `step` and flush both sinks."""
         if not self.enabled:
             return
+        assert self._file is not None, f"{self.path}: write after close"
         values = {name: _scalar(value) for name, value in metrics.items()}
         self._file.write(json.dumps({"step": int(step), **values}) + "\n")
         self._file.flush()

@@ -20,8 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -283,7 +284,7 @@ def program_report(name: str, jitted: Callable, args: tuple, state_args: Any) ->
     """Lower and compile `jitted` on abstract `args`; its report and its abstract outputs."""
     log.info("compiling %s", name)
     start = time.perf_counter()
-    lowered = jitted.lower(*args)
+    lowered = jitted.lower(*args)  # type: ignore[attr-defined]  # a jax.jit function
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     done = time.perf_counter()

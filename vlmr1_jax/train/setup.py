@@ -4,8 +4,9 @@ and the host -> device transfer of prompt batches."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +20,7 @@ from vlmr1_jax.data.jsonl import Sample, load_jsonl_datasets
 from vlmr1_jax.models.layers import LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, get_preset, with_overrides
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-from vlmr1_jax.parallel.mesh import (create_sharded, initialize_distributed, logical_to_spec, make_mesh,
-                                     state_shardings)
+from vlmr1_jax.parallel.mesh import create_sharded, initialize_distributed, logical_to_spec, make_mesh, state_shardings
 from vlmr1_jax.processing.batch import PromptBatch
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer, qwen2_5_tokenizer
 from vlmr1_jax.rl.lora import apply_lora
@@ -89,7 +89,7 @@ def tokenizer_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
 
 def preset_config(cfg: RunConfig, tokenizer: Tokenizer) -> Qwen25VLConfig:
     """A preset with its special token ids (and, for compact tokenizers, its vocabulary) set from the tokenizer."""
-    base = get_preset(cfg.model.preset)
+    base = get_preset(cfg.model.preset)  # type: ignore[arg-type]  # validated: without hf_model the preset is set
     overrides: dict[str, Any] = dict(tokenizer_token_ids(tokenizer))
     if tokenizer.vocab_size > base.text.vocab_size or cfg.model.preset in ("tiny", "demo-s"):
         overrides["text.vocab_size"] = -(-tokenizer.vocab_size // 64) * 64
@@ -138,7 +138,7 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer, mesh: Mesh) -> Qwen25VL:
 
 def load_samples(cfg: RunConfig) -> list[Sample]:
     samples, report = load_jsonl_datasets(cfg.data.data_file_paths, cfg.data.image_folders, cfg.data.reward_method,
-                                          on_error=cfg.data.on_error, max_image_pixels=cfg.data.max_image_pixels)
+                                          on_error=cfg.data.on_error, max_image_pixels=cfg.data.max_image_pixels)  # type: ignore[arg-type]
     if report.problems:
         log.warning("data: %s", report.summary())
     if not samples:
@@ -152,14 +152,14 @@ def to_device(batch: PromptBatch | dict[str, np.ndarray], mesh: Mesh,
     batch and contributes its addressable shards, so the same code runs on one host or a pod)."""
     arrays = batch.arrays() if isinstance(batch, PromptBatch) else batch
     axes = BATCH_AXIS if axes is None else axes
-    out = {}
+    out: dict[str, jax.Array] = {}
     for name, value in arrays.items():
         value = np.asarray(value)
         logical: list[str | None] = [None] * value.ndim
         if name in axes:
             logical[axes[name]] = "batch"
         sharding = NamedSharding(mesh, logical_to_spec(logical, value.shape, mesh))
-        out[name] = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
+        out[name] = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])  # type: ignore[misc]
     return out
 
 

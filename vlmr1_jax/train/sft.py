@@ -6,8 +6,9 @@ machinery. It is VLM-R1's comparison baseline and the demo's warm start; the res
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np

@@ -92,14 +92,16 @@ class Qwen25VLConfig:
     eos_token_id: int = 151645
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Qwen25VLConfig":
+    def from_dict(cls, data: dict[str, Any]) -> Qwen25VLConfig:
         """Inverse of `dataclasses.asdict` (lists back to tuples), e.g. for checkpoint metadata."""
-        tuples = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # noqa: E731
+        def tuples(d: dict[str, Any]) -> dict[str, Any]:
+            return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
         rest = {k: v for k, v in data.items() if k not in ("text", "vision")}
         return cls(text=TextConfig(**tuples(data["text"])), vision=VisionConfig(**tuples(data["vision"])),
                    **rest).validate()
 
-    def validate(self, check_token_ids: bool = True) -> "Qwen25VLConfig":
+    def validate(self, check_token_ids: bool = True) -> Qwen25VLConfig:
         """Raise ValueError naming the field on an inconsistent config; `check_token_ids=False` only for presets
         whose ids and vocabulary come from a tokenizer later (`with_overrides`)."""
         t, v = self.text, self.vision
@@ -120,7 +122,7 @@ class Qwen25VLConfig:
         if check_token_ids:
             for name in TOKEN_ID_FIELDS:
                 value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < t.vocab_size:
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < t.vocab_size:  # type: ignore[operator]
                     raise ValueError(f"{name} {value!r} is not a token id of the {t.vocab_size}-token vocabulary "
                                      f"(text vocab_size): set {name} to the tokenizer's id, below {t.vocab_size}")
         return self

@@ -46,6 +46,7 @@ class Qwen25VL(nnx.Module):
         embeds = self.text.embed_tokens(input_ids)
         if vision_features is None:
             return embeds
+        assert vision_gather is not None, "vision_features come with vision_gather"
         picked = jnp.take(vision_features.astype(embeds.dtype), jnp.maximum(vision_gather, 0), axis=0)
         return jnp.where((vision_gather >= 0)[..., None], picked, embeds)
 

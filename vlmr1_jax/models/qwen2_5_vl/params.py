@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from flax import nnx
@@ -163,13 +163,13 @@ def flat_paths(state: nnx.State) -> dict[str, nnx.Variable]:
 def hf_entries(state: nnx.State) -> list[tuple[str, str, int | None, tuple[int, ...]]]:
     """(HF name, our path, layer index or None, our per-layer shape) for every tensor HF stores, in HF order
     (layer by layer): one entry per layer of each stacked parameter."""
-    entries = []
+    entries: list[tuple[str, str, int | None, tuple[int, ...]]] = []
     for path, var in flat_paths(state).items():
         if is_stacked(path):
             entries += [(to_hf_name(path, i), path, i, tuple(var.shape[1:])) for i in range(var.shape[0])]
         else:
             entries.append((to_hf_name(path), path, None, tuple(var.shape)))
-    natural = lambda entry: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", entry[0])]  # noqa: E731
+    natural = lambda entry: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", entry[0])]
     return sorted(entries, key=natural)
 
 

@@ -7,7 +7,7 @@ transformers is installed: 4.57 truncates fractional `second_per_grid_ts` and 5.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +88,7 @@ def get_rope_index(
                 continue
             t, h, w = (int(x) for x in grid)
             gh, gw = h // spatial_merge_size, w // spatial_merge_size
-            item_start = start + 1
+            item_start = int(start) + 1
             text_len = item_start - cursor
             chunks.append(np.broadcast_to(np.arange(text_len) + next_pos, (3, text_len)))
             next_pos = int(chunks[-1].max()) + 1 if text_len else next_pos

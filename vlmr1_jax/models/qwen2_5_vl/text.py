@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlmr1_jax.models.layers import (REMAT_POLICIES, Dense, GatedMLP, RMSNorm, apply_rotary, attention, param,
-                                     run_layers, stacked)
+from vlmr1_jax.models.layers import (
+    REMAT_POLICIES,
+    Dense,
+    GatedMLP,
+    RMSNorm,
+    apply_rotary,
+    attention,
+    param,
+    run_layers,
+    stacked,
+)
 from vlmr1_jax.models.qwen2_5_vl.config import TextConfig
 from vlmr1_jax.models.qwen2_5_vl.rope import inv_frequencies, mrope_cos_sin
 from vlmr1_jax.parallel.mesh import constrain
@@ -34,21 +44,21 @@ class KVCache:
     AXES = ("layers", "batch", "length", "kv_heads", None)  # logical axes of k and v
 
     @classmethod
-    def empty(cls, cfg: TextConfig, batch: int, size: int, dtype: jnp.dtype) -> "KVCache":
+    def empty(cls, cfg: TextConfig, batch: int, size: int, dtype: jnp.dtype) -> KVCache:
         shape = (cfg.num_hidden_layers, batch, size, cfg.num_key_value_heads, cfg.head_dim)
         return cls(constrain(jnp.zeros(shape, dtype), cls.AXES), constrain(jnp.zeros(shape, dtype), cls.AXES),
                    jnp.zeros((batch, size), bool), jnp.zeros((), jnp.int32))
 
-    def repeat(self, times: int) -> "KVCache":
+    def repeat(self, times: int) -> KVCache:
         """Fan each row out to `times` consecutive rows (prefill once, sample G completions)."""
-        rep = lambda x: constrain(jnp.repeat(x, times, axis=1), self.AXES)  # noqa: E731
+        rep = lambda x: constrain(jnp.repeat(x, times, axis=1), self.AXES)
         return KVCache(rep(self.k), rep(self.v), jnp.repeat(self.valid, times, axis=0), self.index)
 
 
 class TextAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
         d, hd = cfg.hidden_size, cfg.head_dim
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw: dict[str, Any] = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q = Dense(d, cfg.num_attention_heads * hd, ("embed", "heads"), use_bias=True, **kw)
         self.k = Dense(d, cfg.num_key_value_heads * hd, ("embed", "kv_heads"), use_bias=True, **kw)
         self.v = Dense(d, cfg.num_key_value_heads * hd, ("embed", "kv_heads"), use_bias=True, **kw)
@@ -137,7 +147,7 @@ class TextModel(nnx.Module):
             mask = causal[None] & key_valid[:, None, :]
 
         def body(layer: DecoderLayer, x, layer_cache):
-            layer_cache = None if layer_cache is None else (*layer_cache, cache.index)
+            layer_cache = None if layer_cache is None else (*layer_cache, cache.index)  # type: ignore[union-attr]
             x, kv = layer(x, cos, sin, mask, layer_cache)
             return constrain(x, HIDDEN_AXES), (None if cache is None else kv)
 

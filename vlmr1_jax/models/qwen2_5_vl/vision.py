@@ -7,13 +7,25 @@ window or per (item, temporal patch), exactly as HF's variable-length attention 
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlmr1_jax.models.layers import (ACTIVATIONS, REMAT_POLICIES, Dense, GatedMLP, RMSNorm, apply_rotary, attention,
-                                     param, run_layers, stacked)
+from vlmr1_jax.models.layers import (
+    ACTIVATIONS,
+    REMAT_POLICIES,
+    Dense,
+    GatedMLP,
+    RMSNorm,
+    apply_rotary,
+    attention,
+    param,
+    run_layers,
+    stacked,
+)
 from vlmr1_jax.models.qwen2_5_vl.config import VisionConfig
 from vlmr1_jax.models.qwen2_5_vl.rope import inv_frequencies, vision_cos_sin
 from vlmr1_jax.parallel.mesh import constrain
@@ -25,7 +37,7 @@ ROW_AXES = ("batch", "act_embed")
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
         d = cfg.hidden_size
-        kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw: dict[str, Any] = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.qkv = Dense(d, 3 * d, ("vision_embed", "vision_heads"), **kw)  # out axis = [q | k | v], head-major
         self.proj = Dense(d, d, ("vision_heads", "vision_embed"), **kw)
         self.num_heads = cfg.num_heads
@@ -38,10 +50,11 @@ class VisionAttention(nnx.Module):
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         # Rotate in fp32 and cast back, as HF's vision path does.
-        rot = lambda t: apply_rotary(t.astype(jnp.float32), cos[:, None], sin[:, None]).astype(t.dtype)  # noqa
+        rot = lambda t: apply_rotary(t.astype(jnp.float32), cos[:, None], sin[:, None]).astype(t.dtype)
         q, k = rot(q), rot(k)
-        pad = lambda t: jnp.concatenate([t, jnp.zeros_like(t[:1])])  # noqa: E731  (row N = padding)
-        out = attention(*(jnp.take(pad(t), blocks, axis=0) for t in (q, k, v)), mask)
+        pad = lambda t: jnp.concatenate([t, jnp.zeros_like(t[:1])])  # row N = padding
+        qb, kb, vb = (jnp.take(pad(t), blocks, axis=0) for t in (q, k, v))
+        out = attention(qb, kb, vb, mask)
         out = jnp.zeros((n + 1, *out.shape[2:]), out.dtype).at[blocks].set(out)[:n]
         return self.proj(out.reshape(n, d))
 
@@ -64,7 +77,7 @@ class PatchMerger(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
         wide = cfg.hidden_size * cfg.merge_unit
-        kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw: dict[str, Any] = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.ln_q = RMSNorm(cfg.hidden_size, cfg.norm_eps, "vision_embed", param_dtype=param_dtype)
         self.fc1 = Dense(wide, wide, ("vision_merge", "vision_mlp"), **kw)
         self.fc2 = Dense(wide, cfg.out_hidden_size, ("vision_mlp", "embed"), **kw)
@@ -115,7 +128,7 @@ class VisionTower(nnx.Module):
         full_blocks = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
 
         def body(block: VisionBlock, x, full):
-            run = lambda f: constrain(block(x, cos, sin, groups[f], masks[f]), ROW_AXES)  # noqa: E731
+            run = lambda f: constrain(block(x, cos, sin, groups[f], masks[f]), ROW_AXES)
             if isinstance(full, (bool, np.bool_)):  # unrolled: a static choice
                 return run(bool(full)), None
             return jax.lax.cond(full, lambda: run(True), lambda: run(False)), None
