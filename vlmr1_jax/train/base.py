@@ -31,6 +31,7 @@ from vlmr1_jax.processing.batch import (
 )
 from vlmr1_jax.rl.step import current_model, init_train_state, make_optimizer
 from vlmr1_jax.train.checkpoint import Checkpointer, CorruptCheckpoint, abstract_like, read_meta
+from vlmr1_jax.train.compiles import compilations
 from vlmr1_jax.train.identity import check_resume
 from vlmr1_jax.train.metrics import MetricsWriter, mean_metrics
 from vlmr1_jax.train.restore import imported_params
@@ -83,7 +84,6 @@ class Trainer:
         self.data = make_sample_iterator(self.samples, cfg.data.prompts_per_step, cfg.data.seed,
                                          num_epochs=cfg.data.num_epochs)
         self.skipped_samples = 0
-        self.metrics = MetricsWriter(self.out, process_index=jax.process_index())
         self.step = 0
         self.nonfinite_streak = 0
         self.closed = False
@@ -92,6 +92,7 @@ class Trainer:
             log.info("starting from the imported parameters in %s", imported)
         elif latest is not None:
             self._resume(resume_anyway)
+        self.metrics = MetricsWriter(self.out, process_index=jax.process_index(), resume_step=self.step)
 
     def _resume(self, resume_anyway: bool) -> None:
         """Restore the newest checkpoint that reads back intact; a corrupt one is moved aside (never deleted) with a
@@ -221,6 +222,7 @@ class Trainer:
 
     def _train(self) -> dict[str, float]:
         cfg = self.cfg
+        compilations()  # start counting before the first step compiles
         window: list[dict[str, float]] = []
         last: dict[str, float] = {}
         bar = tqdm(total=self.max_steps, initial=self.step, desc=self.kind, disable=not self.progress,
@@ -240,6 +242,7 @@ class Trainer:
             self.finish_metrics(metrics)
             metrics["epoch"] = epoch_of(self.step, len(self.samples), cfg.data.prompts_per_step)
             metrics["data/skipped"] = float(skipped)
+            metrics["compilations"] = float(compilations())
             window.append(metrics)
             if self.step % cfg.train.log_every == 0 or self.step == self.max_steps:
                 last = mean_metrics(window)

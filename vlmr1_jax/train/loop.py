@@ -65,7 +65,8 @@ class GRPOTrainer(Trainer):
         self.step_fn = make_grpo_step(self.graphdef, g, self.optimizer, self.schedule, cfg.optim.grad_accum,
                                       seed=cfg.train.seed)
         # Every process holds the same global rollouts: one copy, from process 0.
-        self.rollouts = RolloutLog(self.out) if cfg.train.rollout_log and jax.process_index() == 0 else None
+        self.rollouts = (RolloutLog(self.out, resume_step=self.step)
+                         if cfg.train.rollout_log and jax.process_index() == 0 else None)
 
     def prepare(self, samples, batch: PromptBatch) -> tuple[list, PromptBatch, dict[str, jax.Array]]:
         """The next prompts and their transfer to the devices."""

@@ -2,14 +2,15 @@
 
 Metric names follow VLM-R1 (docs/facts.md: Loss): completion_length, rewards/<fn>, reward, reward_std, kl, clip_ratio,
 loss, grad_norm, learning_rate, epoch, plus time/sample, time/score, time/train and tokens_per_second.
-Only process 0 writes metrics; JSONL files are appended to, so a resumed run continues the same file (`read_metrics`
-keeps the last record of a step that was logged twice).
+Only process 0 writes metrics. A resumed run continues the same files after dropping the records of steps past its
+checkpoint (they are logged again as those steps rerun; TensorBoard purges them too), so every step appears once.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,6 +24,24 @@ def _scalar(value: Any) -> float | None:
     """A metric value as a JSON-safe float; NaN / inf become None (JSON null), so the file stays standard JSON."""
     x = float(value)
     return x if math.isfinite(x) else None
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop the records of `path` with a step after `last_step` (and a line cut short by a kill), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if int(record.get("step", 0)) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def mean_metrics(window: Iterable[Mapping[str, Any]]) -> dict[str, float]:
@@ -41,7 +60,9 @@ def mean_metrics(window: Iterable[Mapping[str, Any]]) -> dict[str, float]:
 class MetricsWriter:
     """`run_dir/metrics.jsonl` (one `{"step": s, name: value, ...}` line per call) and TensorBoard scalars."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, process_index: int = 0):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, process_index: int = 0,
+                 resume_step: int | None = None):
+        """`resume_step`: the step a resumed run restarts after; later records are dropped (see module doc)."""
         self.enabled = process_index == 0
         self.path = Path(run_dir) / METRICS_FILE
         self._file: TextIO | None = None
@@ -49,11 +70,14 @@ class MetricsWriter:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            truncate_jsonl(self.path, resume_step)
         self._file = self.path.open("a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported here: it pulls in protobuf
 
-            self._tb = SummaryWriter(logdir=str(Path(run_dir) / TENSORBOARD_DIR))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(logdir=str(Path(run_dir) / TENSORBOARD_DIR), purge_step=purge)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Log `metrics` (floats, numpy or jax scalars) at `step` and flush both sinks."""
@@ -110,10 +134,12 @@ class RolloutLog:
     Process 0 writes `rollouts.jsonl`; process k > 0 writes `rollouts.process<k>.jsonl` (rollouts are per process).
     """
 
-    def __init__(self, run_dir: str | Path, process_index: int = 0):
+    def __init__(self, run_dir: str | Path, process_index: int = 0, resume_step: int | None = None):
         name = ROLLOUTS_FILE if process_index == 0 else f"rollouts.process{process_index}.jsonl"
         self.path = Path(run_dir) / name
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            truncate_jsonl(self.path, resume_step)
         self._file = self.path.open("a", encoding="utf-8")
 
     def write(self, step: int, prompts: Sequence[str], completions: Sequence[str],
