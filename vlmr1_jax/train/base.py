@@ -20,7 +20,7 @@ from tqdm import tqdm
 from vlmr1_jax.config import RunConfig, to_dict
 from vlmr1_jax.data.pipeline import epoch_of, make_prompt_iterator
 from vlmr1_jax.processing.batch import PromptBatch, encode_prompts
-from vlmr1_jax.rl.step import current_model, init_train_state, make_optimizer
+from vlmr1_jax.rl.state import current_model, init_train_state, make_optimizer
 from vlmr1_jax.train.checkpoint import Checkpointer, abstract_like, read_meta
 from vlmr1_jax.train.identity import check_resume
 from vlmr1_jax.train.metrics import MetricsWriter, mean_metrics
