@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlmr1_jax.data.jsonl import Sample
 from vlmr1_jax.data.pipeline import make_prompt_iterator
-from vlmr1_jax.rl.step import init_train_state
+from vlmr1_jax.rl.state import init_train_state
 from vlmr1_jax.train.checkpoint import (
     Checkpointer,
     CheckpointError,

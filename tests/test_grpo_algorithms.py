@@ -24,7 +24,8 @@ from vlmr1_jax.rl.grpo import (
     group_advantages,
     make_loss,
 )
-from vlmr1_jax.rl.step import init_train_state, make_grpo_step, make_optimizer
+from vlmr1_jax.rl.state import init_train_state, make_optimizer
+from vlmr1_jax.rl.step import make_grpo_step
 
 B, T = 6, 10
 LENGTHS = np.array([10, 4, 0, 1, 7, 10])  # full rows, early EOS, a fully masked (padding) row, a one-token row

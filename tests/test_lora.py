@@ -22,7 +22,9 @@ from vlmr1_jax.config import GRPOConfig
 from vlmr1_jax.models.layers import Dense, LoRADropoutKey, LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.params import canonical_hf_name, flat_paths, is_stacked, to_hf_name
 from vlmr1_jax.rl.lora import apply_lora, lora_targets, merge_lora, set_lora_dropout_keys
-from vlmr1_jax.rl.step import current_model, init_train_state, make_grpo_step
+from vlmr1_jax.rl.rollout import TrainExample
+from vlmr1_jax.rl.state import current_model, init_train_state
+from vlmr1_jax.rl.step import make_grpo_step
 
 RANK, ALPHA, DROPOUT = 4, 8.0, 0.05  # VLM-R1's dropout; rank/alpha scaled down for the tiny model
 G = 2
@@ -91,9 +93,9 @@ def trained(tiny_hf_dir, prompts):
     step = make_grpo_step(graphdef, GRPOConfig(num_generations=G, beta=0.04), tx, schedule)
     tokens, mask = completions(len(prompts[0].input_ids) * G)
     rng = np.random.default_rng(5)
-    batch = {"prompts": prompts[1], "tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask),
-             "advantages": jnp.asarray(rng.standard_normal(len(tokens)), jnp.float32),
-             "ref_logprobs": jnp.asarray(-5.0 + rng.standard_normal(tokens.shape), jnp.float32)}
+    batch = TrainExample(prompts[1], jnp.asarray(tokens), jnp.asarray(mask),
+                         jnp.asarray(rng.standard_normal(len(tokens)), jnp.float32),
+                         ref_logprobs=jnp.asarray(-5.0 + rng.standard_normal(tokens.shape), jnp.float32))
     for _ in range(2):
         state, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
@@ -184,8 +186,8 @@ def _lora_step_params(tiny_hf_dir, prompts, dropout: float, seed: int) -> dict[s
     step = make_grpo_step(graphdef, GRPOConfig(num_generations=G, beta=0.0), tx, schedule, seed=seed)
     tokens, mask = completions(len(prompts[0].input_ids) * G)
     rng = np.random.default_rng(5)
-    batch = {"prompts": prompts[1], "tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask),
-             "advantages": jnp.asarray(rng.standard_normal(len(tokens)), jnp.float32)}
+    batch = TrainExample(prompts[1], jnp.asarray(tokens), jnp.asarray(mask),
+                         jnp.asarray(rng.standard_normal(len(tokens)), jnp.float32))
     state, _ = step(state, batch)
     return host_params(state.trainable)
 

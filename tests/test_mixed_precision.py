@@ -25,7 +25,9 @@ from vlmr1_jax.models.layers import LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.config import get_preset
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.rl.lora import apply_lora
-from vlmr1_jax.rl.step import init_train_state, make_grpo_step, make_logprob_fn, make_optimizer
+from vlmr1_jax.rl.rollout import TrainExample
+from vlmr1_jax.rl.state import init_train_state, make_optimizer
+from vlmr1_jax.rl.step import make_grpo_step, make_logprob_fn
 from vlmr1_jax.train.checkpoint import CheckpointError
 from vlmr1_jax.train.restore import load_checkpoint
 from vlmr1_jax.train.setup import build_model, check_model_config, load_tokenizer, setup_mesh
@@ -57,11 +59,11 @@ def grpo_deltas(dtype, param_dtype, frozen_dtype=None) -> tuple[dict[str, np.nda
     prompts, _ = build(CFG)
     tokens, mask = completions(len(SPECS) * G)
     rng = np.random.default_rng(2)
-    batch = {"prompts": device_prompts(prompts), "tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask),
-             "advantages": jnp.asarray(rng.standard_normal(len(tokens)), jnp.float32),
-             # near the random policy's log(1/vocab), so the KL term is of the size it has in training
-             "ref_logprobs": jnp.asarray(-np.log(CFG.text.vocab_size) + 0.3 * rng.standard_normal(tokens.shape),
-                                         jnp.float32)}
+    batch = TrainExample(device_prompts(prompts), jnp.asarray(tokens), jnp.asarray(mask),
+                         jnp.asarray(rng.standard_normal(len(tokens)), jnp.float32),
+                         # near the random policy's log(1/vocab), so the KL term is of the size it has in training
+                         ref_logprobs=jnp.asarray(-np.log(CFG.text.vocab_size)
+                                                  + 0.3 * rng.standard_normal(tokens.shape), jnp.float32))
     step = make_grpo_step(graphdef, GRPOConfig(num_generations=G, beta=0.04), tx, schedule)
     for _ in range(STEPS):
         state, _ = step(state, batch)

@@ -15,7 +15,8 @@ import pytest
 
 from multihost_worker import TINY_RUN, make_run_inputs, worker_env
 from vlmr1_jax.config import OptimConfig
-from vlmr1_jax.rl.step import TrainState, _apply_gradients, make_optimizer
+from vlmr1_jax.rl.state import TrainState, make_optimizer
+from vlmr1_jax.rl.step import _apply_gradients
 
 
 def toy_state(optimizer) -> TrainState:

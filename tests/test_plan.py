@@ -3,6 +3,7 @@ programs compiled on real, allocated inputs on the 8-device CPU mesh, and parame
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -20,7 +21,9 @@ from vlmr1_jax.models.qwen2_5_vl.config import PRESETS
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.parallel.mesh import make_mesh
 from vlmr1_jax.rl.lora import apply_lora
-from vlmr1_jax.rl.step import init_train_state, make_grpo_step, make_logprob_fn, make_optimizer
+from vlmr1_jax.rl.rollout import TrainExample
+from vlmr1_jax.rl.state import init_train_state, make_optimizer
+from vlmr1_jax.rl.step import make_grpo_step, make_logprob_fn
 from vlmr1_jax.train.loop import make_generate_fn
 from vlmr1_jax.train.plan import (
     DEVICE_HBM_GIB,
@@ -81,11 +84,10 @@ def _real_run(cfg, mesh):
     memory["sampler"] = sampler.memory_analysis()
     out = sampler(state.trainable, state.frozen, prompts, key)
     reference = make_logprob_fn(graphdef, g.num_generations).lower(
-        state.reference, state.frozen, prompts, out["tokens"], out["mask"]).compile()
+        state.reference, state.frozen, prompts, out.tokens, out.mask).compile()
     memory["reference"] = reference.memory_analysis()
-    train_batch = {"prompts": prompts, "tokens": out["tokens"], "mask": out["mask"],
-                   "advantages": np.zeros((out["tokens"].shape[0],), np.float32),
-                   "ref_logprobs": reference(state.reference, state.frozen, prompts, out["tokens"], out["mask"])}
+    train_batch = TrainExample(prompts, out.tokens, out.mask, np.zeros((out.tokens.shape[0],), np.float32),
+                               ref_logprobs=reference(state.reference, state.frozen, prompts, out.tokens, out.mask))
     step = make_grpo_step(graphdef, g, optimizer, schedule, cfg.optim.grad_accum, seed=cfg.train.seed)
     memory["grpo_step"] = step.lower(state, train_batch).compile().memory_analysis()
     return state, train_batch, memory
@@ -141,9 +143,9 @@ def test_state_bytes_are_the_real_addressable_bytes(planned):
         real = addressable_bytes(tree)
         assert max(real) == plan.state[key], key
     step = next(p for p in plan.programs if p.name == "grpo_step")
-    real_args = addressable_bytes((state, {k: v for k, v in train_batch.items() if k != "advantages"}))
+    real_args = addressable_bytes((state, dataclasses.replace(train_batch, advantages=None)))
     # + the host advantages, which the compiler places as it likes (here: split over the devices)
-    assert 0 <= step.argument_bytes - max(real_args) <= train_batch["advantages"].nbytes
+    assert 0 <= step.argument_bytes - max(real_args) <= train_batch.advantages.nbytes
     assert step.argument_bytes < sum(real_args) / 4  # not the global size: 8 devices split it
     assert plan.gradients_bytes == plan.state["trainable"]
 

@@ -18,7 +18,7 @@ from converters import cli as converters_cli
 from converters.hf import flat_paths, iter_hf_tensors, load_hf_model
 from test_export import make_release_source
 from vlmr1_jax.config import GRPOConfig, LoRAConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, to_dict
-from vlmr1_jax.rl.step import current_model, init_train_state, make_optimizer
+from vlmr1_jax.rl.state import current_model, init_train_state, make_optimizer
 from vlmr1_jax.train.checkpoint import Checkpointer, CheckpointError
 from vlmr1_jax.train.restore import find_checkpoint, load_checkpoint
 from vlmr1_jax.train.setup import build_model, frozen_dtype_of, load_tokenizer, setup_mesh

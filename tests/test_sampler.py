@@ -21,6 +21,7 @@ from converters.hf import load_hf_model
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlmr1_jax.processing.batch import PromptBatch, build_prompt_batch
 from vlmr1_jax.rl.grpo import completion_mask
+from vlmr1_jax.rl.prefix import prefill_fan_out
 from vlmr1_jax.rl.sampler import Sampler, SamplingConfig, default_banned_ids, filter_logits, next_tokens
 from vlmr1_jax.rl.step import make_logprob_fn
 
@@ -120,6 +121,32 @@ def prompts(model):
     return make_prompts(model.cfg)
 
 
+# ---------------------------------------------------------------- the shared prefix (sampler and train forward)
+
+
+def test_prefill_fan_out_matches_hf_last_prompt_logits(model, hf, prompts):
+    """Each prompt's last-position logits from transformers, repeated to its G rows, with a cache of G identical
+    rows per prompt sized for the completion, and the next M-RoPE position per row."""
+    batch, pixels = prompts
+    group, steps = 3, 5
+    with torch.no_grad():
+        expected = hf(**hf_inputs(batch, pixels, model.cfg)).logits[:, -1].double().numpy()
+    graphdef, state = nnx.split(model)
+    out = jax.device_get(jax.jit(lambda s, p: prefill_fan_out(nnx.merge(graphdef, s), p, group, steps))(
+        state, device_prompts(batch)))
+    np.testing.assert_allclose(out.logits, np.repeat(expected, group, axis=0), atol=2e-5, rtol=0)
+    assert np.abs(np.diff(expected, axis=0)).max() > 1e-2  # the prompts' logits differ: a mixed-up row would fail
+    np.testing.assert_array_equal(out.next_position, np.repeat(batch.next_position, group))
+    length = batch.input_ids.shape[1]
+    assert out.cache.k.shape[1:3] == (len(PROMPTS) * group, length + steps)
+    for p in range(len(PROMPTS)):
+        rows = slice(p * group, (p + 1) * group)
+        np.testing.assert_array_equal(out.cache.valid[rows, :length], np.broadcast_to(
+            batch.attention_mask[p].astype(bool), (group, length)))
+        assert (np.diff(out.cache.k[:, rows], axis=1) == 0).all()
+    assert not out.cache.valid[:, length:].any() and int(out.cache.index) == length
+
+
 # ---------------------------------------------------------------- (a) greedy decoding equals HF generate
 
 STEPS = 20
@@ -156,12 +183,12 @@ def test_greedy_matches_hf_generate(model, hf, prompts):
     graphdef, state = nnx.split(model)
     out = jax.device_get(sampler.jitted(graphdef, GROUP)(state, device_prompts(batch), jax.random.key(0)))
 
-    tokens = out["tokens"]
+    tokens = out.tokens
     for g in range(GROUP):  # row p*G+g is sample g of prompt p; greedy samples of one prompt are identical
         np.testing.assert_array_equal(tokens[g::GROUP], expected)
     ends = first_eos(expected, eos)
     assert ends.min() < STEPS - 2 and ends.max() >= 16, ends  # one row stopped early, one ran 16+ steps
-    np.testing.assert_array_equal(out["mask"], (np.arange(STEPS) <= ends[:, None]).repeat(GROUP, axis=0))
+    np.testing.assert_array_equal(out.mask, (np.arange(STEPS) <= ends[:, None]).repeat(GROUP, axis=0))
 
 
 # ---------------------------------------------------------------- (b) sampling frequencies: chi-square tests
@@ -275,7 +302,7 @@ def test_grouped_sampling_eos_banned_and_logprobs(model, prompts):
                                                               prompts, key, group))
     prompts_dev = device_prompts(batch)
     out = jax.device_get(run(params, rest, prompts_dev, jax.random.key(3)))
-    tokens, mask, logprobs = out["tokens"], out["mask"], out["logprobs"]
+    tokens, mask, logprobs = out.tokens, out.mask, out.logprobs
     rows = len(PROMPTS) * group
     assert tokens.shape == (rows, steps)
 

@@ -7,6 +7,7 @@ the full-batch step for gradient accumulation; gradients without rematerialisati
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -23,15 +24,9 @@ from vlmr1_jax.models.qwen2_5_vl.text import KVCache
 from vlmr1_jax.parallel.mesh import MeshConfig, batch_sharding, make_mesh
 from vlmr1_jax.processing.batch import build_prompt_batch
 from vlmr1_jax.rl.lora import apply_lora, lora_targets
-from vlmr1_jax.rl.step import (
-    completion_logprobs,
-    current_model,
-    init_train_state,
-    make_grpo_step,
-    make_optimizer,
-    make_sft_step,
-    trainable_filter,
-)
+from vlmr1_jax.rl.rollout import TrainExample
+from vlmr1_jax.rl.state import current_model, init_train_state, make_optimizer, trainable_filter
+from vlmr1_jax.rl.step import completion_logprobs, make_grpo_step, make_sft_step
 from vlmr1_jax.train.setup import to_device
 
 # Four prompts (the batch axis splits over data x fsdp = 4), G = 2 samples each, completions of T tokens.
@@ -101,13 +96,13 @@ def grpo_data(cfg, tiny_hf_dir):
             "ref_logprobs": (hf_logp + 0.3 * rng.standard_normal(tokens.shape)).astype(np.float32)}
 
 
-def device_batch(data: dict, mesh=None, rows: slice = slice(None), prompts=None) -> dict:
+def device_batch(data: dict, mesh=None, rows: slice = slice(None), prompts=None) -> TrainExample:
     prompts = data["batch"] if prompts is None else prompts
     arrays = {k: data[k][rows] for k in ("tokens", "mask", "advantages", "ref_logprobs")}
     if mesh is None:
-        return {"prompts": device_prompts(prompts), **{k: jnp.asarray(v) for k, v in arrays.items()}}
-    return {"prompts": to_device(prompts, mesh),
-            **{k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in arrays.items()}}
+        return TrainExample(device_prompts(prompts), **{k: jnp.asarray(v) for k, v in arrays.items()})
+    return TrainExample(to_device(prompts, mesh),
+                        **{k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in arrays.items()})
 
 
 def grpo_step(model, mode: str = "full", grad_accum: int = 1):
@@ -140,7 +135,7 @@ def test_sharded_grpo_step_matches_single_device(tiny_hf_dir, grpo_data, single)
     specs = {str(var.sharding.spec) for var in jax.tree.leaves(state.trainable)}
     assert any("tensor" in s for s in specs) and any("fsdp" in s for s in specs), specs  # really sharded
     batch = device_batch(grpo_data, mesh)
-    assert batch["tokens"].sharding.spec[0] == ("data", "fsdp")
+    assert batch.tokens.sharding.spec[0] == ("data", "fsdp")
     state, metrics = step(state, batch)
     np.testing.assert_allclose(float(metrics["loss"]), float(single["metrics1"]["loss"]), atol=1e-6)
     assert_params_close(host_params(state.trainable), single["after1"], atol=1e-5)
@@ -164,7 +159,7 @@ def test_chunked_logprobs_match_hf_and_unchunked_gradients(tiny_hf_dir, grpo_dat
 
         def total(params):
             m = nnx.merge(graphdef, params)
-            logp = completion_logprobs(m, batch["prompts"], batch["tokens"], batch["mask"], G)
+            logp = completion_logprobs(m, batch.prompts, batch.tokens, batch.mask, G)
             return (logp * mask).sum(), logp
 
         (_, logp), grads = jax.jit(jax.value_and_grad(total, has_aux=True))(params)
@@ -191,6 +186,26 @@ def test_grpo_loss_equals_formula_on_hf_logprobs(grpo_data, single):
     np.testing.assert_allclose(float(m["kl"]), kl, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(float(m["ratio_mean"]), 1.0, atol=1e-6)
     assert float(m["grad_norm"]) > 0
+
+
+def test_grpo_loss_with_old_logprobs_equals_clipped_formula(tiny_hf_dir, grpo_data):
+    """num_iterations > 1: the example carries the rollout policy's log-probs, ratio = exp(logp - old) is clipped to
+    [1 - 0.2, 1 + 0.2] (VLM-R1's loss, numpy float64 on transformers' log-probs)."""
+    logp, ref, mask = grpo_data["hf_logp"], grpo_data["ref_logprobs"].astype(np.float64), grpo_data["mask"]
+    old = (logp + 0.3 * np.random.default_rng(6).standard_normal(logp.shape)).astype(np.float32)
+    _, state, step = grpo_step(load_hf_model(tiny_hf_dir))
+    _, metrics = step(state, dataclasses.replace(device_batch(grpo_data), old_logprobs=jnp.asarray(old)))
+
+    adv = grpo_data["advantages"][:, None].astype(np.float64)
+    ratio = np.exp(logp - old)
+    objective, clipped = ratio * adv, np.clip(ratio, 0.8, 1.2) * adv
+    k3 = np.exp(ref - logp) - (ref - logp) - 1.0
+    per_token = -np.minimum(objective, clipped) + BETA * k3
+    loss = np.mean((per_token * mask).sum(1) / mask.sum(1))
+    clip_ratio = ((objective < clipped) * mask).sum() / mask.sum()
+    np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["ratio_mean"]), (ratio * mask).sum() / mask.sum(), rtol=1e-4)
+    assert float(metrics["clip_ratio"]) == pytest.approx(clip_ratio) and 0 < clip_ratio < 0.5  # some clipped
 
 
 def test_reference_stays_fixed_across_steps(single):

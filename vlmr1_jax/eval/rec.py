@@ -96,7 +96,7 @@ class GreedyDecoder:
                                    max_pixels=self.max_pixels, length=self.prompt_length)
             out = self._run(self._state, {k: jax.numpy.asarray(v) for k, v in batch.arrays().items()},
                             jax.random.key(0))
-            tokens, mask = np.asarray(out["tokens"]), np.asarray(out["mask"])
+            tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
             ids += [t[m.astype(bool)].tolist() for t, m in zip(tokens[:len(chunk)], mask[:len(chunk)])]
             grids += [[list(g) for g in gs] for gs in batch.image_grids[:len(chunk)]]
         return ids, grids

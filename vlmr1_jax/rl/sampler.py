@@ -1,5 +1,5 @@
-"""Grouped sampler: encode each prompt's images and prefill it once, fan the KV cache out to G samples, and decode
-in one compiled `while_loop` that stops as soon as every row has produced an EOS.
+"""Grouped sampler: encode each prompt's images and prefill it once, fan the KV cache out to G samples
+(`rl/prefix.py`), and decode in one compiled `while_loop` that stops as soon as every row has produced an EOS.
 
 VLM-R1 samples with HF `generate` defaults: temperature 1.0, top_k 50, top_p 1.0 (docs/facts.md: Sampling); those are
 the defaults here. Returned log-probs are the policy's own (log_softmax of the raw logits, no temperature or
@@ -16,8 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-from vlmr1_jax.models.qwen2_5_vl.text import KVCache
 from vlmr1_jax.rl.grpo import completion_mask, token_logprobs
+from vlmr1_jax.rl.prefix import prefill_fan_out
+from vlmr1_jax.rl.rollout import Rollout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,24 +65,12 @@ class Sampler:
     pad_id: int
     banned_ids: tuple[int, ...] = ()  # never sampled: image/video/vision tokens would break the re-forward
 
-    def generate(self, model: Qwen25VL, batch: dict[str, jax.Array], rng: jax.Array,
-                 num_samples: int) -> dict[str, jax.Array]:
-        """batch: `PromptBatch.arrays()` for P prompts. Returns, for the P*G rows (row p*G+g = sample g of p):
-        `tokens` [B, T] (pad after EOS), `logprobs` [B, T], `mask` [B, T] (through the first EOS)."""
+    def generate(self, model: Qwen25VL, batch: dict[str, jax.Array], rng: jax.Array, num_samples: int) -> Rollout:
+        """batch: `PromptBatch.arrays()` for P prompts. Returns the `Rollout` of the P*G rows (row p*G+g = sample g
+        of p): tokens (pad after EOS), log-probs and mask (through the first EOS), each [B, T]."""
         cfg, steps = self.cfg, self.cfg.max_new_tokens
-        ids = batch["input_ids"]
-        prompts, length = ids.shape
-        features = model.encode_vision(batch["pixel_values"], batch["hw_positions"], batch["frame_ids"],
-                                       batch["frame_index"])
-        cache = KVCache.empty(model.cfg.text, prompts, length + steps, model.text.dtype)
-        hidden, cache = model(ids, batch["positions"], batch["attention_mask"], features, batch["vision_gather"],  # type: ignore[assignment]
-                              cache)
-        logits = model.logits(hidden[:, -1])
-        # Fan out: one prefill, G rows per prompt.
-        cache = cache.repeat(num_samples)
-        logits = jnp.repeat(logits, num_samples, axis=0)
-        next_position = jnp.repeat(batch["next_position"], num_samples, axis=0)
-        rows = prompts * num_samples
+        logits, cache, next_position = prefill_fan_out(model, batch, num_samples, steps)
+        rows = logits.shape[0]
         eos = jnp.asarray(self.eos_ids, jnp.int32)
         banned = jnp.asarray(self.banned_ids, jnp.int32)
 
@@ -107,10 +96,10 @@ class Sampler:
                 jnp.zeros((rows, steps), jnp.float32), jnp.zeros((rows,), bool), rng)
         _, _, _, tokens, logprobs, _, _ = jax.lax.while_loop(cond, body, init)
         mask = completion_mask(tokens, self.eos_ids)
-        return {"tokens": tokens, "logprobs": logprobs * mask, "mask": mask}
+        return Rollout(tokens=tokens, logprobs=logprobs * mask, mask=mask)
 
     def jitted(self, graphdef: nnx.GraphDef, num_samples: int):
-        """A jitted `(state, batch, rng) -> outputs` for a split model (`nnx.split(model)`)."""
+        """A jitted `(state, batch, rng) -> Rollout` for a split model (`nnx.split(model)`)."""
 
         @jax.jit
         def run(state, batch, rng):

@@ -1,8 +1,8 @@
 """The jitted train steps: GRPO (policy log-probs, clipped loss, KL to a frozen reference) and SFT (cross-entropy on
-answer tokens), sharing one forward that encodes each prompt's images once and broadcasts them to its G rows.
+answer tokens), sharing one forward that prefills each prompt and encodes its images once, then runs its G
+completions on the fanned-out cache (`rl/prefix.py`).
 
-State is split with nnx into trainable variables (what the optimizer sees: all params, all but `visual`, or only
-LoRA adapters) and frozen ones; the step is a pure function of (state, batch) with the state donated.
+Each step is a pure function of (`TrainState`, batch) with the state donated (`rl/state.py` builds the state).
 """
 
 from __future__ import annotations
@@ -16,76 +16,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from vlmr1_jax.models.layers import LoRADropoutKey, LoRAParam
+from vlmr1_jax.models.layers import LoRADropoutKey
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-from vlmr1_jax.models.qwen2_5_vl.text import KVCache
 from vlmr1_jax.rl.grpo import make_loss, token_logprobs
 from vlmr1_jax.rl.lora import set_lora_dropout_keys
-
-TRAINABLE_FILTERS: dict[str, Any] = {
-    "full": nnx.Param,
-    "freeze_vision": nnx.All(nnx.Param, nnx.Not(nnx.PathContains("visual"))),
-    "lora": LoRAParam,
-}
-
-
-def trainable_filter(mode: str) -> Any:
-    try:
-        return TRAINABLE_FILTERS[mode]
-    except KeyError:
-        raise ValueError(f"train.trainable={mode!r}; choose one of {sorted(TRAINABLE_FILTERS)}") from None
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class TrainState:
-    step: jax.Array
-    trainable: nnx.State
-    frozen: nnx.State
-    opt_state: optax.OptState
-    reference: nnx.State | None  # trainable variables of the frozen reference policy (None when beta == 0)
-
-
-def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping and linear decay (VLM-R1 / HF Trainer defaults), with accumulation."""
-    decay_steps = max(1, total_steps - cfg.warmup_steps)
-    if cfg.schedule == "linear":
-        main = optax.linear_schedule(cfg.learning_rate, 0.0, decay_steps)
-    elif cfg.schedule == "constant":
-        main = optax.constant_schedule(cfg.learning_rate)
-    else:
-        raise ValueError(f"optim.schedule={cfg.schedule!r}; choose linear or constant")
-    schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps), main],
-                                    [cfg.warmup_steps]) if cfg.warmup_steps else main
-    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
-                     optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
-    if cfg.grad_accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
-    return tx, schedule
-
-
-def init_train_state(model: Qwen25VL, mode: str, optimizer: optax.GradientTransformation, with_reference: bool,
-                     frozen_dtype: jnp.dtype | None = None) -> tuple[nnx.GraphDef, TrainState]:
-    """Split `model` into trainable / frozen state; the reference copies the initial trainable variables
-    (for LoRA it is the base model: the same state with the adapters zeroed).
-
-    The trainable variables keep the model's parameter dtype (AdamW's master weights; its moments follow them).
-    `frozen_dtype` (None: unchanged) stores the frozen variables and the reference in that dtype, e.g. bf16 to
-    halve their memory; compute is unaffected, since every layer casts its parameters to `model.dtype` at use.
-    """
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter(mode), ...)  # type: ignore[misc]
-
-    def store(x: jax.Array) -> jax.Array:
-        floating = frozen_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating)
-        return x.astype(frozen_dtype) if floating else x
-
-    frozen = jax.tree.map(store, frozen)
-    reference = None
-    if with_reference:
-        copy = jnp.zeros_like if mode == "lora" else jnp.copy
-        reference = jax.tree.map(lambda x: store(copy(x)), trainable)
-    opt_state = optimizer.init(trainable)
-    return graphdef, TrainState(jnp.zeros((), jnp.int32), trainable, frozen, opt_state, reference)
+from vlmr1_jax.rl.prefix import prefill_fan_out
+from vlmr1_jax.rl.rollout import TrainExample
+from vlmr1_jax.rl.state import TrainState
 
 
 def completion_logprobs(model: Qwen25VL, prompts: dict[str, jax.Array], tokens: jax.Array, mask: jax.Array,
@@ -96,17 +33,11 @@ def completion_logprobs(model: Qwen25VL, prompts: dict[str, jax.Array], tokens: 
     G rows, and only the completions run per row. Causal attention makes this equal to the full
     prompt + completion forward, at (P*L + B*T) instead of B*(L + T) tokens; gradients flow through the cache.
     """
-    prompt_len = prompts["input_ids"].shape[1]
     steps = tokens.shape[1]
-    features = model.encode_vision(prompts["pixel_values"], prompts["hw_positions"], prompts["frame_ids"],
-                                   prompts["frame_index"])
-    cache = KVCache.empty(model.cfg.text, prompts["input_ids"].shape[0], prompt_len + steps, model.text.dtype)
-    hidden, cache = model(prompts["input_ids"], prompts["positions"], prompts["attention_mask"], features,  # type: ignore[assignment]
-                          prompts["vision_gather"], cache)
-    first = jnp.repeat(model.logits(hidden[:, -1]), num_samples, axis=0)  # predicts completion token 0
-    positions = jnp.repeat(prompts["next_position"], num_samples)[:, None] + jnp.arange(steps)[None]
+    first, cache, next_position = prefill_fan_out(model, prompts, num_samples, steps)  # first predicts token 0
+    positions = next_position[:, None] + jnp.arange(steps)[None]
     hidden, _ = model(tokens, jnp.broadcast_to(positions[None], (3, *positions.shape)), mask.astype(jnp.int32),
-                      cache=cache.repeat(num_samples))
+                      cache=cache)
     rest = chunked_logprobs(model, hidden[:, :-1], tokens[:, 1:])
     return jnp.concatenate([token_logprobs(first, tokens[:, 0])[:, None], rest], axis=1)
 
@@ -177,20 +108,20 @@ def make_grpo_step(graphdef: nnx.GraphDef, grpo_cfg, optimizer: optax.GradientTr
                    schedule: optax.Schedule, grad_accum: int = 1, seed: int = 0) -> Callable:
     """Jitted, donated `(state, batch) -> (state, metrics)`.
 
-    batch: `prompts` (PromptBatch arrays for P prompts), `tokens`/`mask` [B, T], `advantages` [B], and
-    `ref_logprobs` / `old_logprobs` [B, T] (None when beta == 0 / num_iterations == 1).
+    batch: a `TrainExample`; its `ref_logprobs` / `old_logprobs` are None when beta == 0 / num_iterations == 1
+    (a separate compiled program per combination, since None is part of the pytree structure).
     """
     algorithm = grpo_cfg.algorithm()
     loss_fn = make_loss(algorithm.objective, algorithm.aggregation)
     num_samples = grpo_cfg.num_generations
 
-    def step(state: TrainState, batch: dict[str, Any]):
+    def step(state: TrainState, batch: TrainExample):
         def objective(trainable):
             model = _train_model(graphdef, state, trainable, seed)
-            logp = completion_logprobs(model, batch["prompts"], batch["tokens"], batch["mask"], num_samples)
-            return loss_fn(logp, batch.get("old_logprobs"), batch.get("ref_logprobs"), batch["advantages"],
-                           batch["mask"], epsilon=grpo_cfg.epsilon, epsilon_high=grpo_cfg.epsilon_high,
-                           beta=grpo_cfg.beta, max_completion_length=batch["tokens"].shape[1])
+            logp = completion_logprobs(model, batch.prompts, batch.tokens, batch.mask, num_samples)
+            return loss_fn(logp, batch.old_logprobs, batch.ref_logprobs, jnp.asarray(batch.advantages),
+                           batch.mask, epsilon=grpo_cfg.epsilon, epsilon_high=grpo_cfg.epsilon_high,
+                           beta=grpo_cfg.beta, max_completion_length=batch.tokens.shape[1])
 
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
         state, extra = _apply_gradients(state, loss, grads, optimizer, schedule, grad_accum)
@@ -215,7 +146,3 @@ def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
         return state, {"loss": loss, **extra}
 
     return jax.jit(step, donate_argnums=0)
-
-
-def current_model(graphdef: nnx.GraphDef, state: TrainState) -> Qwen25VL:
-    return _merge(graphdef, state.trainable, state.frozen)

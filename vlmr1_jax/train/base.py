@@ -29,7 +29,7 @@ from vlmr1_jax.processing.batch import (
     encode_prompt_text,
     load_prompt_images,
 )
-from vlmr1_jax.rl.step import current_model, init_train_state, make_optimizer
+from vlmr1_jax.rl.state import current_model, init_train_state, make_optimizer
 from vlmr1_jax.train.checkpoint import Checkpointer, CorruptCheckpoint, abstract_like, read_meta
 from vlmr1_jax.train.compiles import compilations
 from vlmr1_jax.train.identity import check_resume

@@ -13,7 +13,7 @@ _count = 0
 _installed = False
 
 
-def _on_event(event: str, duration: float, **kwargs) -> None:
+def _on_event(event: str, duration_secs: float, **kwargs: str | int) -> None:
     global _count
     if event == JAXPR_TO_MLIR_MODULE_EVENT:
         with _lock:

@@ -1,4 +1,5 @@
-"""`vlmr1 train`: the GRPO loop. data -> grouped sampling -> rewards (host) -> advantages -> jitted step.
+"""`vlmr1 train`: the GRPO loop. data -> `rollout` (grouped sampling, rewards on the host, advantages, reference
+log-probs: `rl/rollout.py`) -> jitted step.
 
 One optimizer step takes `data.prompts_per_step` prompts x `grpo.num_generations` samples. Every process builds
 the same global prompt batch (images are small next to generation), so the loop is identical on one CPU and on a
@@ -8,21 +9,20 @@ updates, with the sampler's log-probs as the old policy (they equal the forward'
 
 from __future__ import annotations
 
-import time
+import functools
 from collections.abc import Callable
-from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from vlmr1_jax.config import RunConfig
+from vlmr1_jax.data.jsonl import Sample
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlmr1_jax.processing.batch import PromptBatch
 from vlmr1_jax.processing.tokenizer import Tokenizer
 from vlmr1_jax.rewards import get_reward
 from vlmr1_jax.rl.grpo import group_advantages
+from vlmr1_jax.rl.rollout import Prepared, TrainExample, rollout
 from vlmr1_jax.rl.sampler import Sampler, default_banned_ids
 from vlmr1_jax.rl.step import make_grpo_step, make_logprob_fn
 from vlmr1_jax.train.base import Trainer
@@ -30,16 +30,9 @@ from vlmr1_jax.train.metrics import RolloutLog
 from vlmr1_jax.train.setup import columns_for, to_device, to_host
 
 
-def score(completions: list[str], columns: dict[str, list[Any]],
-          reward_fns: dict[str, Callable]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Each reward function's scores, and their sum per completion (VLM-R1: unit weights)."""
-    per_fn = {name: np.asarray(fn(completions, **columns), np.float32) for name, fn in reward_fns.items()}
-    return np.sum(list(per_fn.values()), axis=0), per_fn
-
-
 def make_generate_fn(cfg: RunConfig, tokenizer: Tokenizer, model_cfg: Qwen25VLConfig,
                      graphdef: nnx.GraphDef) -> Callable:
-    """The jitted grouped sampler the loop runs, `(trainable, frozen, prompts, key) -> rollouts` (also what
+    """The jitted grouped sampler the loop runs, `(trainable, frozen, prompts, key) -> Rollout` (also what
     `vlmr1 plan` compiles)."""
     sampler = Sampler(cfg.sampling, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
                       banned_ids=default_banned_ids(model_cfg))
@@ -68,47 +61,34 @@ class GRPOTrainer(Trainer):
         self.rollouts = (RolloutLog(self.out, resume_step=self.step)
                          if cfg.train.rollout_log and jax.process_index() == 0 else None)
 
-    def prepare(self, samples, batch: PromptBatch) -> tuple[list, PromptBatch, dict[str, jax.Array]]:
+    def prepare(self, samples: list[Sample], batch: PromptBatch) -> Prepared:
         """The next prompts and their transfer to the devices."""
-        return samples, batch, to_device(batch, self.mesh)
+        return Prepared(samples, batch, to_device(batch, self.mesh))
 
-    def rollout(self, prepared) -> tuple[dict[str, Any], dict[str, float]]:
-        """Sample G completions per prompt, score them, and assemble the train batch."""
-        cfg, g = self.cfg, self.cfg.grpo
-        samples, batch, prompts = prepared
-        t0 = time.perf_counter()
-        key = jax.random.fold_in(jax.random.key(cfg.train.seed), self.step)
-        out = self.generate(self.state.trainable, self.state.frozen, prompts, key)
-        tokens, mask = to_host(out["tokens"]), to_host(out["mask"])
-        t1 = time.perf_counter()
-        completions = self.tokenizer.batch_decode([row[m.astype(bool)] for row, m in zip(tokens, mask)])
-        rewards, per_fn = score(completions, columns_for(samples, batch, g.num_generations), self.reward_fns)
-        device_advantages, group_std = group_advantages(jnp.asarray(rewards), g.num_generations,
-                                                        g.algorithm().advantage_estimator)
-        advantages = np.asarray(device_advantages)  # host value: every process passes the same global array
-        t2 = time.perf_counter()
-        train_batch = {"prompts": prompts, "tokens": out["tokens"], "mask": out["mask"], "advantages": advantages}
-        if g.beta > 0:
-            train_batch["ref_logprobs"] = self.logprobs(self.state.reference, self.state.frozen, prompts,
-                                                        out["tokens"], out["mask"])
-        if g.num_iterations > 1:
-            train_batch["old_logprobs"] = out["logprobs"]
-        lengths = mask.sum(1)
-        metrics = {"completion_length": float(lengths.mean()),
-                   **{f"rewards/{name}": float(v.mean()) for name, v in per_fn.items()},
-                   "reward": float(rewards.mean()),
-                   "reward_std": float(np.asarray(group_std).mean()), "time/sample": t1 - t0, "time/score": t2 - t1,
-                   "tokens_per_second": float(lengths.sum()) / max(t1 - t0, 1e-9)}
+    def rollout(self, prepared: Prepared) -> tuple[TrainExample, dict[str, float]]:
+        """Sample G completions per prompt with the current policy, score them, and log the rollout."""
+        g, state = self.cfg.grpo, self.state
+        example, scored = rollout(
+            prepared.prompts, jax.random.fold_in(jax.random.key(self.cfg.train.seed), self.step),
+            generate=functools.partial(self.generate, state.trainable, state.frozen),
+            decode=self.tokenizer.batch_decode, reward_fns=self.reward_fns,
+            columns=columns_for(prepared.samples, prepared.batch, g.num_generations),
+            advantage_fn=functools.partial(group_advantages, group_size=g.num_generations,
+                                           estimator=g.algorithm().advantage_estimator),
+            ref_logprob_fn=functools.partial(self.logprobs, state.reference, state.frozen) if g.beta > 0 else None,
+            keep_old_logprobs=g.num_iterations > 1, fetch=to_host)
         if self.rollouts is not None:
-            self.rollouts.write(self.step + 1, [s.problem for s in samples], completions, per_fn,  # type: ignore[arg-type]  # metrics' step
+            samples = prepared.samples
+            self.rollouts.write(self.step + 1, [s.problem for s in samples], scored.completions,  # metrics' step
+                                scored.per_reward,  # type: ignore[arg-type]
                                 extra={"solution": [s.solution for s in samples for _ in range(g.num_generations)],
-                                       "advantage": advantages.tolist()})
-        return train_batch, metrics
+                                       "advantage": scored.advantages.tolist()})
+        return example, scored.metrics()
 
-    def dispatch(self, prepared) -> tuple[dict[str, float], dict[str, jax.Array]]:
-        train_batch, metrics = self.rollout(prepared)
+    def dispatch(self, prepared: Prepared) -> tuple[dict[str, float], dict[str, jax.Array]]:
+        example, metrics = self.rollout(prepared)
         for _ in range(self.cfg.grpo.num_iterations):
-            self.state, step_metrics = self.step_fn(self.state, train_batch)  # dispatched asynchronously
+            self.state, step_metrics = self.step_fn(self.state, example)  # dispatched asynchronously
         return metrics, step_metrics
 
     def finish_metrics(self, metrics: dict[str, float]) -> None:

@@ -36,7 +36,9 @@ from vlmr1_jax.parallel.mesh import logical_to_spec, make_mesh
 from vlmr1_jax.processing.batch import PromptBatch, encode_prompts
 from vlmr1_jax.processing.tokenizer import Tokenizer, qwen2_5_tokenizer
 from vlmr1_jax.rl.lora import apply_lora
-from vlmr1_jax.rl.step import TrainState, init_train_state, make_grpo_step, make_logprob_fn, make_optimizer
+from vlmr1_jax.rl.rollout import TrainExample
+from vlmr1_jax.rl.state import TrainState, init_train_state, make_optimizer
+from vlmr1_jax.rl.step import make_grpo_step, make_logprob_fn
 from vlmr1_jax.train.setup import BATCH_AXIS, configure_model, dtype_of, frozen_dtype_of, preset_config
 
 log = logging.getLogger(__name__)
@@ -409,16 +411,17 @@ def make_plan(cfg: RunConfig, devices: list[jax.Device], device_kind: str, *, re
                                          (state.trainable, state.frozen))
         reports.append(report)
         rows = cfg.data.prompts_per_step * g.num_generations
-        train_batch: dict[str, Any] = {"prompts": prompts, "tokens": rollout["tokens"], "mask": rollout["mask"],
-                                       "advantages": jax.ShapeDtypeStruct((rows,), np.float32)}  # a host array
+        ref_logprobs = None
         if g.beta > 0:
-            report, train_batch["ref_logprobs"] = program_report(
+            report, ref_logprobs = program_report(
                 "reference", make_logprob_fn(graphdef, g.num_generations),
-                (state.reference, state.frozen, prompts, rollout["tokens"], rollout["mask"]),
+                (state.reference, state.frozen, prompts, rollout.tokens, rollout.mask),
                 (state.reference, state.frozen))
             reports.append(report)
-        if g.num_iterations > 1:
-            train_batch["old_logprobs"] = rollout["logprobs"]
+        train_batch = TrainExample(prompts, rollout.tokens, rollout.mask,  # type: ignore[arg-type]  # abstract
+                                   jax.ShapeDtypeStruct((rows,), np.float32),  # type: ignore[arg-type]
+                                   ref_logprobs=ref_logprobs,
+                                   old_logprobs=rollout.logprobs if g.num_iterations > 1 else None)
         step_fn = make_grpo_step(graphdef, g, optimizer, schedule, cfg.optim.grad_accum, seed=cfg.train.seed)
         report, _ = program_report("grpo_step", step_fn, (state, train_batch), state)
         reports.append(report)

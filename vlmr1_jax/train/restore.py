@@ -32,7 +32,7 @@ from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.parallel.mesh import MeshConfig, logical_to_spec, make_mesh
 from vlmr1_jax.rl.lora import apply_lora, merge_lora
-from vlmr1_jax.rl.step import TrainState, current_model, init_train_state, make_optimizer
+from vlmr1_jax.rl.state import TrainState, current_model, init_train_state, make_optimizer
 from vlmr1_jax.train.checkpoint import META, STATE, Checkpointer, CheckpointError, read_meta, save_meta
 from vlmr1_jax.train.setup import dtype_of, frozen_dtype_of
 

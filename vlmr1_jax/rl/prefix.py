@@ -1,0 +1,37 @@
+"""The shared prefix of a group: encode each prompt's images and prefill the prompt once, then fan the KV cache out
+to its G rows. The sampler decodes from it and the training forward runs the completions on it; causal attention
+makes both equal to running every prompt + completion row in full, at P*L instead of P*G*L prompt tokens.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
+from vlmr1_jax.models.qwen2_5_vl.text import KVCache
+
+
+class FannedPrefix(NamedTuple):
+    """P prompts fanned out to B = P * G rows (row p*G+g is sample g of prompt p)."""
+
+    logits: jax.Array  # [B, vocab]: the last prompt position's logits, predicting completion token 0
+    cache: KVCache  # [layers, B, L + steps, ...]: the prompt's keys and values, room for `steps` more tokens
+    next_position: jax.Array  # [B] int32: M-RoPE position of completion token 0
+
+
+def prefill_fan_out(model: Qwen25VL, prompts: dict[str, jax.Array], num_samples: int, steps: int) -> FannedPrefix:
+    """Prefill the P prompts of `prompts` (`PromptBatch.arrays()` on device) once, with their images encoded once,
+    and repeat the result to `num_samples` rows each; gradients flow through the repeat."""
+    ids = prompts["input_ids"]
+    count, length = ids.shape
+    features = model.encode_vision(prompts["pixel_values"], prompts["hw_positions"], prompts["frame_ids"],
+                                   prompts["frame_index"])
+    cache = KVCache.empty(model.cfg.text, count, length + steps, model.text.dtype)
+    hidden, cache = model(ids, prompts["positions"], prompts["attention_mask"], features,  # type: ignore[assignment]
+                          prompts["vision_gather"], cache)
+    return FannedPrefix(logits=jnp.repeat(model.logits(hidden[:, -1]), num_samples, axis=0),
+                        cache=cache.repeat(num_samples),
+                        next_position=jnp.repeat(prompts["next_position"], num_samples, axis=0))
