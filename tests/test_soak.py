@@ -63,7 +63,7 @@ def test_300_steps_with_a_sigkill_every_50(tmp_path):
             rss = rss_mib(process.pid)
             if own and rss is not None:
                 memory[max(own)] = rss
-            if own and max(own) >= next_kill:
+            if own and max(own) >= next_kill and next_kill < STEPS:
                 process.send_signal(signal.SIGKILL)
                 process.wait()
                 killed, next_kill = True, next_kill + KILL_EVERY
