@@ -8,7 +8,7 @@ import os
 import pytest
 
 from converters.release import RELEASE_MARKER, export_release
-from hf_models import tiny_model_with_qwen_ids
+from tests.helpers.hf_models import tiny_model_with_qwen_ids
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,10 @@ import torch
 from flax import nnx
 
 from converters.hf import canonical_hf_name, flat_paths, is_stacked, load_hf_model, read_config, to_hf_name
-from test_sampler import device_prompts, load_hf
-from test_train_step import build, completions, host_params, optimizer
+from tests.helpers.hf_models import load_hf
+from tests.helpers.params import host_params
+from tests.helpers.prompts import completions, device_prompts, train_prompts
+from tests.helpers.train import optimizer
 from vlmr1_jax.config import GRPOConfig
 from vlmr1_jax.models.layers import Dense, LoRADropoutKey, LoRAParam
 from vlmr1_jax.rl.lora import apply_lora, lora_targets, merge_lora, set_lora_dropout_keys
@@ -43,7 +45,7 @@ def prompt_logits(graphdef: nnx.GraphDef, state: nnx.State, prompts: dict,
 
 @pytest.fixture(scope="module")
 def prompts(tiny_hf_dir):
-    batch, _ = build(read_config(tiny_hf_dir))
+    batch, _ = train_prompts(read_config(tiny_hf_dir))
     return batch, device_prompts(batch)
 
 

@@ -9,8 +9,8 @@ import math
 import portpicker
 import pytest
 
-from multihost_worker import (TINY_RUN, checkpoint_steps, jsonl, log_tail, make_run_inputs, reproducible,
-                              start_training, summary, wait_all, worker_env)
+from tests.helpers.runs import (TINY_RUN, checkpoint_steps, jsonl, log_tail, make_run_inputs, reproducible,
+                                start_training, summary, wait_all, worker_env)
 
 STEPS = 2
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from multihost_worker import (TINY_RUN, checkpoint_steps, jsonl, log_tail, make_run_inputs, read_state,
-                              reproducible, start_training, wait_all, worker_env)
+from tests.helpers.runs import (TINY_RUN, checkpoint_steps, jsonl, log_tail, make_run_inputs, read_state,
+                                reproducible, start_training, wait_all, worker_env)
 
 STEPS, SAVE_EVERY = 6, 2
 
