@@ -2,13 +2,15 @@
 #   make demo   - the main job: a GRPO run on a tiny Qwen2.5-VL and built-in synthetic REC data (CPU, minutes)
 #   make test   - the whole test suite (what CI runs)
 #   make lint   - ruff (lint + format check) and mypy (what CI runs before the tests)
+#   make test-fast - the edit loop: the suite without `slow` tests and the modules that train, sample or compile
+#                    whole models (under 2 minutes on 2 cores with a warm compile cache; `make test` runs them all)
 #   make test-scale - streaming conversion of a full-size random 3B with peak-memory checks (not in CI: ~40 GB of
 #                     disk, a few minutes; see scripts/test_scale.py)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint test-scale install install-test install-lint clean
+.PHONY: demo test test-fast lint test-scale install install-test install-lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +43,13 @@ lint: $(VENV)/.lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# Modules (tests/test_<name>.py) left out of test-fast: training runs in child processes, whole-model compiles.
+HEAVY_TESTS := parity plan mixed_precision train_step resume lora run_identity multihost rewards_fuzz crash_safety \
+	streaming nonfinite signals eval_rec sampler sharding converter_hf
+
+test-fast: $(VENV)/.test
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" $(HEAVY_TESTS:%=--ignore=tests/test_%.py) $(PYTEST_ARGS)
 
 test-scale: $(VENV)/.core
 	$(BIN)/python scripts/test_scale.py $(SCALE_ARGS)

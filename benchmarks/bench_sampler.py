@@ -10,9 +10,8 @@ Both sample T new tokens with temperature 1, top-k 50 (EOS ignored so the work i
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,19 +23,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from converters.hf import load_hf_model
-from hf_models import TINY_CONFIG, save_random_hf_model
+from converters.hf import save_hf_safetensors
+from vlmr1_jax.models.qwen2_5_vl.config import TOKEN_ID_FIELDS, get_preset, to_hf_config, with_overrides
+from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.processing.batch import build_prompt_batch
 from vlmr1_jax.rl.sampler import Sampler, SamplingConfig
 
-# A demo-sized model ("demo-s") with the tiny test config's special token ids.
-BENCH_CONFIG = copy.deepcopy(TINY_CONFIG)
-BENCH_CONFIG.update({"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
-                     "num_key_value_heads": 2, "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
-                     "tie_word_embeddings": True})
-BENCH_CONFIG["vision_config"].update({"depth": 2, "hidden_size": 64, "intermediate_size": 256, "num_heads": 4,
-                                      "out_hidden_size": 128, "fullatt_block_indexes": [1]})
+# The demo-sized model ("demo-s") with the tiny preset's vocabulary and special token ids.
+BENCH_CONFIG = with_overrides(get_preset("demo-s"), {"text.vocab_size": get_preset("tiny").text.vocab_size,
+                                                     **{k: getattr(get_preset("tiny"), k) for k in TOKEN_ID_FIELDS}})
+
+
+def build_models(folder: Path):
+    """Our randomly initialised BENCH_CONFIG model, and transformers' model of the same weights (written to
+    `folder` as an HF checkpoint and read back)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    ours = Qwen25VL(BENCH_CONFIG, rngs=nnx.Rngs(0))
+    (folder / "config.json").write_text(json.dumps(to_hf_config(BENCH_CONFIG, "float32")))
+    save_hf_safetensors(nnx.state(ours), BENCH_CONFIG, folder / "model.safetensors")
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    return ours, hf
 
 
 def make_prompts(prompts: int, rng: np.random.Generator):
@@ -67,14 +75,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     torch.set_num_threads(os.cpu_count() or 1)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = save_random_hf_model(tmp, BENCH_CONFIG, seed=0)
-        ours = load_hf_model(model_dir)
-        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        ours, hf = build_models(Path(tmp))
     cfg = ours.cfg
     ids, images = make_prompts(args.prompts, rng)
     batch = build_prompt_batch(ids, images, cfg, pad_id=0)

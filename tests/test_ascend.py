@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import os
@@ -15,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from converters.release import export_hf_folder
-from ports import cli as ports_cli
 from ports.ascend.scripts import PLATFORMS, DeploySpec, render_scripts
-from test_export import PROMPT, make_release_source
-from test_torch_runtime import require_npu
+from tests.helpers.cli import run_cli
+from tests.helpers.npu import require_npu
+from tests.helpers.release import PROMPT
 
 A2 = DeploySpec(PLATFORMS["a2"], "/data/releases/rec 3b", "bfloat16", "rec-3b", PLATFORMS["a2"].image)
 DUO = DeploySpec(PLATFORMS["310p"], "/data/releases/rec-3b-fp16", "float16", "rec-3b-fp16",
@@ -59,13 +58,12 @@ def llm_kwargs(source: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def releases(tmp_path_factory) -> dict[str, Path]:
+def releases(release_source, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ascend")
-    source = make_release_source(root / "source", seed=6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        duo = export_hf_folder(source, root / "rec-fp16", target="ascend-310p")
-    return {"310p": duo, "a2": export_hf_folder(source, root / "rec-bf16", target="ascend-a2")}
+        duo = export_hf_folder(release_source, root / "rec-fp16", target="ascend-310p")
+    return {"310p": duo, "a2": export_hf_folder(release_source, root / "rec-bf16", target="ascend-a2")}
 
 
 def test_310p_scripts_use_float16_eager_and_custom_ops(tmp_path):
@@ -151,12 +149,9 @@ def test_any_model_folder_reaches_docker_verbatim(tmp_path):
 
 
 def test_deploy_command(releases, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    ports_cli.register(parser.add_subparsers(dest="command"))
-    run = lambda *argv: (lambda a: a.func(a))(parser.parse_args(list(argv)))
     out = tmp_path / "deploy"
-    assert run("deploy", "ascend", "--model", str(releases["310p"]), "--target", "310p", "--out", str(out),
-               "--port", "9000") == 0
+    assert run_cli("deploy", "ascend", "--model", str(releases["310p"]), "--target", "310p", "--out", str(out),
+                   "--port", "9000") == 0
     assert "docker_run.sh" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["docker_run.sh", "offline_inference.py", "query.sh",
                                                      "serve.sh"]
@@ -165,20 +160,20 @@ def test_deploy_command(releases, tmp_path, capsys):
     assert f'{releases["310p"]}:/models/rec-fp16:ro' in args and "9000:9000" in args
     assert flag(serve_args((out / "serve.sh").read_text()), "--served-model-name") == "rec-fp16"
     # A bf16 release is refused for the 300I Duo, naming the problem; existing scripts are not replaced.
-    assert run("deploy", "ascend", "--model", str(releases["a2"]), "--target", "310p", "--out",
-               str(tmp_path / "x")) == 1
+    assert run_cli("deploy", "ascend", "--model", str(releases["a2"]), "--target", "310p", "--out",
+                   str(tmp_path / "x")) == 1
     err = capsys.readouterr().err
     assert "torch_dtype 'bfloat16' is not allowed for target ascend-310p" in err and "--target ascend-310p" in err
     assert not (tmp_path / "x").exists()
-    assert run("deploy", "ascend", "--model", str(releases["310p"]), "--target", "310p", "--out", str(out)) == 1
+    assert run_cli("deploy", "ascend", "--model", str(releases["310p"]), "--target", "310p", "--out", str(out)) == 1
     assert "--overwrite" in capsys.readouterr().err
     # an image that is not an image reference (here: command substitution) is refused, nothing written
-    assert run("deploy", "ascend", "--model", str(releases["310p"]), "--target", "310p", "--out",
-               str(tmp_path / "y"), "--image", "x$(touch pwned)") == 1
+    assert run_cli("deploy", "ascend", "--model", str(releases["310p"]), "--target", "310p", "--out",
+                   str(tmp_path / "y"), "--image", "x$(touch pwned)") == 1
     assert "image 'x$(touch pwned)' is not a container image reference" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
-    assert run("deploy", "ascend", "--model", str(releases["a2"]), "--target", "a2", "--out", str(out),
-               "--overwrite", "--devices", "2", "3") == 0
+    assert run_cli("deploy", "ascend", "--model", str(releases["a2"]), "--target", "a2", "--out", str(out),
+                   "--overwrite", "--devices", "2", "3") == 0
     args = serve_args((out / "serve.sh").read_text())
     assert flag(args, "--dtype") == "bfloat16" and flag(args, "--tensor-parallel-size") == "2"
     assert "--device /dev/davinci3 \\" in (out / "docker_run.sh").read_text()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import warnings
@@ -12,23 +11,21 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from converters import cli as converters_cli
 from converters.check import check_export
 from converters.release import export_hf_folder
 from converters.safetensors_io import read_safetensors_header
 from ports.forward_report import forward_report, synthetic_image
-from test_export import make_release_source
+from tests.helpers.cli import run_cli
 
 
 @pytest.fixture(scope="module")
-def releases(tmp_path_factory) -> dict[str, Path]:
+def releases(release_source, tmp_path_factory) -> dict[str, Path]:
     """A 310P (float16) release in one file and an ascend-a2 (bf16) one in several shards."""
     root = tmp_path_factory.mktemp("check")
-    source = make_release_source(root / "source", seed=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the 310P activation advice
-        duo = export_hf_folder(source, root / "duo", target="ascend-310p")
-    a2 = export_hf_folder(source, root / "a2", target="ascend-a2", max_shard_size="30KB")
+        duo = export_hf_folder(release_source, root / "duo", target="ascend-310p")
+    a2 = export_hf_folder(release_source, root / "a2", target="ascend-a2", max_shard_size="30KB")
     return {"duo": duo, "a2": a2}
 
 
@@ -41,13 +38,6 @@ def rewrite(path: Path, change) -> None:
     tensors = load_file(path)
     change(tensors)
     save_file(tensors, str(path), metadata={"format": "pt"})
-
-
-def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    converters_cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(list(argv))
-    return args.func(args)
 
 
 def test_clean_releases_pass(releases):

@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tests.helpers.files import flip_bytes
 from vlmr1_jax.data.jsonl import Sample
 from vlmr1_jax.data.pipeline import make_prompt_iterator
 from vlmr1_jax.rl.state import init_train_state
@@ -222,14 +223,6 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path):
     assert json.loads((tmp_path / "1" / "meta" / "metadata").read_text())["a"] == 1
 
 
-def flip_bytes(path: Path, count: int = 4096) -> None:
-    """Invert `count` bytes in the middle of `path` (bit rot in a stored array)."""
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + count] = bytes(b ^ 0xFF for b in data[mid:mid + count])
-    path.write_bytes(bytes(data))
-
-
 def test_flipped_bytes_in_an_array_file_are_caught(tmp_path):
     """Orbax reads the flipped file without complaint; the fingerprints saved in the meta catch it."""
     rng = np.random.default_rng(0)
@@ -269,6 +262,7 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tests.helpers.files import flip_bytes
 from vlmr1_jax.data.jsonl import Sample
 from vlmr1_jax.data.pipeline import make_prompt_iterator
 from vlmr1_jax.train.checkpoint import Checkpointer, abstract_like

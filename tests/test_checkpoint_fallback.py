@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from multihost_worker import TINY_RUN, checkpoint_steps, make_run_inputs, read_state
-from test_checkpoint import flip_bytes
+from tests.helpers.files import flip_bytes
+from tests.helpers.runs import TINY_RUN, checkpoint_steps, make_run_inputs, read_state
 from vlmr1_jax.config import load_config
 from vlmr1_jax.train.checkpoint import CorruptCheckpoint
 from vlmr1_jax.train.loop import GRPOTrainer

@@ -20,9 +20,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from converters.hf import load_hf_model, save_hf_safetensors
-from vlmr1_jax.filenames import INDEX_FILE
-from vlmr1_jax.models.qwen2_5_vl.params import flat_paths, from_hf_tensor, hf_entries
+from converters.hf import INDEX_FILE, from_hf_tensor, hf_entries, load_hf_model, save_hf_safetensors
+from tests.helpers.params import assert_same_params, host_params
 
 SINGLE = "model.safetensors"
 
@@ -33,18 +32,6 @@ def rewrite(src: Path, dst: Path, edit: Callable[[dict[str, np.ndarray]], dict[s
     shutil.copy(src / "config.json", dst / "config.json")
     save_file(edit(load_file(src / SINGLE)), str(dst / SINGLE), metadata={"format": "pt"})
     return dst
-
-
-def params(model) -> dict[str, np.ndarray]:
-    return {p: np.asarray(v[...]) for p, v in flat_paths(nnx.state(model)).items()}
-
-
-def assert_same_params(a, b):
-    pa, pb = params(a), params(b)
-    assert pa.keys() == pb.keys()
-    for k in pa:
-        assert pa[k].dtype == pb[k].dtype, k
-        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +148,7 @@ def test_bf16_checkpoint_loads_rounded_values(tiny_hf_dir, tmp_path, param_dtype
         assert f.get_tensor("model.norm.weight").dtype == ml_dtypes.bfloat16
     fp32 = load_file(tiny_hf_dir / SINGLE)
     model = load_hf_model(src, param_dtype=param_dtype)
-    loaded = params(model)
+    loaded = host_params(model)
     entries = hf_entries(nnx.state(model))
     rounded = 0
     for name, path, layer, _ in entries:

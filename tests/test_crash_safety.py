@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from multihost_worker import TINY_RUN, checkpoint_steps, make_run_inputs
+from tests.helpers.runs import TINY_RUN, checkpoint_steps, make_run_inputs
 from vlmr1_jax.config import load_config
 from vlmr1_jax.train.loop import GRPOTrainer
 

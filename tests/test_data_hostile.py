@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-from test_data_jsonl import PROBLEM_LINE, run_cli
+from tests.helpers.cli import PROBLEM_LINE, run_cli
 from vlmr1_jax.config import load_config
 from vlmr1_jax.data.jsonl import DataError, load_jsonl_datasets
 from vlmr1_jax.processing.image import load_image, preprocess_image, processed_size, upscaled_size
@@ -184,8 +184,8 @@ def test_aspect_ratio_is_refused_exactly_where_hf_refuses(hostile):
 
 def check_output(capsys, files: list[Path], folder: Path) -> tuple[int, str, set[tuple[str, int, str, str]]]:
     """`vlmr1 data check` on `files`: (exit code, output, {(file, line, field, kind)} of its problem lines)."""
-    code = run_cli(["data", "check", "--data-files", ":".join(map(str, files)),
-                    "--image-folders", ":".join([str(folder)] * len(files))])
+    code = run_cli("data", "check", "--data-files", ":".join(map(str, files)),
+                   "--image-folders", ":".join([str(folder)] * len(files)))
     text = capsys.readouterr().out
     found = {(m[1], int(m[2]), m[3], m[4]) for m in map(PROBLEM_LINE.match, text.splitlines()) if m}
     return code, text, found

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from vlmr1_jax.data import cli, synthetic
+from tests.helpers.cli import PROBLEM_LINE, run_cli
+from vlmr1_jax.data import synthetic
 from vlmr1_jax.data.jsonl import DataError, Sample, load_jsonl_datasets, read_image_sizes
 
 
@@ -160,31 +159,17 @@ def test_read_image_sizes_decodes_and_reports_unreadable(tmp_path, images):
         assert (info.value.kind, info.value.line, info.value.field) == ("unreadable_image", 3, "image")
 
 
-def data_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlmr1")
-    cli.register(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
-def run_cli(argv: list[str]) -> int:
-    args = data_parser().parse_args(argv)
-    return args.func(args)
-
-
-PROBLEM_LINE = re.compile(r"^\s+(\S+):(\d+): field '([^']*)': .* \[(\w+)\]$")
-
-
 def test_synth_then_check_passes(tmp_path, capsys):
     out = str(tmp_path / "syn")
-    assert run_cli(["data", "synth", "--out", out, "--n", "6", "--seed", "1"]) == 0
+    assert run_cli("data", "synth", "--out", out, "--n", "6", "--seed", "1") == 0
     folder = synthetic.image_folder(out)
-    assert run_cli(["data", "check", "--data-files", f"{out}/train.jsonl", "--image-folders", folder]) == 0
+    assert run_cli("data", "check", "--data-files", f"{out}/train.jsonl", "--image-folders", folder) == 0
     text = capsys.readouterr().out
     # 112x112 -> smart_resize keeps 112x112 -> (112/28)^2 = 16 tokens per image.
     assert "samples: 6 valid, 0 with problems" in text and "min 16, max 16" in text and "[16, 32): 6" in text
     # With max_pixels 3136, 112x112 resizes to 56x56: 4 tokens.
-    assert run_cli(["data", "check", "--data-files", f"{out}/train.jsonl", "--image-folders", folder,
-                    "--max-pixels", "3136"]) == 0
+    assert run_cli("data", "check", "--data-files", f"{out}/train.jsonl", "--image-folders", folder,
+                   "--max-pixels", "3136") == 0
     assert "min 4, max 4" in capsys.readouterr().out
 
 
@@ -198,7 +183,7 @@ def test_check_reports_exactly_the_corrupted_lines(tmp_path, capsys):
     lines[8] = lines[8].replace(b"describes", b"describ\xe9s")                            # line 9
     bad = write_jsonl(tmp_path / "bad.jsonl", lines)
     folder = synthetic.image_folder(out)
-    assert run_cli(["data", "check", "--data-files", bad, "--image-folders", folder]) == 1
+    assert run_cli("data", "check", "--data-files", bad, "--image-folders", folder) == 1
     text = capsys.readouterr().out
     found = {(m[1], int(m[2]), m[3], m[4]) for m in map(PROBLEM_LINE.match, text.splitlines()) if m}
     assert found == {(bad, 3, "<line>", "invalid_json"), (bad, 5, "image", "missing_image"),
@@ -214,13 +199,13 @@ def test_check_reports_exactly_the_corrupted_lines(tmp_path, capsys):
     # An image that exists but cannot be decoded is found at load time, so `check` reports it with its line.
     with open(os.path.join(folder, "train", "train_000001.png"), "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n broken")
-    assert run_cli(["data", "check", "--data-files", good, "--image-folders", folder]) == 1
+    assert run_cli("data", "check", "--data-files", good, "--image-folders", folder) == 1
     found = [m.groups() for m in map(PROBLEM_LINE.match, capsys.readouterr().out.splitlines()) if m]
     assert found == [(good, "2", "image", "unreadable_image")]
 
 
 def test_check_reports_argument_errors_without_a_traceback(tmp_path, capsys):
-    assert run_cli(["data", "check", "--data-files", "a.jsonl:b.jsonl", "--image-folders", "x"]) == 1
+    assert run_cli("data", "check", "--data-files", "a.jsonl:b.jsonl", "--image-folders", "x") == 1
     assert "image_folders" in capsys.readouterr().out
-    assert run_cli(["data", "check", "--data-files", str(tmp_path / "nope.jsonl"), "--image-folders", "x"]) == 1
+    assert run_cli("data", "check", "--data-files", str(tmp_path / "nope.jsonl"), "--image-folders", "x") == 1
     assert "nope.jsonl" in capsys.readouterr().out

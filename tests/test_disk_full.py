@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from multihost_worker import TINY_RUN, make_run_inputs
+from tests.helpers.runs import TINY_RUN, make_run_inputs
 from vlmr1_jax.quiet import TracebackFilter
 
 TRACEBACK = ('Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\n'

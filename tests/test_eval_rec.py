@@ -3,7 +3,6 @@ cases; `vlmr1 eval rec` and `vlmr1 infer` give the same greedy completions on th
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
@@ -12,22 +11,13 @@ import pytest
 from PIL import Image
 
 from converters.hf import load_hf_model
-from converters.release import export_release
-from ports import cli as ports_cli
-from test_restore_export import shared_source
+from tests.helpers.cli import run_cli
 from vlmr1_jax.data.jsonl import Sample
 from vlmr1_jax.data.synthetic import generate, image_folder
-from vlmr1_jax.eval import cli as eval_cli
 from vlmr1_jax.eval.cli import load_eval_samples
 from vlmr1_jax.eval.rec import eval_subset, extract_box, rescale_box, score_rec
 
 PROMPT = "find the red box"
-
-
-def parser_for(module) -> callable:
-    parser = argparse.ArgumentParser()
-    module.register(parser.add_subparsers(dest="command"))
-    return lambda *argv: (lambda a: a.func(a))(parser.parse_args([str(x) for x in argv]))
 
 
 @pytest.mark.parametrize("completion, box", [
@@ -86,29 +76,21 @@ def test_subset_is_vlm_r1_seeded_shuffle():
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory) -> Path:
-    source = shared_source(tmp_path_factory)
-    model = load_hf_model(source)
-    return export_release(model, model.cfg, tmp_path_factory.mktemp("eval") / "release", dtype="fp32",
-                          tokenizer_dir=source)
-
-
-@pytest.fixture(scope="module")
 def rec_data(tmp_path_factory) -> tuple[str, str]:
     root = tmp_path_factory.mktemp("rec_data")
     return generate(str(root), 8, seed=3, split="val"), image_folder(str(root))
 
 
-def test_eval_rec_backends_agree(release, rec_data, tmp_path, capsys):
+def test_eval_rec_backends_agree(fp32_release, rec_data, tmp_path, capsys):
     """Random weights: the completions are noise, but both backends must produce the same noise token for
     token (same prompts, images, left padding, M-RoPE, banned vision tokens, EOS handling)."""
     data, images = rec_data
-    run = parser_for(eval_cli)
     results = {}
     for backend in ("jax", "torch"):
         out = tmp_path / f"{backend}.json"
-        assert run("eval", "rec", "--model", release, "--data", data, "--image-root", images, "--backend", backend,
-                   "--limit", 7, "--batch-size", 3, "--max-new-tokens", 12, "--device", "cpu", "--out", out) == 0
+        assert run_cli("eval", "rec", "--model", fp32_release, "--data", data, "--image-root", images,
+                       "--backend", backend, "--limit", 7, "--batch-size", 3, "--max-new-tokens", 12, "--device",
+                       "cpu", "--out", out) == 0
         assert "accuracy: " in capsys.readouterr().out
         results[backend] = json.loads(out.read_text())
     jax_run, torch_run = results["jax"], results["torch"]
@@ -124,36 +106,35 @@ def test_eval_rec_backends_agree(release, rec_data, tmp_path, capsys):
     # --model may also be one of our checkpoints on the JAX backend (here: the release imported as one).
     from vlmr1_jax.train.restore import import_hf
 
-    checkpoint = import_hf(release, tmp_path / "imported")
-    assert run("eval", "rec", "--model", checkpoint, "--data", data, "--image-root", images, "--limit", 7,
-               "--batch-size", 3, "--max-new-tokens", 12, "--out", tmp_path / "ckpt.json") == 0
+    checkpoint = import_hf(fp32_release, tmp_path / "imported")
+    assert run_cli("eval", "rec", "--model", checkpoint, "--data", data, "--image-root", images, "--limit", 7,
+                   "--batch-size", 3, "--max-new-tokens", 12, "--out", tmp_path / "ckpt.json") == 0
     capsys.readouterr()
     assert [r["completion"] for r in json.loads((tmp_path / "ckpt.json").read_text())["results"]] == completions
-    assert run("eval", "rec", "--model", checkpoint, "--data", data, "--image-root", images, "--backend", "torch",
-               "--out", tmp_path / "x.json") == 1
+    assert run_cli("eval", "rec", "--model", checkpoint, "--data", data, "--image-root", images, "--backend", "torch",
+                   "--out", tmp_path / "x.json") == 1
     assert "needs an HF folder" in capsys.readouterr().err
 
 
-def test_infer_backends_give_the_same_greedy_tokens(release, rec_data, capsys):
+def test_infer_backends_give_the_same_greedy_tokens(fp32_release, rec_data, capsys):
     from ports.torch_runtime import TorchRuntime
     from vlmr1_jax.eval.rec import GreedyDecoder
     from vlmr1_jax.processing.tokenizer import Tokenizer
 
     _data, images = rec_data
     image = str(sorted(Path(images).rglob("*.png"))[0])
-    torch_ids = TorchRuntime.load(release, device="cpu").generate_ids([image], PROMPT, max_new_tokens=10)
-    decoder = GreedyDecoder(load_hf_model(release), Tokenizer.load(release), task_type="{Question}", batch_size=1,
-                            max_new_tokens=10)
+    torch_ids = TorchRuntime.load(fp32_release, device="cpu").generate_ids([image], PROMPT, max_new_tokens=10)
+    decoder = GreedyDecoder(load_hf_model(fp32_release), Tokenizer.load(fp32_release), task_type="{Question}",
+                            batch_size=1, max_new_tokens=10)
     sample = Sample(id=0, problem=PROMPT, solution="", image_paths=(image,), accu_reward_method="default",
                     source="<prompt>", line=0)
     assert decoder.generate([sample])[0][0] == torch_ids and len(torch_ids) > 3
 
-    run = parser_for(ports_cli)
     texts = []
     for backend in ("torch", "jax"):
-        assert run("infer", "--model", release, "--image", image, "--prompt", PROMPT, "--backend", backend,
-                   "--device", "cpu", "--max-new-tokens", 10) == 0
+        assert run_cli("infer", "--model", fp32_release, "--image", image, "--prompt", PROMPT, "--backend", backend,
+                       "--device", "cpu", "--max-new-tokens", 10) == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and texts[0].strip()
-    assert run("infer", "--model", release, "--prompt", PROMPT, "--backend", "jax", "--sample") == 1
+    assert run_cli("infer", "--model", fp32_release, "--prompt", PROMPT, "--backend", "jax", "--sample") == 1
     assert "decodes greedily" in capsys.readouterr().err

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 import os
 import re
@@ -15,47 +13,26 @@ import pytest
 from flax import nnx
 from safetensors import safe_open
 
-from converters import cli as converters_cli
 from converters.check import check_export
 from converters.hf import flat_paths, iter_hf_tensors, load_hf_model
-from converters.release import ExportError, export_hf_folder, export_release, parse_size, plan_shards
-from converters.targets import resolve_dtype
-from hf_models import TINY_CONFIG, save_random_hf_model
-from vlmr1_jax.filenames import RELEASE_MARKER
+from converters.release import (
+    RELEASE_MARKER,
+    ExportError,
+    export_hf_folder,
+    export_release,
+    parse_size,
+    plan_shards,
+    resolve_dtype,
+)
+from tests.helpers.cli import run_cli
+from tests.helpers.release import CORPUS, PROMPT, make_release_source
 from vlmr1_jax.processing.tokenizer import build_compact_tokenizer
 
-CORPUS = ["what is in the image", "find the red box", "the answer is 42", "a photo of a cat on a mat"] * 4
-PROMPT = "what is in the image?"
-
-
-def make_release_source(out: Path, tied: bool = False, seed: int = 0) -> Path:
-    """A tiny random HF Qwen2.5-VL (TINY_CONFIG shapes) whose special-token ids are those of a compact
-    Qwen2.5-style tokenizer saved beside it, so the processor, the tokenizer and the model agree."""
-    tokenizer = build_compact_tokenizer(CORPUS, vocab_size=300)
-    save_random_hf_model(out, compact_config(tokenizer), seed=seed, tied=tied)
-    tokenizer.save(out)
-    return out
-
-
-def compact_config(tokenizer, base: dict = TINY_CONFIG) -> dict:
-    """An HF config dict: `base` with a 320-token vocabulary and the special-token ids of `tokenizer`."""
-    config = copy.deepcopy(base)
-    config.update(vocab_size=320, image_token_id=tokenizer.image_pad_id, video_token_id=tokenizer.video_pad_id,
-                  vision_start_token_id=tokenizer.vision_start_id, vision_end_token_id=tokenizer.vision_end_id,
-                  vision_token_id=tokenizer.token_to_id("<|vision_pad|>"), bos_token_id=tokenizer.pad_id,
-                  eos_token_id=tokenizer.eos_ids[0])
-    return config
-
 
 @pytest.fixture(scope="module")
-def source_dir(tmp_path_factory) -> Path:
-    return make_release_source(tmp_path_factory.mktemp("source"))
-
-
-@pytest.fixture(scope="module")
-def model(source_dir):
+def model(release_source):
     """Our JAX model, loaded from the tiny HF source (fp32)."""
-    return load_hf_model(source_dir)
+    return load_hf_model(release_source)
 
 
 def source_tensors(folder: Path) -> dict[str, np.ndarray]:
@@ -99,7 +76,7 @@ def test_target_dtypes():
         resolve_dtype("tpu", None)
 
 
-def test_hf_release_loads_offline_and_matches_jax(model, source_dir, tmp_path, monkeypatch):
+def test_hf_release_loads_offline_and_matches_jax(model, release_source, tmp_path, monkeypatch):
     """fp32 release of our JAX model: complete file set, transformers loads it offline, its tokenizer and image
     processor reproduce our inputs, and its logits match our JAX model on an image prompt."""
     import torch
@@ -112,7 +89,7 @@ def test_hf_release_loads_offline_and_matches_jax(model, source_dir, tmp_path, m
     card = {"base_model": "Qwen/Qwen2.5-VL-3B-Instruct", "datasets": ["refcoco_train"], "rewards": ["accuracy",
             "format"], "steps": 120, "metrics": {"rec_acc@0.5": 0.8125}, "license": "apache-2.0"}
     out = export_release(model, model.cfg, tmp_path / "release", target="hf", dtype="fp32",
-                         tokenizer_dir=source_dir, card=card)
+                         tokenizer_dir=release_source, card=card)
     files = {p.name for p in out.iterdir()}
     assert files == {"config.json", "generation_config.json", "preprocessor_config.json", "chat_template.json",
                      "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "model.safetensors",
@@ -163,11 +140,11 @@ def test_hf_release_loads_offline_and_matches_jax(model, source_dir, tmp_path, m
     assert report.logits.scale > 0.1
 
 
-def test_jax_export_import_is_bit_exact_and_sharded(model, source_dir, tmp_path):
+def test_jax_export_import_is_bit_exact_and_sharded(model, release_source, tmp_path):
     """Small shards: several files, a correct index, legacy names equal to transformers' own save, and a
     round trip back into JAX that is bit-exact in fp32."""
     out = export_release(model, model.cfg, tmp_path / "sharded", dtype="fp32", max_shard_size="40KB",
-                         tokenizer_dir=source_dir)
+                         tokenizer_dir=release_source)
     tensors = shard_tensors(out)
     files = sorted({file for _, file, _ in tensors.values()})
     assert len(files) > 3
@@ -182,7 +159,7 @@ def test_jax_export_import_is_bit_exact_and_sharded(model, source_dir, tmp_path)
         in_file = [a.nbytes for a, f, _ in tensors.values() if f == file]
         assert sum(in_file) <= 40_000 or len(in_file) == 1
 
-    reference = source_tensors(source_dir)  # what transformers' save_pretrained wrote
+    reference = source_tensors(release_source)  # what transformers' save_pretrained wrote
     assert set(tensors) == set(reference) and len(tensors) == 81
     for name, (array, _, _) in tensors.items():
         assert array.dtype == np.float32 and np.array_equal(array, reference[name]), name
@@ -215,11 +192,11 @@ def test_tied_release_has_no_lm_head_and_bf16_rounds_like_torch(tmp_path):
         assert (out / name).read_bytes() == (source / name).read_bytes(), name
 
 
-def test_ascend_310p_release_is_float16_only(model, source_dir, tmp_path):
+def test_ascend_310p_release_is_float16_only(model, release_source, tmp_path):
     with pytest.warns(UserWarning, match="check-export .* --forward"):
-        out = export_release(model, model.cfg, tmp_path / "duo", target="ascend-310p", tokenizer_dir=source_dir)
+        out = export_release(model, model.cfg, tmp_path / "duo", target="ascend-310p", tokenizer_dir=release_source)
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
-    reference = source_tensors(source_dir)
+    reference = source_tensors(release_source)
     tensors = shard_tensors(out)
     for name, (array, _, _) in tensors.items():
         assert array.dtype == np.float16 and np.array_equal(array, reference[name].astype(np.float16)), name
@@ -227,8 +204,8 @@ def test_ascend_310p_release_is_float16_only(model, source_dir, tmp_path):
         export_release(model, model.cfg, tmp_path / "duo_bf16", target="ascend-310p", dtype="bf16")
 
 
-def test_generated_generation_config_uses_tokenizer_ids(model, source_dir, tmp_path):
-    out = export_release(model, model.cfg, tmp_path / "no_base", dtype="fp32", tokenizer_dir=source_dir)
+def test_generated_generation_config_uses_tokenizer_ids(model, release_source, tmp_path):
+    out = export_release(model, model.cfg, tmp_path / "no_base", dtype="fp32", tokenizer_dir=release_source)
     generation = json.loads((out / "generation_config.json").read_text())
     tokenizer = build_compact_tokenizer(CORPUS, vocab_size=300)
     end_of_text, im_end = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|im_end|>")
@@ -241,54 +218,50 @@ def test_generated_generation_config_uses_tokenizer_ids(model, source_dir, tmp_p
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not the private mode of a temporary folder
 
 
-def test_float16_overflowing_weights_are_refused(source_dir, tmp_path):
-    big = load_hf_model(source_dir)
+def test_float16_overflowing_weights_are_refused(release_source, tmp_path):
+    big = load_hf_model(release_source)
     big.text.norm.scale[...] = np.full(big.text.norm.scale.shape, 1e5, np.float32)
     with pytest.raises(ValueError, match=r"model\.norm\.weight: 64 values are inf/NaN as float16"):
-        export_release(big, big.cfg, tmp_path / "overflow", target="ascend-310p", tokenizer_dir=source_dir)
+        export_release(big, big.cfg, tmp_path / "overflow", target="ascend-310p", tokenizer_dir=release_source)
     assert not list(tmp_path.iterdir()), "a failed export must leave nothing behind"
 
 
-def test_existing_folder_is_never_half_overwritten(model, source_dir, tmp_path, monkeypatch):
+def test_existing_folder_is_never_half_overwritten(model, release_source, tmp_path, monkeypatch):
     out = tmp_path / "release"
     out.mkdir()
     (out / "keep.txt").write_text("previous release")
     (out / RELEASE_MARKER).write_text("")  # a release we wrote: --overwrite may replace it
     with pytest.raises(FileExistsError, match="overwrite"):
-        export_release(model, model.cfg, out, dtype="fp32", tokenizer_dir=source_dir)
+        export_release(model, model.cfg, out, dtype="fp32", tokenizer_dir=release_source)
     monkeypatch.setattr("converters.release.check_export", lambda folder, target: ["config.json: broken"])
     with pytest.raises(ExportError, match=r"config\.json: broken"):
-        export_release(model, model.cfg, out, dtype="fp32", tokenizer_dir=source_dir, overwrite=True)
+        export_release(model, model.cfg, out, dtype="fp32", tokenizer_dir=release_source, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
     assert sorted(p.name for p in out.iterdir()) == sorted([RELEASE_MARKER, "keep.txt"])
     monkeypatch.undo()
-    export_release(model, model.cfg, out, dtype="fp32", tokenizer_dir=source_dir, overwrite=True)
+    export_release(model, model.cfg, out, dtype="fp32", tokenizer_dir=release_source, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
     assert check_export(out, "hf") == []
     # Without an atomic exchange (non-Linux), the old folder is moved aside, then deleted.
     monkeypatch.setattr("converters.release._exchange", lambda a, b: False)
-    export_release(model, model.cfg, out, dtype="bf16", tokenizer_dir=source_dir, overwrite=True)
+    export_release(model, model.cfg, out, dtype="bf16", tokenizer_dir=release_source, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
-def test_export_command(source_dir, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    converters_cli.register(parser.add_subparsers(dest="command"))
-    run = lambda *argv: (lambda a: a.func(a))(parser.parse_args(list(argv)))
+def test_export_command(release_source, tmp_path, capsys):
     out = tmp_path / "a2"
     card = tmp_path / "card.json"
     card.write_text(json.dumps({"steps": 7, "rewards": ["accuracy"]}))
-    assert run("export", str(source_dir), "--out", str(out), "--target", "ascend-a2", "--max-shard-size", "30KB",
-               "--card", str(card)) == 0
+    assert run_cli("export", release_source, "--out", out, "--target", "ascend-a2", "--max-shard-size", "30KB",
+                   "--card", card) == 0
     assert "wrote" in capsys.readouterr().out
     assert len(list(out.glob("model-*.safetensors"))) > 1 and "steps: 7" in (out / "README.md").read_text()
     assert {shard_tensors(out)[n][0].dtype for n in shard_tensors(out)} == {np.dtype(ml_dtypes.bfloat16)}
-    assert run("export", str(source_dir), "--out", str(out), "--target", "ascend-a2") == 1
+    assert run_cli("export", release_source, "--out", out, "--target", "ascend-a2") == 1
     assert "overwrite" in capsys.readouterr().err
-    assert run("export", str(source_dir), "--out", str(tmp_path / "x"), "--target", "ascend-a2",
-               "--dtype", "fp16") == 1
+    assert run_cli("export", release_source, "--out", tmp_path / "x", "--target", "ascend-a2", "--dtype", "fp16") == 1
     assert "not allowed" in capsys.readouterr().err
-    assert run("export", str(tmp_path), "--out", str(tmp_path / "y")) == 1
+    assert run_cli("export", tmp_path, "--out", tmp_path / "y") == 1
     assert "no config.json" in capsys.readouterr().err

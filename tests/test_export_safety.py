@@ -7,9 +7,8 @@ import os
 
 import pytest
 
-from converters.release import export_release
-from hf_models import tiny_model_with_qwen_ids
-from vlmr1_jax.filenames import RELEASE_MARKER
+from converters.release import RELEASE_MARKER, export_release
+from tests.helpers.hf_models import tiny_model_with_qwen_ids
 
 
 @pytest.fixture(scope="module")

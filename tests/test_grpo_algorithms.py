@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from test_sampler import device_prompts
-from test_train_step import SPECS, G, build, completions
+from tests.helpers.prompts import SPECS, G, completions, device_prompts, train_prompts
 from vlmr1_jax.config import load_config
 from vlmr1_jax.models.qwen2_5_vl.config import get_preset
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
@@ -308,7 +307,7 @@ def test_user_aggregation_in_the_jitted_step():
     tx, schedule = make_optimizer(cfg.optim, total_steps=10)
     graphdef, state = init_train_state(Qwen25VL(model_cfg, rngs=nnx.Rngs(0)), "full", tx, with_reference=False)
     step = make_grpo_step(graphdef, cfg.grpo, tx, schedule)
-    prompts, _ = build(model_cfg)
+    prompts, _ = train_prompts(model_cfg)
     tokens, mask = completions(len(SPECS) * G)
     advantages = np.random.default_rng(0).standard_normal(len(tokens)).astype(np.float32)
     batch = {"prompts": device_prompts(prompts), "tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask),

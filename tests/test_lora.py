@@ -16,8 +16,10 @@ import torch
 from flax import nnx
 
 from converters.hf import load_hf_model, read_config
-from test_sampler import device_prompts, load_hf
-from test_train_step import build, completions, host_params, optimizer
+from tests.helpers.hf_models import load_hf
+from tests.helpers.params import host_params
+from tests.helpers.prompts import completions, device_prompts, train_prompts
+from tests.helpers.train import optimizer
 from vlmr1_jax.config import GRPOConfig
 from vlmr1_jax.models.layers import Dense, LoRADropoutKey, LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.params import canonical_hf_name, flat_paths, is_stacked, to_hf_name
@@ -46,7 +48,7 @@ def prompt_logits(graphdef: nnx.GraphDef, state: nnx.State, prompts: dict,
 
 @pytest.fixture(scope="module")
 def prompts(tiny_hf_dir):
-    batch, _ = build(read_config(tiny_hf_dir))
+    batch, _ = train_prompts(read_config(tiny_hf_dir))
     return batch, device_prompts(batch)
 
 

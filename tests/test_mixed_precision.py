@@ -17,9 +17,9 @@ import pytest
 from flax import nnx
 
 from converters.hf import flat_paths
-from test_restore_export import save_trainer_checkpoint, shared_source
-from test_sampler import device_prompts
-from test_train_step import SPECS, G, build, completions
+from tests.helpers.params import assert_same_params, host_params
+from tests.helpers.prompts import SPECS, G, completions, device_prompts, train_prompts
+from tests.helpers.train import save_trainer_checkpoint
 from vlmr1_jax.config import GRPOConfig, LoRAConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, load_config
 from vlmr1_jax.models.layers import LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.config import get_preset
@@ -41,10 +41,6 @@ RECIPES_3B = ("rec_3b", "rec_3b_lora", "gui_3b", "ovd_3b")
 NO_GRADIENT = "attn.k.bias"
 
 
-def host_params(state: nnx.State) -> dict[str, np.ndarray]:
-    return {path: np.asarray(jax.device_get(var[...]), np.float64) for path, var in flat_paths(state).items()}
-
-
 def leaf_dtypes(tree: Any) -> set[str]:
     return {str(x.dtype) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
 
@@ -55,8 +51,8 @@ def grpo_deltas(dtype, param_dtype, frozen_dtype=None) -> tuple[dict[str, np.nda
     model = Qwen25VL(CFG, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
     tx, schedule = make_optimizer(OptimConfig(learning_rate=LR, schedule="constant"), total_steps=10)
     graphdef, state = init_train_state(model, "full", tx, with_reference=True, frozen_dtype=frozen_dtype)
-    before = host_params(state.trainable)
-    prompts, _ = build(CFG)
+    before = host_params(state.trainable, np.float64)
+    prompts, _ = train_prompts(CFG)
     tokens, mask = completions(len(SPECS) * G)
     rng = np.random.default_rng(2)
     batch = TrainExample(device_prompts(prompts), jnp.asarray(tokens), jnp.asarray(mask),
@@ -68,7 +64,7 @@ def grpo_deltas(dtype, param_dtype, frozen_dtype=None) -> tuple[dict[str, np.nda
     for _ in range(STEPS):
         state, _ = step(state, batch)
     assert leaf_dtypes(state.trainable) == {str(jnp.dtype(param_dtype))}
-    return before, {k: v - before[k] for k, v in host_params(state.trainable).items()}
+    return before, {k: v - before[k] for k, v in host_params(state.trainable, np.float64).items()}
 
 
 def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
@@ -150,7 +146,7 @@ def test_matmuls_run_in_model_dtype_whatever_the_storage(dtype):
     tx, _ = make_optimizer(OptimConfig(), total_steps=10)
     graphdef, state = init_train_state(model, "freeze_vision", tx, with_reference=True, frozen_dtype=jnp.bfloat16)
     assert leaf_dtypes(state.trainable) == {"float32"} and leaf_dtypes(state.frozen) == {"bfloat16"}
-    prompts, _ = build(CFG)
+    prompts, _ = train_prompts(CFG)
     tokens, mask = (jnp.asarray(x) for x in completions(len(SPECS) * G))
     logprobs = make_logprob_fn(graphdef, G)
     for trainable in (state.trainable, state.reference):
@@ -167,11 +163,11 @@ def test_frozen_dtype_stores_reference_and_frozen_parts(mode):
     if mode == "lora":
         apply_lora(model, rank=4, alpha=8.0)
     tx, _ = make_optimizer(OptimConfig(), total_steps=10)
-    initial = host_params(nnx.state(model))
+    initial = host_params(model, np.float64)
     _, state = init_train_state(model, mode, tx, with_reference=True, frozen_dtype=jnp.bfloat16)
     assert leaf_dtypes(state.trainable) == leaf_dtypes(state.opt_state) == {"float32"}  # masters, moments
     assert leaf_dtypes(state.reference) == {"bfloat16"}
-    frozen, reference = host_params(state.frozen), host_params(state.reference)
+    frozen, reference = host_params(state.frozen, np.float64), host_params(state.reference, np.float64)
     assert bool(frozen) == (mode != "full") and leaf_dtypes(state.frozen) <= {"bfloat16"}
     if mode == "lora":  # the LoRA reference is the base model: zero adapters
         assert not any(np.any(v) for v in reference.values())
@@ -181,24 +177,16 @@ def test_frozen_dtype_stores_reference_and_frozen_parts(mode):
         np.testing.assert_array_equal(value, expected, err_msg=path)
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    return shared_source(tmp_path_factory)
-
-
 @pytest.mark.parametrize("trainable,kind", [("freeze_vision", "grpo"), ("lora", "sft")])
-def test_bf16_frozen_checkpoint_round_trip(source, tmp_path, trainable, kind):
+def test_bf16_frozen_checkpoint_round_trip(release_source, tmp_path, trainable, kind):
     """A trainer-built state with bf16 frozen parts (and reference) restores from its meta alone, dtypes and
     values exact; the same checkpoint read as if frozen_dtype were unset is refused (the restore mirrors it)."""
-    cfg = RunConfig(model=ModelConfig(hf_model=str(source), dtype="bfloat16", frozen_dtype="bfloat16"),
+    cfg = RunConfig(model=ModelConfig(hf_model=str(release_source), dtype="bfloat16", frozen_dtype="bfloat16"),
                     grpo=GRPOConfig(beta=0.04), lora=LoRAConfig(rank=4, alpha=8.0),
                     train=TrainConfig(trainable=trainable, max_steps=3))
     saved = save_trainer_checkpoint(tmp_path, cfg, kind, step=2)
     model, _meta, _ = load_checkpoint(tmp_path)
-    ours, theirs = host_params(nnx.state(model)), host_params(nnx.state(saved))
-    assert ours.keys() == theirs.keys()
-    for path, value in ours.items():
-        np.testing.assert_array_equal(value, theirs[path], err_msg=path)
+    assert_same_params(model, saved)
     stored = {path: str(var[...].dtype) for path, var in flat_paths(nnx.state(model, nnx.Param)).items()}
     frozen_part = "visual." if trainable == "freeze_vision" else ""
     assert all(dtype == ("bfloat16" if path.startswith(frozen_part) else "float32")

@@ -9,7 +9,7 @@ import math
 import portpicker
 import pytest
 
-from multihost_worker import (
+from tests.helpers.runs import (
     TINY_RUN,
     checkpoint_steps,
     jsonl,

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from multihost_worker import TINY_RUN, make_run_inputs, worker_env
+from tests.helpers.runs import TINY_RUN, make_run_inputs, worker_env
 from vlmr1_jax.config import OptimConfig
 from vlmr1_jax.rl.state import TrainState, make_optimizer
 from vlmr1_jax.rl.step import _apply_gradients

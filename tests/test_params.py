@@ -15,7 +15,7 @@ from flax import nnx
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from converters.hf import load_hf_state, save_hf_safetensors
-from hf_models import TINY_CONFIG, TINY_CONFIG_B
+from tests.helpers.hf_models import TINY_CONFIG, TINY_CONFIG_B
 from vlmr1_jax.filenames import SINGLE_FILE
 from vlmr1_jax.models.layers import Dense
 from vlmr1_jax.models.qwen2_5_vl.config import from_hf_config

@@ -16,7 +16,9 @@ from flax import nnx
 from converters.hf import iter_hf_tensors, read_config
 from converters.peft import target_modules_regex
 from ports.parity import make_inputs, positions_for
-from test_restore_export import cli, save_trainer_checkpoint, shared_source
+from tests.helpers.cli import run_cli
+from tests.helpers.hf_models import load_hf
+from tests.helpers.train import save_trainer_checkpoint
 from vlmr1_jax.config import LoRAConfig, ModelConfig, RunConfig, TrainConfig
 from vlmr1_jax.models.qwen2_5_vl.params import hf_module_name
 from vlmr1_jax.processing.vision_plan import plan_vision, vision_gather_indices
@@ -85,27 +87,24 @@ def hf_logits(model, inputs, cfg) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
+def lora_run(release_source, tmp_path_factory):
     """A trainer-built LoRA GRPO checkpoint (reference kept) with random non-zero adapters, lm_head included."""
-    source = shared_source(tmp_path_factory)
-    cfg = RunConfig(model=ModelConfig(hf_model=str(source)), lora=LoRAConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT),
+    cfg = RunConfig(model=ModelConfig(hf_model=str(release_source)),
+                    lora=LoRAConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT),
                     train=TrainConfig(trainable="lora", max_steps=4))
     run = tmp_path_factory.mktemp("lora_run")
     model = save_trainer_checkpoint(run, cfg, "grpo", step=4, adjust=random_adapters)
-    return source, run, model
+    return release_source, run, model
 
 
 def test_peft_adapter_and_merged_export_match_peft(lora_run, tmp_path, capsys):
-    import torch
     from peft import PeftModel
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     source, run, model = lora_run
-    export = cli()
     base_dir, merged_dir = tmp_path / "base", tmp_path / "merged"
-    assert export("export", run, "--out", base_dir, "--dtype", "fp32", "--lora", "adapter") == 0
+    assert run_cli("export", run, "--out", base_dir, "--dtype", "fp32", "--lora", "adapter") == 0
     assert f"PEFT adapter in {base_dir / 'adapter'}" in capsys.readouterr().out
-    assert export("export", run, "--out", merged_dir, "--dtype", "fp32") == 0  # merge is the default
+    assert run_cli("export", run, "--out", merged_dir, "--dtype", "fp32") == 0  # merge is the default
 
     # The base release is the model without the LoRA delta: the HF source, bit for bit.
     base, expected = dict(iter_hf_tensors(base_dir)), dict(iter_hf_tensors(source))
@@ -117,14 +116,12 @@ def test_peft_adapter_and_merged_export_match_peft(lora_run, tmp_path, capsys):
     cfg = read_config(base_dir)
     inputs = make_inputs(cfg, [(1, 4, 6), (1, 4, 4)], batch=2, steps=1, seed=3)
     valid = inputs.attention_mask.astype(bool)
-    load = lambda folder: Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation="eager").eval()
 
-    peft_model = PeftModel.from_pretrained(load(base_dir), base_dir / "adapter").eval()
+    peft_model = PeftModel.from_pretrained(load_hf(base_dir), base_dir / "adapter").eval()
     adapted = sorted(n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A))
     assert len(adapted) == 2 * 7 + 1 and not [n for n in adapted if "visual" in n] and adapted[0].endswith(".lm_head")
     peft_out = hf_logits(peft_model, inputs, cfg)
-    merged_out = hf_logits(load(merged_dir), inputs, cfg)
+    merged_out = hf_logits(load_hf(merged_dir), inputs, cfg)
     merged = nnx.clone(model)
     merge_lora(merged)
     ours_merged = jax_logits(merged, inputs)
@@ -135,10 +132,10 @@ def test_peft_adapter_and_merged_export_match_peft(lora_run, tmp_path, capsys):
                                atol=1e-4)
     np.testing.assert_allclose(ours_merged[valid], peft_out[valid], atol=1e-4)
     # The adapters change the output (the comparison is not between two copies of the base).
-    assert np.abs(hf_logits(load(base_dir), inputs, cfg)[valid] - peft_out[valid]).max() > 1e-2
+    assert np.abs(hf_logits(load_hf(base_dir), inputs, cfg)[valid] - peft_out[valid]).max() > 1e-2
 
     # Our unmerged LoRA forward (lm_head adapter included) against the adapter-loaded PEFT model.
-    peft_model = PeftModel.from_pretrained(load(base_dir), base_dir / "adapter").eval()
+    peft_model = PeftModel.from_pretrained(load_hf(base_dir), base_dir / "adapter").eval()
     np.testing.assert_allclose(jax_logits(model, inputs)[valid], hf_logits(peft_model, inputs, cfg)[valid],
                                atol=1e-4)
 

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from multihost_worker import TINY_RUN, checkpoint_steps, make_run_inputs, read_state
+from tests.helpers.runs import TINY_RUN, checkpoint_steps, make_run_inputs, read_state
 from vlmr1_jax.config import load_config
 from vlmr1_jax.data.jsonl import DataError
 from vlmr1_jax.data.pipeline import make_sample_dataset

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from multihost_worker import (
+from tests.helpers.runs import (
     TINY_RUN,
     checkpoint_steps,
     jsonl,

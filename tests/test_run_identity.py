@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from multihost_worker import TINY_RUN, make_run_inputs, worker_env
+from tests.helpers.runs import TINY_RUN, make_run_inputs, worker_env
 from vlmr1_jax.config import RunConfig, load_config, to_dict
 from vlmr1_jax.train.identity import RunMismatch, check_resume, config_differences
 

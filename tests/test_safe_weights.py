@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from converters.hf import load_hf_model
 from converters.release import export_hf_folder, export_release
-from hf_models import tiny_model_with_qwen_ids
+from tests.helpers.hf_models import tiny_model_with_qwen_ids
 from vlmr1_jax.cli import main
 from vlmr1_jax.train.restore import import_hf
 

@@ -4,8 +4,6 @@ References: transformers' `generate(do_sample=False)` on the same tiny random ch
 EOS ids), numpy float64 softmax / top-k / top-p written from HF's TemperatureLogitsWarper -> TopKLogitsWarper ->
 TopPLogitsWarper semantics (and the warpers themselves), chi-square tests on sample counts, and the train-time forward
 (`completion_logprobs`) for the returned log-probs.
-
-The helpers at the top (random multimodal prompts, the matching HF inputs) are shared with test_train_step/test_lora.
 """
 
 from __future__ import annotations
@@ -18,14 +16,14 @@ import torch
 from flax import nnx
 
 from converters.hf import load_hf_model
+from tests.helpers.hf_models import load_hf
+from tests.helpers.prompts import PAD, device_prompts, hf_inputs, prompt_rows
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlmr1_jax.processing.batch import PromptBatch, build_prompt_batch
 from vlmr1_jax.rl.grpo import completion_mask
 from vlmr1_jax.rl.prefix import prefill_fan_out
 from vlmr1_jax.rl.sampler import Sampler, SamplingConfig, default_banned_ids, filter_logits, next_tokens
 from vlmr1_jax.rl.step import make_logprob_fn
-
-PAD = 2  # prompt padding and the token written after EOS (never an ordinary text token below)
 
 # Per prompt: (text before, image grids, text after). Different lengths give left padding; prompt 2 has two images.
 PROMPTS = [
@@ -35,72 +33,17 @@ PROMPTS = [
 ]
 
 
-# ---------------------------------------------------------------- shared helpers: prompts and the HF side
-
-
-def prompt_rows(cfg: Qwen25VLConfig, specs=PROMPTS, seed: int = 0) -> tuple[list[list[int]], list[list]]:
-    """Token ids (one placeholder per image) and (random pixels, grid) per image, per prompt."""
-    rng = np.random.default_rng(seed)
-    ids, images = [], []
-    for before, grids, after in specs:
-        row = list(before)
-        imgs = []
-        for grid in grids:
-            row += [cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id]
-            imgs.append((rng.standard_normal((int(np.prod(grid)), cfg.vision.patch_dim)).astype(np.float32), grid))
-        ids.append(row + list(after))
-        images.append(imgs)
-    return ids, images
-
-
-def make_prompts(cfg: Qwen25VLConfig, specs=PROMPTS, seed: int = 0) -> tuple[PromptBatch, list[list[np.ndarray]]]:
-    """Left-padded multimodal prompts with random pixels; returns the batch and each prompt's pixel arrays."""
-    ids, images = prompt_rows(cfg, specs, seed)
+def make_prompts(cfg: Qwen25VLConfig, seed: int = 0) -> tuple[PromptBatch, list[list[np.ndarray]]]:
+    """Left-padded multimodal PROMPTS with random pixels; returns the batch and each prompt's pixel arrays."""
+    ids, images = prompt_rows(cfg, PROMPTS, seed)
     batch = build_prompt_batch(ids, images, cfg, pad_id=PAD)
     return batch, [[px for px, _ in imgs] for imgs in images]
-
-
-def device_prompts(batch: PromptBatch) -> dict[str, jax.Array]:
-    return {k: jnp.asarray(v) for k, v in batch.arrays().items()}
-
-
-def hf_inputs(batch: PromptBatch, pixels: list[list[np.ndarray]], cfg: Qwen25VLConfig, repeat: int = 1,
-              completions: np.ndarray | None = None, completions_mask: np.ndarray | None = None) -> dict:
-    """transformers inputs for the same rows (prompt p repeated `repeat` times, completions appended), with
-    `mm_token_type_ids` so HF computes its own 3-D M-RoPE positions."""
-    ids = np.repeat(batch.input_ids, repeat, axis=0).astype(np.int64)
-    mask = np.repeat(batch.attention_mask, repeat, axis=0).astype(np.int64)
-    if completions is not None:
-        ids = np.concatenate([ids, completions.astype(np.int64)], axis=1)
-        mask = np.concatenate([mask, completions_mask.astype(np.int64)], axis=1)
-    rows = [p for p in range(len(pixels)) for _ in range(repeat)]
-    ids_t = torch.from_numpy(ids)
-    return {"input_ids": ids_t, "attention_mask": torch.from_numpy(mask),
-            "pixel_values": torch.from_numpy(np.concatenate([px for p in rows for px in pixels[p]])),
-            "image_grid_thw": torch.tensor([g for p in rows for g in batch.image_grids[p]]),
-            "mm_token_type_ids": (ids_t == cfg.image_token_id).long()}
-
-
-def load_hf(model_dir):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
-                                                              attn_implementation="eager").eval()
 
 
 def first_eos(tokens: np.ndarray, eos) -> np.ndarray:
     """Index of each row's first EOS token, or the row length when there is none."""
     is_eos = np.isin(tokens, eos)
     return np.where(is_eos.any(1), is_eos.argmax(1), tokens.shape[1])
-
-
-def hf_completion_logprobs(hf, inputs: dict, prompt_len: int, tokens: np.ndarray) -> np.ndarray:
-    """float64 log p(token) of each completion position from HF's logits."""
-    with torch.no_grad():
-        logits = hf(**inputs).logits.double()
-    steps = tokens.shape[1]
-    logp = torch.log_softmax(logits[:, prompt_len - 1:prompt_len - 1 + steps], dim=-1)
-    return logp.gather(-1, torch.from_numpy(tokens.astype(np.int64))[..., None])[..., 0].numpy()
 
 
 # ---------------------------------------------------------------- fixtures

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from multihost_worker import TINY_RUN, checkpoint_steps, make_run_inputs, worker_env
+from tests.helpers.runs import TINY_RUN, checkpoint_steps, make_run_inputs, worker_env
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from multihost_worker import TINY_RUN, checkpoint_steps, make_run_inputs
+from tests.helpers.runs import TINY_RUN, checkpoint_steps, make_run_inputs
 
 STEPS, SAVE_EVERY, KILL_EVERY = 300, 20, 50
 

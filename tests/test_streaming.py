@@ -21,11 +21,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from converters.hf import iter_hf_tensors, load_hf_model, stored_tensors
-from hf_models import TINY_CONFIG
-from test_export import CORPUS, compact_config, make_release_source
-from test_restore_export import assert_same_params, cli, host_params, shared_source
-from vlmr1_jax.filenames import CHECKSUMS_FILE
+from converters.hf import CHECKSUMS_FILE, iter_hf_tensors, load_hf_model, stored_tensors
+from tests.helpers.cli import run_cli
+from tests.helpers.hf_models import TINY_CONFIG
+from tests.helpers.params import assert_same_params, host_params
+from tests.helpers.release import CORPUS, compact_config, make_release_source
 from vlmr1_jax.models.qwen2_5_vl.config import from_hf_config
 from vlmr1_jax.processing.tokenizer import build_compact_tokenizer
 from vlmr1_jax.train.checkpoint import CheckpointError
@@ -101,24 +101,23 @@ def test_conversions_hold_a_few_tensors_not_the_model(big_source, tmp_path):
     assert duo.keys() == params.keys() == exported.keys()
 
 
-def test_import_export_round_trip_and_bf16_to_fp16(tmp_path_factory, tmp_path, capsys):
+def test_import_export_round_trip_and_bf16_to_fp16(release_source, tmp_path, capsys):
     """Tiny transformers-written fp32 source: import -> export is bit-identical; imported in bf16 and exported
     to fp16, every tensor equals numpy's fp32 -> bf16 -> fp16."""
-    source = shared_source(tmp_path_factory)
-    run = cli()
-    assert run("import-hf", "--model", source, "--out", tmp_path / "fp32") == 0
+    assert run_cli("import-hf", "--model", release_source, "--out", tmp_path / "fp32") == 0
     params = tmp_path / "fp32" / "checkpoints" / "0" / PARAMS
     manifest = json.loads((params / CHECKSUMS_FILE).read_text())["tensors"]
-    expected = dict(iter_hf_tensors(source))
+    expected = dict(iter_hf_tensors(release_source))
     assert manifest.keys() == expected.keys() and {m["dtype"] for m in manifest.values()} == {"F32"}
-    assert run("export", tmp_path / "fp32", "--out", tmp_path / "release", "--dtype", "fp32") == 0
+    assert run_cli("export", tmp_path / "fp32", "--out", tmp_path / "release", "--dtype", "fp32") == 0
     written = dict(iter_hf_tensors(tmp_path / "release"))
     assert written.keys() == expected.keys()
     for name, value in expected.items():
         assert written[name].dtype == np.float32 and written[name].tobytes() == value.tobytes(), name
 
-    assert run("import-hf", "--model", source, "--out", tmp_path / "bf16", "--param-dtype", "bfloat16") == 0
-    assert run("export", tmp_path / "bf16", "--out", tmp_path / "duo", "--target", "ascend-310p") == 0
+    assert run_cli("import-hf", "--model", release_source, "--out", tmp_path / "bf16",
+                   "--param-dtype", "bfloat16") == 0
+    assert run_cli("export", tmp_path / "bf16", "--out", tmp_path / "duo", "--target", "ascend-310p") == 0
     duo = dict(iter_hf_tensors(tmp_path / "duo"))
     for name, value in expected.items():
         reference = value.astype(ml_dtypes.bfloat16).astype(np.float32).astype(np.float16)
@@ -126,14 +125,12 @@ def test_import_export_round_trip_and_bf16_to_fp16(tmp_path_factory, tmp_path, c
     capsys.readouterr()
 
 
-def test_import_checkpoint_loads_and_catches_corruption(tmp_path_factory, tmp_path, capsys):
-    source = shared_source(tmp_path_factory)
-    run = cli()
+def test_import_checkpoint_loads_and_catches_corruption(release_source, tmp_path, capsys):
     out = tmp_path / "imported"
-    assert run("import-hf", "--model", source, "--out", out) == 0
+    assert run_cli("import-hf", "--model", release_source, "--out", out) == 0
     model, meta, tokenizer_dir = load_checkpoint(out)
-    assert_same_params(model, load_hf_model(source))
-    assert (meta["kind"], tokenizer_dir) == ("import", str(source))
+    assert_same_params(model, load_hf_model(release_source))
+    assert (meta["kind"], tokenizer_dir) == ("import", str(release_source))
     assert not (out / "checkpoints" / "0" / "state").exists()  # parameters only: no optimizer state on disk
 
     shard = next((out / "checkpoints" / "0" / PARAMS).glob("*.safetensors"))
@@ -142,46 +139,43 @@ def test_import_checkpoint_loads_and_catches_corruption(tmp_path_factory, tmp_pa
     shard.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=rf"{shard.name}: tensor .* does not match its checksum"):
         load_checkpoint(out)
-    assert run("export", out, "--out", tmp_path / "release") == 1
+    assert run_cli("export", out, "--out", tmp_path / "release") == 1
     assert "does not match its checksum" in capsys.readouterr().err and not (tmp_path / "release").exists()
     (out / "checkpoints" / "0" / PARAMS / CHECKSUMS_FILE).unlink()
     with pytest.raises(CheckpointError, match=CHECKSUMS_FILE):
         load_checkpoint(out)
 
 
-def test_broken_safetensors_header_is_named(tmp_path_factory, tmp_path, capsys):
-    source = shared_source(tmp_path_factory)
+def test_broken_safetensors_header_is_named(release_source, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
-    for f in source.iterdir():
+    for f in release_source.iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:8] + b"{not json" + weights.read_bytes()[17:])
-    run = cli()
-    assert run("import-hf", "--model", broken, "--out", tmp_path / "a") == 1
+    assert run_cli("import-hf", "--model", broken, "--out", tmp_path / "a") == 1
     assert f"{weights}: header is not JSON" in capsys.readouterr().err
-    assert run("export", broken, "--out", tmp_path / "b") == 1
+    assert run_cli("export", broken, "--out", tmp_path / "b") == 1
     assert f"{weights}: header is not JSON" in capsys.readouterr().err
-    weights.write_bytes((source / "model.safetensors").read_bytes()[:-100])  # truncated data
-    assert run("export", broken, "--out", tmp_path / "b") == 1
+    weights.write_bytes((release_source / "model.safetensors").read_bytes()[:-100])  # truncated data
+    assert run_cli("export", broken, "--out", tmp_path / "b") == 1
     assert re.search(rf"{re.escape(str(weights))}: tensor .* \(truncated\?\)", capsys.readouterr().err)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow
-def test_training_starts_from_an_import_checkpoint(tmp_path_factory, tmp_path):
+def test_training_starts_from_an_import_checkpoint(release_source, tmp_path):
     """A run folder holding only an import checkpoint: the trainer takes its parameters (not model.hf_model's),
     creates a fresh optimizer state, trains, saves, and a restart resumes from its own checkpoint."""
     from vlmr1_jax.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from vlmr1_jax.data.synthetic import generate, image_folder
     from vlmr1_jax.train.sft import SFTTrainer
 
-    base = shared_source(tmp_path_factory)
     other = make_release_source(tmp_path / "other", seed=21)  # same tokenizer, other weights
     run_dir = tmp_path / "run"
-    assert cli()("import-hf", "--model", other, "--out", run_dir) == 0
+    assert run_cli("import-hf", "--model", other, "--out", run_dir) == 0
     data = generate(str(tmp_path / "synth"), n=8, seed=0)
-    cfg = RunConfig(model=ModelConfig(hf_model=str(base)),
+    cfg = RunConfig(model=ModelConfig(hf_model=str(release_source)),
                     data=DataConfig(data_file_paths=data, image_folders=image_folder(str(tmp_path / "synth")),
                                     prompts_per_step=2),
                     train=TrainConfig(output_dir=str(run_dir), max_steps=1, save_every=1, keep_checkpoints=3))

@@ -3,45 +3,21 @@ generation on the CPU, `vlmr1 infer`; an NPU run behind the `npu` marker."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from converters.hf import load_hf_model
-from converters.release import export_release
-from ports import cli as ports_cli
 from ports.torch_runtime import TorchRuntime, build_chat, mm_token_type_ids, npu_unavailable_reason, pick_device
-from test_export import make_release_source
-
-PROMPT = "what is in the image?"
-
-
-def require_npu() -> None:
-    """Skip unless torch_npu imports (with CANN) and sees a device."""
-    try:
-        pytest.importorskip("torch_npu", exc_type=ImportError)
-    except (OSError, RuntimeError) as e:
-        pytest.skip(f"torch_npu does not import: {e}")
-    import torch
-
-    if not torch.npu.is_available():
-        pytest.skip("torch.npu.is_available() is False")
+from tests.helpers.cli import run_cli
+from tests.helpers.npu import require_npu
+from tests.helpers.release import PROMPT
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("runtime")
-    source = make_release_source(root / "source", seed=5)
-    model = load_hf_model(source)
-    return export_release(model, model.cfg, root / "release", dtype="fp32", tokenizer_dir=source)
-
-
-@pytest.fixture(scope="module")
-def runtime(release) -> TorchRuntime:
-    return TorchRuntime.load(release, device="cpu")
+def runtime(fp32_release) -> TorchRuntime:
+    return TorchRuntime.load(fp32_release, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -124,23 +100,20 @@ def test_sampling_is_seeded(runtime, image_file):
         runtime.generate_ids([image_file], PROMPT, max_new_tokens=0)
 
 
-def test_infer_command(release, image_file, capsys):
-    parser = argparse.ArgumentParser()
-    ports_cli.register(parser.add_subparsers(dest="command"))
-    run = lambda *argv: (lambda a: a.func(a))(parser.parse_args(list(argv)))
-    assert run("infer", "--model", str(release), "--image", str(image_file), "--prompt", PROMPT,
-               "--device", "cpu", "--max-new-tokens", "3") == 0
+def test_infer_command(fp32_release, image_file, capsys):
+    assert run_cli("infer", "--model", str(fp32_release), "--image", str(image_file), "--prompt", PROMPT,
+                   "--device", "cpu", "--max-new-tokens", "3") == 0
     assert capsys.readouterr().out.endswith("\n")
-    assert run("infer", "--model", str(release), "--prompt", PROMPT, "--backend", "jax", "--sample") == 1
+    assert run_cli("infer", "--model", str(fp32_release), "--prompt", PROMPT, "--backend", "jax", "--sample") == 1
     assert "decodes greedily" in capsys.readouterr().err
-    assert run("infer", "--model", str(release / "missing"), "--prompt", PROMPT, "--device", "cpu") == 1
+    assert run_cli("infer", "--model", str(fp32_release / "missing"), "--prompt", PROMPT, "--device", "cpu") == 1
     assert "config.json" in capsys.readouterr().err
 
 
 @pytest.mark.npu
-def test_generation_on_npu_matches_cpu(release, image_file, runtime):
+def test_generation_on_npu_matches_cpu(fp32_release, image_file, runtime):
     require_npu()
-    npu = TorchRuntime.load(release, device="npu", dtype="float32")
+    npu = TorchRuntime.load(fp32_release, device="npu", dtype="float32")
     assert npu.device == "npu"
     assert npu.generate_ids([image_file], PROMPT, max_new_tokens=4) == \
         runtime.generate_ids([image_file], PROMPT, max_new_tokens=4)

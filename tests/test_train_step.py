@@ -17,62 +17,36 @@ import pytest
 from flax import nnx
 
 from converters.hf import flat_paths, load_hf_model, read_config
-from test_sampler import PAD, device_prompts, hf_completion_logprobs, hf_inputs, load_hf, prompt_rows
+from tests.helpers.hf_models import load_hf
+from tests.helpers.params import host_params
+from tests.helpers.prompts import (
+    LENGTH,
+    SPECS,
+    G,
+    completions,
+    device_prompts,
+    hf_completion_logprobs,
+    hf_inputs,
+    train_prompts,
+)
+from tests.helpers.train import optimizer
 from vlmr1_jax.config import GRPOConfig, OptimConfig
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.models.qwen2_5_vl.text import KVCache
 from vlmr1_jax.parallel.mesh import MeshConfig, batch_sharding, make_mesh
-from vlmr1_jax.processing.batch import build_prompt_batch
 from vlmr1_jax.rl.lora import apply_lora, lora_targets
 from vlmr1_jax.rl.rollout import TrainExample
 from vlmr1_jax.rl.state import current_model, init_train_state, make_optimizer, trainable_filter
 from vlmr1_jax.rl.step import completion_logprobs, make_grpo_step, make_sft_step
 from vlmr1_jax.train.setup import to_device
 
-# Four prompts (the batch axis splits over data x fsdp = 4), G = 2 samples each, completions of T tokens.
-SPECS = [
-    ([5, 6], [(1, 4, 4)], [7, 8, 9]),
-    ([10], [(1, 4, 6)], [11, 12, 13, 14, 15, 16, 17]),
-    ([20, 21, 22], [(1, 4, 4)], [23]),
-    ([30], [(1, 6, 4)], [31, 32, 33, 34]),
-]
-G, T = 2, 6
-LENGTH, WINDOWS = 32, 8  # forced so the half batches (gradient accumulation) share one compiled program
 BETA = 0.04
-LR = 1e-3
-# Adam's first update is lr * g / (|g| + eps): with the default eps=1e-8 a gradient entry at rounding-noise level
-# (1e-10) moves its parameter by up to lr, so two correct programs differ by ~lr. A larger eps keeps the update a
-# smooth function of the gradient, so parameters after a step agree as closely as the gradients do.
-ADAM_EPS = 1e-3
-
-
-def build(cfg, rows: slice = slice(None)):
-    ids, images = prompt_rows(cfg, SPECS, seed=0)
-    batch = build_prompt_batch(ids[rows], images[rows], cfg, pad_id=PAD, length=LENGTH, num_windows=WINDOWS)
-    return batch, [[px for px, _ in imgs] for imgs in images[rows]]
-
-
-def completions(rows: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Random text tokens and masks with one EOS-like cut per row (lengths 1..T)."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(3, 150, (rows, T)).astype(np.int32)
-    lengths = np.array([T, 1, 4, T, 2, 5, 3, T][:rows])
-    return tokens, (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
-
-
-def host_params(state: nnx.State) -> dict[str, np.ndarray]:
-    return {path: np.array(jax.device_get(var[...])) for path, var in flat_paths(state).items()}
 
 
 def assert_params_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], atol: float) -> None:
     assert a.keys() == b.keys()
     worst = max(a, key=lambda k: np.abs(a[k] - b[k]).max())
     assert np.abs(a[worst] - b[worst]).max() <= atol, (worst, np.abs(a[worst] - b[worst]).max())
-
-
-def optimizer(grad_accum: int = 1):
-    return make_optimizer(OptimConfig(learning_rate=LR, schedule="constant", eps=ADAM_EPS, grad_accum=grad_accum),
-                          total_steps=10)
 
 
 # ---------------------------------------------------------------- shared GRPO batch and the HF reference
@@ -86,7 +60,7 @@ def cfg(tiny_hf_dir):
 @pytest.fixture(scope="module")
 def grpo_data(cfg, tiny_hf_dir):
     """Host arrays of one GRPO batch, and HF float64 log-probs of its completions."""
-    batch, pixels = build(cfg)
+    batch, pixels = train_prompts(cfg)
     tokens, mask = completions(len(SPECS) * G)
     hf_logp = hf_completion_logprobs(load_hf(tiny_hf_dir), hf_inputs(batch, pixels, cfg, G, tokens, mask), LENGTH,
                                      tokens)
@@ -223,7 +197,7 @@ def test_grad_accum_over_half_batches_equals_full_batch_step(cfg, tiny_hf_dir, g
     _graphdef, state, step = grpo_step(load_hf_model(tiny_hf_dir), grad_accum=2)
     half = len(SPECS) // 2
     for i, (start, stop) in enumerate([(0, half), (half, len(SPECS))]):
-        prompts, _ = build(cfg, slice(start, stop))
+        prompts, _ = train_prompts(cfg, slice(start, stop))
         state, _ = step(state, device_batch(grpo_data, rows=slice(start * G, stop * G), prompts=prompts))
         if i == 0:  # no update after the first micro-step
             for path, value in host_params(state.trainable).items():
@@ -250,7 +224,7 @@ def test_freeze_vision_updates_text_only(tiny_hf_dir, grpo_data, single):
 
 
 def test_sft_loss_equals_hf_cross_entropy_and_decreases(cfg, tiny_hf_dir):
-    batch, pixels = build(cfg)
+    batch, pixels = train_prompts(cfg)
     tokens, mask = completions(len(SPECS), seed=3)
     hf_logp = hf_completion_logprobs(load_hf(tiny_hf_dir), hf_inputs(batch, pixels, cfg, 1, tokens, mask), LENGTH,
                                      tokens)
@@ -325,7 +299,7 @@ def test_scanned_and_unrolled_layers_give_the_same_gradients(tiny_hf_dir):
 def test_scanned_and_unrolled_vision_towers_agree(tiny_hf_b_dir):
     """Window and full-attention blocks (a `lax.cond` per scanned block) against the static unrolled choice."""
     model = load_hf_model(tiny_hf_b_dir)
-    arrays = build(model.cfg)[0].arrays()
+    arrays = train_prompts(model.cfg)[0].arrays()
     inputs = {k: jnp.asarray(arrays[k]) for k in ("pixel_values", "hw_positions", "frame_ids", "frame_index")}
     features = {}
     for scan in (True, False):

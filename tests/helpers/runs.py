@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from vlmr1_jax.data.synthetic import corpus_strings, generate, image_folder
 from vlmr1_jax.processing.tokenizer import build_compact_tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # demo_tiny, shrunk to seconds per step: 4 new tokens, and the length reward so that random completions get
 # different rewards (non-zero advantages, a real update); rec_format keeps the REC columns in use.

@@ -1,4 +1,5 @@
-"""Random HF Qwen2.5-VL checkpoints for parity tests: tiny shapes, and the released 3B's widths at shallow depth."""
+"""Random HF Qwen2.5-VL checkpoints for parity tests (tiny shapes, the released 3B's widths at shallow depth), and
+the transformers model that reads them."""
 
 from __future__ import annotations
 
@@ -54,9 +55,8 @@ def save_random_hf_model(out_dir: str | Path, config: dict, seed: int = 0, tied:
                          std: float | None = 0.05) -> Path:
     """Build `Qwen2_5_VLForConditionalGeneration` from `config` and save_pretrained it.
 
-    With `std`, every tensor is redrawn (HF zero-initialises biases and sets norms to one, which would hide bias and
-    norm bugs): weights and biases N(0, std) plus a per-bias offset, norm scales 1 + N(0, 0.2). With `std=None` the
-    model keeps transformers' own initialisation.
+    With `std`, every tensor is redrawn (`redraw`); with `std=None` the model keeps transformers' own
+    initialisation.
     """
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -67,15 +67,32 @@ def save_random_hf_model(out_dir: str | Path, config: dict, seed: int = 0, tied:
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config)).float()
     if std is not None:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight") or "norm1" in name or "norm2" in name or "ln_q" in name:
-                    p.copy_(1.0 + 0.2 * torch.randn_like(p))
-                else:
-                    p.copy_(std * torch.randn_like(p) + (0.4 * std * torch.randn(()) if p.ndim == 1 else 0.0))
+        redraw(model, std)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def redraw(module, std: float = 0.05) -> None:
+    """Redraw every parameter of a torch module in place from torch's global generator: norm scales 1 + N(0, 0.2),
+    everything else N(0, std), biases plus a shared offset (HF's zero biases and unit norms would hide bugs)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1 and name.rpartition(".")[2] == "weight":  # the only 1-D weights are RMSNorm scales
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(std * torch.randn_like(p) + (0.4 * std * torch.randn(()) if p.ndim == 1 else 0.0))
+
+
+def load_hf(model_dir: str | Path):
+    """transformers' model of a folder in float32 with eager attention (the reference implementation)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
 
 
 def tiny_model_with_qwen_ids():
