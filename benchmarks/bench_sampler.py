@@ -30,8 +30,13 @@ from vlmr1_jax.processing.batch import build_prompt_batch
 from vlmr1_jax.rl.sampler import Sampler, SamplingConfig
 
 # The demo-sized model ("demo-s") with the tiny preset's vocabulary and special token ids.
-BENCH_CONFIG = with_overrides(get_preset("demo-s"), {"text.vocab_size": get_preset("tiny").text.vocab_size,
-                                                     **{k: getattr(get_preset("tiny"), k) for k in TOKEN_ID_FIELDS}})
+BENCH_CONFIG = with_overrides(
+    get_preset("demo-s"),
+    {
+        "text.vocab_size": get_preset("tiny").text.vocab_size,
+        **{k: getattr(get_preset("tiny"), k) for k in TOKEN_ID_FIELDS},
+    },
+)
 
 
 def build_models(folder: Path):
@@ -90,26 +95,41 @@ def main() -> None:
     run = sampler.jitted(graphdef, G)
     device_batch = {k: jnp.asarray(v) for k, v in batch.arrays().items()}
     keys = iter(range(10_000))
-    ours_s = time_best(lambda: jax.block_until_ready(run(state, device_batch, jax.random.key(next(keys)))),
-                       args.repeats)
+    ours_s = time_best(
+        lambda: jax.block_until_ready(run(state, device_batch, jax.random.key(next(keys)))), args.repeats
+    )
 
     # VLM-R1's rollout: every prompt row repeated G times, one generate call over P*G rows.
     input_ids = torch.from_numpy(np.repeat(batch.input_ids, G, axis=0).astype(np.int64))
     mask = torch.from_numpy(np.repeat(batch.attention_mask, G, axis=0).astype(np.int64))
-    pixels = torch.from_numpy(np.concatenate([np.concatenate([px for px, _ in imgs]) for imgs in images for _ in
-                                              range(G)]))
+    pixels = torch.from_numpy(
+        np.concatenate([np.concatenate([px for px, _ in imgs]) for imgs in images for _ in range(G)])
+    )
     grids = torch.tensor([g for imgs in images for _ in range(G) for _, g in imgs])
 
     def hf_generate():
         with torch.no_grad():
-            hf.generate(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grids,
-                        mm_token_type_ids=(input_ids == cfg.image_token_id).long(), do_sample=True,
-                        temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=T, min_new_tokens=T, pad_token_id=0)
+            hf.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                pixel_values=pixels,
+                image_grid_thw=grids,
+                mm_token_type_ids=(input_ids == cfg.image_token_id).long(),
+                do_sample=True,
+                temperature=1.0,
+                top_k=50,
+                top_p=1.0,
+                max_new_tokens=T,
+                min_new_tokens=T,
+                pad_token_id=0,
+            )
 
     hf_s = time_best(hf_generate, args.repeats)
     tokens = args.prompts * G * T
-    print(f"work: {args.prompts} prompts x {G} samples x {T} new tokens ({tokens} tokens), "
-          f"model hidden {cfg.text.hidden_size}, {jax.devices()[0].platform}")
+    print(
+        f"work: {args.prompts} prompts x {G} samples x {T} new tokens ({tokens} tokens), "
+        f"model hidden {cfg.text.hidden_size}, {jax.devices()[0].platform}"
+    )
     print(f"HF generate (VLM-R1 style): {hf_s:.3f} s  ({tokens / hf_s:,.0f} tok/s)")
     print(f"vlmr1-jax grouped sampler : {ours_s:.3f} s  ({tokens / ours_s:,.0f} tok/s)")
     print(f"speed-up: {hf_s / ours_s:.2f}x")

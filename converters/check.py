@@ -31,9 +31,13 @@ from vlmr1_jax.models.qwen2_5_vl.params import TIED_HEAD, expected_hf_shapes
 
 ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
 # The special tokens whose ids the processor (tokenizer side) and the model (config side) must agree on.
-SPECIAL_TOKEN_FIELDS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
-                        "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
-                        "vision_token_id": "<|vision_pad|>"}
+SPECIAL_TOKEN_FIELDS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+    "vision_token_id": "<|vision_pad|>",
+}
 PROCESSOR_TYPES = ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorFast")
 
 
@@ -66,14 +70,30 @@ def _config_problems(folder: Path, target: str) -> tuple[Qwen25VLConfig | None, 
     if ARCHITECTURE not in (raw.get("architectures") or []):
         problems.append(f"config.json: architectures {raw.get('architectures')} lacks {ARCHITECTURE!r}")
     if "mrope_section" not in (raw.get("rope_scaling") or {}):
-        problems.append("config.json: no top-level rope_scaling.mrope_section (not the flat hub layout that "
-                        "transformers 4.x and older vLLM read)")
+        problems.append(
+            "config.json: no top-level rope_scaling.mrope_section (not the flat hub layout that "
+            "transformers 4.x and older vLLM read)"
+        )
     vision = raw.get("vision_config") or {}
-    floats = [k for k in ("depth", "hidden_size", "num_heads", "patch_size", "spatial_merge_size", "window_size",
-                          "tokens_per_second", "temporal_patch_size") if isinstance(vision.get(k), float)]
+    floats = [
+        k
+        for k in (
+            "depth",
+            "hidden_size",
+            "num_heads",
+            "patch_size",
+            "spatial_merge_size",
+            "window_size",
+            "tokens_per_second",
+            "temporal_patch_size",
+        )
+        if isinstance(vision.get(k), float)
+    ]
     if floats:
-        problems.append(f"config.json: vision_config {', '.join(floats)} must be integers (transformers 5.x's "
-                        f"strict config validation refuses floats)")
+        problems.append(
+            f"config.json: vision_config {', '.join(floats)} must be integers (transformers 5.x's "
+            f"strict config validation refuses floats)"
+        )
     torch_dtype = raw.get("torch_dtype")
     if torch_dtype is None:
         problems.append("config.json: no torch_dtype")
@@ -82,8 +102,10 @@ def _config_problems(folder: Path, target: str) -> tuple[Qwen25VLConfig | None, 
         problems.append(f"config.json: dtype {raw['dtype']!r} disagrees with torch_dtype {torch_dtype!r}")
     allowed = TARGETS[target]
     if torch_dtype not in allowed:
-        problems.append(f"config.json: torch_dtype {torch_dtype!r} is not allowed for target {target} "
-                        f"(allowed: {', '.join(allowed)})")
+        problems.append(
+            f"config.json: torch_dtype {torch_dtype!r} is not allowed for target {target} "
+            f"(allowed: {', '.join(allowed)})"
+        )
         return cfg, allowed[0], problems  # the tensors are then held to the target's default dtype
     return cfg, torch_dtype, problems
 
@@ -115,8 +137,10 @@ def _shard_problems(path: Path, header: dict[str, Any]) -> list[str]:
     """Metadata and byte-layout problems of one shard (offsets contiguous, sizes = shape x itemsize, file size)."""
     problems = []
     if (header.get("__metadata__") or {}).get("format") != "pt":
-        problems.append(f"{path.name}: __metadata__ is {header.get('__metadata__')}, expected {{'format': 'pt'}} "
-                        f"(transformers 4.x refuses other formats)")
+        problems.append(
+            f"{path.name}: __metadata__ is {header.get('__metadata__')}, expected {{'format': 'pt'}} "
+            f"(transformers 4.x refuses other formats)"
+        )
     spans = []
     for name, info in header.items():
         if name.startswith("__"):
@@ -124,8 +148,10 @@ def _shard_problems(path: Path, header: dict[str, Any]) -> list[str]:
         begin, end = info["data_offsets"]
         size = ITEMSIZE.get(info["dtype"])
         if size is not None and end - begin != int(np.prod(info["shape"], dtype=np.int64)) * size:
-            problems.append(f"{path.name}: tensor {name} spans {end - begin} bytes, but {info['dtype']} "
-                            f"{info['shape']} needs {int(np.prod(info['shape'])) * size}")
+            problems.append(
+                f"{path.name}: tensor {name} spans {end - begin} bytes, but {info['dtype']} "
+                f"{info['shape']} needs {int(np.prod(info['shape'])) * size}"
+            )
         spans.append((begin, end))
     spans.sort()
     position = 0
@@ -136,8 +162,10 @@ def _shard_problems(path: Path, header: dict[str, Any]) -> list[str]:
         position = end
     actual = path.stat().st_size
     if header["__header_bytes__"] + position != actual:
-        problems.append(f"{path.name}: file has {actual} bytes, header describes "
-                        f"{header['__header_bytes__'] + position} (truncated or padded)")
+        problems.append(
+            f"{path.name}: file has {actual} bytes, header describes "
+            f"{header['__header_bytes__'] + position} (truncated or padded)"
+        )
     return problems
 
 
@@ -190,8 +218,11 @@ def _weight_problems(folder: Path, cfg: Qwen25VLConfig, dtype: str | None) -> li
         problems.append(f"{TIED_HEAD} present although tie_word_embeddings is true (hub releases omit it)")
     if extra:
         problems.append(f"unexpected tensors (not part of this config's Qwen2.5-VL): {_listing(extra)}")
-    shapes = [f"{n} {tuple(found[n]['shape'])} (expected {expected[n]})" for n in expected
-              if n in found and tuple(found[n]["shape"]) != expected[n]]
+    shapes = [
+        f"{n} {tuple(found[n]['shape'])} (expected {expected[n]})"
+        for n in expected
+        if n in found and tuple(found[n]["shape"]) != expected[n]
+    ]
     if shapes:
         problems.append(f"wrong shapes: {_listing(shapes)}")
     if dtype is not None:
@@ -211,7 +242,8 @@ def _tokenizer_problems(folder: Path, cfg: Qwen25VLConfig) -> list[str]:
 
     problems: list[str] = []
     if not (folder / "tokenizer.json").is_file() and not (
-            (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    ):
         problems.append("tokenizer: needs tokenizer.json or vocab.json + merges.txt")
     if not (folder / CHAT_TEMPLATE_FILE).is_file() and not (folder / "chat_template.jinja").is_file():
         problems.append("chat_template.json missing (the processor and vLLM's /v1/chat/completions read it)")
@@ -233,8 +265,7 @@ def _tokenizer_problems(folder: Path, cfg: Qwen25VLConfig) -> list[str]:
             problems.append(f"tokenizer lacks {token}")
             continue
         if token_id != getattr(cfg, field):
-            problems.append(f"config.json {field} is {getattr(cfg, field)} but the tokenizer's {token} is "
-                            f"{token_id}")
+            problems.append(f"config.json {field} is {getattr(cfg, field)} but the tokenizer's {token} is {token_id}")
     if tokenizer.vocab_size > cfg.text.vocab_size:
         problems.append(f"tokenizer has {tokenizer.vocab_size} ids but config vocab_size is {cfg.text.vocab_size}")
     generation = _read_json(folder / GENERATION_CONFIG_FILE, problems)
@@ -244,8 +275,10 @@ def _tokenizer_problems(folder: Path, cfg: Qwen25VLConfig) -> list[str]:
         try:
             im_end = tokenizer.token_to_id(tokenizer.config.get("eos_token") or "<|im_end|>")
             if im_end not in eos:
-                problems.append(f"generation_config.json eos_token_id {sorted(eos, key=str)} lacks the "
-                                f"tokenizer's eos {im_end}: generation would not stop at the end of a turn")
+                problems.append(
+                    f"generation_config.json eos_token_id {sorted(eos, key=str)} lacks the "
+                    f"tokenizer's eos {im_end}: generation would not stop at the end of a turn"
+                )
         except KeyError as e:
             problems.append(f"tokenizer: {e.args[0]}")
     return problems
@@ -257,11 +290,16 @@ def _processor_problems(folder: Path, cfg: Qwen25VLConfig) -> list[str]:
     if pre is None:
         return problems
     if pre.get("image_processor_type") not in PROCESSOR_TYPES:
-        problems.append(f"preprocessor_config.json: image_processor_type {pre.get('image_processor_type')!r}, "
-                        f"expected one of {PROCESSOR_TYPES}")
+        problems.append(
+            f"preprocessor_config.json: image_processor_type {pre.get('image_processor_type')!r}, "
+            f"expected one of {PROCESSOR_TYPES}"
+        )
     v = cfg.vision
-    for key, want in (("patch_size", v.patch_size), ("temporal_patch_size", v.temporal_patch_size),
-                      ("merge_size", v.spatial_merge_size)):
+    for key, want in (
+        ("patch_size", v.patch_size),
+        ("temporal_patch_size", v.temporal_patch_size),
+        ("merge_size", v.spatial_merge_size),
+    ):
         if pre.get(key) != want:
             problems.append(f"preprocessor_config.json: {key} {pre.get(key)} != config's {want}")
     lo, hi = pre.get("min_pixels"), pre.get("max_pixels")
@@ -295,5 +333,9 @@ def check_export(model_dir: str | os.PathLike, target: str) -> list[str]:
     cfg, dtype, problems = _config_problems(folder, target)
     if cfg is None:
         return problems
-    return (problems + _weight_problems(folder, cfg, dtype) + _tokenizer_problems(folder, cfg)
-            + _processor_problems(folder, cfg))
+    return (
+        problems
+        + _weight_problems(folder, cfg, dtype)
+        + _tokenizer_problems(folder, cfg)
+        + _processor_problems(folder, cfg)
+    )

@@ -39,8 +39,16 @@ def _checkpoint_card(meta: dict, run) -> dict:
     return card
 
 
-def export_checkpoint(source: Path, out: str, *, lora: str | None = None, step: int | None = None,
-                      tokenizer_dir: str | None = None, card: dict | None = None, **options) -> Path:
+def export_checkpoint(
+    source: Path,
+    out: str,
+    *,
+    lora: str | None = None,
+    step: int | None = None,
+    tokenizer_dir: str | None = None,
+    card: dict | None = None,
+    **options,
+) -> Path:
     """Export one of our checkpoints. LoRA runs are merged by default (`lora="merge"`); with `lora="adapter"` the
     release holds the base weights (adapters left out) and `OUT/adapter` the PEFT adapter. An import checkpoint
     is streamed from its files (one tensor on the host); a training checkpoint is restored whole first."""
@@ -62,26 +70,40 @@ def export_checkpoint(source: Path, out: str, *, lora: str | None = None, step: 
     card = {**_checkpoint_card(meta, run), **(card or {})}
     params_dir = imported_params(source, step) if meta["kind"] == "import" and lora != "adapter" else None
     if params_dir is not None:
-        return export_hf_folder(params_dir, out, base_model_dir=base, card=card,
-                                tokenizer_dir=tokenizer_dir or run.model.tokenizer, **options)
+        return export_hf_folder(
+            params_dir,
+            out,
+            base_model_dir=base,
+            card=card,
+            tokenizer_dir=tokenizer_dir or run.model.tokenizer,
+            **options,
+        )
     if lora == "adapter":
         if run.train.trainable != "lora":
-            raise ValueError(f"{source}: --lora adapter needs a LoRA run, but train.trainable is "
-                             f"{run.train.trainable!r}")
+            raise ValueError(
+                f"{source}: --lora adapter needs a LoRA run, but train.trainable is {run.train.trainable!r}"
+            )
         model, _, run_tokenizer = load_checkpoint(source, step)
         params, cfg = nnx.state(model, nnx.Param), model.cfg  # the base: LoRAParams are not Params
     else:
         params, cfg, run_tokenizer = restore_for_export(source, step)
-    release = export_release(params, cfg, out, tokenizer_dir=tokenizer_dir or run_tokenizer, base_model_dir=base,
-                             card=card, **options)
+    release = export_release(
+        params, cfg, out, tokenizer_dir=tokenizer_dir or run_tokenizer, base_model_dir=base, card=card, **options
+    )
     if lora == "adapter":
-        export_peft_adapter(model, cfg, release / ADAPTER_DIR, run.lora.rank, run.lora.alpha,
-                            run.lora.dropout, base_model_name_or_path=str(release))
+        export_peft_adapter(
+            model,
+            cfg,
+            release / ADAPTER_DIR,
+            run.lora.rank,
+            run.lora.alpha,
+            run.lora.dropout,
+            base_model_name_or_path=str(release),
+        )
     return release
 
 
-def export_source(source: Path, out: str, *, lora: str | None = None, step: int | None = None,
-                  **options) -> Path:
+def export_source(source: Path, out: str, *, lora: str | None = None, step: int | None = None, **options) -> Path:
     """Export SOURCE: an HF folder (re-export / dtype conversion) or one of our training checkpoints (a run
     folder, its `checkpoints` folder or a step folder)."""
     from converters.release import export_hf_folder
@@ -93,8 +115,10 @@ def export_source(source: Path, out: str, *, lora: str | None = None, step: int 
         return export_hf_folder(source, out, **options)
     if find_checkpoint(source) is not None:
         return export_checkpoint(source, out, lora=lora, step=step, **options)
-    raise ValueError(f"{source}: neither an HF Qwen2.5-VL folder (no config.json) nor a vlmr1-jax checkpoint "
-                     f"(no checkpoints/<step>/)")
+    raise ValueError(
+        f"{source}: neither an HF Qwen2.5-VL folder (no config.json) nor a vlmr1-jax checkpoint "
+        f"(no checkpoints/<step>/)"
+    )
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -102,9 +126,18 @@ def run_export(args: argparse.Namespace) -> int:
     from vlmr1_jax.train.checkpoint import CheckpointError
 
     try:
-        out = export_source(Path(args.source), args.out, lora=args.lora, step=args.step, target=args.target,
-                            dtype=args.dtype, max_shard_size=args.max_shard_size, tokenizer_dir=args.tokenizer_dir,
-                            card=_load_card(args.card), overwrite=args.overwrite)
+        out = export_source(
+            Path(args.source),
+            args.out,
+            lora=args.lora,
+            step=args.step,
+            target=args.target,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            tokenizer_dir=args.tokenizer_dir,
+            card=_load_card(args.card),
+            overwrite=args.overwrite,
+        )
     except (ExportError, CheckpointError, OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -144,49 +177,86 @@ def run_check(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     targets = sorted(TARGETS)
-    p = subparsers.add_parser("export", help="write a complete HF release folder (hf, ascend-a2, ascend-310p)",
-                              description="Write a complete HF Qwen2.5-VL release folder: sharded safetensors, "
-                                          "config, generation config, processor, tokenizer, chat template, card.")
-    p.add_argument("source", help="an HF Qwen2.5-VL folder (re-export, e.g. bf16 -> fp16 for 310P), or a vlmr1-jax "
-                                  "checkpoint: a run folder, its checkpoints/ folder or one step folder")
+    p = subparsers.add_parser(
+        "export",
+        help="write a complete HF release folder (hf, ascend-a2, ascend-310p)",
+        description="Write a complete HF Qwen2.5-VL release folder: sharded safetensors, "
+        "config, generation config, processor, tokenizer, chat template, card.",
+    )
+    p.add_argument(
+        "source",
+        help="an HF Qwen2.5-VL folder (re-export, e.g. bf16 -> fp16 for 310P), or a vlmr1-jax "
+        "checkpoint: a run folder, its checkpoints/ folder or one step folder",
+    )
     p.add_argument("--out", required=True, help="release folder to create")
-    p.add_argument("--target", choices=targets, default="hf",
-                   help="hf / ascend-a2: bfloat16 by default; ascend-310p: float16 only")
-    p.add_argument("--dtype", type=dtype_arg, choices=list(DTYPES),
-                   help="weights dtype (bf16 / fp16 / fp32 also accepted; default: the target's)")
+    p.add_argument(
+        "--target", choices=targets, default="hf", help="hf / ascend-a2: bfloat16 by default; ascend-310p: float16 only"
+    )
+    p.add_argument(
+        "--dtype",
+        type=dtype_arg,
+        choices=list(DTYPES),
+        help="weights dtype (bf16 / fp16 / fp32 also accepted; default: the target's)",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     p.add_argument("--tokenizer-dir", help="tokenizer files to ship (default: SOURCE's, else the vendored Qwen2.5)")
-    p.add_argument("--card", help="JSON object for README.md: name, base_model, license, datasets, rewards, "
-                                  "steps, metrics, ...")
+    p.add_argument(
+        "--card", help="JSON object for README.md: name, base_model, license, datasets, rewards, steps, metrics, ..."
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (atomically)")
     p.add_argument("--step", type=int, help="checkpoint step to export (default: the latest)")
-    p.add_argument("--lora", choices=("merge", "adapter"),
-                   help="LoRA checkpoints: merge (default) folds the adapters into the weights; adapter writes the "
-                        f"base weights as the release and the PEFT adapter to OUT/{ADAPTER_DIR}")
+    p.add_argument(
+        "--lora",
+        choices=("merge", "adapter"),
+        help="LoRA checkpoints: merge (default) folds the adapters into the weights; adapter writes the "
+        f"base weights as the release and the PEFT adapter to OUT/{ADAPTER_DIR}",
+    )
     p.set_defaults(func=run_export)
 
-    i = subparsers.add_parser("import-hf", help="turn an HF Qwen2.5-VL folder into a vlmr1-jax checkpoint",
-                              description="Write an HF Qwen2.5-VL folder as a checkpoint of ours "
-                                          "(OUT/checkpoints/0, kind 'import': the parameters only, streamed "
-                                          "tensor by tensor with checksums; the optimizer state is created when "
-                                          "training starts); the tokenizer stays in --model.")
+    i = subparsers.add_parser(
+        "import-hf",
+        help="turn an HF Qwen2.5-VL folder into a vlmr1-jax checkpoint",
+        description="Write an HF Qwen2.5-VL folder as a checkpoint of ours "
+        "(OUT/checkpoints/0, kind 'import': the parameters only, streamed "
+        "tensor by tensor with checksums; the optimizer state is created when "
+        "training starts); the tokenizer stays in --model.",
+    )
     i.add_argument("--model", required=True, help="HF Qwen2.5-VL folder")
     i.add_argument("--out", required=True, help="run folder to create (must not exist or be empty)")
-    i.add_argument("--param-dtype", type=dtype_arg, choices=("float32", "bfloat16"), default="float32",
-                   help="dtype of the stored parameters (fp32 / bf16 also accepted; default float32)")
+    i.add_argument(
+        "--param-dtype",
+        type=dtype_arg,
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of the stored parameters (fp32 / bf16 also accepted; default float32)",
+    )
     i.set_defaults(func=run_import)
 
-    c = subparsers.add_parser("check-export", help="validate an exported release folder for a target",
-                              description="Validate a release folder without torch; --forward adds a "
-                                          "transformers CPU forward that looks for inf/NaN and fp16 overflow.")
+    c = subparsers.add_parser(
+        "check-export",
+        help="validate an exported release folder for a target",
+        description="Validate a release folder without torch; --forward adds a "
+        "transformers CPU forward that looks for inf/NaN and fp16 overflow.",
+    )
     c.add_argument("dir", help="release folder")
     c.add_argument("--target", choices=targets, required=True)
-    c.add_argument("--forward", action="store_true",
-                   help="also run transformers on CPU in the release dtype and report activations per layer")
-    c.add_argument("--forward-dtype", type=dtype_arg, choices=list(DTYPES),
-                   help="dtype of that forward (bf16 / fp16 / fp32 also accepted; default: config.json torch_dtype)")
+    c.add_argument(
+        "--forward",
+        action="store_true",
+        help="also run transformers on CPU in the release dtype and report activations per layer",
+    )
+    c.add_argument(
+        "--forward-dtype",
+        type=dtype_arg,
+        choices=list(DTYPES),
+        help="dtype of that forward (bf16 / fp16 / fp32 also accepted; default: config.json torch_dtype)",
+    )
     c.add_argument("--image", help="image for the forward (default: a synthetic one; real images find more)")
-    c.add_argument("--max-pixels", type=int, default=448 * 448,
-                   help="resize bound for that image (default 448*448); fp16 overflow grows with the number of "
-                        "visual tokens, so try the resolution you will serve")
+    c.add_argument(
+        "--max-pixels",
+        type=int,
+        default=448 * 448,
+        help="resize bound for that image (default 448*448); fp16 overflow grows with the number of "
+        "visual tokens, so try the resolution you will serve",
+    )
     c.set_defaults(func=run_check)

@@ -70,8 +70,10 @@ class StoredTensor:
         weights would train or serve silent garbage)."""
         value = read_tensor(self.file, self.info, self.data_start)
         if self.sha256 is not None and sha256(value) != self.sha256:
-            raise ValueError(f"{self.file}: tensor {self.name!r} does not match its checksum in "
-                             f"{self.file.parent / CHECKSUMS_FILE} (the file is corrupted)")
+            raise ValueError(
+                f"{self.file}: tensor {self.name!r} does not match its checksum in "
+                f"{self.file.parent / CHECKSUMS_FILE} (the file is corrupted)"
+            )
         bad = value.size - int(np.count_nonzero(np.isfinite(value)))
         if bad:
             raise ValueError(f"{self.file}: tensor {self.name!r} holds {bad} inf/NaN values; refusing broken weights")
@@ -113,15 +115,20 @@ def stored_tensors(model_dir: str | os.PathLike) -> dict[str, StoredTensor]:
         digest = None
         if manifest is not None:
             want = manifest.get(name)
-            if want is None or (want["dtype"], tuple(want["shape"])) != (header[stored]["dtype"],
-                                                                       tuple(header[stored]["shape"])):
-                raise ValueError(f"{model_dir / file}: tensor {name!r} ({header[stored]['dtype']} "
-                                 f"{header[stored]['shape']}) is not as {CHECKSUMS_FILE} records it ({want})")
+            if want is None or (want["dtype"], tuple(want["shape"])) != (
+                header[stored]["dtype"],
+                tuple(header[stored]["shape"]),
+            ):
+                raise ValueError(
+                    f"{model_dir / file}: tensor {name!r} ({header[stored]['dtype']} "
+                    f"{header[stored]['shape']}) is not as {CHECKSUMS_FILE} records it ({want})"
+                )
             digest = want["sha256"]
         out[name] = StoredTensor(name, model_dir / file, header[stored], start, digest)
     if manifest is not None and manifest.keys() != out.keys():
-        raise ValueError(f"{model_dir}: {CHECKSUMS_FILE} lists tensors the shards lack: "
-                         f"{sorted(manifest.keys() - out.keys())[:8]}")
+        raise ValueError(
+            f"{model_dir}: {CHECKSUMS_FILE} lists tensors the shards lack: {sorted(manifest.keys() - out.keys())[:8]}"
+        )
     return out
 
 
@@ -138,7 +145,7 @@ def read_checksums(model_dir: str | os.PathLike) -> dict[str, dict[str, Any]] | 
     try:
         data = json.loads(path.read_text())
         if data.get("algorithm") != "sha256" or not isinstance(data.get("tensors"), dict):
-            raise ValueError("expected {\"algorithm\": \"sha256\", \"tensors\": {...}}")
+            raise ValueError('expected {"algorithm": "sha256", "tensors": {...}}')
         return data["tensors"]
     except (json.JSONDecodeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: not a checksum manifest ({e})") from e
@@ -146,8 +153,10 @@ def read_checksums(model_dir: str | os.PathLike) -> dict[str, dict[str, Any]] | 
 
 def write_checksums(model_dir: str | os.PathLike, tensors: Mapping[str, tuple[str, tuple[int, ...], str]]) -> None:
     """The checksum manifest of a folder: name -> (safetensors dtype code, shape, sha256 of the bytes)."""
-    data = {"algorithm": "sha256",
-            "tensors": {n: {"dtype": d, "shape": list(s), "sha256": h} for n, (d, s, h) in tensors.items()}}
+    data = {
+        "algorithm": "sha256",
+        "tensors": {n: {"dtype": d, "shape": list(s), "sha256": h} for n, (d, s, h) in tensors.items()},
+    }
     (Path(model_dir) / CHECKSUMS_FILE).write_text(json.dumps(data, indent=1) + "\n")
 
 
@@ -157,8 +166,9 @@ def iter_hf_tensors(model_dir: str | os.PathLike) -> Iterator[tuple[str, np.ndar
         yield name, stored.read()
 
 
-def check_stored(stored: Mapping[str, StoredTensor], expected: Mapping[str, tuple[int, ...]],
-                 cfg: Qwen25VLConfig, where: str) -> None:
+def check_stored(
+    stored: Mapping[str, StoredTensor], expected: Mapping[str, tuple[int, ...]], cfg: Qwen25VLConfig, where: str
+) -> None:
     """Refuse, from the headers alone, a folder with an unexpected, missing or misshapen tensor (`expected`: HF
     name -> HF shape); a tied model's stored copy of the embedding (`TIED_HEAD`) is allowed."""
     for name, tensor in stored.items():
@@ -167,8 +177,9 @@ def check_stored(stored: Mapping[str, StoredTensor], expected: Mapping[str, tupl
                 continue  # some exports keep the tied copy; it equals embed_tokens
             raise KeyError(f"{where}: unexpected tensor {name!r} (not part of a Qwen2.5-VL with this config)")
         if tensor.shape != tuple(expected[name]):
-            raise ValueError(f"{where}: tensor {name!r} has shape {tensor.shape}, config expects "
-                             f"{tuple(expected[name])}")
+            raise ValueError(
+                f"{where}: tensor {name!r} has shape {tensor.shape}, config expects {tuple(expected[name])}"
+            )
     missing = [name for name in expected if name not in stored]
     if missing:
         raise KeyError(f"{where}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
@@ -183,8 +194,12 @@ def folder_tensors(model_dir: str | os.PathLike, cfg: Qwen25VLConfig) -> Iterato
     return ((name, stored[name].read()) for name in expected)
 
 
-def load_hf_state(model_dir: str | os.PathLike, abstract_state: nnx.State, cfg: Qwen25VLConfig,
-                  shardings: dict[str, jax.sharding.Sharding] | None = None) -> nnx.State:
+def load_hf_state(
+    model_dir: str | os.PathLike,
+    abstract_state: nnx.State,
+    cfg: Qwen25VLConfig,
+    shardings: dict[str, jax.sharding.Sharding] | None = None,
+) -> nnx.State:
     """Fill an abstract model state from an HF folder; every key must be used and every shape must match.
 
     Each tensor goes straight to its device(s) (`shardings`: our path -> sharding; default: the default device),
@@ -193,8 +208,7 @@ def load_hf_state(model_dir: str | os.PathLike, abstract_state: nnx.State, cfg: 
     targets = flat_paths(abstract_state)
     entries = hf_entries(abstract_state)
     stored = stored_tensors(model_dir)
-    check_stored(stored, {name: hf_shape(path, shape, cfg) for name, path, _, shape in entries}, cfg,
-                 str(model_dir))
+    check_stored(stored, {name: hf_shape(path, shape, cfg) for name, path, _, shape in entries}, cfg, str(model_dir))
     loaded: dict[str, jax.Array] = {}
     for name, path, layer, _ in entries:
         value = from_hf_tensor(path, stored[name].read())
@@ -207,8 +221,7 @@ def load_hf_state(model_dir: str | os.PathLike, abstract_state: nnx.State, cfg: 
             if path not in loaded:
                 loaded[path] = _zeros(target.shape, target.dtype, sharding)
             loaded[path] = _set_layer(loaded[path], layer, value)
-    flat = [(tuple(int(k) if k.isdigit() else k for k in p.split(".")), targets[p].replace(loaded[p]))
-            for p in targets]
+    flat = [(tuple(int(k) if k.isdigit() else k for k in p.split(".")), targets[p].replace(loaded[p])) for p in targets]
     return nnx.from_flat_state(flat)
 
 
@@ -222,8 +235,9 @@ def _set_layer(stack: jax.Array, layer: int, value: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_index_in_dim(stack, value.astype(stack.dtype), layer, 0)
 
 
-def load_hf_model(model_dir: str | os.PathLike, *, dtype=np.float32, param_dtype=np.float32,
-                  mesh: jax.sharding.Mesh | None = None) -> Qwen25VL:
+def load_hf_model(
+    model_dir: str | os.PathLike, *, dtype=np.float32, param_dtype=np.float32, mesh: jax.sharding.Mesh | None = None
+) -> Qwen25VL:
     """Build our model from an HF Qwen2.5-VL folder, optionally sharded over `mesh`."""
     cfg = read_config(model_dir)
     make = lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)

@@ -35,8 +35,9 @@ PEFT_PREFIX = "base_model.model."
 _LORA_LEAF = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[ab])$")
 
 
-def adapter_weights(model_or_state: nnx.Module | nnx.State, cfg: Qwen25VLConfig,
-                    dtype: Any = np.float32) -> dict[str, np.ndarray]:
+def adapter_weights(
+    model_or_state: nnx.Module | nnx.State, cfg: Qwen25VLConfig, dtype: Any = np.float32
+) -> dict[str, np.ndarray]:
     """PEFT key -> array (torch layout) for every LoRA adapter of a model, or of a state holding its LoRAParams;
     each adapter's in / out sizes are checked against `cfg`'s linear layer."""
     state = nnx.state(model_or_state, LoRAParam) if isinstance(model_or_state, nnx.Module) else model_or_state
@@ -55,8 +56,9 @@ def adapter_weights(model_or_state: nnx.Module | nnx.State, cfg: Qwen25VLConfig,
             out_size, in_size = shapes.get(weight, (None, None))
             size, expected = (value.shape[1], in_size) if match["which"] == "a" else (value.shape[0], out_size)
             if size != expected:
-                raise ValueError(f"{path}: adapter of size {size} does not fit {weight} {shapes.get(weight)} "
-                                 f"of this model config")
+                raise ValueError(
+                    f"{path}: adapter of size {size} does not fit {weight} {shapes.get(weight)} of this model config"
+                )
             which = "A" if match["which"] == "a" else "B"
             out[f"{PEFT_PREFIX}{hf_module_name(module, layer)}.lora_{which}.weight"] = value
     return out
@@ -68,20 +70,45 @@ def target_modules_regex(module_names: list[str]) -> str:
     return rf"^(?!.*visual)(.*\.)?({'|'.join(map(re.escape, names))})$"
 
 
-def adapter_config(module_names: list[str], rank: int, alpha: float, dropout: float,
-                   base_model_name_or_path: str | None) -> dict[str, Any]:
+def adapter_config(
+    module_names: list[str], rank: int, alpha: float, dropout: float, base_model_name_or_path: str | None
+) -> dict[str, Any]:
     """adapter_config.json for a plain LoRA (no DoRA / rsLoRA, no bias, no extra saved modules)."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-            "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
-            "target_modules": target_modules_regex(module_names), "bias": "none", "fan_in_fan_out": False,
-            "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "use_rslora": False,
-            "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
-            "alpha_pattern": {}, "revision": None}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": target_modules_regex(module_names),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
 
 
-def export_peft_adapter(model_or_state: nnx.Module | nnx.State, cfg: Qwen25VLConfig, out_dir: str | os.PathLike,
-                        rank: int, alpha: float, dropout: float, *, base_model_name_or_path: str | None = None,
-                        dtype: str = "float32", overwrite: bool = False) -> Path:
+def export_peft_adapter(
+    model_or_state: nnx.Module | nnx.State,
+    cfg: Qwen25VLConfig,
+    out_dir: str | os.PathLike,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    *,
+    base_model_name_or_path: str | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> Path:
     """Write the PEFT adapter folder `out_dir` (atomically) from a LoRA model (or a state with its LoRAParams).
 
     `rank` / `alpha` / `dropout` are the run's `lora` settings; every adapter must have rank `rank`.
@@ -89,7 +116,7 @@ def export_peft_adapter(model_or_state: nnx.Module | nnx.State, cfg: Qwen25VLCon
     weights = adapter_weights(model_or_state, cfg, np.dtype(dtype_info(dtype).numpy))
     if not weights:
         raise ValueError("the model has no LoRA adapters (train.trainable was not 'lora'); export it merged")
-    modules = sorted({key[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for key in weights})
+    modules = sorted({key[len(PEFT_PREFIX) :].rsplit(".lora_", 1)[0] for key in weights})
     for key, value in weights.items():
         r = value.shape[0] if ".lora_A." in key else value.shape[1]
         if r != rank:

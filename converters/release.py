@@ -50,8 +50,18 @@ from vlmr1_jax.models.qwen2_5_vl.params import expected_hf_shapes
 from vlmr1_jax.processing import image as image_processing
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 class ExportError(RuntimeError):
@@ -93,8 +103,14 @@ def shard_file_names(count: int) -> list[str]:
     return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
 
 
-def write_weights(tensors: Iterable[tuple[str, np.ndarray]], cfg: Qwen25VLConfig, folder: Path, dtype: str,
-                  max_shard_size: int | str = "5GB", checksums: bool = False) -> dict[str, str]:
+def write_weights(
+    tensors: Iterable[tuple[str, np.ndarray]],
+    cfg: Qwen25VLConfig,
+    folder: Path,
+    dtype: str,
+    max_shard_size: int | str = "5GB",
+    checksums: bool = False,
+) -> dict[str, str]:
     """Stream `tensors` (legacy HF name, HF-layout array, in `hf_entries` order) into safetensors shards (+ an
     index when several); returns name -> file.
 
@@ -119,8 +135,10 @@ def write_weights(tensors: Iterable[tuple[str, np.ndarray]], cfg: Qwen25VLConfig
                     value = _next_tensor(stream, expected, shapes[expected]).astype(np_dtype, copy=False)
                     bad = int(value.size - np.count_nonzero(np.isfinite(value)))
                     if bad:
-                        raise ValueError(f"{expected}: {bad} values are inf/NaN as {dtype} "
-                                         f"(float16 holds |x| <= 65504); refusing to write a broken release")
+                        raise ValueError(
+                            f"{expected}: {bad} values are inf/NaN as {dtype} "
+                            f"(float16 holds |x| <= 65504); refusing to write a broken release"
+                        )
                     writer.write(expected, value)
                     if checksums:
                         digests[expected] = (code, shapes[expected], sha256(value))
@@ -129,9 +147,13 @@ def write_weights(tensors: Iterable[tuple[str, np.ndarray]], cfg: Qwen25VLConfig
     if extra is not None:
         raise RuntimeError(f"tensor {extra[0]} is not part of a Qwen2.5-VL with this config")
     if len(files) > 1:
-        index = {"metadata": {"total_size": sum(n for _, n in sizes),
-                              "total_parameters": sum(n for _, n in sizes) // np_dtype.itemsize},
-                 "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {
+                "total_size": sum(n for _, n in sizes),
+                "total_parameters": sum(n for _, n in sizes) // np_dtype.itemsize,
+            },
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         _write_json(folder / INDEX_FILE, index)
     if checksums:
         write_checksums(folder, digests)
@@ -158,13 +180,22 @@ def preprocessor_config(cfg: Qwen25VLConfig) -> dict[str, Any]:
     p = image_processing
     v = cfg.vision
     return {
-        "min_pixels": p.MIN_PIXELS, "max_pixels": p.MAX_PIXELS,
-        "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size, "merge_size": v.spatial_merge_size,
-        "image_mean": list(p.IMAGE_MEAN), "image_std": list(p.IMAGE_STD),
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+        "min_pixels": p.MIN_PIXELS,
+        "max_pixels": p.MAX_PIXELS,
+        "patch_size": v.patch_size,
+        "temporal_patch_size": v.temporal_patch_size,
+        "merge_size": v.spatial_merge_size,
+        "image_mean": list(p.IMAGE_MEAN),
+        "image_std": list(p.IMAGE_STD),
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
         "size": {"shortest_edge": p.MIN_PIXELS, "longest_edge": p.MAX_PIXELS},
-        "resample": 3, "rescale_factor": 1 / 255,
-        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_convert_rgb": True,
     }
 
 
@@ -172,13 +203,19 @@ def generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
     """Our default generation_config.json (used when the base model has none): stop at <|im_end|> or
     <|endoftext|>, pad with <|endoftext|>, greedy (as VLM-R1 evaluates)."""
     end_of_text = tokenizer.token_to_id("<|endoftext|>")
-    return {"bos_token_id": end_of_text, "pad_token_id": tokenizer.pad_id, "eos_token_id": list(tokenizer.eos_ids),
-            "do_sample": False, "use_cache": True}
+    return {
+        "bos_token_id": end_of_text,
+        "pad_token_id": tokenizer.pad_id,
+        "eos_token_id": list(tokenizer.eos_ids),
+        "do_sample": False,
+        "use_cache": True,
+    }
 
 
 def _has_tokenizer(folder: Path) -> bool:
     return (folder / TOKENIZER_CONFIG_FILE).is_file() and (
-        (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file())
+        (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+    )
 
 
 def tokenizer_source(tokenizer_dir: str | os.PathLike | None, base_model_dir: str | os.PathLike | None) -> Path:
@@ -226,34 +263,52 @@ def model_card(cfg: Qwen25VLConfig, target: str, dtype: str, card: Mapping[str, 
         front.append(f"license: {json.dumps(str(license_))}")
     front += ["tags:", "- qwen2_5_vl", "- vlm-r1", "- grpo", "- vlmr1-jax", "---", ""]
     t, v = cfg.text, cfg.vision
-    body = [f"# {name}", "",
-            "Qwen2.5-VL trained with GRPO (VLM-R1 recipe) in JAX by vlmr1-jax, exported in the Hugging Face hub "
-            "layout (`Qwen2_5_VLForConditionalGeneration`; no custom code, no `trust_remote_code`).", "",
-            "## Model", "",
-            f"- base model: {base or 'not recorded'}",
-            f"- text: {t.num_hidden_layers} layers, hidden {t.hidden_size}, vocab {t.vocab_size}, "
-            f"tied embeddings: {str(t.tie_word_embeddings).lower()}",
-            f"- vision: {v.depth} blocks, hidden {v.hidden_size}",
-            f"- weights: {dtype}, export target `{target}`", "",
-            "## Training", "",
-            f"- data: {', '.join(as_list(datasets)) or 'not recorded'}",
-            f"- rewards: {', '.join(as_list(rewards)) or 'not recorded'}",
-            f"- steps: {steps if steps is not None else 'not recorded'}"]
+    body = [
+        f"# {name}",
+        "",
+        "Qwen2.5-VL trained with GRPO (VLM-R1 recipe) in JAX by vlmr1-jax, exported in the Hugging Face hub "
+        "layout (`Qwen2_5_VLForConditionalGeneration`; no custom code, no `trust_remote_code`).",
+        "",
+        "## Model",
+        "",
+        f"- base model: {base or 'not recorded'}",
+        f"- text: {t.num_hidden_layers} layers, hidden {t.hidden_size}, vocab {t.vocab_size}, "
+        f"tied embeddings: {str(t.tie_word_embeddings).lower()}",
+        f"- vision: {v.depth} blocks, hidden {v.hidden_size}",
+        f"- weights: {dtype}, export target `{target}`",
+        "",
+        "## Training",
+        "",
+        f"- data: {', '.join(as_list(datasets)) or 'not recorded'}",
+        f"- rewards: {', '.join(as_list(rewards)) or 'not recorded'}",
+        f"- steps: {steps if steps is not None else 'not recorded'}",
+    ]
     body += [f"- {key}: {value}" for key, value in card.items()]
     body += ["", "## Final metrics", ""]
     if metrics:
         body += ["| metric | value |", "|---|---|"]
-        body += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
-                 for key, value in metrics.items()]
+        body += [
+            f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
+            for key, value in metrics.items()
+        ]
     else:
         body.append("not recorded")
-    body += ["", "## Usage", "", "```python",
-             "from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration",
-             'model = Qwen2_5_VLForConditionalGeneration.from_pretrained("PATH", dtype="auto")',
-             'processor = AutoProcessor.from_pretrained("PATH")', "```", "",
-             "Prompts follow VLM-R1: one user turn with the image(s) first, then the question and the task's "
-             "reasoning template. See docs/deploy-ascend.md of vlmr1-jax for vLLM / Ascend serving.", "",
-             "## Notes", ""]
+    body += [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration",
+        'model = Qwen2_5_VLForConditionalGeneration.from_pretrained("PATH", dtype="auto")',
+        'processor = AutoProcessor.from_pretrained("PATH")',
+        "```",
+        "",
+        "Prompts follow VLM-R1: one user turn with the image(s) first, then the question and the task's "
+        "reasoning template. See docs/deploy-ascend.md of vlmr1-jax for vLLM / Ascend serving.",
+        "",
+        "## Notes",
+        "",
+    ]
     body += [f"- {n}" for n in notes]
     return "\n".join(front + body) + "\n"
 
@@ -286,8 +341,10 @@ def check_replaceable(out: Path, overwrite: bool, marker: str = RELEASE_MARKER) 
     if target == cwd or target in cwd.parents:
         raise FileExistsError(f"{out}: is the current directory or one of its parents; refusing to replace it")
     if not (out / marker).is_file():
-        raise FileExistsError(f"{out}: not a folder vlmr1 wrote (no {marker} marker), so --overwrite will not delete "
-                              f"it; choose another --out, or remove it yourself")
+        raise FileExistsError(
+            f"{out}: not a folder vlmr1 wrote (no {marker} marker), so --overwrite will not delete "
+            f"it; choose another --out, or remove it yourself"
+        )
 
 
 def write_marker(folder: Path, marker: str = RELEASE_MARKER) -> None:
@@ -313,8 +370,9 @@ def move_into_place(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
-def export_release(state: nnx.State | nnx.Module, cfg: Qwen25VLConfig, out_dir: str | os.PathLike,
-                   **options: Any) -> Path:
+def export_release(
+    state: nnx.State | nnx.Module, cfg: Qwen25VLConfig, out_dir: str | os.PathLike, **options: Any
+) -> Path:
     """Write the release folder `out_dir` of model parameters (see `export_tensors` for the options); one layer
     of a stacked parameter at a time is gathered to the host."""
     if isinstance(state, nnx.Module):
@@ -322,10 +380,19 @@ def export_release(state: nnx.State | nnx.Module, cfg: Qwen25VLConfig, out_dir: 
     return export_tensors(hf_tensors(state, cfg), cfg, out_dir, **options)
 
 
-def export_tensors(tensors: Iterable[tuple[str, np.ndarray]], cfg: Qwen25VLConfig, out_dir: str | os.PathLike, *,
-                   target: str = "hf", dtype: str | None = None, max_shard_size: int | str = "5GB",
-                   tokenizer_dir: str | os.PathLike | None = None, base_model_dir: str | os.PathLike | None = None,
-                   card: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+def export_tensors(
+    tensors: Iterable[tuple[str, np.ndarray]],
+    cfg: Qwen25VLConfig,
+    out_dir: str | os.PathLike,
+    *,
+    target: str = "hf",
+    dtype: str | None = None,
+    max_shard_size: int | str = "5GB",
+    tokenizer_dir: str | os.PathLike | None = None,
+    base_model_dir: str | os.PathLike | None = None,
+    card: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write the release folder `out_dir` for `target` ("hf", "ascend-a2", "ascend-310p") from a stream of HF
     tensors (legacy name, HF-layout array, in `hf_entries` order), one tensor on the host at a time.
 
@@ -344,16 +411,20 @@ def export_tensors(tensors: Iterable[tuple[str, np.ndarray]], cfg: Qwen25VLConfi
         write_marker(tmp)
         problems = check_export(tmp, target)
         if problems:
-            raise ExportError(f"export to {out} failed validation; nothing was written there:\n  "
-                              + "\n  ".join(problems))
+            raise ExportError(
+                f"export to {out} failed validation; nothing was written there:\n  " + "\n  ".join(problems)
+            )
         move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if target == "ascend-310p":
-        warnings.warn(f"{out}: float16 activations of Qwen2.5-VL's last vision blocks can exceed 65504 on real "
-                      f"images (the weights are fine); measure with `vlmr1 check-export {out} --target "
-                      f"ascend-310p --forward --image <real image>` before deploying", stacklevel=3)
+        warnings.warn(
+            f"{out}: float16 activations of Qwen2.5-VL's last vision blocks can exceed 65504 on real "
+            f"images (the weights are fine); measure with `vlmr1 check-export {out} --target "
+            f"ascend-310p --forward --image <real image>` before deploying",
+            stacklevel=3,
+        )
     return out
 
 
@@ -368,10 +439,17 @@ def make_temp_sibling(out: Path) -> Path:
     return tmp
 
 
-def _write_release(tensors: Iterable[tuple[str, np.ndarray]], cfg: Qwen25VLConfig, folder: Path, target: str,
-                   dtype: str,
-                   max_shard_size: int | str, tokenizer_dir: str | os.PathLike | None,
-                   base_model_dir: str | os.PathLike | None, card: Mapping[str, Any]) -> None:
+def _write_release(
+    tensors: Iterable[tuple[str, np.ndarray]],
+    cfg: Qwen25VLConfig,
+    folder: Path,
+    target: str,
+    dtype: str,
+    max_shard_size: int | str,
+    tokenizer_dir: str | os.PathLike | None,
+    base_model_dir: str | os.PathLike | None,
+    card: Mapping[str, Any],
+) -> None:
     """Every file of the release into `folder` (no validation)."""
     write_weights(tensors, cfg, folder, dtype, max_shard_size)
     _write_json(folder / CONFIG_FILE, to_hf_config(cfg, dtype))
@@ -386,23 +464,33 @@ def _write_release(tensors: Iterable[tuple[str, np.ndarray]], cfg: Qwen25VLConfi
         notes.append(f"generation_config.json: copied from {base_generation.parent.name}")
     else:
         _write_json(folder / GENERATION_CONFIG_FILE, generation_config(tokenizer))
-        notes.append("generation_config.json: vlmr1-jax defaults (no base-model file): greedy, stop at "
-                     "<|im_end|> or <|endoftext|>")
+        notes.append(
+            "generation_config.json: vlmr1-jax defaults (no base-model file): greedy, stop at "
+            "<|im_end|> or <|endoftext|>"
+        )
     notes.append("preprocessor_config.json: Qwen2.5-VL processor values (min_pixels 3136, max_pixels 12845056)")
     if dtype == "float16":
-        notes.append("float16 weights were cast with round-to-nearest-even, not clamped; check activations with "
-                     "`vlmr1 check-export DIR --target ascend-310p --forward --image IMAGE`")
+        notes.append(
+            "float16 weights were cast with round-to-nearest-even, not clamped; check activations with "
+            "`vlmr1 check-export DIR --target ascend-310p --forward --image IMAGE`"
+        )
     (folder / "README.md").write_text(model_card(cfg, target, dtype, card, notes), encoding="utf-8")
 
 
-def export_hf_folder(source: str | os.PathLike, out_dir: str | os.PathLike, *,
-                     base_model_dir: str | os.PathLike | None = None, card: Mapping[str, Any] | None = None,
-                     **options: Any) -> Path:
+def export_hf_folder(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    base_model_dir: str | os.PathLike | None = None,
+    card: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> Path:
     """Re-export an HF Qwen2.5-VL folder (e.g. a dtype conversion for Ascend) tensor by tensor, never building
     the model: the release gets the legacy names and flat config; tokenizer and generation config come from
     `base_model_dir` (default: `source`). Peak host memory: about 2.5x the largest tensor plus a constant."""
     cfg = read_config(source)
     tensors = folder_tensors(source, cfg)  # checks names and shapes from the headers before anything is written
     card = {"base_model": Path(source).name, **(card or {})}
-    return export_tensors(tensors, cfg, out_dir, base_model_dir=source if base_model_dir is None else base_model_dir,
-                          card=card, **options)
+    return export_tensors(
+        tensors, cfg, out_dir, base_model_dir=source if base_model_dir is None else base_model_dir, card=card, **options
+    )

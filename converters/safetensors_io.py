@@ -22,11 +22,27 @@ import numpy as np
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Bytes per element of every safetensors dtype code (the checker sizes tensors of any type with it).
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-            "F8_E4M3": 1, "F8_E5M2": 1}
+ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 # Safetensors dtype codes of the floating types checkpoints use: the ones read here.
-NUMPY_DTYPES: dict[str, np.dtype] = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
-                                     "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+}
 _ALIGN = 8  # the header is padded with spaces so tensor data starts 8-byte aligned, as the library does
 
 
@@ -77,15 +93,16 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], dic
     for name, info in header.items():
         begin, end = info["data_offsets"]
         if info["dtype"] not in NUMPY_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}; only {sorted(NUMPY_DTYPES)} are "
-                             f"read")
+            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}; only {sorted(NUMPY_DTYPES)} are read")
         want = int(np.prod(info["shape"], dtype=np.int64)) * NUMPY_DTYPES[info["dtype"]].itemsize
         if not 0 <= begin <= end or end - begin != want:
-            raise ValueError(f"{path}: tensor {name!r} spans bytes {begin}..{end}, but {info['dtype']} "
-                             f"{info['shape']} needs {want}")
+            raise ValueError(
+                f"{path}: tensor {name!r} spans bytes {begin}..{end}, but {info['dtype']} {info['shape']} needs {want}"
+            )
         if start + end > size:
-            raise ValueError(f"{path}: tensor {name!r} ends at byte {start + end}, but the file has {size} bytes "
-                             f"(truncated?)")
+            raise ValueError(
+                f"{path}: tensor {name!r} ends at byte {start + end}, but the file has {size} bytes (truncated?)"
+            )
     return header, metadata, start
 
 
@@ -116,8 +133,12 @@ class ShardWriter:
     the header at once, then each tensor's bytes with `write`. Use as a context manager; `close` checks that
     every tensor arrived."""
 
-    def __init__(self, path: str | os.PathLike, specs: Sequence[tuple[str, str, Sequence[int]]],
-                 metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        specs: Sequence[tuple[str, str, Sequence[int]]],
+        metadata: dict[str, str] | None = None,
+    ):
         self.path = Path(path)
         header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
         self._pending: list[tuple[str, str, tuple[int, ...]]] = []
@@ -139,15 +160,18 @@ class ShardWriter:
             raise ValueError(f"{self.path}: tensor {name!r} is one more than the header lists")
         want_name, code, shape = self._pending.pop()
         if name != want_name or array.dtype != NUMPY_DTYPES[code] or tuple(array.shape) != shape:
-            raise ValueError(f"{self.path}: got {name!r} {array.dtype.name}{list(array.shape)}, the header's next "
-                             f"tensor is {want_name!r} {NUMPY_DTYPES[code].name}{list(shape)}")
+            raise ValueError(
+                f"{self.path}: got {name!r} {array.dtype.name}{list(array.shape)}, the header's next "
+                f"tensor is {want_name!r} {NUMPY_DTYPES[code].name}{list(shape)}"
+            )
         self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
 
     def close(self) -> None:
         self._file.close()
         if self._pending:
-            raise ValueError(f"{self.path}: closed before {len(self._pending)} tensors were written, e.g. "
-                             f"{self._pending[-1][0]!r}")
+            raise ValueError(
+                f"{self.path}: closed before {len(self._pending)} tensors were written, e.g. {self._pending[-1][0]!r}"
+            )
 
     def __enter__(self) -> ShardWriter:
         return self

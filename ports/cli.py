@@ -30,11 +30,24 @@ def infer_jax(args: argparse.Namespace) -> str:
     model = load_hf_model(folder, dtype=dtype, param_dtype=dtype)
     min_pixels, max_pixels = pixel_bounds(folder, None, None)
     # "{Question}" is the verbatim template: the prompt is used as given unless --task-type names one.
-    decoder = GreedyDecoder(model, Tokenizer.load(folder), task_type=args.task_type or "{Question}",
-                            min_pixels=min_pixels, max_pixels=max_pixels, batch_size=1,
-                            max_new_tokens=args.max_new_tokens)
-    sample = Sample(id=0, problem=args.prompt, solution="", image_paths=tuple(args.image),
-                    accu_reward_method="default", source="<prompt>", line=0)
+    decoder = GreedyDecoder(
+        model,
+        Tokenizer.load(folder),
+        task_type=args.task_type or "{Question}",
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        batch_size=1,
+        max_new_tokens=args.max_new_tokens,
+    )
+    sample = Sample(
+        id=0,
+        problem=args.prompt,
+        solution="",
+        image_paths=tuple(args.image),
+        accu_reward_method="default",
+        source="<prompt>",
+        line=0,
+    )
     completions, _ = decoder([sample])
     return completions[0]
 
@@ -43,9 +56,17 @@ def infer_torch(args: argparse.Namespace) -> str:
     from ports.torch_runtime import TorchRuntime
 
     runtime = TorchRuntime.load(args.model, device=args.device, dtype=args.dtype)
-    return runtime.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens, greedy=not args.sample,
-                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                            task_type=args.task_type)
+    return runtime.generate(
+        args.image,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        greedy=not args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        task_type=args.task_type,
+    )
 
 
 def run_infer(args: argparse.Namespace) -> int:
@@ -71,37 +92,67 @@ def run_deploy_ascend(args: argparse.Namespace) -> int:
         if problems:
             for problem in problems:
                 print(f"PROBLEM: {problem}", file=sys.stderr)
-            print(f"error: {args.model} is not a valid {platform.export_target} release; export it with "
-                  f"`vlmr1 export SOURCE --out DIR --target {platform.export_target}`", file=sys.stderr)
+            print(
+                f"error: {args.model} is not a valid {platform.export_target} release; export it with "
+                f"`vlmr1 export SOURCE --out DIR --target {platform.export_target}`",
+                file=sys.stderr,
+            )
             return 1
     try:
-        spec = spec_for_release(args.model, args.target, image=args.image, served_model_name=args.served_model_name,
-                                max_model_len=args.max_model_len, port=args.port, devices=tuple(args.devices))
+        spec = spec_for_release(
+            args.model,
+            args.target,
+            image=args.image,
+            served_model_name=args.served_model_name,
+            max_model_len=args.max_model_len,
+            port=args.port,
+            devices=tuple(args.devices),
+        )
         paths = write_scripts(spec, args.out, overwrite=args.overwrite)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {', '.join(p.name for p in paths)} to {args.out} for {platform.title} ({spec.image}, "
-          f"--dtype {spec.dtype}); start the server with {args.out}/docker_run.sh")
+    print(
+        f"wrote {', '.join(p.name for p in paths)} to {args.out} for {platform.title} ({spec.image}, "
+        f"--dtype {spec.dtype}); start the server with {args.out}/docker_run.sh"
+    )
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("infer", help="generate from an exported release folder on one prompt",
-                              description="Generate with an exported release: VLM-R1's prompt (images first, then "
-                                          "the text), greedy unless --sample.")
+    p = subparsers.add_parser(
+        "infer",
+        help="generate from an exported release folder on one prompt",
+        description="Generate with an exported release: VLM-R1's prompt (images first, then "
+        "the text), greedy unless --sample.",
+    )
     p.add_argument("--model", required=True, help="exported release folder")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     p.add_argument("--prompt", required=True, help="the question / instruction text")
-    p.add_argument("--task-type", choices=sorted(QUESTION_TEMPLATES),
-                   help="wrap the prompt in this task's training question template (default: verbatim)")
-    p.add_argument("--backend", choices=BACKENDS, default="torch",
-                   help="torch: transformers (cpu/cuda/npu); jax: our model on the default JAX device (greedy)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "npu"), default="auto",
-                   help="auto: npu if torch_npu works, else cuda, else cpu")
-    p.add_argument("--dtype", type=dtype_arg, choices=list(DTYPES),
-                   help="torch default: float32 on cpu, the release's torch_dtype on an accelerator; jax: float32 "
-                        "(bf16 / fp16 / fp32 also accepted)")
+    p.add_argument(
+        "--task-type",
+        choices=sorted(QUESTION_TEMPLATES),
+        help="wrap the prompt in this task's training question template (default: verbatim)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="torch",
+        help="torch: transformers (cpu/cuda/npu); jax: our model on the default JAX device (greedy)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda", "npu"),
+        default="auto",
+        help="auto: npu if torch_npu works, else cuda, else cpu",
+    )
+    p.add_argument(
+        "--dtype",
+        type=dtype_arg,
+        choices=list(DTYPES),
+        help="torch default: float32 on cpu, the release's torch_dtype on an accelerator; jax: float32 "
+        "(bf16 / fp16 / fp32 also accepted)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -112,9 +163,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     d = subparsers.add_parser("deploy", help="write deployment scripts for an exported release")
     platforms = d.add_subparsers(dest="platform", required=True, metavar="PLATFORM")
-    a = platforms.add_parser("ascend", help="vllm-ascend docker scripts (Atlas 800T A2 bf16, 300I Duo fp16)",
-                             description="Check the release for the target, then write docker_run.sh, serve.sh, "
-                                         "offline_inference.py and query.sh (see docs/deploy-ascend.md).")
+    a = platforms.add_parser(
+        "ascend",
+        help="vllm-ascend docker scripts (Atlas 800T A2 bf16, 300I Duo fp16)",
+        description="Check the release for the target, then write docker_run.sh, serve.sh, "
+        "offline_inference.py and query.sh (see docs/deploy-ascend.md).",
+    )
     a.add_argument("--model", required=True, help="exported release folder (vlmr1 export --target ascend-...)")
     a.add_argument("--target", choices=("a2", "310p"), required=True)
     a.add_argument("--out", required=True, help="folder for the scripts")
@@ -122,8 +176,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--served-model-name", help="default: the release folder's name")
     a.add_argument("--max-model-len", type=int, default=16384)
     a.add_argument("--port", type=int, default=8000)
-    a.add_argument("--devices", type=int, nargs="+", default=[0],
-                   help="NPU indices (/dev/davinciN); tensor parallel size = their count")
+    a.add_argument(
+        "--devices",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="NPU indices (/dev/davinciN); tensor parallel size = their count",
+    )
     a.add_argument("--skip-check", action="store_true", help="do not run check-export on --model first")
     a.add_argument("--overwrite", action="store_true", help="replace existing scripts in --out")
     a.set_defaults(func=run_deploy_ascend)

@@ -39,8 +39,10 @@ class ForwardReport:
         out = []
         bad = [s for s in self.layers if s.nonfinite]
         if bad:
-            out.append(f"{self.dtype} forward: inf/NaN activations, first in {bad[0].name} "
-                       f"({len(bad)} of {len(self.layers)} layers affected)")
+            out.append(
+                f"{self.dtype} forward: inf/NaN activations, first in {bad[0].name} "
+                f"({len(bad)} of {len(self.layers)} layers affected)"
+            )
         if self.dtype == "float16":
             hot = [s for s in self.layers if s.max_abs >= FP16_MAX]
             if hot and not bad:
@@ -49,21 +51,29 @@ class ForwardReport:
 
     def lines(self) -> list[str]:
         """One line per layer: the largest activation and its share of the float16 limit."""
-        return [f"{s.name:<28} max|x| {s.max_abs:>12.4g}  {100 * s.max_abs / FP16_MAX:6.2f}% of fp16 max"
-                + (f"  {s.nonfinite} inf/NaN" if s.nonfinite else "") for s in self.layers]
+        return [
+            f"{s.name:<28} max|x| {s.max_abs:>12.4g}  {100 * s.max_abs / FP16_MAX:6.2f}% of fp16 max"
+            + (f"  {s.nonfinite} inf/NaN" if s.nonfinite else "")
+            for s in self.layers
+        ]
 
 
 def synthetic_image(size: int = 224, seed: int = 0) -> np.ndarray:
     """A deterministic uint8 RGB image (gradients plus noise) for forward checks when no real image is given."""
     rng = np.random.default_rng(seed)
     ramp = np.linspace(0, 255, size)
-    base = np.stack([ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1),
-                     np.full((size, size), 128.0)], axis=-1)
+    base = np.stack(
+        [ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1), np.full((size, size), 128.0)], axis=-1
+    )
     return np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
 
 
-def forward_report(model_dir: str | os.PathLike, dtype: str | None = None, image: str | os.PathLike | None = None,
-                   max_pixels: int = 448 * 448) -> ForwardReport:
+def forward_report(
+    model_dir: str | os.PathLike,
+    dtype: str | None = None,
+    image: str | os.PathLike | None = None,
+    max_pixels: int = 448 * 448,
+) -> ForwardReport:
     """Run transformers' Qwen2.5-VL on CPU in `dtype` (default: the config's torch_dtype) on one image prompt,
     recording the largest |activation| and inf/NaN count of every vision block, the merger, every decoder layer
     and the logits. Random-looking inputs can miss overflows that real images trigger: pass a real `image`."""
@@ -77,15 +87,19 @@ def forward_report(model_dir: str | os.PathLike, dtype: str | None = None, image
     raw = json.loads((folder / CONFIG_FILE).read_text())
     torch_dtype = canonical_dtype(dtype or raw.get("torch_dtype", "float32"), "dtype")
     cfg = from_hf_config(raw)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, torch_dtype),
-                                                               attn_implementation="eager").eval()
-    pixels, grid = preprocess_image(load_image(image) if image else synthetic_image(), min_pixels=3136,
-                                    max_pixels=max_pixels)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        folder, dtype=getattr(torch, torch_dtype), attn_implementation="eager"
+    ).eval()
+    pixels, grid = preprocess_image(
+        load_image(image) if image else synthetic_image(), min_pixels=3136, max_pixels=max_pixels
+    )
     n_image = int(np.prod(grid)) // cfg.vision.merge_unit
-    text = [t for t in range(min(cfg.text.vocab_size, 100)) if t not in
-            {getattr(cfg, f) for f in SPECIAL_TOKEN_FIELDS}][:8]
-    ids = torch.tensor([[cfg.vision_start_token_id] + [cfg.image_token_id] * n_image + [cfg.vision_end_token_id]
-                        + text])
+    text = [
+        t for t in range(min(cfg.text.vocab_size, 100)) if t not in {getattr(cfg, f) for f in SPECIAL_TOKEN_FIELDS}
+    ][:8]
+    ids = torch.tensor(
+        [[cfg.vision_start_token_id] + [cfg.image_token_id] * n_image + [cfg.vision_end_token_id] + text]
+    )
     stats: dict[str, LayerStat] = {}
 
     def record(name: str):
@@ -95,6 +109,7 @@ def forward_report(model_dir: str | os.PathLike, dtype: str | None = None, image
             finite = torch.isfinite(values)
             peak = float(values[finite].abs().max()) if finite.any() else float("inf")
             stats[name] = LayerStat(name, peak, int((~finite).sum()))
+
         return hook
 
     core = model.model
@@ -105,10 +120,13 @@ def forward_report(model_dir: str | os.PathLike, dtype: str | None = None, image
     handles = [m.register_forward_hook(record(name)) for name, m in modules]
     try:
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                  pixel_values=torch.from_numpy(pixels).to(getattr(torch, torch_dtype)),
-                  image_grid_thw=torch.tensor([grid]),
-                  mm_token_type_ids=(ids == cfg.image_token_id).long())  # else 5.x silently uses 1-D positions
+            model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=torch.from_numpy(pixels).to(getattr(torch, torch_dtype)),
+                image_grid_thw=torch.tensor([grid]),
+                mm_token_type_ids=(ids == cfg.image_token_id).long(),
+            )  # else 5.x silently uses 1-D positions
     finally:
         for h in handles:
             h.remove()

@@ -69,8 +69,10 @@ class Diff:
 
     def line(self, rtol: float = RTOL, atol: float = ATOL) -> str:
         verdict = "ok" if self.passed(rtol, atol) else "FAIL"
-        return (f"{self.name:<16} max|diff| {self.max_diff:.3e}  max|ref| {self.scale:.3e}  "
-                f"relative {self.relative:.2e}  limit {atol + rtol * self.scale:.3e}  {verdict}")
+        return (
+            f"{self.name:<16} max|diff| {self.max_diff:.3e}  max|ref| {self.scale:.3e}  "
+            f"relative {self.relative:.2e}  limit {atol + rtol * self.scale:.3e}  {verdict}"
+        )
 
     @classmethod
     def of(cls, name: str, ours: np.ndarray, ref: np.ndarray) -> Diff:
@@ -103,13 +105,26 @@ class ParityReport:
 Outputs = tuple[np.ndarray, np.ndarray, list[np.ndarray]]  # (vision features, prompt logits, decode-step logits)
 
 
-def make_inputs(cfg: Qwen25VLConfig, image_grids: Sequence[tuple[int, int, int]],
-                video_grids: Sequence[tuple[int, int, int]] = (), second_per_grid_ts: Sequence[float] = (),
-                batch: int = 2, steps: int = 4, seed: int = 0) -> ParityInputs:
+def make_inputs(
+    cfg: Qwen25VLConfig,
+    image_grids: Sequence[tuple[int, int, int]],
+    video_grids: Sequence[tuple[int, int, int]] = (),
+    second_per_grid_ts: Sequence[float] = (),
+    batch: int = 2,
+    steps: int = 4,
+    seed: int = 0,
+) -> ParityInputs:
     """Random text around the vision items; items go to rows round-robin; shorter rows are left-padded."""
     rng = np.random.default_rng(seed)
-    specials = (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id,
-                cfg.vision_token_id, cfg.bos_token_id, cfg.eos_token_id)
+    specials = (
+        cfg.image_token_id,
+        cfg.video_token_id,
+        cfg.vision_start_token_id,
+        cfg.vision_end_token_id,
+        cfg.vision_token_id,
+        cfg.bos_token_id,
+        cfg.eos_token_id,
+    )
     plain = np.setdiff1d(np.arange(min(cfg.text.vocab_size, 151643)), specials)  # ordinary text tokens
     text = lambda n: list(rng.choice(plain, n))
     unit = cfg.vision.merge_unit
@@ -130,23 +145,39 @@ def make_inputs(cfg: Qwen25VLConfig, image_grids: Sequence[tuple[int, int, int]]
     ids = np.zeros((batch, length), np.int64)
     mask = np.zeros((batch, length), np.int64)
     for b, row in enumerate(rows):
-        ids[b, length - len(row):] = row
-        mask[b, length - len(row):] = 1
+        ids[b, length - len(row) :] = row
+        mask[b, length - len(row) :] = 1
     spg = [float(s) for s in second_per_grid_ts] or [1.0] * len(video_grids)
     spg_order = [spg[list(video_grids).index(g)] for g in video_order] if video_grids else []
-    pixels = lambda grids: (rng.standard_normal((sum(int(np.prod(g)) for g in grids), cfg.vision.patch_dim))
-                            .astype(np.float32))
-    return ParityInputs(ids, mask, pixels(image_order), image_order, pixels(video_order), video_order, spg_order,
-                        rng.choice(plain, (batch, steps)))
+    pixels = lambda grids: rng.standard_normal((sum(int(np.prod(g)) for g in grids), cfg.vision.patch_dim)).astype(
+        np.float32
+    )
+    return ParityInputs(
+        ids,
+        mask,
+        pixels(image_order),
+        image_order,
+        pixels(video_order),
+        video_order,
+        spg_order,
+        rng.choice(plain, (batch, steps)),
+    )
 
 
 def positions_for(cfg: Qwen25VLConfig, inputs: ParityInputs) -> tuple[np.ndarray, np.ndarray]:
     """3-D M-RoPE position ids [3, B, L] and per-row decode offsets, fed identically to both sides."""
     return get_rope_index(
-        inputs.input_ids, inputs.attention_mask, inputs.image_grids, inputs.video_grids, inputs.second_per_grid_ts,
-        image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-        vision_start_token_id=cfg.vision_start_token_id, spatial_merge_size=cfg.vision.spatial_merge_size,
-        tokens_per_second=cfg.vision.tokens_per_second)
+        inputs.input_ids,
+        inputs.attention_mask,
+        inputs.image_grids,
+        inputs.video_grids,
+        inputs.second_per_grid_ts,
+        image_token_id=cfg.image_token_id,
+        video_token_id=cfg.video_token_id,
+        vision_start_token_id=cfg.vision_start_token_id,
+        spatial_merge_size=cfg.vision.spatial_merge_size,
+        tokens_per_second=cfg.vision.tokens_per_second,
+    )
 
 
 def run_jax(model_dir: str, inputs: ParityInputs, dtype: jnp.dtype = jnp.float32) -> Outputs:
@@ -157,14 +188,21 @@ def run_jax(model_dir: str, inputs: ParityInputs, dtype: jnp.dtype = jnp.float32
     positions, deltas = positions_for(cfg, inputs)
     grids = inputs.image_grids + inputs.video_grids
     pixels = np.concatenate([inputs.image_pixels, inputs.video_pixels])
-    plan = plan_vision(pixels, grids, spatial_merge_size=cfg.vision.spatial_merge_size,
-                       window_merged=cfg.vision.window_merged)
-    gather = vision_gather_indices(inputs.input_ids, plan, image_token_id=cfg.image_token_id,
-                                   video_token_id=cfg.video_token_id, num_image_items=len(inputs.image_grids))
+    plan = plan_vision(
+        pixels, grids, spatial_merge_size=cfg.vision.spatial_merge_size, window_merged=cfg.vision.window_merged
+    )
+    gather = vision_gather_indices(
+        inputs.input_ids,
+        plan,
+        image_token_id=cfg.image_token_id,
+        video_token_id=cfg.video_token_id,
+        num_image_items=len(inputs.image_grids),
+    )
     # Parameters go in as arguments: closed over, XLA would fold them as constants (>20 GB at the 3B's widths).
     graphdef, state = nnx.split(model)
     feats = jax.jit(lambda state, kw: nnx.merge(graphdef, state).encode_vision(**kw))(
-        state, {k: jnp.asarray(v) for k, v in plan.device_inputs().items()})
+        state, {k: jnp.asarray(v) for k, v in plan.device_inputs().items()}
+    )
     batch, length = inputs.input_ids.shape
     steps = inputs.decode_tokens.shape[1]
     cache = KVCache.empty(cfg.text, batch, length + steps, dtype)
@@ -175,14 +213,28 @@ def run_jax(model_dir: str, inputs: ParityInputs, dtype: jnp.dtype = jnp.float32
         hidden, cache = model(ids, pos, mask, feats, gather, cache)
         return model.logits(hidden), cache
 
-    logits, cache = step(state, jnp.asarray(inputs.input_ids), jnp.asarray(positions),
-                         jnp.asarray(inputs.attention_mask), jnp.asarray(gather), feats, cache)
+    logits, cache = step(
+        state,
+        jnp.asarray(inputs.input_ids),
+        jnp.asarray(positions),
+        jnp.asarray(inputs.attention_mask),
+        jnp.asarray(gather),
+        feats,
+        cache,
+    )
     decode = []
     next_pos = inputs.attention_mask.sum(1) + deltas
     for s in range(steps):
         pos = np.broadcast_to((next_pos + s)[None, :, None], (3, batch, 1))
-        out, cache = step(state, jnp.asarray(inputs.decode_tokens[:, s:s + 1]), jnp.asarray(pos),
-                          jnp.ones((batch, 1), jnp.int32), jnp.full((batch, 1), -1, jnp.int32), feats, cache)
+        out, cache = step(
+            state,
+            jnp.asarray(inputs.decode_tokens[:, s : s + 1]),
+            jnp.asarray(pos),
+            jnp.ones((batch, 1), jnp.int32),
+            jnp.full((batch, 1), -1, jnp.int32),
+            feats,
+            cache,
+        )
         decode.append(np.asarray(out[:, 0], np.float32))
     return np.asarray(feats, np.float32)[plan.merged_index], np.asarray(logits, np.float32), decode
 
@@ -196,8 +248,9 @@ def run_hf(model_dir: str, inputs: ParityInputs) -> Outputs:
     from converters.hf import read_config
 
     cfg = read_config(model_dir)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
-                                                               attn_implementation="eager").eval()
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     positions, deltas = positions_for(cfg, inputs)
     t = torch.from_numpy
     kwargs: dict[str, Any] = {}
@@ -205,16 +258,22 @@ def run_hf(model_dir: str, inputs: ParityInputs) -> Outputs:
     with torch.no_grad():
         if inputs.image_grids:
             kwargs.update(pixel_values=t(inputs.image_pixels), image_grid_thw=torch.tensor(inputs.image_grids))
-            feats += list(model.model.get_image_features(kwargs["pixel_values"], kwargs["image_grid_thw"])
-                          .pooler_output)
+            feats += list(
+                model.model.get_image_features(kwargs["pixel_values"], kwargs["image_grid_thw"]).pooler_output
+            )
         if inputs.video_grids:
-            kwargs.update(pixel_values_videos=t(inputs.video_pixels), video_grid_thw=torch.tensor(inputs.video_grids),
-                          second_per_grid_ts=torch.tensor(inputs.second_per_grid_ts))
-            feats += list(model.model.get_video_features(kwargs["pixel_values_videos"], kwargs["video_grid_thw"])
-                          .pooler_output)
+            kwargs.update(
+                pixel_values_videos=t(inputs.video_pixels),
+                video_grid_thw=torch.tensor(inputs.video_grids),
+                second_per_grid_ts=torch.tensor(inputs.second_per_grid_ts),
+            )
+            feats += list(
+                model.model.get_video_features(kwargs["pixel_values_videos"], kwargs["video_grid_thw"]).pooler_output
+            )
         mask = t(inputs.attention_mask)
-        out = model(input_ids=t(inputs.input_ids), attention_mask=mask, position_ids=t(positions), use_cache=True,
-                    **kwargs)
+        out = model(
+            input_ids=t(inputs.input_ids), attention_mask=mask, position_ids=t(positions), use_cache=True, **kwargs
+        )
         logits, past = out.logits.float().numpy(), out.past_key_values
         decode = []
         batch = inputs.input_ids.shape[0]
@@ -222,8 +281,13 @@ def run_hf(model_dir: str, inputs: ParityInputs) -> Outputs:
         for s in range(inputs.decode_tokens.shape[1]):
             mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype)], dim=1)
             pos = torch.from_numpy(np.ascontiguousarray(np.broadcast_to((next_pos + s)[None, :, None], (3, batch, 1))))
-            out = model(input_ids=t(inputs.decode_tokens[:, s:s + 1]), attention_mask=mask, position_ids=pos,
-                        past_key_values=past, use_cache=True)
+            out = model(
+                input_ids=t(inputs.decode_tokens[:, s : s + 1]),
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=past,
+                use_cache=True,
+            )
             past = out.past_key_values
             decode.append(out.logits[:, -1].float().numpy())
     vision = torch.cat(feats).float().numpy() if feats else np.zeros((0, cfg.text.hidden_size), np.float32)
@@ -239,13 +303,16 @@ def diff_report(inputs: ParityInputs, ours: Outputs, ref: Outputs) -> ParityRepo
     """Differences of each compared tensor; prompt logits on valid (non-pad) positions only."""
     (ours_v, ours_l, ours_d), (hf_v, hf_l, hf_d) = ours, ref
     valid = inputs.attention_mask.astype(bool)  # pad query rows are garbage on both sides
-    return ParityReport(vision=Diff.of("vision features", ours_v, hf_v) if hf_v.size else None,
-                        logits=Diff.of("prompt logits", ours_l[valid], hf_l[valid]),
-                        decode=[Diff.of(f"decode step {i}", a, b) for i, (a, b) in enumerate(zip(ours_d, hf_d))])
+    return ParityReport(
+        vision=Diff.of("vision features", ours_v, hf_v) if hf_v.size else None,
+        logits=Diff.of("prompt logits", ours_l[valid], hf_l[valid]),
+        decode=[Diff.of(f"decode step {i}", a, b) for i, (a, b) in enumerate(zip(ours_d, hf_d))],
+    )
 
 
 def _count(minimum: int):
     """argparse type: an integer >= minimum."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -254,6 +321,7 @@ def _count(minimum: int):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
         return value
+
     return parse
 
 
@@ -299,12 +367,13 @@ def run_cli(args: argparse.Namespace) -> int:
         rh, rw = smart_resize(h, w, factor=p * m, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
         grids.append((1, rh // p, rw // p))
     videos = [(2, 4, 6)] if args.video else []
-    inputs = make_inputs(cfg, grids, videos, [1.0] * len(videos), batch=args.batch, steps=args.steps,
-                         seed=args.seed)
+    inputs = make_inputs(cfg, grids, videos, [1.0] * len(videos), batch=args.batch, steps=args.steps, seed=args.seed)
     report = compare(args.hf_model, inputs, jnp.dtype(args.dtype))
     ok = report.passed(args.rtol, args.atol)
-    print(f"image grids: {grids}; videos: {videos}; batch {args.batch}; prompt length {inputs.input_ids.shape[1]}; "
-          f"ours in {args.dtype}, transformers in float32")
+    print(
+        f"image grids: {grids}; videos: {videos}; batch {args.batch}; prompt length {inputs.input_ids.shape[1]}; "
+        f"ours in {args.dtype}, transformers in float32"
+    )
     print(f"rule: max|diff| <= atol + rtol * max|ref| with rtol {args.rtol:g}, atol {args.atol:g}")
     for d in report.diffs:
         print(d.line(args.rtol, args.atol))
@@ -313,22 +382,39 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("check-parity", help="compare our JAX model with transformers on an HF folder",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "check-parity",
+        help="compare our JAX model with transformers on an HF folder",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--hf-model", required=True, help="HF Qwen2.5-VL folder (config.json + safetensors)")
     p.add_argument("--images", type=_count(0), default=2, help="number of images in the batch (0: text only)")
-    p.add_argument("--image-sizes", type=_image_sizes, default=[],
-                   help="comma-separated HxW pixel sizes, cycled over the images (default 112x168,84x140)")
+    p.add_argument(
+        "--image-sizes",
+        type=_image_sizes,
+        default=[],
+        help="comma-separated HxW pixel sizes, cycled over the images (default 112x168,84x140)",
+    )
     p.add_argument("--video", action="store_true", help="add one video with 4 frames (T=2)")
     p.add_argument("--batch", type=_count(1), default=2, help="batch rows (shorter rows are left-padded)")
     p.add_argument("--steps", type=_count(0), default=4, help="cached decode steps to compare")
     p.add_argument("--min-pixels", type=_count(1), default=3136)
     p.add_argument("--max-pixels", type=_count(1), default=12845056)
-    p.add_argument("--dtype", type=dtype_arg, choices=["float32", "bfloat16"], default="float32",
-                   help="our compute dtype (fp32 / bf16 also accepted; bfloat16 differs at ~1e-2 relative: raise "
-                        "--rtol to compare it)")
-    p.add_argument("--rtol", type=_tolerance, default=RTOL,
-                   help=f"relative tolerance: pass when max|diff| <= atol + rtol * max|ref| (default {RTOL:g})")
+    p.add_argument(
+        "--dtype",
+        type=dtype_arg,
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="our compute dtype (fp32 / bf16 also accepted; bfloat16 differs at ~1e-2 relative: raise "
+        "--rtol to compare it)",
+    )
+    p.add_argument(
+        "--rtol",
+        type=_tolerance,
+        default=RTOL,
+        help=f"relative tolerance: pass when max|diff| <= atol + rtol * max|ref| (default {RTOL:g})",
+    )
     p.add_argument("--atol", type=_tolerance, default=ATOL, help=f"absolute tolerance (default {ATOL:g})")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_cli)

@@ -67,8 +67,10 @@ def pick_device(device: str = "auto") -> str:
         if reason is None:
             return "npu"
         if device == "npu":
-            raise RuntimeError(f"--device npu: {reason}. See docs/deploy-ascend.md (torch-npu must match torch "
-                               f"and the CANN toolkit must be installed and sourced).")
+            raise RuntimeError(
+                f"--device npu: {reason}. See docs/deploy-ascend.md (torch-npu must match torch "
+                f"and the CANN toolkit must be installed and sourced)."
+            )
     if device in ("auto", "cuda"):
         if torch.cuda.is_available():
             return "cuda"
@@ -82,12 +84,14 @@ def build_chat(prompt: str, num_images: int, task_type: str | None = None) -> li
     "default") wraps the text in that task's question template exactly as in training; None keeps it verbatim."""
     if task_type is not None:
         return build_messages(prompt, num_images, task_type)
-    return [{"role": "user", "content": [{"type": "image"} for _ in range(num_images)]
-             + [{"type": "text", "text": prompt}]}]
+    return [
+        {"role": "user", "content": [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]}
+    ]
 
 
-def expand_image_tokens(ids: Sequence[int], grids: Sequence[tuple[int, int, int]], image_token_id: int,
-                        merge_unit: int) -> list[int]:
+def expand_image_tokens(
+    ids: Sequence[int], grids: Sequence[tuple[int, int, int]], image_token_id: int, merge_unit: int
+) -> list[int]:
     """Replace the k-th `<|image_pad|>` with t*h*w/merge_unit copies for the k-th image (what the HF processor
     does to the text)."""
     slots = sum(1 for t in ids if t == image_token_id)
@@ -129,16 +133,22 @@ class TorchRuntime:
         device = pick_device(device)  # imports torch_npu when the NPU is used
         dtype = dtype or ("float32" if device == "cpu" else config.get("torch_dtype", "bfloat16"))
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype))
-        return cls(model=model.to(device).eval(), tokenizer=Tokenizer.load(folder), cfg=from_hf_config(config),
-                   device=device, min_pixels=preprocessor["min_pixels"], max_pixels=preprocessor["max_pixels"])
+        return cls(
+            model=model.to(device).eval(),
+            tokenizer=Tokenizer.load(folder),
+            cfg=from_hf_config(config),
+            device=device,
+            min_pixels=preprocessor["min_pixels"],
+            max_pixels=preprocessor["max_pixels"],
+        )
 
     def prompt_text(self, prompt: str, num_images: int, task_type: str | None = None) -> str:
         """The rendered chat prompt (one `<|image_pad|>` per image, generation prompt appended)."""
-        return self.tokenizer.apply_chat_template(build_chat(prompt, num_images, task_type),
-                                                  add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(build_chat(prompt, num_images, task_type), add_generation_prompt=True)
 
-    def _encode(self, images: Sequence[ImageInput], prompt: str,
-                task_type: str | None) -> tuple[list[int], list[np.ndarray], list[tuple[int, int, int]]]:
+    def _encode(
+        self, images: Sequence[ImageInput], prompt: str, task_type: str | None
+    ) -> tuple[list[int], list[np.ndarray], list[tuple[int, int, int]]]:
         """One prompt's token ids (image placeholders expanded), pixel rows per image, and grids."""
         pixels, grids = [], []
         for image in images:
@@ -147,16 +157,21 @@ class TorchRuntime:
             values, grid = preprocess_image(image, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
             pixels.append(values)
             grids.append(grid)
-        ids = expand_image_tokens(self.tokenizer.encode(self.prompt_text(prompt, len(images), task_type)), grids,
-                                  self.cfg.image_token_id, self.cfg.vision.merge_unit)
+        ids = expand_image_tokens(
+            self.tokenizer.encode(self.prompt_text(prompt, len(images), task_type)),
+            grids,
+            self.cfg.image_token_id,
+            self.cfg.vision.merge_unit,
+        )
         return ids, pixels, grids
 
     def inputs(self, images: Sequence[ImageInput], prompt: str, task_type: str | None = None) -> dict[str, Any]:
         """The model's keyword inputs for one prompt: input_ids, attention_mask, pixel_values, image_grid_thw."""
         return self.batch_inputs([(images, prompt)], task_type)
 
-    def batch_inputs(self, requests: Sequence[tuple[Sequence[ImageInput], str]],
-                     task_type: str | None = None) -> dict[str, Any]:
+    def batch_inputs(
+        self, requests: Sequence[tuple[Sequence[ImageInput], str]], task_type: str | None = None
+    ) -> dict[str, Any]:
         """Keyword inputs for several (images, prompt) requests, left-padded with the pad token as VLM-R1's
         processor does; image rows and grids are concatenated in request order."""
         torch = import_torch()
@@ -165,8 +180,8 @@ class TorchRuntime:
         input_ids = torch.full((len(encoded), length), self.tokenizer.pad_id, dtype=torch.long)
         mask = torch.zeros((len(encoded), length), dtype=torch.long)
         for row, (ids, _, _) in enumerate(encoded):
-            input_ids[row, length - len(ids):] = torch.tensor(ids)
-            mask[row, length - len(ids):] = 1
+            input_ids[row, length - len(ids) :] = torch.tensor(ids)
+            mask[row, length - len(ids) :] = 1
         batch = {"input_ids": input_ids, "attention_mask": mask}
         pixels = [p for _, rows, _ in encoded for p in rows]
         if pixels:
@@ -181,9 +196,16 @@ class TorchRuntime:
         tokens); older versions have no such argument and reject it."""
         return "mm_token_type_ids" in inspect.signature(self.model.forward).parameters
 
-    def generate_from(self, batch: dict[str, Any], max_new_tokens: int = 256, greedy: bool = True,
-                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50,
-                      seed: int = 0) -> list[list[int]]:
+    def generate_from(
+        self,
+        batch: dict[str, Any],
+        max_new_tokens: int = 256,
+        greedy: bool = True,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 50,
+        seed: int = 0,
+    ) -> list[list[int]]:
         """Generated token ids per row of `batch_inputs` output, through the first <|im_end|> / <|endoftext|>.
         Vision placeholder tokens are never generated (as in the JAX sampler). Sampling defaults are VLM-R1's
         rollout ones (temperature 1, top_k 50, top_p 1)."""
@@ -194,33 +216,56 @@ class TorchRuntime:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": top_k}
         eos = list(self.tokenizer.eos_ids)
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, eos_token_id=eos,
-                                  pad_token_id=self.tokenizer.pad_id,
-                                  suppress_tokens=list(default_banned_ids(self.cfg)), **sampling)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=not greedy,
+            eos_token_id=eos,
+            pad_token_id=self.tokenizer.pad_id,
+            suppress_tokens=list(default_banned_ids(self.cfg)),
+            **sampling,
+        )
         torch.manual_seed(seed)
         with torch.no_grad():
             out = self.model.generate(**batch, generation_config=config)
         rows = []
-        for row in out[:, batch["input_ids"].shape[1]:].tolist():
+        for row in out[:, batch["input_ids"].shape[1] :].tolist():
             end = next((i for i, t in enumerate(row) if t in eos), len(row) - 1)
-            rows.append(row[:end + 1])
+            rows.append(row[: end + 1])
         return rows
 
-    def generate_ids(self, images: Sequence[ImageInput], prompt: str, max_new_tokens: int = 256,
-                     greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50,
-                     seed: int = 0, task_type: str | None = None) -> list[int]:
+    def generate_ids(
+        self,
+        images: Sequence[ImageInput],
+        prompt: str,
+        max_new_tokens: int = 256,
+        greedy: bool = True,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 50,
+        seed: int = 0,
+        task_type: str | None = None,
+    ) -> list[int]:
         """Generated token ids (prompt excluded) for one prompt; see `generate_from`."""
-        return self.generate_from(self.inputs(images, prompt, task_type), max_new_tokens, greedy, temperature,
-                                  top_p, top_k, seed)[0]
+        return self.generate_from(
+            self.inputs(images, prompt, task_type), max_new_tokens, greedy, temperature, top_p, top_k, seed
+        )[0]
 
-    def generate(self, images: Sequence[ImageInput], prompt: str, max_new_tokens: int = 256, greedy: bool = True,
-                 **kwargs: Any) -> str:
+    def generate(
+        self, images: Sequence[ImageInput], prompt: str, max_new_tokens: int = 256, greedy: bool = True, **kwargs: Any
+    ) -> str:
         """The decoded completion (special tokens dropped); kwargs as in `generate_ids`."""
         ids = self.generate_ids(images, prompt, max_new_tokens, greedy, **kwargs)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def generate(model_dir: str | os.PathLike, images: Sequence[ImageInput], prompt: str, max_new_tokens: int = 256,
-             greedy: bool = True, device: str = "auto", **kwargs: Any) -> str:
+def generate(
+    model_dir: str | os.PathLike,
+    images: Sequence[ImageInput],
+    prompt: str,
+    max_new_tokens: int = 256,
+    greedy: bool = True,
+    device: str = "auto",
+    **kwargs: Any,
+) -> str:
     """Load `model_dir` and complete one VLM-R1 style prompt (greedy by default, else sampled)."""
     return TorchRuntime.load(model_dir, device).generate(images, prompt, max_new_tokens, greedy, **kwargs)

@@ -22,8 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 MODELS = {"3b": "qwen2.5-vl-3b", "7b": "qwen2.5-vl-7b", "32b": "qwen2.5-vl-32b", "72b": "qwen2.5-vl-72b"}
 TARGETS = {"v5p-8": (4, "v5p"), "v5p-64": (32, "v5p"), "8xh100": (8, "h100"), "8x910b": (8, "910b")}
-MODES = {"full": ("rec_3b", []), "lora": ("rec_3b_lora", []),
-         "freeze_vision": ("rec_3b", ["train.trainable=freeze_vision"])}
+MODES = {
+    "full": ("rec_3b", []),
+    "lora": ("rec_3b_lora", []),
+    "freeze_vision": ("rec_3b", ["train.trainable=freeze_vision"]),
+}
 BEGIN, END = "<!-- scaling-tables:begin -->", "<!-- scaling-tables:end -->"
 
 
@@ -36,8 +39,21 @@ def run_plan(out: Path, model: str, target: str, mode: str, timeout: float) -> s
     devices, kind = TARGETS[target]
     recipe, overrides = MODES[mode]
     path = plan_path(out, model, target, mode)
-    cmd = [sys.executable, "-m", "vlmr1_jax.cli", "plan", recipe, f"model.preset={MODELS[model]}", *overrides,
-           "--devices", str(devices), "--device-kind", kind, "--json", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlmr1_jax.cli",
+        "plan",
+        recipe,
+        f"model.preset={MODELS[model]}",
+        *overrides,
+        "--devices",
+        str(devices),
+        "--device-kind",
+        kind,
+        "--json",
+        str(path),
+    ]
     print(f"[{model} {target} {mode}] {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
     try:
         result = subprocess.run(cmd, cwd=ROOT, timeout=timeout, capture_output=True, text=True)
@@ -56,14 +72,19 @@ def row(data: dict | None, model: str, target: str, mode: str) -> str:
     largest = next(p for p in data["programs"] if p["name"] == data["largest_program"])
     compile_s = sum(p["lower_seconds"] + p["compile_seconds"] for p in data["programs"])
     verdict = "**fits**" if data["fits"] else "no"
-    return (f"{label} {data['persistent_bytes'] / GIB:.1f} | {data['largest_program']} "
-            f"{largest['extra_bytes'] / GIB:.1f} | {data['peak_bytes'] / GIB:.1f} | "
-            f"{data['budget_bytes'] / GIB:.1f} | {verdict} | {compile_s:.0f} |")
+    return (
+        f"{label} {data['persistent_bytes'] / GIB:.1f} | {data['largest_program']} "
+        f"{largest['extra_bytes'] / GIB:.1f} | {data['peak_bytes'] / GIB:.1f} | "
+        f"{data['budget_bytes'] / GIB:.1f} | {verdict} | {compile_s:.0f} |"
+    )
 
 
 def markdown(out: Path, models: list[str], targets: list[str], modes: list[str]) -> str:
-    lines = ["| model | trainable | target | state GiB/dev | largest program, extra GiB/dev | peak GiB/dev | "
-             "budget GiB (90%) | fits | compile s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | trainable | target | state GiB/dev | largest program, extra GiB/dev | peak GiB/dev | "
+        "budget GiB (90%) | fits | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for model in models:
         for mode in modes:
             for target in targets:

@@ -68,8 +68,9 @@ def random_tensors(cfg, seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
         yield name, value
 
 
-def random_hf_checkpoint(cfg, folder: Path, dtype: str = "bf16", max_shard_size: int | str = "2GB",
-                         seed: int = 0) -> Path:
+def random_hf_checkpoint(
+    cfg, folder: Path, dtype: str = "bf16", max_shard_size: int | str = "2GB", seed: int = 0
+) -> Path:
     """An HF Qwen2.5-VL folder of `cfg` with random weights (config.json + safetensors shards), written one
     tensor at a time; no tokenizer (exports then ship the vendored Qwen2.5 one)."""
     from converters.release import write_weights
@@ -96,14 +97,22 @@ def bound(cfg, itemsize: int, slack: int = SLACK) -> int:
 
 def run_measured(argv: list[str], timeout: float = 3600) -> Measured:
     """Run `vlmr1 ARGV` in a fresh process that reports its RSS after imports and its peak RSS (VmHWM)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "JAX_PLATFORMS": "cpu",
+    }
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), MEASURE, *map(str, argv)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), MEASURE, *map(str, argv)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     seconds = time.perf_counter() - start
     output = proc.stdout + proc.stderr
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{\"baseline\"")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"baseline"')]
     if not lines:
         raise RuntimeError(f"vlmr1 {' '.join(map(str, argv))} died (exit {proc.returncode}):\n{output[-3000:]}")
     report = json.loads(lines[-1])
@@ -165,19 +174,31 @@ def main() -> int:
         start = time.perf_counter()
         source = random_hf_checkpoint(cfg, work / "hf-bf16")
         size = sum(p.stat().st_size for p in source.glob("*.safetensors"))
-        print(f"wrote a random 3B checkpoint: {size / 1e9:.2f} GB in {len(list(source.glob('*.safetensors')))} "
-              f"shards, {time.perf_counter() - start:.0f} s")
-        steps = [("import-hf (bf16 -> fp32)", ["import-hf", "--model", source, "--out", work / "imported"], 4),
-                 ("export HF folder -> 310p fp16", ["export", source, "--out", work / "release-hf",
-                                                    "--target", "ascend-310p"], 2),
-                 ("export import ckpt -> 310p fp16", ["export", work / "imported", "--out", work / "release",
-                                                      "--target", "ascend-310p"], 4),
-                 ("check-export", ["check-export", work / "release", "--target", "ascend-310p"], 2)]
+        print(
+            f"wrote a random 3B checkpoint: {size / 1e9:.2f} GB in {len(list(source.glob('*.safetensors')))} "
+            f"shards, {time.perf_counter() - start:.0f} s"
+        )
+        steps = [
+            ("import-hf (bf16 -> fp32)", ["import-hf", "--model", source, "--out", work / "imported"], 4),
+            (
+                "export HF folder -> 310p fp16",
+                ["export", source, "--out", work / "release-hf", "--target", "ascend-310p"],
+                2,
+            ),
+            (
+                "export import ckpt -> 310p fp16",
+                ["export", work / "imported", "--out", work / "release", "--target", "ascend-310p"],
+                4,
+            ),
+            ("check-export", ["check-export", work / "release", "--target", "ascend-310p"], 2),
+        ]
         for label, argv, itemsize in steps:
             measured = run_measured(argv)
             rows.append((label, measured, bound(cfg, itemsize)))
-            print(f"{label}: exit {measured.returncode}, {measured.seconds:.0f} s, peak {measured.peak / gib:.2f} GiB",
-                  flush=True)
+            print(
+                f"{label}: exit {measured.returncode}, {measured.seconds:.0f} s, peak {measured.peak / gib:.2f} GiB",
+                flush=True,
+            )
             if measured.returncode != 0:
                 print(measured.output[-3000:], file=sys.stderr)
                 break
@@ -186,15 +207,16 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\ncheckpoint {size / 1e9:.2f} GB (bf16); bound = baseline + {K} x largest tensor + "
-          f"{SLACK // 2**20} MiB")
+    print(f"\ncheckpoint {size / 1e9:.2f} GB (bf16); bound = baseline + {K} x largest tensor + {SLACK // 2**20} MiB")
     print("| step | seconds | baseline RSS | peak RSS | growth | allowed growth | ok |\n|---|---|---|---|---|---|---|")
     failed = False
     for label, m, allowed in rows:
         ok = m.returncode == 0 and m.growth <= allowed
         failed |= not ok
-        print(f"| {label} | {m.seconds:.0f} | {m.baseline / gib:.2f} GiB | {m.peak / gib:.2f} GiB | "
-              f"{m.growth / gib:.2f} GiB | {allowed / gib:.2f} GiB | {'yes' if ok else 'NO'} |")
+        print(
+            f"| {label} | {m.seconds:.0f} | {m.baseline / gib:.2f} GiB | {m.peak / gib:.2f} GiB | "
+            f"{m.growth / gib:.2f} GiB | {allowed / gib:.2f} GiB | {'yes' if ok else 'NO'} |"
+        )
     return 1 if failed or len(rows) < 4 else 0
 
 

@@ -31,15 +31,17 @@ from tests.helpers.release import make_release_source  # noqa: E402
 def tiny_hf_dir(tmp_path_factory) -> Iterator[Path]:
     """Tiny untied Qwen2.5-VL (covers windowed + full blocks, padded windows, GQA, sectioned M-RoPE), every
     parameter random, saved by transformers."""
-    with read_only(save_random_hf_model(tmp_path_factory.mktemp("tiny_untied"), TINY_CONFIG, seed=0,
-                                        tied=False)) as folder:
+    with read_only(
+        save_random_hf_model(tmp_path_factory.mktemp("tiny_untied"), TINY_CONFIG, seed=0, tied=False)
+    ) as folder:
         yield folder
 
 
 @pytest.fixture(scope="session")
 def tiny_hf_tied_dir(tmp_path_factory) -> Iterator[Path]:
-    with read_only(save_random_hf_model(tmp_path_factory.mktemp("tiny_tied"), TINY_CONFIG, seed=1,
-                                        tied=True)) as folder:
+    with read_only(
+        save_random_hf_model(tmp_path_factory.mktemp("tiny_tied"), TINY_CONFIG, seed=1, tied=True)
+    ) as folder:
         yield folder
 
 
@@ -65,7 +67,12 @@ def fp32_release(release_source, tmp_path_factory) -> Iterator[Path]:
     from converters.release import export_release
 
     model = load_hf_model(release_source)
-    out = export_release(model, model.cfg, tmp_path_factory.mktemp("fp32_release") / "release", dtype="fp32",
-                         tokenizer_dir=release_source)
+    out = export_release(
+        model,
+        model.cfg,
+        tmp_path_factory.mktemp("fp32_release") / "release",
+        dtype="fp32",
+        tokenizer_dir=release_source,
+    )
     with read_only(out) as folder:
         yield folder

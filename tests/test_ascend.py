@@ -20,13 +20,20 @@ from tests.helpers.npu import require_npu
 from tests.helpers.release import PROMPT
 
 A2 = DeploySpec(PLATFORMS["a2"], "/data/releases/rec 3b", "bfloat16", "rec-3b", PLATFORMS["a2"].image)
-DUO = DeploySpec(PLATFORMS["310p"], "/data/releases/rec-3b-fp16", "float16", "rec-3b-fp16",
-                 PLATFORMS["310p"].image, max_model_len=8192, devices=(0, 1))
+DUO = DeploySpec(
+    PLATFORMS["310p"],
+    "/data/releases/rec-3b-fp16",
+    "float16",
+    "rec-3b-fp16",
+    PLATFORMS["310p"].image,
+    max_model_len=8192,
+    devices=(0, 1),
+)
 
 
 def serve_args(script: str) -> list[str]:
     """The argument list of the `exec vllm serve ...` command of serve.sh."""
-    command = script[script.index("exec vllm serve"):].replace("\\\n", " ")
+    command = script[script.index("exec vllm serve") :].replace("\\\n", " ")
     return shlex.split(command.splitlines()[0])
 
 
@@ -42,9 +49,12 @@ def docker_args(script: str, tmp_path: Path, **env: str) -> list[str]:
     (bin_dir / "docker").chmod(0o755)
     (tmp_path / "docker_run.sh").write_text(script)
     args_file = tmp_path / "docker_args"
-    result = subprocess.run(["bash", str(tmp_path / "docker_run.sh")], capture_output=True, text=True,
-                            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-                                 "ARGS_FILE": str(args_file), **env})
+    result = subprocess.run(
+        ["bash", str(tmp_path / "docker_run.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ARGS_FILE": str(args_file), **env},
+    )
     assert result.returncode == 0, result.stderr
     return args_file.read_text().split("\0")[:-1]
 
@@ -71,13 +81,15 @@ def test_310p_scripts_use_float16_eager_and_custom_ops(tmp_path):
     args = serve_args(scripts["serve.sh"])
     assert args[:3] == ["exec", "vllm", "serve"] and args[3] == "/models/rec-3b-fp16"
     assert flag(args, "--dtype") == "float16" and "--enforce-eager" in args
-    assert json.loads(flag(args, "--compilation-config")) == {"custom_ops": ["none", "+rms_norm",
-                                                                              "+rotary_embedding"]}
+    assert json.loads(flag(args, "--compilation-config")) == {"custom_ops": ["none", "+rms_norm", "+rotary_embedding"]}
     assert flag(args, "--max-model-len") == "8192" and flag(args, "--tensor-parallel-size") == "2"
     assert flag(args, "--served-model-name") == "rec-3b-fp16"
     docker = scripts["docker_run.sh"]
-    assert docker_args(docker, tmp_path)[-3:] == ["quay.io/ascend/vllm-ascend:v0.10.0rc1-310p", "bash",
-                                                  "/deploy/serve.sh"]
+    assert docker_args(docker, tmp_path)[-3:] == [
+        "quay.io/ascend/vllm-ascend:v0.10.0rc1-310p",
+        "bash",
+        "/deploy/serve.sh",
+    ]
     for device in ("/dev/davinci0", "/dev/davinci1", "/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc"):
         assert f"--device {device} \\" in docker
     assert "--device /dev/davinci2" not in docker
@@ -99,8 +111,14 @@ def test_a2_scripts_use_bfloat16_and_the_pinned_image(tmp_path):
     # IMAGE / MODEL_DIR / PORT in the environment override the defaults
     args = docker_args(docker, tmp_path, IMAGE="my/image:1", MODEL_DIR="/other", PORT="9001")
     assert args[-3] == "my/image:1" and "/other:/models/rec-3b:ro" in args and "9001:9001" in args
-    for mount in ("/usr/local/dcmi", "/usr/local/bin/npu-smi", "/usr/local/Ascend/driver/lib64/",
-                  "/usr/local/Ascend/driver/version.info", "/etc/ascend_install.info", "/root/.cache"):
+    for mount in (
+        "/usr/local/dcmi",
+        "/usr/local/bin/npu-smi",
+        "/usr/local/Ascend/driver/lib64/",
+        "/usr/local/Ascend/driver/version.info",
+        "/etc/ascend_install.info",
+        "/root/.cache",
+    ):
         assert f"-v {mount}:{mount} \\" in docker
     for env in ("PYTORCH_NPU_ALLOC_CONF=max_split_size_mb:256", "HCCL_OP_EXPANSION_MODE=AIV"):
         assert f"-e {env} \\" in docker
@@ -150,30 +168,72 @@ def test_any_model_folder_reaches_docker_verbatim(tmp_path):
 
 def test_deploy_command(releases, tmp_path, capsys):
     out = tmp_path / "deploy"
-    assert run_cli("deploy", "ascend", "--model", str(releases["310p"]), "--target", "310p", "--out", str(out),
-                   "--port", "9000") == 0
+    assert (
+        run_cli(
+            "deploy",
+            "ascend",
+            "--model",
+            str(releases["310p"]),
+            "--target",
+            "310p",
+            "--out",
+            str(out),
+            "--port",
+            "9000",
+        )
+        == 0
+    )
     assert "docker_run.sh" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["docker_run.sh", "offline_inference.py", "query.sh",
-                                                     "serve.sh"]
+    assert sorted(p.name for p in out.iterdir()) == ["docker_run.sh", "offline_inference.py", "query.sh", "serve.sh"]
     assert all(os.access(out / n, os.X_OK) for n in ("docker_run.sh", "serve.sh", "query.sh"))
     args = docker_args((out / "docker_run.sh").read_text(), tmp_path / "run")
-    assert f'{releases["310p"]}:/models/rec-fp16:ro' in args and "9000:9000" in args
+    assert f"{releases['310p']}:/models/rec-fp16:ro" in args and "9000:9000" in args
     assert flag(serve_args((out / "serve.sh").read_text()), "--served-model-name") == "rec-fp16"
     # A bf16 release is refused for the 300I Duo, naming the problem; existing scripts are not replaced.
-    assert run_cli("deploy", "ascend", "--model", str(releases["a2"]), "--target", "310p", "--out",
-                   str(tmp_path / "x")) == 1
+    assert (
+        run_cli("deploy", "ascend", "--model", str(releases["a2"]), "--target", "310p", "--out", str(tmp_path / "x"))
+        == 1
+    )
     err = capsys.readouterr().err
     assert "torch_dtype 'bfloat16' is not allowed for target ascend-310p" in err and "--target ascend-310p" in err
     assert not (tmp_path / "x").exists()
     assert run_cli("deploy", "ascend", "--model", str(releases["310p"]), "--target", "310p", "--out", str(out)) == 1
     assert "--overwrite" in capsys.readouterr().err
     # an image that is not an image reference (here: command substitution) is refused, nothing written
-    assert run_cli("deploy", "ascend", "--model", str(releases["310p"]), "--target", "310p", "--out",
-                   str(tmp_path / "y"), "--image", "x$(touch pwned)") == 1
+    assert (
+        run_cli(
+            "deploy",
+            "ascend",
+            "--model",
+            str(releases["310p"]),
+            "--target",
+            "310p",
+            "--out",
+            str(tmp_path / "y"),
+            "--image",
+            "x$(touch pwned)",
+        )
+        == 1
+    )
     assert "image 'x$(touch pwned)' is not a container image reference" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
-    assert run_cli("deploy", "ascend", "--model", str(releases["a2"]), "--target", "a2", "--out", str(out),
-                   "--overwrite", "--devices", "2", "3") == 0
+    assert (
+        run_cli(
+            "deploy",
+            "ascend",
+            "--model",
+            str(releases["a2"]),
+            "--target",
+            "a2",
+            "--out",
+            str(out),
+            "--overwrite",
+            "--devices",
+            "2",
+            "3",
+        )
+        == 0
+    )
     args = serve_args((out / "serve.sh").read_text())
     assert flag(args, "--dtype") == "bfloat16" and flag(args, "--tensor-parallel-size") == "2"
     assert "--device /dev/davinci3 \\" in (out / "docker_run.sh").read_text()
@@ -188,4 +248,3 @@ def test_a2_release_generates_on_npu(releases):
     runtime = TorchRuntime.load(releases["a2"], device="npu")
     assert runtime.device == "npu" and str(runtime.model.dtype) == "torch.bfloat16"
     assert len(runtime.generate_ids([], PROMPT, max_new_tokens=3)) >= 1
-

@@ -31,8 +31,9 @@ def test_blocked_attention_matches_formula_and_gradients(block):
     k = jax.random.normal(keys[1], (2, 45, 2, 8))
     v = jax.random.normal(keys[2], (2, 45, 2, 8))
     mask = jax.random.bernoulli(keys[3], 0.7, (2, 37, 45)).at[..., 0].set(True)
-    np.testing.assert_allclose(attention(q, k, v, mask, query_block=block), numpy_attention(q, k, v, mask),
-                               atol=2e-6, rtol=0)
+    np.testing.assert_allclose(
+        attention(q, k, v, mask, query_block=block), numpy_attention(q, k, v, mask), atol=2e-6, rtol=0
+    )
     loss = lambda block: lambda *t: (attention(*t, mask, query_block=block) ** 2).sum()
     blocked = jax.grad(loss(block), argnums=(0, 1, 2))(q, k, v)
     whole = jax.grad(loss(10_000), argnums=(0, 1, 2))(q, k, v)

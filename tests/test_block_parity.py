@@ -113,13 +113,13 @@ def test_gated_mlp_matches_hf(tower, hf_config):
     if tower == "text":
         hf = hf_random(lambda: hf_qwen.Qwen2MLP(hf_config.text_config), seed=1)
         c = CFG.text
-        ours = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, "embed", "mlp", use_bias=False,
-                        rngs=rngs())
+        ours = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, "embed", "mlp", use_bias=False, rngs=rngs())
     else:
         hf = hf_random(lambda: hf_qwen.Qwen2_5_VLMLP(hf_config.vision_config, bias=True), seed=2)
         c = CFG.vision
-        ours = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, "vision_embed", "vision_mlp",
-                        use_bias=True, rngs=rngs())
+        ours = GatedMLP(
+            c.hidden_size, c.intermediate_size, c.hidden_act, "vision_embed", "vision_mlp", use_bias=True, rngs=rngs()
+        )
     copy_mlp(ours, hf)
     x = 4 * np.random.default_rng(1).standard_normal((3, 5, c.hidden_size)).astype(np.float32)  # O(1) outputs
     with torch.no_grad():
@@ -184,8 +184,12 @@ def text_attention(hf_config):
 
 
 def our_rope(positions: np.ndarray):
-    return mrope_cos_sin(jnp.asarray(positions), inv_frequencies(CFG.text.head_dim, CFG.text.rope_theta),
-                         CFG.text.mrope_section, jnp.float32)
+    return mrope_cos_sin(
+        jnp.asarray(positions),
+        inv_frequencies(CFG.text.head_dim, CFG.text.rope_theta),
+        CFG.text.mrope_section,
+        jnp.float32,
+    )
 
 
 def test_text_attention_matches_hf(text_attention):
@@ -258,8 +262,9 @@ def test_vision_block_matches_hf(attention, hf_config):
 def test_patch_merger_matches_hf():
     """RMSNorm, 2 x 2 neighbouring patches concatenated, Linear, exact GELU, Linear to the text width."""
     v = CFG.vision
-    hf = hf_random(lambda: hf_qwen.Qwen2_5_VLPatchMerger(v.out_hidden_size, v.hidden_size, v.spatial_merge_size),
-                   seed=5)
+    hf = hf_random(
+        lambda: hf_qwen.Qwen2_5_VLPatchMerger(v.out_hidden_size, v.hidden_size, v.spatial_merge_size), seed=5
+    )
     ours = PatchMerger(v, rngs=rngs(), dtype=jnp.float32, param_dtype=jnp.float32)
     copy_norm(ours.ln_q, hf.ln_q)
     copy_linear(ours.fc1, hf.mlp[0])

@@ -67,8 +67,10 @@ def test_missing_shard(releases, tmp_path):
 
 def test_wrong_tensor_dtype(releases, tmp_path):
     folder = broken_copy(releases["duo"], tmp_path)
-    rewrite(folder / "model.safetensors",
-            lambda t: t.update({"model.norm.weight": t["model.norm.weight"].astype(np.float32)}))
+    rewrite(
+        folder / "model.safetensors",
+        lambda t: t.update({"model.norm.weight": t["model.norm.weight"].astype(np.float32)}),
+    )
     problems = check_export(folder, "ascend-310p")
     assert problems == ["1 tensors are F32, expected F16 (float16): model.norm.weight"]
 
@@ -90,7 +92,8 @@ def test_wrong_shape_and_tied_lm_head(releases, tmp_path):
     config["tie_word_embeddings"] = True
     (tied / "config.json").write_text(json.dumps(config))
     assert check_export(tied, "ascend-310p") == [
-        "lm_head.weight present although tie_word_embeddings is true (hub releases omit it)"]
+        "lm_head.weight present although tie_word_embeddings is true (hub releases omit it)"
+    ]
 
 
 def test_index_and_metadata_problems(releases, tmp_path):
@@ -150,8 +153,13 @@ def test_forward_report_measures_activations(releases):
 
     report = forward_report(releases["a2"], dtype="float32")
     names = [s.name for s in report.layers]
-    assert names == [f"visual.blocks.{i}" for i in range(4)] + ["visual.merger", "model.layers.0",
-                                                                 "model.layers.1", "model.norm", "lm_head"]
+    assert names == [f"visual.blocks.{i}" for i in range(4)] + [
+        "visual.merger",
+        "model.layers.0",
+        "model.layers.1",
+        "model.norm",
+        "lm_head",
+    ]
     assert report.problems() == [] and all(0 < s.max_abs < 1e3 and s.nonfinite == 0 for s in report.layers)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(releases["a2"], dtype=torch.float32)
     cfg = model.config
@@ -159,13 +167,22 @@ def test_forward_report_measures_activations(releases):
 
     pixels, grid = preprocess_image(synthetic_image(), max_pixels=448 * 448)
     n = int(np.prod(grid)) // 4
-    specials = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id,
-                cfg.vision_token_id}
+    specials = {
+        cfg.image_token_id,
+        cfg.video_token_id,
+        cfg.vision_start_token_id,
+        cfg.vision_end_token_id,
+        cfg.vision_token_id,
+    }
     text = [t for t in range(100) if t not in specials][:8]
     ids = torch.tensor([[cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id] + text])
     with torch.no_grad():
-        logits = model(input_ids=ids, pixel_values=torch.from_numpy(pixels), image_grid_thw=torch.tensor([grid]),
-                       mm_token_type_ids=(ids == cfg.image_token_id).long()).logits
+        logits = model(
+            input_ids=ids,
+            pixel_values=torch.from_numpy(pixels),
+            image_grid_thw=torch.tensor([grid]),
+            mm_token_type_ids=(ids == cfg.image_token_id).long(),
+        ).logits
     assert report.layers[-1].max_abs == pytest.approx(float(logits.abs().max()), rel=1e-6)
 
 
@@ -177,6 +194,7 @@ def test_forward_flags_float16_overflow_in_the_last_vision_block(releases, tmp_p
     def push(tensors):
         for name in ("visual.blocks.3.attn.proj.bias", "visual.blocks.3.mlp.down_proj.bias"):
             tensors[name] = np.full_like(tensors[name], 40000.0)
+
     rewrite(folder / "model.safetensors", push)
     assert check_export(folder, "ascend-310p") == []
     report = forward_report(folder)

@@ -50,8 +50,9 @@ def make_state(seed: int, updates: int = 0, with_reference: bool = True):
         k = jax.random.fold_in(key, i)
         grads = jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape, x.dtype), state.trainable)
         upd, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        state = dataclasses.replace(state, step=state.step + 1, opt_state=opt_state,
-                                    trainable=optax.apply_updates(state.trainable, upd))
+        state = dataclasses.replace(
+            state, step=state.step + 1, opt_state=opt_state, trainable=optax.apply_updates(state.trainable, upd)
+        )
     return state
 
 
@@ -63,6 +64,7 @@ def shard(state, mesh, spec_2d, spec_1d):
     def put(x):
         spec = spec_2d if x.ndim == 2 else spec_1d if x.ndim == 1 else P()
         return jax.device_put(x, NamedSharding(mesh, spec))
+
     return jax.tree.map(put, state)
 
 
@@ -178,9 +180,13 @@ def test_mismatched_state_names_the_leaf(tmp_path):
         kernel = target.trainable["lm"]["kernel"]
         wrong_dtype = jax.tree.map(lambda x: x, target)
         wrong_dtype.trainable["lm"]["kernel"].set_value(
-            jax.ShapeDtypeStruct(kernel.shape, jnp.bfloat16, sharding=kernel.sharding))
-        with pytest.raises(CheckpointError, match=r"trainable\.lm\.kernel\.value: checkpoint has float32\[8,16\], "
-                                                  r"expected bfloat16\[8,16\]"):
+            jax.ShapeDtypeStruct(kernel.shape, jnp.bfloat16, sharding=kernel.sharding)
+        )
+        with pytest.raises(
+            CheckpointError,
+            match=r"trainable\.lm\.kernel\.value: checkpoint has float32\[8,16\], "
+            r"expected bfloat16\[8,16\]",
+        ):
             ckpt.restore(wrong_dtype)
         wrong_shape = jax.tree.map(lambda x: x, target)
         wrong_shape.trainable["lm"]["bias"].set_value(jax.ShapeDtypeStruct((17,), jnp.float32))
@@ -197,8 +203,10 @@ def test_mismatched_state_names_the_leaf(tmp_path):
             ckpt.restore(target)
         with pytest.raises(FileNotFoundError, match="step 9"):
             ckpt.restore(target, step=9)
-    with Checkpointer(tmp_path / "empty", save_every=1, keep=1) as ckpt, pytest.raises(FileNotFoundError,
-                                                                                      match="no checkpoint"):
+    with (
+        Checkpointer(tmp_path / "empty", save_every=1, keep=1) as ckpt,
+        pytest.raises(FileNotFoundError, match="no checkpoint"),
+    ):
         ckpt.restore(target)
 
 
@@ -248,8 +256,11 @@ def test_fingerprints_see_any_changed_or_moved_word():
     assert fingerprints({"x": jnp.asarray(swapped)})["x"] != reference
     assert fingerprints({"x": jnp.asarray(base)})["x"] == reference
     assert fingerprints({"k": key}) == fingerprints({"k": jax.random.key(3)}) != fingerprints({"k": jax.random.key(4)})
-    assert set(fingerprints({"h": jnp.ones(4, jnp.bfloat16), "i": jnp.ones(2, jnp.int64 if jax.config.x64_enabled
-                                                                             else jnp.int32)})) == {"h", "i"}
+    assert set(
+        fingerprints(
+            {"h": jnp.ones(4, jnp.bfloat16), "i": jnp.ones(2, jnp.int64 if jax.config.x64_enabled else jnp.int32)}
+        )
+    ) == {"h", "i"}
 
 
 # Run in 2 processes x 4 CPU devices (docs/facts.md: Multi-host on CPU): argv = process id, port, folder, save|restore.
@@ -297,8 +308,16 @@ def test_two_processes_save_and_restore_on_another_mesh(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for mode in ("save", "restore"):
         port = str(portpicker.pick_unused_port())
-        procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(pid), port, str(tmp_path), mode], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for pid in (0, 1)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER, str(pid), port, str(tmp_path), mode],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for pid in (0, 1)
+        ]
         try:
             for proc in procs:
                 out, _ = proc.communicate(timeout=120)
@@ -308,4 +327,6 @@ def test_two_processes_save_and_restore_on_another_mesh(tmp_path):
                 if proc.poll() is None:
                     proc.kill()
     assert sorted(p.name for p in (tmp_path / "1" / "data").glob("*.json")) == [
-        "process_0-of-2.json", "process_1-of-2.json"]
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]

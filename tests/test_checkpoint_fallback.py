@@ -39,8 +39,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     assert checkpoint_steps(checkpoints) == [4, 6]
 
     reference = tmp_path / "reference"
-    GRPOTrainer(load_config("demo_tiny", [*overrides, "train.max_steps=6", f"train.output_dir={reference}"]),
-                progress=False).train()
+    GRPOTrainer(
+        load_config("demo_tiny", [*overrides, "train.max_steps=6", f"train.output_dir={reference}"]), progress=False
+    ).train()
     got, want = read_state(checkpoints / "6" / "state"), read_state(reference / "checkpoints" / "6" / "state")
     assert got.keys() == want.keys()
     for name in want:

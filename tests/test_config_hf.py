@@ -31,24 +31,43 @@ def hf_view(hf: Qwen2_5_VLConfig) -> dict:
     """transformers' resolved config in our field names (vision_token_id is no transformers field: left out)."""
     t, v = hf.text_config, hf.vision_config
     return {
-        "text": {"vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-                 "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
-                 "num_key_value_heads": t.num_key_value_heads, "rms_norm_eps": t.rms_norm_eps,
-                 "rope_theta": t.rope_parameters["rope_theta"],
-                 "mrope_section": tuple(Qwen2_5_VLRotaryEmbedding(t).mrope_section),
-                 "max_position_embeddings": t.max_position_embeddings, "tie_word_embeddings": hf.tie_word_embeddings,
-                 "hidden_act": t.hidden_act},
-        "vision": {"depth": v.depth, "hidden_size": v.hidden_size, "num_heads": v.num_heads,
-                   "intermediate_size": v.intermediate_size, "out_hidden_size": v.out_hidden_size,
-                   "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
-                   "spatial_merge_size": v.spatial_merge_size, "window_size": v.window_size,
-                   "fullatt_block_indexes": tuple(v.fullatt_block_indexes), "tokens_per_second": v.tokens_per_second,
-                   "in_channels": v.in_channels, "hidden_act": v.hidden_act,
-                   "rope_theta": v.rope_parameters["rope_theta"],
-                   "norm_eps": 1e-6},  # transformers' vision RMSNorms hard-code 1e-6
-        "image_token_id": hf.image_token_id, "video_token_id": hf.video_token_id,
-        "vision_start_token_id": hf.vision_start_token_id, "vision_end_token_id": hf.vision_end_token_id,
-        "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id,
+        "text": {
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_parameters["rope_theta"],
+            "mrope_section": tuple(Qwen2_5_VLRotaryEmbedding(t).mrope_section),
+            "max_position_embeddings": t.max_position_embeddings,
+            "tie_word_embeddings": hf.tie_word_embeddings,
+            "hidden_act": t.hidden_act,
+        },
+        "vision": {
+            "depth": v.depth,
+            "hidden_size": v.hidden_size,
+            "num_heads": v.num_heads,
+            "intermediate_size": v.intermediate_size,
+            "out_hidden_size": v.out_hidden_size,
+            "patch_size": v.patch_size,
+            "temporal_patch_size": v.temporal_patch_size,
+            "spatial_merge_size": v.spatial_merge_size,
+            "window_size": v.window_size,
+            "fullatt_block_indexes": tuple(v.fullatt_block_indexes),
+            "tokens_per_second": v.tokens_per_second,
+            "in_channels": v.in_channels,
+            "hidden_act": v.hidden_act,
+            "rope_theta": v.rope_parameters["rope_theta"],
+            "norm_eps": 1e-6,
+        },  # transformers' vision RMSNorms hard-code 1e-6
+        "image_token_id": hf.image_token_id,
+        "video_token_id": hf.video_token_id,
+        "vision_start_token_id": hf.vision_start_token_id,
+        "vision_end_token_id": hf.vision_end_token_id,
+        "bos_token_id": t.bos_token_id,
+        "eos_token_id": t.eos_token_id,
     }
 
 
@@ -70,8 +89,11 @@ def test_hf_defaults_round_trip():
 @pytest.mark.parametrize("layout", ["nested", "flat"])
 def test_missing_keys_take_transformers_defaults(layout):
     """A config.json holding only a few keys means, key for key, what transformers makes of it."""
-    raw = copy.deepcopy(SMALL) if layout == "nested" else {"num_hidden_layers": 2,
-                                                           "vision_config": SMALL["vision_config"]}
+    raw = (
+        copy.deepcopy(SMALL)
+        if layout == "nested"
+        else {"num_hidden_layers": 2, "vision_config": SMALL["vision_config"]}
+    )
     raw["model_type"] = "qwen2_5_vl"
     hf = Qwen2_5_VLConfig(**copy.deepcopy(raw))
     assert our_view(from_hf_config(raw)) == hf_view(hf)

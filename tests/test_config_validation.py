@@ -9,37 +9,48 @@ from vlmr1_jax.cli import main
 from vlmr1_jax.config import load_config
 
 
-@pytest.mark.parametrize("override, field", [
-    ("grpo.num_iterations=0", "grpo.num_iterations"),
-    ("sampling.max_new_tokens=0", "sampling.max_new_tokens"),
-    ("data.prompts_per_step=0", "data.prompts_per_step"),
-    ("sampling.temperature=0", "sampling.temperature"),
-    ("sampling.top_p=0", "sampling.top_p"),
-    ("optim.learning_rate=-1", "optim.learning_rate"),
-    ("optim.learning_rate=.nan", "optim.learning_rate"),
-    ("optim.grad_accum=0", "optim.grad_accum"),
-    ("optim.schedule=cosine", "optim.schedule"),
-    ("data.task_type=bogus", "data.task_type"),
-    ("data.on_error=ignore", "data.on_error"),
-    ("data.max_pixels=10", "data.max_pixels"),
-    ("grpo.beta=-0.1", "grpo.beta"),
-    ("grpo.epsilon=0", "grpo.epsilon"),
-    ("lora.rank=0", "lora.rank"),
-    ("lora.dropout=1", "lora.dropout"),
-    ("train.trainable=half", "train.trainable"),
-    ("train.save_every=0", "train.save_every"),
-    ("model.dtype=float64", "model.dtype"),
-    ("model.remat=some", "model.remat"),
-    ("mesh.fsdp=0", "mesh.fsdp"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("grpo.num_iterations=0", "grpo.num_iterations"),
+        ("sampling.max_new_tokens=0", "sampling.max_new_tokens"),
+        ("data.prompts_per_step=0", "data.prompts_per_step"),
+        ("sampling.temperature=0", "sampling.temperature"),
+        ("sampling.top_p=0", "sampling.top_p"),
+        ("optim.learning_rate=-1", "optim.learning_rate"),
+        ("optim.learning_rate=.nan", "optim.learning_rate"),
+        ("optim.grad_accum=0", "optim.grad_accum"),
+        ("optim.schedule=cosine", "optim.schedule"),
+        ("data.task_type=bogus", "data.task_type"),
+        ("data.on_error=ignore", "data.on_error"),
+        ("data.max_pixels=10", "data.max_pixels"),
+        ("grpo.beta=-0.1", "grpo.beta"),
+        ("grpo.epsilon=0", "grpo.epsilon"),
+        ("lora.rank=0", "lora.rank"),
+        ("lora.dropout=1", "lora.dropout"),
+        ("train.trainable=half", "train.trainable"),
+        ("train.save_every=0", "train.save_every"),
+        ("model.dtype=float64", "model.dtype"),
+        ("model.remat=some", "model.remat"),
+        ("mesh.fsdp=0", "mesh.fsdp"),
+    ],
+)
 def test_nonsense_values_name_their_field(override, field):
     with pytest.raises(ValueError, match=f"^{field}="):
         load_config("demo_tiny", [override])
 
 
 def test_sensible_edge_values_pass():
-    cfg = load_config("demo_tiny", ["sampling.temperature=0", "sampling.greedy=true", "grpo.beta=0",
-                                    "data.task_type=Find {Question} now", "optim.learning_rate=0"])
+    cfg = load_config(
+        "demo_tiny",
+        [
+            "sampling.temperature=0",
+            "sampling.greedy=true",
+            "grpo.beta=0",
+            "data.task_type=Find {Question} now",
+            "optim.learning_rate=0",
+        ],
+    )
     assert cfg.sampling.greedy and cfg.grpo.beta == 0
 
 

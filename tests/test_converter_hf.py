@@ -82,7 +82,7 @@ def test_transformers_5_in_memory_names_are_accepted(tiny_hf_dir, tmp_path, unti
             if k.startswith("visual."):
                 k = "model." + k
             elif k.startswith("model."):
-                k = "model.language_model." + k[len("model."):]
+                k = "model.language_model." + k[len("model.") :]
             new[k] = v
         assert any(k.startswith("model.language_model.layers.") for k in new) and "lm_head.weight" in new
         return new
@@ -94,12 +94,12 @@ def test_tied_checkpoint_with_a_stored_lm_head_loads(tiny_hf_tied_dir, tmp_path)
     def add_head(t):
         return {**t, "lm_head.weight": t["model.embed_tokens.weight"]}
 
-    assert_same_params(load_hf_model(rewrite(tiny_hf_tied_dir, tmp_path, add_head)),
-                       load_hf_model(tiny_hf_tied_dir))
+    assert_same_params(load_hf_model(rewrite(tiny_hf_tied_dir, tmp_path, add_head)), load_hf_model(tiny_hf_tied_dir))
 
 
-@pytest.mark.parametrize("name", ["model.layers.1.mlp.up_proj.weight", "lm_head.weight",
-                                  "visual.patch_embed.proj.weight"])
+@pytest.mark.parametrize(
+    "name", ["model.layers.1.mlp.up_proj.weight", "lm_head.weight", "visual.patch_embed.proj.weight"]
+)
 def test_missing_tensor_is_named(tiny_hf_dir, tmp_path, name):
     src = rewrite(tiny_hf_dir, tmp_path, lambda t: {k: v for k, v in t.items() if k != name})
     with pytest.raises(KeyError, match=rf"missing tensors .*{re.escape(name)}"):
@@ -113,8 +113,9 @@ def test_unexpected_tensor_is_named(tiny_hf_dir, tmp_path):
         load_hf_model(src)
 
 
-@pytest.mark.parametrize("name, shape", [("visual.blocks.0.attn.qkv.bias", (95,)),
-                                         ("model.layers.1.self_attn.k_proj.weight", (64, 64))])
+@pytest.mark.parametrize(
+    "name, shape", [("visual.blocks.0.attn.qkv.bias", (95,)), ("model.layers.1.self_attn.k_proj.weight", (64, 64))]
+)
 def test_wrong_shape_is_named(tiny_hf_dir, tmp_path, name, shape):
     src = rewrite(tiny_hf_dir, tmp_path, lambda t: {**t, name: np.zeros(shape, np.float32)})
     with pytest.raises(ValueError, match=rf"tensor '{re.escape(name)}' has shape {re.escape(str(shape))}"):
@@ -155,8 +156,9 @@ def test_bf16_checkpoint_loads_rounded_values(tiny_hf_dir, tmp_path, param_dtype
         value = loaded[path] if layer is None else loaded[path][layer]
         exact = from_hf_tensor(path, fp32[name])
         assert value.dtype == param_dtype, name
-        np.testing.assert_array_equal(value.astype(np.float32),
-                                      exact.astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=name)
+        np.testing.assert_array_equal(
+            value.astype(np.float32), exact.astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=name
+        )
         rounded += int((value.astype(np.float32) != exact).any())
     assert rounded == len(entries) == len(fp32)  # random fp32 values: every tensor really went through bf16
 

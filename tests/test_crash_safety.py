@@ -14,8 +14,9 @@ from vlmr1_jax.train.loop import GRPOTrainer
 def test_error_in_prepare_keeps_the_inflight_checkpoint(tmp_path, monkeypatch):
     inputs = make_run_inputs(tmp_path)
     run = tmp_path / "run"
-    cfg = load_config("demo_tiny", [*inputs, *TINY_RUN, "train.max_steps=6", "train.save_every=2",
-                                    f"train.output_dir={run}"])
+    cfg = load_config(
+        "demo_tiny", [*inputs, *TINY_RUN, "train.max_steps=6", "train.save_every=2", f"train.output_dir={run}"]
+    )
     trainer = GRPOTrainer(cfg, progress=False)
     prepare, calls = trainer.prepare, []
 

@@ -42,13 +42,18 @@ BIG_SIZE = (8000, 7500)  # 60 MP: under PIL's limits, over our 50 MP cap
 
 def write_blank_png(path: Path, width: int, height: int) -> None:
     """A valid all-black 1-bit PNG, streamed row by row: KBs on disk and in memory whatever its size."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     compressor, row = zlib.compressobj(9), b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
     idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +102,15 @@ def test_raise_names_file_line_and_field(hostile, tmp_path, line):
 
 def test_skip_loads_the_good_lines_and_reports_every_other(hostile):
     data, empty = hostile / "hostile.jsonl", hostile / "empty.jsonl"
-    samples, report = load_jsonl_datasets(f"{data}:{empty}", f"{hostile / 'images'}:{hostile / 'images'}",
-                                          on_error="skip")
+    samples, report = load_jsonl_datasets(
+        f"{data}:{empty}", f"{hostile / 'images'}:{hostile / 'images'}", on_error="skip"
+    )
     assert [s.line for s in samples] == GOOD_LINES
     assert [s.id for s in samples] == ["good-png", "one-pixel", "good-png", "good-jpeg"]
     found = {(p.file, p.line, p.kind, p.field) for p in report.problems}
     assert found == {(str(data), line, kind, field) for line, (kind, field) in EXPECTED.items()} | {
-        (str(empty), 0, "empty_file", "<file>")}
+        (str(empty), 0, "empty_file", "<file>")
+    }
     assert (report.lines, report.loaded, len(report.problems)) == (18, 4, len(EXPECTED) + 1)
     assert "no samples" in report.summary()
 
@@ -122,13 +129,17 @@ def test_pixel_cap_is_the_configured_one(hostile, tmp_path):
     the cap admits it (its header is read, its 60 MP are never decoded)."""
     path = tmp_path / "big.jsonl"
     path.write_bytes(hostile_lines(hostile)[7] + b"\n")
-    with pytest.raises(DataError, match=r"8000x7500 = 60000000 pixels is over the cap of 50000000 "
-                                        r"\(data\.max_image_pixels\)"):
+    with pytest.raises(
+        DataError,
+        match=r"8000x7500 = 60000000 pixels is over the cap of 50000000 "
+        r"\(data\.max_image_pixels\)",
+    ):
         load_jsonl_datasets(str(path), str(hostile / "images"))
     samples, _ = load_jsonl_datasets(str(path), str(hostile / "images"), max_image_pixels=60_000_000)
     assert [s.id for s in samples] == ["over-pixel-cap"]
 
     from vlmr1_jax.train.setup import load_samples
+
     overrides = [f"data.data_file_paths={path}", f"data.image_folders={hostile / 'images'}"]
     with pytest.raises(DataError, match="max_image_pixels"):
         load_samples(load_config(None, overrides))
@@ -184,8 +195,14 @@ def test_aspect_ratio_is_refused_exactly_where_hf_refuses(hostile):
 
 def check_output(capsys, files: list[Path], folder: Path) -> tuple[int, str, set[tuple[str, int, str, str]]]:
     """`vlmr1 data check` on `files`: (exit code, output, {(file, line, field, kind)} of its problem lines)."""
-    code = run_cli("data", "check", "--data-files", ":".join(map(str, files)),
-                   "--image-folders", ":".join([str(folder)] * len(files)))
+    code = run_cli(
+        "data",
+        "check",
+        "--data-files",
+        ":".join(map(str, files)),
+        "--image-folders",
+        ":".join([str(folder)] * len(files)),
+    )
     text = capsys.readouterr().out
     found = {(m[1], int(m[2]), m[3], m[4]) for m in map(PROBLEM_LINE.match, text.splitlines()) if m}
     return code, text, found
@@ -196,15 +213,25 @@ def test_check_flags_every_hostile_case(hostile, capsys):
     code, text, found = check_output(capsys, [data, empty], hostile / "images")
     assert code == 1
     assert found == {(str(data), line, field, kind) for line, (kind, field) in EXPECTED.items()} | {
-        (str(data), 16, "id", "duplicate_id"), (str(empty), 0, "<file>", "empty_file")}
-    assert f'{data}:16: field \'id\': id "good-png" is also used on line 1 [duplicate_id]' in text
+        (str(data), 16, "id", "duplicate_id"),
+        (str(empty), 0, "<file>", "empty_file"),
+    }
+    assert f"{data}:16: field 'id': id \"good-png\" is also used on line 1 [duplicate_id]" in text
     assert "pixels is over the cap of 50000000" in text and "no samples" in text
     assert "files: 2  lines: 18  samples: 3 valid, 15 with problems" in text
     assert "no problems found" not in text
 
 
-@pytest.mark.parametrize("lines, kind", [([], "empty_file"), ([9], "wrong_type"), ([9, 10, 11], "wrong_type"),
-                                         ([1, 16], "duplicate_id"), ([8], "image_too_large")])
+@pytest.mark.parametrize(
+    "lines, kind",
+    [
+        ([], "empty_file"),
+        ([9], "wrong_type"),
+        ([9, 10, 11], "wrong_type"),
+        ([1, 16], "duplicate_id"),
+        ([8], "image_too_large"),
+    ],
+)
 def test_check_exits_1_for_each_case_alone(hostile, tmp_path, capsys, lines, kind):
     source = hostile_lines(hostile)
     path = tmp_path / "case.jsonl"

@@ -39,14 +39,21 @@ def images(tmp_path) -> str:
 
 
 def test_normalisation_matches_vlm_r1(tmp_path, images):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        {"id": 1, "image": "a.png", "conversations": conv("<image>What is this?", " <answer>cat</answer> ")},
-        {"id": "x", "image": ["a.png", "sub/b.png"], "accu_reward_method": "mcq",
-         "conversations": conv("<image><image>Compare <image>them", "3")},
-        "",
-        {"conversations": conv("Text only", "[1, 2]"), "difficulty": "easy"},
-        {"id": 4, "image": "sub/../a.png", "conversations": conv("<image>Q", "<answer>  A B\n</answer>")},
-    ])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"id": 1, "image": "a.png", "conversations": conv("<image>What is this?", " <answer>cat</answer> ")},
+            {
+                "id": "x",
+                "image": ["a.png", "sub/b.png"],
+                "accu_reward_method": "mcq",
+                "conversations": conv("<image><image>Compare <image>them", "3"),
+            },
+            "",
+            {"conversations": conv("Text only", "[1, 2]"), "difficulty": "easy"},
+            {"id": 4, "image": "sub/../a.png", "conversations": conv("<image>Q", "<answer>  A B\n</answer>")},
+        ],
+    )
     samples, report = load_jsonl_datasets(path, images)
     a, b = os.path.join(images, "a.png"), os.path.join(images, "sub", "b.png")
     assert samples == [
@@ -60,10 +67,13 @@ def test_normalisation_matches_vlm_r1(tmp_path, images):
 
 def test_colon_separated_files_folders_and_reward_methods(tmp_path, images):
     f1 = write_jsonl(tmp_path / "one.jsonl", [{"id": 1, "image": "a.png", "conversations": conv("q1", "a1")}])
-    f2 = write_jsonl(tmp_path / "two.jsonl", [
-        {"id": 2, "image": "b.png", "conversations": conv("q2", "a2")},
-        {"id": 3, "accu_reward_method": "override", "conversations": conv("q3", "a3")},
-    ])
+    f2 = write_jsonl(
+        tmp_path / "two.jsonl",
+        [
+            {"id": 2, "image": "b.png", "conversations": conv("q2", "a2")},
+            {"id": 3, "accu_reward_method": "override", "conversations": conv("q3", "a3")},
+        ],
+    )
     sub = os.path.join(images, "sub")
     samples, _ = load_jsonl_datasets(f"{f1}:{f2}", f"{images}:{sub}", "iou:acc")
     assert [(s.id, s.accu_reward_method, s.image_paths, s.source) for s in samples] == [
@@ -75,11 +85,14 @@ def test_colon_separated_files_folders_and_reward_methods(tmp_path, images):
     assert load_jsonl_datasets([f1, f2], [images, sub], ["iou", "acc"])[0] == samples
 
 
-@pytest.mark.parametrize("files, folders, methods, word", [
-    ("a.jsonl:b.jsonl", "x", None, "image_folders"),
-    ("a.jsonl", "x:y", None, "image_folders"),
-    ("a.jsonl:b.jsonl", "x:y", "iou", "reward_method"),
-])
+@pytest.mark.parametrize(
+    "files, folders, methods, word",
+    [
+        ("a.jsonl:b.jsonl", "x", None, "image_folders"),
+        ("a.jsonl", "x:y", None, "image_folders"),
+        ("a.jsonl:b.jsonl", "x:y", "iou", "reward_method"),
+    ],
+)
 def test_length_mismatch_is_a_clear_value_error(files, folders, methods, word):
     with pytest.raises(ValueError, match=word):
         load_jsonl_datasets(files, folders, methods)
@@ -92,8 +105,7 @@ BAD_LINES = [  # (line, kind, field)
     ({"image": "a.png"}, "missing_key", "conversations"),
     ({"conversations": {"from": "human"}}, "wrong_type", "conversations"),
     ({"conversations": [{"from": "human", "value": "q"}]}, "missing_key", "conversations[1]"),
-    ({"conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]}, "missing_key",
-     "conversations[0].value"),
+    ({"conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]}, "missing_key", "conversations[0].value"),
     ({"conversations": ["q", {"value": "a"}]}, "wrong_type", "conversations[0]"),
     ({"conversations": conv(7, "a")}, "wrong_type", "conversations[0].value"),
     ({"conversations": [{"value": "q"}, {"from": "gpt"}]}, "missing_key", "conversations[1].value"),
@@ -146,8 +158,9 @@ def test_images_are_not_checked_when_asked_not_to(tmp_path, images):
 
 
 def test_read_image_sizes_decodes_and_reports_unreadable(tmp_path, images):
-    good = Sample(0, "q", "a", (os.path.join(images, "a.png"), os.path.join(images, "sub", "b.png")),
-                  "default", "f.jsonl", 3)
+    good = Sample(
+        0, "q", "a", (os.path.join(images, "a.png"), os.path.join(images, "sub", "b.png")), "default", "f.jsonl", 3
+    )
     assert read_image_sizes(good) == [(6, 8), (7, 5)]  # (height, width)
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes((tmp_path / "images" / "a.png").read_bytes()[:40])
@@ -168,8 +181,12 @@ def test_synth_then_check_passes(tmp_path, capsys):
     # 112x112 -> smart_resize keeps 112x112 -> (112/28)^2 = 16 tokens per image.
     assert "samples: 6 valid, 0 with problems" in text and "min 16, max 16" in text and "[16, 32): 6" in text
     # With max_pixels 3136, 112x112 resizes to 56x56: 4 tokens.
-    assert run_cli("data", "check", "--data-files", f"{out}/train.jsonl", "--image-folders", folder,
-                   "--max-pixels", "3136") == 0
+    assert (
+        run_cli(
+            "data", "check", "--data-files", f"{out}/train.jsonl", "--image-folders", folder, "--max-pixels", "3136"
+        )
+        == 0
+    )
     assert "min 4, max 4" in capsys.readouterr().out
 
 
@@ -177,17 +194,21 @@ def test_check_reports_exactly_the_corrupted_lines(tmp_path, capsys):
     out = str(tmp_path / "syn")
     good = synthetic.generate(out, 10, seed=2)
     lines = Path(good).read_bytes().splitlines()
-    lines[2] = b'{"id": "broken", "conversations": ['                                  # line 3
-    lines[4] = lines[4].replace(b"train/train_000004.png", b"train/gone.png")             # line 5
-    lines[6] = lines[6].replace(b"train/train_000006.png", b"../../secret.png")           # line 7
-    lines[8] = lines[8].replace(b"describes", b"describ\xe9s")                            # line 9
+    lines[2] = b'{"id": "broken", "conversations": ['  # line 3
+    lines[4] = lines[4].replace(b"train/train_000004.png", b"train/gone.png")  # line 5
+    lines[6] = lines[6].replace(b"train/train_000006.png", b"../../secret.png")  # line 7
+    lines[8] = lines[8].replace(b"describes", b"describ\xe9s")  # line 9
     bad = write_jsonl(tmp_path / "bad.jsonl", lines)
     folder = synthetic.image_folder(out)
     assert run_cli("data", "check", "--data-files", bad, "--image-folders", folder) == 1
     text = capsys.readouterr().out
     found = {(m[1], int(m[2]), m[3], m[4]) for m in map(PROBLEM_LINE.match, text.splitlines()) if m}
-    assert found == {(bad, 3, "<line>", "invalid_json"), (bad, 5, "image", "missing_image"),
-                     (bad, 7, "image", "unsafe_path"), (bad, 9, "<line>", "non_utf8")}
+    assert found == {
+        (bad, 3, "<line>", "invalid_json"),
+        (bad, 5, "image", "missing_image"),
+        (bad, 7, "image", "unsafe_path"),
+        (bad, 9, "<line>", "non_utf8"),
+    }
     assert "samples: 6 valid, 4 with problems" in text
 
     samples, report = load_jsonl_datasets(bad, folder, on_error="skip")

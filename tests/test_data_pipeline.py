@@ -11,8 +11,9 @@ from vlmr1_jax.data.pipeline import batches_per_epoch, epoch_of, make_prompt_ite
 
 
 def make_samples(n: int) -> list[Sample]:
-    return [Sample(i, f"q{i}", f"<answer> {i} </answer>", (f"img/{i}.png",), "default", "d.jsonl", i + 1)
-            for i in range(n)]
+    return [
+        Sample(i, f"q{i}", f"<answer> {i} </answer>", (f"img/{i}.png",), "default", "d.jsonl", i + 1) for i in range(n)
+    ]
 
 
 def ids(batch: list[Sample]) -> list[int]:
@@ -28,7 +29,7 @@ def test_each_epoch_is_a_fresh_permutation_with_the_remainder_dropped():
     batches = list(make_prompt_iterator(make_samples(n), b, seed=7, num_epochs=3))
     assert len(batches) == 3 * 4 and all(len(x) == b for x in batches)
     assert all(isinstance(s, Sample) and s.image_paths == (f"img/{s.id}.png",) for x in batches for s in x)
-    epochs = [[i for x in batches[e * 4:(e + 1) * 4] for i in ids(x)] for e in range(3)]
+    epochs = [[i for x in batches[e * 4 : (e + 1) * 4] for i in ids(x)] for e in range(3)]
     for epoch in epochs:
         assert len(set(epoch)) == 20 and set(epoch) <= set(range(n))  # unique prompts within an epoch
     assert epochs[0] != epochs[1] != epochs[2]  # reshuffled every epoch
@@ -57,8 +58,10 @@ def test_state_restores_exactly_in_a_fresh_iterator():
 def test_processes_split_each_global_batch_disjointly_and_cover_it(process_count):
     samples, b, steps = make_samples(37), 8, 14  # 4 global batches per epoch; 14 steps cross 3 epoch boundaries
     global_batches = take(make_prompt_iterator(samples, b, seed=5), steps)
-    local = [take(make_prompt_iterator(samples, b, seed=5, process_index=p, process_count=process_count), steps)
-             for p in range(process_count)]
+    local = [
+        take(make_prompt_iterator(samples, b, seed=5, process_index=p, process_count=process_count), steps)
+        for p in range(process_count)
+    ]
     for step in range(steps):
         parts = [local[p][step] for p in range(process_count)]
         assert all(len(part) == b // process_count for part in parts)
@@ -93,13 +96,16 @@ def test_epoch_bookkeeping_hand_computed():
     assert epoch_of(23, 23, 5, drop_remainder=False) == 5.0
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(batch_size=6, process_count=4), "multiple of process_count"),
-    (dict(batch_size=4, process_index=2, process_count=2), "process_index"),
-    (dict(batch_size=20), "cannot fill one batch"),
-    (dict(batch_size=4, seed=-1), "seed"),
-    (dict(batch_size=4, process_count=2, drop_remainder=False), "single process"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(batch_size=6, process_count=4), "multiple of process_count"),
+        (dict(batch_size=4, process_index=2, process_count=2), "process_index"),
+        (dict(batch_size=20), "cannot fill one batch"),
+        (dict(batch_size=4, seed=-1), "seed"),
+        (dict(batch_size=4, process_count=2, drop_remainder=False), "single process"),
+    ],
+)
 def test_bad_arguments_are_clear_errors(kwargs, match):
     kwargs = {"seed": 0, **kwargs}
     with pytest.raises(ValueError, match=match):

@@ -79,7 +79,7 @@ def test_images_and_boxes_match_the_pixels(dataset):
             assert abs(inside.mean() - FILL[o["shape"]]) < 0.07, (o, inside.mean())
             background[y1:y2, x1:x2] = False
         assert pixels[background].mean() < 60 and pixels[background].max() <= 60 + 6 * 8
-        for a, b in [(a, b) for i, a in enumerate(objects) for b in objects[i + 1:]]:  # boxes never overlap
+        for a, b in [(a, b) for i, a in enumerate(objects) for b in objects[i + 1 :]]:  # boxes never overlap
             ax1, ay1, ax2, ay2 = a["box"]
             bx1, by1, bx2, by2 = b["box"]
             assert ax2 <= bx1 or bx2 <= ax1 or ay2 <= by1 or by2 <= ay1
@@ -110,8 +110,12 @@ def clearly_more(r: dict, a: dict, b: dict, word: str) -> bool:
     return centre_x(a) >= centre_x(b) + 8
 
 
-SIDE = {"left of": lambda t, a: t[2] <= a[0], "right of": lambda t, a: t[0] >= a[2],
-        "above": lambda t, a: t[3] <= a[1], "below": lambda t, a: t[1] >= a[3]}
+SIDE = {
+    "left of": lambda t, a: t[2] <= a[0],
+    "right of": lambda t, a: t[0] >= a[2],
+    "above": lambda t, a: t[3] <= a[1],
+    "below": lambda t, a: t[1] >= a[3],
+}
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 COLOUR = "(red|green|blue|yellow)"
 SHAPE = "(circle|square|triangle|star)"
@@ -139,8 +143,9 @@ def resolve(r: dict, expression: str) -> list[dict]:
 
 def expression_of(r: dict) -> str:
     question = r["conversations"][0]["value"]
-    assert question.startswith("<image>Please provide the bounding box coordinates of the region this sentence "
-                               "describes: ") and question.endswith(".")
+    assert question.startswith(
+        "<image>Please provide the bounding box coordinates of the region this sentence describes: "
+    ) and question.endswith(".")
     return question.split("describes: ", 1)[1][:-1]
 
 
@@ -221,11 +226,14 @@ def test_corpus_covers_everything_the_task_writes(dataset):
     assert set("0123456789[], ") <= characters
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(split="test"), "split"),
-    (dict(families=("fancy",)), "families"),
-    (dict(image_size=64), "image_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(split="test"), "split"),
+        (dict(families=("fancy",)), "families"),
+        (dict(image_size=64), "image_size"),
+    ],
+)
 def test_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         synthetic.generate(str(tmp_path), 1, 0, **kwargs)

@@ -16,8 +16,9 @@ import pytest
 from tests.helpers.runs import TINY_RUN, make_run_inputs
 from vlmr1_jax.quiet import TracebackFilter
 
-TRACEBACK = ('Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\n'
-             'RuntimeError: Event loop is closed\n')
+TRACEBACK = (
+    'Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\nRuntimeError: Event loop is closed\n'
+)
 
 
 def test_filter_drops_interleaved_thread_tracebacks_and_keeps_the_rest():
@@ -45,14 +46,25 @@ def _limit_file_size(limit: int):
     def apply():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
 @pytest.mark.slow
 def test_a_full_disk_is_one_error_line(tmp_path):
     inputs = make_run_inputs(tmp_path)
-    command = [sys.executable, "-m", "vlmr1_jax.cli", "train", "demo_tiny", *inputs, *TINY_RUN, "train.max_steps=3",
-               "train.save_every=2", f"train.output_dir={tmp_path / 'run'}"]
+    command = [
+        sys.executable,
+        "-m",
+        "vlmr1_jax.cli",
+        "train",
+        "demo_tiny",
+        *inputs,
+        *TINY_RUN,
+        "train.max_steps=3",
+        "train.save_every=2",
+        f"train.output_dir={tmp_path / 'run'}",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, preexec_fn=_limit_file_size(300_000), timeout=600)
     assert done.returncode == 2, done.stderr[-3000:]
     lines = [line for line in done.stderr.splitlines() if line.strip() and "it/s" not in line and "s/it" not in line]

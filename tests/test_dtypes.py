@@ -10,8 +10,14 @@ import pytest
 from vlmr1_jax.cli import build_parser
 from vlmr1_jax.dtypes import canonical_dtype, dtype_info
 
-SPELLINGS = {"bf16": "bfloat16", "BFloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-             "fp32": "float32", " float32 ": "float32"}
+SPELLINGS = {
+    "bf16": "bfloat16",
+    "BFloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "fp32": "float32",
+    " float32 ": "float32",
+}
 
 
 def test_canonical_names_and_formats():
@@ -20,8 +26,11 @@ def test_canonical_names_and_formats():
     assert (dtype_info("bf16").safetensors, np.dtype(dtype_info("bf16").numpy)) == ("BF16", ml_dtypes.bfloat16)
     assert (dtype_info("fp16").safetensors, np.dtype(dtype_info("fp16").numpy)) == ("F16", np.float16)
     assert (dtype_info("float32").safetensors, np.dtype(dtype_info("float32").numpy)) == ("F32", np.float32)
-    with pytest.raises(ValueError, match=r"model\.dtype='int8': unknown dtype; choose one of bfloat16, float16, "
-                                         r"float32 \(or bf16, fp16, fp32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.dtype='int8': unknown dtype; choose one of bfloat16, float16, "
+        r"float32 \(or bf16, fp16, fp32\)",
+    ):
         canonical_dtype("int8", "model.dtype")
 
 

@@ -20,16 +20,19 @@ from vlmr1_jax.eval.rec import eval_subset, extract_box, rescale_box, score_rec
 PROMPT = "find the red box"
 
 
-@pytest.mark.parametrize("completion, box", [
-    ('<think>x</think><answer>{"bbox_2d": [10, 20, 30, 40]}</answer>', [10, 20, 30, 40]),
-    ("<answer>[10, 20, 30, 40]</answer>", [0, 0, 0, 0]),  # the JSON braces are required
-    ('<answer>{"bbox_2d": [1.5, 2, 3, 4]}</answer>', [0, 0, 0, 0]),  # integers only
-    ('<answer>{"bbox_2d": [-1, 2, 3, 4]}</answer>', [0, 0, 0, 0]),
-    ("<answer>{[1,2,3,4]}</answer> <answer>{[5, 6, 7, 8]}</answer>", [1, 2, 3, 4]),  # first answer only
-    ('<answer>{"a": [1, 2, 3, 4], "b": [5,6,7,8]}</answer>', [5, 6, 7, 8]),  # greedy `.*`: the last box
-    ('{"bbox_2d": [10, 20, 30, 40]}', [0, 0, 0, 0]),  # no answer tags
-    ("<answer>{[1, 2, 3, 4]}", [0, 0, 0, 0]),  # unclosed
-])
+@pytest.mark.parametrize(
+    "completion, box",
+    [
+        ('<think>x</think><answer>{"bbox_2d": [10, 20, 30, 40]}</answer>', [10, 20, 30, 40]),
+        ("<answer>[10, 20, 30, 40]</answer>", [0, 0, 0, 0]),  # the JSON braces are required
+        ('<answer>{"bbox_2d": [1.5, 2, 3, 4]}</answer>', [0, 0, 0, 0]),  # integers only
+        ('<answer>{"bbox_2d": [-1, 2, 3, 4]}</answer>', [0, 0, 0, 0]),
+        ("<answer>{[1,2,3,4]}</answer> <answer>{[5, 6, 7, 8]}</answer>", [1, 2, 3, 4]),  # first answer only
+        ('<answer>{"a": [1, 2, 3, 4], "b": [5,6,7,8]}</answer>', [5, 6, 7, 8]),  # greedy `.*`: the last box
+        ('{"bbox_2d": [10, 20, 30, 40]}', [0, 0, 0, 0]),  # no answer tags
+        ("<answer>{[1, 2, 3, 4]}", [0, 0, 0, 0]),  # unclosed
+    ],
+)
 def test_extract_box(completion, box):
     assert extract_box(completion) == box
 
@@ -52,12 +55,25 @@ def test_accuracy_is_strict_iou_above_half(tmp_path):
     square = write_image(tmp_path / "square.png", 112, 112)
     wide = write_image(tmp_path / "wide.png", 224, 112)
     box = '<think>t</think><answer>{{"bbox_2d": [{}, {}, {}, {}]}}</answer>'.format
-    cases = [(square, [1, 8, 8], box(10, 10, 50, 50), True), (square, [1, 8, 8], box(10, 10, 50, 30), False),
-             (square, [1, 8, 8], box(10, 10, 50, 31), True), (wide, [1, 4, 8], box(5, 5, 25, 25), True),
-             (square, [1, 8, 8], "I cannot tell.", False)]
-    samples = [Sample(id=i, problem="the thing", solution="<answer> [10, 10, 50, 50] </answer>",
-                      image_paths=(path,), accu_reward_method="default", source="t.jsonl", line=i + 1)
-               for i, (path, _, _, _) in enumerate(cases)]
+    cases = [
+        (square, [1, 8, 8], box(10, 10, 50, 50), True),
+        (square, [1, 8, 8], box(10, 10, 50, 30), False),
+        (square, [1, 8, 8], box(10, 10, 50, 31), True),
+        (wide, [1, 4, 8], box(5, 5, 25, 25), True),
+        (square, [1, 8, 8], "I cannot tell.", False),
+    ]
+    samples = [
+        Sample(
+            id=i,
+            problem="the thing",
+            solution="<answer> [10, 10, 50, 50] </answer>",
+            image_paths=(path,),
+            accu_reward_method="default",
+            source="t.jsonl",
+            line=i + 1,
+        )
+        for i, (path, _, _, _) in enumerate(cases)
+    ]
     summary, records = score_rec(samples, [c for _, _, c, _ in cases], [[g] for _, g, _, _ in cases])
     assert [r["correct"] for r in records] == [hit for _, _, _, hit in cases]
     assert summary["accuracy"] == pytest.approx(60.0) and summary["n"] == 5
@@ -88,9 +104,31 @@ def test_eval_rec_backends_agree(fp32_release, rec_data, tmp_path, capsys):
     results = {}
     for backend in ("jax", "torch"):
         out = tmp_path / f"{backend}.json"
-        assert run_cli("eval", "rec", "--model", fp32_release, "--data", data, "--image-root", images,
-                       "--backend", backend, "--limit", 7, "--batch-size", 3, "--max-new-tokens", 12, "--device",
-                       "cpu", "--out", out) == 0
+        assert (
+            run_cli(
+                "eval",
+                "rec",
+                "--model",
+                fp32_release,
+                "--data",
+                data,
+                "--image-root",
+                images,
+                "--backend",
+                backend,
+                "--limit",
+                7,
+                "--batch-size",
+                3,
+                "--max-new-tokens",
+                12,
+                "--device",
+                "cpu",
+                "--out",
+                out,
+            )
+            == 0
+        )
         assert "accuracy: " in capsys.readouterr().out
         results[backend] = json.loads(out.read_text())
     jax_run, torch_run = results["jax"], results["torch"]
@@ -107,12 +145,46 @@ def test_eval_rec_backends_agree(fp32_release, rec_data, tmp_path, capsys):
     from vlmr1_jax.train.restore import import_hf
 
     checkpoint = import_hf(fp32_release, tmp_path / "imported")
-    assert run_cli("eval", "rec", "--model", checkpoint, "--data", data, "--image-root", images, "--limit", 7,
-                   "--batch-size", 3, "--max-new-tokens", 12, "--out", tmp_path / "ckpt.json") == 0
+    assert (
+        run_cli(
+            "eval",
+            "rec",
+            "--model",
+            checkpoint,
+            "--data",
+            data,
+            "--image-root",
+            images,
+            "--limit",
+            7,
+            "--batch-size",
+            3,
+            "--max-new-tokens",
+            12,
+            "--out",
+            tmp_path / "ckpt.json",
+        )
+        == 0
+    )
     capsys.readouterr()
     assert [r["completion"] for r in json.loads((tmp_path / "ckpt.json").read_text())["results"]] == completions
-    assert run_cli("eval", "rec", "--model", checkpoint, "--data", data, "--image-root", images, "--backend", "torch",
-                   "--out", tmp_path / "x.json") == 1
+    assert (
+        run_cli(
+            "eval",
+            "rec",
+            "--model",
+            checkpoint,
+            "--data",
+            data,
+            "--image-root",
+            images,
+            "--backend",
+            "torch",
+            "--out",
+            tmp_path / "x.json",
+        )
+        == 1
+    )
     assert "needs an HF folder" in capsys.readouterr().err
 
 
@@ -124,16 +196,38 @@ def test_infer_backends_give_the_same_greedy_tokens(fp32_release, rec_data, caps
     _data, images = rec_data
     image = str(sorted(Path(images).rglob("*.png"))[0])
     torch_ids = TorchRuntime.load(fp32_release, device="cpu").generate_ids([image], PROMPT, max_new_tokens=10)
-    decoder = GreedyDecoder(load_hf_model(fp32_release), Tokenizer.load(fp32_release), task_type="{Question}",
-                            batch_size=1, max_new_tokens=10)
-    sample = Sample(id=0, problem=PROMPT, solution="", image_paths=(image,), accu_reward_method="default",
-                    source="<prompt>", line=0)
+    decoder = GreedyDecoder(
+        load_hf_model(fp32_release),
+        Tokenizer.load(fp32_release),
+        task_type="{Question}",
+        batch_size=1,
+        max_new_tokens=10,
+    )
+    sample = Sample(
+        id=0, problem=PROMPT, solution="", image_paths=(image,), accu_reward_method="default", source="<prompt>", line=0
+    )
     assert decoder.generate([sample])[0][0] == torch_ids and len(torch_ids) > 3
 
     texts = []
     for backend in ("torch", "jax"):
-        assert run_cli("infer", "--model", fp32_release, "--image", image, "--prompt", PROMPT, "--backend", backend,
-                       "--device", "cpu", "--max-new-tokens", 10) == 0
+        assert (
+            run_cli(
+                "infer",
+                "--model",
+                fp32_release,
+                "--image",
+                image,
+                "--prompt",
+                PROMPT,
+                "--backend",
+                backend,
+                "--device",
+                "cpu",
+                "--max-new-tokens",
+                10,
+            )
+            == 0
+        )
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and texts[0].strip()
     assert run_cli("infer", "--model", fp32_release, "--prompt", PROMPT, "--backend", "jax", "--sample") == 1

@@ -86,27 +86,66 @@ def test_hf_release_loads_offline_and_matches_jax(model, release_source, tmp_pat
     from ports.torch_runtime import TorchRuntime
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    card = {"base_model": "Qwen/Qwen2.5-VL-3B-Instruct", "datasets": ["refcoco_train"], "rewards": ["accuracy",
-            "format"], "steps": 120, "metrics": {"rec_acc@0.5": 0.8125}, "license": "apache-2.0"}
-    out = export_release(model, model.cfg, tmp_path / "release", target="hf", dtype="fp32",
-                         tokenizer_dir=release_source, card=card)
+    card = {
+        "base_model": "Qwen/Qwen2.5-VL-3B-Instruct",
+        "datasets": ["refcoco_train"],
+        "rewards": ["accuracy", "format"],
+        "steps": 120,
+        "metrics": {"rec_acc@0.5": 0.8125},
+        "license": "apache-2.0",
+    }
+    out = export_release(
+        model, model.cfg, tmp_path / "release", target="hf", dtype="fp32", tokenizer_dir=release_source, card=card
+    )
     files = {p.name for p in out.iterdir()}
-    assert files == {"config.json", "generation_config.json", "preprocessor_config.json", "chat_template.json",
-                     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "model.safetensors",
-                     "README.md", RELEASE_MARKER}
+    assert files == {
+        "config.json",
+        "generation_config.json",
+        "preprocessor_config.json",
+        "chat_template.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "model.safetensors",
+        "README.md",
+        RELEASE_MARKER,
+    }
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
     config = json.loads((out / "config.json").read_text())
     assert config["torch_dtype"] == "float32" and "text_config" not in config
     assert config["rope_scaling"] == {"type": "mrope", "mrope_section": [2, 3, 3]}
     preprocessor = json.loads((out / "preprocessor_config.json").read_text())
-    assert {k: preprocessor[k] for k in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size",
-                                         "merge_size", "resample", "image_processor_type")} == {
-        "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-        "resample": 3, "image_processor_type": "Qwen2VLImageProcessor"}
+    assert {
+        k: preprocessor[k]
+        for k in (
+            "min_pixels",
+            "max_pixels",
+            "patch_size",
+            "temporal_patch_size",
+            "merge_size",
+            "resample",
+            "image_processor_type",
+        )
+    } == {
+        "min_pixels": 3136,
+        "max_pixels": 12845056,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "resample": 3,
+        "image_processor_type": "Qwen2VLImageProcessor",
+    }
     assert preprocessor["rescale_factor"] == pytest.approx(1 / 255)
     readme = (out / "README.md").read_text()
-    for text in ('base_model: "Qwen/Qwen2.5-VL-3B-Instruct"', "refcoco_train", "accuracy, format", "steps: 120",
-                 "| rec_acc@0.5 | 0.8125 |", 'license: "apache-2.0"'):
+    for text in (
+        'base_model: "Qwen/Qwen2.5-VL-3B-Instruct"',
+        "refcoco_train",
+        "accuracy, format",
+        "steps: 120",
+        "| rec_acc@0.5 | 0.8125 |",
+        'license: "apache-2.0"',
+    ):
         assert text in readme
 
     runtime = TorchRuntime.load(out, device="cpu")  # from_pretrained, float32 on the CPU
@@ -126,15 +165,23 @@ def test_hf_release_loads_offline_and_matches_jax(model, release_source, tmp_pat
     try:  # transformers 5.x builds Qwen2.5-VL's video processor, which needs torchvision
         from transformers import AutoProcessor
 
-        assert AutoProcessor.from_pretrained(out).tokenizer.convert_tokens_to_ids("<|image_pad|>") == \
-            model.cfg.image_token_id
+        assert (
+            AutoProcessor.from_pretrained(out).tokenizer.convert_tokens_to_ids("<|image_pad|>")
+            == model.cfg.image_token_id
+        )
     except ImportError as e:
         assert "torchvision" in str(e).lower()
 
-    parity = ParityInputs(input_ids=inputs["input_ids"].numpy(), attention_mask=inputs["attention_mask"].numpy(),
-                          image_pixels=inputs["pixel_values"].numpy(), image_grids=[(1, 4, 6)],
-                          video_pixels=np.zeros((0, 1176), np.float32), video_grids=[], second_per_grid_ts=[],
-                          decode_tokens=np.array([[5, 17, 33]]))
+    parity = ParityInputs(
+        input_ids=inputs["input_ids"].numpy(),
+        attention_mask=inputs["attention_mask"].numpy(),
+        image_pixels=inputs["pixel_values"].numpy(),
+        image_grids=[(1, 4, 6)],
+        video_pixels=np.zeros((0, 1176), np.float32),
+        video_grids=[],
+        second_per_grid_ts=[],
+        decode_tokens=np.array([[5, 17, 33]]),
+    )
     report = compare(str(out), parity)
     assert report.passed(), report
     assert report.logits.scale > 0.1
@@ -143,8 +190,9 @@ def test_hf_release_loads_offline_and_matches_jax(model, release_source, tmp_pat
 def test_jax_export_import_is_bit_exact_and_sharded(model, release_source, tmp_path):
     """Small shards: several files, a correct index, legacy names equal to transformers' own save, and a
     round trip back into JAX that is bit-exact in fp32."""
-    out = export_release(model, model.cfg, tmp_path / "sharded", dtype="fp32", max_shard_size="40KB",
-                         tokenizer_dir=release_source)
+    out = export_release(
+        model, model.cfg, tmp_path / "sharded", dtype="fp32", max_shard_size="40KB", tokenizer_dir=release_source
+    )
     tensors = shard_tensors(out)
     files = sorted({file for _, file, _ in tensors.values()})
     assert len(files) > 3
@@ -254,8 +302,12 @@ def test_export_command(release_source, tmp_path, capsys):
     out = tmp_path / "a2"
     card = tmp_path / "card.json"
     card.write_text(json.dumps({"steps": 7, "rewards": ["accuracy"]}))
-    assert run_cli("export", release_source, "--out", out, "--target", "ascend-a2", "--max-shard-size", "30KB",
-                   "--card", card) == 0
+    assert (
+        run_cli(
+            "export", release_source, "--out", out, "--target", "ascend-a2", "--max-shard-size", "30KB", "--card", card
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
     assert len(list(out.glob("model-*.safetensors"))) > 1 and "steps: 7" in (out / "README.md").read_text()
     assert {shard_tensors(out)[n][0].dtype for n in shard_tensors(out)} == {np.dtype(ml_dtypes.bfloat16)}

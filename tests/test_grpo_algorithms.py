@@ -35,8 +35,13 @@ THIS = __name__  # user functions below are named f"{THIS}:function", as a recip
 def _inputs(seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     logp = -np.abs(rng.normal(size=(B, T))) * 2.0
-    return {"logp": logp, "old": logp + 0.3 * rng.normal(size=(B, T)), "ref": logp + 0.2 * rng.normal(size=(B, T)),
-            "adv": rng.normal(size=B), "mask": (np.arange(T)[None] < LENGTHS[:, None]).astype(np.float64)}
+    return {
+        "logp": logp,
+        "old": logp + 0.3 * rng.normal(size=(B, T)),
+        "ref": logp + 0.2 * rng.normal(size=(B, T)),
+        "adv": rng.normal(size=B),
+        "mask": (np.arange(T)[None] < LENGTHS[:, None]).astype(np.float64),
+    }
 
 
 def _f32(x) -> jax.Array:
@@ -71,8 +76,11 @@ def np_objective(name: str, logp, old, adv, mask) -> tuple[np.ndarray, dict[str,
     clipped = np.clip(ratio, 1 - EPS, 1 + EPS_HIGH)
     plain, clip = ratio * adv[:, None], clipped * adv[:, None]
     valid = mask.sum()
-    metrics = {"clip_ratio": ((plain < clip) * mask).sum() / valid, "clip_active_ratio": ((clip < plain) * mask).sum()
-               / valid, "ratio_mean": (ratio * mask).sum() / valid}
+    metrics = {
+        "clip_ratio": ((plain < clip) * mask).sum() / valid,
+        "clip_active_ratio": ((clip < plain) * mask).sum() / valid,
+        "ratio_mean": (ratio * mask).sum() / valid,
+    }
     return -np.minimum(plain, clip), metrics
 
 
@@ -123,8 +131,9 @@ def test_estimators_on_a_binary_group_by_hand():
     rewards = jnp.asarray([1.0, 0.0, 0.0, 0.0])
     table = {"grpo": [0.75 / 0.5001, -0.25 / 0.5001], "dr_grpo": [0.75, -0.25], "rloo": [1.0, -1 / 3]}
     for name, (first, rest) in table.items():
-        np.testing.assert_allclose(np.asarray(group_advantages(rewards, 4, name)[0]), [first] + [rest] * 3,
-                                   rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(group_advantages(rewards, 4, name)[0]), [first] + [rest] * 3, rtol=1e-6, err_msg=name
+        )
 
 
 @pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
@@ -137,8 +146,9 @@ def test_user_estimator_by_path():
     rewards = np.random.default_rng(0).uniform(0, 1, size=12)
     adv, _ = group_advantages(jnp.asarray(rewards), 4, f"{THIS}:median_baseline")
     grouped = rewards.reshape(-1, 4)
-    np.testing.assert_allclose(np.asarray(adv), (grouped - np.median(grouped, axis=1, keepdims=True)).reshape(-1),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(adv), (grouped - np.median(grouped, axis=1, keepdims=True)).reshape(-1), rtol=1e-6, atol=1e-7
+    )
     with pytest.raises(ValueError, match=r"returned shape .* must keep the"):
         group_advantages(jnp.asarray(rewards), 4, f"{THIS}:per_row_estimator")
 
@@ -156,8 +166,16 @@ def per_row_estimator(rewards: jax.Array) -> jax.Array:
 def test_every_combination_matches_numpy(objective, aggregation):
     x = _inputs(0)
     loss, metrics = make_loss(objective, aggregation)(
-        _f32(x["logp"]), _f32(x["old"]), _f32(x["ref"]), _f32(x["adv"]), _f32(x["mask"]),
-        epsilon=EPS, epsilon_high=EPS_HIGH, beta=BETA, max_completion_length=16)
+        _f32(x["logp"]),
+        _f32(x["old"]),
+        _f32(x["ref"]),
+        _f32(x["adv"]),
+        _f32(x["mask"]),
+        epsilon=EPS,
+        epsilon_high=EPS_HIGH,
+        beta=BETA,
+        max_completion_length=16,
+    )
     per_token, want_metrics = np_objective(objective, x["logp"], x["old"], x["adv"], x["mask"])
     kl = np.exp(x["ref"] - x["logp"]) - (x["ref"] - x["logp"]) - 1
     want = np_aggregate(aggregation, per_token + BETA * kl, x["mask"], max_len=16)
@@ -178,8 +196,11 @@ def test_objective_gradient_matches_the_formula(objective):
     x = _inputs(1)
     x["old"] = x["old"] + np.array([0.5, -0.5, 0.0, 0.4, -0.4, 0.1])[:, None]  # sequence ratios out of the clip range
     fn = make_loss(objective, "token_mean")
-    grad = jax.grad(lambda lp: fn(lp, _f32(x["old"]), None, _f32(x["adv"]), _f32(x["mask"]), epsilon=EPS,
-                                  epsilon_high=EPS_HIGH, beta=0.0)[0])(_f32(x["logp"]))
+    grad = jax.grad(
+        lambda lp: fn(
+            lp, _f32(x["old"]), None, _f32(x["adv"]), _f32(x["mask"]), epsilon=EPS, epsilon_high=EPS_HIGH, beta=0.0
+        )[0]
+    )(_f32(x["logp"]))
     if objective == "ppo_clip":
         ratio, carriers, d_log_ratio = np.exp(x["logp"] - x["old"]), 1, x["mask"]
     else:
@@ -201,12 +222,16 @@ def test_padding_does_not_matter(objective, aggregation):
     fn = make_loss(objective, aggregation)
 
     def value_and_grad(logp, old, ref):
-        return jax.value_and_grad(lambda lp: fn(lp, _f32(old), _f32(ref), _f32(x["adv"]), _f32(x["mask"]),
-                                                epsilon=EPS, epsilon_high=EPS_HIGH, beta=BETA)[0])(_f32(logp))
+        return jax.value_and_grad(
+            lambda lp: fn(
+                lp, _f32(old), _f32(ref), _f32(x["adv"]), _f32(x["mask"]), epsilon=EPS, epsilon_high=EPS_HIGH, beta=BETA
+            )[0]
+        )(_f32(logp))
 
     loss, grad = value_and_grad(x["logp"], x["old"], x["ref"])
-    other_loss, other_grad = value_and_grad(*(np.where(pad, x[k] + n, x[k]) for k, n in zip(("logp", "old", "ref"),
-                                                                                              noise)))
+    other_loss, other_grad = value_and_grad(
+        *(np.where(pad, x[k] + n, x[k]) for k, n in zip(("logp", "old", "ref"), noise))
+    )
     np.testing.assert_allclose(float(other_loss), float(loss), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(other_grad), np.asarray(grad), rtol=1e-6, atol=1e-9)
     assert np.all(np.asarray(grad)[pad] == 0) and np.isfinite(float(loss))
@@ -221,8 +246,9 @@ def test_preset_is_its_parts(name):
     loss, _ = make_loss(preset.objective, preset.aggregation)(*args, epsilon=EPS, epsilon_high=EPS_HIGH, beta=BETA)
     per_token, _ = np_objective(preset.objective, x["logp"], x["old"], x["adv"], x["mask"])
     kl = np.exp(x["ref"] - x["logp"]) - (x["ref"] - x["logp"]) - 1
-    np.testing.assert_allclose(float(loss), np_aggregate(preset.aggregation, per_token + BETA * kl, x["mask"], T),
-                               rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        float(loss), np_aggregate(preset.aggregation, per_token + BETA * kl, x["mask"], T), rtol=2e-5, atol=1e-6
+    )
 
 
 def test_user_objective_and_aggregation_by_path():
@@ -233,13 +259,17 @@ def test_user_objective_and_aggregation_by_path():
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["logp_mean"]), (x["logp"] * x["mask"]).sum() / x["mask"].sum(), rtol=1e-5)
     with pytest.raises(ValueError, match=r"aggregation .*per_row' returned shape \(6,\), expected a scalar"):
-        make_loss("ppo_clip", f"{THIS}:per_row")(_f32(x["logp"]), None, None, _f32(x["adv"]), _f32(x["mask"]),
-                                                 beta=0.0)
+        make_loss("ppo_clip", f"{THIS}:per_row")(_f32(x["logp"]), None, None, _f32(x["adv"]), _f32(x["mask"]), beta=0.0)
 
 
-@pytest.mark.parametrize("registry, message", [(ADVANTAGE_ESTIMATORS, "unknown advantage estimator 'x'"),
-                                               (OBJECTIVES, "unknown objective 'x'"),
-                                               (AGGREGATIONS, "unknown aggregation 'x'")])
+@pytest.mark.parametrize(
+    "registry, message",
+    [
+        (ADVANTAGE_ESTIMATORS, "unknown advantage estimator 'x'"),
+        (OBJECTIVES, "unknown objective 'x'"),
+        (AGGREGATIONS, "unknown aggregation 'x'"),
+    ],
+)
 def test_registry_errors(registry, message):
     with pytest.raises(ValueError, match=f"{message}; registered: .*package.module:function"):
         registry.get("x")
@@ -259,38 +289,59 @@ def test_config_presets(name):
     assert load_config("demo_tiny", [f"grpo.loss={name}"]).grpo.algorithm() == PRESETS[name]
 
 
-@pytest.mark.parametrize("overrides, want", [
-    (["grpo.loss=dapo", "grpo.objective=gspo"], Algorithm("grpo", "gspo", "token_mean")),
-    (["grpo.loss=gspo", "grpo.advantage_estimator=rloo", "grpo.aggregation=token_sum_norm"],
-     Algorithm("rloo", "gspo", "token_sum_norm")),
-    (["grpo.loss=dr_grpo", "grpo.scale_rewards=false"], Algorithm("dr_grpo", "ppo_clip", "token_sum_norm")),
-    (["grpo.scale_rewards=false", "grpo.advantage_estimator=dr_grpo"], PRESETS["grpo"]._replace(
-        advantage_estimator="dr_grpo")),
-    ([f"grpo.aggregation={THIS}:seq_sum_mean", f"grpo.advantage_estimator={THIS}:median_baseline"],
-     Algorithm(f"{THIS}:median_baseline", "ppo_clip", f"{THIS}:seq_sum_mean")),
-])
+@pytest.mark.parametrize(
+    "overrides, want",
+    [
+        (["grpo.loss=dapo", "grpo.objective=gspo"], Algorithm("grpo", "gspo", "token_mean")),
+        (
+            ["grpo.loss=gspo", "grpo.advantage_estimator=rloo", "grpo.aggregation=token_sum_norm"],
+            Algorithm("rloo", "gspo", "token_sum_norm"),
+        ),
+        (["grpo.loss=dr_grpo", "grpo.scale_rewards=false"], Algorithm("dr_grpo", "ppo_clip", "token_sum_norm")),
+        (
+            ["grpo.scale_rewards=false", "grpo.advantage_estimator=dr_grpo"],
+            PRESETS["grpo"]._replace(advantage_estimator="dr_grpo"),
+        ),
+        (
+            [f"grpo.aggregation={THIS}:seq_sum_mean", f"grpo.advantage_estimator={THIS}:median_baseline"],
+            Algorithm(f"{THIS}:median_baseline", "ppo_clip", f"{THIS}:seq_sum_mean"),
+        ),
+    ],
+)
 def test_config_parts_override_the_preset(overrides, want):
     assert load_config("demo_tiny", overrides).grpo.algorithm() == want
 
 
-@pytest.mark.parametrize("override, message", [
-    ("grpo.loss=ppo", r"^grpo.loss='ppo': expected one of \['dapo', 'dr_grpo', 'grpo', 'gspo'\]"),
-    ("grpo.advantage_estimator=gae", r"^grpo.advantage_estimator='gae': expected one of \['dr_grpo', 'grpo', "
-                                     r"'rloo'\] or a user function 'package.module:function'"),
-    ("grpo.objective=ppo", r"^grpo.objective='ppo': expected one of \['gspo', 'ppo_clip'\]"),
-    ("grpo.aggregation=sum", r"^grpo.aggregation='sum': expected one of \['seq_mean_token_mean', 'token_mean', "
-                             r"'token_sum_norm'\]"),
-    ("grpo.aggregation=no_such_module_xyz:fn", r"^grpo.aggregation=.*cannot import module 'no_such_module_xyz'"),
-    (f"grpo.objective={THIS}:missing", r"^grpo.objective=.*has no attribute 'missing'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("grpo.loss=ppo", r"^grpo.loss='ppo': expected one of \['dapo', 'dr_grpo', 'grpo', 'gspo'\]"),
+        (
+            "grpo.advantage_estimator=gae",
+            r"^grpo.advantage_estimator='gae': expected one of \['dr_grpo', 'grpo', "
+            r"'rloo'\] or a user function 'package.module:function'",
+        ),
+        ("grpo.objective=ppo", r"^grpo.objective='ppo': expected one of \['gspo', 'ppo_clip'\]"),
+        (
+            "grpo.aggregation=sum",
+            r"^grpo.aggregation='sum': expected one of \['seq_mean_token_mean', 'token_mean', "
+            r"'token_sum_norm'\]",
+        ),
+        ("grpo.aggregation=no_such_module_xyz:fn", r"^grpo.aggregation=.*cannot import module 'no_such_module_xyz'"),
+        (f"grpo.objective={THIS}:missing", r"^grpo.objective=.*has no attribute 'missing'"),
+    ],
+)
 def test_config_names_the_bad_field(override, message):
     with pytest.raises(ValueError, match=message):
         load_config("demo_tiny", [override])
 
 
 def test_scale_rewards_false_needs_the_unscaled_estimator():
-    with pytest.raises(ValueError, match=r"^grpo.scale_rewards=False: expected true with "
-                                         r"grpo.advantage_estimator='rloo' \(false means the dr_grpo estimator\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^grpo.scale_rewards=False: expected true with "
+        r"grpo.advantage_estimator='rloo' \(false means the dr_grpo estimator\)",
+    ):
         load_config("demo_tiny", ["grpo.scale_rewards=false", "grpo.advantage_estimator=rloo"])
 
 
@@ -301,8 +352,9 @@ def test_scale_rewards_false_needs_the_unscaled_estimator():
 def test_user_aggregation_in_the_jitted_step():
     """On-policy with beta = 0 every token's loss is -A_i (ratio 1), so the step's loss is the user aggregation of
     -A_i over the completion tokens: mean_i(-A_i * |o_i|), whatever the model's log-probs."""
-    cfg = load_config("demo_tiny", [f"grpo.num_generations={G}", "grpo.beta=0",
-                                    f"grpo.aggregation={THIS}:seq_sum_mean"])
+    cfg = load_config(
+        "demo_tiny", [f"grpo.num_generations={G}", "grpo.beta=0", f"grpo.aggregation={THIS}:seq_sum_mean"]
+    )
     model_cfg = get_preset("tiny")
     tx, schedule = make_optimizer(cfg.optim, total_steps=10)
     graphdef, state = init_train_state(Qwen25VL(model_cfg, rngs=nnx.Rngs(0)), "full", tx, with_reference=False)
@@ -310,8 +362,12 @@ def test_user_aggregation_in_the_jitted_step():
     prompts, _ = train_prompts(model_cfg)
     tokens, mask = completions(len(SPECS) * G)
     advantages = np.random.default_rng(0).standard_normal(len(tokens)).astype(np.float32)
-    batch = {"prompts": device_prompts(prompts), "tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask),
-             "advantages": jnp.asarray(advantages)}
+    batch = {
+        "prompts": device_prompts(prompts),
+        "tokens": jnp.asarray(tokens),
+        "mask": jnp.asarray(mask),
+        "advantages": jnp.asarray(advantages),
+    }
     _, metrics = step(state, batch)
     np.testing.assert_allclose(float(metrics["loss"]), np.mean(-advantages * mask.sum(axis=1)), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["ratio_mean"]), 1.0, atol=1e-6)

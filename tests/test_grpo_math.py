@@ -109,8 +109,14 @@ def test_loss_matches_numpy(name, eps, eps_high, beta, use_old):
     old = x["old"] if use_old else x["logp"]
     ref_jax = _f32(x["ref"]) if beta else None  # beta == 0 must work without a reference
     loss, metrics = get_loss(name)(
-        _f32(x["logp"]), _f32(old) if use_old else None, ref_jax, _f32(x["adv"]), jnp.asarray(x["mask"], jnp.int32),
-        epsilon=eps, epsilon_high=eps_high, beta=beta,
+        _f32(x["logp"]),
+        _f32(old) if use_old else None,
+        ref_jax,
+        _f32(x["adv"]),
+        jnp.asarray(x["mask"], jnp.int32),
+        epsilon=eps,
+        epsilon_high=eps_high,
+        beta=beta,
     )
     want_loss, want_metrics = np_loss(name, x["logp"], old, x["ref"], x["adv"], x["mask"], eps, eps_high, beta)
     np.testing.assert_allclose(float(loss), want_loss, rtol=2e-5, atol=1e-6)

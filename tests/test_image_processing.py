@@ -27,18 +27,28 @@ from vlmr1_jax.processing.image import (
 # (height, width, max_pixels): tiny (incl. below 28 and round-half-to-even heights), aspect ratios up to 200,
 # big images downscaled under a lowered max_pixels to keep the test fast, then seeded random sizes.
 EDGE_SIZES = [
-    (28, 28, MAX_PIXELS), (29, 30, MAX_PIXELS), (27, 28, MAX_PIXELS), (10, 40, MAX_PIXELS), (3, 500, MAX_PIXELS),
-    (42, 70, MAX_PIXELS), (70, 98, MAX_PIXELS), (56, 11200, MAX_PIXELS), (3000, 15, MAX_PIXELS),
-    (20, 3990, MAX_PIXELS), (1500, 2000, 256 * 28 * 28), (4000, 300, 100_000), (900, 1600, 64 * 28 * 28),
+    (28, 28, MAX_PIXELS),
+    (29, 30, MAX_PIXELS),
+    (27, 28, MAX_PIXELS),
+    (10, 40, MAX_PIXELS),
+    (3, 500, MAX_PIXELS),
+    (42, 70, MAX_PIXELS),
+    (70, 98, MAX_PIXELS),
+    (56, 11200, MAX_PIXELS),
+    (3000, 15, MAX_PIXELS),
+    (20, 3990, MAX_PIXELS),
+    (1500, 2000, 256 * 28 * 28),
+    (4000, 300, 100_000),
+    (900, 1600, 64 * 28 * 28),
 ]
-RANDOM_SIZES = [(int(h), int(w), MAX_PIXELS)
-                for h, w in np.random.default_rng(1234).integers(28, 700, size=(20, 2))]
+RANDOM_SIZES = [(int(h), int(w), MAX_PIXELS) for h, w in np.random.default_rng(1234).integers(28, 700, size=(20, 2))]
 
 
 @pytest.fixture(scope="module")
 def hf_processor() -> Qwen2VLImageProcessorPil:
-    return Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=14,
-                                    temporal_patch_size=2, merge_size=2)
+    return Qwen2VLImageProcessorPil(
+        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=14, temporal_patch_size=2, merge_size=2
+    )
 
 
 def _random_image(height: int, width: int, seed: int, mode: str = "RGB") -> Image.Image:
@@ -47,8 +57,9 @@ def _random_image(height: int, width: int, seed: int, mode: str = "RGB") -> Imag
     return Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode=mode)
 
 
-def _hf(processor: Qwen2VLImageProcessorPil, image: Image.Image, min_pixels: int = MIN_PIXELS,
-        max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int, int]]:
+def _hf(
+    processor: Qwen2VLImageProcessorPil, image: Image.Image, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> tuple[np.ndarray, tuple[int, int, int]]:
     out = processor(images=[image], size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
     return np.asarray(out["pixel_values"]), tuple(int(v) for v in out["image_grid_thw"][0])
 
@@ -78,12 +89,15 @@ def test_uint8_array_input_equals_pil_input():
     np.testing.assert_array_equal(preprocess_image(np.asarray(image))[0], preprocess_image(image)[0])
 
 
-@pytest.mark.parametrize("size,resized,grid,tokens", [
-    ((700, 1000), (700, 1008), (1, 50, 72), 900),  # the processor example
-    ((42, 70), (56, 56), (1, 4, 4), 4),  # 42/28 = 1.5 and 70/28 = 2.5 both round half-to-even to 2
-    ((28, 28), (56, 56), (1, 4, 4), 4),  # 784 < min_pixels 3136: scaled up by sqrt(4) = 2
-    ((10, 40), (28, 112), (1, 2, 8), 4),
-])
+@pytest.mark.parametrize(
+    "size,resized,grid,tokens",
+    [
+        ((700, 1000), (700, 1008), (1, 50, 72), 900),  # the processor example
+        ((42, 70), (56, 56), (1, 4, 4), 4),  # 42/28 = 1.5 and 70/28 = 2.5 both round half-to-even to 2
+        ((28, 28), (56, 56), (1, 4, 4), 4),  # 784 < min_pixels 3136: scaled up by sqrt(4) = 2
+        ((10, 40), (28, 112), (1, 2, 8), 4),
+    ],
+)
 def test_hand_computed_grids(size, resized, grid, tokens):
     assert smart_resize(*size) == resized
     assert preprocess_image(_random_image(*size, seed=0))[1] == grid
@@ -102,7 +116,7 @@ def _hf_video_rows(processor, frames: list[Image.Image], min_pixels: int, max_pi
     """Video rows from per-frame HF image rows: row [C, Tp, 14, 14] takes frame 2t at Tp=0 and 2t+1 at Tp=1."""
     per_frame = [_hf(processor, f, min_pixels, max_pixels)[0].reshape(-1, 3, 2, 14, 14)[:, :, 0] for f in frames]
     per_frame += [per_frame[-1]] * (len(per_frame) % 2)
-    pairs = [np.stack(per_frame[i:i + 2], axis=2) for i in range(0, len(per_frame), 2)]
+    pairs = [np.stack(per_frame[i : i + 2], axis=2) for i in range(0, len(per_frame), 2)]
     return np.concatenate(pairs).reshape(-1, 1176)
 
 
@@ -114,8 +128,7 @@ def test_video_matches_per_frame_hf(hf_processor, num_frames, fps):
     assert grid == ((num_frames + 1) // 2, h // 14, w // 14)
     assert second_per_grid == 2 / fps
     assert tokens_for_grid(grid) == grid[0] * grid[1] * grid[2] // 4
-    np.testing.assert_allclose(pixels, _hf_video_rows(hf_processor, frames, MIN_PIXELS, MAX_PIXELS),
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(pixels, _hf_video_rows(hf_processor, frames, MIN_PIXELS, MAX_PIXELS), rtol=0, atol=1e-5)
 
 
 def test_video_array_input_and_default_video_limits():
@@ -127,14 +140,22 @@ def test_video_array_input_and_default_video_limits():
     list_pixels = preprocess_video([Image.fromarray(f) for f in frames])[0]
     np.testing.assert_array_equal(pixels, list_pixels)
     # the padded last pair holds frame 2 twice
-    last = pixels[-20 * 28:].reshape(-1, 3, 2, 14, 14)
+    last = pixels[-20 * 28 :].reshape(-1, 3, 2, 14, 14)
     np.testing.assert_array_equal(last[:, :, 0], last[:, :, 1])
 
 
-@pytest.mark.parametrize("size,expected", [
-    ((10, 40), (28, 112)), ((40, 10), (112, 28)), ((20, 20), (28, 28)), ((27, 100), (28, 103)),
-    ((100, 27), (103, 28)), ((28, 5), (156, 28)), ((100, 30), (100, 30)),
-])
+@pytest.mark.parametrize(
+    "size,expected",
+    [
+        ((10, 40), (28, 112)),
+        ((40, 10), (112, 28)),
+        ((20, 20), (28, 28)),
+        ((27, 100), (28, 103)),
+        ((100, 27), (103, 28)),
+        ((28, 5), (156, 28)),
+        ((100, 30), (100, 30)),
+    ],
+)
 def test_load_image_upscales_small_side_to_28(tmp_path, size, expected):
     image = _random_image(size[1], size[0], seed=1)  # PIL size is (width, height)
     path = tmp_path / "small.png"

@@ -33,16 +33,19 @@ G = 2
 
 
 @partial(jax.jit, static_argnums=0)
-def prompt_logits(graphdef: nnx.GraphDef, state: nnx.State, prompts: dict,
-                  dropout_key: jax.Array | None = None) -> jax.Array:
+def prompt_logits(
+    graphdef: nnx.GraphDef, state: nnx.State, prompts: dict, dropout_key: jax.Array | None = None
+) -> jax.Array:
     """Logits at every prompt position (images included); with `dropout_key`, adapter dropout is switched on."""
     model = nnx.merge(graphdef, state)
     if dropout_key is not None:
         set_lora_dropout_keys(model, dropout_key)
-    features = model.encode_vision(prompts["pixel_values"], prompts["hw_positions"], prompts["frame_ids"],
-                                   prompts["frame_index"])
-    hidden, _ = model(prompts["input_ids"], prompts["positions"], prompts["attention_mask"], features,
-                      prompts["vision_gather"])
+    features = model.encode_vision(
+        prompts["pixel_values"], prompts["hw_positions"], prompts["frame_ids"], prompts["frame_index"]
+    )
+    hidden, _ = model(
+        prompts["input_ids"], prompts["positions"], prompts["attention_mask"], features, prompts["vision_gather"]
+    )
     return model.logits(hidden)
 
 
@@ -62,17 +65,26 @@ def test_targets_are_the_linears_peft_wraps_in_vlm_r1(tiny_hf_dir):
     model = load_hf_model(tiny_hf_dir)
     names = apply_lora(model, RANK, ALPHA)
     hf = load_hf(tiny_hf_dir)
-    expected = {canonical_hf_name(n) for n, m in hf.named_modules()
-                if isinstance(m, torch.nn.Linear) and "visual" not in n and "embed_tokens" not in n}
+    expected = {
+        canonical_hf_name(n)
+        for n, m in hf.named_modules()
+        if isinstance(m, torch.nn.Linear) and "visual" not in n and "embed_tokens" not in n
+    }
     assert "lm_head" in expected and len(expected) == 7 * model.cfg.text.num_hidden_layers + 1
     layers = range(model.cfg.text.num_hidden_layers)
-    hf_names = {to_hf_name(n + ".kernel", i if is_stacked(n + ".kernel") else None).removesuffix(".weight")
-                for n in names for i in layers}
+    hf_names = {
+        to_hf_name(n + ".kernel", i if is_stacked(n + ".kernel") else None).removesuffix(".weight")
+        for n in names
+        for i in layers
+    }
     assert hf_names == expected
     adapted = {path for path, var in flat_paths(nnx.state(model, LoRAParam)).items()}
     assert adapted == {f"{n}.lora_{ab}" for n in names for ab in "ab"}
-    assert all(dense.lora_a is None for path, dense in nnx.iter_graph(model)
-               if isinstance(dense, Dense) and str(path[0]) == "visual")
+    assert all(
+        dense.lora_a is None
+        for path, dense in nnx.iter_graph(model)
+        if isinstance(dense, Dense) and str(path[0]) == "visual"
+    )
     assert not any("embed" in n for n in names)
 
 
@@ -95,9 +107,13 @@ def trained(tiny_hf_dir, prompts):
     step = make_grpo_step(graphdef, GRPOConfig(num_generations=G, beta=0.04), tx, schedule)
     tokens, mask = completions(len(prompts[0].input_ids) * G)
     rng = np.random.default_rng(5)
-    batch = TrainExample(prompts[1], jnp.asarray(tokens), jnp.asarray(mask),
-                         jnp.asarray(rng.standard_normal(len(tokens)), jnp.float32),
-                         ref_logprobs=jnp.asarray(-5.0 + rng.standard_normal(tokens.shape), jnp.float32))
+    batch = TrainExample(
+        prompts[1],
+        jnp.asarray(tokens),
+        jnp.asarray(mask),
+        jnp.asarray(rng.standard_normal(len(tokens)), jnp.float32),
+        ref_logprobs=jnp.asarray(-5.0 + rng.standard_normal(tokens.shape), jnp.float32),
+    )
     for _ in range(2):
         state, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
@@ -188,8 +204,9 @@ def _lora_step_params(tiny_hf_dir, prompts, dropout: float, seed: int) -> dict[s
     step = make_grpo_step(graphdef, GRPOConfig(num_generations=G, beta=0.0), tx, schedule, seed=seed)
     tokens, mask = completions(len(prompts[0].input_ids) * G)
     rng = np.random.default_rng(5)
-    batch = TrainExample(prompts[1], jnp.asarray(tokens), jnp.asarray(mask),
-                         jnp.asarray(rng.standard_normal(len(tokens)), jnp.float32))
+    batch = TrainExample(
+        prompts[1], jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(rng.standard_normal(len(tokens)), jnp.float32)
+    )
     state, _ = step(state, batch)
     return host_params(state.trainable)
 

@@ -23,8 +23,8 @@ def tb_scalars(tb_dir) -> dict[str, list[tuple[int, float]]]:
         data = path.read_bytes()
         pos = 0
         while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
             pos += 12 + length + 4
             for value in event.summary.value:
                 out.setdefault(value.tag, []).append((event.step, value.simple_value))
@@ -83,16 +83,24 @@ def test_mean_metrics_per_key_over_the_steps_reporting_it():
 
 def test_rollout_log_one_line_per_completion(tmp_path):
     with RolloutLog(tmp_path) as log:
-        log.write(5, ["p0", "p1"], ["c0", "c1", "c2", "c3"],
-                  {"accuracy": [1.0, 0.0, np.float32(0.5), 0.0], "format": [1, 1, 0, 1]},
-                  extra={"solution": ["s0", "s0", "s1", "s1"], "advantage": np.array([0.5, -0.5, 1.0, -1.0])})
+        log.write(
+            5,
+            ["p0", "p1"],
+            ["c0", "c1", "c2", "c3"],
+            {"accuracy": [1.0, 0.0, np.float32(0.5), 0.0], "format": [1, 1, 0, 1]},
+            extra={"solution": ["s0", "s0", "s1", "s1"], "advantage": np.array([0.5, -0.5, 1.0, -1.0])},
+        )
         with pytest.raises(ValueError, match="'rewards/format' has 3 values for 4 completions"):
             log.write(6, ["p0", "p1"], ["a", "b", "c", "d"], {"format": [1, 1, 1]})
         with pytest.raises(ValueError, match="3 completions cannot be split into groups for 2 prompts"):
             log.write(6, ["p0", "p1"], ["a", "b", "c"], {})
     rows = [json.loads(x) for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
     assert [(r["step"], r["prompt_index"], r["prompt"], r["completion"]) for r in rows] == [
-        (5, 0, "p0", "c0"), (5, 0, "p0", "c1"), (5, 1, "p1", "c2"), (5, 1, "p1", "c3")]
+        (5, 0, "p0", "c0"),
+        (5, 0, "p0", "c1"),
+        (5, 1, "p1", "c2"),
+        (5, 1, "p1", "c3"),
+    ]
     assert rows[2]["rewards"] == {"accuracy": 0.5, "format": 0.0}
     assert rows[3]["solution"] == "s1" and rows[3]["advantage"] == -1.0
 
@@ -100,8 +108,13 @@ def test_rollout_log_one_line_per_completion(tmp_path):
 def write_run(run_dir, steps: int, with_kl: bool = True):
     with MetricsWriter(run_dir, tensorboard=False) as writer:
         for s in range(1, steps + 1):
-            metrics = {"reward": s / steps, "rewards/accuracy": 0.6 * s / steps, "rewards/format": 0.4,
-                       "completion_length": 100.0 - s, "loss": 0.01}
+            metrics = {
+                "reward": s / steps,
+                "rewards/accuracy": 0.6 * s / steps,
+                "rewards/format": 0.4,
+                "completion_length": 100.0 - s,
+                "loss": 0.01,
+            }
             if with_kl:
                 metrics["kl"] = 1e-3 * s
             writer.write(s, metrics)

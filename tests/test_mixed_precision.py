@@ -55,11 +55,14 @@ def grpo_deltas(dtype, param_dtype, frozen_dtype=None) -> tuple[dict[str, np.nda
     prompts, _ = train_prompts(CFG)
     tokens, mask = completions(len(SPECS) * G)
     rng = np.random.default_rng(2)
-    batch = TrainExample(device_prompts(prompts), jnp.asarray(tokens), jnp.asarray(mask),
-                         jnp.asarray(rng.standard_normal(len(tokens)), jnp.float32),
-                         # near the random policy's log(1/vocab), so the KL term is of the size it has in training
-                         ref_logprobs=jnp.asarray(-np.log(CFG.text.vocab_size)
-                                                  + 0.3 * rng.standard_normal(tokens.shape), jnp.float32))
+    batch = TrainExample(
+        device_prompts(prompts),
+        jnp.asarray(tokens),
+        jnp.asarray(mask),
+        jnp.asarray(rng.standard_normal(len(tokens)), jnp.float32),
+        # near the random policy's log(1/vocab), so the KL term is of the size it has in training
+        ref_logprobs=jnp.asarray(-np.log(CFG.text.vocab_size) + 0.3 * rng.standard_normal(tokens.shape), jnp.float32),
+    )
     step = make_grpo_step(graphdef, GRPOConfig(num_generations=G, beta=0.04), tx, schedule)
     for _ in range(STEPS):
         state, _ = step(state, batch)
@@ -96,8 +99,9 @@ def test_bf16_compute_with_fp32_masters_moves_parameters_like_fp32(fp32_run):
         if NO_GRADIENT not in path:
             assert relative_difference(delta, fp32[path]) <= 0.35, (path, relative_difference(delta, fp32[path]))
     compared = [p for p in bf16 if NO_GRADIENT not in p]
-    overall = relative_difference(np.concatenate([bf16[p].ravel() for p in compared]),
-                                  np.concatenate([fp32[p].ravel() for p in compared]))
+    overall = relative_difference(
+        np.concatenate([bf16[p].ravel() for p in compared]), np.concatenate([fp32[p].ravel() for p in compared])
+    )
     assert 0 < overall <= 0.15, overall  # > 0: the bf16 run really computed in bf16
 
 
@@ -181,16 +185,20 @@ def test_frozen_dtype_stores_reference_and_frozen_parts(mode):
 def test_bf16_frozen_checkpoint_round_trip(release_source, tmp_path, trainable, kind):
     """A trainer-built state with bf16 frozen parts (and reference) restores from its meta alone, dtypes and
     values exact; the same checkpoint read as if frozen_dtype were unset is refused (the restore mirrors it)."""
-    cfg = RunConfig(model=ModelConfig(hf_model=str(release_source), dtype="bfloat16", frozen_dtype="bfloat16"),
-                    grpo=GRPOConfig(beta=0.04), lora=LoRAConfig(rank=4, alpha=8.0),
-                    train=TrainConfig(trainable=trainable, max_steps=3))
+    cfg = RunConfig(
+        model=ModelConfig(hf_model=str(release_source), dtype="bfloat16", frozen_dtype="bfloat16"),
+        grpo=GRPOConfig(beta=0.04),
+        lora=LoRAConfig(rank=4, alpha=8.0),
+        train=TrainConfig(trainable=trainable, max_steps=3),
+    )
     saved = save_trainer_checkpoint(tmp_path, cfg, kind, step=2)
     model, _meta, _ = load_checkpoint(tmp_path)
     assert_same_params(model, saved)
     stored = {path: str(var[...].dtype) for path, var in flat_paths(nnx.state(model, nnx.Param)).items()}
     frozen_part = "visual." if trainable == "freeze_vision" else ""
-    assert all(dtype == ("bfloat16" if path.startswith(frozen_part) else "float32")
-               for path, dtype in stored.items()), stored
+    assert all(
+        dtype == ("bfloat16" if path.startswith(frozen_part) else "float32") for path, dtype in stored.items()
+    ), stored
     if trainable == "lora":
         assert leaf_dtypes(nnx.state(model, LoRAParam)) == {"float32"}
     assert model.text.dtype == jnp.bfloat16  # computes in model.dtype
@@ -240,8 +248,10 @@ def test_bf16_master_weights_are_refused_by_build_model():
 # ---------------------------------------------------------------- (e) no silent preset
 
 
-NO_SOURCE = (r"^model\.hf_model and model\.preset are both unset: set model\.hf_model=/ckpt/Qwen2\.5-VL-3B-Instruct "
-             r".*or model\.preset=NAME for a random-init experiment$")
+NO_SOURCE = (
+    r"^model\.hf_model and model\.preset are both unset: set model\.hf_model=/ckpt/Qwen2\.5-VL-3B-Instruct "
+    r".*or model\.preset=NAME for a random-init experiment$"
+)
 
 
 def test_build_model_without_source_is_refused():

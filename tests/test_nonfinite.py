@@ -28,15 +28,18 @@ def toy_state(optimizer) -> TrainState:
 def test_nonfinite_step_leaves_parameters_and_optimizer_untouched(loss, grad):
     optimizer, schedule = make_optimizer(OptimConfig(learning_rate=0.1), 10)
     state = toy_state(optimizer)
-    good, metrics = _apply_gradients(state, jnp.float32(1.0), {"w": jnp.ones(4), "b": jnp.ones(2)}, optimizer,
-                                     schedule, 1)
+    good, metrics = _apply_gradients(
+        state, jnp.float32(1.0), {"w": jnp.ones(4), "b": jnp.ones(2)}, optimizer, schedule, 1
+    )
     assert float(metrics["nonfinite"]) == 0 and not np.allclose(good.trainable["w"], state.trainable["w"])
-    bad, metrics = _apply_gradients(good, jnp.float32(loss), {"w": jnp.full(4, grad), "b": jnp.ones(2)}, optimizer,
-                                    schedule, 1)
+    bad, metrics = _apply_gradients(
+        good, jnp.float32(loss), {"w": jnp.full(4, grad), "b": jnp.ones(2)}, optimizer, schedule, 1
+    )
     assert float(metrics["nonfinite"]) == 1
     assert int(bad.step) == int(good.step) + 1  # the step (and its data) is consumed
-    for before, after in zip(jax.tree.leaves((good.trainable, good.opt_state)),
-                             jax.tree.leaves((bad.trainable, bad.opt_state))):
+    for before, after in zip(
+        jax.tree.leaves((good.trainable, good.opt_state)), jax.tree.leaves((bad.trainable, bad.opt_state))
+    ):
         np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
 
 
@@ -61,9 +64,27 @@ def test_diverging_run_stops_with_one_error_line(tmp_path):
     inputs = make_run_inputs(tmp_path)
     run = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "vlmr1_jax.cli", "train", "demo_tiny", *inputs, *TINY_RUN, "train.max_steps=12",
-         "train.save_every=100", "optim.learning_rate=1e38", "train.max_nonfinite_steps=2", f"train.output_dir={run}",
-         "--no-progress"], env=worker_env(1), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "vlmr1_jax.cli",
+            "train",
+            "demo_tiny",
+            *inputs,
+            *TINY_RUN,
+            "train.max_steps=12",
+            "train.save_every=100",
+            "optim.learning_rate=1e38",
+            "train.max_nonfinite_steps=2",
+            f"train.output_dir={run}",
+            "--no-progress",
+        ],
+        env=worker_env(1),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "2 steps in a row" in errors[0] and "optim.learning_rate" in errors[0], errors

@@ -108,7 +108,7 @@ def test_transforms_compute_what_torch_computes():
     cfg = from_hf_config(TINY_CONFIG)
     v = cfg.vision
     rng = np.random.default_rng(0)
-    ours = rng.standard_normal((v.in_channels * v.temporal_patch_size * v.patch_size ** 2, v.hidden_size))
+    ours = rng.standard_normal((v.in_channels * v.temporal_patch_size * v.patch_size**2, v.hidden_size))
     conv = to_hf_tensor("visual.patch_embed", ours, cfg)
     assert conv.shape == (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
     patch = rng.standard_normal(conv.shape[1:])
@@ -142,8 +142,12 @@ def test_round_trip_ours_hf_ours_is_exact(scan, tmp_path):
     cfg = from_hf_config(TINY_CONFIG)
     abstract = nnx.state(nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0), scan_layers=scan)), nnx.Param)
     rng = np.random.default_rng(0)
-    state = nnx.from_flat_state([(path, var.replace(jnp.asarray(rng.standard_normal(var.shape), var.dtype)))
-                                 for path, var in nnx.to_flat_state(abstract)])
+    state = nnx.from_flat_state(
+        [
+            (path, var.replace(jnp.asarray(rng.standard_normal(var.shape), var.dtype)))
+            for path, var in nnx.to_flat_state(abstract)
+        ]
+    )
     save_hf_safetensors(state, cfg, tmp_path / SINGLE_FILE)
     loaded = flat_paths(load_hf_state(tmp_path, abstract, cfg))
     original = flat_paths(state)
@@ -154,6 +158,8 @@ def test_round_trip_ours_hf_ours_is_exact(scan, tmp_path):
 
 def test_converters_never_import_torch():
     """Importing every converter (check-export included) leaves torch unloaded; `--forward` lives in ports."""
-    code = ("import sys; import converters.cli, converters.check, converters.hf, converters.peft, "
-            "converters.release; assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys; import converters.cli, converters.check, converters.hf, converters.peft, "
+        "converters.release; assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -68,13 +68,19 @@ def _broken_copy(src, dst, tensor=None, change=None, config=None):
 
 BREAKAGES = {
     # (tensor, change, config.json change) applied to our side only; transformers saves the nested layout.
-    "text rope sections swapped": (None, None,
-                                   lambda c: c["text_config"]["rope_parameters"].update(mrope_section=[3, 2, 3])),
+    "text rope sections swapped": (
+        None,
+        None,
+        lambda c: c["text_config"]["rope_parameters"].update(mrope_section=[3, 2, 3]),
+    ),
     "vision qkv bias missing": ("visual.blocks.0.attn.qkv.bias", np.zeros_like, None),
     "text v bias missing": ("model.layers.1.self_attn.v_proj.bias", np.zeros_like, None),
     "one MLP weight 1% off": ("model.layers.1.mlp.down_proj.weight", lambda w: w * 1.01, None),
-    "vision full-attention blocks moved": (None, None,
-                                           lambda c: c["vision_config"].update(fullatt_block_indexes=[0, 3])),
+    "vision full-attention blocks moved": (
+        None,
+        None,
+        lambda c: c["vision_config"].update(fullatt_block_indexes=[0, 3]),
+    ),
 }
 
 
@@ -121,16 +127,29 @@ def test_3b_widths_bf16_compute_reported(width_3b, record_property):
 
 
 def test_check_parity_command_second_config(tiny_hf_b_dir, capsys):
-    code = cli_main(["check-parity", "--hf-model", str(tiny_hf_b_dir), "--images", "3",
-                     "--image-sizes", "112x168,84x140,60x200", "--video", "--batch", "2"])
+    code = cli_main(
+        [
+            "check-parity",
+            "--hf-model",
+            str(tiny_hf_b_dir),
+            "--images",
+            "3",
+            "--image-sizes",
+            "112x168,84x140,60x200",
+            "--video",
+            "--batch",
+            "2",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "PASS" in out and "vision features" in out and "relative" in out and "decode step 3" in out
 
 
 def test_check_parity_command_fails_above_tolerance(tiny_hf_dir, capsys):
-    code = cli_main(["check-parity", "--hf-model", str(tiny_hf_dir), "--images", "1", "--rtol", "0", "--atol", "0",
-                     "--steps", "1"])
+    code = cli_main(
+        ["check-parity", "--hf-model", str(tiny_hf_dir), "--images", "1", "--rtol", "0", "--atol", "0", "--steps", "1"]
+    )
     assert code == 1
     assert "FAIL" in capsys.readouterr().out
 
@@ -142,9 +161,20 @@ def test_check_parity_help_states_the_rule(capsys):
     assert "max|ours - ref| <= atol + rtol * max|ref|" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flag, value", [("--batch", "0"), ("--image-sizes", "0x0"), ("--images", "-1"),
-                                         ("--steps", "-1"), ("--image-sizes", "336"), ("--image-sizes", "10x3000"),
-                                         ("--rtol", "-1"), ("--atol", "nan"), ("--max-pixels", "0")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--batch", "0"),
+        ("--image-sizes", "0x0"),
+        ("--images", "-1"),
+        ("--steps", "-1"),
+        ("--image-sizes", "336"),
+        ("--image-sizes", "10x3000"),
+        ("--rtol", "-1"),
+        ("--atol", "nan"),
+        ("--max-pixels", "0"),
+    ],
+)
 def test_check_parity_refuses_bad_arguments(flag, value, capsys):
     """Refused by argparse before any model is read (the folder does not exist)."""
     with pytest.raises(SystemExit) as e:

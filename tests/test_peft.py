@@ -34,14 +34,26 @@ def test_module_names_and_target_regex():
     assert hf_module_name("text.layers.attn.q", 3) == "model.language_model.layers.3.self_attn.q_proj"
     assert hf_module_name("text.layers.mlp.down", 0) == "model.language_model.layers.0.mlp.down_proj"
     assert hf_module_name("text.lm_head") == "lm_head"
-    regex = target_modules_regex([f"model.language_model.layers.0.self_attn.{n}" for n in LANGUAGE[:4]]
-                                 + [f"model.language_model.layers.0.mlp.{n}" for n in LANGUAGE[4:]] + ["lm_head"])
-    for name in ("model.language_model.layers.11.self_attn.q_proj", "model.language_model.layers.0.mlp.up_proj",
-                 "model.layers.2.mlp.down_proj", "lm_head"):
+    regex = target_modules_regex(
+        [f"model.language_model.layers.0.self_attn.{n}" for n in LANGUAGE[:4]]
+        + [f"model.language_model.layers.0.mlp.{n}" for n in LANGUAGE[4:]]
+        + ["lm_head"]
+    )
+    for name in (
+        "model.language_model.layers.11.self_attn.q_proj",
+        "model.language_model.layers.0.mlp.up_proj",
+        "model.layers.2.mlp.down_proj",
+        "lm_head",
+    ):
         assert re.fullmatch(regex, name), name
-    for name in ("model.visual.blocks.0.mlp.gate_proj", "visual.blocks.3.mlp.down_proj",
-                 "model.visual.blocks.0.attn.qkv", "model.language_model.embed_tokens",
-                 "model.language_model.layers.0.self_attn", "model.language_model.layers.0.mlp.up_proj.lora_A"):
+    for name in (
+        "model.visual.blocks.0.mlp.gate_proj",
+        "visual.blocks.3.mlp.down_proj",
+        "model.visual.blocks.0.attn.qkv",
+        "model.language_model.embed_tokens",
+        "model.language_model.layers.0.self_attn",
+        "model.language_model.layers.0.mlp.up_proj.lora_A",
+    ):
         assert not re.fullmatch(regex, name), name
 
 
@@ -60,10 +72,19 @@ def jax_logits(model, inputs) -> np.ndarray:
     model = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
     cfg = model.cfg
     positions, _ = positions_for(cfg, inputs)
-    plan = plan_vision(inputs.image_pixels, inputs.image_grids, spatial_merge_size=cfg.vision.spatial_merge_size,
-                       window_merged=cfg.vision.window_merged)
-    gather = vision_gather_indices(inputs.input_ids, plan, image_token_id=cfg.image_token_id,
-                                   video_token_id=cfg.video_token_id, num_image_items=len(inputs.image_grids))
+    plan = plan_vision(
+        inputs.image_pixels,
+        inputs.image_grids,
+        spatial_merge_size=cfg.vision.spatial_merge_size,
+        window_merged=cfg.vision.window_merged,
+    )
+    gather = vision_gather_indices(
+        inputs.input_ids,
+        plan,
+        image_token_id=cfg.image_token_id,
+        video_token_id=cfg.video_token_id,
+        num_image_items=len(inputs.image_grids),
+    )
 
     @nnx.jit
     def forward(model, vision, ids, positions, mask, gather):
@@ -81,17 +102,24 @@ def hf_logits(model, inputs, cfg) -> np.ndarray:
     positions, _ = positions_for(cfg, inputs)
     t = torch.from_numpy
     with torch.no_grad():
-        out = model(input_ids=t(inputs.input_ids), attention_mask=t(inputs.attention_mask), position_ids=t(positions),
-                    pixel_values=t(inputs.image_pixels), image_grid_thw=torch.tensor(inputs.image_grids))
+        out = model(
+            input_ids=t(inputs.input_ids),
+            attention_mask=t(inputs.attention_mask),
+            position_ids=t(positions),
+            pixel_values=t(inputs.image_pixels),
+            image_grid_thw=torch.tensor(inputs.image_grids),
+        )
     return out.logits.float().numpy()
 
 
 @pytest.fixture(scope="module")
 def lora_run(release_source, tmp_path_factory):
     """A trainer-built LoRA GRPO checkpoint (reference kept) with random non-zero adapters, lm_head included."""
-    cfg = RunConfig(model=ModelConfig(hf_model=str(release_source)),
-                    lora=LoRAConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT),
-                    train=TrainConfig(trainable="lora", max_steps=4))
+    cfg = RunConfig(
+        model=ModelConfig(hf_model=str(release_source)),
+        lora=LoRAConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT),
+        train=TrainConfig(trainable="lora", max_steps=4),
+    )
     run = tmp_path_factory.mktemp("lora_run")
     model = save_trainer_checkpoint(run, cfg, "grpo", step=4, adjust=random_adapters)
     return release_source, run, model
@@ -110,8 +138,13 @@ def test_peft_adapter_and_merged_export_match_peft(lora_run, tmp_path, capsys):
     base, expected = dict(iter_hf_tensors(base_dir)), dict(iter_hf_tensors(source))
     assert base.keys() == expected.keys() and all(np.array_equal(base[k], expected[k]) for k in expected)
     config = json.loads((base_dir / "adapter" / "adapter_config.json").read_text())
-    assert (config["r"], config["lora_alpha"], config["lora_dropout"], config["task_type"], config["peft_type"]) == \
-        (RANK, ALPHA, DROPOUT, "CAUSAL_LM", "LORA")
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"], config["task_type"], config["peft_type"]) == (
+        RANK,
+        ALPHA,
+        DROPOUT,
+        "CAUSAL_LM",
+        "LORA",
+    )
 
     cfg = read_config(base_dir)
     inputs = make_inputs(cfg, [(1, 4, 6), (1, 4, 4)], batch=2, steps=1, seed=3)
@@ -128,14 +161,13 @@ def test_peft_adapter_and_merged_export_match_peft(lora_run, tmp_path, capsys):
     scale = np.abs(peft_out[valid]).max()
     assert scale > 0.1
     # Our merged export (transformers) == PEFT's own merge of the adapter folder == our merged JAX model.
-    np.testing.assert_allclose(merged_out[valid], hf_logits(peft_model.merge_and_unload(), inputs, cfg)[valid],
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        merged_out[valid], hf_logits(peft_model.merge_and_unload(), inputs, cfg)[valid], atol=1e-4
+    )
     np.testing.assert_allclose(ours_merged[valid], peft_out[valid], atol=1e-4)
     # The adapters change the output (the comparison is not between two copies of the base).
     assert np.abs(hf_logits(load_hf(base_dir), inputs, cfg)[valid] - peft_out[valid]).max() > 1e-2
 
     # Our unmerged LoRA forward (lm_head adapter included) against the adapter-loaded PEFT model.
     peft_model = PeftModel.from_pretrained(load_hf(base_dir), base_dir / "adapter").eval()
-    np.testing.assert_allclose(jax_logits(model, inputs)[valid], hf_logits(peft_model, inputs, cfg)[valid],
-                               atol=1e-4)
-
+    np.testing.assert_allclose(jax_logits(model, inputs)[valid], hf_logits(peft_model, inputs, cfg)[valid], atol=1e-4)

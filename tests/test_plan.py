@@ -45,8 +45,13 @@ CASES = {  # the tiny preset trained fully in fp32; the demo-sized preset as LoR
     "tiny-full": ["model.preset=tiny", "train.trainable=full"],
     "demo-s-lora": ["model.preset=demo-s", "train.trainable=lora", "model.dtype=bfloat16", "model.remat=full"],
 }
-MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-                 "generated_code_size_in_bytes")
+MEMORY_FIELDS = (
+    "argument_size_in_bytes",
+    "output_size_in_bytes",
+    "alias_size_in_bytes",
+    "temp_size_in_bytes",
+    "generated_code_size_in_bytes",
+)
 
 
 def addressable_bytes(tree) -> list[int]:
@@ -71,23 +76,35 @@ def _real_run(cfg, mesh):
     tokenizer = load_tokenizer(cfg)
     model = build_model(cfg, tokenizer, mesh)
     optimizer, schedule = make_optimizer(cfg.optim, cfg.train.max_steps)
-    graphdef, state = init_train_state(model, cfg.train.trainable, optimizer, cfg.grpo.beta > 0,
-                                       frozen_dtype=frozen_dtype_of(cfg.model))
+    graphdef, state = init_train_state(
+        model, cfg.train.trainable, optimizer, cfg.grpo.beta > 0, frozen_dtype=frozen_dtype_of(cfg.model)
+    )
     state = on_mesh(state, mesh)
     batch = representative_prompts(cfg, model.cfg, tokenizer, IMAGE, 1)
     prompts = to_device(batch, mesh)
     key = jax.random.fold_in(jax.random.key(cfg.train.seed), 0)
     g = cfg.grpo
     memory = {}
-    sampler = make_generate_fn(cfg, tokenizer, model.cfg, graphdef).lower(
-        state.trainable, state.frozen, prompts, key).compile()
+    sampler = (
+        make_generate_fn(cfg, tokenizer, model.cfg, graphdef)
+        .lower(state.trainable, state.frozen, prompts, key)
+        .compile()
+    )
     memory["sampler"] = sampler.memory_analysis()
     out = sampler(state.trainable, state.frozen, prompts, key)
-    reference = make_logprob_fn(graphdef, g.num_generations).lower(
-        state.reference, state.frozen, prompts, out.tokens, out.mask).compile()
+    reference = (
+        make_logprob_fn(graphdef, g.num_generations)
+        .lower(state.reference, state.frozen, prompts, out.tokens, out.mask)
+        .compile()
+    )
     memory["reference"] = reference.memory_analysis()
-    train_batch = TrainExample(prompts, out.tokens, out.mask, np.zeros((out.tokens.shape[0],), np.float32),
-                               ref_logprobs=reference(state.reference, state.frozen, prompts, out.tokens, out.mask))
+    train_batch = TrainExample(
+        prompts,
+        out.tokens,
+        out.mask,
+        np.zeros((out.tokens.shape[0],), np.float32),
+        ref_logprobs=reference(state.reference, state.frozen, prompts, out.tokens, out.mask),
+    )
     step = make_grpo_step(graphdef, g, optimizer, schedule, cfg.optim.grad_accum, seed=cfg.train.seed)
     memory["grpo_step"] = step.lower(state, train_batch).compile().memory_analysis()
     return state, train_batch, memory
@@ -138,8 +155,12 @@ def test_state_bytes_are_the_real_addressable_bytes(planned):
     """Parameter / optimizer / reference bytes per device equal what each device of the real state holds, and
     memory_analysis is per device: the step's argument bytes are one device's shards of (state, batch)."""
     _, plan, (state, train_batch, _) = planned
-    for key, tree in (("trainable", state.trainable), ("frozen", state.frozen), ("optimizer", state.opt_state),
-                      ("reference", state.reference)):
+    for key, tree in (
+        ("trainable", state.trainable),
+        ("frozen", state.frozen),
+        ("optimizer", state.opt_state),
+        ("reference", state.reference),
+    ):
         real = addressable_bytes(tree)
         assert max(real) == plan.state[key], key
     step = next(p for p in plan.programs if p.name == "grpo_step")
@@ -189,8 +210,18 @@ def test_param_bytes_fall_as_fsdp_grows():
 
 @pytest.mark.slow
 def test_cli_table_and_verdicts(tmp_path, capsys):
-    args = ["plan", "demo_tiny", *SMALL, *CASES["tiny-full"], "--devices", "8", "--device-kind", "h100",
-            "--image-size", "x".join(map(str, IMAGE))]
+    args = [
+        "plan",
+        "demo_tiny",
+        *SMALL,
+        *CASES["tiny-full"],
+        "--devices",
+        "8",
+        "--device-kind",
+        "h100",
+        "--image-size",
+        "x".join(map(str, IMAGE)),
+    ]
     assert main([*args, "--json", str(tmp_path / "plan.json")]) == 0
     out = capsys.readouterr().out
     assert "grpo_step" in out and "sampler" in out and "reference" in out
@@ -208,18 +239,32 @@ def test_cli_table_and_verdicts(tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_simulates_more_devices_in_a_fresh_process(capfd):
     """JAX already runs with 8 devices here: 16 needs a fresh process, which configures its CPU client first."""
-    args = ["plan", "demo_tiny", "data.prompts_per_step=2", "grpo.num_generations=2", "sampling.max_new_tokens=4",
-            "--devices", "16", "--device-kind", "v5p", "--image-size", "56x56"]
+    args = [
+        "plan",
+        "demo_tiny",
+        "data.prompts_per_step=2",
+        "grpo.num_generations=2",
+        "sampling.max_new_tokens=4",
+        "--devices",
+        "16",
+        "--device-kind",
+        "v5p",
+        "--image-size",
+        "56x56",
+    ]
     assert main(args) == 0
     out = capfd.readouterr().out
     assert "16 x v5p" in out and "fsdp=16" in out
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--image-size", "640"], "--image-size '640': expected WIDTHxHEIGHT"),
-    (["model.preset=null"], "model.hf_model=FOLDER"),
-    (["train.trainable=everything"], "train.trainable='everything'"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--image-size", "640"], "--image-size '640': expected WIDTHxHEIGHT"),
+        (["model.preset=null"], "model.hf_model=FOLDER"),
+        (["train.trainable=everything"], "train.trainable='everything'"),
+    ],
+)
 def test_cli_bad_input(extra, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
         main(["plan", "demo_tiny", *extra, "--devices", "8", "--device-kind", "v5e"])

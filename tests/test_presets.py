@@ -36,8 +36,9 @@ def hf_shapes(cfg) -> tuple[dict[str, tuple[int, ...]], bool]:
 def our_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """Legacy HF name -> HF-layout shape of every parameter of our model, via the converter's name/layout rules."""
     abstract = nnx.state(nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0))))
-    return {name: to_hf_tensor(path, np.empty(shape, SHAPELESS), cfg).shape
-            for name, path, _, shape in hf_entries(abstract)}
+    return {
+        name: to_hf_tensor(path, np.empty(shape, SHAPELESS), cfg).shape for name, path, _, shape in hf_entries(abstract)
+    }
 
 
 @pytest.mark.parametrize("name", RELEASED)
@@ -94,8 +95,16 @@ def test_config_errors():
         from_hf_config({k: v for k, v in flat.items() if k != "vision_config"})
 
 
-@pytest.mark.parametrize("alias, name", [("3b", "qwen2.5-vl-3b"), ("7b", "qwen2.5-vl-7b"), ("32b", "qwen2.5-vl-32b"),
-                                         ("72B", "qwen2.5-vl-72b"), ("tiny", "tiny")])
+@pytest.mark.parametrize(
+    "alias, name",
+    [
+        ("3b", "qwen2.5-vl-3b"),
+        ("7b", "qwen2.5-vl-7b"),
+        ("32b", "qwen2.5-vl-32b"),
+        ("72B", "qwen2.5-vl-72b"),
+        ("tiny", "tiny"),
+    ],
+)
 def test_preset_aliases(alias, name):
     assert get_preset(alias) is PRESETS[name]
 

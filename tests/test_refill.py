@@ -21,8 +21,7 @@ BATCH = 2
 
 
 def run_overrides(tmp_path, run, *extra):
-    return [*make_run_inputs(tmp_path), *TINY_RUN, f"data.prompts_per_step={BATCH}", f"train.output_dir={run}",
-            *extra]
+    return [*make_run_inputs(tmp_path), *TINY_RUN, f"data.prompts_per_step={BATCH}", f"train.output_dir={run}", *extra]
 
 
 def sample_at(trainer: GRPOTrainer, position: int):
@@ -61,9 +60,13 @@ def test_skip_refills_the_batch_and_resumes_exactly(tmp_path, monkeypatch, caplo
     # Resume to step 4; one uninterrupted run that skips the same sample must end identical.
     GRPOTrainer(load_config("demo_tiny", [*overrides, "train.max_steps=4"]), progress=False).train()
     reference = tmp_path / "reference"
-    GRPOTrainer(load_config("demo_tiny", [*run_overrides(tmp_path, reference, "data.on_error=skip",
-                                                          "train.save_every=2"), "train.max_steps=4"]),
-                progress=False).train()
+    GRPOTrainer(
+        load_config(
+            "demo_tiny",
+            [*run_overrides(tmp_path, reference, "data.on_error=skip", "train.save_every=2"), "train.max_steps=4"],
+        ),
+        progress=False,
+    ).train()
     assert [m["data/skipped"] for m in read_metrics(reference)] == [0.0, 1.0, 1.0, 1.0]
     assert [m["data/skipped"] for m in read_metrics(tmp_path / "run")] == [0.0, 1.0, 1.0, 1.0]
     got = read_state(tmp_path / "run" / "checkpoints" / "4" / "state")

@@ -21,9 +21,12 @@ from vlmr1_jax.train.restore import find_checkpoint, load_checkpoint
 @pytest.fixture(scope="module")
 def grpo_run(release_source, tmp_path_factory):
     """GRPO, vision frozen, beta > 0 (reference kept), gradient accumulation (optax MultiSteps), step 3."""
-    cfg = RunConfig(model=ModelConfig(hf_model=str(release_source)), grpo=GRPOConfig(beta=0.04),
-                    optim=OptimConfig(grad_accum=2, warmup_steps=1),
-                    train=TrainConfig(trainable="freeze_vision", max_steps=7))
+    cfg = RunConfig(
+        model=ModelConfig(hf_model=str(release_source)),
+        grpo=GRPOConfig(beta=0.04),
+        optim=OptimConfig(grad_accum=2, warmup_steps=1),
+        train=TrainConfig(trainable="freeze_vision", max_steps=7),
+    )
     run = tmp_path_factory.mktemp("grpo_run")
     return run, save_trainer_checkpoint(run, cfg, "grpo", step=3)
 
@@ -49,8 +52,11 @@ def test_grpo_checkpoint_restores_bit_exact(grpo_run, release_source):
 
 
 def test_lora_sft_checkpoint_restores_adapters(release_source, tmp_path):
-    cfg = RunConfig(model=ModelConfig(hf_model=str(release_source)), lora=LoRAConfig(rank=4, alpha=8.0),
-                    train=TrainConfig(trainable="lora", max_steps=5, seed=3))
+    cfg = RunConfig(
+        model=ModelConfig(hf_model=str(release_source)),
+        lora=LoRAConfig(rank=4, alpha=8.0),
+        train=TrainConfig(trainable="lora", max_steps=5, seed=3),
+    )
     saved = save_trainer_checkpoint(tmp_path, cfg, "sft", step=5)
     model, _meta, _ = load_checkpoint(tmp_path)
     assert_same_params(model, saved)
@@ -91,7 +97,7 @@ def test_import_hf_round_trip_and_export(release_source, tmp_path, capsys):
     expected = dict(iter_hf_tensors(release_source))
     assert written.keys() == expected.keys()
     assert all(np.array_equal(written[k], expected[k]) for k in expected)
-    assert "base_model: \"source\"" in (release / "README.md").read_text()
+    assert 'base_model: "source"' in (release / "README.md").read_text()
 
 
 def test_export_argument_errors(grpo_run, release_source, tmp_path, capsys):

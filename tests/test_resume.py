@@ -40,8 +40,14 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     env = worker_env(2)  # a 2-device fsdp mesh: checkpoints hold sharded arrays
 
     def overrides(run: Path) -> list[str]:
-        return [*inputs, *TINY_RUN, f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}",
-                f"train.keep_checkpoints={STEPS}", f"train.output_dir={run}"]
+        return [
+            *inputs,
+            *TINY_RUN,
+            f"train.max_steps={STEPS}",
+            f"train.save_every={SAVE_EVERY}",
+            f"train.keep_checkpoints={STEPS}",
+            f"train.output_dir={run}",
+        ]
 
     # Run B, first life: SIGKILL as soon as the first checkpoint is complete (it fills the compile cache).
     a, b = tmp_path / "a", tmp_path / "b"
@@ -62,8 +68,10 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     logged_before = len(jsonl(b / "metrics.jsonl"))
 
     # Run A uninterrupted and run B's second life, side by side.
-    procs = [start_training(overrides(a), tmp_path / "a", env),
-             start_training(overrides(b), tmp_path / "b_second", env)]
+    procs = [
+        start_training(overrides(a), tmp_path / "a", env),
+        start_training(overrides(b), tmp_path / "b_second", env),
+    ]
     wait_all(procs, timeout=400)
     for proc, log in zip(procs, ("a", "b_second")):
         assert proc.returncode == 0, log_tail(tmp_path / log)
@@ -77,7 +85,8 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     for name, x in state_a.items():
         y = state_b[name]
         assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), (
-            f"{name} differs after resuming: max |a-b| = {np.max(np.abs(x.astype(np.float64) - y)):.3g}")
+            f"{name} differs after resuming: max |a-b| = {np.max(np.abs(x.astype(np.float64) - y)):.3g}"
+        )
     assert int(state_a["['step']"]) == STEPS
     iterator = [(run / "checkpoints" / str(STEPS) / "data" / "process_0-of-1.json").read_text() for run in (a, b)]
     assert iterator[0] == iterator[1]
@@ -92,4 +101,4 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     for step, rows in rollouts_b.items():
         life = len(rollouts_a[step])
         for start in range(0, len(rows), life):
-            assert rows[start:start + life] == rollouts_a[step], step
+            assert rows[start : start + life] == rollouts_a[step], step

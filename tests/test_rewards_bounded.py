@@ -61,8 +61,19 @@ CASES = {
     "whitespace then text": lambda n: _repeat(" \n", n) + "<answer> 42 </answer>",
 }
 
-TRUTHS = {"mcq": "B", "yes_no": "yes", "llm": "Paris", "all_match": "x", "math": "\\frac{1}{2}", "default": "42",
-          "weighted_sum": BLOCK, "map": BLOCK, "od_ap": BLOCK, "od_ap50": BLOCK, "odLength": BLOCK}
+TRUTHS = {
+    "mcq": "B",
+    "yes_no": "yes",
+    "llm": "Paris",
+    "all_match": "x",
+    "math": "\\frac{1}{2}",
+    "default": "42",
+    "weighted_sum": BLOCK,
+    "map": BLOCK,
+    "od_ap": BLOCK,
+    "od_ap50": BLOCK,
+    "odLength": BLOCK,
+}
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +86,21 @@ def calls(tmp_path_factory) -> dict:
         "rec_format": lambda c: get_reward("rec_format")([c]),
         "repetition": lambda c: get_reward("repetition")([c]),
         "length": lambda c: get_reward("length")([c], solution=[f"<answer> {BLOCK} </answer>"]),
-        "rec_iou": lambda c: get_reward("rec_iou")([c], solution=["<answer> [1, 2, 300, 400] </answer>"],
-                                                    image_grid_thw=[[[1, 36, 24]]], image_path=[[str(image)]]),
+        "rec_iou": lambda c: get_reward("rec_iou")(
+            [c],
+            solution=["<answer> [1, 2, 300, 400] </answer>"],
+            image_grid_thw=[[[1, 36, 24]]],
+            image_path=[[str(image)]],
+        ),
     }
     for method in _methods(None, False):
-        out[f"accuracy:{method}"] = (lambda m: lambda c: get_reward("accuracy")(
-            [c], solution=[f"<answer> {TRUTHS[m]} </answer>"], accu_reward_method=[m]))(method)
+        out[f"accuracy:{method}"] = (
+            lambda m: (
+                lambda c: get_reward("accuracy")(
+                    [c], solution=[f"<answer> {TRUTHS[m]} </answer>"], accu_reward_method=[m]
+                )
+            )
+        )(method)
     return out
 
 
@@ -119,8 +139,9 @@ def _seconds(call, text: str, give_up_after: float = 0.0) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["format", "rec_format", "repetition", "length", "rec_iou",
-                                  *(f"accuracy:{m}" for m in TRUTHS)])
+@pytest.mark.parametrize(
+    "name", ["format", "rec_format", "repetition", "length", "rec_iou", *(f"accuracy:{m}" for m in TRUTHS)]
+)
 def test_cost_grows_linearly_with_the_completion(name, calls, monkeypatch):
     monkeypatch.delenv("VLMR1_LLM_JUDGE_URL", raising=False)
     call = calls[name]
@@ -133,8 +154,10 @@ def test_cost_grows_linearly_with_the_completion(name, calls, monkeypatch):
             t_big = min(t_big, _seconds(call, big, give_up_after=RATIO * t_small))
             if t_big <= RATIO * t_small:
                 break
-        assert t_big <= RATIO * t_small, (f"{name} on {case!r}: {len(big)} chars take over {RATIO}x the time of "
-                                          f"{len(small)} ({t_small:.4f} s for the small one): not linear")
+        assert t_big <= RATIO * t_small, (
+            f"{name} on {case!r}: {len(big)} chars take over {RATIO}x the time of "
+            f"{len(small)} ({t_small:.4f} s for the small one): not linear"
+        )
 
 
 TOWER = "2^2^2^2^2^2"  # math_verify's comparison runs for minutes (5 s under its own timeout)
@@ -168,8 +191,9 @@ def test_math_verify_stops_at_the_time_limit(in_thread, monkeypatch, caplog):
 def test_accuracy_on_a_power_tower_goes_on_without_math_verify(monkeypatch, caplog):
     monkeypatch.setattr(math_answer, "VERIFY_SECONDS", 0.5)
     accuracy = get_reward("accuracy")
-    got = accuracy([f"<answer>{TOWER}</answer>"] * 2, solution=["<answer> 2 </answer>"] * 2,
-                   accu_reward_method=["math", "default"])
+    got = accuracy(
+        [f"<answer>{TOWER}</answer>"] * 2, solution=["<answer> 2 </answer>"] * 2, accu_reward_method=["math", "default"]
+    )
     # math: not equal; default: not a float either, so the Levenshtein ratio 2 * LCS / (11 + 1) with LCS = "2"
     assert got == [0.0, pytest.approx(2 * 1 / (len(TOWER) + 1))] and len(_gave_up(caplog)) == 2
 
@@ -203,8 +227,10 @@ def test_json_repair_stops_at_the_time_limit(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger=length.__name__):
         assert _load_json('["' * 8000) is None  # json_repair is quadratic on this: seconds
     assert "interrupted after 0.3 s" in _gave_up(caplog)[0]
-    assert _load_json('[{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [1') == \
-        [{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [1]}]
+    assert _load_json('[{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [1') == [
+        {"bbox_2d": [1, 2, 3, 4], "label": "a"},
+        {"bbox_2d": [1]},
+    ]
     unclosed = json.dumps([1] * 10)[:-1] + ", 2"
     assert _load_json(unclosed) == [1] * 10 + [2]
     assert _load_json(unclosed + " " * length.REPAIR_MAX_CHARS) is None  # too long to repair

@@ -91,14 +91,17 @@ def _answer(text):
 CAT = {"bbox_2d": [0, 0, 100, 100], "label": "cat"}
 
 
-@pytest.mark.parametrize("pred, expected_map, expected_ap50", [
-    ([CAT], 1.0, 1.0),
-    # IoU 0.64 (box [0, 0, 100, 64]): a hit for thresholds .50 .55 .60 only -> 3/10
-    ([{"bbox_2d": [0, 0, 100, 64], "label": "cat"}], 0.3, 1.0),
-    ([{"bbox_2d": [0, 0, 100, 100], "label": "dog"}], 0.0, 0.0),           # label not in truth: dropped
-    ([CAT, {"bbox_2d": [300, 300, 400, 400], "label": "cat"}], 1.0, 1.0),  # the FP comes after the TP
-    ([{"bbox_2d": [300, 300, 400, 400], "label": "cat"}, CAT], 0.5, 0.5),  # FP first: precision 1/2 at recall 1
-])
+@pytest.mark.parametrize(
+    "pred, expected_map, expected_ap50",
+    [
+        ([CAT], 1.0, 1.0),
+        # IoU 0.64 (box [0, 0, 100, 64]): a hit for thresholds .50 .55 .60 only -> 3/10
+        ([{"bbox_2d": [0, 0, 100, 64], "label": "cat"}], 0.3, 1.0),
+        ([{"bbox_2d": [0, 0, 100, 100], "label": "dog"}], 0.0, 0.0),  # label not in truth: dropped
+        ([CAT, {"bbox_2d": [300, 300, 400, 400], "label": "cat"}], 1.0, 1.0),  # the FP comes after the TP
+        ([{"bbox_2d": [300, 300, 400, 400], "label": "cat"}, CAT], 0.5, 0.5),  # FP first: precision 1/2 at recall 1
+    ],
+)
 def test_map_table(pred, expected_map, expected_ap50):
     content, solution = _answer(_block(pred)), _answer(_block([CAT]))
     assert map_score(content, solution) == pytest.approx(expected_map)
@@ -106,24 +109,30 @@ def test_map_table(pred, expected_map, expected_ap50):
     assert od_score(content, solution, ap50=True) == pytest.approx(expected_ap50)
 
 
-@pytest.mark.parametrize("content, solution, expected", [
-    ("<answer>None</answer>", _answer("None"), 1.0),
-    ("no answer tag", _answer("None"), 0.0),
-    ("<answer>None</answer>", _answer(_block([CAT])), 0.0),                 # one side empty
-    ("<answer>" + _block([CAT]) + "</answer>", _answer("None"), 0.0),
-    ("<answer>```json [broken```</answer>", _answer(_block([CAT])), 0.0),  # unparseable prediction = no boxes
-    ("<answer>x</answer><answer>" + _block([CAT]) + "</answer>", _answer(_block([CAT])), 1.0),  # last answer
-])
+@pytest.mark.parametrize(
+    "content, solution, expected",
+    [
+        ("<answer>None</answer>", _answer("None"), 1.0),
+        ("no answer tag", _answer("None"), 0.0),
+        ("<answer>None</answer>", _answer(_block([CAT])), 0.0),  # one side empty
+        ("<answer>" + _block([CAT]) + "</answer>", _answer("None"), 0.0),
+        ("<answer>```json [broken```</answer>", _answer(_block([CAT])), 0.0),  # unparseable prediction = no boxes
+        ("<answer>x</answer><answer>" + _block([CAT]) + "</answer>", _answer(_block([CAT])), 1.0),  # last answer
+    ],
+)
 def test_od_edge_cases(content, solution, expected):
     assert od_score(content, solution) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("pred, expected", [
-    ([CAT], 1.0),
-    ([CAT, {"bbox_2d": [300, 300, 400, 400], "label": "cat"}], 0.5),  # mAP 1 * min(1, 1/2)
-    ([CAT, {"bbox_2d": [0, 0, 5, 5], "label": "zebra"}], 0.5),        # wrong-label entries still count in L
-    ([CAT, CAT, CAT, CAT], 0.25),
-])
+@pytest.mark.parametrize(
+    "pred, expected",
+    [
+        ([CAT], 1.0),
+        ([CAT, {"bbox_2d": [300, 300, 400, 400], "label": "cat"}], 0.5),  # mAP 1 * min(1, 1/2)
+        ([CAT, {"bbox_2d": [0, 0, 5, 5], "label": "zebra"}], 0.5),  # wrong-label entries still count in L
+        ([CAT, CAT, CAT, CAT], 0.25),
+    ],
+)
 def test_od_length_penalty(pred, expected):
     content, solution = _answer(_block(pred)), _answer(_block([CAT]))
     assert od_score(content, solution, length_penalty=True) == pytest.approx(expected)
@@ -132,21 +141,27 @@ def test_od_length_penalty(pred, expected):
 DOG = {"bbox_2d": [20, 20, 30, 30], "label": "dog"}
 
 
-@pytest.mark.parametrize("pred, truth, expected", [
-    ([CAT], [CAT], 1.0),
-    # one of two found: position 1/2, miss 1/2, fa 0 -> completeness 3/4; 0.7*0.5 + 0.3*0.75
-    ([CAT], [CAT, DOG], 0.7 * 0.5 + 0.3 * 0.75),
-    # matched with the wrong label: IoU recorded as 0
-    ([{"bbox_2d": [0, 0, 100, 100], "label": "dog"}], [CAT, DOG], 0.3 * 0.75),
-    # IoU 0.4 < 0.5: no match; miss 1, fa 1 -> 0
-    ([{"bbox_2d": [0, 0, 100, 40], "label": "cat"}], [CAT], 0.0),
-    # IoU 0.64 match + a false alarm: position 0.64, fa 1/2 -> completeness 3/4
-    ([{"bbox_2d": [0, 0, 100, 64], "label": "CAT"}, {"bbox_2d": [500, 500, 600, 600], "label": "cat"}], [CAT],
-     0.7 * 0.64 + 0.3 * 0.75),
-    ([], [CAT], 0.0),
-    ([CAT], [], 0.0),
-    ([], [], 1.0),
-])
+@pytest.mark.parametrize(
+    "pred, truth, expected",
+    [
+        ([CAT], [CAT], 1.0),
+        # one of two found: position 1/2, miss 1/2, fa 0 -> completeness 3/4; 0.7*0.5 + 0.3*0.75
+        ([CAT], [CAT, DOG], 0.7 * 0.5 + 0.3 * 0.75),
+        # matched with the wrong label: IoU recorded as 0
+        ([{"bbox_2d": [0, 0, 100, 100], "label": "dog"}], [CAT, DOG], 0.3 * 0.75),
+        # IoU 0.4 < 0.5: no match; miss 1, fa 1 -> 0
+        ([{"bbox_2d": [0, 0, 100, 40], "label": "cat"}], [CAT], 0.0),
+        # IoU 0.64 match + a false alarm: position 0.64, fa 1/2 -> completeness 3/4
+        (
+            [{"bbox_2d": [0, 0, 100, 64], "label": "CAT"}, {"bbox_2d": [500, 500, 600, 600], "label": "cat"}],
+            [CAT],
+            0.7 * 0.64 + 0.3 * 0.75,
+        ),
+        ([], [CAT], 0.0),
+        ([CAT], [], 0.0),
+        ([], [], 1.0),
+    ],
+)
 def test_weighted_sum_table(pred, truth, expected):
     content = "<think>hm</think><answer>" + _block(pred) + "</answer>"
     assert weighted_sum_score(content, _answer(_block(truth))) == pytest.approx(expected)
@@ -166,17 +181,22 @@ def test_weighted_sum_stale_label_bug_only_in_compat_mode():
     # VLM-R1: the unlabeled prediction inherits the previous match's 'cat': a perfect score
     assert detection_score(content, solution, vlmr1_compat=True) == pytest.approx(1.0)
     # VLM-R1 crashes when the first match is unlabeled; compat mode scores it 0
-    assert detection_score(_answer(_block([{"bbox_2d": [0, 0, 100, 100]}])), _answer(_block([CAT])),
-                           vlmr1_compat=True) == 0.0
+    assert (
+        detection_score(_answer(_block([{"bbox_2d": [0, 0, 100, 100]}])), _answer(_block([CAT])), vlmr1_compat=True)
+        == 0.0
+    )
 
 
-@pytest.mark.parametrize("solution, fragment", [
-    (_answer("```json [{broken ```"), "not valid JSON"),
-    (_answer('```json {"bbox_2d": [1, 2, 3, 4]} ```'), "expected a list"),
-    (_answer('```json [{"bbox_2d": [1, 2, 3], "label": "a"}] ```'), "bbox_2d"),
-    (_answer('```json [{"bbox_2d": [1, 2, 3, 4]}] ```'), "label"),
-    (_answer('```json [{"bbox_2d": [1, 2, 1e999, 4], "label": "a"}] ```'), "bbox_2d"),  # infinite
-])
+@pytest.mark.parametrize(
+    "solution, fragment",
+    [
+        (_answer("```json [{broken ```"), "not valid JSON"),
+        (_answer('```json {"bbox_2d": [1, 2, 3, 4]} ```'), "expected a list"),
+        (_answer('```json [{"bbox_2d": [1, 2, 3], "label": "a"}] ```'), "bbox_2d"),
+        (_answer('```json [{"bbox_2d": [1, 2, 3, 4]}] ```'), "label"),
+        (_answer('```json [{"bbox_2d": [1, 2, 1e999, 4], "label": "a"}] ```'), "bbox_2d"),  # infinite
+    ],
+)
 def test_malformed_truth_raises_naming_the_field(solution, fragment):
     for score in (map_score, od_score, weighted_sum_score):
         with pytest.raises(RewardInputError, match="solution") as info:

@@ -17,19 +17,75 @@ from vlmr1_jax.rewards import get_reward
 from vlmr1_jax.rewards.common import RewardInputError
 
 BOX_JSON = [
-    '{"bbox_2d": [0, 0, 100, 100], "label": "cat"}', '{"bbox_2d": [-50, -5, -1, 10], "label": "cat"}',
-    '{"bbox_2d": [1e400, 0, 5, 5], "label": "cat"}', '{"bbox_2d": [10, 10, 0, 0], "label": "dog"}',
-    '{"bbox_2d": [0, 0, 100], "label": "cat"}', '{"bbox_2d": "x", "label": ["cat"]}', '{"label": "cat"}',
-    '{"bbox_2d": [0, 0, 100, 100]}', '{"bbox_2d": [1.5, 2.5, 60, 70.25], "label": "CAT"}',
-    '{"bbox_2d": [' + "9" * 400 + ", 0, 1, 1], \"label\": \"cat\"}",
+    '{"bbox_2d": [0, 0, 100, 100], "label": "cat"}',
+    '{"bbox_2d": [-50, -5, -1, 10], "label": "cat"}',
+    '{"bbox_2d": [1e400, 0, 5, 5], "label": "cat"}',
+    '{"bbox_2d": [10, 10, 0, 0], "label": "dog"}',
+    '{"bbox_2d": [0, 0, 100], "label": "cat"}',
+    '{"bbox_2d": "x", "label": ["cat"]}',
+    '{"label": "cat"}',
+    '{"bbox_2d": [0, 0, 100, 100]}',
+    '{"bbox_2d": [1.5, 2.5, 60, 70.25], "label": "CAT"}',
+    '{"bbox_2d": [' + "9" * 400 + ', 0, 1, 1], "label": "cat"}',
 ]
 FRAGMENTS = [
-    "<think>", "</think>", "<answer>", "</answer>", "<answer><answer>", "</answer></answer>", "```json", "```",
-    "\n", " ", "\r\n", "[", "]", "{", "}", ",", ":", '"bbox_2d"', '"label"', "[1, 2, 3, 4]", "[-5, -5, 10, 10]",
-    "[0, 0, 0, 0]", "[99999999999999999999, 0, 1, 1]", "9" * 5000, "1e400", "NaN", "-Infinity", "null", "None",
-    "none", "yes", "no", "A.", "B,", "C", "\\boxed{", "\\boxed ", "\\frac", "\\sqrt", "\\text{ ", "\\fbox{", "$",
-    "1/2", "0.5", "=", "答案", "选择", "。", "é", "\u200b", "\U0001F642", "\x00", "[{", "}]",
-    *BOX_JSON, "[" + ", ".join(BOX_JSON[:3]) + "]", "[" + BOX_JSON[0] + ", " + BOX_JSON[0] + "]",
+    "<think>",
+    "</think>",
+    "<answer>",
+    "</answer>",
+    "<answer><answer>",
+    "</answer></answer>",
+    "```json",
+    "```",
+    "\n",
+    " ",
+    "\r\n",
+    "[",
+    "]",
+    "{",
+    "}",
+    ",",
+    ":",
+    '"bbox_2d"',
+    '"label"',
+    "[1, 2, 3, 4]",
+    "[-5, -5, 10, 10]",
+    "[0, 0, 0, 0]",
+    "[99999999999999999999, 0, 1, 1]",
+    "9" * 5000,
+    "1e400",
+    "NaN",
+    "-Infinity",
+    "null",
+    "None",
+    "none",
+    "yes",
+    "no",
+    "A.",
+    "B,",
+    "C",
+    "\\boxed{",
+    "\\boxed ",
+    "\\frac",
+    "\\sqrt",
+    "\\text{ ",
+    "\\fbox{",
+    "$",
+    "1/2",
+    "0.5",
+    "=",
+    "答案",
+    "选择",
+    "。",
+    "é",
+    "\u200b",
+    "\U0001f642",
+    "\x00",
+    "[{",
+    "}]",
+    *BOX_JSON,
+    "[" + ", ".join(BOX_JSON[:3]) + "]",
+    "[" + BOX_JSON[0] + ", " + BOX_JSON[0] + "]",
 ]
 
 
@@ -42,14 +98,30 @@ def fenced(boxes: list[str]) -> str:
     return "```json\n[" + ", ".join(boxes) + "]\n```"
 
 
-TRUTH_BLOCKS = [fenced([]), fenced(['{"bbox_2d": [0, 0, 100, 100], "label": "cat"}']),
-                fenced(['{"bbox_2d": [0, 0, 100, 100], "label": "cat"}', '{"bbox_2d": [5, 5, 50, 60], "label": "dog"}',
-                        '{"bbox_2d": [3, 3, 1, 1], "label": "cat"}']), "None"]
+TRUTH_BLOCKS = [
+    fenced([]),
+    fenced(['{"bbox_2d": [0, 0, 100, 100], "label": "cat"}']),
+    fenced(
+        [
+            '{"bbox_2d": [0, 0, 100, 100], "label": "cat"}',
+            '{"bbox_2d": [5, 5, 50, 60], "label": "dog"}',
+            '{"bbox_2d": [3, 3, 1, 1], "label": "cat"}',
+        ]
+    ),
+    "None",
+]
 TRUTHS = {
-    "mcq": ["B", "C. a dog", "no letter"], "yes_no": ["yes", "No"], "llm": ["Paris", ""],
-    "all_match": ["Operation No Response", ""], "weighted_sum": TRUTH_BLOCKS, "map": TRUTH_BLOCKS,
-    "od_ap": TRUTH_BLOCKS, "od_ap50": TRUTH_BLOCKS, "odLength": TRUTH_BLOCKS,
-    "math": ["\\frac{1}{2}", "42", "x^2"], "default": ["42", "B", "a red car", "3.5 cm"],
+    "mcq": ["B", "C. a dog", "no letter"],
+    "yes_no": ["yes", "No"],
+    "llm": ["Paris", ""],
+    "all_match": ["Operation No Response", ""],
+    "weighted_sum": TRUTH_BLOCKS,
+    "map": TRUTH_BLOCKS,
+    "od_ap": TRUTH_BLOCKS,
+    "od_ap50": TRUTH_BLOCKS,
+    "odLength": TRUTH_BLOCKS,
+    "math": ["\\frac{1}{2}", "42", "x^2"],
+    "default": ["42", "B", "a red car", "3.5 cm"],
 }
 FAST = ["mcq", "yes_no", "llm", "all_match", "weighted_sum"]
 COCO = ["map", "od_ap", "od_ap50", "odLength"]
@@ -63,7 +135,8 @@ def _in_range(values, low, high):
 
 def _accuracy_case(method_names):
     return st.sampled_from(method_names).flatmap(
-        lambda m: st.tuples(st.just(m), adversarial(), st.sampled_from(TRUTHS[m])))
+        lambda m: st.tuples(st.just(m), adversarial(), st.sampled_from(TRUTHS[m]))
+    )
 
 
 @given(adversarial())
@@ -94,8 +167,9 @@ def _odd_judge(student: str, truth: str) -> float:
 @settings(max_examples=1_000, **SETTINGS)
 def test_accuracy_cheap_methods(case):
     method, content, truth = case
-    got = get_reward("accuracy", llm_judge=_odd_judge)([content], solution=[f"<answer> {truth} </answer>"],
-                                                       accu_reward_method=[method])
+    got = get_reward("accuracy", llm_judge=_odd_judge)(
+        [content], solution=[f"<answer> {truth} </answer>"], accu_reward_method=[method]
+    )
     assert _in_range(got, 0.0, 1.0)
 
 
@@ -104,8 +178,9 @@ def test_accuracy_cheap_methods(case):
 def test_accuracy_coco_methods(case):
     method, content, truth = case
     for completion in (content, f"<answer>```json\n{content}\n```</answer>"):
-        got = get_reward("accuracy")([completion], solution=[f"<answer> {truth} </answer>"],
-                                     accu_reward_method=[method])
+        got = get_reward("accuracy")(
+            [completion], solution=[f"<answer> {truth} </answer>"], accu_reward_method=[method]
+        )
         assert _in_range(got, 0.0, 1.0)
 
 
@@ -129,8 +204,12 @@ def image_path(tmp_path_factory):
 @given(adversarial(), st.lists(st.floats(-1e6, 1e6), min_size=4, max_size=4))
 @settings(max_examples=600, **SETTINGS)
 def test_rec_iou(image_path, content, truth):
-    got = get_reward("rec_iou")([content], solution=[f"<answer> {json.dumps(truth)} </answer>"],
-                                image_grid_thw=[[[1, 36, 24]]], image_path=[[image_path]])
+    got = get_reward("rec_iou")(
+        [content],
+        solution=[f"<answer> {json.dumps(truth)} </answer>"],
+        image_grid_thw=[[[1, 36, 24]]],
+        image_path=[[image_path]],
+    )
     assert _in_range(got, 0.0, 1.0)
 
 
@@ -189,8 +268,16 @@ def test_sweep_cheap_rewards(image_path):
         assert rewards["rec_format"]([content]) in ([0.0], [1.0]), content
         assert _in_range(rewards["repetition"]([content]), -1.0, 0.0), content
         assert _in_range(rewards["length"]([content], solution=[truth_block]), -0.5, 1.0), content
-        assert _in_range(rewards["rec_iou"]([content], solution=["<answer> [1, 2, 300, 400] </answer>"],
-                                            image_grid_thw=[[[1, 36, 24]]], image_path=[[image_path]]), 0.0, 1.0)
+        assert _in_range(
+            rewards["rec_iou"](
+                [content],
+                solution=["<answer> [1, 2, 300, 400] </answer>"],
+                image_grid_thw=[[[1, 36, 24]]],
+                image_path=[[image_path]],
+            ),
+            0.0,
+            1.0,
+        )
         solutions = [f"<answer> {rng.choice(TRUTHS[m])} </answer>" for m in FAST]
         scores = accuracy([content] * len(FAST), solution=solutions, accu_reward_method=FAST)
         assert _in_range(scores, 0.0, 1.0), content

@@ -23,20 +23,24 @@ def image_640x480(tmp_path_factory):
 GRID = [[1, 24, 32]]  # the model saw 448 x 336 (w x h): the box scales by 640/448 in x and 480/336 in y
 
 
-@pytest.mark.parametrize("content, truth, expected", [
-    ("<answer>[0, 0, 224, 168]</answer>", [0, 0, 320, 240], 1.0),          # 224*640/448 = 320, 168*480/336 = 240
-    ("<answer>[0, 0, 224, 168]</answer>", [0, 0, 640, 480], 0.25),
-    ('<think>a</think><answer>{"bbox_2d": [0,0,224,168]}</answer>', [0, 0, 320, 240], 1.0),
-    ("<answer>[0, 0, 224, 168]</answer><answer>[0, 0, 448, 336]</answer>", [0, 0, 320, 240], 1.0),  # first answer
-    ("<answer>no box</answer> [0, 0, 224, 168]", [0, 0, 320, 240], 0.0),    # box outside the answer
-    ("<answer>[0.0, 0, 224, 168]</answer>", [0, 0, 320, 240], 0.0),         # floats do not match
-    ("<answer>[-10, 0, 224, 168]</answer>", [0, 0, 320, 240], 0.0),         # nor negatives
-    ("[0, 0, 224, 168]", [0, 0, 320, 240], 0.0),                            # no answer tag
-    ("<answer>[" + "9" * 5000 + ", 0, 1, 1]</answer>", [0, 0, 320, 240], 0.0),  # beyond int()'s digit limit
-])
+@pytest.mark.parametrize(
+    "content, truth, expected",
+    [
+        ("<answer>[0, 0, 224, 168]</answer>", [0, 0, 320, 240], 1.0),  # 224*640/448 = 320, 168*480/336 = 240
+        ("<answer>[0, 0, 224, 168]</answer>", [0, 0, 640, 480], 0.25),
+        ('<think>a</think><answer>{"bbox_2d": [0,0,224,168]}</answer>', [0, 0, 320, 240], 1.0),
+        ("<answer>[0, 0, 224, 168]</answer><answer>[0, 0, 448, 336]</answer>", [0, 0, 320, 240], 1.0),  # first answer
+        ("<answer>no box</answer> [0, 0, 224, 168]", [0, 0, 320, 240], 0.0),  # box outside the answer
+        ("<answer>[0.0, 0, 224, 168]</answer>", [0, 0, 320, 240], 0.0),  # floats do not match
+        ("<answer>[-10, 0, 224, 168]</answer>", [0, 0, 320, 240], 0.0),  # nor negatives
+        ("[0, 0, 224, 168]", [0, 0, 320, 240], 0.0),  # no answer tag
+        ("<answer>[" + "9" * 5000 + ", 0, 1, 1]</answer>", [0, 0, 320, 240], 0.0),  # beyond int()'s digit limit
+    ],
+)
 def test_rec_iou_rescaled(image_640x480, content, truth, expected):
-    got = iou_reward([content], solution=[f"<answer> {truth} </answer>"], image_grid_thw=[GRID],
-                     image_path=[[image_640x480]])
+    got = iou_reward(
+        [content], solution=[f"<answer> {truth} </answer>"], image_grid_thw=[GRID], image_path=[[image_640x480]]
+    )
     assert got == [pytest.approx(expected)]
 
 
@@ -44,8 +48,12 @@ def test_rec_iou_without_rescale_and_grid_forms(image_640x480):
     solution = ["<answer> [0, 0, 320, 240] </answer>"]
     assert iou_reward(["<answer>[0, 0, 320, 240]</answer>"], solution=solution, rescale=False) == [1.0]
     # a bare [t, h, w] per sample (VLM-R1's own form) is read like [[t, h, w]]
-    assert iou_reward(["<answer>[0, 0, 224, 168]</answer>"], solution=solution, image_grid_thw=[[1, 24, 32]],
-                      image_path=[[image_640x480]]) == [pytest.approx(1.0)]
+    assert iou_reward(
+        ["<answer>[0, 0, 224, 168]</answer>"],
+        solution=solution,
+        image_grid_thw=[[1, 24, 32]],
+        image_path=[[image_640x480]],
+    ) == [pytest.approx(1.0)]
 
 
 def test_rec_iou_data_errors_are_clear(image_640x480, tmp_path):
@@ -55,15 +63,28 @@ def test_rec_iou_data_errors_are_clear(image_640x480, tmp_path):
     with pytest.raises(RewardInputError, match="solution"):
         iou_reward(["x"], solution=["<answer> [0, 0, 1] </answer>"], **ok)
     with pytest.raises(RewardInputError, match=r"sample 0 \(id=7\): image_path"):
-        iou_reward(["x"], solution=["<answer> [0, 0, 1, 1] </answer>"], image_grid_thw=[GRID],
-                   image_path=[[str(tmp_path / "missing.png")]], id=[7])
+        iou_reward(
+            ["x"],
+            solution=["<answer> [0, 0, 1, 1] </answer>"],
+            image_grid_thw=[GRID],
+            image_path=[[str(tmp_path / "missing.png")]],
+            id=[7],
+        )
 
 
-@pytest.mark.parametrize("length, correct, expected", [
-    (0, True, 1.0), (512, True, 0.75), (1024, True, 0.5), (2048, True, 1.0),  # periodic: not clamped
-    (0, False, -0.5), (512, False, -0.25), (1024, False, 0.0),
-    (256, True, 1.0 - 0.25 * (1 - math.cos(math.pi / 4))),
-])
+@pytest.mark.parametrize(
+    "length, correct, expected",
+    [
+        (0, True, 1.0),
+        (512, True, 0.75),
+        (1024, True, 0.5),
+        (2048, True, 1.0),  # periodic: not clamped
+        (0, False, -0.5),
+        (512, False, -0.25),
+        (1024, False, 0.0),
+        (256, True, 1.0 - 0.25 * (1 - math.cos(math.pi / 4))),
+    ],
+)
 def test_cosine_score(length, correct, expected):
     assert cosine_score(length, correct) == pytest.approx(expected)
 
@@ -77,8 +98,9 @@ def test_cosine_rewards_correctness_and_lengths():
     words = lambda text: 512  # a length_fn
     assert cosine_rewards([right, wrong], solution=solution, length_fn=words) == pytest.approx([0.75, -0.25])
     # VLM-R1's bug: every completion is "correct"
-    assert cosine_rewards([right, wrong], solution=solution, length_fn=words, vlmr1_compat=True) == \
-        pytest.approx([0.75, 0.75])
+    assert cosine_rewards([right, wrong], solution=solution, length_fn=words, vlmr1_compat=True) == pytest.approx(
+        [0.75, 0.75]
+    )
     assert cosine_rewards([wrong], length_fn=words, vlmr1_compat=True) == pytest.approx([0.75])  # no solution needed
 
     class FakeTokenizer:
@@ -89,20 +111,26 @@ def test_cosine_rewards_correctness_and_lengths():
     assert byte_length("") == 0 and byte_length("abcd") == 1 and byte_length("abcde") == 2 and byte_length("é") == 1
 
 
-@pytest.mark.parametrize("content, expected", [
-    ("", 0.0),
-    ("one two three four five", 0.0),                     # fewer than 6 words
-    ("a a a a a a a", -(1 - 1 / 2)),                      # two 6-grams, one distinct
-    ("A b c d e f a B c d e f", -(1 - 6 / 7)),           # lowercased: 7 grams, 6 distinct
-    ('```json\n[{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [1, 2, 3, 4], "label": "a"}, '
-     '{"bbox_2d": [5, 6, 7, 8], "label": "a"}]\n```', -(1 - 2 / 3)),
-    # broken JSON (no closing bracket) is repaired
-    ('```json\n[{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [1, 2, 3, 4], "label": "a"}\n```', -0.5),
-    # a bare box array outside fences
-    ('boxes: [{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [1, 2, 3, 4], "label": "a"}] done', -0.5),
-    ('```json\n[{"x": 1}, 5, "s"]\n```', 0.0),          # a list without box entries
-    ("```json\n{}\n``` w w w w w w w", -(1 - 4 / 5)),   # not a list: 6-grams of all 10 words, 5 grams, 4 distinct
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("", 0.0),
+        ("one two three four five", 0.0),  # fewer than 6 words
+        ("a a a a a a a", -(1 - 1 / 2)),  # two 6-grams, one distinct
+        ("A b c d e f a B c d e f", -(1 - 6 / 7)),  # lowercased: 7 grams, 6 distinct
+        (
+            '```json\n[{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [1, 2, 3, 4], "label": "a"}, '
+            '{"bbox_2d": [5, 6, 7, 8], "label": "a"}]\n```',
+            -(1 - 2 / 3),
+        ),
+        # broken JSON (no closing bracket) is repaired
+        ('```json\n[{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [1, 2, 3, 4], "label": "a"}\n```', -0.5),
+        # a bare box array outside fences
+        ('boxes: [{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [1, 2, 3, 4], "label": "a"}] done', -0.5),
+        ('```json\n[{"x": 1}, 5, "s"]\n```', 0.0),  # a list without box entries
+        ("```json\n{}\n``` w w w w w w w", -(1 - 4 / 5)),  # not a list: 6-grams of all 10 words, 5 grams, 4 distinct
+    ],
+)
 def test_repetition_table(content, expected):
     assert repetition_score(content) == pytest.approx(expected)
     assert get_reward("repetition")([content]) == [pytest.approx(expected)]

@@ -9,8 +9,14 @@ import pytest
 from vlmr1_jax.rewards import REWARDS, get_reward, register_reward
 from vlmr1_jax.rewards.cli import register
 
-BUILTIN = {"accuracy": "accuracy_reward", "format": "format_reward", "length": "cosine_rewards",
-           "repetition": "repetition_rewards", "rec_iou": "iou_reward", "rec_format": "format_reward_rec"}
+BUILTIN = {
+    "accuracy": "accuracy_reward",
+    "format": "format_reward",
+    "length": "cosine_rewards",
+    "repetition": "repetition_rewards",
+    "rec_iou": "iou_reward",
+    "rec_format": "format_reward_rec",
+}
 
 
 def test_builtin_names_and_log_names():
@@ -31,13 +37,16 @@ def test_user_function_by_dotted_path():
     assert bound(["ab"]) == [2.5] and bound.__name__ == "user_reward"
 
 
-@pytest.mark.parametrize("name, message", [
-    ("no_such_module_xyz:fn", "cannot import module"),
-    (f"{__name__}:missing", "has no attribute 'missing'"),
-    (f"{__name__}:NOT_CALLABLE", "not a function"),
-    (":fn", "package.module:function"),
-    ("nonexistent", "unknown reward"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("no_such_module_xyz:fn", "cannot import module"),
+        (f"{__name__}:missing", "has no attribute 'missing'"),
+        (f"{__name__}:NOT_CALLABLE", "not a function"),
+        (":fn", "package.module:function"),
+        ("nonexistent", "unknown reward"),
+    ],
+)
 def test_lookup_errors(name, message):
     with pytest.raises(ValueError, match=message):
         get_reward(name)
@@ -70,28 +79,74 @@ def _cli(argv):
     return args.func(args)
 
 
-@pytest.mark.parametrize("argv, printed", [
-    (["format", "--completion", "<think>a</think><answer>b</answer>"], "1.0"),
-    (["accuracy", "--completion", "<answer>B.</answer>", "--solution", "<answer> B </answer>",
-      "--column", "accu_reward_method=mcq"], "1.0"),   # a plain string where JSON does not parse
-    (["accuracy", "--completion", "<answer>x</answer>", "--solution", "<answer> x </answer>",
-      "--column", 'accu_reward_method="all_match"'], "1.0"),
-    (["rec_iou", "--completion", "<answer>[0, 0, 10, 10]</answer>", "--solution", "<answer> [0, 0, 10, 5] </answer>",
-      "--option", "rescale=false"], "0.5"),
-    (["length", "--completion", "", "--option", "vlmr1_compat=true"], "1.0"),
-])
+@pytest.mark.parametrize(
+    "argv, printed",
+    [
+        (["format", "--completion", "<think>a</think><answer>b</answer>"], "1.0"),
+        (
+            [
+                "accuracy",
+                "--completion",
+                "<answer>B.</answer>",
+                "--solution",
+                "<answer> B </answer>",
+                "--column",
+                "accu_reward_method=mcq",
+            ],
+            "1.0",
+        ),  # a plain string where JSON does not parse
+        (
+            [
+                "accuracy",
+                "--completion",
+                "<answer>x</answer>",
+                "--solution",
+                "<answer> x </answer>",
+                "--column",
+                'accu_reward_method="all_match"',
+            ],
+            "1.0",
+        ),
+        (
+            [
+                "rec_iou",
+                "--completion",
+                "<answer>[0, 0, 10, 10]</answer>",
+                "--solution",
+                "<answer> [0, 0, 10, 5] </answer>",
+                "--option",
+                "rescale=false",
+            ],
+            "0.5",
+        ),
+        (["length", "--completion", "", "--option", "vlmr1_compat=true"], "1.0"),
+    ],
+)
 def test_cli_prints_the_score(capsys, argv, printed):
     assert _cli(argv) == 0
     assert capsys.readouterr().out.strip() == printed
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["nope", "--completion", "x"], "unknown reward"),
-    (["accuracy", "--completion", "x"], "'solution'"),
-    (["format", "--completion", "x", "--column", "novalue"], "KEY=VALUE"),
-    (["accuracy", "--completion", "x", "--solution", "<answer> ```json [ ``` </answer>",
-      "--column", "accu_reward_method=map"], "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["nope", "--completion", "x"], "unknown reward"),
+        (["accuracy", "--completion", "x"], "'solution'"),
+        (["format", "--completion", "x", "--column", "novalue"], "KEY=VALUE"),
+        (
+            [
+                "accuracy",
+                "--completion",
+                "x",
+                "--solution",
+                "<answer> ```json [ ``` </answer>",
+                "--column",
+                "accu_reward_method=map",
+            ],
+            "not valid JSON",
+        ),
+    ],
+)
 def test_cli_errors_exit_2(capsys, argv, message):
     assert _cli(argv) == 2
     assert message in capsys.readouterr().err

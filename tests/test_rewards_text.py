@@ -17,15 +17,38 @@ from vlmr1_jax.rewards.rec import format_reward_rec, has_rec_format
 
 # The regexes as SPEC §2.7-2.9 writes them: the references the linear-time checks must agree with.
 FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
-REC_FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?\{.*\[\d+,\s*\d+,\s*\d+,\s*\d+\].*\}.*?</answer>",
-                           re.DOTALL)
+REC_FORMAT_RE = re.compile(
+    r"<think>.*?</think>\s*<answer>.*?\{.*\[\d+,\s*\d+,\s*\d+,\s*\d+\].*\}.*?</answer>", re.DOTALL
+)
 BOX_ARRAY_RE = re.compile(r'\[\s*{.*?"bbox_2d".*?"label".*?}\s*\]', re.DOTALL)
 
-PIECES = ["<think>", "</think>", "<answer>", "</answer>", " ", "\n", "{", "}", "[", "]", "[1, 2,3,4]", "[1,2,3]",
-          "[12,3, 4,5]", "x", '"bbox_2d"', '"label"', ",", "9", "</think> <answer>"]
+PIECES = [
+    "<think>",
+    "</think>",
+    "<answer>",
+    "</answer>",
+    " ",
+    "\n",
+    "{",
+    "}",
+    "[",
+    "]",
+    "[1, 2,3,4]",
+    "[1,2,3]",
+    "[12,3, 4,5]",
+    "x",
+    '"bbox_2d"',
+    '"label"',
+    ",",
+    "9",
+    "</think> <answer>",
+]
 snippets = st.lists(st.sampled_from(PIECES), max_size=14).map("".join)
-MATCHING = ["<think>a</think>\n<answer>b</answer>", '<think>a</think> <answer>{"b": [1, 2,3,4]}</answer>',
-            'x [{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [5, 6, 7, 8], "label": "b"}] y']
+MATCHING = [
+    "<think>a</think>\n<answer>b</answer>",
+    '<think>a</think> <answer>{"b": [1, 2,3,4]}</answer>',
+    'x [{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [5, 6, 7, 8], "label": "b"}] y',
+]
 
 
 @st.composite
@@ -39,16 +62,19 @@ def near_matches(draw) -> str:
     return text
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("<answer> Cat. </answer>", "cat"),
-    ("a<answer>x</answer>b<answer> Last\nLine. </answer>", "last line"),  # last answer; bare newline -> space
-    ("one \ntwo", "one two"),                     # newline after whitespace is dropped
-    ("a\n\nb", "a b"),                            # the second newline follows whitespace: dropped
-    ("a\r\nb", "a b"),
-    ("  Done...  ", "done"),
-    ("<answer>unclosed", "<answer>unclosed"),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<answer> Cat. </answer>", "cat"),
+        ("a<answer>x</answer>b<answer> Last\nLine. </answer>", "last line"),  # last answer; bare newline -> space
+        ("one \ntwo", "one two"),  # newline after whitespace is dropped
+        ("a\n\nb", "a b"),  # the second newline follows whitespace: dropped
+        ("a\r\nb", "a b"),
+        ("  Done...  ", "done"),
+        ("<answer>unclosed", "<answer>unclosed"),
+        ("", ""),
+    ],
+)
 def test_clean_text(text, expected):
     assert clean_text(text) == expected
 
@@ -60,15 +86,18 @@ def _continuous_iou(a, b):
     return w * h / union
 
 
-@pytest.mark.parametrize("a, b, expected", [
-    ([0, 0, 10, 10], [0, 0, 10, 10], 1.0),
-    ([0, 0, 10, 10], [5, 5, 15, 15], 25 / 175),
-    ([0, 0, 10, 10], [9, 0, 20, 10], 0.0),          # overlap width 1: zero under the +-1 convention
-    ([0, 0, 10, 10], [8, 0, 20, 10], 20 / 200),     # overlap width 2 counts as continuous IoU
-    ([0, 0, 10, 10], [20, 20, 30, 30], 0.0),
-    ([5, 5, 5, 5], [5, 5, 5, 5], 0.0),              # zero union: VLM-R1 divides by zero, its callers score 0
-    ([10, 10, 0, 0], [0, 0, 10, 10], 0.0),          # inverted box
-])
+@pytest.mark.parametrize(
+    "a, b, expected",
+    [
+        ([0, 0, 10, 10], [0, 0, 10, 10], 1.0),
+        ([0, 0, 10, 10], [5, 5, 15, 15], 25 / 175),
+        ([0, 0, 10, 10], [9, 0, 20, 10], 0.0),  # overlap width 1: zero under the +-1 convention
+        ([0, 0, 10, 10], [8, 0, 20, 10], 20 / 200),  # overlap width 2 counts as continuous IoU
+        ([0, 0, 10, 10], [20, 20, 30, 30], 0.0),
+        ([5, 5, 5, 5], [5, 5, 5, 5], 0.0),  # zero union: VLM-R1 divides by zero, its callers score 0
+        ([10, 10, 0, 0], [0, 0, 10, 10], 0.0),  # inverted box
+    ],
+)
 def test_iou_table(a, b, expected):
     assert iou(a, b) == pytest.approx(expected, abs=1e-12)
 
@@ -86,16 +115,19 @@ def test_iou_equals_continuous_iou_for_overlaps_wider_than_one(v):
         assert iou(a, b) == 0.0
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("B", "B"),
-    ("The answer is C.", "C"),
-    ("no letter here", None),
-    ("ABC.", None),                                   # preceded by a capital: not a choice
-    ("Options C; final answer: D.", "D"),             # C: ANSWER +1 = 1; D: ANSWER +1, late +2 = 3
-    ("A. 不对, 答案是 B.", "B"),  # A: 对 答案 是 +3, '.' +1 = 4; B: +3, late +2, '.' +1 = 6
-    ("答案是 D。", None),                              # '。' is not in the look-ahead set
-    ("A, or maybe... I think the answer is B.", "A"),  # B is scored at the B of MAYBE: 1 (THINK) vs A's ',' 1
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("B", "B"),
+        ("The answer is C.", "C"),
+        ("no letter here", None),
+        ("ABC.", None),  # preceded by a capital: not a choice
+        ("Options C; final answer: D.", "D"),  # C: ANSWER +1 = 1; D: ANSWER +1, late +2 = 3
+        ("A. 不对, 答案是 B.", "B"),  # A: 对 答案 是 +3, '.' +1 = 4; B: +3, late +2, '.' +1 = 6
+        ("答案是 D。", None),  # '。' is not in the look-ahead set
+        ("A, or maybe... I think the answer is B.", "A"),  # B is scored at the B of MAYBE: 1 (THINK) vs A's ',' 1
+    ],
+)
 def test_extract_choice(text, expected):
     assert extract_choice(text) == expected
 
@@ -105,50 +137,62 @@ def test_extract_choice_scores_a_letter_at_its_first_occurrence():
     assert extract_choice("an apple is A, or B") == "B"
 
 
-@pytest.mark.parametrize("content, solution, expected", [
-    ("<think>..</think><answer>B</answer>", "<answer> B </answer>", 1.0),
-    ("<answer>(b).</answer>", "<answer> B </answer>", 0.0),       # '(B).': B preceded by '(' is fine, but ')' follows
-    ("<answer>B.</answer>", "<answer> B </answer>", 1.0),
-    ("B", "<answer> B </answer>", 1.0),                           # untagged completion: the whole text
-    ("<answer>C</answer>", "<answer> B </answer>", 0.0),
-    ("<answer>B</answer>", "<answer> banana </answer>", 0.0),     # no letter in the truth: raw solution text
-])
+@pytest.mark.parametrize(
+    "content, solution, expected",
+    [
+        ("<think>..</think><answer>B</answer>", "<answer> B </answer>", 1.0),
+        ("<answer>(b).</answer>", "<answer> B </answer>", 0.0),  # '(B).': B preceded by '(' is fine, but ')' follows
+        ("<answer>B.</answer>", "<answer> B </answer>", 1.0),
+        ("B", "<answer> B </answer>", 1.0),  # untagged completion: the whole text
+        ("<answer>C</answer>", "<answer> B </answer>", 0.0),
+        ("<answer>B</answer>", "<answer> banana </answer>", 0.0),  # no letter in the truth: raw solution text
+    ],
+)
 def test_mcq(content, solution, expected):
     assert mcq_score(content, solution) == expected
 
 
-@pytest.mark.parametrize("content, solution, expected", [
-    ("<answer>Yes, it is.</answer>", "<answer> yes </answer>", 1.0),
-    ("<answer>No</answer>", "<answer> yes </answer>", 0.0),
-    ("<answer>I know</answer>", "<answer> no </answer>", 1.0),   # 'know' contains 'no' (VLM-R1 substring search)
-    ("<answer>maybe</answer>", "<answer> red </answer>", 1.0),   # neither side says yes/no: '' == ''
-    ("<answer>maybe</answer>", "<answer> yes </answer>", 0.0),
-])
+@pytest.mark.parametrize(
+    "content, solution, expected",
+    [
+        ("<answer>Yes, it is.</answer>", "<answer> yes </answer>", 1.0),
+        ("<answer>No</answer>", "<answer> yes </answer>", 0.0),
+        ("<answer>I know</answer>", "<answer> no </answer>", 1.0),  # 'know' contains 'no' (VLM-R1 substring search)
+        ("<answer>maybe</answer>", "<answer> red </answer>", 1.0),  # neither side says yes/no: '' == ''
+        ("<answer>maybe</answer>", "<answer> yes </answer>", 0.0),
+    ],
+)
 def test_yes_no(content, solution, expected):
     assert yes_no_score(content, solution) == expected
 
 
-@pytest.mark.parametrize("content, expected", [
-    ("<think>a</think><answer>b</answer>", 1.0),
-    ("<think>a</think>\n\n<answer>b</answer>", 1.0),
-    ("<think></think><answer></answer>", 1.0),
-    (" <think>a</think><answer>b</answer>", 0.0),     # leading text
-    ("<think>a</think><answer>b</answer>.", 0.0),     # trailing text
-    ("<think>a</think>x<answer>b</answer>", 0.0),
-    ("<answer>b</answer>", 0.0),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("<think>a</think><answer>b</answer>", 1.0),
+        ("<think>a</think>\n\n<answer>b</answer>", 1.0),
+        ("<think></think><answer></answer>", 1.0),
+        (" <think>a</think><answer>b</answer>", 0.0),  # leading text
+        ("<think>a</think><answer>b</answer>.", 0.0),  # trailing text
+        ("<think>a</think>x<answer>b</answer>", 0.0),
+        ("<answer>b</answer>", 0.0),
+    ],
+)
 def test_format_reward(content, expected):
     assert format_reward([content]) == [expected]
 
 
-@pytest.mark.parametrize("content, expected", [
-    ('<think>a</think><answer>{"bbox_2d": [1, 2, 30, 40]}</answer>', 1.0),
-    ('pre <think>a</think> <answer>{"bbox": [1,2,3,4]}</answer> post', 1.0),   # text outside is allowed
-    ('<think>a</think><answer>[1, 2, 30, 40]</answer>', 0.0),                  # braces required
-    ('<think>a</think><answer>{"bbox_2d": [1.5, 2, 30, 40]}</answer>', 0.0),   # integers only
-    ('<think>a</think><answer>{"bbox_2d": [-1, 2, 30, 40]}</answer>', 0.0),
-    ('<answer>{"bbox_2d": [1, 2, 30, 40]}</answer>', 0.0),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ('<think>a</think><answer>{"bbox_2d": [1, 2, 30, 40]}</answer>', 1.0),
+        ('pre <think>a</think> <answer>{"bbox": [1,2,3,4]}</answer> post', 1.0),  # text outside is allowed
+        ("<think>a</think><answer>[1, 2, 30, 40]</answer>", 0.0),  # braces required
+        ('<think>a</think><answer>{"bbox_2d": [1.5, 2, 30, 40]}</answer>', 0.0),  # integers only
+        ('<think>a</think><answer>{"bbox_2d": [-1, 2, 30, 40]}</answer>', 0.0),
+        ('<answer>{"bbox_2d": [1, 2, 30, 40]}</answer>', 0.0),
+    ],
+)
 def test_rec_format_reward(content, expected):
     assert format_reward_rec([content]) == [expected]
 
@@ -168,8 +212,23 @@ ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 ANSWER_LINE_RE = re.compile(r"<answer>(.*?)</answer>")
 JSON_BLOCK_RE = re.compile(r"```json(.*?)```", re.DOTALL)
 FENCE_RE = re.compile(r"```(.*?)```", re.DOTALL)
-TAG_PIECES = ["<answer>", "</answer>", "<answer", "answer>", "</", "\n", "\r", " ", "x", "```json", "```", "``", "`",
-              "json", "<answer>\n</answer>"]
+TAG_PIECES = [
+    "<answer>",
+    "</answer>",
+    "<answer",
+    "answer>",
+    "</",
+    "\n",
+    "\r",
+    " ",
+    "x",
+    "```json",
+    "```",
+    "``",
+    "`",
+    "json",
+    "<answer>\n</answer>",
+]
 
 
 def _group(match):
@@ -197,12 +256,28 @@ def vlmr1_extract_choice(text: str) -> str | None:
         return None
     if len(choices) == 1:
         return choices[0]
-    keywords = ["答案", "选择", "正确", "是", "对", "answer", "correct", "choose", "select", "right", "认为", "应该",
-                "觉得", "think", "believe", "should"]
+    keywords = [
+        "答案",
+        "选择",
+        "正确",
+        "是",
+        "对",
+        "answer",
+        "correct",
+        "choose",
+        "select",
+        "right",
+        "认为",
+        "应该",
+        "觉得",
+        "think",
+        "believe",
+        "should",
+    ]
     scores = dict.fromkeys(choices, 0)
     for c in choices:
         pos = text.find(c)
-        context = text[max(0, pos - 20):min(len(text), pos + 20)]
+        context = text[max(0, pos - 20) : min(len(text), pos + 20)]
         for keyword in keywords:
             if keyword.upper() in context:
                 scores[c] += 1
@@ -213,8 +288,28 @@ def vlmr1_extract_choice(text: str) -> str | None:
     return max(scores.items(), key=lambda x: x[1])[0]
 
 
-CHOICE_PIECES = ["A", "B", "C", "a", ".", ",", ";", "!", " ", "\n", "x", "AB", "答案", "是", "answer", "THINK", "。",
-                 "xxxxxxxxxx", "(", ")"]
+CHOICE_PIECES = [
+    "A",
+    "B",
+    "C",
+    "a",
+    ".",
+    ",",
+    ";",
+    "!",
+    " ",
+    "\n",
+    "x",
+    "AB",
+    "答案",
+    "是",
+    "answer",
+    "THINK",
+    "。",
+    "xxxxxxxxxx",
+    "(",
+    ")",
+]
 
 
 @given(st.lists(st.sampled_from(CHOICE_PIECES), max_size=30).map("".join))

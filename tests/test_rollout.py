@@ -20,10 +20,20 @@ from vlmr1_jax.rl.rollout import Rollout, TrainExample, rollout, score
 P, G, T = 2, 3, 5
 PAD = 0
 # Tokens per row, EOS = 9; rows of a group differ in length, so rewards differ within each group.
-TOKENS = np.array([[1, 2, 9, PAD, PAD], [3, 9, PAD, PAD, PAD], [4, 5, 6, 7, 8],
-                   [1, 9, PAD, PAD, PAD], [2, 3, 4, 9, PAD], [5, 6, 9, PAD, PAD]], np.int32)
-MASK = np.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1],
-                 [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], np.int32)
+TOKENS = np.array(
+    [
+        [1, 2, 9, PAD, PAD],
+        [3, 9, PAD, PAD, PAD],
+        [4, 5, 6, 7, 8],
+        [1, 9, PAD, PAD, PAD],
+        [2, 3, 4, 9, PAD],
+        [5, 6, 9, PAD, PAD],
+    ],
+    np.int32,
+)
+MASK = np.array(
+    [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], np.int32
+)
 LOGPROBS = (-0.5 - np.arange(P * G * T, dtype=np.float32).reshape(P * G, T) / 100) * MASK
 SOLUTIONS = ["3", "4"]
 
@@ -63,8 +73,13 @@ def fake_ref_logprobs(prompts, tokens, mask):
 def run(**kwargs):
     sampler = FakeSampler()
     prompts = {"input_ids": jnp.ones((P, 4), jnp.int32)}
-    parts = dict(generate=sampler, decode=decode, reward_fns=REWARDS, columns=COLUMNS,
-                 advantage_fn=functools.partial(group_advantages, group_size=G))
+    parts = dict(
+        generate=sampler,
+        decode=decode,
+        reward_fns=REWARDS,
+        columns=COLUMNS,
+        advantage_fn=functools.partial(group_advantages, group_size=G),
+    )
     example, scored = rollout(prompts, jax.random.key(7), **{**parts, **kwargs})
     return sampler, prompts, example, scored
 
@@ -72,8 +87,10 @@ def run(**kwargs):
 def expected_rewards() -> tuple[np.ndarray, np.ndarray]:
     """(length, match) per row, from the token ids through EOS."""
     words = [[str(t) for t in TOKENS[r][MASK[r] == 1]] for r in range(P * G)]
-    return (np.array([len(w) for w in words], np.float64),
-            np.array([SOLUTIONS[r // G] in words[r] for r in range(P * G)], np.float64))
+    return (
+        np.array([len(w) for w in words], np.float64),
+        np.array([SOLUTIONS[r // G] in words[r] for r in range(P * G)], np.float64),
+    )
 
 
 def test_rollout_scores_decoded_completions_and_assembles_the_example():
@@ -122,9 +139,14 @@ def test_reward_of_the_wrong_length_is_named():
 
 def test_absent_fields_are_static_structure_under_jit():
     """None is an empty subtree: jit sees a different structure (its own program), never a traced None."""
-    full = TrainExample({"input_ids": jnp.ones((P, 4), jnp.int32)}, jnp.asarray(TOKENS), jnp.asarray(MASK),
-                        np.arange(P * G, dtype=np.float32), ref_logprobs=jnp.asarray(LOGPROBS),
-                        old_logprobs=jnp.asarray(2 * LOGPROBS))
+    full = TrainExample(
+        {"input_ids": jnp.ones((P, 4), jnp.int32)},
+        jnp.asarray(TOKENS),
+        jnp.asarray(MASK),
+        np.arange(P * G, dtype=np.float32),
+        ref_logprobs=jnp.asarray(LOGPROBS),
+        old_logprobs=jnp.asarray(2 * LOGPROBS),
+    )
     bare = dataclasses.replace(full, ref_logprobs=None, old_logprobs=None)
     assert len(jax.tree.leaves(full)) == len(jax.tree.leaves(bare)) + 2
     assert jax.tree.structure(full) != jax.tree.structure(bare)

@@ -14,8 +14,9 @@ import pytest
 from vlmr1_jax.models.qwen2_5_vl.rope import get_rope_index
 
 IMG, VID, VS, VE, X, P = 150, 151, 152, 153, 7, 0
-IDS = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, spatial_merge_size=2,
-           tokens_per_second=2.0)
+IDS = dict(
+    image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, spatial_merge_size=2, tokens_per_second=2.0
+)
 
 
 def rope(ids, mask=None, images=(), videos=(), spg=None):
@@ -75,11 +76,14 @@ def test_wide_video_next_text_follows_spatial_max():
     pos, delta = rope(ids, videos=[(2, 8, 8)], spg=[1.0])
     rows = np.repeat(np.arange(4), 4)
     cols = np.tile(np.arange(4), 4)
-    np.testing.assert_array_equal(pos[:, 0], [
-        [0, 1] + [2] * 16 + [4] * 16 + [6],
-        [0, 1] + list(2 + rows) * 2 + [6],
-        [0, 1] + list(2 + cols) * 2 + [6],
-    ])
+    np.testing.assert_array_equal(
+        pos[:, 0],
+        [
+            [0, 1] + [2] * 16 + [4] * 16 + [6],
+            [0, 1] + list(2 + rows) * 2 + [6],
+            [0, 1] + list(2 + cols) * 2 + [6],
+        ],
+    )
     np.testing.assert_array_equal(delta, [7 - 35])
 
 
@@ -91,16 +95,22 @@ def test_left_padded_batch_with_image_and_video():
     mask = np.array([[0] * 6 + [1] * 6, [1] * 12])
     pos, delta = rope([row0, row1], mask, images=[(1, 2, 4), (1, 4, 4)], videos=[(2, 2, 2)], spg=[2.0])
     valid = mask.astype(bool)
-    np.testing.assert_array_equal(pos[:, 0, valid[0]], [
-        [0, 1, 2, 2, 4, 5],
-        [0, 1, 2, 2, 4, 5],
-        [0, 1, 2, 3, 4, 5],
-    ])
-    np.testing.assert_array_equal(pos[:, 1], [
-        [0, 1, 2, 2, 2, 2, 4, 5, 6, 10, 11, 12],
-        [0, 1, 2, 2, 3, 3, 4, 5, 6, 6, 11, 12],
-        [0, 1, 2, 3, 2, 3, 4, 5, 6, 6, 11, 12],
-    ])
+    np.testing.assert_array_equal(
+        pos[:, 0, valid[0]],
+        [
+            [0, 1, 2, 2, 4, 5],
+            [0, 1, 2, 2, 4, 5],
+            [0, 1, 2, 3, 4, 5],
+        ],
+    )
+    np.testing.assert_array_equal(
+        pos[:, 1],
+        [
+            [0, 1, 2, 2, 2, 2, 4, 5, 6, 10, 11, 12],
+            [0, 1, 2, 2, 3, 3, 4, 5, 6, 6, 11, 12],
+            [0, 1, 2, 3, 2, 3, 4, 5, 6, 6, 11, 12],
+        ],
+    )
     # Decode: delta = max + 1 - valid length, so the next token of each row sits at max + 1.
     np.testing.assert_array_equal(delta, [6 - 6, 13 - 12])
     np.testing.assert_array_equal(mask.sum(1) + delta, [6, 13])

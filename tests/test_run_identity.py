@@ -37,9 +37,27 @@ def test_cli_refuses_other_config_and_finished_runs(tmp_path):
     run = tmp_path / "run"
 
     def train(*overrides: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "vlmr1_jax.cli", "train", "demo_tiny", *inputs, *TINY_RUN,
-                               f"train.output_dir={run}", "train.save_every=2", *overrides, "--no-progress", *flags],
-                              env=worker_env(1), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vlmr1_jax.cli",
+                "train",
+                "demo_tiny",
+                *inputs,
+                *TINY_RUN,
+                f"train.output_dir={run}",
+                "train.save_every=2",
+                *overrides,
+                "--no-progress",
+                *flags,
+            ],
+            env=worker_env(1),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     assert train("train.max_steps=2").returncode == 0
     other = train("train.max_steps=4", "optim.learning_rate=0.5")

@@ -75,8 +75,9 @@ def test_prefill_fan_out_matches_hf_last_prompt_logits(model, hf, prompts):
     with torch.no_grad():
         expected = hf(**hf_inputs(batch, pixels, model.cfg)).logits[:, -1].double().numpy()
     graphdef, state = nnx.split(model)
-    out = jax.device_get(jax.jit(lambda s, p: prefill_fan_out(nnx.merge(graphdef, s), p, group, steps))(
-        state, device_prompts(batch)))
+    out = jax.device_get(
+        jax.jit(lambda s, p: prefill_fan_out(nnx.merge(graphdef, s), p, group, steps))(state, device_prompts(batch))
+    )
     np.testing.assert_allclose(out.logits, np.repeat(expected, group, axis=0), atol=2e-5, rtol=0)
     assert np.abs(np.diff(expected, axis=0)).max() > 1e-2  # the prompts' logits differ: a mixed-up row would fail
     np.testing.assert_array_equal(out.next_position, np.repeat(batch.next_position, group))
@@ -84,8 +85,9 @@ def test_prefill_fan_out_matches_hf_last_prompt_logits(model, hf, prompts):
     assert out.cache.k.shape[1:3] == (len(PROMPTS) * group, length + steps)
     for p in range(len(PROMPTS)):
         rows = slice(p * group, (p + 1) * group)
-        np.testing.assert_array_equal(out.cache.valid[rows, :length], np.broadcast_to(
-            batch.attention_mask[p].astype(bool), (group, length)))
+        np.testing.assert_array_equal(
+            out.cache.valid[rows, :length], np.broadcast_to(batch.attention_mask[p].astype(bool), (group, length))
+        )
         assert (np.diff(out.cache.k[:, rows], axis=1) == 0).all()
     assert not out.cache.valid[:, length:].any() and int(out.cache.index) == length
 
@@ -99,9 +101,17 @@ GROUP = 2
 def _hf_greedy(hf, batch, pixels, cfg, eos: list[int]) -> np.ndarray:
     """HF greedy tokens [P, STEPS]; finished rows get PAD and a batch that stops early is padded with PAD."""
     with torch.no_grad():
-        out = hf.generate(**hf_inputs(batch, pixels, cfg), do_sample=False, max_new_tokens=STEPS,
-                          eos_token_id=eos, pad_token_id=PAD, top_k=None, top_p=None, temperature=None)
-    new = out[:, batch.input_ids.shape[1]:].numpy()
+        out = hf.generate(
+            **hf_inputs(batch, pixels, cfg),
+            do_sample=False,
+            max_new_tokens=STEPS,
+            eos_token_id=eos,
+            pad_token_id=PAD,
+            top_k=None,
+            top_p=None,
+            temperature=None,
+        )
+    new = out[:, batch.input_ids.shape[1] :].numpy()
     return np.pad(new, ((0, 0), (0, STEPS - new.shape[1])), constant_values=PAD)
 
 
@@ -241,8 +251,11 @@ def test_grouped_sampling_eos_banned_and_logprobs(model, prompts):
     sampler = Sampler(SamplingConfig(max_new_tokens=steps, top_k=0), eos_ids=eos, pad_id=PAD, banned_ids=banned)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     calls: list[int] = []
-    run = jax.jit(lambda p, r, prompts, key: sampler.generate(CountingModel(nnx.merge(graphdef, p, r), calls),
-                                                              prompts, key, group))
+    run = jax.jit(
+        lambda p, r, prompts, key: sampler.generate(
+            CountingModel(nnx.merge(graphdef, p, r), calls), prompts, key, group
+        )
+    )
     prompts_dev = device_prompts(batch)
     out = jax.device_get(run(params, rest, prompts_dev, jax.random.key(3)))
     tokens, mask, logprobs = out.tokens, out.mask, out.logprobs
@@ -253,14 +266,14 @@ def test_grouped_sampling_eos_banned_and_logprobs(model, prompts):
     ends = first_eos(tokens, eos)
     for r in range(rows):  # mask through the first EOS, PAD after it
         np.testing.assert_array_equal(mask[r], np.arange(steps) <= ends[r])
-        assert (tokens[r, ends[r] + 1:] == PAD).all(), tokens[r]
+        assert (tokens[r, ends[r] + 1 :] == PAD).all(), tokens[r]
     np.testing.assert_array_equal(mask, np.asarray(completion_mask(tokens, eos)))
     assert len(set(ends.tolist())) > 1, "rows should have different lengths"
     # Early stop: every row ended before max_new_tokens, and the decoder ran once per step until the last EOS.
     assert ends.max() < steps - 1
     assert len(calls) == 1 + ends.max() + 1, (len(calls), ends)
     # Samples of one prompt differ (independent keys per row).
-    assert all(len({tuple(t) for t in tokens[p * group:(p + 1) * group]}) > 1 for p in range(len(PROMPTS)))
+    assert all(len({tuple(t) for t in tokens[p * group : (p + 1) * group]}) > 1 for p in range(len(PROMPTS)))
 
     forward = make_logprob_fn(graphdef, group)(params, rest, prompts_dev, jnp.asarray(tokens), jnp.asarray(mask))
     np.testing.assert_allclose(logprobs, np.asarray(forward) * mask, atol=1e-5)

@@ -50,12 +50,24 @@ def batch(tiny_hf_dir):
     model_cfg = read_config(tiny_hf_dir)
     inputs = make_inputs(model_cfg, IMAGE_GRIDS, VIDEO_GRIDS, [1.0], batch=4, steps=1)
     positions, _ = positions_for(model_cfg, inputs)
-    plan = plan_vision(np.concatenate([inputs.image_pixels, inputs.video_pixels]), inputs.image_grids +
-                       inputs.video_grids, window_merged=model_cfg.vision.window_merged)
-    gather = vision_gather_indices(inputs.input_ids, plan, image_token_id=model_cfg.image_token_id,
-                                   video_token_id=model_cfg.video_token_id, num_image_items=len(IMAGE_GRIDS))
-    text = {"input_ids": inputs.input_ids, "positions": positions, "attention_mask": inputs.attention_mask,
-            "gather": gather}
+    plan = plan_vision(
+        np.concatenate([inputs.image_pixels, inputs.video_pixels]),
+        inputs.image_grids + inputs.video_grids,
+        window_merged=model_cfg.vision.window_merged,
+    )
+    gather = vision_gather_indices(
+        inputs.input_ids,
+        plan,
+        image_token_id=model_cfg.image_token_id,
+        video_token_id=model_cfg.video_token_id,
+        num_image_items=len(IMAGE_GRIDS),
+    )
+    text = {
+        "input_ids": inputs.input_ids,
+        "positions": positions,
+        "attention_mask": inputs.attention_mask,
+        "gather": gather,
+    }
     return plan, text
 
 
@@ -83,8 +95,9 @@ def forward(model, batch, mesh=None):
     vision = plan.device_inputs()
     if mesh is not None:  # batch axis of every array: rows of the patch layout, axis 1 of the [3, B, L] positions
         vision = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in vision.items()}
-        text = {k: jax.device_put(v, batch_sharding(mesh, v.ndim, 1 if k == "positions" else 0))
-                for k, v in text.items()}
+        text = {
+            k: jax.device_put(v, batch_sharding(mesh, v.ndim, 1 if k == "positions" else 0)) for k, v in text.items()
+        }
     feats, logits = _forward(*nnx.split(model), vision, text)
     return np.asarray(feats)[plan.merged_index], np.asarray(logits)
 
@@ -122,8 +135,7 @@ def test_loaded_sharded_model_matches_single_device(tiny_hf_dir, mesh, batch):
 def test_create_sharded_model_matches_single_device(tiny_hf_dir, mesh, batch):
     cfg = read_config(tiny_hf_dir)
     # The same dtypes as `load_hf_model`, so the forward reuses the programs compiled above.
-    sharded = create_sharded(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0), dtype=np.float32, param_dtype=np.float32),
-                             mesh)
+    sharded = create_sharded(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0), dtype=np.float32, param_dtype=np.float32), mesh)
     assert_sharded_by_rules(sharded)
     graphdef, state = nnx.split(sharded)
     single = nnx.merge(graphdef, jax.device_put(jax.device_get(state)))
@@ -153,8 +165,11 @@ def test_batch_sharding(mesh):
 def test_make_mesh_shapes_and_errors():
     assert dict(make_mesh().shape) == {"data": 1, "fsdp": 8, "tensor": 1}
     assert dict(make_mesh(MeshConfig(data=2, fsdp=-1, tensor=2)).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert dict(make_mesh(MeshConfig(data=2, fsdp=2), devices=jax.devices()[:4]).shape) == \
-        {"data": 2, "fsdp": 2, "tensor": 1}
+    assert dict(make_mesh(MeshConfig(data=2, fsdp=2), devices=jax.devices()[:4]).shape) == {
+        "data": 2,
+        "fsdp": 2,
+        "tensor": 1,
+    }
     with pytest.raises(ValueError, match="at most one mesh axis may be -1"):
         make_mesh(MeshConfig(data=-1, fsdp=-1))
     with pytest.raises(ValueError, match="8 devices do not divide"):

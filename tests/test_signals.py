@@ -21,9 +21,25 @@ def test_signal_saves_the_current_step_and_exits(tmp_path, sig, code):
     inputs = make_run_inputs(tmp_path)
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vlmr1_jax.cli", "train", "demo_tiny", *inputs, *TINY_RUN, "train.max_steps=500",
-         "train.save_every=1000", f"train.output_dir={run}", "--no-progress"],
-        env=worker_env(1), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "vlmr1_jax.cli",
+            "train",
+            "demo_tiny",
+            *inputs,
+            *TINY_RUN,
+            "train.max_steps=500",
+            "train.save_every=1000",
+            f"train.output_dir={run}",
+            "--no-progress",
+        ],
+        env=worker_env(1),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         metrics = run / "metrics.jsonl"
         deadline = time.monotonic() + 300

@@ -42,9 +42,19 @@ def logged_steps(metrics: Path) -> list[dict]:
 @pytest.mark.slow
 def test_300_steps_with_a_sigkill_every_50(tmp_path):
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "vlmr1_jax.cli", "train", "demo_tiny", *make_run_inputs(tmp_path), *TINY_RUN,
-               f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}", "train.keep_checkpoints=2",
-               f"train.output_dir={run}"]
+    command = [
+        sys.executable,
+        "-m",
+        "vlmr1_jax.cli",
+        "train",
+        "demo_tiny",
+        *make_run_inputs(tmp_path),
+        *TINY_RUN,
+        f"train.max_steps={STEPS}",
+        f"train.save_every={SAVE_EVERY}",
+        "train.keep_checkpoints=2",
+        f"train.output_dir={run}",
+    ]
     metrics = run / "metrics.jsonl"
     processes = []  # per process: the records it logged {step: record}, memory {step: MiB}, killed
     next_kill = KILL_EVERY
@@ -91,5 +101,7 @@ def test_300_steps_with_a_sigkill_every_50(tmp_path):
         if len(samples) >= 5:
             growth = samples[-1] - min(samples[: len(samples) // 4 + 1])
             assert growth < 64, f"host memory grew {growth:.0f} MiB from {samples[0]:.0f} MiB after step {saved[0]}"
-    print("memory MiB per process (first, last sample):",
-          [(round(min(p["memory"].values())), round(max(p["memory"].values()))) for p in processes if p["memory"]])
+    print(
+        "memory MiB per process (first, last sample):",
+        [(round(min(p["memory"].values())), round(max(p["memory"].values()))) for p in processes if p["memory"]],
+    )

@@ -44,10 +44,17 @@ MiB = 2**20
 def streaming_config(tokenizer) -> dict:
     """16 decoder layers of width 640 and 8 vision blocks: 87M parameters, none larger than 1.3M."""
     base = copy.deepcopy(TINY_CONFIG)
-    base.update(hidden_size=640, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=10,
-                num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]})
-    base["vision_config"].update(depth=8, hidden_size=256, intermediate_size=768, num_heads=4, out_hidden_size=640,
-                                 fullatt_block_indexes=[3, 7])
+    base.update(
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=10,
+        num_key_value_heads=2,
+        rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
+    )
+    base["vision_config"].update(
+        depth=8, hidden_size=256, intermediate_size=768, num_heads=4, out_hidden_size=640, fullatt_block_indexes=[3, 7]
+    )
     return compact_config(tokenizer, base)
 
 
@@ -56,8 +63,9 @@ def big_source(tmp_path_factory):
     """A random bf16 HF checkpoint of `streaming_config` in 5 shards (176 MB), with its tokenizer."""
     tokenizer = build_compact_tokenizer(CORPUS, vocab_size=300)
     cfg = from_hf_config(streaming_config(tokenizer))
-    folder = scale.random_hf_checkpoint(cfg, tmp_path_factory.mktemp("big") / "source", dtype="bf16",
-                                        max_shard_size="40MB", seed=5)
+    folder = scale.random_hf_checkpoint(
+        cfg, tmp_path_factory.mktemp("big") / "source", dtype="bf16", max_shard_size="40MB", seed=5
+    )
     tokenizer.save(folder)
     return folder, cfg
 
@@ -67,9 +75,11 @@ def measured(argv: list, allowed: int, model_bytes: int):
     assert allowed < model_bytes / 4, "the bound must be far below the model, or the test proves nothing"
     m = scale.run_measured(argv, timeout=600)
     assert m.returncode == 0, m.output[-3000:]
-    assert m.growth <= allowed, (f"vlmr1 {argv[0]}: peak RSS grew {m.growth / MiB:.1f} MiB over its baseline "
-                                 f"{m.baseline / MiB:.0f} MiB; allowed {allowed / MiB:.1f} MiB (the model is "
-                                 f"{model_bytes / MiB:.0f} MiB)")
+    assert m.growth <= allowed, (
+        f"vlmr1 {argv[0]}: peak RSS grew {m.growth / MiB:.1f} MiB over its baseline "
+        f"{m.baseline / MiB:.0f} MiB; allowed {allowed / MiB:.1f} MiB (the model is "
+        f"{model_bytes / MiB:.0f} MiB)"
+    )
     return m
 
 
@@ -115,8 +125,7 @@ def test_import_export_round_trip_and_bf16_to_fp16(release_source, tmp_path, cap
     for name, value in expected.items():
         assert written[name].dtype == np.float32 and written[name].tobytes() == value.tobytes(), name
 
-    assert run_cli("import-hf", "--model", release_source, "--out", tmp_path / "bf16",
-                   "--param-dtype", "bfloat16") == 0
+    assert run_cli("import-hf", "--model", release_source, "--out", tmp_path / "bf16", "--param-dtype", "bfloat16") == 0
     assert run_cli("export", tmp_path / "bf16", "--out", tmp_path / "duo", "--target", "ascend-310p") == 0
     duo = dict(iter_hf_tensors(tmp_path / "duo"))
     for name, value in expected.items():
@@ -175,10 +184,11 @@ def test_training_starts_from_an_import_checkpoint(release_source, tmp_path):
     run_dir = tmp_path / "run"
     assert run_cli("import-hf", "--model", other, "--out", run_dir) == 0
     data = generate(str(tmp_path / "synth"), n=8, seed=0)
-    cfg = RunConfig(model=ModelConfig(hf_model=str(release_source)),
-                    data=DataConfig(data_file_paths=data, image_folders=image_folder(str(tmp_path / "synth")),
-                                    prompts_per_step=2),
-                    train=TrainConfig(output_dir=str(run_dir), max_steps=1, save_every=1, keep_checkpoints=3))
+    cfg = RunConfig(
+        model=ModelConfig(hf_model=str(release_source)),
+        data=DataConfig(data_file_paths=data, image_folders=image_folder(str(tmp_path / "synth")), prompts_per_step=2),
+        train=TrainConfig(output_dir=str(run_dir), max_steps=1, save_every=1, keep_checkpoints=3),
+    )
     trainer = SFTTrainer(cfg, progress=False)
     assert trainer.step == 0 and int(trainer.state.step) == 0
     assert_same_params(trainer.model(), load_hf_model(other))

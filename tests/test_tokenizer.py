@@ -26,21 +26,56 @@ VENDORED_SHA256 = {
     "chat_template.json": "94174d7176c52a7192f96fc34eb2cf23c7c2059d63cdbfadca1586ba89731fb7",
 }
 # docs/facts.md: Tokenizer: (id, content, special) of the 22 Qwen2.5 added tokens.
-ADDED_TOKENS = [(151643 + i, name, i < 14) for i, name in enumerate([
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
-    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"])]
+ADDED_TOKENS = [
+    (151643 + i, name, i < 14)
+    for i, name in enumerate(
+        [
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|object_ref_start|>",
+            "<|object_ref_end|>",
+            "<|box_start|>",
+            "<|box_end|>",
+            "<|quad_start|>",
+            "<|quad_end|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|vision_pad|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+            "<tool_call>",
+            "</tool_call>",
+            "<|fim_prefix|>",
+            "<|fim_middle|>",
+            "<|fim_suffix|>",
+            "<|fim_pad|>",
+            "<|repo_name|>",
+            "<|file_sep|>",
+        ]
+    )
+]
 # Ids of the published Qwen2.5 tokenizer.
 KNOWN_IDS = [
     ("Hello world", [9707, 1879]),
     ("Hello, world!", [9707, 11, 1879, 0]),
-    ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is in the image?<|im_end|>\n",
-     [151644, 872, 198, 151652, 151655, 151653, 3838, 374, 304, 279, 2168, 30, 151645, 198]),
+    (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is in the image?<|im_end|>\n",
+        [151644, 872, 198, 151652, 151655, 151653, 3838, 374, 304, 279, 2168, 30, 151645, 198],
+    ),
 ]
 SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-ALPHABETS = ["abcdefghijklmnopqrstuvwxyzABCXYZ", "0123456789", " \n\t", ".,;:!?[](){}<>\"'-_/\\",
-             "中文字符测试图片框左上右下", "日本語のテキスト", "éèêëàçñöüß", "😀🚀🎉", "Привет мир"]
+ALPHABETS = [
+    "abcdefghijklmnopqrstuvwxyzABCXYZ",
+    "0123456789",
+    " \n\t",
+    ".,;:!?[](){}<>\"'-_/\\",
+    "中文字符测试图片框左上右下",
+    "日本語のテキスト",
+    "éèêëàçñöüß",
+    "😀🚀🎉",
+    "Привет мир",
+]
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|endoftext|>", "<tool_call>", "<think>", "</answer>"]
 
 
@@ -94,7 +129,11 @@ def test_vendored_config(ours):
     assert [(int(i), t["content"], t["special"]) for i, t in decoder.items()] == ADDED_TOKENS
     assert config["additional_special_tokens"] == [name for _, name, _ in ADDED_TOKENS[1:14]]
     assert (config["eos_token"], config["pad_token"], config["bos_token"], config["model_max_length"]) == (
-        "<|im_end|>", "<|endoftext|>", None, 131072)
+        "<|im_end|>",
+        "<|endoftext|>",
+        None,
+        131072,
+    )
     template = json.loads((QWEN2_5_DIR / "chat_template.json").read_text(encoding="utf-8"))["chat_template"]
     assert template == config["chat_template"] == ours.chat_template
 
@@ -106,7 +145,11 @@ def test_known_ids_and_special_ids(ours):
     assert ours.vocab_size == 151_665
     assert (ours.pad_id, ours.eos_ids) == (151643, (151645, 151643))
     assert (ours.image_pad_id, ours.video_pad_id, ours.vision_start_id, ours.vision_end_id) == (
-        151655, 151656, 151652, 151653)
+        151655,
+        151656,
+        151652,
+        151653,
+    )
     assert all(ours.encode(name) == [i] for i, name, _ in ADDED_TOKENS)
     assert len(ours.encode("<think>")) > 1  # an added token in Qwen3, plain text in Qwen2.5
     with pytest.raises(KeyError, match="nope"):
@@ -127,16 +170,30 @@ def test_encode_decode_match_hf_on_random_text(ours, hf):
 
 # ---- chat template ----------------------------------------------------------------------------------------------
 CHATS = {
-    "single_image": [{"role": "user", "content": [{"type": "image", "text": None},
-                                                  {"type": "text", "text": "Where is the red circle?"}]}],
-    "multi_image": [{"role": "user", "content": [{"type": "image"}, {"type": "image", "image": "x.png"},
-                                                 {"type": "text", "text": "Compare them."}]}],
+    "single_image": [
+        {
+            "role": "user",
+            "content": [{"type": "image", "text": None}, {"type": "text", "text": "Where is the red circle?"}],
+        }
+    ],
+    "multi_image": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "image", "image": "x.png"},
+                {"type": "text", "text": "Compare them."},
+            ],
+        }
+    ],
     "text_only": [{"role": "user", "content": [{"type": "text", "text": "What is 2+2?"}]}],
     "string_content": [{"role": "user", "content": "plain string"}],
-    "system_and_assistant": [{"role": "system", "content": "Be brief."},
-                             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]},
-                             {"role": "assistant", "content": "<think> x </think><answer>1</answer>"},
-                             {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "And?"}]}],
+    "system_and_assistant": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": "<think> x </think><answer>1</answer>"},
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "And?"}]},
+    ],
 }
 
 
@@ -145,16 +202,19 @@ CHATS = {
 def test_chat_template_matches_hf(ours, hf, name, add_vision_id):
     messages = CHATS[name]
     for generation_prompt in (True, False):
-        expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                          add_vision_id=add_vision_id)
+        expected = hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt, add_vision_id=add_vision_id
+        )
         assert ours.apply_chat_template(messages, generation_prompt, add_vision_id=add_vision_id) == expected
     rendered = ours.apply_chat_template(messages, add_vision_id=add_vision_id)
     assert ours.encode(rendered) == _hf_ids(hf, messages, add_vision_id=add_vision_id)
 
 
 def test_single_image_rendering_by_hand(ours):
-    expected = (SYSTEM_TURN + "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
-                "Where is the red circle?<|im_end|>\n<|im_start|>assistant\n")
+    expected = (
+        SYSTEM_TURN + "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+        "Where is the red circle?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert ours.apply_chat_template(CHATS["single_image"]) == expected
     assert ours.apply_chat_template(CHATS["multi_image"], add_vision_id=True).count("Picture 2: ") == 1
 
@@ -176,7 +236,12 @@ def test_random_vlmr1_samples_match_hf(ours, hf):
 def test_save_load_round_trip(ours, tmp_path):
     ours.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "chat_template.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+        "chat_template.json",
+        "merges.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]
     for name, digest in VENDORED_SHA256.items():  # the hub-format files come back byte for byte
         assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == digest, name
     text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>框 12 ü😀<|im_end|>"
@@ -197,9 +262,12 @@ def test_load_names_the_folder_when_files_are_missing(tmp_path):
 
 
 # ---- compact demo tokenizer -------------------------------------------------------------------------------------
-DEMO_CORPUS = [f"<think> the {c} {s} </think><answer>[{x},{y},{x + 20},{y + 30}]</answer>"
-               for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle")
-               for x, y in ((3, 41), (17, 88), (60, 5))]
+DEMO_CORPUS = [
+    f"<think> the {c} {s} </think><answer>[{x},{y},{x + 20},{y + 30}]</answer>"
+    for c in ("red", "green", "blue", "yellow")
+    for s in ("circle", "square", "triangle")
+    for x, y in ((3, 41), (17, 88), (60, 5))
+]
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +280,8 @@ def test_compact_is_deterministic_and_bounded(compact):
     assert compact.vocab_size <= 320
     added = compact.backend.get_added_tokens_decoder()
     assert [(i, t.content, t.special) for i, t in sorted(added.items())] == [
-        (compact.vocab_size - 22 + k, name, special) for k, (_, name, special) in enumerate(ADDED_TOKENS)]
+        (compact.vocab_size - 22 + k, name, special) for k, (_, name, special) in enumerate(ADDED_TOKENS)
+    ]
     with pytest.raises(ValueError, match="at least 278"):
         build_compact_tokenizer(DEMO_CORPUS, vocab_size=277)
 
@@ -227,8 +296,10 @@ def test_compact_round_trips_and_keeps_specials_atomic(compact):
     assert [compact.decode([i]) for i in digits] == ["[", "1", "2", "3", "4", "]"]
     assert len(compact.encode(DEMO_CORPUS[0])) < len(DEMO_CORPUS[0].encode("utf-8")) / 2  # it did learn merges
     assert compact.chat_template == qwen2_5_tokenizer().chat_template
-    assert (compact.pad_id, compact.eos_ids) == (compact.token_to_id("<|endoftext|>"),
-                                                 (compact.token_to_id("<|im_end|>"), compact.pad_id))
+    assert (compact.pad_id, compact.eos_ids) == (
+        compact.token_to_id("<|endoftext|>"),
+        (compact.token_to_id("<|im_end|>"), compact.pad_id),
+    )
 
 
 def test_compact_save_load_and_hf(compact, tmp_path):

@@ -48,22 +48,26 @@ def test_broken_torch_npu_falls_back(tmp_path, monkeypatch):
 def test_prompt_is_vlm_r1_user_turn(runtime):
     """Images first, then the text; the task template wraps the text as in training; 6 merged tokens for a
     60x90 image (smart_resize -> 56x84 -> 4x6 patches)."""
-    assert build_chat("hi", 2) == [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
-                                                                 {"type": "text", "text": "hi"}]}]
+    assert build_chat("hi", 2) == [
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "hi"}]}
+    ]
     assert runtime.prompt_text(PROMPT, 1) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-        "<|vision_start|><|image_pad|><|vision_end|>what is in the image?<|im_end|>\n<|im_start|>assistant\n")
+        "<|vision_start|><|image_pad|><|vision_end|>what is in the image?<|im_end|>\n<|im_start|>assistant\n"
+    )
     rec = runtime.prompt_text("the red box", 1, task_type="rec")
-    assert ("<|vision_end|>the red box First output the thinking process in <think> </think> tags and then "
-            "output the final answer in <answer> </answer> tags. Output the final answer in JSON format."
-            "<|im_end|>") in rec
+    assert (
+        "<|vision_end|>the red box First output the thinking process in <think> </think> tags and then "
+        "output the final answer in <answer> </answer> tags. Output the final answer in JSON format."
+        "<|im_end|>"
+    ) in rec
     image = np.random.default_rng(1).integers(0, 256, (60, 90, 3), dtype=np.uint8)
     inputs = runtime.inputs([image], PROMPT)
     assert inputs["image_grid_thw"].tolist() == [[1, 4, 6]]
     assert tuple(inputs["pixel_values"].shape) == (24, 1176)
     ids = inputs["input_ids"][0].tolist()
     start = ids.index(runtime.cfg.vision_start_token_id)
-    assert ids[start + 1:start + 8] == [runtime.cfg.image_token_id] * 6 + [runtime.cfg.vision_end_token_id]
+    assert ids[start + 1 : start + 8] == [runtime.cfg.image_token_id] * 6 + [runtime.cfg.vision_end_token_id]
     with pytest.raises(ValueError, match="2 image placeholders but 1 images"):
         from ports.torch_runtime import expand_image_tokens
 
@@ -81,9 +85,13 @@ def test_greedy_generation_matches_an_argmax_loop(runtime, image_file):
     expected = []
     with torch.no_grad():
         for _ in range(6):
-            logits = runtime.model(input_ids=sequence, attention_mask=torch.ones_like(sequence),
-                                   pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                                   mm_token_type_ids=mm_token_type_ids(sequence, runtime.cfg)).logits
+            logits = runtime.model(
+                input_ids=sequence,
+                attention_mask=torch.ones_like(sequence),
+                pixel_values=batch["pixel_values"],
+                image_grid_thw=batch["image_grid_thw"],
+                mm_token_type_ids=mm_token_type_ids(sequence, runtime.cfg),
+            ).logits
             token = int(logits[0, -1].argmax())
             expected.append(token)
             if token in runtime.tokenizer.eos_ids:
@@ -101,8 +109,22 @@ def test_sampling_is_seeded(runtime, image_file):
 
 
 def test_infer_command(fp32_release, image_file, capsys):
-    assert run_cli("infer", "--model", str(fp32_release), "--image", str(image_file), "--prompt", PROMPT,
-                   "--device", "cpu", "--max-new-tokens", "3") == 0
+    assert (
+        run_cli(
+            "infer",
+            "--model",
+            str(fp32_release),
+            "--image",
+            str(image_file),
+            "--prompt",
+            PROMPT,
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "3",
+        )
+        == 0
+    )
     assert capsys.readouterr().out.endswith("\n")
     assert run_cli("infer", "--model", str(fp32_release), "--prompt", PROMPT, "--backend", "jax", "--sample") == 1
     assert "decodes greedily" in capsys.readouterr().err
@@ -115,5 +137,6 @@ def test_generation_on_npu_matches_cpu(fp32_release, image_file, runtime):
     require_npu()
     npu = TorchRuntime.load(fp32_release, device="npu", dtype="float32")
     assert npu.device == "npu"
-    assert npu.generate_ids([image_file], PROMPT, max_new_tokens=4) == \
-        runtime.generate_ids([image_file], PROMPT, max_new_tokens=4)
+    assert npu.generate_ids([image_file], PROMPT, max_new_tokens=4) == runtime.generate_ids(
+        [image_file], PROMPT, max_new_tokens=4
+    )

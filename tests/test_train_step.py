@@ -62,12 +62,18 @@ def grpo_data(cfg, tiny_hf_dir):
     """Host arrays of one GRPO batch, and HF float64 log-probs of its completions."""
     batch, pixels = train_prompts(cfg)
     tokens, mask = completions(len(SPECS) * G)
-    hf_logp = hf_completion_logprobs(load_hf(tiny_hf_dir), hf_inputs(batch, pixels, cfg, G, tokens, mask), LENGTH,
-                                     tokens)
+    hf_logp = hf_completion_logprobs(
+        load_hf(tiny_hf_dir), hf_inputs(batch, pixels, cfg, G, tokens, mask), LENGTH, tokens
+    )
     rng = np.random.default_rng(2)
-    return {"batch": batch, "tokens": tokens, "mask": mask, "hf_logp": hf_logp,
-            "advantages": rng.standard_normal(len(tokens)).astype(np.float32),
-            "ref_logprobs": (hf_logp + 0.3 * rng.standard_normal(tokens.shape)).astype(np.float32)}
+    return {
+        "batch": batch,
+        "tokens": tokens,
+        "mask": mask,
+        "hf_logp": hf_logp,
+        "advantages": rng.standard_normal(len(tokens)).astype(np.float32),
+        "ref_logprobs": (hf_logp + 0.3 * rng.standard_normal(tokens.shape)).astype(np.float32),
+    }
 
 
 def device_batch(data: dict, mesh=None, rows: slice = slice(None), prompts=None) -> TrainExample:
@@ -75,8 +81,9 @@ def device_batch(data: dict, mesh=None, rows: slice = slice(None), prompts=None)
     arrays = {k: data[k][rows] for k in ("tokens", "mask", "advantages", "ref_logprobs")}
     if mesh is None:
         return TrainExample(device_prompts(prompts), **{k: jnp.asarray(v) for k, v in arrays.items()})
-    return TrainExample(to_device(prompts, mesh),
-                        **{k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in arrays.items()})
+    return TrainExample(
+        to_device(prompts, mesh), **{k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in arrays.items()}
+    )
 
 
 def grpo_step(model, mode: str = "full", grad_accum: int = 1):
@@ -95,9 +102,14 @@ def single(tiny_hf_dir, grpo_data):
     state, metrics1 = step(state, batch)
     after1 = host_params(state.trainable)
     state, metrics2 = step(state, batch)
-    return {"before": before, "after1": after1, "after2": host_params(state.trainable),
-            "reference": host_params(state.reference), "metrics1": jax.device_get(metrics1),
-            "metrics2": jax.device_get(metrics2)}
+    return {
+        "before": before,
+        "after1": after1,
+        "after2": host_params(state.trainable),
+        "reference": host_params(state.reference),
+        "metrics1": jax.device_get(metrics1),
+        "metrics2": jax.device_get(metrics2),
+    }
 
 
 # ---------------------------------------------------------------- (a) sharded step == single-device step
@@ -226,8 +238,9 @@ def test_freeze_vision_updates_text_only(tiny_hf_dir, grpo_data, single):
 def test_sft_loss_equals_hf_cross_entropy_and_decreases(cfg, tiny_hf_dir):
     batch, pixels = train_prompts(cfg)
     tokens, mask = completions(len(SPECS), seed=3)
-    hf_logp = hf_completion_logprobs(load_hf(tiny_hf_dir), hf_inputs(batch, pixels, cfg, 1, tokens, mask), LENGTH,
-                                     tokens)
+    hf_logp = hf_completion_logprobs(
+        load_hf(tiny_hf_dir), hf_inputs(batch, pixels, cfg, 1, tokens, mask), LENGTH, tokens
+    )
     expected = -(hf_logp * mask).sum() / mask.sum()  # token mean over all answer tokens of the batch
 
     tx, schedule = make_optimizer(OptimConfig(learning_rate=1e-2, schedule="constant"), total_steps=10)
@@ -254,8 +267,9 @@ def text_grads(model_dir, remat: str, trainable: str, scan: bool = True) -> tupl
     positions = jnp.broadcast_to(jnp.arange(12)[None, None], (3, 2, 12))
     attention = jnp.ones((2, 12), jnp.int32).at[1, :3].set(0)
     loaded = load_hf_model(model_dir)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen25VL(loaded.cfg, rngs=nnx.Rngs(0), remat=remat,
-                                                            scan_layers=scan)))
+    graphdef, _ = nnx.split(
+        nnx.eval_shape(lambda: Qwen25VL(loaded.cfg, rngs=nnx.Rngs(0), remat=remat, scan_layers=scan))
+    )
     model = nnx.merge(graphdef, nnx.state(loaded))
     if trainable == "lora":
         apply_lora(model, rank=4, alpha=8.0)

@@ -58,8 +58,7 @@ def window_ordered(x, widx):
     return x.reshape(len(x) // UNIT, UNIT, *x.shape[1:])[widx].reshape(x.shape)
 
 
-GRID_SETS = [[(1, 8, 12)], [(1, 6, 10)], [(2, 4, 6)], [(1, 4, 4)],
-             [(1, 8, 12), (1, 6, 10), (2, 4, 6), (1, 4, 4)]]
+GRID_SETS = [[(1, 8, 12)], [(1, 6, 10)], [(2, 4, 6)], [(1, 4, 4)], [(1, 8, 12), (1, 6, 10), (2, 4, 6), (1, 4, 4)]]
 
 
 @pytest.mark.parametrize("window_merged", [2, 4])
@@ -67,8 +66,13 @@ GRID_SETS = [[(1, 8, 12)], [(1, 6, 10)], [(2, 4, 6)], [(1, 4, 4)],
 def test_plan_matches_hf_window_order(grids, window_merged):
     n = sum(t * h * w for t, h, w in grids)
     rng = np.random.default_rng(0)
-    pixels = np.concatenate([np.arange(n, dtype=np.float32)[:, None],  # column 0 = source row id
-                             rng.standard_normal((n, 5)).astype(np.float32)], axis=1)
+    pixels = np.concatenate(
+        [
+            np.arange(n, dtype=np.float32)[:, None],  # column 0 = source row id
+            rng.standard_normal((n, 5)).astype(np.float32),
+        ],
+        axis=1,
+    )
     plan = plan_vision(pixels, grids, spatial_merge_size=M, window_merged=window_merged, bucket=False)
     widx, cu_window = hf_window_index(grids, window_merged)
     cu_frames = hf_cu_seqlens(grids)
@@ -90,8 +94,10 @@ def test_plan_matches_hf_window_order(grids, window_merged):
     # 3. Frames: one id per (item, temporal patch), the segments of HF's cu_seqlens in window order.
     segment = np.searchsorted(cu_frames, np.arange(n), side="right") - 1
     np.testing.assert_array_equal(plan.frame_ids[valid], segment)
-    assert all(len(set(plan.frame_ids[w * plan.slots:(w + 1) * plan.slots][per_window[w]])) == 1
-               for w in range(plan.num_windows))  # a window never spans two frames
+    assert all(
+        len(set(plan.frame_ids[w * plan.slots : (w + 1) * plan.slots][per_window[w]])) == 1
+        for w in range(plan.num_windows)
+    )  # a window never spans two frames
     # 4. Rotary positions: step 2's (h, w) permuted into window order.
     np.testing.assert_array_equal(plan.hw_positions[valid], window_ordered(hf_hw_positions(grids), widx))
     # 5. Un-permute: HF restores processor order with argsort(widx) over the window-ordered merged tokens;
@@ -109,8 +115,10 @@ def test_hf_reference_sanity():
     np.testing.assert_array_equal(cu, [0, 16, 24])
 
 
-@pytest.mark.parametrize("n, bucket", [(0, 4), (1, 4), (4, 4), (5, 8), (8, 8), (9, 16), (33, 64), (64, 64),
-                                       (65, 96), (96, 96), (97, 128), (129, 160)])
+@pytest.mark.parametrize(
+    "n, bucket",
+    [(0, 4), (1, 4), (4, 4), (5, 8), (8, 8), (9, 16), (33, 64), (64, 64), (65, 96), (96, 96), (97, 128), (129, 160)],
+)
 def test_window_bucket(n, bucket):
     assert window_bucket(n) == bucket
 
@@ -121,7 +129,7 @@ def test_bucketed_and_forced_window_counts():
     assert real == 6 + 6  # (4x6 merged -> 2x3 windows) + (3x5 merged -> 2x3 windows)
     assert plan_vision(None, grids, window_merged=2).num_windows == 16
     forced = plan_vision(None, grids, window_merged=2, num_windows=20)
-    assert forced.num_windows == 20 and (forced.frame_ids[12 * 16:] == -1).all()
+    assert forced.num_windows == 20 and (forced.frame_ids[12 * 16 :] == -1).all()
     with pytest.raises(ValueError, match="num_windows=11"):
         plan_vision(None, grids, window_merged=2, num_windows=11)
 
@@ -151,10 +159,13 @@ def test_vision_gather_indices_row_major_per_modality():
     first = plan.pixel_values[::UNIT, 0].astype(np.int64)
     token_of_row = np.where(plan.frame_ids[::UNIT] >= 0, first // UNIT, -1)
     picked = np.where(gather >= 0, token_of_row[gather], -1)
-    np.testing.assert_array_equal(picked, [
-        [-1, 0, 1, 2, 3, 4, 5, -1, 8, 9, 10, 11, -1, -1],
-        [-1, -1, -1, -1, 6, 7, -1, -1, -1, -1, -1, -1, -1, -1],
-    ])
+    np.testing.assert_array_equal(
+        picked,
+        [
+            [-1, 0, 1, 2, 3, 4, 5, -1, 8, 9, 10, 11, -1, -1],
+            [-1, -1, -1, -1, 6, 7, -1, -1, -1, -1, -1, -1, -1, -1],
+        ],
+    )
 
 
 @pytest.mark.parametrize("drop, kind", [(150, "image"), (151, "video")])

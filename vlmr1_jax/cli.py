@@ -32,8 +32,11 @@ USER_ERRORS = (ValueError, KeyError, OSError, MissingExtraError)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmr1", description="GRPO for vision-language models in JAX")
-    parser.add_argument("--debug", action="store_true",
-                        help="show full tracebacks and library INFO logs (absl / orbax) instead of one error line")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show full tracebacks and library INFO logs (absl / orbax) instead of one error line",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

@@ -83,8 +83,11 @@ class GRPOConfig:
         """The preset `loss` with the explicitly set parts (and `scale_rewards=false`) applied."""
         preset = PRESETS[self.loss]
         unscaled = None if self.scale_rewards else "dr_grpo"
-        return Algorithm(self.advantage_estimator or unscaled or preset.advantage_estimator,
-                         self.objective or preset.objective, self.aggregation or preset.aggregation)
+        return Algorithm(
+            self.advantage_estimator or unscaled or preset.advantage_estimator,
+            self.objective or preset.objective,
+            self.aggregation or preset.aggregation,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,43 +228,67 @@ def _positive(value: float) -> bool:
 def _check_grpo_algorithm(g: GRPOConfig) -> None:
     """The loss preset and each part named (user paths are imported now, so a typo fails before any compile)."""
     _check(g.loss in PRESETS, "grpo.loss", g.loss, f"one of {sorted(PRESETS)}")
-    _check(g.scale_rewards or g.advantage_estimator in (None, "dr_grpo"), "grpo.scale_rewards", g.scale_rewards,
-           f"true with grpo.advantage_estimator={g.advantage_estimator!r} (false means the dr_grpo estimator)")
-    for field, registry in (("advantage_estimator", ADVANTAGE_ESTIMATORS), ("objective", OBJECTIVES),
-                            ("aggregation", AGGREGATIONS)):
+    _check(
+        g.scale_rewards or g.advantage_estimator in (None, "dr_grpo"),
+        "grpo.scale_rewards",
+        g.scale_rewards,
+        f"true with grpo.advantage_estimator={g.advantage_estimator!r} (false means the dr_grpo estimator)",
+    )
+    for field, registry in (
+        ("advantage_estimator", ADVANTAGE_ESTIMATORS),
+        ("objective", OBJECTIVES),
+        ("aggregation", AGGREGATIONS),
+    ):
         name = getattr(g, field)
         if name is None:
             continue
         try:
             registry.get(name)
         except ValueError as err:
-            raise ValueError(f"grpo.{field}={name!r}: expected one of {registry.names()} or a user function "
-                             f"'package.module:function' ({err})") from None
+            raise ValueError(
+                f"grpo.{field}={name!r}: expected one of {registry.names()} or a user function "
+                f"'package.module:function' ({err})"
+            ) from None
 
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Range and choice checks of every field whose nonsense value would otherwise fail deep inside a run (or train
     silently); the error names the field. Returns `cfg` with `model.overrides` flattened."""
     m, d, s, g, o, lo, t = cfg.model, cfg.data, cfg.sampling, cfg.grpo, cfg.optim, cfg.lora, cfg.train
-    for field, value in (("model.dtype", m.dtype), ("model.param_dtype", m.param_dtype),
-                         ("model.frozen_dtype", m.frozen_dtype or m.param_dtype)):
+    for field, value in (
+        ("model.dtype", m.dtype),
+        ("model.param_dtype", m.param_dtype),
+        ("model.frozen_dtype", m.frozen_dtype or m.param_dtype),
+    ):
         _check(value in DTYPE_NAMES, field, value, f"one of {DTYPE_NAMES}")
     _check(m.remat in ("none", "full", "dots"), "model.remat", m.remat, "none, full or dots")
     _check(m.logits_chunk >= 1, "model.logits_chunk", m.logits_chunk, "an integer >= 1")
     custom = d.task_type is not None and "{Question}" in d.task_type
-    _check(d.task_type is None or custom or d.task_type in TASK_TYPES, "data.task_type", d.task_type,
-           f"one of {TASK_TYPES} or a template containing {{Question}}")
+    _check(
+        d.task_type is None or custom or d.task_type in TASK_TYPES,
+        "data.task_type",
+        d.task_type,
+        f"one of {TASK_TYPES} or a template containing {{Question}}",
+    )
     _check(d.prompts_per_step >= 1, "data.prompts_per_step", d.prompts_per_step, "an integer >= 1")
     _check(d.num_epochs is None or d.num_epochs >= 1, "data.num_epochs", d.num_epochs, "null or >= 1")
     _check(d.min_pixels >= 1, "data.min_pixels", d.min_pixels, ">= 1")
     _check(d.max_pixels >= d.min_pixels, "data.max_pixels", d.max_pixels, f">= data.min_pixels ({d.min_pixels})")
     _check(d.max_image_pixels >= 1, "data.max_image_pixels", d.max_image_pixels, ">= 1")
     _check(d.on_error in ("raise", "skip"), "data.on_error", d.on_error, "raise or skip")
-    _check(d.max_prompt_length is None or d.max_prompt_length >= 1, "data.max_prompt_length", d.max_prompt_length,
-           "null or >= 1")
+    _check(
+        d.max_prompt_length is None or d.max_prompt_length >= 1,
+        "data.max_prompt_length",
+        d.max_prompt_length,
+        "null or >= 1",
+    )
     _check(s.max_new_tokens >= 1, "sampling.max_new_tokens", s.max_new_tokens, "an integer >= 1")
-    _check(s.greedy or _positive(s.temperature), "sampling.temperature", s.temperature,
-           "> 0 (for greedy decoding set sampling.greedy=true)")
+    _check(
+        s.greedy or _positive(s.temperature),
+        "sampling.temperature",
+        s.temperature,
+        "> 0 (for greedy decoding set sampling.greedy=true)",
+    )
     _check(s.top_k >= 0, "sampling.top_k", s.top_k, ">= 0 (0 disables)")
     _check(0 < s.top_p <= 1, "sampling.top_p", s.top_p, "in (0, 1]")
     _check(g.num_generations >= 1, "grpo.num_generations", g.num_generations, ">= 1 (GRPO needs >= 2)")
@@ -271,8 +298,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(g.epsilon_high is None or _positive(g.epsilon_high), "grpo.epsilon_high", g.epsilon_high, "null or > 0")
     _check(len(g.reward_funcs) >= 1, "grpo.reward_funcs", g.reward_funcs, "at least one reward")
     _check_grpo_algorithm(g)
-    _check(o.learning_rate >= 0 and math.isfinite(o.learning_rate), "optim.learning_rate", o.learning_rate,
-           "a finite value >= 0")
+    _check(
+        o.learning_rate >= 0 and math.isfinite(o.learning_rate),
+        "optim.learning_rate",
+        o.learning_rate,
+        "a finite value >= 0",
+    )
     _check(o.schedule in ("linear", "constant"), "optim.schedule", o.schedule, "linear or constant")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
@@ -285,8 +316,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(_positive(lo.alpha), "lora.alpha", lo.alpha, "> 0")
     _check(0 <= lo.dropout < 1, "lora.dropout", lo.dropout, "in [0, 1)")
     _check(cfg.sft.max_target_length >= 1, "sft.max_target_length", cfg.sft.max_target_length, ">= 1")
-    _check(t.trainable in ("full", "freeze_vision", "lora"), "train.trainable", t.trainable,
-           "full, freeze_vision or lora")
+    _check(
+        t.trainable in ("full", "freeze_vision", "lora"), "train.trainable", t.trainable, "full, freeze_vision or lora"
+    )
     for field in ("save_every", "keep_checkpoints", "log_every", "max_nonfinite_steps"):
         _check(getattr(t, field) >= 1, f"train.{field}", getattr(t, field), "an integer >= 1")
     for field in ("data", "fsdp", "tensor"):

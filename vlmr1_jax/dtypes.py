@@ -23,9 +23,14 @@ class DType:
     numpy: Any  # numpy scalar type (ml_dtypes for bfloat16)
 
 
-DTYPES: dict[str, DType] = {d.name: d for d in (DType("bfloat16", "BF16", ml_dtypes.bfloat16),
-                                                 DType("float16", "F16", np.float16),
-                                                 DType("float32", "F32", np.float32))}
+DTYPES: dict[str, DType] = {
+    d.name: d
+    for d in (
+        DType("bfloat16", "BF16", ml_dtypes.bfloat16),
+        DType("float16", "F16", np.float16),
+        DType("float32", "F32", np.float32),
+    )
+}
 ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _CHOICES = f"choose one of {', '.join(DTYPES)} (or {', '.join(ALIASES)})"
 

@@ -15,5 +15,7 @@ def require_torch_extra(purpose: str) -> None:
     """Raise one clear `MissingExtraError` when `purpose` (a command or option) runs without the `torch` extra."""
     missing = [name for name in TORCH_EXTRA if importlib.util.find_spec(name) is None]
     if missing:
-        raise MissingExtraError(f"{purpose} needs {' and '.join(missing)}, which the core install leaves out: "
-                                "pip install 'vlmr1-jax[torch]'")
+        raise MissingExtraError(
+            f"{purpose} needs {' and '.join(missing)}, which the core install leaves out: "
+            "pip install 'vlmr1-jax[torch]'"
+        )

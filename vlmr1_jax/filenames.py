@@ -12,5 +12,13 @@ RELEASE_MARKER = ".vlmr1-release"  # written into every folder we export: the on
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.json"
 # Every tokenizer file a release may carry (copied byte for byte from the tokenizer source).
-TOKENIZER_FILES = ("tokenizer.json", TOKENIZER_CONFIG_FILE, "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", CHAT_TEMPLATE_FILE, "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    TOKENIZER_CONFIG_FILE,
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    CHAT_TEMPLATE_FILE,
+    "chat_template.jinja",
+)

@@ -89,5 +89,7 @@ def without_background_tracebacks() -> Iterator[TracebackFilter]:
         stream.flush()
         sys.stderr = original
         if stream.dropped:
-            print(f"({stream.dropped} tracebacks from background threads hidden; `vlmr1 --debug ...` shows them)",
-                  file=original)
+            print(
+                f"({stream.dropped} tracebacks from background threads hidden; `vlmr1 --debug ...` shows them)",
+                file=original,
+            )

@@ -20,14 +20,19 @@ import jinja2
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SCRIPTS = {"docker_run.sh": True, "serve.sh": True, "offline_inference.py": False, "query.sh": True}  # executable?
 CONTAINER_MODELS = "/models"
-COMMON_ENV = (("PYTORCH_NPU_ALLOC_CONF", "max_split_size_mb:256"), ("TASK_QUEUE_ENABLE", "1"),
-              ("OMP_NUM_THREADS", "1"), ("OMP_PROC_BIND", "false"))
+COMMON_ENV = (
+    ("PYTORCH_NPU_ALLOC_CONF", "max_split_size_mb:256"),
+    ("TASK_QUEUE_ENABLE", "1"),
+    ("OMP_NUM_THREADS", "1"),
+    ("OMP_PROC_BIND", "false"),
+)
 # A container image reference as docker parses it: [registry[:port]/]name[/name...][:tag][@algorithm:hex]
 _HOST = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _NAME = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_REFERENCE = re.compile(
     rf"(?:{_HOST}(?:\.{_HOST})*(?::[0-9]+)?/)?{_NAME}(?:/{_NAME})*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?"
-    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?")
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,13 +51,25 @@ class Platform:
 
 PLATFORMS: dict[str, Platform] = {
     "a2": Platform(
-        name="a2", title="Atlas 800T A2 (Ascend 910B)", image="quay.io/ascend/vllm-ascend:v0.13.0",
-        dtypes=("bfloat16", "float32"), export_target="ascend-a2", enforce_eager=False, compilation_config=None,
-        env=COMMON_ENV + (("HCCL_OP_EXPANSION_MODE", "AIV"), ("VLLM_USE_V1", "1"))),
+        name="a2",
+        title="Atlas 800T A2 (Ascend 910B)",
+        image="quay.io/ascend/vllm-ascend:v0.13.0",
+        dtypes=("bfloat16", "float32"),
+        export_target="ascend-a2",
+        enforce_eager=False,
+        compilation_config=None,
+        env=COMMON_ENV + (("HCCL_OP_EXPANSION_MODE", "AIV"), ("VLLM_USE_V1", "1")),
+    ),
     "310p": Platform(
-        name="310p", title="Atlas 300I Duo (Ascend 310P)", image="quay.io/ascend/vllm-ascend:v0.10.0rc1-310p",
-        dtypes=("float16",), export_target="ascend-310p", enforce_eager=True,
-        compilation_config={"custom_ops": ["none", "+rms_norm", "+rotary_embedding"]}, env=COMMON_ENV),
+        name="310p",
+        title="Atlas 300I Duo (Ascend 310P)",
+        image="quay.io/ascend/vllm-ascend:v0.10.0rc1-310p",
+        dtypes=("float16",),
+        export_target="ascend-310p",
+        enforce_eager=True,
+        compilation_config={"custom_ops": ["none", "+rms_norm", "+rotary_embedding"]},
+        env=COMMON_ENV,
+    ),
 }
 
 
@@ -72,19 +89,29 @@ class DeploySpec:
 
     def __post_init__(self) -> None:
         if self.dtype not in self.platform.dtypes:
-            raise ValueError(f"{self.platform.title} runs {', '.join(self.platform.dtypes)}, not {self.dtype}; "
-                             f"export with `vlmr1 export --target {self.platform.export_target}`")
+            raise ValueError(
+                f"{self.platform.title} runs {', '.join(self.platform.dtypes)}, not {self.dtype}; "
+                f"export with `vlmr1 export --target {self.platform.export_target}`"
+            )
         if not re.fullmatch(r"[A-Za-z0-9._-]+", self.served_model_name):
             raise ValueError(f"served model name {self.served_model_name!r}: use letters, digits, '.', '_', '-'")
         if not IMAGE_REFERENCE.fullmatch(self.image):
-            raise ValueError(f"image {self.image!r} is not a container image reference such as "
-                             f"{self.platform.image} ([registry/]name[:tag][@sha256:digest])")
+            raise ValueError(
+                f"image {self.image!r} is not a container image reference such as "
+                f"{self.platform.image} ([registry/]name[:tag][@sha256:digest])"
+            )
         if not self.devices or self.max_model_len < 1 or not 0 < self.port < 65536:
             raise ValueError("need at least one device, a positive --max-model-len and a valid port")
 
 
-def spec_for_release(model_dir: str | os.PathLike, platform: str, *, image: str | None = None,
-                     served_model_name: str | None = None, **options: Any) -> DeploySpec:
+def spec_for_release(
+    model_dir: str | os.PathLike,
+    platform: str,
+    *,
+    image: str | None = None,
+    served_model_name: str | None = None,
+    **options: Any,
+) -> DeploySpec:
     """A DeploySpec for an exported release folder: --dtype from its config.json torch_dtype."""
     if platform not in PLATFORMS:
         raise ValueError(f"unknown Ascend platform {platform!r}; known: {sorted(PLATFORMS)}")
@@ -96,26 +123,43 @@ def spec_for_release(model_dir: str | os.PathLike, platform: str, *, image: str 
         raise ValueError(f"{config_path}: cannot read torch_dtype ({e})") from e
     p = PLATFORMS[platform]
     name = served_model_name or re.sub(r"[^A-Za-z0-9._-]", "-", folder.name)
-    return DeploySpec(platform=p, model_dir=str(folder), dtype=dtype, served_model_name=name,
-                      image=image or p.image, **options)
+    return DeploySpec(
+        platform=p, model_dir=str(folder), dtype=dtype, served_model_name=name, image=image or p.image, **options
+    )
 
 
 def render_scripts(spec: DeploySpec) -> dict[str, str]:
     """File name -> text of every script; strings go into shell code through the `shell_quote` filter."""
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True, autoescape=False)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
     env.filters["shell_quote"] = shlex.quote
     p = spec.platform
     context = {
-        "platform": p, "image": spec.image, "model_dir": spec.model_dir, "port": spec.port,
-        "devices": list(spec.devices), "served_model_name": spec.served_model_name, "dtype": spec.dtype,
-        "max_model_len": spec.max_model_len, "tensor_parallel_size": len(spec.devices),
-        "enforce_eager": p.enforce_eager, "max_images": spec.max_images, "env": p.env,
+        "platform": p,
+        "image": spec.image,
+        "model_dir": spec.model_dir,
+        "port": spec.port,
+        "devices": list(spec.devices),
+        "served_model_name": spec.served_model_name,
+        "dtype": spec.dtype,
+        "max_model_len": spec.max_model_len,
+        "tensor_parallel_size": len(spec.devices),
+        "enforce_eager": p.enforce_eager,
+        "max_images": spec.max_images,
+        "env": p.env,
         "compilation_config": json.dumps(p.compilation_config) if p.compilation_config else "",
         "container": f"vllm-ascend-{spec.served_model_name}".lower(),
         "container_model_dir": f"{CONTAINER_MODELS}/{spec.served_model_name}",
-        "dtype_note": ("float16 and --enforce-eager: the 310P series runs only eager mode and float16 (some ATB ops "
-                       "have no bf16 there)." if p.name == "310p" else f"{spec.dtype} on {p.title}."),
+        "dtype_note": (
+            "float16 and --enforce-eager: the 310P series runs only eager mode and float16 (some ATB ops "
+            "have no bf16 there)."
+            if p.name == "310p"
+            else f"{spec.dtype} on {p.title}."
+        ),
     }
     return {name: env.get_template(f"{name}.j2").render(**context) for name in SCRIPTS}
 

@@ -10,8 +10,11 @@ from pathlib import Path
 
 def folder_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder`, by relative path."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @contextmanager
@@ -29,5 +32,5 @@ def flip_bytes(path: Path, count: int = 4096) -> None:
     """Invert `count` bytes in the middle of `path` (bit rot in a stored array)."""
     data = bytearray(path.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + count] = bytes(b ^ 0xFF for b in data[mid:mid + count])
+    data[mid : mid + count] = bytes(b ^ 0xFF for b in data[mid : mid + count])
     path.write_bytes(bytes(data))

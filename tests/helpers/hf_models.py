@@ -11,48 +11,124 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
 # Covers every code path: windowed + full blocks, padded windows, GQA, sectioned M-RoPE.
 TINY_CONFIG = {
-    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "torch_dtype": "float32",
-    "vocab_size": 160, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, "max_position_embeddings": 512,
-    "use_sliding_window": False, "sliding_window": 512, "max_window_layers": 2, "hidden_act": "silu",
-    "bos_token_id": 0, "eos_token_id": 1, "image_token_id": 150, "video_token_id": 151,
-    "vision_start_token_id": 152, "vision_end_token_id": 153, "vision_token_id": 154, "tie_word_embeddings": False,
-    "vision_config": {"depth": 4, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "in_chans": 3,
-                      "out_hidden_size": 64, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                      "window_size": 56, "fullatt_block_indexes": [1, 3], "tokens_per_second": 2,
-                      "hidden_act": "silu"},
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "torch_dtype": "float32",
+    "vocab_size": 160,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+    "max_position_embeddings": 512,
+    "use_sliding_window": False,
+    "sliding_window": 512,
+    "max_window_layers": 2,
+    "hidden_act": "silu",
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "image_token_id": 150,
+    "video_token_id": 151,
+    "vision_start_token_id": 152,
+    "vision_end_token_id": 153,
+    "vision_token_id": 154,
+    "tie_word_embeddings": False,
+    "vision_config": {
+        "depth": 4,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_heads": 2,
+        "in_chans": 3,
+        "out_hidden_size": 64,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 56,
+        "fullatt_block_indexes": [1, 3],
+        "tokens_per_second": 2,
+        "hidden_act": "silu",
+    },
 }
 
 # A second shape: other depths, head counts, GQA ratio, window layout and full-attention blocks.
 TINY_CONFIG_B = copy.deepcopy(TINY_CONFIG)
-TINY_CONFIG_B.update({"hidden_size": 96, "intermediate_size": 80, "num_hidden_layers": 3, "num_attention_heads": 6,
-                      "num_key_value_heads": 3, "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]},
-                      "tie_word_embeddings": True, "vocab_size": 200})
-TINY_CONFIG_B["vision_config"].update({"depth": 5, "hidden_size": 48, "intermediate_size": 40, "num_heads": 3,
-                                       "out_hidden_size": 96, "window_size": 112, "fullatt_block_indexes": [0, 4]})
+TINY_CONFIG_B.update(
+    {
+        "hidden_size": 96,
+        "intermediate_size": 80,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 3,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]},
+        "tie_word_embeddings": True,
+        "vocab_size": 200,
+    }
+)
+TINY_CONFIG_B["vision_config"].update(
+    {
+        "depth": 5,
+        "hidden_size": 48,
+        "intermediate_size": 40,
+        "num_heads": 3,
+        "out_hidden_size": 96,
+        "window_size": 112,
+        "fullatt_block_indexes": [0, 4],
+    }
+)
 
 # The released Qwen2.5-VL-3B-Instruct config.json with only 2 text and 4 vision layers: every width, the vocabulary,
 # the tied head and the 112-pixel windows are real, so activations and logits have realistic scales. Full attention
 # on blocks 1 and 3 (the release's [7, 15, 23, 31] would leave 4 blocks all windowed).
 WIDTH_3B_CONFIG = {
-    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "torch_dtype": "float32",
-    "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 2,
-    "num_attention_heads": 16, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "max_position_embeddings": 128000,
-    "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": 70, "hidden_act": "silu",
-    "bos_token_id": 151643, "eos_token_id": 151645, "image_token_id": 151655, "video_token_id": 151656,
-    "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "torch_dtype": "float32",
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "max_position_embeddings": 128000,
+    "use_sliding_window": False,
+    "sliding_window": 32768,
+    "max_window_layers": 70,
+    "hidden_act": "silu",
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
     "tie_word_embeddings": True,
-    "vision_config": {"depth": 4, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "in_chans": 3,
-                      "out_hidden_size": 2048, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                      "window_size": 112, "fullatt_block_indexes": [1, 3], "tokens_per_second": 2,
-                      "hidden_act": "silu"},
+    "vision_config": {
+        "depth": 4,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "in_chans": 3,
+        "out_hidden_size": 2048,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [1, 3],
+        "tokens_per_second": 2,
+        "hidden_act": "silu",
+    },
 }
 
 
-def save_random_hf_model(out_dir: str | Path, config: dict, seed: int = 0, tied: bool | None = None,
-                         std: float | None = 0.05) -> Path:
+def save_random_hf_model(
+    out_dir: str | Path, config: dict, seed: int = 0, tied: bool | None = None, std: float | None = 0.05
+) -> Path:
     """Build `Qwen2_5_VLForConditionalGeneration` from `config` and save_pretrained it.
 
     With `std`, every tensor is redrawn (`redraw`); with `std=None` the model keeps transformers' own
@@ -91,8 +167,9 @@ def load_hf(model_dir: str | Path):
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
-                                                              attn_implementation="eager").eval()
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 def tiny_model_with_qwen_ids():
@@ -104,7 +181,14 @@ def tiny_model_with_qwen_ids():
     from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 
     qwen = Qwen25VLConfig()
-    ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "vision_token_id",
-           "bos_token_id", "eos_token_id")
+    ids = (
+        "image_token_id",
+        "video_token_id",
+        "vision_start_token_id",
+        "vision_end_token_id",
+        "vision_token_id",
+        "bos_token_id",
+        "eos_token_id",
+    )
     cfg = with_overrides(get_preset("tiny"), {"text.vocab_size": 151680, **{k: getattr(qwen, k) for k in ids}})
     return Qwen25VL(cfg, rngs=nnx.Rngs(0))

@@ -43,8 +43,14 @@ def device_prompts(batch: PromptBatch) -> dict[str, jax.Array]:
     return {k: jnp.asarray(v) for k, v in batch.arrays().items()}
 
 
-def hf_inputs(batch: PromptBatch, pixels: list[list[np.ndarray]], cfg: Qwen25VLConfig, repeat: int = 1,
-              completions: np.ndarray | None = None, completions_mask: np.ndarray | None = None) -> dict:
+def hf_inputs(
+    batch: PromptBatch,
+    pixels: list[list[np.ndarray]],
+    cfg: Qwen25VLConfig,
+    repeat: int = 1,
+    completions: np.ndarray | None = None,
+    completions_mask: np.ndarray | None = None,
+) -> dict:
     """transformers inputs for the same rows (prompt p repeated `repeat` times, completions appended), with
     `mm_token_type_ids` so HF computes its own 3-D M-RoPE positions."""
     import torch
@@ -56,10 +62,13 @@ def hf_inputs(batch: PromptBatch, pixels: list[list[np.ndarray]], cfg: Qwen25VLC
         mask = np.concatenate([mask, completions_mask.astype(np.int64)], axis=1)
     rows = [p for p in range(len(pixels)) for _ in range(repeat)]
     ids_t = torch.from_numpy(ids)
-    return {"input_ids": ids_t, "attention_mask": torch.from_numpy(mask),
-            "pixel_values": torch.from_numpy(np.concatenate([px for p in rows for px in pixels[p]])),
-            "image_grid_thw": torch.tensor([g for p in rows for g in batch.image_grids[p]]),
-            "mm_token_type_ids": (ids_t == cfg.image_token_id).long()}
+    return {
+        "input_ids": ids_t,
+        "attention_mask": torch.from_numpy(mask),
+        "pixel_values": torch.from_numpy(np.concatenate([px for p in rows for px in pixels[p]])),
+        "image_grid_thw": torch.tensor([g for p in rows for g in batch.image_grids[p]]),
+        "mm_token_type_ids": (ids_t == cfg.image_token_id).long(),
+    }
 
 
 def hf_completion_logprobs(hf, inputs: dict, prompt_len: int, tokens: np.ndarray) -> np.ndarray:
@@ -69,7 +78,7 @@ def hf_completion_logprobs(hf, inputs: dict, prompt_len: int, tokens: np.ndarray
     with torch.no_grad():
         logits = hf(**inputs).logits.double()
     steps = tokens.shape[1]
-    logp = torch.log_softmax(logits[:, prompt_len - 1:prompt_len - 1 + steps], dim=-1)
+    logp = torch.log_softmax(logits[:, prompt_len - 1 : prompt_len - 1 + steps], dim=-1)
     return logp.gather(-1, torch.from_numpy(tokens.astype(np.int64))[..., None])[..., 0].numpy()
 
 

@@ -15,10 +15,16 @@ PROMPT = "what is in the image?"
 def compact_config(tokenizer, base: dict = TINY_CONFIG) -> dict:
     """An HF config dict: `base` with a 320-token vocabulary and the special-token ids of `tokenizer`."""
     config = copy.deepcopy(base)
-    config.update(vocab_size=320, image_token_id=tokenizer.image_pad_id, video_token_id=tokenizer.video_pad_id,
-                  vision_start_token_id=tokenizer.vision_start_id, vision_end_token_id=tokenizer.vision_end_id,
-                  vision_token_id=tokenizer.token_to_id("<|vision_pad|>"), bos_token_id=tokenizer.pad_id,
-                  eos_token_id=tokenizer.eos_ids[0])
+    config.update(
+        vocab_size=320,
+        image_token_id=tokenizer.image_pad_id,
+        video_token_id=tokenizer.video_pad_id,
+        vision_start_token_id=tokenizer.vision_start_id,
+        vision_end_token_id=tokenizer.vision_end_id,
+        vision_token_id=tokenizer.token_to_id("<|vision_pad|>"),
+        bos_token_id=tokenizer.pad_id,
+        eos_token_id=tokenizer.eos_ids[0],
+    )
     return config
 
 

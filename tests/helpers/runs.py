@@ -22,8 +22,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # demo_tiny, shrunk to seconds per step: 4 new tokens, and the length reward so that random completions get
 # different rewards (non-zero advantages, a real update); rec_format keeps the REC columns in use.
-TINY_RUN = ("sampling.max_new_tokens=4", "grpo.reward_funcs=[length,rec_format]", "data.prompts_per_step=2",
-            "grpo.num_generations=4", "train.rollout_log=true", "train.log_every=1")
+TINY_RUN = (
+    "sampling.max_new_tokens=4",
+    "grpo.reward_funcs=[length,rec_format]",
+    "data.prompts_per_step=2",
+    "grpo.num_generations=4",
+    "train.rollout_log=true",
+    "train.log_every=1",
+)
 NOT_REPRODUCIBLE = ("time/", "tokens_per_second")  # metrics that measure the machine, not the run
 
 
@@ -32,25 +38,39 @@ def make_run_inputs(folder: Path) -> list[str]:
     data = generate(str(folder / "synth"), n=16, seed=0)
     tokenizer = folder / "tokenizer"
     build_compact_tokenizer(corpus_strings(), vocab_size=320).save(tokenizer)
-    return [f"data.data_file_paths={data}", f"data.image_folders={image_folder(str(folder / 'synth'))}",
-            f"model.tokenizer={tokenizer}"]
+    return [
+        f"data.data_file_paths={data}",
+        f"data.image_folders={image_folder(str(folder / 'synth'))}",
+        f"model.tokenizer={tokenizer}",
+    ]
 
 
 def worker_env(num_devices: int, **extra: str) -> dict[str, str]:
     """The child's environment: its own CPU device count (conftest's 8 apply to pytest only), the repository on
     the path, and the persistent compile cache shared with the test session."""
-    return {**os.environ, "JAX_NUM_CPU_DEVICES": str(num_devices),
-            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-            "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
-            "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", **extra}
+    return {
+        **os.environ,
+        "JAX_NUM_CPU_DEVICES": str(num_devices),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+        "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+        "TORCH_DEVICE_BACKEND_AUTOLOAD": "0",
+        **extra,
+    }
 
 
 def start_training(overrides: list[str], log_stem: Path, env: dict[str, str]) -> subprocess.Popen:
     """`vlmr1 train demo_tiny <overrides>` in a child process; stdout / stderr go to `<log_stem>.out` / `.err`
     (files, not pipes: orbax logs enough to fill a pipe and stall a peer that is waiting in a collective)."""
     with open(f"{log_stem}.out", "w") as out, open(f"{log_stem}.err", "w") as err:
-        return subprocess.Popen([sys.executable, "-m", "vlmr1_jax.cli", "train", "demo_tiny", *overrides,
-                                 "--no-progress"], env=env, cwd=log_stem.parent, stdout=out, stderr=err, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "vlmr1_jax.cli", "train", "demo_tiny", *overrides, "--no-progress"],
+            env=env,
+            cwd=log_stem.parent,
+            stdout=out,
+            stderr=err,
+            text=True,
+        )
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: float) -> None:

@@ -23,8 +23,9 @@ ADAM_EPS = 1e-3
 
 def optimizer(grad_accum: int = 1):
     """AdamW at LR / ADAM_EPS, constant schedule: (transformation, schedule)."""
-    return make_optimizer(OptimConfig(learning_rate=LR, schedule="constant", eps=ADAM_EPS, grad_accum=grad_accum),
-                          total_steps=10)
+    return make_optimizer(
+        OptimConfig(learning_rate=LR, schedule="constant", eps=ADAM_EPS, grad_accum=grad_accum), total_steps=10
+    )
 
 
 def perturb(tree, seed: int):
@@ -49,14 +50,21 @@ def save_trainer_checkpoint(run_dir: Path, cfg: RunConfig, kind: str, step: int,
     if adjust is not None:
         adjust(model)
     tx, _ = make_optimizer(cfg.optim, cfg.train.max_steps)
-    graphdef, state = init_train_state(model, cfg.train.trainable, tx,
-                                       with_reference=kind == "grpo" and cfg.grpo.beta > 0,
-                                       frozen_dtype=frozen_dtype_of(cfg.model))
+    graphdef, state = init_train_state(
+        model,
+        cfg.train.trainable,
+        tx,
+        with_reference=kind == "grpo" and cfg.grpo.beta > 0,
+        frozen_dtype=frozen_dtype_of(cfg.model),
+    )
     if adjust is None:
-        state = dataclasses.replace(state, trainable=perturb(state.trainable, step),
-                                    opt_state=perturb(state.opt_state, step + 1), step=state.step + step)
-    meta = {"run_config": to_dict(cfg), "model_config": dataclasses.asdict(model.cfg), "step": step,
-            "kind": kind}
+        state = dataclasses.replace(
+            state,
+            trainable=perturb(state.trainable, step),
+            opt_state=perturb(state.opt_state, step + 1),
+            step=state.step + step,
+        )
+    meta = {"run_config": to_dict(cfg), "model_config": dataclasses.asdict(model.cfg), "step": step, "kind": kind}
     with Checkpointer(run_dir / "checkpoints", save_every=1, keep=3, async_save=False) as checkpointer:
         checkpointer.save(step, state, meta=meta, force=True)
     return current_model(graphdef, state)

@@ -19,22 +19,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--out", required=True, help="output folder (<out>/<split>.jsonl, <out>/images/)")
     synth.add_argument("--n", type=int, required=True, help="number of samples")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--split", choices=synthetic.SPLITS, default="train",
-                       help="train/val are in-domain; ood targets colour+shape pairs never seen in train")
-    synth.add_argument("--families", nargs="+", choices=synthetic.FAMILIES, default=["simple"],
-                       help="referring-expression families to draw from")
+    synth.add_argument(
+        "--split",
+        choices=synthetic.SPLITS,
+        default="train",
+        help="train/val are in-domain; ood targets colour+shape pairs never seen in train",
+    )
+    synth.add_argument(
+        "--families",
+        nargs="+",
+        choices=synthetic.FAMILIES,
+        default=["simple"],
+        help="referring-expression families to draw from",
+    )
     synth.add_argument("--image-size", type=int, default=112)
     synth.set_defaults(func=run_synth)
 
-    check = actions.add_parser("check", help="validate every line and image, flag duplicate ids and empty files; "
-                               "exit 1 on any problem")
+    check = actions.add_parser(
+        "check", help="validate every line and image, flag duplicate ids and empty files; exit 1 on any problem"
+    )
     check.add_argument("--data-files", required=True, help="':'-separated jsonl files")
     check.add_argument("--image-folders", required=True, help="':'-separated image folders, one per file")
     check.add_argument("--reward-method", default=None, help="':'-separated accuracy-reward methods, one per file")
     check.add_argument("--min-pixels", type=int, default=MIN_PIXELS)
     check.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
-    check.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
-                       help="cap on an original image's pixels (data.max_image_pixels)")
+    check.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=MAX_IMAGE_PIXELS,
+        help="cap on an original image's pixels (data.max_image_pixels)",
+    )
     check.set_defaults(func=run_check)
 
 
@@ -65,8 +79,9 @@ def image_tokens(sample: Sample, min_pixels: int, max_pixels: int) -> list[int]:
     return tokens
 
 
-def check_images(samples: list[Sample], report: LoadReport, min_pixels: int, max_pixels: int
-                 ) -> tuple[int, collections.Counter]:
+def check_images(
+    samples: list[Sample], report: LoadReport, min_pixels: int, max_pixels: int
+) -> tuple[int, collections.Counter]:
     """Decode every image; problems go to `report`. Returns (valid samples, Counter of tokens per image)."""
     valid, counts = 0, collections.Counter[int]()
     for sample in samples:
@@ -81,8 +96,13 @@ def check_images(samples: list[Sample], report: LoadReport, min_pixels: int, max
 
 def run_check(args: argparse.Namespace) -> int:
     try:
-        samples, report = load_jsonl_datasets(args.data_files, args.image_folders, args.reward_method,
-                                              on_error="skip", max_image_pixels=args.max_image_pixels)
+        samples, report = load_jsonl_datasets(
+            args.data_files,
+            args.image_folders,
+            args.reward_method,
+            on_error="skip",
+            max_image_pixels=args.max_image_pixels,
+        )
     except (ValueError, OSError) as e:
         print(f"error: {e}")
         return 1
@@ -92,12 +112,16 @@ def run_check(args: argparse.Namespace) -> int:
     repeated = {(p.file, p.line) for p in duplicates}
     unique = [s for s in samples if (s.source, s.line) not in repeated]
     valid, counts = check_images(unique, report, args.min_pixels, args.max_pixels)
-    print(f"files: {len(report.files)}  lines: {report.lines}  samples: {valid} valid, "
-          f"{report.lines - valid} with problems")
+    print(
+        f"files: {len(report.files)}  lines: {report.lines}  samples: {valid} valid, "
+        f"{report.lines - valid} with problems"
+    )
     print(f"images: {sum(counts.values())} in valid samples")
     if counts:
-        print(f"tokens per image (min_pixels={args.min_pixels}, max_pixels={args.max_pixels}): "
-              f"min {min(counts)}, max {max(counts)}")
+        print(
+            f"tokens per image (min_pixels={args.min_pixels}, max_pixels={args.max_pixels}): "
+            f"min {min(counts)}, max {max(counts)}"
+        )
         print("\n".join(token_histogram(counts)))
     if report.problems:
         print("\n".join(["problems:", *report.problem_lines(max_listed=None)]))

@@ -79,8 +79,10 @@ class LoadReport:
 
     def summary(self, max_listed: int | None = 20) -> str:
         """One line of totals followed by `problem_lines`."""
-        head = (f"{self.loaded} samples loaded from {self.lines} lines in {len(self.files)} file(s); "
-                f"{len(self.problems)} problem(s)")
+        head = (
+            f"{self.loaded} samples loaded from {self.lines} lines in {len(self.files)} file(s); "
+            f"{len(self.problems)} problem(s)"
+        )
         return "\n".join([head, *self.problem_lines(max_listed)])
 
 
@@ -142,21 +144,30 @@ def _check_complete(image: Image.Image, path: str) -> None:
         image.load()
 
 
-def check_image_file(path: str, folder: str, max_image_pixels: int = MAX_IMAGE_PIXELS, *, file: str, line: int,
-                     field: str) -> None:
+def check_image_file(
+    path: str, folder: str, max_image_pixels: int = MAX_IMAGE_PIXELS, *, file: str, line: int, field: str
+) -> None:
     """Refuse, as a `DataError`, an image that would fail or blow up when its batch is built: missing, a symlink
     out of `folder`, undecodable or truncated, over `max_image_pixels` (from its header, before any decode) or
     refused by the processor (aspect ratio over 200). Tiny images pass: VLM-R1 upscales them."""
+
     def problem(kind: str, detail: str) -> DataError:
         return DataError(kind, file, line, field, f"{path}: {detail}")
 
     if not os.path.isfile(path):
-        raise problem("missing_image", "image file not found" if not os.path.lexists(path) else
-                      "not a regular file (a broken symlink, a folder or a device)")
+        raise problem(
+            "missing_image",
+            "image file not found"
+            if not os.path.lexists(path)
+            else "not a regular file (a broken symlink, a folder or a device)",
+        )
     real, real_folder = os.path.realpath(path), os.path.realpath(folder)
     if not _inside(real, real_folder):
-        raise problem("unsafe_path", f"resolves to {real}, outside the image folder {real_folder}; copy the file "
-                      "into the folder or point image_folders at the folder that holds it")
+        raise problem(
+            "unsafe_path",
+            f"resolves to {real}, outside the image folder {real_folder}; copy the file "
+            "into the folder or point image_folders at the folder that holds it",
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our cap is the stricter one
@@ -168,13 +179,17 @@ def check_image_file(path: str, folder: str, max_image_pixels: int = MAX_IMAGE_P
     with image:
         width, height = image.size
         if width * height > max_image_pixels:
-            raise problem("image_too_large", f"{width}x{height} = {width * height} pixels is over the cap of "
-                          f"{max_image_pixels} (data.max_image_pixels); downscale the file or raise the cap")
+            raise problem(
+                "image_too_large",
+                f"{width}x{height} = {width * height} pixels is over the cap of "
+                f"{max_image_pixels} (data.max_image_pixels); downscale the file or raise the cap",
+            )
         try:
             processed_size(height, width)
         except ValueError as e:
-            raise problem("bad_image_size", f"{width}x{height} (width x height) cannot be processed: {e}; "
-                          "crop or pad the image") from None
+            raise problem(
+                "bad_image_size", f"{width}x{height} (width x height) cannot be processed: {e}; crop or pad the image"
+            ) from None
         try:
             _check_complete(image, path)
         except Exception as e:  # noqa: BLE001 -- as above, for a truncated or corrupt file
@@ -185,8 +200,9 @@ def _field_value(item: dict, index: int, file: str, line: int) -> Any:
     convs = item["conversations"]
     turn = convs[index]
     if not isinstance(turn, dict):
-        raise DataError("wrong_type", file, line, f"conversations[{index}]",
-                        f"expected an object, got {type(turn).__name__}")
+        raise DataError(
+            "wrong_type", file, line, f"conversations[{index}]", f"expected an object, got {type(turn).__name__}"
+        )
     if "value" not in turn:
         raise DataError("missing_key", file, line, f"conversations[{index}].value", "key is missing")
     return turn["value"]
@@ -201,12 +217,21 @@ def _image_list(item: dict, file: str, line: int) -> list[tuple[str, Any]]:
         return [("image", image)]
     if isinstance(image, list):
         return [(f"image[{i}]", p) for i, p in enumerate(image)]
-    raise DataError("wrong_type", file, line, "image", f"expected a string or a list of strings, got "
-                    f"{type(image).__name__}")
+    raise DataError(
+        "wrong_type", file, line, "image", f"expected a string or a list of strings, got {type(image).__name__}"
+    )
 
 
-def parse_sample(text: str, *, file: str, line: int, image_folder: str, reward_method: str,
-                 check_images: bool = True, max_image_pixels: int = MAX_IMAGE_PIXELS) -> Sample:
+def parse_sample(
+    text: str,
+    *,
+    file: str,
+    line: int,
+    image_folder: str,
+    reward_method: str,
+    check_images: bool = True,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+) -> Sample:
     """Parse one jsonl line the way VLM-R1 does (and `check_image_file` its images when `check_images`); raise
     `DataError` on the first problem found."""
     try:
@@ -223,22 +248,27 @@ def parse_sample(text: str, *, file: str, line: int, image_folder: str, reward_m
     if not isinstance(convs, list):
         raise DataError("wrong_type", file, line, "conversations", f"expected a list, got {type(convs).__name__}")
     if len(convs) < 2:
-        raise DataError("missing_key", file, line, f"conversations[{len(convs)}]",
-                        "need a human turn and a gpt turn")
+        raise DataError("missing_key", file, line, f"conversations[{len(convs)}]", "need a human turn and a gpt turn")
     question = _field_value(item, 0, file, line)
     if not isinstance(question, str):
-        raise DataError("wrong_type", file, line, "conversations[0].value",
-                        f"expected a string, got {type(question).__name__}")
+        raise DataError(
+            "wrong_type", file, line, "conversations[0].value", f"expected a string, got {type(question).__name__}"
+        )
     answer = _field_value(item, 1, file, line)
     if not isinstance(answer, str):  # VLM-R1's rewards read the solution as text
-        raise DataError("wrong_type", file, line, "conversations[1].value",
-                        f"expected the solution as a string, got {_describe(answer)}; "
-                        "write it as a JSON string")
+        raise DataError(
+            "wrong_type",
+            file,
+            line,
+            "conversations[1].value",
+            f"expected the solution as a string, got {_describe(answer)}; write it as a JSON string",
+        )
     answer = answer.replace("<answer>", "").replace("</answer>", "").strip()
     method = item.get("accu_reward_method", reward_method)
     if not isinstance(method, str):
-        raise DataError("wrong_type", file, line, "accu_reward_method",
-                        f"expected a string, got {type(method).__name__}")
+        raise DataError(
+            "wrong_type", file, line, "accu_reward_method", f"expected a string, got {type(method).__name__}"
+        )
     paths = []
     for name, rel in _image_list(item, file, line):
         path = safe_image_path(image_folder, rel, file=file, line=line, field=name)
@@ -268,15 +298,26 @@ def _decoded_lines(path: str) -> Iterator[tuple[int, str | DataError]]:
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield number, DataError("non_utf8", path, number, "<line>",
-                                        f"invalid UTF-8 byte {raw[e.start:e.start + 1]!r} at byte {e.start}")
+                yield (
+                    number,
+                    DataError(
+                        "non_utf8",
+                        path,
+                        number,
+                        "<line>",
+                        f"invalid UTF-8 byte {raw[e.start : e.start + 1]!r} at byte {e.start}",
+                    ),
+                )
 
 
-def load_jsonl_datasets(data_file_paths: str | Sequence[str], image_folders: str | Sequence[str],
-                        reward_methods: str | Sequence[str] | None = None,
-                        on_error: Literal["raise", "skip"] = "raise",
-                        check_images: bool = True,
-                        max_image_pixels: int = MAX_IMAGE_PIXELS) -> tuple[list[Sample], LoadReport]:
+def load_jsonl_datasets(
+    data_file_paths: str | Sequence[str],
+    image_folders: str | Sequence[str],
+    reward_methods: str | Sequence[str] | None = None,
+    on_error: Literal["raise", "skip"] = "raise",
+    check_images: bool = True,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+) -> tuple[list[Sample], LoadReport]:
     """Load and concatenate VLM-R1 jsonl files (':'-separated like `--data_file_paths`), in file then line order.
 
     `on_error="raise"` raises the first `DataError`; `"skip"` leaves the bad sample out and records it in the report.
@@ -288,13 +329,18 @@ def load_jsonl_datasets(data_file_paths: str | Sequence[str], image_folders: str
     files = split_colon_list(data_file_paths, "data_file_paths")
     folders = split_colon_list(image_folders, "image_folders")
     if len(files) != len(folders):
-        raise ValueError(f"data_file_paths has {len(files)} entries but image_folders has {len(folders)}; "
-                         "they must match one to one")
-    methods = ([DEFAULT_REWARD_METHOD] * len(files) if reward_methods is None
-               else split_colon_list(reward_methods, "reward_method"))
+        raise ValueError(
+            f"data_file_paths has {len(files)} entries but image_folders has {len(folders)}; they must match one to one"
+        )
+    methods = (
+        [DEFAULT_REWARD_METHOD] * len(files)
+        if reward_methods is None
+        else split_colon_list(reward_methods, "reward_method")
+    )
     if len(methods) != len(files):
-        raise ValueError(f"reward_method has {len(methods)} entries but data_file_paths has {len(files)}; "
-                         "they must match one to one")
+        raise ValueError(
+            f"reward_method has {len(methods)} entries but data_file_paths has {len(files)}; they must match one to one"
+        )
     report = LoadReport(files=list(files))
     samples = []
     for file, folder, method in zip(files, folders, methods):
@@ -306,9 +352,17 @@ def load_jsonl_datasets(data_file_paths: str | Sequence[str], image_folders: str
             try:
                 if isinstance(text, DataError):
                     raise text
-                samples.append(parse_sample(text, file=file, line=number, image_folder=folder,
-                                            reward_method=method, check_images=check_images,
-                                            max_image_pixels=max_image_pixels))
+                samples.append(
+                    parse_sample(
+                        text,
+                        file=file,
+                        line=number,
+                        image_folder=folder,
+                        reward_method=method,
+                        check_images=check_images,
+                        max_image_pixels=max_image_pixels,
+                    )
+                )
             except DataError as e:
                 if on_error == "raise":
                     raise
@@ -332,8 +386,11 @@ def duplicate_ids(samples: Sequence[Sample]) -> list[DataError]:
             continue
         key = (sample.source, json.dumps(sample.id, sort_keys=True))
         if key in first:
-            problems.append(DataError("duplicate_id", sample.source, sample.line, "id",
-                                      f"id {key[1]} is also used on line {first[key]}"))
+            problems.append(
+                DataError(
+                    "duplicate_id", sample.source, sample.line, "id", f"id {key[1]} is also used on line {first[key]}"
+                )
+            )
         else:
             first[key] = sample.line
     return problems
@@ -349,7 +406,8 @@ def read_image_sizes(sample: Sample) -> list[tuple[int, int]]:
                 im.load()
                 width, height = im.size
         except Exception as e:  # noqa: BLE001 -- PIL signals a bad file with many exception types
-            raise DataError("unreadable_image", sample.source, sample.line, name,
-                            f"cannot decode {path}: {type(e).__name__}: {e}") from None
+            raise DataError(
+                "unreadable_image", sample.source, sample.line, name, f"cannot decode {path}: {type(e).__name__}: {e}"
+            ) from None
         sizes.append((height, width))
     return sizes

@@ -27,8 +27,9 @@ def epoch_of(steps_done: int, num_samples: int, batch_size: int, drop_remainder:
     return steps_done / batches_per_epoch(num_samples, batch_size, drop_remainder)
 
 
-def _check_stream_args(n: int, batch_size: int, seed: int, process_index: int, process_count: int,
-                       drop_remainder: bool) -> None:
+def _check_stream_args(
+    n: int, batch_size: int, seed: int, process_index: int, process_count: int, drop_remainder: bool
+) -> None:
     if batch_size <= 0 or batch_size % process_count:
         raise ValueError(f"batch_size {batch_size} must be a positive multiple of process_count {process_count}")
     if not 0 <= process_index < process_count:
@@ -41,9 +42,15 @@ def _check_stream_args(n: int, batch_size: int, seed: int, process_index: int, p
         raise ValueError("drop_remainder=False needs a single process and at least one sample")
 
 
-def make_sample_dataset(samples: Sequence[Sample], batch_size: int, seed: int, num_epochs: int | None = None,
-                        process_index: int = 0, process_count: int = 1,
-                        drop_remainder: bool = True) -> grain.MapDataset:
+def make_sample_dataset(
+    samples: Sequence[Sample],
+    batch_size: int,
+    seed: int,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    drop_remainder: bool = True,
+) -> grain.MapDataset:
     """This process's samples one at a time, in the order `make_prompt_dataset` batches them.
 
     The trainer draws from this stream so that a sample that fails when its images are read can be replaced by the
@@ -57,9 +64,15 @@ def make_sample_dataset(samples: Sequence[Sample], batch_size: int, seed: int, n
     return ds.repeat(num_epochs)[process_index::process_count]
 
 
-def make_prompt_dataset(samples: Sequence[Sample], batch_size: int, seed: int, num_epochs: int | None = None,
-                        process_index: int = 0, process_count: int = 1,
-                        drop_remainder: bool = True) -> grain.MapDataset:
+def make_prompt_dataset(
+    samples: Sequence[Sample],
+    batch_size: int,
+    seed: int,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    drop_remainder: bool = True,
+) -> grain.MapDataset:
     """This process's batches as a grain `MapDataset` of lists of `Sample`s (`batch_size` is the global batch).
 
     Each process yields `batch_size // process_count` prompts per step. `drop_remainder=False` keeps every
@@ -75,15 +88,23 @@ def _iterate(ds: grain.MapDataset) -> grain.DatasetIterator:
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
-def make_prompt_iterator(samples: Sequence[Sample], batch_size: int, seed: int, num_epochs: int | None = None,
-                         process_index: int = 0, process_count: int = 1,
-                         drop_remainder: bool = True) -> grain.DatasetIterator:
+def make_prompt_iterator(
+    samples: Sequence[Sample],
+    batch_size: int,
+    seed: int,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    drop_remainder: bool = True,
+) -> grain.DatasetIterator:
     """A resumable iterator over `make_prompt_dataset`; `get_state()` / `set_state()` restore it exactly."""
-    return _iterate(make_prompt_dataset(samples, batch_size, seed, num_epochs, process_index, process_count,
-                                        drop_remainder))
+    return _iterate(
+        make_prompt_dataset(samples, batch_size, seed, num_epochs, process_index, process_count, drop_remainder)
+    )
 
 
-def make_sample_iterator(samples: Sequence[Sample], batch_size: int, seed: int,
-                         num_epochs: int | None = None) -> grain.DatasetIterator:
+def make_sample_iterator(
+    samples: Sequence[Sample], batch_size: int, seed: int, num_epochs: int | None = None
+) -> grain.DatasetIterator:
     """A resumable iterator over `make_sample_dataset` (every process reads the same global stream)."""
     return _iterate(make_sample_dataset(samples, batch_size, seed, num_epochs))

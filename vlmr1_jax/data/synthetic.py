@@ -93,8 +93,9 @@ def _place(rng: np.random.Generator, count: int, image_size: int, tries: int = 5
             break
         s = int(rng.integers(MIN_SIZE, MAX_SIZE + 1))
         x, y = (int(v) for v in rng.integers(0, image_size - s + 1, size=2))
-        if all(x + s + GAP <= px or px + ps + GAP <= x or y + s + GAP <= py or py + ps + GAP <= y
-               for ps, px, py in placed):
+        if all(
+            x + s + GAP <= px or px + ps + GAP <= x or y + s + GAP <= py or py + ps + GAP <= y for ps, px, py in placed
+        ):
             placed.append((s, x, y))
     return placed if len(placed) == count else None
 
@@ -127,8 +128,11 @@ def superlative_expressions(objects: Sequence[Shape]) -> list[tuple[str, int]]:
     for word, (noun, members) in itertools.product(SUPERLATIVES, groups):
         if len(members) < 2:
             continue
-        out += [(f"the {word} {noun}", i) for i in members
-                if all(beats(objects[i], objects[k], word) for k in members if k != i)]
+        out += [
+            (f"the {word} {noun}", i)
+            for i in members
+            if all(beats(objects[i], objects[k], word) for k in members if k != i)
+        ]
     return out
 
 
@@ -150,8 +154,11 @@ def relational_expressions(objects: Sequence[Shape]) -> list[tuple[str, int]]:
     return out
 
 
-EXPRESSIONS = {"simple": simple_expressions, "superlative": superlative_expressions,
-               "relational": relational_expressions}
+EXPRESSIONS = {
+    "simple": simple_expressions,
+    "superlative": superlative_expressions,
+    "relational": relational_expressions,
+}
 
 
 def _scene(rng: np.random.Generator, family: str, split: str, image_size: int) -> tuple[list[Shape], str, int]:
@@ -171,10 +178,22 @@ def _scene(rng: np.random.Generator, family: str, split: str, image_size: int) -
         objects = []
         for (colour, shape), (s, x, y) in zip(pairs, footprints):
             mask = shape_mask(shape, s, x, y, image_size)
-            objects.append(Shape(colour, shape, s, x, y, tuple(int(v) for v in mask.getbbox()),  # type: ignore[arg-type, union-attr]
-                                 mask.histogram()[255]))
-        candidates = [(e, t) for e, t in EXPRESSIONS[family](objects)
-                      if split != "ood" or (objects[t].colour, objects[t].shape) in HELD_OUT]
+            objects.append(
+                Shape(
+                    colour,
+                    shape,
+                    s,
+                    x,
+                    y,
+                    tuple(int(v) for v in mask.getbbox()),  # type: ignore[arg-type, union-attr]
+                    mask.histogram()[255],
+                )
+            )
+        candidates = [
+            (e, t)
+            for e, t in EXPRESSIONS[family](objects)
+            if split != "ood" or (objects[t].colour, objects[t].shape) in HELD_OUT
+        ]
         if candidates:
             expression, target = candidates[int(rng.integers(len(candidates)))]
             return objects, expression, target
@@ -190,8 +209,9 @@ def render(rng: np.random.Generator, objects: Sequence[Shape], image_size: int) 
     return Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8), "RGB")
 
 
-def make_record(index: int, seed: int, split: str, families: Sequence[str], image_size: int
-                ) -> tuple[dict, Image.Image]:
+def make_record(
+    index: int, seed: int, split: str, families: Sequence[str], image_size: int
+) -> tuple[dict, Image.Image]:
     """One VLM-R1 jsonl record and its image; a pure function of (seed, split, index)."""
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     family = families[int(rng.integers(len(families)))]
@@ -217,8 +237,9 @@ def image_folder(out_dir: str) -> str:
     return os.path.join(out_dir, IMAGE_DIR)
 
 
-def generate(out_dir: str, n: int, seed: int, split: str = "train", families: Sequence[str] = ("simple",),
-             image_size: int = 112) -> str:
+def generate(
+    out_dir: str, n: int, seed: int, split: str = "train", families: Sequence[str] = ("simple",), image_size: int = 112
+) -> str:
     """Write `n` samples as `<out_dir>/<split>.jsonl` + `<out_dir>/images/<split>/*.png`; return the jsonl path.
 
     Same arguments give byte-identical files.
@@ -240,8 +261,15 @@ def generate(out_dir: str, n: int, seed: int, split: str = "train", families: Se
     return path
 
 
-def write_default_dataset(out_dir: str, n_train: int, n_val: int, n_ood: int, seed: int,
-                          families: Sequence[str] = ("simple",), image_size: int = 112) -> dict[str, str]:
+def write_default_dataset(
+    out_dir: str,
+    n_train: int,
+    n_val: int,
+    n_ood: int,
+    seed: int,
+    families: Sequence[str] = ("simple",),
+    image_size: int = 112,
+) -> dict[str, str]:
     """The train / val / ood splits sharing one image folder; returns {split: jsonl path}."""
     sizes = {"train": n_train, "val": n_val, "ood": n_ood}
     return {split: generate(out_dir, n, seed, split, families, image_size) for split, n in sizes.items()}

@@ -41,8 +41,9 @@ def pixel_bounds(model_dir: Path, min_pixels: int | None, max_pixels: int | None
     return (min_pixels or stored.get("min_pixels", MIN_PIXELS), max_pixels or stored.get("max_pixels", MAX_PIXELS))
 
 
-def complete_jax(model_path: Path, samples: Sequence[Sample], args: argparse.Namespace
-                 ) -> tuple[list[str], list[list[list[int]]], int]:
+def complete_jax(
+    model_path: Path, samples: Sequence[Sample], args: argparse.Namespace
+) -> tuple[list[str], list[list[list[int]]], int]:
     """Completions, image grids and patch size from our model: an HF folder or a vlmr1-jax checkpoint."""
     from vlmr1_jax.eval.rec import GreedyDecoder
     from vlmr1_jax.processing.tokenizer import Tokenizer, qwen2_5_tokenizer
@@ -60,25 +61,35 @@ def complete_jax(model_path: Path, samples: Sequence[Sample], args: argparse.Nam
         model, _, tokenizer_dir = load_checkpoint(model_path, args.step)
         tokenizer = Tokenizer.load(tokenizer_dir) if tokenizer_dir else qwen2_5_tokenizer()
     min_pixels, max_pixels = pixel_bounds(model_path, args.min_pixels, args.max_pixels)
-    decoder = GreedyDecoder(model, tokenizer, task_type=args.task_type, min_pixels=min_pixels,
-                            max_pixels=max_pixels, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    decoder = GreedyDecoder(
+        model,
+        tokenizer,
+        task_type=args.task_type,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
     completions, grids = decoder(samples)
     return completions, grids, model.cfg.vision.patch_size
 
 
-def complete_torch(model_path: Path, samples: Sequence[Sample], args: argparse.Namespace
-                   ) -> tuple[list[str], list[list[list[int]]], int]:
+def complete_torch(
+    model_path: Path, samples: Sequence[Sample], args: argparse.Namespace
+) -> tuple[list[str], list[list[list[int]]], int]:
     """Completions, image grids and patch size from transformers on an exported HF folder."""
     from ports.torch_runtime import TorchRuntime
 
     if not (model_path / "config.json").is_file():
-        raise ValueError(f"{model_path}: --backend torch needs an HF folder; export the checkpoint first "
-                         f"(vlmr1 export {model_path} --out DIR)")
+        raise ValueError(
+            f"{model_path}: --backend torch needs an HF folder; export the checkpoint first "
+            f"(vlmr1 export {model_path} --out DIR)"
+        )
     runtime = TorchRuntime.load(model_path, device=args.device, dtype=args.dtype)
     runtime.min_pixels, runtime.max_pixels = pixel_bounds(model_path, args.min_pixels, args.max_pixels)
     completions, grids = [], []
     for start in range(0, len(samples), args.batch_size):
-        chunk = samples[start:start + args.batch_size]
+        chunk = samples[start : start + args.batch_size]
         batch = runtime.batch_inputs([(s.image_paths, s.problem) for s in chunk], task_type=args.task_type)
         rows = runtime.generate_from(batch, max_new_tokens=args.max_new_tokens)
         completions += [runtime.tokenizer.decode(ids, skip_special_tokens=True) for ids in rows]
@@ -103,24 +114,41 @@ def run_rec(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     out = Path(args.out or f"rec_results_{Path(args.data).stem}_{args.backend}.json")
-    report = {"task": "rec", "model": str(model_path), "data": args.data, "backend": args.backend,
-              "limit": args.limit, "seed": args.seed, "max_new_tokens": args.max_new_tokens, **summary,
-              "results": records}
+    report = {
+        "task": "rec",
+        "model": str(model_path),
+        "data": args.data,
+        "backend": args.backend,
+        "limit": args.limit,
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+        **summary,
+        "results": records,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     correct = sum(r["correct"] for r in records)
-    print(f"accuracy: {summary['accuracy']:.2f}% ({correct}/{summary['n']}); mean IoU reward {summary['iou']:.4f}, "
-          f"format {summary['format']:.4f}; per-sample results in {out}")
+    print(
+        f"accuracy: {summary['accuracy']:.2f}% ({correct}/{summary['n']}); mean IoU reward {summary['iou']:.4f}, "
+        f"format {summary['format']:.4f}; per-sample results in {out}"
+    )
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate a model on a benchmark protocol (rec)")
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
-    r = tasks.add_parser("rec", help="REC Acc@0.5 with VLM-R1's protocol", description=__doc__,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("--model", required=True,
-                   help="exported HF folder; with --backend jax also a vlmr1-jax checkpoint (run / step folder)")
+    r = tasks.add_parser(
+        "rec",
+        help="REC Acc@0.5 with VLM-R1's protocol",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument(
+        "--model",
+        required=True,
+        help="exported HF folder; with --backend jax also a vlmr1-jax checkpoint (run / step folder)",
+    )
     r.add_argument("--data", required=True, help="VLM-R1 jsonl file")
     r.add_argument("--image-root", required=True, help="folder the jsonl image paths are relative to")
     r.add_argument("--backend", choices=BACKENDS, default="jax")
@@ -128,13 +156,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=int, default=42, help="shuffle seed (VLM-R1: 42)")
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--max-new-tokens", type=int, default=256)
-    r.add_argument("--task-type", default="rec",
-                   help="question template: rec (default), another task type, or a custom '{Question}' string")
+    r.add_argument(
+        "--task-type",
+        default="rec",
+        help="question template: rec (default), another task type, or a custom '{Question}' string",
+    )
     r.add_argument("--min-pixels", type=int, help="default: the release's preprocessor_config.json, else 3136")
     r.add_argument("--max-pixels", type=int, help="default: the release's preprocessor_config.json, else 12845056")
-    r.add_argument("--dtype", type=dtype_arg, choices=("float32", "bfloat16", "float16"),
-                   help="jax on an HF folder: default float32; torch: float32 on cpu, else the release's "
-                        "(fp32 / bf16 / fp16 also accepted)")
+    r.add_argument(
+        "--dtype",
+        type=dtype_arg,
+        choices=("float32", "bfloat16", "float16"),
+        help="jax on an HF folder: default float32; torch: float32 on cpu, else the release's "
+        "(fp32 / bf16 / fp16 also accepted)",
+    )
     r.add_argument("--device", choices=("auto", "cpu", "cuda", "npu"), default="auto", help="torch backend only")
     r.add_argument("--step", type=int, help="checkpoint step (jax backend; default: the latest)")
     r.add_argument("--out", help="per-sample results JSON (default: rec_results_<data>_<backend>.json)")

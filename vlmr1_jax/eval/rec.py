@@ -61,8 +61,9 @@ def truth_box(sample: Sample) -> list[float]:
             raise ValueError
         return [float(v) for v in box]
     except (ValueError, TypeError):
-        raise ValueError(f"{sample.source}:{sample.line}: field 'solution': expected a box [x1, y1, x2, y2], "
-                         f"got {sample.solution!r}") from None
+        raise ValueError(
+            f"{sample.source}:{sample.line}: field 'solution': expected a box [x1, y1, x2, y2], got {sample.solution!r}"
+        ) from None
 
 
 @dataclasses.dataclass
@@ -80,25 +81,36 @@ class GreedyDecoder:
 
     def __post_init__(self):
         graphdef, self._state = nnx.split(self.model)
-        sampler = Sampler(SamplingConfig(max_new_tokens=self.max_new_tokens, greedy=True),
-                          eos_ids=self.tokenizer.eos_ids, pad_id=self.tokenizer.pad_id,
-                          banned_ids=default_banned_ids(self.model.cfg))
+        sampler = Sampler(
+            SamplingConfig(max_new_tokens=self.max_new_tokens, greedy=True),
+            eos_ids=self.tokenizer.eos_ids,
+            pad_id=self.tokenizer.pad_id,
+            banned_ids=default_banned_ids(self.model.cfg),
+        )
         self._run = sampler.jitted(graphdef, 1)
 
     def generate(self, samples: Sequence[Sample]) -> tuple[list[list[int]], list[list[list[int]]]]:
         """Completion token ids (through the first EOS) and, per sample, the image grids (for the rescale)."""
         ids, grids = [], []
         for start in range(0, len(samples), self.batch_size):
-            chunk = list(samples[start:start + self.batch_size])
+            chunk = list(samples[start : start + self.batch_size])
             padded = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
-            batch = encode_prompts([s.problem for s in padded], [s.image_paths for s in padded], self.tokenizer,
-                                   self.model.cfg, task_type=self.task_type, min_pixels=self.min_pixels,
-                                   max_pixels=self.max_pixels, length=self.prompt_length)
-            out = self._run(self._state, {k: jax.numpy.asarray(v) for k, v in batch.arrays().items()},
-                            jax.random.key(0))
+            batch = encode_prompts(
+                [s.problem for s in padded],
+                [s.image_paths for s in padded],
+                self.tokenizer,
+                self.model.cfg,
+                task_type=self.task_type,
+                min_pixels=self.min_pixels,
+                max_pixels=self.max_pixels,
+                length=self.prompt_length,
+            )
+            out = self._run(
+                self._state, {k: jax.numpy.asarray(v) for k, v in batch.arrays().items()}, jax.random.key(0)
+            )
             tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
-            ids += [t[m.astype(bool)].tolist() for t, m in zip(tokens[:len(chunk)], mask[:len(chunk)])]
-            grids += [[list(g) for g in gs] for gs in batch.image_grids[:len(chunk)]]
+            ids += [t[m.astype(bool)].tolist() for t, m in zip(tokens[: len(chunk)], mask[: len(chunk)])]
+            grids += [[list(g) for g in gs] for gs in batch.image_grids[: len(chunk)]]
         return ids, grids
 
     def __call__(self, samples: Sequence[Sample]) -> tuple[list[str], list[list[list[int]]]]:
@@ -107,12 +119,19 @@ class GreedyDecoder:
         return self.tokenizer.batch_decode(ids), grids
 
 
-def score_rec(samples: Sequence[Sample], completions: Sequence[str], grids: Sequence[Sequence[Sequence[int]]],
-              patch_size: int = 14) -> tuple[dict[str, float], list[dict]]:
+def score_rec(
+    samples: Sequence[Sample],
+    completions: Sequence[str],
+    grids: Sequence[Sequence[Sequence[int]]],
+    patch_size: int = 14,
+) -> tuple[dict[str, float], list[dict]]:
     """Acc@0.5 (VLM-R1 protocol) plus mean `rec_iou` / `rec_format` rewards, and per-sample records, for the
     completions of `samples` whose first images were resized to `grids[i][0]`."""
-    columns = {"solution": [s.solution for s in samples], "image_path": [list(s.image_paths) for s in samples],
-               "image_grid_thw": [[list(g) for g in gs] for gs in grids]}
+    columns = {
+        "solution": [s.solution for s in samples],
+        "image_path": [list(s.image_paths) for s in samples],
+        "image_grid_thw": [[list(g) for g in gs] for gs in grids],
+    }
     iou_rewards = get_reward("rec_iou")(list(completions), **columns)
     format_rewards = get_reward("rec_format")(list(completions), **columns)
     records, correct = [], 0
@@ -120,12 +139,26 @@ def score_rec(samples: Sequence[Sample], completions: Sequence[str], grids: Sequ
         box = rescale_box(extract_box(completion), g[0], sample.image_paths[0], patch_size)
         hit = iou(box, truth_box(sample)) > 0.5
         correct += hit
-        records.append({"id": sample.id, "image": sample.image_paths[0], "problem": sample.problem,
-                        "solution": sample.solution, "completion": completion, "pred_box": box,
-                        "correct": bool(hit), "rec_iou": float(r_iou), "rec_format": float(r_fmt)})
+        records.append(
+            {
+                "id": sample.id,
+                "image": sample.image_paths[0],
+                "problem": sample.problem,
+                "solution": sample.solution,
+                "completion": completion,
+                "pred_box": box,
+                "correct": bool(hit),
+                "rec_iou": float(r_iou),
+                "rec_format": float(r_fmt),
+            }
+        )
     n = max(len(samples), 1)
-    summary = {"accuracy": 100.0 * correct / n, "iou": float(np.mean(iou_rewards)) if samples else 0.0,
-               "format": float(np.mean(format_rewards)) if samples else 0.0, "n": len(samples)}
+    summary = {
+        "accuracy": 100.0 * correct / n,
+        "iou": float(np.mean(iou_rewards)) if samples else 0.0,
+        "format": float(np.mean(format_rewards)) if samples else 0.0,
+        "n": len(samples),
+    }
     return summary, records
 
 

@@ -55,8 +55,17 @@ class Dense(nnx.Module):
     `lora_dropout_key` is set, so sampling, reference and evaluation forwards are never dropped.
     """
 
-    def __init__(self, in_features: int, out_features: int, axes: Axes, *, use_bias: bool, rngs: nnx.Rngs,
-                 dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        axes: Axes,
+        *,
+        use_bias: bool,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+    ):
         self.kernel = param(rngs, (in_features, out_features), axes, "normal", param_dtype)
         self.bias = param(rngs, (out_features,), axes[1:], "zeros", param_dtype) if use_bias else None
         self.dtype = dtype
@@ -100,8 +109,19 @@ class RMSNorm(nnx.Module):
 class GatedMLP(nnx.Module):
     """down(act(gate(x)) * up(x)): the SwiGLU block of both towers (biases only in the vision tower)."""
 
-    def __init__(self, dim: int, hidden: int, act: str, embed_axis: str, mlp_axis: str, *, use_bias: bool,
-                 rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32):
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        act: str,
+        embed_axis: str,
+        mlp_axis: str,
+        *,
+        use_bias: bool,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+    ):
         kw: dict[str, Any] = dict(use_bias=use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.gate = Dense(dim, hidden, (embed_axis, mlp_axis), **kw)
         self.up = Dense(dim, hidden, (embed_axis, mlp_axis), **kw)
@@ -185,8 +205,15 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) 
     return module
 
 
-def run_layers(layers: nnx.Module, body: Callable[..., tuple[Any, Any]], carry: Any,
-               xs: Any = None, *, scan: bool = True, remat_policy: Any = "none") -> tuple[Any, Any]:
+def run_layers(
+    layers: nnx.Module,
+    body: Callable[..., tuple[Any, Any]],
+    carry: Any,
+    xs: Any = None,
+    *,
+    scan: bool = True,
+    remat_policy: Any = "none",
+) -> tuple[Any, Any]:
     """Apply a `stacked` module layer by layer: `carry, y_i = body(layer_i, carry, xs[i])`; returns the final
     carry and the stacked y_i.
 

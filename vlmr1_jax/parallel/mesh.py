@@ -67,8 +67,7 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | No
             raise ValueError(f"{len(devices)} devices do not divide by the fixed mesh axes {sizes}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                         f"have {len(devices)}")
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
     grid = np.asarray(devices, dtype=object).reshape(sizes)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
@@ -79,8 +78,7 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
     used: set[str] = set()
     spec: list[Any] = []
     for name, dim in zip(axes, shape):
-        mesh_axes = tuple(a for a in LOGICAL_RULES.get(name, ()) if a not in used and mesh.shape[a] > 1) \
-            if name else ()
+        mesh_axes = tuple(a for a in LOGICAL_RULES.get(name, ()) if a not in used and mesh.shape[a] > 1) if name else ()
         ways = math.prod(mesh.shape[a] for a in mesh_axes)
         if mesh_axes and dim % ways == 0:
             used.update(mesh_axes)
@@ -94,8 +92,14 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
 
 @functools.cache
 def _warn_replicated(name: str, dim: int, mesh_axes: tuple[str, ...], ways: int) -> None:
-    log.warning("logical axis %r of size %d does not divide over mesh axes %s (%d ways): replicated there; "
-                "choose mesh sizes that divide it to shard it", name, dim, "x".join(mesh_axes), ways)
+    log.warning(
+        "logical axis %r of size %d does not divide over mesh axes %s (%d ways): replicated there; "
+        "choose mesh sizes that divide it to shard it",
+        name,
+        dim,
+        "x".join(mesh_axes),
+        ways,
+    )
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
@@ -124,16 +128,20 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
     return NamedSharding(mesh, P(*spec))
 
 
-def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+def initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
     """`jax.distributed.initialize`. Arguments default to the COORDINATOR (host:port), NUM_PROCESSES and
     PROCESS_ID environment variables; with none set, JAX auto-detects TPU pods, Slurm, Open MPI and Kubernetes."""
     env = os.environ
     coordinator = coordinator or env.get("COORDINATOR")
     num_processes = num_processes if num_processes is not None else _env_int("NUM_PROCESSES")
     process_id = process_id if process_id is not None else _env_int("PROCESS_ID")
-    kwargs: dict[str, Any] = {k: v for k, v in dict(coordinator_address=coordinator, num_processes=num_processes,
-                                    process_id=process_id).items() if v is not None}
+    kwargs: dict[str, Any] = {
+        k: v
+        for k, v in dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id).items()
+        if v is not None
+    }
     jax.distributed.initialize(**kwargs)
 
 

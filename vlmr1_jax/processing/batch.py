@@ -74,24 +74,48 @@ def build_prompt_batch(
     input_ids = np.full((len(rows), length), pad_id, np.int32)
     mask = np.zeros((len(rows), length), np.int32)
     for p, row in enumerate(rows):
-        input_ids[p, length - len(row):] = row
-        mask[p, length - len(row):] = 1
+        input_ids[p, length - len(row) :] = row
+        mask[p, length - len(row) :] = 1
     all_images = [img for imgs in images for img in imgs]
     grids = [tuple(int(x) for x in g) for _, g in all_images]
     positions, deltas = get_rope_index(
-        input_ids, mask, grids, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-        vision_start_token_id=cfg.vision_start_token_id, spatial_merge_size=cfg.vision.spatial_merge_size)
-    pixels = (np.concatenate([px for px, _ in all_images]) if all_images
-              else np.zeros((0, cfg.vision.patch_dim), np.float32))
-    plan = plan_vision(pixels, grids, spatial_merge_size=cfg.vision.spatial_merge_size,
-                       window_merged=cfg.vision.window_merged, num_windows=num_windows)
-    gather = vision_gather_indices(input_ids, plan, image_token_id=cfg.image_token_id,
-                                   video_token_id=cfg.video_token_id, num_image_items=len(grids))
+        input_ids,
+        mask,
+        grids,
+        image_token_id=cfg.image_token_id,
+        video_token_id=cfg.video_token_id,
+        vision_start_token_id=cfg.vision_start_token_id,
+        spatial_merge_size=cfg.vision.spatial_merge_size,
+    )
+    pixels = (
+        np.concatenate([px for px, _ in all_images]) if all_images else np.zeros((0, cfg.vision.patch_dim), np.float32)
+    )
+    plan = plan_vision(
+        pixels,
+        grids,
+        spatial_merge_size=cfg.vision.spatial_merge_size,
+        window_merged=cfg.vision.window_merged,
+        num_windows=num_windows,
+    )
+    gather = vision_gather_indices(
+        input_ids,
+        plan,
+        image_token_id=cfg.image_token_id,
+        video_token_id=cfg.video_token_id,
+        num_image_items=len(grids),
+    )
     return PromptBatch(
-        input_ids=input_ids, attention_mask=mask, positions=positions.astype(np.int32),
-        next_position=(mask.sum(1) + deltas).astype(np.int32), pixel_values=plan.pixel_values,
-        hw_positions=plan.hw_positions, frame_ids=plan.frame_ids, frame_index=plan.frame_index, vision_gather=gather,
-        image_grids=tuple(tuple(tuple(int(x) for x in g) for _, g in imgs) for imgs in images))  # type: ignore[misc]
+        input_ids=input_ids,
+        attention_mask=mask,
+        positions=positions.astype(np.int32),
+        next_position=(mask.sum(1) + deltas).astype(np.int32),
+        pixel_values=plan.pixel_values,
+        hw_positions=plan.hw_positions,
+        frame_ids=plan.frame_ids,
+        frame_index=plan.frame_index,
+        vision_gather=gather,
+        image_grids=tuple(tuple(tuple(int(x) for x in g) for _, g in imgs) for imgs in images),  # type: ignore[misc]
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +137,9 @@ def encode_prompt_text(problem: str, num_images: int, tokenizer, task_type: str 
     return tokenizer.encode(render_prompt(tokenizer, problem, num_images, task_type))
 
 
-def load_prompt_images(image_paths: Sequence[str], *, min_pixels: int,
-                       max_pixels: int) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
+def load_prompt_images(
+    image_paths: Sequence[str], *, min_pixels: int, max_pixels: int
+) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
     """Read and preprocess one prompt's images (errors name the file)."""
     from vlmr1_jax.processing.image import load_image, preprocess_image
 
@@ -133,7 +158,8 @@ def encode_prompts(
     length: int | None = None,
 ) -> PromptBatch:
     """VLM-R1 prompts with their images, loaded here, as one batch."""
-    ids = [encode_prompt_text(problem, len(paths), tokenizer, task_type)
-           for problem, paths in zip(problems, image_paths)]
+    ids = [
+        encode_prompt_text(problem, len(paths), tokenizer, task_type) for problem, paths in zip(problems, image_paths)
+    ]
     images = [load_prompt_images(paths, min_pixels=min_pixels, max_pixels=max_pixels) for paths in image_paths]
     return build_prompt_batch(ids, images, cfg, pad_id=tokenizer.pad_id, length=length)

@@ -35,12 +35,15 @@ MAX_IMAGE_PIXELS = 50_000_000
 PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE  # 1176
 
 
-def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels: int = MIN_PIXELS,
-                 max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> tuple[int, int]:
     """The (height, width) the processor resizes to: multiples of `factor`, pixel count within [min, max]."""
     if max(height, width) / min(height, width) > MAX_RATIO:
-        raise ValueError(f"absolute aspect ratio must be smaller than {MAX_RATIO}, got "
-                         f"{max(height, width) / min(height, width)} for {height}x{width}")
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than {MAX_RATIO}, got "
+            f"{max(height, width) / min(height, width)} for {height}x{width}"
+        )
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -81,8 +84,9 @@ def upscale_small_image(image: Image.Image, min_side: int = MIN_SIDE) -> Image.I
     return image if size == image.size else image.resize(size, Image.Resampling.LANCZOS)
 
 
-def processed_size(height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
-                   ) -> tuple[int, int]:
+def processed_size(
+    height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> tuple[int, int]:
     """(height, width) an original image of this size reaches the model at: `load_image`'s small-image upscale,
     then smart_resize. ValueError where that path would fail (no pixels, aspect ratio over 200)."""
     up_width, up_height = upscaled_size(width, height)
@@ -130,28 +134,43 @@ def patchify(frames: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
     t -> h/2 -> w/2 -> 2 -> 2, each row laid out [C, Tp, 14, 14]; also returns grid_thw."""
     num_frames, channels, height, width = frames.shape
     if num_frames % TEMPORAL_PATCH_SIZE or height % IMAGE_FACTOR or width % IMAGE_FACTOR:
-        raise ValueError(f"patchify needs T % {TEMPORAL_PATCH_SIZE} == 0 and H, W % {IMAGE_FACTOR} == 0, "
-                         f"got T={num_frames}, H={height}, W={width}")
+        raise ValueError(
+            f"patchify needs T % {TEMPORAL_PATCH_SIZE} == 0 and H, W % {IMAGE_FACTOR} == 0, "
+            f"got T={num_frames}, H={height}, W={width}"
+        )
     grid_t = num_frames // TEMPORAL_PATCH_SIZE
     grid_h, grid_w = height // PATCH_SIZE, width // PATCH_SIZE
-    blocks = frames.reshape(grid_t, TEMPORAL_PATCH_SIZE, channels, grid_h // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE,
-                            grid_w // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE)
+    blocks = frames.reshape(
+        grid_t,
+        TEMPORAL_PATCH_SIZE,
+        channels,
+        grid_h // MERGE_SIZE,
+        MERGE_SIZE,
+        PATCH_SIZE,
+        grid_w // MERGE_SIZE,
+        MERGE_SIZE,
+        PATCH_SIZE,
+    )
     # (t, tp, c, bh, mh, ph, bw, mw, pw) -> (t, bh, bw, mh, mw, c, tp, ph, pw)
     rows = blocks.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
     rows = rows.reshape(grid_t * grid_h * grid_w, channels * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE)
     return np.ascontiguousarray(rows, dtype=np.float32), (grid_t, grid_h, grid_w)
 
 
-def preprocess_image(image: Image.Image | np.ndarray, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
-                     ) -> tuple[np.ndarray, tuple[int, int, int]]:
+def preprocess_image(
+    image: Image.Image | np.ndarray, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> tuple[np.ndarray, tuple[int, int, int]]:
     """One image -> (pixel_values float32 [h*w, 1176], grid_thw (1, h, w)); the frame is repeated Tp=2 times."""
     frame = _resize_normalise(image, min_pixels, max_pixels)
     return patchify(np.repeat(frame[None], TEMPORAL_PATCH_SIZE, axis=0))
 
 
-def preprocess_video(frames: Sequence[Image.Image] | np.ndarray, fps: float = 2.0,
-                     min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: int = VIDEO_MAX_PIXELS
-                     ) -> tuple[np.ndarray, tuple[int, int, int], float]:
+def preprocess_video(
+    frames: Sequence[Image.Image] | np.ndarray,
+    fps: float = 2.0,
+    min_pixels: int = VIDEO_MIN_PIXELS,
+    max_pixels: int = VIDEO_MAX_PIXELS,
+) -> tuple[np.ndarray, tuple[int, int, int], float]:
     """Sampled frames (PIL images or uint8 [F, H, W, 3]) -> (pixel_values, grid_thw, second_per_grid_ts).
 
     Frames are padded to an even count by repeating the last one; second_per_grid_ts = 2 / fps."""

@@ -6,18 +6,26 @@ from typing import Any, Protocol
 
 # Qwen2VLModule.get_question_template, verbatim (docs/facts.md: Prompts); other task types use "default".
 QUESTION_TEMPLATES: dict[str, str] = {
-    "rec": ("{Question} First output the thinking process in <think> </think> tags and then output the final "
-            "answer in <answer> </answer> tags. Output the final answer in JSON format."),
-    "ic": ("{Question} First thinks about the reasoning process in the mind and then provides the user with the "
-           "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
-           "tags, respectively, i.e., <think> reasoning process here </think><answer> json format answer here "
-           "</answer>"),
-    "odLength": ("First thinks about the reasoning process in the mind and then provides the user with the answer. "
-                 "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
-                 "tags, respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"
-                 "\n{Question}"),
-    "default": ("{Question} First output the thinking process in <think> </think> tags and then output the final "
-                "answer in <answer> </answer> tags."),
+    "rec": (
+        "{Question} First output the thinking process in <think> </think> tags and then output the final "
+        "answer in <answer> </answer> tags. Output the final answer in JSON format."
+    ),
+    "ic": (
+        "{Question} First thinks about the reasoning process in the mind and then provides the user with the "
+        "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
+        "tags, respectively, i.e., <think> reasoning process here </think><answer> json format answer here "
+        "</answer>"
+    ),
+    "odLength": (
+        "First thinks about the reasoning process in the mind and then provides the user with the answer. "
+        "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
+        "tags, respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"
+        "\n{Question}"
+    ),
+    "default": (
+        "{Question} First output the thinking process in <think> </think> tags and then output the final "
+        "answer in <answer> </answer> tags."
+    ),
 }
 
 

@@ -25,19 +25,33 @@ from tokenizers import AddedToken, pre_tokenizers, trainers
 QWEN2_5_DIR = Path(__file__).resolve().parent / "tokenizer_files" / "qwen2_5"
 
 # Qwen2's pre-tokenizer regex (single digits, letter runs, punctuation runs, whitespace), hub tokenizer.json layout.
-PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
 _PIPELINE = {
     "normalizer": {"type": "NFC"},
-    "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": PRETOKENIZE_REGEX}, "behavior": "Isolated", "invert": False},
-        _BYTE_LEVEL]},
+    "pre_tokenizer": {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": PRETOKENIZE_REGEX}, "behavior": "Isolated", "invert": False},
+            _BYTE_LEVEL,
+        ],
+    },
     "post_processor": _BYTE_LEVEL,
     "decoder": _BYTE_LEVEL,
 }
-_BPE_OPTIONS = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False}
+_BPE_OPTIONS = {
+    "type": "BPE",
+    "dropout": None,
+    "unk_token": None,
+    "continuing_subword_prefix": "",
+    "end_of_word_suffix": "",
+    "fuse_unk": False,
+    "byte_fallback": False,
+    "ignore_merges": False,
+}
 _ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -62,8 +76,10 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], str]:
     else:
         template = config.get("chat_template")
     if not isinstance(template, str):
-        raise ValueError(f"{folder}: no chat template (chat_template.jinja, chat_template.json or "
-                         f"tokenizer_config.json 'chat_template')")
+        raise ValueError(
+            f"{folder}: no chat template (chat_template.jinja, chat_template.json or "
+            f"tokenizer_config.json 'chat_template')"
+        )
     return config, template
 
 
@@ -84,30 +100,40 @@ def _read_merges(path: Path) -> list[list[str]]:
 
 def _added_tokens_json(added_tokens_decoder: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """tokenizer_config `added_tokens_decoder` -> tokenizer.json `added_tokens`, ordered by id."""
-    return [{"id": int(i), "content": t["content"], **{k: bool(t.get(k, False)) for k in _ADDED_TOKEN_FLAGS}}
-            for i, t in sorted(added_tokens_decoder.items(), key=lambda item: int(item[0]))]
+    return [
+        {"id": int(i), "content": t["content"], **{k: bool(t.get(k, False)) for k in _ADDED_TOKEN_FLAGS}}
+        for i, t in sorted(added_tokens_decoder.items(), key=lambda item: int(item[0]))
+    ]
 
 
-def _bpe_backend(vocab: dict[str, int], merges: list[list[str]], added: list[dict[str, Any]]
-                 ) -> tokenizers.Tokenizer:
+def _bpe_backend(vocab: dict[str, int], merges: list[list[str]], added: list[dict[str, Any]]) -> tokenizers.Tokenizer:
     """A Qwen2 byte-level BPE `tokenizers.Tokenizer`, assembled as a hub-format tokenizer.json."""
-    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, **_PIPELINE,
-            "model": {**_BPE_OPTIONS, "vocab": vocab, "merges": merges}}
+    spec = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        **_PIPELINE,
+        "model": {**_BPE_OPTIONS, "vocab": vocab, "merges": merges},
+    }
     return tokenizers.Tokenizer.from_str(json.dumps(spec, ensure_ascii=False))
 
 
 @functools.lru_cache(maxsize=8)
 def _compile_template(template: str) -> jinja2.Template:
     """Compile a chat template in the environment transformers uses (sandboxed, trim/lstrip blocks)."""
+
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+    ) -> str:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=[jinja2.ext.loopcontrols])
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     return env.from_string(template)
@@ -148,24 +174,26 @@ class Tokenizer:
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         spec = json.loads(self.backend.to_str())
-        (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, indent=2) + "\n",
-                                               encoding="utf-8")
+        (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         model = spec["model"]
         if model["type"] == "BPE":
             vocab = dict(sorted(model["vocab"].items(), key=lambda item: item[1]))
-            (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, separators=(",", ":")),
-                                               encoding="utf-8")
+            (folder / "vocab.json").write_text(
+                json.dumps(vocab, ensure_ascii=False, separators=(",", ":")), encoding="utf-8"
+            )
             merges = (" ".join(m) if isinstance(m, list) else m for m in model["merges"])
-            (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges),
-                                               encoding="utf-8")
-        added = {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word",
-                                                      "special")} for t in spec["added_tokens"]}
+            (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
+        added = {
+            str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+            for t in spec["added_tokens"]
+        }
         config = {**self.config, "added_tokens_decoder": added, "chat_template": self.chat_template}
         (folder / "tokenizer_config.json").write_text(
-            json.dumps(dict(sorted(config.items())), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            json.dumps(dict(sorted(config.items())), ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+        )
         (folder / "chat_template.json").write_text(
-            json.dumps({"chat_template": self.chat_template}, ensure_ascii=False, indent=2) + "\n",
-            encoding="utf-8")
+            json.dumps({"chat_template": self.chat_template}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+        )
 
     # ---- ids ------------------------------------------------------------------------------------------------
     def token_to_id(self, token: str) -> int:
@@ -216,13 +244,19 @@ class Tokenizer:
     def batch_decode(self, batch: Iterable[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
         return self.backend.decode_batch([list(ids) for ids in batch], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                            add_vision_id: bool = False) -> str:
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, add_vision_id: bool = False
+    ) -> str:
         """Render `messages` with the chat template, passing the same variables transformers passes."""
         special = {k: self.config[k] for k in _NAMED_SPECIAL if self.config.get(k) is not None}
         return _compile_template(self.chat_template).render(
-            messages=list(messages), tools=None, documents=None, add_generation_prompt=add_generation_prompt,
-            add_vision_id=add_vision_id, **special)
+            messages=list(messages),
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            add_vision_id=add_vision_id,
+            **special,
+        )
 
 
 @functools.cache
@@ -241,14 +275,22 @@ def build_compact_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> Tok
     added = _added_tokens_json(config["added_tokens_decoder"])
     byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(byte_alphabet) + len(added):
-        raise ValueError(f"vocab_size must be at least {len(byte_alphabet) + len(added)} "
-                         f"(256 bytes + {len(added)} added tokens), got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be at least {len(byte_alphabet) + len(added)} "
+            f"(256 bytes + {len(added)} added tokens), got {vocab_size}"
+        )
     backend = _bpe_backend({}, [], [])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(added), min_frequency=2, show_progress=False,
-                                  initial_alphabet=byte_alphabet, special_tokens=[])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(added),
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=byte_alphabet,
+        special_tokens=[],
+    )
     backend.train_from_iterator(corpus, trainer=trainer)
     for token in added:
         flags = {k: token[k] for k in _ADDED_TOKEN_FLAGS}
-        (backend.add_special_tokens if token["special"] else backend.add_tokens)([AddedToken(token["content"],
-                                                                                             **flags)])
+        (backend.add_special_tokens if token["special"] else backend.add_tokens)(
+            [AddedToken(token["content"], **flags)]
+        )
     return Tokenizer(backend, config, chat_template)

@@ -32,8 +32,12 @@ class VisionPlan:
 
     def device_inputs(self) -> dict[str, np.ndarray]:
         """The arrays the jitted tower takes (static shapes)."""
-        return {"pixel_values": self.pixel_values, "hw_positions": self.hw_positions, "frame_ids": self.frame_ids,
-                "frame_index": self.frame_index}
+        return {
+            "pixel_values": self.pixel_values,
+            "hw_positions": self.hw_positions,
+            "frame_ids": self.frame_ids,
+            "frame_index": self.frame_index,
+        }
 
 
 def window_bucket(num_windows: int, minimum: int = 4) -> int:
@@ -76,12 +80,19 @@ def plan_vision(
         for ti in range(t):
             for r0 in range(0, gh, window_merged):
                 for c0 in range(0, gw, window_merged):
-                    ur, uc = (a.ravel() for a in np.meshgrid(np.arange(r0, min(r0 + window_merged, gh)),
-                                                             np.arange(c0, min(c0 + window_merged, gw)), indexing="ij"))
+                    ur, uc = (
+                        a.ravel()
+                        for a in np.meshgrid(
+                            np.arange(r0, min(r0 + window_merged, gh)),
+                            np.arange(c0, min(c0 + window_merged, gw)),
+                            indexing="ij",
+                        )
+                    )
                     unit_rows = base + (ti * gh * gw + ur * gw + uc) * unit
                     windows.append((unit_rows[:, None] + np.arange(unit)).ravel())
-                    positions.append(np.stack([(ur[:, None] * m + sub_r).ravel(),
-                                               (uc[:, None] * m + sub_c).ravel()], axis=1))
+                    positions.append(
+                        np.stack([(ur[:, None] * m + sub_r).ravel(), (uc[:, None] * m + sub_c).ravel()], axis=1)
+                    )
                     frames.append(frame_id)
             frame_id += 1
         base += t * h * w
@@ -94,9 +105,9 @@ def plan_vision(
     hw = np.zeros((total, 2), np.int32)
     frame_ids = np.full((total,), -1, np.int32)
     for i, (rows, pos, fid) in enumerate(zip(windows, positions, frames)):
-        source[i * slots:i * slots + len(rows)] = rows
-        hw[i * slots:i * slots + len(rows)] = pos
-        frame_ids[i * slots:i * slots + len(rows)] = fid
+        source[i * slots : i * slots + len(rows)] = rows
+        hw[i * slots : i * slots + len(rows)] = pos
+        frame_ids[i * slots : i * slots + len(rows)] = fid
     valid = source >= 0
     if pixel_values is not None:
         pixel_values = np.asarray(pixel_values, np.float32)
@@ -110,8 +121,15 @@ def plan_vision(
     unit_source = source[::unit]
     merged_index = np.empty((base // unit,), np.int32)
     merged_index[unit_source[unit_source >= 0] // unit] = np.flatnonzero(unit_source >= 0)
-    return VisionPlan(laid_out, hw, frame_ids, frame_slot_index(frames, padded, slots, bucket), merged_index,
-                      tuple(tokens_per_item), slots)
+    return VisionPlan(
+        laid_out,
+        hw,
+        frame_ids,
+        frame_slot_index(frames, padded, slots, bucket),
+        merged_index,
+        tuple(tokens_per_item),
+        slots,
+    )
 
 
 def frame_slot_index(window_frames: Sequence[int], num_windows: int, slots: int, bucket: bool) -> np.ndarray:
@@ -126,12 +144,13 @@ def frame_slot_index(window_frames: Sequence[int], num_windows: int, slots: int,
         rows, width = window_bucket(rows, 1), window_bucket(width, 1)
     index = np.full((rows, width * slots), num_windows * slots, np.int32)
     for f, (start, count) in enumerate(zip(starts, counts)):
-        index[f, :count * slots] = np.arange(start * slots, (start + count) * slots)
+        index[f, : count * slots] = np.arange(start * slots, (start + count) * slots)
     return index
 
 
-def vision_gather_indices(input_ids: np.ndarray, plan: VisionPlan, *, image_token_id: int, video_token_id: int,
-                          num_image_items: int) -> np.ndarray:
+def vision_gather_indices(
+    input_ids: np.ndarray, plan: VisionPlan, *, image_token_id: int, video_token_id: int, num_image_items: int
+) -> np.ndarray:
     """[B, L] row of the tower output for every placeholder token (-1 elsewhere).
 
     The plan holds the batch's images first (processor order) and then its videos; placeholders are filled
@@ -140,12 +159,14 @@ def vision_gather_indices(input_ids: np.ndarray, plan: VisionPlan, *, image_toke
     input_ids = np.asarray(input_ids)
     gather = np.full(input_ids.shape, -1, np.int32)
     image_tokens = sum(plan.tokens_per_item[:num_image_items])
-    for token_id, offset, count in ((image_token_id, 0, image_tokens),
-                                    (video_token_id, image_tokens, len(plan.merged_index) - image_tokens)):
+    for token_id, offset, count in (
+        (image_token_id, 0, image_tokens),
+        (video_token_id, image_tokens, len(plan.merged_index) - image_tokens),
+    ):
         where = input_ids == token_id
         found = int(where.sum())
         if found != count:
             kind = "image" if token_id == image_token_id else "video"
             raise ValueError(f"{found} {kind} placeholder tokens in input_ids but the {kind} grids give {count}")
-        gather[where] = plan.merged_index[offset:offset + count]
+        gather[where] = plan.merged_index[offset : offset + count]
     return gather

@@ -63,9 +63,15 @@ def _methods(judge: Judge | None, vlmr1_compat: bool) -> dict[str, Callable[[str
 
 
 @register_reward("accuracy")
-def accuracy_reward(completions: list[str], *, solution: list[str] | None = None,
-                    accu_reward_method: list[str] | None = None,
-                    llm_judge: Judge | None = None, vlmr1_compat: bool = False, **columns: Any) -> list[float]:
+def accuracy_reward(
+    completions: list[str],
+    *,
+    solution: list[str] | None = None,
+    accu_reward_method: list[str] | None = None,
+    llm_judge: Judge | None = None,
+    vlmr1_compat: bool = False,
+    **columns: Any,
+) -> list[float]:
     """Per-sample accuracy in [0, 1] by `accu_reward_method` (absent: `default`; unknown names: `default`, as VLM-R1).
 
     `llm_judge(student_answer, ground_truth) -> float` overrides the judge configured by `VLMR1_LLM_JUDGE_URL`;
@@ -77,5 +83,8 @@ def accuracy_reward(completions: list[str], *, solution: list[str] | None = None
     table = _methods(llm_judge if llm_judge is not None else judge_from_env(), vlmr1_compat)
     for name in set(methods) - set(table):
         _log.warning("unknown accu_reward_method %r: using 'default'", name)
-    return score_samples(lambda i: table.get(methods[i], table["default"])(completions[i], solutions[i]), n,
-                         aligned(columns.get("id"), "id", n))
+    return score_samples(
+        lambda i: table.get(methods[i], table["default"])(completions[i], solutions[i]),
+        n,
+        aligned(columns.get("id"), "id", n),
+    )

@@ -10,10 +10,27 @@ from vlmr1_jax.rewards.common import first_answer
 _CHOICE = re.compile(r"(?<![A-Z])([A-Z])(?=[\.\,\?\!\:\;]|$)")
 _WHITESPACE = re.compile(r"\s+")
 _YES_NO = re.compile(r"(yes|no)")
-_KEYWORDS = tuple(k.upper() for k in (
-    "答案", "选择", "正确", "是", "对", "answer", "correct", "choose", "select", "right",
-    "认为", "应该", "觉得", "think", "believe", "should",
-))
+_KEYWORDS = tuple(
+    k.upper()
+    for k in (
+        "答案",
+        "选择",
+        "正确",
+        "是",
+        "对",
+        "answer",
+        "correct",
+        "choose",
+        "select",
+        "right",
+        "认为",
+        "应该",
+        "觉得",
+        "think",
+        "believe",
+        "should",
+    )
+)
 _CLOSING_PUNCT = "。.!！,，"
 
 
@@ -32,7 +49,7 @@ def extract_choice(text: str) -> str | None:
     scores = {}
     for choice, count in Counter(choices).items():  # in order of first appearance, as VLM-R1's dict
         pos = text.find(choice)
-        context = text[max(0, pos - 20):pos + 20]
+        context = text[max(0, pos - 20) : pos + 20]
         score = sum(keyword in context for keyword in _KEYWORDS)
         if pos > len(text) * 0.7:
             score += 2

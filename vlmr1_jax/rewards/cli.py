@@ -42,14 +42,26 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `reward` sub-command."""
     parser = subparsers.add_parser(
-        "reward", help="score one completion with a reward function",
+        "reward",
+        help="score one completion with a reward function",
         description="Score one completion. The solution is passed as the reward sees it, i.e. as the data loader "
-                    "writes it: '<answer> ... </answer>'.")
+        "writes it: '<answer> ... </answer>'.",
+    )
     parser.add_argument("name", help=f"{', '.join(sorted(REWARDS))}, or a user function 'package.module:function'")
     parser.add_argument("--completion", required=True, help="the decoded model output")
     parser.add_argument("--solution", help="the ground truth, e.g. '<answer> [10, 20, 50, 60] </answer>'")
-    parser.add_argument("--column", action="append", default=[], metavar="KEY=JSON",
-                        help="another per-sample column, e.g. accu_reward_method=mcq or image_grid_thw=[[1,36,50]]")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
-                        help="a reward option, e.g. vlmr1_compat=true or rescale=false")
+    parser.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="another per-sample column, e.g. accu_reward_method=mcq or image_grid_thw=[[1,36,50]]",
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="a reward option, e.g. vlmr1_compat=true or rescale=false",
+    )
     parser.set_defaults(func=run)

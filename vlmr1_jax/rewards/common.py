@@ -52,7 +52,7 @@ def last_between(text: str, open_tag: str, close_tag: str) -> str | None:
         if end < 0:
             break
         found, start = (begin, end), end + len(close_tag)
-    return text[found[0]:found[1]] if found else None
+    return text[found[0] : found[1]] if found else None
 
 
 def first_answer(text: str, *, one_line: bool = False) -> str | None:
@@ -111,8 +111,7 @@ def iou(box1: Sequence[float], box2: Sequence[float]) -> float:
     return min(1.0, max(0.0, value)) if math.isfinite(value) else 0.0
 
 
-def aligned(values: Sequence[Any] | None, name: str, n: int, *, default: Any = None,
-            required: bool = False) -> list:
+def aligned(values: Sequence[Any] | None, name: str, n: int, *, default: Any = None, required: bool = False) -> list:
     """Column `name` as a list of `n` per-sample values; `default` per sample when absent (error if `required`)."""
     if values is None:
         if required:

@@ -86,8 +86,16 @@ def coco_map(predictions: list, truths: list[dict], *, ap50: bool = False) -> fl
     for k, truth in enumerate(truths):
         category.setdefault(truth["label"], len(category))
         box = as_box(truth["bbox_2d"])
-        annotations.append({"id": k + 1, "image_id": 0, "category_id": category[truth["label"]],
-                            "bbox": _xywh(box), "area": (box[2] - box[0]) * (box[3] - box[1]), "iscrowd": 0})  # type: ignore[arg-type, index]
+        annotations.append(
+            {
+                "id": k + 1,
+                "image_id": 0,
+                "category_id": category[truth["label"]],
+                "bbox": _xywh(box),  # type: ignore[arg-type]
+                "area": (box[2] - box[0]) * (box[3] - box[1]),  # type: ignore[index]
+                "iscrowd": 0,
+            }
+        )
     detections = []
     for pred in predictions:
         if not isinstance(pred, dict):
@@ -159,8 +167,16 @@ def _entry_iou(pred: Any, truth: dict) -> float:
     return iou(box, as_box(truth["bbox_2d"])) if box is not None else 0.0  # type: ignore[arg-type]
 
 
-def detection_score(content: str, solution: str, *, iou_threshold: float = 0.5, alpha: float = 0.7,
-                    beta: float = 0.0, gamma: float = 0.3, vlmr1_compat: bool = False) -> float:
+def detection_score(
+    content: str,
+    solution: str,
+    *,
+    iou_threshold: float = 0.5,
+    alpha: float = 0.7,
+    beta: float = 0.0,
+    gamma: float = 0.3,
+    vlmr1_compat: bool = False,
+) -> float:
     """VLM-R1 `detection_score`: greedy max-IoU matching of the first json blocks, then a weighted sum in [0, 1].
 
     position = sum of matched IoUs / |gt| (a match with the wrong label counts IoU 0); label = correct matches / |gt|;

@@ -37,9 +37,16 @@ def byte_length(content: str) -> int:
 
 
 @register_reward("length")
-def cosine_rewards(completions: list[str], *, solution: list[str] | None = None, tokenizer: Any = None,
-                   length_fn: Callable[[str], int] | None = None, max_len: int = COSINE_MAX_LEN,
-                   vlmr1_compat: bool = False, **columns: Any) -> list[float]:
+def cosine_rewards(
+    completions: list[str],
+    *,
+    solution: list[str] | None = None,
+    tokenizer: Any = None,
+    length_fn: Callable[[str], int] | None = None,
+    max_len: int = COSINE_MAX_LEN,
+    vlmr1_compat: bool = False,
+    **columns: Any,
+) -> list[float]:
     """Cosine length reward in [-0.5, 1.0]; correct means `weighted_sum` accuracy >= 0.7 (VLM-R1 computes that).
 
     Length = `length_fn(text)`, else `len(tokenizer.encode(text))` (VLM-R1 re-encodes the decoded completion),
@@ -73,7 +80,7 @@ def find_box_array(content: str) -> str | None:
     key = content.find('"bbox_2d"', start.end()) if start else -1
     label = content.find('"label"', key + len('"bbox_2d"')) if key >= 0 else -1
     end = _ARRAY_END.search(content, label + len('"label"')) if label >= 0 else None
-    return content[start.start():end.end()] if start and end else None
+    return content[start.start() : end.end()] if start and end else None
 
 
 def _json_candidate(content: str) -> str | None:

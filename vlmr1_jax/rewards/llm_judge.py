@@ -27,8 +27,7 @@ _INSTRUCTION = (
 _log = logging.getLogger(__name__)
 
 
-def http_judge(base_url: str, model: str = DEFAULT_MODEL, api_key: str | None = None,
-               timeout_s: float = 60.0) -> Judge:
+def http_judge(base_url: str, model: str = DEFAULT_MODEL, api_key: str | None = None, timeout_s: float = 60.0) -> Judge:
     """A judge that POSTs to `{base_url}/chat/completions` (temperature 0) and reads the reply as a float."""
     url = base_url.rstrip("/") + "/chat/completions"
     headers = {"Content-Type": "application/json"}
@@ -41,8 +40,11 @@ def http_judge(base_url: str, model: str = DEFAULT_MODEL, api_key: str | None = 
             "temperature": 0,
             "messages": [
                 {"role": "user", "content": _INSTRUCTION},
-                {"role": "user", "content": f"Student's response: {student_answer}\nCorrect solution: "
-                                            f"{ground_truth}\nOutput only 1.0 or 0.0:"},
+                {
+                    "role": "user",
+                    "content": f"Student's response: {student_answer}\nCorrect solution: "
+                    f"{ground_truth}\nOutput only 1.0 or 0.0:",
+                },
             ],
         }
         request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
@@ -58,8 +60,11 @@ def judge_from_env() -> Judge | None:
     base_url = os.environ.get("VLMR1_LLM_JUDGE_URL")
     if not base_url:
         return None
-    return http_judge(base_url, os.environ.get("VLMR1_LLM_JUDGE_MODEL", DEFAULT_MODEL),
-                      os.environ.get("VLMR1_LLM_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
+    return http_judge(
+        base_url,
+        os.environ.get("VLMR1_LLM_JUDGE_MODEL", DEFAULT_MODEL),
+        os.environ.get("VLMR1_LLM_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+    )
 
 
 def llm_score(content: str, solution: str, judge: Judge | None = None) -> float:

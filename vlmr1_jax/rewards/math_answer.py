@@ -54,16 +54,16 @@ def last_boxed(text: str) -> str | None:
         elif text[end] == "}":
             depth -= 1
             if depth == 0:
-                return text[start:end + 1]
+                return text[start : end + 1]
     return None
 
 
 def remove_boxed(boxed: str) -> str | None:
     """Content of a `\\boxed ...` / `\\boxed{...}` string, or None for anything else (e.g. `\\fbox{}`)."""
     if _BOXED_SPACE in boxed:
-        return boxed[len(_BOXED_SPACE):] if boxed.startswith(_BOXED_SPACE) else None
+        return boxed[len(_BOXED_SPACE) :] if boxed.startswith(_BOXED_SPACE) else None
     if boxed.startswith(_BOXED_BRACE) and boxed.endswith("}"):
-        return boxed[len(_BOXED_BRACE):-1]
+        return boxed[len(_BOXED_BRACE) : -1]
     return None
 
 
@@ -107,8 +107,18 @@ def _fix_a_slash_b(text: str) -> str:
 
 def strip_string(text: str) -> str:
     """hendrycks-MATH answer normalisation (lm-eval-harness `strip_string`); ValueError where the original raises."""
-    for old, new in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"),
-                     ("\\left", ""), ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", "")):
+    for old, new in (
+        ("\n", ""),
+        ("\\!", ""),
+        ("\\\\", "\\"),
+        ("tfrac", "frac"),
+        ("dfrac", "frac"),
+        ("\\left", ""),
+        ("\\right", ""),
+        ("^{\\circ}", ""),
+        ("^\\circ", ""),
+        ("\\$", ""),
+    ):
         text = text.replace(old, new)
     if "\\text{ " in text:  # units on the right
         parts = text.split("\\text{ ")

@@ -110,8 +110,15 @@ def rec_iou_score(content: str, solution: str, frame: tuple[int, int, int, int] 
 
 
 @register_reward("rec_iou")
-def iou_reward(completions: list[str], *, solution: list[str] | None = None, image_grid_thw: list | None = None,
-               image_path: list | None = None, rescale: bool = True, **columns: Any) -> list[float]:
+def iou_reward(
+    completions: list[str],
+    *,
+    solution: list[str] | None = None,
+    image_grid_thw: list | None = None,
+    image_path: list | None = None,
+    rescale: bool = True,
+    **columns: Any,
+) -> list[float]:
     """VLM-R1 Qwen `iou_reward`: continuous IoU in [0, 1] with the +-1 convention, no threshold.
 
     With `rescale` (default) the box is mapped from the model's frame (`image_grid_thw[i][0]` * 14) to the

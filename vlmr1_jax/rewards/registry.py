@@ -41,13 +41,16 @@ def get_reward(name: str, **options: Any) -> RewardFn:
     elif name in REWARDS:
         fn = REWARDS[name]
     else:
-        raise ValueError(f"unknown reward {name!r}; registered: {', '.join(sorted(REWARDS))}, "
-                         f"or a user function as 'package.module:function'")
+        raise ValueError(
+            f"unknown reward {name!r}; registered: {', '.join(sorted(REWARDS))}, "
+            f"or a user function as 'package.module:function'"
+        )
     if not options:
         return fn
     parameters = inspect.signature(fn).parameters
-    unknown = sorted(set(options) - {p.name for p in parameters.values()
-                                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)})
+    unknown = sorted(
+        set(options) - {p.name for p in parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    )
     if unknown:
         raise ValueError(f"reward {name!r} has no option(s) {', '.join(unknown)}")
 

@@ -37,12 +37,15 @@ class _Helper:
         self._owner = os.getpid()
 
     def _start(self) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                text=True, encoding="ascii")
+        proc = subprocess.Popen(
+            [sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="ascii"
+        )
         if proc.stdout.readline().strip() != "ready":
             proc.kill()
-            raise RuntimeError(f"the reward helper {WORKER} did not start (its error is printed above); check that "
-                               f"math_verify and json_repair import in {sys.executable}")
+            raise RuntimeError(
+                f"the reward helper {WORKER} did not start (its error is printed above); check that "
+                f"math_verify and json_repair import in {sys.executable}"
+            )
         return proc
 
     def call(self, op: str, args: list, seconds: float) -> Any:

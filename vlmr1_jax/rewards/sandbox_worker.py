@@ -25,8 +25,10 @@ def _time_up(signum: int, frame: object) -> None:
 
 def math_equal(student: str, truth: str) -> bool:
     """math_verify's `verify(parse(student), parse(truth)) > 0` without its own timeouts (the alarm is ours)."""
-    return float(verify(parse(student, parsing_timeout=None), parse(truth, parsing_timeout=None),
-                        timeout_seconds=None)) > 0
+    return (
+        float(verify(parse(student, parsing_timeout=None), parse(truth, parsing_timeout=None), timeout_seconds=None))
+        > 0
+    )
 
 
 OPS: dict[str, Callable[..., Any]] = {"math_equal": math_equal, "repair_json": repair_json}

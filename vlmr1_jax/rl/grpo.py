@@ -48,8 +48,10 @@ class Registry(Generic[F]):
         if ":" in name:
             return cast(F, import_function(name, self.kind))
         if name not in self._fns:
-            raise ValueError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}, "
-                             f"or a user function as 'package.module:function'")
+            raise ValueError(
+                f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}, "
+                f"or a user function as 'package.module:function'"
+            )
         return self._fns[name]
 
 
@@ -104,8 +106,10 @@ def group_advantages(rewards: Array, group_size: int, estimator: str = "grpo") -
     grouped = rewards.reshape(-1, group_size)
     advantages = jnp.asarray(ADVANTAGE_ESTIMATORS.get(estimator)(grouped), jnp.float32)
     if advantages.shape != grouped.shape:
-        raise ValueError(f"advantage estimator {estimator!r} returned shape {advantages.shape} for rewards "
-                         f"{grouped.shape}; it must keep the [groups, group_size] shape")
+        raise ValueError(
+            f"advantage estimator {estimator!r} returned shape {advantages.shape} for rewards "
+            f"{grouped.shape}; it must keep the [groups, group_size] shape"
+        )
     return advantages.reshape(-1), jnp.std(grouped - grouped[:, :1], axis=1, ddof=1)
 
 
@@ -147,8 +151,9 @@ class ObjectiveFn(Protocol):
     scalars averaged over valid tokens (may be empty). Masked positions may hold anything: aggregation drops them.
     """
 
-    def __call__(self, logp: Array, old_logp: Array, advantages: Array, mask: Array, *, epsilon: float,
-                 epsilon_high: float) -> tuple[Array, Metrics]: ...
+    def __call__(
+        self, logp: Array, old_logp: Array, advantages: Array, mask: Array, *, epsilon: float, epsilon_high: float
+    ) -> tuple[Array, Metrics]: ...
 
 
 OBJECTIVES: Registry[ObjectiveFn] = Registry("objective")
@@ -159,8 +164,9 @@ def _seq_mean(x: Array, mask: Array) -> Array:
     return jnp.sum(x * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 
-def _clipped_surrogate(log_ratio: Array, advantages: Array, mask: Array, epsilon: float,
-                       epsilon_high: float) -> tuple[Array, Metrics]:
+def _clipped_surrogate(
+    log_ratio: Array, advantages: Array, mask: Array, epsilon: float, epsilon_high: float
+) -> tuple[Array, Metrics]:
     """`-min(ratio*A, clip(ratio, 1-eps, 1+eps_high)*A)` per token and its metrics, for any ratio [B, T].
 
     `clip_ratio` is VLM-R1's count of tokens with `ratio*A < clipped*A` (ratio out of range on the side where the min
@@ -180,15 +186,17 @@ def _clipped_surrogate(log_ratio: Array, advantages: Array, mask: Array, epsilon
 
 
 @OBJECTIVES.register("ppo_clip")
-def ppo_clip(logp: Array, old_logp: Array, advantages: Array, mask: Array, *, epsilon: float,
-             epsilon_high: float) -> tuple[Array, Metrics]:
+def ppo_clip(
+    logp: Array, old_logp: Array, advantages: Array, mask: Array, *, epsilon: float, epsilon_high: float
+) -> tuple[Array, Metrics]:
     """GRPO / PPO: per-token ratio `exp(logp - old_logp)`, clipped to [1 - epsilon, 1 + epsilon_high]."""
     return _clipped_surrogate(logp - old_logp, advantages, mask, epsilon, epsilon_high)
 
 
 @OBJECTIVES.register("gspo")
-def gspo(logp: Array, old_logp: Array, advantages: Array, mask: Array, *, epsilon: float,
-         epsilon_high: float) -> tuple[Array, Metrics]:
+def gspo(
+    logp: Array, old_logp: Array, advantages: Array, mask: Array, *, epsilon: float, epsilon_high: float
+) -> tuple[Array, Metrics]:
     """GSPO (the sequence objective, not GSPO-token): one ratio per sequence, `s_i = exp(masked mean_t(logp - old))`,
     clipped as in `ppo_clip`, on every token of the sequence. The paper uses a far smaller epsilon (3e-4 / 4e-4)
     than token-level GRPO; metrics are token-weighted."""
@@ -250,9 +258,19 @@ PRESETS: dict[str, Algorithm] = {
 class LossFn(Protocol):
     """The loss `make_loss` builds; see there for the arguments."""
 
-    def __call__(self, logp: Array, old_logp: Array | None, ref_logp: Array | None, advantages: Array, mask: Array,
-                 *, epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.04,
-                 max_completion_length: int | None = None) -> tuple[Array, Metrics]: ...
+    def __call__(
+        self,
+        logp: Array,
+        old_logp: Array | None,
+        ref_logp: Array | None,
+        advantages: Array,
+        mask: Array,
+        *,
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        beta: float = 0.04,
+        max_completion_length: int | None = None,
+    ) -> tuple[Array, Metrics]: ...
 
 
 def make_loss(objective: str = "ppo_clip", aggregation: str = "seq_mean_token_mean") -> LossFn:
@@ -266,21 +284,34 @@ def make_loss(objective: str = "ppo_clip", aggregation: str = "seq_mean_token_me
     """
     objective_fn, aggregate = OBJECTIVES.get(objective), AGGREGATIONS.get(aggregation)
 
-    def loss(logp: Array, old_logp: Array | None, ref_logp: Array | None, advantages: Array, mask: Array, *,
-             epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.04,
-             max_completion_length: int | None = None) -> tuple[Array, Metrics]:
+    def loss(
+        logp: Array,
+        old_logp: Array | None,
+        ref_logp: Array | None,
+        advantages: Array,
+        mask: Array,
+        *,
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        beta: float = 0.04,
+        max_completion_length: int | None = None,
+    ) -> tuple[Array, Metrics]:
         if logp.ndim != 2 or mask.shape != logp.shape or advantages.shape != logp.shape[:1]:
-            raise ValueError(f"loss: need logp [B, T], mask [B, T], advantages [B]; got {logp.shape}, {mask.shape}, "
-                             f"{advantages.shape}")
+            raise ValueError(
+                f"loss: need logp [B, T], mask [B, T], advantages [B]; got {logp.shape}, {mask.shape}, "
+                f"{advantages.shape}"
+            )
         if beta != 0.0 and ref_logp is None:
             raise ValueError(f"loss: beta={beta} needs ref_logp (pass beta=0 to train without a reference model)")
         mask = mask.astype(logp.dtype)
         old = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
-        per_token, metrics = objective_fn(logp, old, advantages, mask, epsilon=epsilon,
-                                          epsilon_high=epsilon if epsilon_high is None else epsilon_high)
+        per_token, metrics = objective_fn(
+            logp, old, advantages, mask, epsilon=epsilon, epsilon_high=epsilon if epsilon_high is None else epsilon_high
+        )
         if per_token.shape != logp.shape:
-            raise ValueError(f"objective {objective!r} returned a per-token loss of shape {per_token.shape}, "
-                             f"expected {logp.shape}")
+            raise ValueError(
+                f"objective {objective!r} returned a per-token loss of shape {per_token.shape}, expected {logp.shape}"
+            )
         metrics = dict(metrics)
         if beta != 0.0:
             assert ref_logp is not None  # checked above

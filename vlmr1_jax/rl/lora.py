@@ -42,8 +42,9 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, seed: int = 0, dropou
         *lead, in_axis, out_axis = dense.kernel.get_metadata().get("logical_axes") or (None,) * dense.kernel.ndim
         a = jax.random.normal(jax.random.fold_in(key, i), (*layers, fan_in, rank), dense.kernel.dtype)
         dense.lora_a = LoRAParam(a / jnp.sqrt(fan_in), logical_axes=(*lead, in_axis, "lora_rank"))
-        dense.lora_b = LoRAParam(jnp.zeros((*layers, rank, fan_out), dense.kernel.dtype),
-                                 logical_axes=(*lead, "lora_rank", out_axis))
+        dense.lora_b = LoRAParam(
+            jnp.zeros((*layers, rank, fan_out), dense.kernel.dtype), logical_axes=(*lead, "lora_rank", out_axis)
+        )
         dense.lora_scale = alpha / rank
         dense.lora_dropout = float(dropout)
         names.append(name)

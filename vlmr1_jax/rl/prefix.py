@@ -27,11 +27,20 @@ def prefill_fan_out(model: Qwen25VL, prompts: dict[str, jax.Array], num_samples:
     and repeat the result to `num_samples` rows each; gradients flow through the repeat."""
     ids = prompts["input_ids"]
     count, length = ids.shape
-    features = model.encode_vision(prompts["pixel_values"], prompts["hw_positions"], prompts["frame_ids"],
-                                   prompts["frame_index"])
+    features = model.encode_vision(
+        prompts["pixel_values"], prompts["hw_positions"], prompts["frame_ids"], prompts["frame_index"]
+    )
     cache = KVCache.empty(model.cfg.text, count, length + steps, model.text.dtype)
-    hidden, cache = model(ids, prompts["positions"], prompts["attention_mask"], features,  # type: ignore[assignment]
-                          prompts["vision_gather"], cache)
-    return FannedPrefix(logits=jnp.repeat(model.logits(hidden[:, -1]), num_samples, axis=0),
-                        cache=cache.repeat(num_samples),
-                        next_position=jnp.repeat(prompts["next_position"], num_samples, axis=0))
+    hidden, cache = model(  # type: ignore[assignment]
+        ids,
+        prompts["positions"],
+        prompts["attention_mask"],
+        features,
+        prompts["vision_gather"],
+        cache,
+    )
+    return FannedPrefix(
+        logits=jnp.repeat(model.logits(hidden[:, -1]), num_samples, axis=0),
+        cache=cache.repeat(num_samples),
+        next_position=jnp.repeat(prompts["next_position"], num_samples, axis=0),
+    )

@@ -76,30 +76,46 @@ class Scored:
 
     def metrics(self) -> dict[str, float]:
         """The per-step rollout metrics (VLM-R1's names)."""
-        return {"completion_length": float(self.lengths.mean()),
-                **{f"rewards/{name}": float(v.mean()) for name, v in self.per_reward.items()},
-                "reward": float(self.rewards.mean()), "reward_std": float(self.group_std.mean()),
-                "time/sample": self.sample_seconds, "time/score": self.score_seconds,
-                "tokens_per_second": float(self.lengths.sum()) / max(self.sample_seconds, 1e-9)}
+        return {
+            "completion_length": float(self.lengths.mean()),
+            **{f"rewards/{name}": float(v.mean()) for name, v in self.per_reward.items()},
+            "reward": float(self.rewards.mean()),
+            "reward_std": float(self.group_std.mean()),
+            "time/sample": self.sample_seconds,
+            "time/score": self.score_seconds,
+            "tokens_per_second": float(self.lengths.sum()) / max(self.sample_seconds, 1e-9),
+        }
 
 
-def score(completions: list[str], columns: Mapping[str, list[Any]],
-          reward_fns: Mapping[str, RewardFn]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def score(
+    completions: list[str], columns: Mapping[str, list[Any]], reward_fns: Mapping[str, RewardFn]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Each reward function's scores, and their sum per completion (VLM-R1: unit weights)."""
     per_fn = {}
     for name, fn in reward_fns.items():
         values = np.asarray(fn(completions, **columns), np.float32)
         if values.shape != (len(completions),):
-            raise ValueError(f"reward {name!r} returned shape {values.shape} for {len(completions)} completions; "
-                             f"a reward function must return one float per completion")
+            raise ValueError(
+                f"reward {name!r} returned shape {values.shape} for {len(completions)} completions; "
+                f"a reward function must return one float per completion"
+            )
         per_fn[name] = values
     return np.sum(list(per_fn.values()), axis=0), per_fn
 
 
-def rollout(prompts: Prompts, key: jax.Array, *, generate: GenerateFn, decode: DecodeFn,
-            reward_fns: Mapping[str, RewardFn], columns: Mapping[str, list[Any]], advantage_fn: AdvantageFn,
-            ref_logprob_fn: LogprobFn | None = None, keep_old_logprobs: bool = False,
-            fetch: Callable[[jax.Array], np.ndarray] = np.asarray) -> tuple[TrainExample, Scored]:
+def rollout(
+    prompts: Prompts,
+    key: jax.Array,
+    *,
+    generate: GenerateFn,
+    decode: DecodeFn,
+    reward_fns: Mapping[str, RewardFn],
+    columns: Mapping[str, list[Any]],
+    advantage_fn: AdvantageFn,
+    ref_logprob_fn: LogprobFn | None = None,
+    keep_old_logprobs: bool = False,
+    fetch: Callable[[jax.Array], np.ndarray] = np.asarray,
+) -> tuple[TrainExample, Scored]:
     """Sample, decode and score G completions per prompt, and assemble the step's input.
 
     `columns`: the reward keyword columns, one entry per completion. `ref_logprob_fn` None: no reference (beta = 0).
@@ -114,10 +130,22 @@ def rollout(prompts: Prompts, key: jax.Array, *, generate: GenerateFn, decode: D
     rewards, per_reward = score(completions, columns, reward_fns)
     device_advantages, group_std = advantage_fn(rewards)
     advantages = np.asarray(device_advantages)  # host value: every process passes the same global array
-    scored = Scored(completions, rewards, per_reward, advantages, np.asarray(group_std), mask.sum(1),
-                    sampled_at - start, time.perf_counter() - sampled_at)
+    scored = Scored(
+        completions,
+        rewards,
+        per_reward,
+        advantages,
+        np.asarray(group_std),
+        mask.sum(1),
+        sampled_at - start,
+        time.perf_counter() - sampled_at,
+    )
     example = TrainExample(
-        prompts, sampled.tokens, sampled.mask, advantages,
+        prompts,
+        sampled.tokens,
+        sampled.mask,
+        advantages,
         ref_logprobs=None if ref_logprob_fn is None else ref_logprob_fn(prompts, sampled.tokens, sampled.mask),
-        old_logprobs=sampled.logprobs if keep_old_logprobs else None)
+        old_logprobs=sampled.logprobs if keep_old_logprobs else None,
+    )
     return example, scored

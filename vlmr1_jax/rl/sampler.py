@@ -43,8 +43,7 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: floa
         cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
         remove_sorted = cumulative <= 1.0 - top_p
         remove_sorted = remove_sorted.at[..., -1].set(False)  # always keep the most likely token
-        remove = jnp.zeros_like(remove_sorted).at[
-            jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+        remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
         logits = jnp.where(remove, neg, logits)
     return logits
 
@@ -92,8 +91,15 @@ class Sampler:
             hidden, cache = model(token[:, None], position, jnp.ones((rows, 1), jnp.int32), cache=cache)
             return step + 1, cache, model.logits(hidden[:, 0]), tokens, logprobs, done, rng
 
-        init = (jnp.zeros((), jnp.int32), cache, logits, jnp.full((rows, steps), self.pad_id, jnp.int32),
-                jnp.zeros((rows, steps), jnp.float32), jnp.zeros((rows,), bool), rng)
+        init = (
+            jnp.zeros((), jnp.int32),
+            cache,
+            logits,
+            jnp.full((rows, steps), self.pad_id, jnp.int32),
+            jnp.zeros((rows, steps), jnp.float32),
+            jnp.zeros((rows,), bool),
+            rng,
+        )
         _, _, _, tokens, logprobs, _, _ = jax.lax.while_loop(cond, body, init)
         mask = completion_mask(tokens, self.eos_ids)
         return Rollout(tokens=tokens, logprobs=logprobs * mask, mask=mask)
@@ -110,5 +116,15 @@ class Sampler:
 
 def default_banned_ids(cfg, extra: Sequence[int] = ()) -> tuple[int, ...]:
     """Vision placeholder/structure tokens the policy must never emit (they would break the re-forward)."""
-    return tuple(sorted({cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id,
-                         cfg.vision_token_id, *extra}))
+    return tuple(
+        sorted(
+            {
+                cfg.image_token_id,
+                cfg.video_token_id,
+                cfg.vision_start_token_id,
+                cfg.vision_end_token_id,
+                cfg.vision_token_id,
+                *extra,
+            }
+        )
+    )

@@ -52,17 +52,29 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
         main = optax.constant_schedule(cfg.learning_rate)
     else:
         raise ValueError(f"optim.schedule={cfg.schedule!r}; choose linear or constant")
-    schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps), main],
-                                    [cfg.warmup_steps]) if cfg.warmup_steps else main
-    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
-                     optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    schedule = (
+        optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps), main], [cfg.warmup_steps]
+        )
+        if cfg.warmup_steps
+        else main
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+    )
     if cfg.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
     return tx, schedule
 
 
-def init_train_state(model: Qwen25VL, mode: str, optimizer: optax.GradientTransformation, with_reference: bool,
-                     frozen_dtype: jnp.dtype | None = None) -> tuple[nnx.GraphDef, TrainState]:
+def init_train_state(
+    model: Qwen25VL,
+    mode: str,
+    optimizer: optax.GradientTransformation,
+    with_reference: bool,
+    frozen_dtype: jnp.dtype | None = None,
+) -> tuple[nnx.GraphDef, TrainState]:
     """Split `model` into trainable / frozen state; the reference copies the initial trainable variables
     (for LoRA it is the base model: the same state with the adapters zeroed).
 

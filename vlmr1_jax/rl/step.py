@@ -25,8 +25,9 @@ from vlmr1_jax.rl.rollout import TrainExample
 from vlmr1_jax.rl.state import TrainState
 
 
-def completion_logprobs(model: Qwen25VL, prompts: dict[str, jax.Array], tokens: jax.Array, mask: jax.Array,
-                        num_samples: int) -> jax.Array:
+def completion_logprobs(
+    model: Qwen25VL, prompts: dict[str, jax.Array], tokens: jax.Array, mask: jax.Array, num_samples: int
+) -> jax.Array:
     """log p(token) for each completion token [B, T]; B = P * num_samples rows of P prompts.
 
     Shared prefix: each prompt (and its images) runs through the model once, its KV cache is fanned out to its
@@ -36,8 +37,9 @@ def completion_logprobs(model: Qwen25VL, prompts: dict[str, jax.Array], tokens: 
     steps = tokens.shape[1]
     first, cache, next_position = prefill_fan_out(model, prompts, num_samples, steps)  # first predicts token 0
     positions = next_position[:, None] + jnp.arange(steps)[None]
-    hidden, _ = model(tokens, jnp.broadcast_to(positions[None], (3, *positions.shape)), mask.astype(jnp.int32),
-                      cache=cache)
+    hidden, _ = model(
+        tokens, jnp.broadcast_to(positions[None], (3, *positions.shape)), mask.astype(jnp.int32), cache=cache
+    )
     rest = chunked_logprobs(model, hidden[:, :-1], tokens[:, 1:])
     return jnp.concatenate([token_logprobs(first, tokens[:, 0])[:, None], rest], axis=1)
 
@@ -89,8 +91,14 @@ def make_logprob_fn(graphdef: nnx.GraphDef, num_samples: int) -> Callable:
     return run
 
 
-def _apply_gradients(state: TrainState, loss: jax.Array, grads: nnx.State, optimizer: optax.GradientTransformation,
-                     schedule: optax.Schedule, grad_accum: int) -> tuple[TrainState, dict[str, jax.Array]]:
+def _apply_gradients(
+    state: TrainState,
+    loss: jax.Array,
+    grads: nnx.State,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    grad_accum: int,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update, skipped (parameters and optimizer state left as they were) when the loss, the gradient
     or the update is not finite; `nonfinite` = 1 in the metrics then. The step counter advances either way."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
@@ -98,14 +106,24 @@ def _apply_gradients(state: TrainState, loss: jax.Array, grads: nnx.State, optim
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     trainable = keep(optax.apply_updates(state.trainable, updates), state.trainable)
-    metrics = {"grad_norm": grad_norm, "learning_rate": schedule(state.step // grad_accum),
-               "nonfinite": (~finite).astype(jnp.float32)}
-    return dataclasses.replace(state, step=state.step + 1, trainable=trainable,
-                               opt_state=keep(opt_state, state.opt_state)), metrics
+    metrics = {
+        "grad_norm": grad_norm,
+        "learning_rate": schedule(state.step // grad_accum),
+        "nonfinite": (~finite).astype(jnp.float32),
+    }
+    return dataclasses.replace(
+        state, step=state.step + 1, trainable=trainable, opt_state=keep(opt_state, state.opt_state)
+    ), metrics
 
 
-def make_grpo_step(graphdef: nnx.GraphDef, grpo_cfg, optimizer: optax.GradientTransformation,
-                   schedule: optax.Schedule, grad_accum: int = 1, seed: int = 0) -> Callable:
+def make_grpo_step(
+    graphdef: nnx.GraphDef,
+    grpo_cfg,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    grad_accum: int = 1,
+    seed: int = 0,
+) -> Callable:
     """Jitted, donated `(state, batch) -> (state, metrics)`.
 
     batch: a `TrainExample`; its `ref_logprobs` / `old_logprobs` are None when beta == 0 / num_iterations == 1
@@ -119,9 +137,17 @@ def make_grpo_step(graphdef: nnx.GraphDef, grpo_cfg, optimizer: optax.GradientTr
         def objective(trainable):
             model = _train_model(graphdef, state, trainable, seed)
             logp = completion_logprobs(model, batch.prompts, batch.tokens, batch.mask, num_samples)
-            return loss_fn(logp, batch.old_logprobs, batch.ref_logprobs, jnp.asarray(batch.advantages),
-                           batch.mask, epsilon=grpo_cfg.epsilon, epsilon_high=grpo_cfg.epsilon_high,
-                           beta=grpo_cfg.beta, max_completion_length=batch.tokens.shape[1])
+            return loss_fn(
+                logp,
+                batch.old_logprobs,
+                batch.ref_logprobs,
+                jnp.asarray(batch.advantages),
+                batch.mask,
+                epsilon=grpo_cfg.epsilon,
+                epsilon_high=grpo_cfg.epsilon_high,
+                beta=grpo_cfg.beta,
+                max_completion_length=batch.tokens.shape[1],
+            )
 
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
         state, extra = _apply_gradients(state, loss, grads, optimizer, schedule, grad_accum)
@@ -130,8 +156,13 @@ def make_grpo_step(graphdef: nnx.GraphDef, grpo_cfg, optimizer: optax.GradientTr
     return jax.jit(step, donate_argnums=0)
 
 
-def make_sft_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                  grad_accum: int = 1, seed: int = 0) -> Callable:
+def make_sft_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    grad_accum: int = 1,
+    seed: int = 0,
+) -> Callable:
     """Jitted `(state, batch) -> (state, metrics)`: mean cross-entropy over answer tokens (`tokens`, `mask`)."""
 
     def step(state: TrainState, batch: dict[str, Any]):

@@ -57,8 +57,15 @@ class TrainingDiverged(ValueError):
 class Trainer:
     kind = "base"
 
-    def __init__(self, cfg: RunConfig, *, progress: bool = True, with_reference: bool = False,
-                 updates_per_step: int = 1, resume_anyway: bool = False):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        progress: bool = True,
+        with_reference: bool = False,
+        updates_per_step: int = 1,
+        resume_anyway: bool = False,
+    ):
         check_model_config(cfg)  # before any data or weights are read
         self.cfg = cfg
         self.progress = progress
@@ -73,16 +80,21 @@ class Trainer:
         # An import checkpoint (vlmr1 import-hf) holds parameters only: the model is loaded from it, one tensor at
         # a time onto the mesh, and the optimizer state and reference are created here, as for an HF folder.
         imported = imported_params(self.checkpoints.directory, latest) if latest is not None else None
-        source = cfg if imported is None else dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, hf_model=str(imported)))
+        source = (
+            cfg
+            if imported is None
+            else dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_model=str(imported)))
+        )
         model = build_model(source, self.tokenizer, self.mesh)
         self.model_cfg = model.cfg
         self.optimizer, self.schedule = make_optimizer(cfg.optim, self.max_steps * updates_per_step)
-        self.graphdef, state = init_train_state(model, cfg.train.trainable, self.optimizer, with_reference,
-                                                frozen_dtype_of(cfg.model))
+        self.graphdef, state = init_train_state(
+            model, cfg.train.trainable, self.optimizer, with_reference, frozen_dtype_of(cfg.model)
+        )
         self.state = on_mesh(state, self.mesh)
-        self.data = make_sample_iterator(self.samples, cfg.data.prompts_per_step, cfg.data.seed,
-                                         num_epochs=cfg.data.num_epochs)
+        self.data = make_sample_iterator(
+            self.samples, cfg.data.prompts_per_step, cfg.data.seed, num_epochs=cfg.data.num_epochs
+        )
         self.skipped_samples = 0
         self.step = 0
         self.nonfinite_streak = 0
@@ -101,13 +113,16 @@ class Trainer:
         corrupt: list[tuple[int, str]] = []
         for step in reversed(self.checkpoints.all_steps()):
             if corrupt and imported_params(directory, step) is not None:
-                raise CorruptCheckpoint(f"checkpoint step {corrupt[0][0]} is corrupt (moved to {corrupt[0][1]}); "
-                                        f"run the same command again to start over from the imported parameters")
+                raise CorruptCheckpoint(
+                    f"checkpoint step {corrupt[0][0]} is corrupt (moved to {corrupt[0][1]}); "
+                    f"run the same command again to start over from the imported parameters"
+                )
             try:
                 if not resume_anyway:
                     meta = read_meta(directory, step)
-                    check_resume(meta.get("run_config", {}), to_dict(self.cfg), self.kind, meta.get("kind", "?"),
-                                 str(directory))
+                    check_resume(
+                        meta.get("run_config", {}), to_dict(self.cfg), self.kind, meta.get("kind", "?"), str(directory)
+                    )
                 self.state, meta = self.checkpoints.restore(abstract_like(self.state), self.data, step=step)
             except CorruptCheckpoint as e:
                 moved = self.checkpoints.quarantine(step)
@@ -117,13 +132,18 @@ class Trainer:
             self.step = int(self.state.step) // self.updates_per_step
             self.skipped_samples = int(meta.get("skipped_samples", 0))
             if corrupt:
-                log.warning("checkpoint step %s is corrupt; resuming from step %d instead (the steps after it run "
-                            "again)", ", ".join(str(s) for s, _ in corrupt), self.step)
+                log.warning(
+                    "checkpoint step %s is corrupt; resuming from step %d instead (the steps after it run again)",
+                    ", ".join(str(s) for s, _ in corrupt),
+                    self.step,
+                )
             log.info("resumed from step %d in %s", self.step, directory)
             return
-        raise CorruptCheckpoint(f"every checkpoint in {directory} is corrupt (moved aside: "
-                                f"{', '.join(path for _, path in corrupt)}); start a new run with "
-                                f"train.output_dir=NEW_FOLDER")
+        raise CorruptCheckpoint(
+            f"every checkpoint in {directory} is corrupt (moved aside: "
+            f"{', '.join(path for _, path in corrupt)}); start a new run with "
+            f"train.output_dir=NEW_FOLDER"
+        )
 
     def encode_one(self, sample: Sample) -> EncodedPrompt:
         """One sample's VLM-R1 prompt and images; a failure is a `DataError` naming its file, line and field."""
@@ -139,9 +159,14 @@ class Trainer:
         encoded = EncodedPrompt(ids, images)
         length = encoded.length(self.model_cfg.vision.merge_unit)
         if data.max_prompt_length is not None and length > data.max_prompt_length:
-            raise DataError("too_long", sample.source, sample.line, "problem",
-                            f"the prompt is {length} tokens with its image tokens, over "
-                            f"data.max_prompt_length={data.max_prompt_length}")
+            raise DataError(
+                "too_long",
+                sample.source,
+                sample.line,
+                "problem",
+                f"the prompt is {length} tokens with its image tokens, over "
+                f"data.max_prompt_length={data.max_prompt_length}",
+            )
         return encoded
 
     def draw(self) -> tuple[list[Sample], PromptBatch] | None:
@@ -154,8 +179,9 @@ class Trainer:
             try:
                 sample = next(self.data)
             except StopIteration:
-                log.warning("the data ran out after %d skipped samples; stopping at step %d", self.skipped_samples,
-                            self.step)
+                log.warning(
+                    "the data ran out after %d skipped samples; stopping at step %d", self.skipped_samples, self.step
+                )
                 return None
             try:
                 encoded.append(self.encode_one(sample))
@@ -166,8 +192,13 @@ class Trainer:
                 log.warning("skipped %s (data.on_error=skip; %d so far)", e, self.skipped_samples)
                 continue
             samples.append(sample)
-        batch = build_prompt_batch([e.ids for e in encoded], [e.images for e in encoded], self.model_cfg,
-                                   pad_id=self.tokenizer.pad_id, length=self.cfg.data.max_prompt_length)
+        batch = build_prompt_batch(
+            [e.ids for e in encoded],
+            [e.images for e in encoded],
+            self.model_cfg,
+            pad_id=self.tokenizer.pad_id,
+            length=self.cfg.data.max_prompt_length,
+        )
         return samples, batch
 
     def prepare(self, samples: list[Sample], batch: PromptBatch) -> Any:
@@ -225,8 +256,9 @@ class Trainer:
         compilations()  # start counting before the first step compiles
         window: list[dict[str, float]] = []
         last: dict[str, float] = {}
-        bar = tqdm(total=self.max_steps, initial=self.step, desc=self.kind, disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=self.max_steps, initial=self.step, desc=self.kind, disable=not self.progress, dynamic_ncols=True
+        )
         upcoming = self._prepare_next() if self.step < self.max_steps else None
         while upcoming is not None:
             start = time.perf_counter()
@@ -264,15 +296,17 @@ class Trainer:
         """Count consecutive skipped (non-finite) steps; stop the run once `train.max_nonfinite_steps` are reached."""
         self.nonfinite_streak = self.nonfinite_streak + 1 if metrics.get("nonfinite", 0.0) > 0 else 0
         if self.nonfinite_streak:
-            log.warning("step %d: non-finite loss or gradient (loss=%s); update skipped", self.step,
-                        metrics.get("loss"))
+            log.warning(
+                "step %d: non-finite loss or gradient (loss=%s); update skipped", self.step, metrics.get("loss")
+            )
         limit = self.cfg.train.max_nonfinite_steps
         if self.nonfinite_streak >= limit:
             raise TrainingDiverged(
                 f"{limit} steps in a row (up to step {self.step}) had a non-finite loss or gradient; their updates "
                 f"were skipped, so the parameters are those of step {self.step - limit}. Lower "
                 f"optim.learning_rate (now {self.cfg.optim.learning_rate:g}) or check the data, then resume "
-                f"(train.max_nonfinite_steps sets this limit)")
+                f"(train.max_nonfinite_steps sets this limit)"
+            )
 
     def close(self) -> None:
         """Let an in-flight checkpoint commit, then release the checkpointer and metric writers (idempotent)."""
@@ -286,8 +320,13 @@ class Trainer:
             self.metrics.close()
 
     def meta(self) -> dict[str, Any]:
-        return {"run_config": to_dict(self.cfg), "model_config": dataclasses.asdict(self.model_cfg),
-                "step": self.step, "kind": self.kind, "skipped_samples": self.skipped_samples}
+        return {
+            "run_config": to_dict(self.cfg),
+            "model_config": dataclasses.asdict(self.model_cfg),
+            "step": self.step,
+            "kind": self.kind,
+            "skipped_samples": self.skipped_samples,
+        }
 
     def model(self):
         return current_model(self.graphdef, self.state)

@@ -82,13 +82,18 @@ def check_fingerprints(state: Any, expected: dict[str, list[int]], where: str) -
     bad = sorted(name for name, value in fingerprints(state).items() if expected.get(name, value) != value)
     if bad:
         more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
-        raise CorruptCheckpoint(f"{where} is corrupted: the arrays {', '.join(bad[:_MAX_LISTED])}{more} differ "
-                                f"from the checksums saved with them")
+        raise CorruptCheckpoint(
+            f"{where} is corrupted: the arrays {', '.join(bad[:_MAX_LISTED])}{more} differ "
+            f"from the checksums saved with them"
+        )
 
 
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
-    return {STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler(),
-            META: ocp.JsonCheckpointHandler()}
+    return {
+        STATE: ocp.StandardCheckpointHandler(),
+        DATA: grain.checkpoint.CheckpointHandler(),
+        META: ocp.JsonCheckpointHandler(),
+    }
 
 
 def _leaf_name(path: tuple[Any, ...]) -> str:
@@ -120,34 +125,49 @@ def check_against_stored(stored: Any, abstract: Any, where: str) -> None:
     """Raise `CheckpointError` naming each leaf that is missing, extra, or of another shape / dtype."""
     on_disk = {m.name: m for m in jax.tree.leaves(getattr(stored, "tree", stored))}
     wanted = {_leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-    problems = [f"{name}: expected {_describe(wanted[name].shape, wanted[name].dtype)}, missing from the checkpoint"
-                for name in sorted(wanted.keys() - on_disk.keys())]
-    problems += [f"{name}: in the checkpoint ({_describe(on_disk[name].shape, on_disk[name].dtype)}) "
-                 f"but not in the expected state" for name in sorted(on_disk.keys() - wanted.keys())]
+    problems = [
+        f"{name}: expected {_describe(wanted[name].shape, wanted[name].dtype)}, missing from the checkpoint"
+        for name in sorted(wanted.keys() - on_disk.keys())
+    ]
+    problems += [
+        f"{name}: in the checkpoint ({_describe(on_disk[name].shape, on_disk[name].dtype)}) "
+        f"but not in the expected state"
+        for name in sorted(on_disk.keys() - wanted.keys())
+    ]
     for name in sorted(wanted.keys() & on_disk.keys()):
         want, have = wanted[name], on_disk[name]
         if tuple(want.shape) != tuple(have.shape) or jax.numpy.dtype(want.dtype) != jax.numpy.dtype(have.dtype):
-            problems.append(f"{name}: checkpoint has {_describe(have.shape, have.dtype)}, "
-                            f"expected {_describe(want.shape, want.dtype)}")
+            problems.append(
+                f"{name}: checkpoint has {_describe(have.shape, have.dtype)}, "
+                f"expected {_describe(want.shape, want.dtype)}"
+            )
     if problems:
         more = [f"  ... and {len(problems) - _MAX_LISTED} more"] if len(problems) > _MAX_LISTED else []
-        raise CheckpointError("\n".join([f"{where} does not match the expected state:",
-                                         *(f"  {p}" for p in problems[:_MAX_LISTED]), *more]))
+        raise CheckpointError(
+            "\n".join(
+                [f"{where} does not match the expected state:", *(f"  {p}" for p in problems[:_MAX_LISTED]), *more]
+            )
+        )
 
 
 def check_restored(restored: Any, abstract: Any, where: str) -> None:
     """Raise `CheckpointError` unless `restored` has the abstract state's structure, shapes, dtypes and shardings."""
     if jax.tree.structure(restored) != jax.tree.structure(abstract):  # type: ignore[operator]  # PyTreeDef stub
-        raise CheckpointError(f"{where}: restored tree structure {jax.tree.structure(restored)} differs from the "
-                              f"expected {jax.tree.structure(abstract)}")
+        raise CheckpointError(
+            f"{where}: restored tree structure {jax.tree.structure(restored)} differs from the "
+            f"expected {jax.tree.structure(abstract)}"
+        )
     for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(restored)[0], jax.tree.leaves(abstract)):
         name = _leaf_name(path)
         if got.shape != want.shape or got.dtype != want.dtype:
-            raise CheckpointError(f"{where}: leaf {name} restored as {_describe(got.shape, got.dtype)}, "
-                                  f"expected {_describe(want.shape, want.dtype)}")
+            raise CheckpointError(
+                f"{where}: leaf {name} restored as {_describe(got.shape, got.dtype)}, "
+                f"expected {_describe(want.shape, want.dtype)}"
+            )
         if want.sharding is not None and not got.sharding.is_equivalent_to(want.sharding, got.ndim):
-            raise CheckpointError(f"{where}: leaf {name} restored with sharding {got.sharding}, "
-                                  f"expected {want.sharding}")
+            raise CheckpointError(
+                f"{where}: leaf {name} restored with sharding {got.sharding}, expected {want.sharding}"
+            )
 
 
 class Checkpointer:
@@ -162,14 +182,22 @@ class Checkpointer:
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every ({save_every}) and keep ({keep}) must be at least 1")
         self.directory = Path(directory).absolute()
-        policy = checkpoint_managers.AnySavePolicy([checkpoint_managers.FixedIntervalPolicy(save_every),
-                                                    checkpoint_managers.PreemptionCheckpointingPolicy()])
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               save_decision_policy=policy)
+        policy = checkpoint_managers.AnySavePolicy(
+            [checkpoint_managers.FixedIntervalPolicy(save_every), checkpoint_managers.PreemptionCheckpointingPolicy()]
+        )
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, save_decision_policy=policy
+        )
         self._manager = ocp.CheckpointManager(self.directory, item_handlers=_item_handlers(), options=options)
 
-    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None = None,
-             meta: dict[str, Any] | None = None, force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_iterator: grain.DatasetIterator | None = None,
+        meta: dict[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
         """Checkpoint `state` (and the iterator position, and `meta`) as `step` if it is due; True if saved.
 
         A step that is already saved is skipped (False), so a forced final save may follow a periodic one.
@@ -193,8 +221,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def restore(self, abstract_state: Any, data_iterator: grain.DatasetIterator | None = None,
-                step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    def restore(
+        self, abstract_state: Any, data_iterator: grain.DatasetIterator | None = None, step: int | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         """Read `step` (default: the latest) onto `abstract_state`'s shardings; returns `(state, meta)`.
 
         `abstract_state` is a tree of `jax.ShapeDtypeStruct` with shardings (see `abstract_like`). When
@@ -262,8 +291,11 @@ def _write_errors(directory: Path):
         if code is None:
             raise
         errno_ = int(code.group(1))
-        raise OSError(errno_, f"cannot write a checkpoint in {directory}: {os.strerror(errno_)} (free space or "
-                              f"point train.output_dir elsewhere, then run the same command again to resume)") from e
+        raise OSError(
+            errno_,
+            f"cannot write a checkpoint in {directory}: {os.strerror(errno_)} (free space or "
+            f"point train.output_dir elsewhere, then run the same command again to resume)",
+        ) from e
 
 
 def _resolve_step(manager: ocp.CheckpointManager, directory: Path, step: int | None) -> int:
@@ -292,14 +324,16 @@ def read_meta(checkpoint_dir: str | Path, step: int | None = None) -> dict[str, 
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint folder {directory} does not exist")
     options = ocp.CheckpointManagerOptions(read_only=True)
-    with ocp.CheckpointManager(directory, item_handlers={META: ocp.JsonCheckpointHandler()},
-                               options=options) as manager:
+    with ocp.CheckpointManager(
+        directory, item_handlers={META: ocp.JsonCheckpointHandler()}, options=options
+    ) as manager:
         step = _resolve_step(manager, directory, step)
         try:
             restored = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
         except Exception as e:
-            raise CorruptCheckpoint(f"cannot read the meta of checkpoint {directory / str(step)}: "
-                                  f"{type(e).__name__}: {e}") from e
+            raise CorruptCheckpoint(
+                f"cannot read the meta of checkpoint {directory / str(step)}: {type(e).__name__}: {e}"
+            ) from e
     meta = dict(restored[META] or {})
     meta.pop(FINGERPRINTS, None)
     return meta
@@ -309,7 +343,8 @@ def save_meta(checkpoint_dir: str | Path, step: int, meta: dict[str, Any]) -> Pa
     """Write a step that holds only the JSON meta (an import checkpoint adds its parameters beside it); returns
     the step folder."""
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
-    with ocp.CheckpointManager(Path(checkpoint_dir).absolute(), item_handlers={META: ocp.JsonCheckpointHandler()},
-                               options=options) as manager:
+    with ocp.CheckpointManager(
+        Path(checkpoint_dir).absolute(), item_handlers={META: ocp.JsonCheckpointHandler()}, options=options
+    ) as manager:
         manager.save(step, args=ocp.args.Composite(**{META: ocp.args.JsonSave(meta)}))
     return Path(checkpoint_dir).absolute() / str(step)

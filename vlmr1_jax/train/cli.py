@@ -22,16 +22,22 @@ def _run(kind: str):
             from vlmr1_jax.train.sft import SFTTrainer as Trainer  # type: ignore[assignment]
         trainer = Trainer(cfg, progress=not args.no_progress, resume_anyway=args.resume_anyway)
         if trainer.step >= trainer.max_steps:
-            print(f"error: the run in {cfg.train.output_dir} already finished at step {trainer.step} (max steps "
-                  f"{trainer.max_steps}); raise train.max_steps to continue it, or start a new run with "
-                  f"train.output_dir=NEW_FOLDER", file=sys.stderr)
+            print(
+                f"error: the run in {cfg.train.output_dir} already finished at step {trainer.step} (max steps "
+                f"{trainer.max_steps}); raise train.max_steps to continue it, or start a new run with "
+                f"train.output_dir=NEW_FOLDER",
+                file=sys.stderr,
+            )
             trainer.close()
             return 1
         summary = trainer.train()
         print(" ".join(f"{k}={v:.4g}" for k, v in summary.items()))
         if trainer.stopped_by is not None:
-            print(f"stopped by {trainer.stopped_by} after step {trainer.step}, checkpoint saved; run the same "
-                  f"command again to resume", file=sys.stderr)
+            print(
+                f"stopped by {trainer.stopped_by} after step {trainer.step}, checkpoint saved; run the same "
+                f"command again to resume",
+                file=sys.stderr,
+            )
             return 130 if trainer.stopped_by == "SIGINT" else 0
         return 0
 
@@ -42,9 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for name, kind, text in (("train", "grpo", "GRPO training"), ("sft", "sft", "supervised fine-tuning")):
         p = subparsers.add_parser(name, help=f"{text} from a recipe", description=__doc__)
         p.add_argument("config", help="recipe: a YAML path or a packaged name (vlmr1_jax/configs/*.yaml)")
-        p.add_argument("overrides", nargs="*",
-                       help="section.key=value, e.g. train.max_steps=10 optim.learning_rate=1e-5")
+        p.add_argument(
+            "overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10 optim.learning_rate=1e-5"
+        )
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
-        p.add_argument("--resume-anyway", action="store_true",
-                       help="resume the run in train.output_dir even though its stored configuration differs")
+        p.add_argument(
+            "--resume-anyway",
+            action="store_true",
+            help="resume the run in train.output_dir even though its stored configuration differs",
+        )
         p.set_defaults(func=_run(kind))

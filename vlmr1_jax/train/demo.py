@@ -70,43 +70,66 @@ def demo_tokenizer(out: Path, seed: int):
 def sft_config(demo: DemoConfig, data: dict[str, str], images: str, tokenizer_dir: Path) -> RunConfig:
     return RunConfig(
         model=ModelConfig(preset="demo-s", tokenizer=str(tokenizer_dir)),
-        data=DataConfig(data_file_paths=data["train"], image_folders=images, task_type=QUESTION,
-                        prompts_per_step=demo.sft_batch, seed=demo.seed),
+        data=DataConfig(
+            data_file_paths=data["train"],
+            image_folders=images,
+            task_type=QUESTION,
+            prompts_per_step=demo.sft_batch,
+            seed=demo.seed,
+        ),
         # Measured SFT settings: lr 1e-3, 100-step warm-up, constant, AdamW betas 0.9/0.95, wd 0.01, clip 1.0.
         optim=OptimConfig(learning_rate=1e-3, schedule="constant", warmup_steps=100, b2=0.95, weight_decay=0.01),
         sft=SFTConfig(target_template=TARGET, max_target_length=TARGET_TOKENS),
-        train=TrainConfig(output_dir=str(Path(demo.out) / "sft"), max_steps=demo.sft_steps,
-                          save_every=demo.sft_steps, log_every=50, seed=demo.seed),
+        train=TrainConfig(
+            output_dir=str(Path(demo.out) / "sft"),
+            max_steps=demo.sft_steps,
+            save_every=demo.sft_steps,
+            log_every=50,
+            seed=demo.seed,
+        ),
     )
 
 
 def grpo_config(demo: DemoConfig, data: dict[str, str], images: str, sft_model: Path) -> RunConfig:
     return RunConfig(
         model=ModelConfig(hf_model=str(sft_model)),
-        data=DataConfig(data_file_paths=data["train"], image_folders=images, task_type=QUESTION,
-                        prompts_per_step=demo.grpo_prompts, seed=demo.seed + 1),
+        data=DataConfig(
+            data_file_paths=data["train"],
+            image_folders=images,
+            task_type=QUESTION,
+            prompts_per_step=demo.grpo_prompts,
+            seed=demo.seed + 1,
+        ),
         sampling=SamplingConfig(max_new_tokens=TARGET_TOKENS, temperature=1.0, top_k=50, top_p=1.0),
         grpo=GRPOConfig(num_generations=demo.generations, beta=0.04, reward_funcs=("rec_iou", "rec_format")),
         optim=OptimConfig(learning_rate=5e-5, schedule="constant", b2=0.99),
-        train=TrainConfig(output_dir=str(Path(demo.out) / "grpo"), max_steps=demo.grpo_steps,
-                          save_every=demo.grpo_steps, log_every=10, seed=demo.seed),
+        train=TrainConfig(
+            output_dir=str(Path(demo.out) / "grpo"),
+            max_steps=demo.grpo_steps,
+            save_every=demo.grpo_steps,
+            log_every=10,
+            seed=demo.seed,
+        ),
     )
 
 
 def evaluate(model, tokenizer, samples) -> dict[str, float]:
-    decoder = GreedyDecoder(model, tokenizer, task_type=QUESTION, batch_size=EVAL_BATCH,
-                            max_new_tokens=TARGET_TOKENS)
+    decoder = GreedyDecoder(model, tokenizer, task_type=QUESTION, batch_size=EVAL_BATCH, max_new_tokens=TARGET_TOKENS)
     summary, _ = evaluate_rec(decoder, samples)
     return summary
 
 
 def reward_table(run_dir: Path) -> str:
-    rows = ["step | reward | rewards/rec_iou | rewards/rec_format | kl | completion_length",
-            "---- | ------ | --------------- | ------------------ | -- | -----------------"]
+    rows = [
+        "step | reward | rewards/rec_iou | rewards/rec_format | kl | completion_length",
+        "---- | ------ | --------------- | ------------------ | -- | -----------------",
+    ]
     for m in read_metrics(run_dir):
-        rows.append(f"{m['step']:>4} | {m.get('reward', 0):.3f} | {m.get('rewards/rec_iou', 0):.3f} | "
-                    f"{m.get('rewards/rec_format', 0):.3f} | {m.get('kl', 0):.4f} | "
-                    f"{m.get('completion_length', 0):.1f}")
+        rows.append(
+            f"{m['step']:>4} | {m.get('reward', 0):.3f} | {m.get('rewards/rec_iou', 0):.3f} | "
+            f"{m.get('rewards/rec_format', 0):.3f} | {m.get('kl', 0):.4f} | "
+            f"{m.get('completion_length', 0):.1f}"
+        )
     return "\n".join(rows)
 
 
@@ -128,35 +151,59 @@ def run_demo(demo: DemoConfig, progress: bool = True) -> dict[str, float]:
     sft.train()
     sft_model_dir = save_hf_folder(sft.model(), out / "sft" / "hf", out / "tokenizer")
     before = evaluate(sft.model(), tokenizer, held_out)
-    print(f"[demo] after SFT on {before['n']} held-out: IoU {before['iou']:.4f}  format {before['format']:.4f}  "
-          f"Acc@0.5 {before['accuracy']:.1f}%", flush=True)
+    print(
+        f"[demo] after SFT on {before['n']} held-out: IoU {before['iou']:.4f}  format {before['format']:.4f}  "
+        f"Acc@0.5 {before['accuracy']:.1f}%",
+        flush=True,
+    )
 
-    print(f"[demo] GRPO: {demo.grpo_steps} steps x {demo.grpo_prompts} prompts x {demo.generations} samples",
-          flush=True)
+    print(
+        f"[demo] GRPO: {demo.grpo_steps} steps x {demo.grpo_prompts} prompts x {demo.generations} samples", flush=True
+    )
     grpo = GRPOTrainer(grpo_config(demo, data, images, sft_model_dir), progress=progress)
     grpo.train()
     after = evaluate(grpo.model(), tokenizer, held_out)
     print(reward_table(out / "grpo"))
-    print(f"[demo] after GRPO on {after['n']} held-out: IoU {after['iou']:.4f}  format {after['format']:.4f}  "
-          f"Acc@0.5 {after['accuracy']:.1f}%", flush=True)
+    print(
+        f"[demo] after GRPO on {after['n']} held-out: IoU {after['iou']:.4f}  format {after['format']:.4f}  "
+        f"Acc@0.5 {after['accuracy']:.1f}%",
+        flush=True,
+    )
     seconds = time.perf_counter() - start
-    result = {"iou_sft": before["iou"], "iou_grpo": after["iou"], "format_sft": before["format"],
-              "format_grpo": after["format"], "steps": demo.grpo_steps, "seconds": seconds}
-    (out / "demo_result.json").write_text(json.dumps({**result, "config": dataclasses.asdict(demo),
-                                                      "sft": to_dict(sft.cfg)["train"]}, indent=2))
-    print(f"demo: iou_sft={result['iou_sft']:.4f} iou_grpo={result['iou_grpo']:.4f} "
-          f"format_sft={result['format_sft']:.4f} format_grpo={result['format_grpo']:.4f} "
-          f"steps={result['steps']} seconds={seconds:.1f}", flush=True)
+    result = {
+        "iou_sft": before["iou"],
+        "iou_grpo": after["iou"],
+        "format_sft": before["format"],
+        "format_grpo": after["format"],
+        "steps": demo.grpo_steps,
+        "seconds": seconds,
+    }
+    (out / "demo_result.json").write_text(
+        json.dumps({**result, "config": dataclasses.asdict(demo), "sft": to_dict(sft.cfg)["train"]}, indent=2)
+    )
+    print(
+        f"demo: iou_sft={result['iou_sft']:.4f} iou_grpo={result['iou_grpo']:.4f} "
+        f"format_sft={result['format_sft']:.4f} format_grpo={result['format_grpo']:.4f} "
+        f"steps={result['steps']} seconds={seconds:.1f}",
+        flush=True,
+    )
     return result
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="synthetic REC: SFT warm start, then GRPO, on CPU in minutes",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "demo",
+        help="synthetic REC: SFT warm start, then GRPO, on CPU in minutes",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     defaults = DemoConfig()
     for field in dataclasses.fields(DemoConfig):
-        p.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
-                       default=getattr(defaults, field.name))
+        p.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            type=type(getattr(defaults, field.name)),
+            default=getattr(defaults, field.name),
+        )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def run(args: argparse.Namespace) -> int:

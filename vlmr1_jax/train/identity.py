@@ -8,9 +8,19 @@ import json
 from typing import Any
 
 # Keys a resumed run may change: how long it runs, how it logs and checkpoints, where it was started from.
-RESUMABLE = frozenset({"train.max_steps", "data.num_epochs", "train.log_every", "train.save_every",
-                       "train.keep_checkpoints", "train.rollout_log", "train.max_nonfinite_steps",
-                       "train.output_dir", "train.distributed"})
+RESUMABLE = frozenset(
+    {
+        "train.max_steps",
+        "data.num_epochs",
+        "train.log_every",
+        "train.save_every",
+        "train.keep_checkpoints",
+        "train.rollout_log",
+        "train.max_nonfinite_steps",
+        "train.output_dir",
+        "train.distributed",
+    }
+)
 
 
 class RunMismatch(ValueError):
@@ -31,8 +41,11 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[
     config predates (settings added to the code later, at their defaults); values compared as JSON."""
     normal = lambda d: _flat(json.loads(json.dumps(d, default=str)))  # tuples vs lists
     old, new = normal(stored), normal(current)
-    return [f"{k}: {old[k]!r} -> {new.get(k, '(absent)')!r}" for k in sorted(set(old) - RESUMABLE)
-            if old[k] != new.get(k, "(absent)")]
+    return [
+        f"{k}: {old[k]!r} -> {new.get(k, '(absent)')!r}"
+        for k in sorted(set(old) - RESUMABLE)
+        if old[k] != new.get(k, "(absent)")
+    ]
 
 
 def check_resume(stored: dict[str, Any], current: dict[str, Any], kind: str, stored_kind: str, where: str) -> None:
@@ -42,6 +55,8 @@ def check_resume(stored: dict[str, Any], current: dict[str, Any], kind: str, sto
         differences.insert(0, f"trainer: {stored_kind!r} -> {kind!r}")
     if differences:
         listed = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
-        raise RunMismatch(f"{where} holds a run with another configuration ({listed}). Either start a new run "
-                          f"with train.output_dir=NEW_FOLDER, or continue this one with the new settings by "
-                          f"passing --resume-anyway")
+        raise RunMismatch(
+            f"{where} holds a run with another configuration ({listed}). Either start a new run "
+            f"with train.output_dir=NEW_FOLDER, or continue this one with the new settings by "
+            f"passing --resume-anyway"
+        )

@@ -30,15 +30,18 @@ from vlmr1_jax.train.metrics import RolloutLog
 from vlmr1_jax.train.setup import columns_for, to_device, to_host
 
 
-def make_generate_fn(cfg: RunConfig, tokenizer: Tokenizer, model_cfg: Qwen25VLConfig,
-                     graphdef: nnx.GraphDef) -> Callable:
+def make_generate_fn(
+    cfg: RunConfig, tokenizer: Tokenizer, model_cfg: Qwen25VLConfig, graphdef: nnx.GraphDef
+) -> Callable:
     """The jitted grouped sampler the loop runs, `(trainable, frozen, prompts, key) -> Rollout` (also what
     `vlmr1 plan` compiles)."""
-    sampler = Sampler(cfg.sampling, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
-                      banned_ids=default_banned_ids(model_cfg))
+    sampler = Sampler(
+        cfg.sampling, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, banned_ids=default_banned_ids(model_cfg)
+    )
     num_samples = cfg.grpo.num_generations
-    return jax.jit(lambda tr, fr, prompts, key: sampler.generate(nnx.merge(graphdef, tr, fr), prompts, key,
-                                                                 num_samples))
+    return jax.jit(
+        lambda tr, fr, prompts, key: sampler.generate(nnx.merge(graphdef, tr, fr), prompts, key, num_samples)
+    )
 
 
 class GRPOTrainer(Trainer):
@@ -50,16 +53,23 @@ class GRPOTrainer(Trainer):
         g = cfg.grpo
         if g.num_generations < 2:
             raise ValueError("grpo.num_generations must be >= 2 (advantages need a group)")
-        super().__init__(cfg, progress=progress, with_reference=g.beta > 0, updates_per_step=g.num_iterations,
-                         resume_anyway=resume_anyway)
+        super().__init__(
+            cfg,
+            progress=progress,
+            with_reference=g.beta > 0,
+            updates_per_step=g.num_iterations,
+            resume_anyway=resume_anyway,
+        )
         self.reward_fns = {name: get_reward(name) for name in g.reward_funcs}
         self.generate = make_generate_fn(cfg, self.tokenizer, self.model_cfg, self.graphdef)
         self.logprobs = make_logprob_fn(self.graphdef, g.num_generations)
-        self.step_fn = make_grpo_step(self.graphdef, g, self.optimizer, self.schedule, cfg.optim.grad_accum,
-                                      seed=cfg.train.seed)
+        self.step_fn = make_grpo_step(
+            self.graphdef, g, self.optimizer, self.schedule, cfg.optim.grad_accum, seed=cfg.train.seed
+        )
         # Every process holds the same global rollouts: one copy, from process 0.
-        self.rollouts = (RolloutLog(self.out, resume_step=self.step)
-                         if cfg.train.rollout_log and jax.process_index() == 0 else None)
+        self.rollouts = (
+            RolloutLog(self.out, resume_step=self.step) if cfg.train.rollout_log and jax.process_index() == 0 else None
+        )
 
     def prepare(self, samples: list[Sample], batch: PromptBatch) -> Prepared:
         """The next prompts and their transfer to the devices."""
@@ -69,20 +79,31 @@ class GRPOTrainer(Trainer):
         """Sample G completions per prompt with the current policy, score them, and log the rollout."""
         g, state = self.cfg.grpo, self.state
         example, scored = rollout(
-            prepared.prompts, jax.random.fold_in(jax.random.key(self.cfg.train.seed), self.step),
+            prepared.prompts,
+            jax.random.fold_in(jax.random.key(self.cfg.train.seed), self.step),
             generate=functools.partial(self.generate, state.trainable, state.frozen),
-            decode=self.tokenizer.batch_decode, reward_fns=self.reward_fns,
+            decode=self.tokenizer.batch_decode,
+            reward_fns=self.reward_fns,
             columns=columns_for(prepared.samples, prepared.batch, g.num_generations),
-            advantage_fn=functools.partial(group_advantages, group_size=g.num_generations,
-                                           estimator=g.algorithm().advantage_estimator),
+            advantage_fn=functools.partial(
+                group_advantages, group_size=g.num_generations, estimator=g.algorithm().advantage_estimator
+            ),
             ref_logprob_fn=functools.partial(self.logprobs, state.reference, state.frozen) if g.beta > 0 else None,
-            keep_old_logprobs=g.num_iterations > 1, fetch=to_host)
+            keep_old_logprobs=g.num_iterations > 1,
+            fetch=to_host,
+        )
         if self.rollouts is not None:
             samples = prepared.samples
-            self.rollouts.write(self.step + 1, [s.problem for s in samples], scored.completions,  # metrics' step
-                                scored.per_reward,  # type: ignore[arg-type]
-                                extra={"solution": [s.solution for s in samples for _ in range(g.num_generations)],
-                                       "advantage": scored.advantages.tolist()})
+            self.rollouts.write(
+                self.step + 1,
+                [s.problem for s in samples],
+                scored.completions,  # metrics' step
+                scored.per_reward,  # type: ignore[arg-type]
+                extra={
+                    "solution": [s.solution for s in samples for _ in range(g.num_generations)],
+                    "advantage": scored.advantages.tolist(),
+                },
+            )
         return example, scored.metrics()
 
     def dispatch(self, prepared: Prepared) -> tuple[dict[str, float], dict[str, jax.Array]]:

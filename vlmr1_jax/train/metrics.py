@@ -60,8 +60,9 @@ def mean_metrics(window: Iterable[Mapping[str, Any]]) -> dict[str, float]:
 class MetricsWriter:
     """`run_dir/metrics.jsonl` (one `{"step": s, name: value, ...}` line per call) and TensorBoard scalars."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, process_index: int = 0,
-                 resume_step: int | None = None):
+    def __init__(
+        self, run_dir: str | Path, tensorboard: bool = True, process_index: int = 0, resume_step: int | None = None
+    ):
         """`resume_step`: the step a resumed run restarts after; later records are dropped (see module doc)."""
         self.enabled = process_index == 0
         self.path = Path(run_dir) / METRICS_FILE
@@ -142,8 +143,14 @@ class RolloutLog:
             truncate_jsonl(self.path, resume_step)
         self._file = self.path.open("a", encoding="utf-8")
 
-    def write(self, step: int, prompts: Sequence[str], completions: Sequence[str],
-              rewards: Mapping[str, Sequence[float]], extra: Mapping[str, Sequence[Any]] | None = None) -> None:
+    def write(
+        self,
+        step: int,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        rewards: Mapping[str, Sequence[float]],
+        extra: Mapping[str, Sequence[Any]] | None = None,
+    ) -> None:
         """Log one step's rollouts. Completions come in groups of G consecutive rows per prompt
         (G = len(completions) / len(prompts)); `rewards` and `extra` (e.g. solution, advantage) have one value per row.
         """
@@ -156,10 +163,14 @@ class RolloutLog:
             if len(column) != rows:
                 raise ValueError(f"rollout log: '{name}' has {len(column)} values for {rows} completions")
         for i, completion in enumerate(completions):
-            record = {"step": int(step), "prompt_index": i // group, "prompt": prompts[i // group],
-                      "completion": completion,
-                      "rewards": {name: _scalar(values[i]) for name, values in rewards.items()},
-                      **{name: _plain(values[i]) for name, values in (extra or {}).items()}}
+            record = {
+                "step": int(step),
+                "prompt_index": i // group,
+                "prompt": prompts[i // group],
+                "completion": completion,
+                "rewards": {name: _scalar(values[i]) for name, values in rewards.items()},
+                **{name: _plain(values[i]) for name, values in (extra or {}).items()},
+            }
             self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
 

@@ -83,8 +83,10 @@ def model_config(cfg: RunConfig, tokenizer: Tokenizer) -> Qwen25VLConfig:
 
         return read_config(cfg.model.hf_model)
     if not cfg.model.preset:
-        raise ValueError("vlmr1 plan needs an architecture: set model.hf_model=FOLDER (only its config.json is "
-                         "read) or model.preset=NAME (e.g. model.preset=qwen2.5-vl-3b)")
+        raise ValueError(
+            "vlmr1 plan needs an architecture: set model.hf_model=FOLDER (only its config.json is "
+            "read) or model.preset=NAME (e.g. model.preset=qwen2.5-vl-3b)"
+        )
     return preset_config(cfg, tokenizer)
 
 
@@ -116,8 +118,9 @@ def with_shardings(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(place, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def abstract_train_state(cfg: RunConfig, model_cfg: Qwen25VLConfig, mesh: Mesh, optimizer
-                         ) -> tuple[nnx.GraphDef, TrainState]:
+def abstract_train_state(
+    cfg: RunConfig, model_cfg: Qwen25VLConfig, mesh: Mesh, optimizer
+) -> tuple[nnx.GraphDef, TrainState]:
     """The trainer's (graphdef, TrainState) as sharded ShapeDtypeStructs: the real model constructor, LoRA and
     `init_train_state` traced under `jax.eval_shape`, so no parameter is ever allocated."""
     dtype, param_dtype = dtype_of(cfg.model.dtype), dtype_of(cfg.model.param_dtype)
@@ -128,8 +131,9 @@ def abstract_train_state(cfg: RunConfig, model_cfg: Qwen25VLConfig, mesh: Mesh, 
         configure_model(model, cfg.model)
         if cfg.train.trainable == "lora":
             apply_lora(model, cfg.lora.rank, cfg.lora.alpha, seed=cfg.train.seed, dropout=cfg.lora.dropout)
-        graphdef, state = init_train_state(model, cfg.train.trainable, optimizer, cfg.grpo.beta > 0,
-                                           frozen_dtype=frozen_dtype_of(cfg.model))
+        graphdef, state = init_train_state(
+            model, cfg.train.trainable, optimizer, cfg.grpo.beta > 0, frozen_dtype=frozen_dtype_of(cfg.model)
+        )
         graphdefs.append(graphdef)
         return state
 
@@ -148,8 +152,9 @@ def parse_image_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def representative_prompts(cfg: RunConfig, model_cfg: Qwen25VLConfig, tokenizer: Tokenizer,
-                           image_size: tuple[int, int], images: int) -> PromptBatch:
+def representative_prompts(
+    cfg: RunConfig, model_cfg: Qwen25VLConfig, tokenizer: Tokenizer, image_size: tuple[int, int], images: int
+) -> PromptBatch:
     """data.prompts_per_step REC prompts with `images` blank images of `image_size` each, through the real
     prompt template, image processor (smart_resize with data.min/max_pixels) and vision plan."""
     from PIL import Image
@@ -158,13 +163,21 @@ def representative_prompts(cfg: RunConfig, model_cfg: Qwen25VLConfig, tokenizer:
         path = os.path.join(folder, "image.png")
         Image.new("RGB", image_size).save(path)
         count = cfg.data.prompts_per_step
-        return encode_prompts([REPRESENTATIVE_PROBLEM] * count, [[path] * images] * count, tokenizer, model_cfg,
-                              task_type=cfg.data.task_type, min_pixels=cfg.data.min_pixels,
-                              max_pixels=cfg.data.max_pixels, length=cfg.data.max_prompt_length)
+        return encode_prompts(
+            [REPRESENTATIVE_PROBLEM] * count,
+            [[path] * images] * count,
+            tokenizer,
+            model_cfg,
+            task_type=cfg.data.task_type,
+            min_pixels=cfg.data.min_pixels,
+            max_pixels=cfg.data.max_pixels,
+            length=cfg.data.max_prompt_length,
+        )
 
 
-def abstract_batch(arrays: dict[str, np.ndarray], mesh: Mesh, axes: dict[str, int] = BATCH_AXIS
-                   ) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(
+    arrays: dict[str, np.ndarray], mesh: Mesh, axes: dict[str, int] = BATCH_AXIS
+) -> dict[str, jax.ShapeDtypeStruct]:
     """ShapeDtypeStructs with the shardings `train.setup.to_device` gives these host arrays."""
     out = {}
     for name, value in arrays.items():
@@ -178,8 +191,11 @@ def abstract_batch(arrays: dict[str, np.ndarray], mesh: Mesh, axes: dict[str, in
 
 def outputs_of(compiled: jax.stages.Compiled) -> Any:
     """A compiled program's outputs as sharded ShapeDtypeStructs (the next program's abstract inputs)."""
-    return jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
-                        compiled.out_info, compiled.output_shardings)
+    return jax.tree.map(
+        lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding),
+        compiled.out_info,
+        compiled.output_shardings,
+    )
 
 
 # ------------------------------------------------------------------------------------------- accounting
@@ -202,31 +218,54 @@ def analytic_param_counts(cfg: Qwen25VLConfig, lora_rank: int = 0) -> dict[str, 
     """Parameter counts from the config alone: text, vision, and LoRA adapters (rank r on every text linear)."""
     t, v = cfg.text, cfg.vision
     d, hd, heads, kv = t.hidden_size, t.head_dim, t.num_attention_heads, t.num_key_value_heads
-    linears = [(d, heads * hd), (d, kv * hd), (d, kv * hd), (heads * hd, d),
-               (d, t.intermediate_size), (d, t.intermediate_size), (t.intermediate_size, d)]
+    linears = [
+        (d, heads * hd),
+        (d, kv * hd),
+        (d, kv * hd),
+        (heads * hd, d),
+        (d, t.intermediate_size),
+        (d, t.intermediate_size),
+        (t.intermediate_size, d),
+    ]
     layer = sum(i * o for i, o in linears) + (heads + 2 * kv) * hd + 2 * d  # + q/k/v biases, two norms
     text = t.vocab_size * d + t.num_hidden_layers * layer + d + (0 if t.tie_word_embeddings else d * t.vocab_size)
     targets = t.num_hidden_layers * linears + ([] if t.tie_word_embeddings else [(d, t.vocab_size)])
     lora = sum(lora_rank * (i + o) for i, o in targets) if lora_rank else 0
     hv, iv, wide = v.hidden_size, v.intermediate_size, v.hidden_size * v.merge_unit
     block = 2 * hv + (hv * 3 * hv + 3 * hv) + (hv * hv + hv) + (2 * (hv * iv + iv) + iv * hv + hv)
-    vision = v.patch_dim * hv + v.depth * block + hv + (wide * wide + wide) + (wide * v.out_hidden_size
-                                                                              + v.out_hidden_size)
+    vision = (
+        v.patch_dim * hv + v.depth * block + hv + (wide * wide + wide) + (wide * v.out_hidden_size + v.out_hidden_size)
+    )
     return {"text": text, "vision": vision, "lora": lora, "total": text + vision + lora}
 
 
 def _text_matmul_params(cfg: Qwen25VLConfig, lora_rank: int) -> int:
     """Multiply-accumulates per token through the decoder layers (no embedding, no LM head)."""
     t = cfg.text
-    d, hd, heads, kv, inter = t.hidden_size, t.head_dim, t.num_attention_heads, t.num_key_value_heads, \
-        t.intermediate_size
+    d, hd, heads, kv, inter = (
+        t.hidden_size,
+        t.head_dim,
+        t.num_attention_heads,
+        t.num_key_value_heads,
+        t.intermediate_size,
+    )
     linears = [(d, heads * hd), (d, kv * hd), (d, kv * hd), (heads * hd, d), (d, inter), (d, inter), (inter, d)]
     return t.num_hidden_layers * sum(i * o + lora_rank * (i + o) for i, o in linears)
 
 
-def analytic_flops(cfg: Qwen25VLConfig, *, prompts: int, samples: int, prompt_len: int, new_tokens: int,
-                   vision_slots: int, frame_slots: int, trainable: str, remat: str, lora_rank: int
-                   ) -> dict[str, float]:
+def analytic_flops(
+    cfg: Qwen25VLConfig,
+    *,
+    prompts: int,
+    samples: int,
+    prompt_len: int,
+    new_tokens: int,
+    vision_slots: int,
+    frame_slots: int,
+    trainable: str,
+    remat: str,
+    lora_rank: int,
+) -> dict[str, float]:
     """Global FLOPs of each program as this implementation computes them: 2 * MACs of every matmul, attention
     over the whole cache (L + T slots, masked, as our dense attention does), the vision tower on its padded
     window slots, logits only where the program takes them. The train step is forward + backward: the backward
@@ -240,9 +279,11 @@ def analytic_flops(cfg: Qwen25VLConfig, *, prompts: int, samples: int, prompt_le
     hv, wide = v.hidden_size, v.hidden_size * v.merge_unit
     block_mm = hv * 3 * hv + hv * hv + 3 * hv * v.intermediate_size
     full_blocks = len([i for i in v.fullatt_block_indexes if i < v.depth])
-    vision = (2 * vision_slots * (v.patch_dim * hv + v.depth * block_mm)
-              + 4 * vision_slots * hv * (v.window_patches * (v.depth - full_blocks) + frame_slots * full_blocks)
-              + 2 * (vision_slots // v.merge_unit) * (wide * wide + wide * v.out_hidden_size))
+    vision = (
+        2 * vision_slots * (v.patch_dim * hv + v.depth * block_mm)
+        + 4 * vision_slots * hv * (v.window_patches * (v.depth - full_blocks) + frame_slots * full_blocks)
+        + 2 * (vision_slots // v.merge_unit) * (wide * wide + wide * v.out_hidden_size)
+    )
 
     def decoder(tokens: int) -> float:
         return 2 * tokens * text_mm + tokens * attn_per_query
@@ -278,8 +319,14 @@ class ProgramReport:
     def extra_bytes(self) -> int:
         """What running it adds on top of the persistent state: its non-state arguments, outputs not aliased to
         donated inputs, temporaries and code."""
-        return (self.argument_bytes - self.state_argument_bytes + self.output_bytes - self.alias_bytes
-                + self.temp_bytes + self.code_bytes)
+        return (
+            self.argument_bytes
+            - self.state_argument_bytes
+            + self.output_bytes
+            - self.alias_bytes
+            + self.temp_bytes
+            + self.code_bytes
+        )
 
 
 def program_report(name: str, jitted: Callable, args: tuple, state_args: Any) -> tuple[ProgramReport, Any]:
@@ -294,10 +341,19 @@ def program_report(name: str, jitted: Callable, args: tuple, state_args: Any) ->
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
-    report = ProgramReport(name, lowered_at - start, done - lowered_at, memory.argument_size_in_bytes,
-                           memory.output_size_in_bytes, memory.alias_size_in_bytes, memory.temp_size_in_bytes,
-                           memory.generated_code_size_in_bytes, device_bytes(state_args),
-                           float(cost.get("flops", 0.0)), 0.0)
+    report = ProgramReport(
+        name,
+        lowered_at - start,
+        done - lowered_at,
+        memory.argument_size_in_bytes,
+        memory.output_size_in_bytes,
+        memory.alias_size_in_bytes,
+        memory.temp_size_in_bytes,
+        memory.generated_code_size_in_bytes,
+        device_bytes(state_args),
+        float(cost.get("flops", 0.0)),
+        0.0,
+    )
     return report, outputs_of(compiled)
 
 
@@ -357,9 +413,14 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["programs"] = [{**dataclasses.asdict(p), "extra_bytes": p.extra_bytes} for p in self.programs]
-        out.update(persistent_bytes=self.persistent_bytes, peak_bytes=self.peak_bytes,
-                   budget_bytes=self.budget_bytes, fits=self.fits, largest_program=self.largest.name,
-                   suggestions=suggestions(self))
+        out.update(
+            persistent_bytes=self.persistent_bytes,
+            peak_bytes=self.peak_bytes,
+            budget_bytes=self.budget_bytes,
+            fits=self.fits,
+            largest_program=self.largest.name,
+            suggestions=suggestions(self),
+        )
         return out
 
 
@@ -381,9 +442,17 @@ def component_bytes(state: TrainState) -> dict[str, int]:
     return out
 
 
-def make_plan(cfg: RunConfig, devices: list[jax.Device], device_kind: str, *, recipe: str = "",
-              hbm_gib: float | None = None, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, images: int = 1,
-              headroom: float = HEADROOM) -> Plan:
+def make_plan(
+    cfg: RunConfig,
+    devices: list[jax.Device],
+    device_kind: str,
+    *,
+    recipe: str = "",
+    hbm_gib: float | None = None,
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+    images: int = 1,
+    headroom: float = HEADROOM,
+) -> Plan:
     """Compile the recipe's sampler, reference log-prob and GRPO step for `devices` and account for them."""
     if device_kind not in DEVICE_HBM_GIB:
         raise ValueError(f"--device-kind {device_kind!r}; choose one of {sorted(DEVICE_HBM_GIB)}")
@@ -406,57 +475,99 @@ def make_plan(cfg: RunConfig, devices: list[jax.Device], device_kind: str, *, re
 
     with jax.set_mesh(mesh):  # activation / KV-cache constraints apply, as in the trainer
         reports = []
-        report, rollout = program_report("sampler", make_generate_fn(cfg, tokenizer, model_cfg, graphdef),
-                                         (state.trainable, state.frozen, prompts, key),
-                                         (state.trainable, state.frozen))
+        report, rollout = program_report(
+            "sampler",
+            make_generate_fn(cfg, tokenizer, model_cfg, graphdef),
+            (state.trainable, state.frozen, prompts, key),
+            (state.trainable, state.frozen),
+        )
         reports.append(report)
         rows = cfg.data.prompts_per_step * g.num_generations
         ref_logprobs = None
         if g.beta > 0:
             report, ref_logprobs = program_report(
-                "reference", make_logprob_fn(graphdef, g.num_generations),
+                "reference",
+                make_logprob_fn(graphdef, g.num_generations),
                 (state.reference, state.frozen, prompts, rollout.tokens, rollout.mask),
-                (state.reference, state.frozen))
+                (state.reference, state.frozen),
+            )
             reports.append(report)
-        train_batch = TrainExample(prompts, rollout.tokens, rollout.mask,  # type: ignore[arg-type]  # abstract
-                                   jax.ShapeDtypeStruct((rows,), np.float32),  # type: ignore[arg-type]
-                                   ref_logprobs=ref_logprobs,
-                                   old_logprobs=rollout.logprobs if g.num_iterations > 1 else None)
+        train_batch = TrainExample(
+            prompts,  # type: ignore[arg-type]  # abstract values
+            rollout.tokens,
+            rollout.mask,
+            jax.ShapeDtypeStruct((rows,), np.float32),  # type: ignore[arg-type]
+            ref_logprobs=ref_logprobs,
+            old_logprobs=rollout.logprobs if g.num_iterations > 1 else None,
+        )
         step_fn = make_grpo_step(graphdef, g, optimizer, schedule, cfg.optim.grad_accum, seed=cfg.train.seed)
         report, _ = program_report("grpo_step", step_fn, (state, train_batch), state)
         reports.append(report)
 
     prompt_len = batch.input_ids.shape[1]
     lora_rank = cfg.lora.rank if cfg.train.trainable == "lora" else 0
-    flops = analytic_flops(model_cfg, prompts=cfg.data.prompts_per_step, samples=g.num_generations,
-                           prompt_len=prompt_len, new_tokens=cfg.sampling.max_new_tokens,
-                           vision_slots=batch.pixel_values.shape[0], frame_slots=batch.frame_index.shape[1],
-                           trainable=cfg.train.trainable, remat=cfg.model.remat, lora_rank=lora_rank)
+    flops = analytic_flops(
+        model_cfg,
+        prompts=cfg.data.prompts_per_step,
+        samples=g.num_generations,
+        prompt_len=prompt_len,
+        new_tokens=cfg.sampling.max_new_tokens,
+        vision_slots=batch.pixel_values.shape[0],
+        frame_slots=batch.frame_index.shape[1],
+        trainable=cfg.train.trainable,
+        remat=cfg.model.remat,
+        lora_rank=lora_rank,
+    )
     for r in reports:
         r.analytic_flops = flops[r.name] / len(devices)
     grid = batch.image_grids[0][0]
     text = model_cfg.text
     batch_shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
     cache_rows = rows // batch_shards if rows % batch_shards == 0 else rows
-    kv_cache = (2 * text.num_hidden_layers * cache_rows * (prompt_len + cfg.sampling.max_new_tokens)
-                * text.num_key_value_heads * text.head_dim * np.dtype(dtype_of(cfg.model.dtype)).itemsize)
+    kv_cache = (
+        2
+        * text.num_hidden_layers
+        * cache_rows
+        * (prompt_len + cfg.sampling.max_new_tokens)
+        * text.num_key_value_heads
+        * text.head_dim
+        * np.dtype(dtype_of(cfg.model.dtype)).itemsize
+    )
     logits = cache_rows * min(cfg.model.logits_chunk, cfg.sampling.max_new_tokens) * text.vocab_size * 4
     hbm = hbm_gib if hbm_gib is not None else DEVICE_HBM_GIB[device_kind]
     return Plan(
-        recipe=recipe, model=cfg.model.hf_model or cfg.model.preset or "", device_kind=device_kind,
-        devices=len(devices), hbm_bytes=int(hbm * GIB), headroom=headroom, mesh=dict(mesh.shape),
-        trainable=cfg.train.trainable, remat=cfg.model.remat, dtype=cfg.model.dtype,
-        param_dtype=cfg.model.param_dtype, prompts=cfg.data.prompts_per_step, samples=g.num_generations,
-        prompt_tokens=prompt_len, new_tokens=cfg.sampling.max_new_tokens, image_grid=grid,
+        recipe=recipe,
+        model=cfg.model.hf_model or cfg.model.preset or "",
+        device_kind=device_kind,
+        devices=len(devices),
+        hbm_bytes=int(hbm * GIB),
+        headroom=headroom,
+        mesh=dict(mesh.shape),
+        trainable=cfg.train.trainable,
+        remat=cfg.model.remat,
+        dtype=cfg.model.dtype,
+        param_dtype=cfg.model.param_dtype,
+        prompts=cfg.data.prompts_per_step,
+        samples=g.num_generations,
+        prompt_tokens=prompt_len,
+        new_tokens=cfg.sampling.max_new_tokens,
+        image_grid=grid,
         image_tokens=math.prod(grid) // model_cfg.vision.merge_unit,
         params=count_params(state.trainable) + count_params(state.frozen),
         analytic_params=analytic_param_counts(model_cfg, lora_rank),
-        state={"trainable": device_bytes(state.trainable), "frozen": device_bytes(state.frozen),
-               "optimizer": device_bytes(state.opt_state), "reference": device_bytes(state.reference),
-               "step": device_bytes(state.step)},
-        gradients_bytes=device_bytes(state.trainable), kv_cache_bytes=kv_cache, logits_bytes=logits,
+        state={
+            "trainable": device_bytes(state.trainable),
+            "frozen": device_bytes(state.frozen),
+            "optimizer": device_bytes(state.opt_state),
+            "reference": device_bytes(state.reference),
+            "step": device_bytes(state.step),
+        },
+        gradients_bytes=device_bytes(state.trainable),
+        kv_cache_bytes=kv_cache,
+        logits_bytes=logits,
         programs=reports,
-        component_bytes=component_bytes(state))
+        component_bytes=component_bytes(state),
+    )
 
 
 # ------------------------------------------------------------------------------------------- advice and output
@@ -471,26 +582,40 @@ def suggestions(plan: Plan) -> list[str]:
     step = next((p for p in plan.programs if p.name == "grpo_step"), plan.largest)
     out = [f"needs {gib(over)} GiB less per device (peak {gib(plan.peak_bytes)} > budget {gib(plan.budget_bytes)})"]
     sharded = plan.persistent_bytes - plan.state["step"]
-    out.append(f"twice the devices (bigger fsdp, --devices {2 * plan.devices}): sharded state and batch "
-               f"activations halve, about -{gib(sharded // 2 + plan.largest.extra_bytes // 2)} GiB (rerun to measure)")
+    out.append(
+        f"twice the devices (bigger fsdp, --devices {2 * plan.devices}): sharded state and batch "
+        f"activations halve, about -{gib(sharded // 2 + plan.largest.extra_bytes // 2)} GiB (rerun to measure)"
+    )
     if plan.remat != "full":
-        out.append("model.remat=full: the backward keeps one activation per decoder layer instead of all of them "
-                   f"(grpo_step temporaries now {gib(step.temp_bytes)} GiB)")
+        out.append(
+            "model.remat=full: the backward keeps one activation per decoder layer instead of all of them "
+            f"(grpo_step temporaries now {gib(step.temp_bytes)} GiB)"
+        )
     if plan.trainable == "full":
         vision = c.get("opt_state/vision", 0) + c.get("trainable/vision", 0) + c.get("reference/vision", 0)
-        out.append(f"train.trainable=freeze_vision: no optimizer state, gradients or reference copy for the "
-                   f"vision tower, about -{gib(vision)} GiB")
+        out.append(
+            f"train.trainable=freeze_vision: no optimizer state, gradients or reference copy for the "
+            f"vision tower, about -{gib(vision)} GiB"
+        )
     if plan.trainable != "lora":
         text = sum(c.get(f"{g}/text", 0) for g in ("opt_state", "reference")) + c.get("trainable/text", 0)
-        out.append(f"train.trainable=lora (recipe rec_3b_lora): optimizer state, gradients and reference only for "
-                   f"the adapters, about -{gib(text)} GiB before the adapters' own state")
-    out.append(f"data.prompts_per_step={max(plan.prompts // 2, 1)}: batch activations, KV cache and rollouts "
-               f"halve, about -{gib(plan.largest.extra_bytes // 2)} GiB")
-    out.append(f"sampling.max_new_tokens={max(plan.new_tokens // 2, 1)}: KV cache and completion activations "
-               f"roughly halve (KV cache now {gib(plan.kv_cache_bytes)} GiB)")
+        out.append(
+            f"train.trainable=lora (recipe rec_3b_lora): optimizer state, gradients and reference only for "
+            f"the adapters, about -{gib(text)} GiB before the adapters' own state"
+        )
+    out.append(
+        f"data.prompts_per_step={max(plan.prompts // 2, 1)}: batch activations, KV cache and rollouts "
+        f"halve, about -{gib(plan.largest.extra_bytes // 2)} GiB"
+    )
+    out.append(
+        f"sampling.max_new_tokens={max(plan.new_tokens // 2, 1)}: KV cache and completion activations "
+        f"roughly halve (KV cache now {gib(plan.kv_cache_bytes)} GiB)"
+    )
     if plan.logits_bytes > plan.budget_bytes // 20:
-        out.append(f"model.logits_chunk smaller: each chunk of completion logits is {gib(plan.logits_bytes)} GiB "
-                   f"(fp32, a few copies live in the backward)")
+        out.append(
+            f"model.logits_chunk smaller: each chunk of completion logits is {gib(plan.logits_bytes)} GiB "
+            f"(fp32, a few copies live in the backward)"
+        )
     return out
 
 
@@ -505,7 +630,8 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"vlmr1 plan {plan.recipe}: {plan.model}, {plan.params / 1e9:.3f}B parameters (analytic "
         f"{a['total'] / 1e9:.3f}B: text {a['text'] / 1e9:.3f}B, vision {a['vision'] / 1e9:.3f}B"
-        + (f", LoRA {a['lora'] / 1e6:.1f}M" if a["lora"] else "") + ")",
+        + (f", LoRA {a['lora'] / 1e6:.1f}M" if a["lora"] else "")
+        + ")",
         f"  train.trainable={plan.trainable} model.remat={plan.remat} dtype={plan.dtype} param_dtype="
         f"{plan.param_dtype}",
         f"  {plan.devices} x {plan.device_kind} ({plan.hbm_bytes / GIB:.0f} GiB each), mesh {mesh}",
@@ -514,32 +640,44 @@ def format_plan(plan: Plan) -> str:
         "",
         "persistent state per device           GiB",
     ]
-    names = {"trainable": "trainable parameters", "frozen": "frozen parameters", "optimizer": "optimizer state",
-             "reference": "reference policy"}
+    names = {
+        "trainable": "trainable parameters",
+        "frozen": "frozen parameters",
+        "optimizer": "optimizer state",
+        "reference": "reference policy",
+    }
     for key, label in names.items():
         lines.append(f"  {label:<34} {gib(plan.state[key]):>7}")
     lines.append(f"  {'total':<34} {gib(plan.persistent_bytes):>7}")
     lines.append("")
-    header = (f"{'program':<10} {'lower s':>8} {'compile s':>9} {'args':>8} {'out':>8} {'alias':>8} {'temp':>8} "
-              f"{'code':>6} {'extra':>8} {'TFLOP xla':>10} {'TFLOP est':>10}")
+    header = (
+        f"{'program':<10} {'lower s':>8} {'compile s':>9} {'args':>8} {'out':>8} {'alias':>8} {'temp':>8} "
+        f"{'code':>6} {'extra':>8} {'TFLOP xla':>10} {'TFLOP est':>10}"
+    )
     lines += ["programs per device (GiB; extra = args - state + out - alias + temp + code)", header]
     for p in plan.programs:
-        lines.append(f"{p.name:<10} {p.lower_seconds:>8.1f} {p.compile_seconds:>9.1f} {gib(p.argument_bytes):>8} "
-                     f"{gib(p.output_bytes):>8} {gib(p.alias_bytes):>8} {gib(p.temp_bytes):>8} "
-                     f"{gib(p.code_bytes):>6} {gib(p.extra_bytes):>8} {p.flops / 1e12:>10.2f} "
-                     f"{p.analytic_flops / 1e12:>10.2f}")
-    lines += [f"  inside the temporaries: gradients ~{gib(plan.gradients_bytes)} GiB (grpo_step), KV cache "
-              f"{gib(plan.kv_cache_bytes)} GiB (sampler), completion logits {gib(plan.logits_bytes)} GiB per fp32 "
-              "chunk (reference, grpo_step)",
-              "  TFLOP xla: XLA's count for one device, a while loop's body counted once (the sampler's decode);"
-              " est: analytical, whole program",
-              "",
-              f"peak per device = persistent {gib(plan.persistent_bytes)} + {plan.largest.name} extra "
-              f"{gib(plan.largest.extra_bytes)} = {gib(plan.peak_bytes)} GiB; budget {plan.headroom:.0%} of "
-              f"{plan.hbm_bytes / GIB:.0f} GiB = {gib(plan.budget_bytes)} GiB"]
+        lines.append(
+            f"{p.name:<10} {p.lower_seconds:>8.1f} {p.compile_seconds:>9.1f} {gib(p.argument_bytes):>8} "
+            f"{gib(p.output_bytes):>8} {gib(p.alias_bytes):>8} {gib(p.temp_bytes):>8} "
+            f"{gib(p.code_bytes):>6} {gib(p.extra_bytes):>8} {p.flops / 1e12:>10.2f} "
+            f"{p.analytic_flops / 1e12:>10.2f}"
+        )
+    lines += [
+        f"  inside the temporaries: gradients ~{gib(plan.gradients_bytes)} GiB (grpo_step), KV cache "
+        f"{gib(plan.kv_cache_bytes)} GiB (sampler), completion logits {gib(plan.logits_bytes)} GiB per fp32 "
+        "chunk (reference, grpo_step)",
+        "  TFLOP xla: XLA's count for one device, a while loop's body counted once (the sampler's decode);"
+        " est: analytical, whole program",
+        "",
+        f"peak per device = persistent {gib(plan.persistent_bytes)} + {plan.largest.name} extra "
+        f"{gib(plan.largest.extra_bytes)} = {gib(plan.peak_bytes)} GiB; budget {plan.headroom:.0%} of "
+        f"{plan.hbm_bytes / GIB:.0f} GiB = {gib(plan.budget_bytes)} GiB",
+    ]
     if plan.fits:
-        lines.append(f"FITS {plan.devices} x {plan.device_kind}: headroom {gib(plan.budget_bytes - plan.peak_bytes)}"
-                     f" GiB under the budget")
+        lines.append(
+            f"FITS {plan.devices} x {plan.device_kind}: headroom {gib(plan.budget_bytes - plan.peak_bytes)}"
+            f" GiB under the budget"
+        )
     else:
         lines.append(f"DOES NOT FIT {plan.devices} x {plan.device_kind}; to fit, try:")
         lines += [f"  - {s}" for s in suggestions(plan)]
@@ -551,9 +689,24 @@ def format_plan(plan: Plan) -> str:
 
 def _reexec(args: argparse.Namespace) -> int:
     """Run this plan in a fresh process whose JAX has `args.devices` CPU devices."""
-    argv = [sys.executable, "-m", "vlmr1_jax.cli", "plan", args.config, *args.overrides, "--devices",
-            str(args.devices), "--device-kind", args.device_kind, "--image-size", args.image_size,
-            "--images", str(args.images), "--headroom", str(args.headroom)]
+    argv = [
+        sys.executable,
+        "-m",
+        "vlmr1_jax.cli",
+        "plan",
+        args.config,
+        *args.overrides,
+        "--devices",
+        str(args.devices),
+        "--device-kind",
+        args.device_kind,
+        "--image-size",
+        args.image_size,
+        "--images",
+        str(args.images),
+        "--headroom",
+        str(args.headroom),
+    ]
     if args.hbm_gib is not None:
         argv += ["--hbm-gib", str(args.hbm_gib)]
     if args.json:
@@ -570,8 +723,16 @@ def run(args: argparse.Namespace) -> int:
         return _reexec(args)
     try:
         cfg = load_config(args.config, args.overrides)
-        plan = make_plan(cfg, devices, args.device_kind, recipe=args.config, hbm_gib=args.hbm_gib,
-                         image_size=parse_image_size(args.image_size), images=args.images, headroom=args.headroom)
+        plan = make_plan(
+            cfg,
+            devices,
+            args.device_kind,
+            recipe=args.config,
+            hbm_gib=args.hbm_gib,
+            image_size=parse_image_size(args.image_size),
+            images=args.images,
+            headroom=args.headroom,
+        )
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise SystemExit(f"vlmr1 plan: {err}") from None
     print(format_plan(plan))
@@ -582,20 +743,35 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("plan", help="will a recipe fit N devices? (AOT compile on a simulated CPU mesh)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=f"exit status: 0 fits, {EXIT_DOES_NOT_FIT} does not fit")
+    p = subparsers.add_parser(
+        "plan",
+        help="will a recipe fit N devices? (AOT compile on a simulated CPU mesh)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"exit status: 0 fits, {EXIT_DOES_NOT_FIT} does not fit",
+    )
     p.add_argument("config", help="recipe: a YAML path or a packaged name (vlmr1_jax/configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.preset=qwen2.5-vl-3b")
-    p.add_argument("--devices", type=int, required=True,
-                   help="JAX devices = chips (v5p-8: 4, v5p-64: 32, v5e-8 / v6e-8: 8, 8xH100: 8)")
-    p.add_argument("--device-kind", required=True, choices=sorted(DEVICE_HBM_GIB),
-                   help="HBM per device: " + ", ".join(f"{k} {v:g} GiB" for k, v in DEVICE_HBM_GIB.items()))
+    p.add_argument(
+        "--devices",
+        type=int,
+        required=True,
+        help="JAX devices = chips (v5p-8: 4, v5p-64: 32, v5e-8 / v6e-8: 8, 8xH100: 8)",
+    )
+    p.add_argument(
+        "--device-kind",
+        required=True,
+        choices=sorted(DEVICE_HBM_GIB),
+        help="HBM per device: " + ", ".join(f"{k} {v:g} GiB" for k, v in DEVICE_HBM_GIB.items()),
+    )
     p.add_argument("--hbm-gib", type=float, help="override the device's HBM (GiB)")
     p.add_argument("--headroom", type=float, default=HEADROOM, help="fits when peak <= this fraction of HBM")
-    p.add_argument("--image-size", default="x".join(map(str, DEFAULT_IMAGE_SIZE)),
-                   help="WIDTHxHEIGHT of each prompt's image(s) before smart_resize (default: %(default)s, a "
-                        "typical COCO / RefCOCO image)")
+    p.add_argument(
+        "--image-size",
+        default="x".join(map(str, DEFAULT_IMAGE_SIZE)),
+        help="WIDTHxHEIGHT of each prompt's image(s) before smart_resize (default: %(default)s, a "
+        "typical COCO / RefCOCO image)",
+    )
     p.add_argument("--images", type=int, default=1, help="images per prompt (default 1, as REC)")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.set_defaults(func=run)

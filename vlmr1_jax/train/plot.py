@@ -52,8 +52,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
         ax = fig.add_subplot()
         for name in names:
             steps, values = _curve(records, name)
-            ax.plot(steps, values, label=name, linewidth=2.0 if name == wanted[0] else 1.2,
-                    marker="." if len(steps) < 30 else None)  # short runs: single points stay visible
+            ax.plot(
+                steps,
+                values,
+                label=name,
+                linewidth=2.0 if name == wanted[0] else 1.2,
+                marker="." if len(steps) < 30 else None,
+            )  # short runs: single points stay visible
         ax.set(title=title, xlabel="step", ylabel=ylabel)
         ax.grid(alpha=0.3)
         if len(names) > 1:

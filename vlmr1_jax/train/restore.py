@@ -59,8 +59,10 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, int | None] | None:
 def _locate(path: str | os.PathLike, step: int | None) -> tuple[Path, int | None]:
     found = find_checkpoint(path)
     if found is None:
-        raise FileNotFoundError(f"{path}: not a checkpoint (expected a run folder with {CHECKPOINTS}/<step>/, a "
-                                f"{CHECKPOINTS} folder, or one <step> folder holding state/ and meta/)")
+        raise FileNotFoundError(
+            f"{path}: not a checkpoint (expected a run folder with {CHECKPOINTS}/<step>/, a "
+            f"{CHECKPOINTS} folder, or one <step> folder holding state/ and meta/)"
+        )
     directory, at = found
     if at is not None and step is not None and at != step:
         raise ValueError(f"{path} is the folder of step {at}, but step {step} was asked for")
@@ -84,8 +86,9 @@ def _parse_meta(meta: dict[str, Any], where: str) -> tuple[RunConfig, Qwen25VLCo
         raise CheckpointError(f"{where}: cannot read the configs in its meta: {e}") from e
 
 
-def _abstract_train_state(run: RunConfig, model_cfg: Qwen25VLConfig, kind: str,
-                          mesh: Mesh) -> tuple[nnx.GraphDef, TrainState]:
+def _abstract_train_state(
+    run: RunConfig, model_cfg: Qwen25VLConfig, kind: str, mesh: Mesh
+) -> tuple[nnx.GraphDef, TrainState]:
     """The graphdef and the abstract TrainState (ShapeDtypeStructs placed on `mesh` by their logical axes) that
     the trainer of `kind` built for `run`."""
     with_reference = kind == "grpo" and run.grpo.beta > 0
@@ -93,12 +96,14 @@ def _abstract_train_state(run: RunConfig, model_cfg: Qwen25VLConfig, kind: str,
     graphdefs: list[nnx.GraphDef] = []
 
     def build() -> TrainState:
-        model = Qwen25VL(model_cfg, rngs=nnx.Rngs(0), dtype=dtype_of(run.model.dtype),
-                         param_dtype=dtype_of(run.model.param_dtype))
+        model = Qwen25VL(
+            model_cfg, rngs=nnx.Rngs(0), dtype=dtype_of(run.model.dtype), param_dtype=dtype_of(run.model.param_dtype)
+        )
         if run.train.trainable == "lora":
             apply_lora(model, run.lora.rank, run.lora.alpha, seed=run.train.seed)
-        graphdef, state = init_train_state(model, run.train.trainable, optimizer, with_reference,
-                                           frozen_dtype_of(run.model))
+        graphdef, state = init_train_state(
+            model, run.train.trainable, optimizer, with_reference, frozen_dtype_of(run.model)
+        )
         graphdefs.append(graphdef)
         return state
 
@@ -136,8 +141,10 @@ def _import_params(directory: Path, step: int | None) -> Path:
         step = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
     folder = directory / str(step) / PARAMS
     if not (folder / CHECKSUMS_FILE).is_file():
-        raise CheckpointError(f"{folder}: an import checkpoint needs its parameters there, with {CHECKSUMS_FILE}; "
-                              f"run `vlmr1 import-hf` again")
+        raise CheckpointError(
+            f"{folder}: an import checkpoint needs its parameters there, with {CHECKSUMS_FILE}; "
+            f"run `vlmr1 import-hf` again"
+        )
     return folder
 
 
@@ -149,8 +156,9 @@ def imported_params(path: str | os.PathLike, step: int | None = None) -> Path | 
     return _import_params(directory, step) if _parse_meta(meta, str(directory))[2] == "import" else None
 
 
-def load_checkpoint(path: str | os.PathLike, step: int | None = None,
-                    mesh: Mesh | None = None) -> tuple[Qwen25VL, dict[str, Any], str | None]:
+def load_checkpoint(
+    path: str | os.PathLike, step: int | None = None, mesh: Mesh | None = None
+) -> tuple[Qwen25VL, dict[str, Any], str | None]:
     """The policy of a checkpoint (LoRA adapters kept, not merged), its meta, and its tokenizer folder.
 
     `path`: a run folder, its `checkpoints` folder or a step folder; `step` defaults to the latest (or the step
@@ -165,8 +173,9 @@ def load_checkpoint(path: str | os.PathLike, step: int | None = None,
         from converters.hf import load_hf_model
 
         folder = _import_params(directory, step)
-        model = load_hf_model(folder, dtype=dtype_of(run.model.dtype), param_dtype=dtype_of(run.model.param_dtype),
-                              mesh=mesh)
+        model = load_hf_model(
+            folder, dtype=dtype_of(run.model.dtype), param_dtype=dtype_of(run.model.param_dtype), mesh=mesh
+        )
         if model.cfg != model_cfg:
             raise CheckpointError(f"{folder}/config.json does not describe the model of its meta ({directory})")
         return model, meta, tokenizer_dir_of(run)
@@ -179,8 +188,9 @@ def load_checkpoint(path: str | os.PathLike, step: int | None = None,
     return current_model(graphdef, state), meta, tokenizer_dir_of(run)
 
 
-def restore_for_export(path: str | os.PathLike, step: int | None = None,
-                       mesh: Mesh | None = None) -> tuple[nnx.State, Qwen25VLConfig, str | None]:
+def restore_for_export(
+    path: str | os.PathLike, step: int | None = None, mesh: Mesh | None = None
+) -> tuple[nnx.State, Qwen25VLConfig, str | None]:
     """Parameters of a checkpoint with LoRA merged into the kernels (a plain Qwen2.5-VL, as `export_release`
     takes), the model config, and the tokenizer folder. The whole TrainState of a training checkpoint is
     restored (peak: its size); `vlmr1 export` streams import checkpoints from their files instead."""
@@ -208,11 +218,17 @@ def import_hf(model_dir: str | os.PathLike, out: str | os.PathLike, param_dtype:
     dtype_of(param_dtype, "param_dtype")
     cfg = read_config(model_dir)
     tensors = folder_tensors(model_dir, cfg)  # names and shapes checked from the headers
-    run = RunConfig(model=ModelConfig(preset=None, hf_model=str(model_dir), dtype=param_dtype,
-                                      param_dtype=param_dtype),
-                    train=TrainConfig(output_dir=str(out), trainable="full"))
-    meta = {"run_config": to_dict(run), "model_config": dataclasses.asdict(cfg), "step": 0, "kind": "import",
-            "source": str(model_dir)}
+    run = RunConfig(
+        model=ModelConfig(preset=None, hf_model=str(model_dir), dtype=param_dtype, param_dtype=param_dtype),
+        train=TrainConfig(output_dir=str(out), trainable="full"),
+    )
+    meta = {
+        "run_config": to_dict(run),
+        "model_config": dataclasses.asdict(cfg),
+        "step": 0,
+        "kind": "import",
+        "source": str(model_dir),
+    }
     tmp = make_temp_sibling(out)
     try:
         params = save_meta(tmp / CHECKPOINTS, 0, meta) / PARAMS

@@ -30,8 +30,17 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Batch axis of each PromptBatch array (positions carry the 3 M-RoPE axes first).
-BATCH_AXIS = {"input_ids": 0, "attention_mask": 0, "positions": 1, "next_position": 0, "vision_gather": 0,
-              "pixel_values": 0, "hw_positions": 0, "frame_ids": 0, "frame_index": 0}
+BATCH_AXIS = {
+    "input_ids": 0,
+    "attention_mask": 0,
+    "positions": 1,
+    "next_position": 0,
+    "vision_gather": 0,
+    "pixel_values": 0,
+    "hw_positions": 0,
+    "frame_ids": 0,
+    "frame_index": 0,
+}
 
 
 def dtype_of(name: str, field: str = "dtype") -> jnp.dtype:
@@ -52,14 +61,18 @@ def check_model_config(cfg: RunConfig) -> None:
     weights (AdamW updates the trained parameters in place: a bf16 update under half an ulp rounds away)."""
     model = cfg.model
     if not model.hf_model and not model.preset:
-        raise ValueError("model.hf_model and model.preset are both unset: set model.hf_model=/ckpt/Qwen2.5-VL-3B-"
-                         "Instruct (the HF folder to train), or model.preset=NAME for a random-init experiment")
+        raise ValueError(
+            "model.hf_model and model.preset are both unset: set model.hf_model=/ckpt/Qwen2.5-VL-3B-"
+            "Instruct (the HF folder to train), or model.preset=NAME for a random-init experiment"
+        )
     dtype_of(model.dtype, "model.dtype")
     if dtype_of(model.param_dtype, "model.param_dtype") != jnp.float32:
-        raise ValueError(f"model.param_dtype={model.param_dtype}: trained parameters are AdamW's master weights, "
-                         f"and in {model.param_dtype} an update under half an ulp rounds away (at lr 1e-6 most "
-                         f"weights never move); set model.param_dtype=float32 (compute stays in model.dtype) and "
-                         f"model.frozen_dtype=bfloat16 to keep the frozen parts in bf16")
+        raise ValueError(
+            f"model.param_dtype={model.param_dtype}: trained parameters are AdamW's master weights, "
+            f"and in {model.param_dtype} an update under half an ulp rounds away (at lr 1e-6 most "
+            f"weights never move); set model.param_dtype=float32 (compute stays in model.dtype) and "
+            f"model.frozen_dtype=bfloat16 to keep the frozen parts in bf16"
+        )
     frozen_dtype_of(model)
 
 
@@ -81,10 +94,15 @@ def load_tokenizer(cfg: RunConfig) -> Tokenizer:
 
 def tokenizer_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     """Model config fields that must agree with the tokenizer's special tokens."""
-    return {"image_token_id": tokenizer.image_pad_id, "video_token_id": tokenizer.video_pad_id,
-            "vision_start_token_id": tokenizer.vision_start_id, "vision_end_token_id": tokenizer.vision_end_id,
-            "vision_token_id": tokenizer.token_to_id("<|vision_pad|>"), "bos_token_id": tokenizer.pad_id,
-            "eos_token_id": tokenizer.eos_ids[0]}
+    return {
+        "image_token_id": tokenizer.image_pad_id,
+        "video_token_id": tokenizer.video_pad_id,
+        "vision_start_token_id": tokenizer.vision_start_id,
+        "vision_end_token_id": tokenizer.vision_end_id,
+        "vision_token_id": tokenizer.token_to_id("<|vision_pad|>"),
+        "bos_token_id": tokenizer.pad_id,
+        "eos_token_id": tokenizer.eos_ids[0],
+    }
 
 
 def preset_config(cfg: RunConfig, tokenizer: Tokenizer) -> Qwen25VLConfig:
@@ -99,11 +117,14 @@ def preset_config(cfg: RunConfig, tokenizer: Tokenizer) -> Qwen25VLConfig:
 
 def check_tokenizer_matches(model_cfg: Qwen25VLConfig, tokenizer: Tokenizer, where: str) -> None:
     if tokenizer.vocab_size > model_cfg.text.vocab_size:
-        raise ValueError(f"{where}: tokenizer has {tokenizer.vocab_size} tokens but the model vocab is "
-                         f"{model_cfg.text.vocab_size}")
+        raise ValueError(
+            f"{where}: tokenizer has {tokenizer.vocab_size} tokens but the model vocab is {model_cfg.text.vocab_size}"
+        )
     if model_cfg.image_token_id != tokenizer.image_pad_id:
-        raise ValueError(f"{where}: model image_token_id {model_cfg.image_token_id} != tokenizer <|image_pad|> "
-                         f"{tokenizer.image_pad_id}")
+        raise ValueError(
+            f"{where}: model image_token_id {model_cfg.image_token_id} != tokenizer <|image_pad|> "
+            f"{tokenizer.image_pad_id}"
+        )
 
 
 def configure_model(model: Qwen25VL, cfg: ModelConfig) -> None:
@@ -124,8 +145,9 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer, mesh: Mesh) -> Qwen25VL:
         where = cfg.model.hf_model
     else:
         model_cfg = preset_config(cfg, tokenizer)
-        model = create_sharded(lambda: Qwen25VL(model_cfg, rngs=nnx.Rngs(cfg.train.seed), dtype=dtype,
-                                                param_dtype=param_dtype), mesh)
+        model = create_sharded(
+            lambda: Qwen25VL(model_cfg, rngs=nnx.Rngs(cfg.train.seed), dtype=dtype, param_dtype=param_dtype), mesh
+        )
         where = f"preset {cfg.model.preset}"
     check_tokenizer_matches(model.cfg, tokenizer, where)
     configure_model(model, cfg.model)
@@ -137,8 +159,13 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer, mesh: Mesh) -> Qwen25VL:
 
 
 def load_samples(cfg: RunConfig) -> list[Sample]:
-    samples, report = load_jsonl_datasets(cfg.data.data_file_paths, cfg.data.image_folders, cfg.data.reward_method,
-                                          on_error=cfg.data.on_error, max_image_pixels=cfg.data.max_image_pixels)  # type: ignore[arg-type]
+    samples, report = load_jsonl_datasets(
+        cfg.data.data_file_paths,
+        cfg.data.image_folders,
+        cfg.data.reward_method,
+        on_error=cfg.data.on_error,  # type: ignore[arg-type]
+        max_image_pixels=cfg.data.max_image_pixels,
+    )
     if report.problems:
         log.warning("data: %s", report.summary())
     if not samples:
@@ -146,8 +173,9 @@ def load_samples(cfg: RunConfig) -> list[Sample]:
     return samples
 
 
-def to_device(batch: PromptBatch | dict[str, np.ndarray], mesh: Mesh,
-              axes: dict[str, int] | None = None) -> dict[str, jax.Array]:
+def to_device(
+    batch: PromptBatch | dict[str, np.ndarray], mesh: Mesh, axes: dict[str, int] | None = None
+) -> dict[str, jax.Array]:
     """Global host arrays -> arrays sharded over the batch axes of `mesh` (every process holds the whole global
     batch and contributes its addressable shards, so the same code runs on one host or a pod)."""
     arrays = batch.arrays() if isinstance(batch, PromptBatch) else batch
@@ -195,8 +223,14 @@ def run_dir(cfg: RunConfig) -> Path:
 
 def columns_for(samples: Sequence[Sample], batch: PromptBatch, repeat: int) -> dict[str, list[Any]]:
     """Reward keyword columns for G consecutive completions per sample (VLM-R1 passes every dataset column)."""
-    cols: dict[str, list[Any]] = {"solution": [], "accu_reward_method": [], "image_path": [], "problem": [],
-                                  "id": [], "image_grid_thw": []}
+    cols: dict[str, list[Any]] = {
+        "solution": [],
+        "accu_reward_method": [],
+        "image_path": [],
+        "problem": [],
+        "id": [],
+        "image_grid_thw": [],
+    }
     for sample, grids in zip(samples, batch.image_grids):
         for _ in range(repeat):
             cols["solution"].append(sample.solution)
@@ -216,6 +250,7 @@ def resolve_max_steps(cfg: RunConfig, num_samples: int) -> int:
         raise ValueError("train.max_steps <= 0 needs data.num_epochs to define the run length")
     steps = (num_samples // cfg.data.prompts_per_step) * cfg.data.num_epochs
     if steps <= 0:
-        raise ValueError(f"{num_samples} samples make no full batch of data.prompts_per_step="
-                         f"{cfg.data.prompts_per_step}")
+        raise ValueError(
+            f"{num_samples} samples make no full batch of data.prompts_per_step={cfg.data.prompts_per_step}"
+        )
     return steps

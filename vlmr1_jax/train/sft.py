@@ -36,10 +36,11 @@ def target_ids(samples: Sequence[Sample], tokenizer, template: str, length: int)
     for i, sample in enumerate(samples):
         ids = tokenizer.encode(template.replace("{answer}", answer_text(sample))) + [tokenizer.eos_ids[0]]
         if len(ids) > length:
-            raise ValueError(f"{sample.source}:{sample.line}: answer needs {len(ids)} tokens > "
-                             f"sft.max_target_length={length}")
-        tokens[i, :len(ids)] = ids
-        mask[i, :len(ids)] = 1
+            raise ValueError(
+                f"{sample.source}:{sample.line}: answer needs {len(ids)} tokens > sft.max_target_length={length}"
+            )
+        tokens[i, : len(ids)] = ids
+        mask[i, : len(ids)] = 1
     return tokens, mask
 
 
@@ -50,8 +51,9 @@ class SFTTrainer(Trainer):
 
     def __init__(self, cfg: RunConfig, *, progress: bool = True, resume_anyway: bool = False):
         super().__init__(cfg, progress=progress, resume_anyway=resume_anyway)
-        self.step_fn = make_sft_step(self.graphdef, self.optimizer, self.schedule, cfg.optim.grad_accum,
-                                     seed=cfg.train.seed)
+        self.step_fn = make_sft_step(
+            self.graphdef, self.optimizer, self.schedule, cfg.optim.grad_accum, seed=cfg.train.seed
+        )
 
     def prepare(self, samples: Sequence[Sample], batch: PromptBatch) -> dict[str, Any]:
         sft = self.cfg.sft
@@ -71,5 +73,6 @@ def save_hf_folder(model, out_dir: str | Path, tokenizer_dir: str | Path) -> Pat
 
     from converters.release import export_release
 
-    return export_release(nnx.split(model)[1], model.cfg, out_dir, target="hf", dtype="fp32",
-                          tokenizer_dir=tokenizer_dir, overwrite=True)
+    return export_release(
+        nnx.split(model)[1], model.cfg, out_dir, target="hf", dtype="fp32", tokenizer_dir=tokenizer_dir, overwrite=True
+    )

@@ -13,8 +13,15 @@ from typing import Any
 
 # Special token ids of a finalised config: each must index the text vocabulary (an id outside it would embed as
 # NaN: jnp.take fills out-of-range rows; transformers raises).
-TOKEN_ID_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
-                   "vision_token_id", "bos_token_id", "eos_token_id")
+TOKEN_ID_FIELDS = (
+    "image_token_id",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "vision_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +101,14 @@ class Qwen25VLConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Qwen25VLConfig:
         """Inverse of `dataclasses.asdict` (lists back to tuples), e.g. for checkpoint metadata."""
+
         def tuples(d: dict[str, Any]) -> dict[str, Any]:
             return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
         rest = {k: v for k, v in data.items() if k not in ("text", "vision")}
-        return cls(text=TextConfig(**tuples(data["text"])), vision=VisionConfig(**tuples(data["vision"])),
-                   **rest).validate()
+        return cls(
+            text=TextConfig(**tuples(data["text"])), vision=VisionConfig(**tuples(data["vision"])), **rest
+        ).validate()
 
     def validate(self, check_token_ids: bool = True) -> Qwen25VLConfig:
         """Raise ValueError naming the field on an inconsistent config; `check_token_ids=False` only for presets
@@ -123,8 +132,10 @@ class Qwen25VLConfig:
             for name in TOKEN_ID_FIELDS:
                 value = getattr(self, name)
                 if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < t.vocab_size:  # type: ignore[operator]
-                    raise ValueError(f"{name} {value!r} is not a token id of the {t.vocab_size}-token vocabulary "
-                                     f"(text vocab_size): set {name} to the tokenizer's id, below {t.vocab_size}")
+                    raise ValueError(
+                        f"{name} {value!r} is not a token id of the {t.vocab_size}-token vocabulary "
+                        f"(text vocab_size): set {name} to the tokenizer's id, below {t.vocab_size}"
+                    )
         return self
 
 
@@ -136,32 +147,107 @@ def _preset(text: dict[str, Any], vision_intermediate: int, vocab: int, tied: bo
 
 # Released sizes. The 32B vision intermediate (3456) follows the 72B release.
 PRESETS: dict[str, Qwen25VLConfig] = {
-    "qwen2.5-vl-3b": _preset(dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                                  num_attention_heads=16, num_key_value_heads=2), 3420, 151936, True),
-    "qwen2.5-vl-7b": _preset(dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                  num_attention_heads=28, num_key_value_heads=4), 3420, 152064, False),
-    "qwen2.5-vl-32b": _preset(dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
-                                   num_attention_heads=40, num_key_value_heads=8), 3456, 152064, False),
-    "qwen2.5-vl-72b": _preset(dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
-                                   num_attention_heads=64, num_key_value_heads=8), 3456, 152064, False),
+    "qwen2.5-vl-3b": _preset(
+        dict(
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+        ),
+        3420,
+        151936,
+        True,
+    ),
+    "qwen2.5-vl-7b": _preset(
+        dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+        ),
+        3420,
+        152064,
+        False,
+    ),
+    "qwen2.5-vl-32b": _preset(
+        dict(
+            hidden_size=5120,
+            intermediate_size=27648,
+            num_hidden_layers=64,
+            num_attention_heads=40,
+            num_key_value_heads=8,
+        ),
+        3456,
+        152064,
+        False,
+    ),
+    "qwen2.5-vl-72b": _preset(
+        dict(
+            hidden_size=8192,
+            intermediate_size=29568,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+        ),
+        3456,
+        152064,
+        False,
+    ),
     # Covers every code path in milliseconds.
     "tiny": Qwen25VLConfig(
-        text=TextConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 3, 3),
-                        max_position_embeddings=512, tie_word_embeddings=False),
-        vision=VisionConfig(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
-                            window_size=56, fullatt_block_indexes=(1, 3)),
-        image_token_id=150, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153,
-        vision_token_id=154, bos_token_id=0, eos_token_id=1,
+        text=TextConfig(
+            vocab_size=160,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            mrope_section=(2, 3, 3),
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        ),
+        vision=VisionConfig(
+            depth=4,
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=2,
+            out_hidden_size=64,
+            window_size=56,
+            fullatt_block_indexes=(1, 3),
+        ),
+        image_token_id=150,
+        video_token_id=151,
+        vision_start_token_id=152,
+        vision_end_token_id=153,
+        vision_token_id=154,
+        bos_token_id=0,
+        eos_token_id=1,
     ).validate(),
     # Learns synthetic REC on 2 CPU cores in minutes; its vocabulary and special ids come from the demo tokenizer
     # (train/setup.py preset_config), so they are checked there, not here.
     "demo-s": Qwen25VLConfig(
-        text=TextConfig(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, mrope_section=(4, 6, 6),
-                        max_position_embeddings=2048, tie_word_embeddings=True),
-        vision=VisionConfig(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, out_hidden_size=128,
-                            window_size=56, fullatt_block_indexes=(1,)),
+        text=TextConfig(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            mrope_section=(4, 6, 6),
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+        ),
+        vision=VisionConfig(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=256,
+            num_heads=4,
+            out_hidden_size=128,
+            window_size=56,
+            fullatt_block_indexes=(1,),
+        ),
     ).validate(check_token_ids=False),
 }
 ALIASES = {"3b": "qwen2.5-vl-3b", "7b": "qwen2.5-vl-7b", "32b": "qwen2.5-vl-32b", "72b": "qwen2.5-vl-72b"}
@@ -186,9 +272,12 @@ def with_overrides(cfg: Qwen25VLConfig, overrides: dict[str, Any]) -> Qwen25VLCo
         if name not in {f.name for f in dataclasses.fields(target)}:
             raise KeyError(f"model override {key!r}: unknown field {name!r}")
         sections[section][name] = tuple(value) if isinstance(value, list) else value
-    return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, **sections["text"]),
-                               vision=dataclasses.replace(cfg.vision, **sections["vision"]),
-                               **sections[""]).validate()
+    return dataclasses.replace(
+        cfg,
+        text=dataclasses.replace(cfg.text, **sections["text"]),
+        vision=dataclasses.replace(cfg.vision, **sections["vision"]),
+        **sections[""],
+    ).validate()
 
 
 # What a key missing from config.json means to transformers (Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig and
@@ -196,19 +285,43 @@ def with_overrides(cfg: Qwen25VLConfig, overrides: dict[str, Any]) -> Qwen25VLCo
 # the released value. These are not our presets' values: HF's defaults describe a 72B text model and a vision tower
 # with hidden_size 3584.
 HF_TEXT_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
-    "num_attention_heads": 64, "num_key_value_heads": 8, "hidden_act": "silu", "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-5, "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24], "tie_word_embeddings": False,
-    "bos_token_id": 151643, "eos_token_id": 151645,
+    "vocab_size": 152064,
+    "hidden_size": 8192,
+    "intermediate_size": 29568,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "hidden_act": "silu",
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1_000_000.0,
+    "mrope_section": [16, 24, 24],
+    "tie_word_embeddings": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
 }
 HF_VISION_DEFAULTS: dict[str, Any] = {
-    "depth": 32, "hidden_size": 3584, "hidden_act": "silu", "intermediate_size": 3420, "num_heads": 16,
-    "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "tokens_per_second": 4,
-    "window_size": 112, "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31], "rope_theta": 10000.0,
+    "depth": 32,
+    "hidden_size": 3584,
+    "hidden_act": "silu",
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "in_channels": 3,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "tokens_per_second": 4,
+    "window_size": 112,
+    "out_hidden_size": 3584,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "rope_theta": 10000.0,
 }
 HF_TOKEN_DEFAULTS: dict[str, int] = {
-    "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
-    "vision_end_token_id": 151653, "vision_token_id": 151654,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
 }
 
 
@@ -232,28 +345,41 @@ def from_hf_config(cfg: dict[str, Any]) -> Qwen25VLConfig:
     # Pre-5.x saves keep tie_word_embeddings inside text_config; transformers ties when either level says so.
     tied = bool(cfg.get("tie_word_embeddings", False)) or bool((nested or {}).get("tie_word_embeddings", False))
     t = TextConfig(
-        vocab_size=text["vocab_size"], hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
-        num_hidden_layers=text["num_hidden_layers"], num_attention_heads=text["num_attention_heads"],
+        vocab_size=text["vocab_size"],
+        hidden_size=text["hidden_size"],
+        intermediate_size=text["intermediate_size"],
+        num_hidden_layers=text["num_hidden_layers"],
+        num_attention_heads=text["num_attention_heads"],
         num_key_value_heads=text["num_key_value_heads"] or text["num_attention_heads"],
-        rms_norm_eps=float(text["rms_norm_eps"]), rope_theta=_rope_theta(text, HF_TEXT_DEFAULTS["rope_theta"]),
+        rms_norm_eps=float(text["rms_norm_eps"]),
+        rope_theta=_rope_theta(text, HF_TEXT_DEFAULTS["rope_theta"]),
         mrope_section=tuple(rope.get("mrope_section", HF_TEXT_DEFAULTS["mrope_section"])),
-        max_position_embeddings=text["max_position_embeddings"], tie_word_embeddings=tied,
+        max_position_embeddings=text["max_position_embeddings"],
+        tie_word_embeddings=tied,
         hidden_act=text["hidden_act"],
     )
     raw_vision = cfg.get("vision_config") or {}
     vc = {**HF_VISION_DEFAULTS, **raw_vision}
     v = VisionConfig(
-        depth=vc["depth"], hidden_size=vc["hidden_size"], num_heads=vc["num_heads"],
-        intermediate_size=vc["intermediate_size"], out_hidden_size=vc["out_hidden_size"],
-        patch_size=vc["patch_size"], temporal_patch_size=vc["temporal_patch_size"],
-        spatial_merge_size=vc["spatial_merge_size"], window_size=vc["window_size"],
-        fullatt_block_indexes=tuple(vc["fullatt_block_indexes"]), tokens_per_second=float(vc["tokens_per_second"]),
+        depth=vc["depth"],
+        hidden_size=vc["hidden_size"],
+        num_heads=vc["num_heads"],
+        intermediate_size=vc["intermediate_size"],
+        out_hidden_size=vc["out_hidden_size"],
+        patch_size=vc["patch_size"],
+        temporal_patch_size=vc["temporal_patch_size"],
+        spatial_merge_size=vc["spatial_merge_size"],
+        window_size=vc["window_size"],
+        fullatt_block_indexes=tuple(vc["fullatt_block_indexes"]),
+        tokens_per_second=float(vc["tokens_per_second"]),
         in_channels=raw_vision.get("in_channels", raw_vision.get("in_chans", vc["in_channels"])),
-        hidden_act=vc["hidden_act"], rope_theta=_rope_theta(raw_vision, HF_VISION_DEFAULTS["rope_theta"]),
+        hidden_act=vc["hidden_act"],
+        rope_theta=_rope_theta(raw_vision, HF_VISION_DEFAULTS["rope_theta"]),
     )
     ids = {k: cfg.get(k, (nested or {}).get(k, default)) for k, default in HF_TOKEN_DEFAULTS.items()}
-    return Qwen25VLConfig(text=t, vision=v, bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"],
-                          **ids).validate()
+    return Qwen25VLConfig(
+        text=t, vision=v, bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"], **ids
+    ).validate()
 
 
 def to_hf_config(cfg: Qwen25VLConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
@@ -302,7 +428,8 @@ def to_hf_config(cfg: Qwen25VLConfig, torch_dtype: str = "bfloat16") -> dict[str
             "window_size": v.window_size,
             "fullatt_block_indexes": list(v.fullatt_block_indexes),
             # transformers 5.x requires an int here when it is whole (the hub files hold 2).
-            "tokens_per_second": int(v.tokens_per_second) if float(v.tokens_per_second).is_integer()
+            "tokens_per_second": int(v.tokens_per_second)
+            if float(v.tokens_per_second).is_integer()
             else v.tokens_per_second,
             "temporal_patch_size": v.temporal_patch_size,
         },

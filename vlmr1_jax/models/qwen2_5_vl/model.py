@@ -18,13 +18,21 @@ from vlmr1_jax.models.qwen2_5_vl.vision import VisionTower
 
 
 class Qwen25VL(nnx.Module):
-    def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32, remat: str = "none", scan_layers: bool = True):
+    def __init__(
+        self,
+        cfg: Qwen25VLConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        remat: str = "none",
+        scan_layers: bool = True,
+    ):
         self.cfg = cfg
-        self.visual = VisionTower(cfg.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, scan=scan_layers,
-                                  remat=remat)
-        self.text = TextModel(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                              scan=scan_layers)
+        self.visual = VisionTower(
+            cfg.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, scan=scan_layers, remat=remat
+        )
+        self.text = TextModel(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan_layers)
 
     def set_scan_layers(self, scan: bool) -> None:
         """Scan (one compiled layer) or unroll the vision blocks and decoder layers; parameters are unchanged."""
@@ -36,13 +44,15 @@ class Qwen25VL(nnx.Module):
             raise ValueError(f"model.remat={remat!r}; choose none, {', '.join(REMAT_POLICIES)}")
         self.visual.remat = self.text.remat = remat
 
-    def encode_vision(self, pixel_values: jax.Array, hw_positions: jax.Array, frame_ids: jax.Array,
-                      frame_index: jax.Array) -> jax.Array:
+    def encode_vision(
+        self, pixel_values: jax.Array, hw_positions: jax.Array, frame_ids: jax.Array, frame_index: jax.Array
+    ) -> jax.Array:
         """Merged visual tokens [N/4, D] in the plan's padded window layout (see `plan_vision`)."""
         return self.visual(pixel_values, hw_positions, frame_ids, frame_index)
 
-    def embed(self, input_ids: jax.Array, vision_features: jax.Array | None = None,
-              vision_gather: jax.Array | None = None) -> jax.Array:
+    def embed(
+        self, input_ids: jax.Array, vision_features: jax.Array | None = None, vision_gather: jax.Array | None = None
+    ) -> jax.Array:
         embeds = self.text.embed_tokens(input_ids)
         if vision_features is None:
             return embeds
@@ -50,9 +60,15 @@ class Qwen25VL(nnx.Module):
         picked = jnp.take(vision_features.astype(embeds.dtype), jnp.maximum(vision_gather, 0), axis=0)
         return jnp.where((vision_gather >= 0)[..., None], picked, embeds)
 
-    def __call__(self, input_ids: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-                 vision_features: jax.Array | None = None, vision_gather: jax.Array | None = None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        attention_mask: jax.Array,
+        vision_features: jax.Array | None = None,
+        vision_gather: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
         """Hidden states after the final norm (call `logits` on the positions you need) and the updated cache."""
         embeds = self.embed(input_ids, vision_features, vision_gather)
         return self.text(embeds, positions, attention_mask, cache)

@@ -46,8 +46,9 @@ def _patch_embed_to_hf(value: np.ndarray, cfg: Qwen25VLConfig) -> np.ndarray:
 
 IDENTITY = Transform("identity", lambda value, _cfg: value, lambda value: value)
 TRANSPOSE = Transform("transpose", lambda value, _cfg: _transpose(value), _transpose)
-PATCH_EMBED = Transform("conv3d patch embedding", _patch_embed_to_hf,
-                        lambda value: _transpose(value.reshape(value.shape[0], -1)))
+PATCH_EMBED = Transform(
+    "conv3d patch embedding", _patch_embed_to_hf, lambda value: _transpose(value.reshape(value.shape[0], -1))
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,21 +63,30 @@ RULES: tuple[Rule, ...] = (
     Rule("visual.blocks.{norm1,norm2}.scale", "visual.blocks.{i}.{norm1,norm2}.weight", IDENTITY),
     Rule("visual.blocks.attn.{qkv,proj}.kernel", "visual.blocks.{i}.attn.{qkv,proj}.weight", TRANSPOSE),
     Rule("visual.blocks.attn.{qkv,proj}.bias", "visual.blocks.{i}.attn.{qkv,proj}.bias", IDENTITY),
-    Rule("visual.blocks.mlp.{gate,up,down}.kernel", "visual.blocks.{i}.mlp.{gate_proj,up_proj,down_proj}.weight",
-         TRANSPOSE),
-    Rule("visual.blocks.mlp.{gate,up,down}.bias", "visual.blocks.{i}.mlp.{gate_proj,up_proj,down_proj}.bias",
-         IDENTITY),
+    Rule(
+        "visual.blocks.mlp.{gate,up,down}.kernel",
+        "visual.blocks.{i}.mlp.{gate_proj,up_proj,down_proj}.weight",
+        TRANSPOSE,
+    ),
+    Rule("visual.blocks.mlp.{gate,up,down}.bias", "visual.blocks.{i}.mlp.{gate_proj,up_proj,down_proj}.bias", IDENTITY),
     Rule("visual.merger.ln_q.scale", "visual.merger.ln_q.weight", IDENTITY),
     Rule("visual.merger.{fc1,fc2}.kernel", "visual.merger.mlp.{0,2}.weight", TRANSPOSE),
     Rule("visual.merger.{fc1,fc2}.bias", "visual.merger.mlp.{0,2}.bias", IDENTITY),
     Rule("text.embed", "model.embed_tokens.weight", IDENTITY),
-    Rule("text.layers.{input_norm,post_norm}.scale",
-         "model.layers.{i}.{input_layernorm,post_attention_layernorm}.weight", IDENTITY),
-    Rule("text.layers.attn.{q,k,v,o}.kernel", "model.layers.{i}.self_attn.{q_proj,k_proj,v_proj,o_proj}.weight",
-         TRANSPOSE),
+    Rule(
+        "text.layers.{input_norm,post_norm}.scale",
+        "model.layers.{i}.{input_layernorm,post_attention_layernorm}.weight",
+        IDENTITY,
+    ),
+    Rule(
+        "text.layers.attn.{q,k,v,o}.kernel",
+        "model.layers.{i}.self_attn.{q_proj,k_proj,v_proj,o_proj}.weight",
+        TRANSPOSE,
+    ),
     Rule("text.layers.attn.{q,k,v}.bias", "model.layers.{i}.self_attn.{q_proj,k_proj,v_proj}.bias", IDENTITY),
-    Rule("text.layers.mlp.{gate,up,down}.kernel", "model.layers.{i}.mlp.{gate_proj,up_proj,down_proj}.weight",
-         TRANSPOSE),
+    Rule(
+        "text.layers.mlp.{gate,up,down}.kernel", "model.layers.{i}.mlp.{gate_proj,up_proj,down_proj}.weight", TRANSPOSE
+    ),
     Rule("text.norm.scale", "model.norm.weight", IDENTITY),
     Rule("text.lm_head.kernel", "lm_head.weight", TRANSPOSE),
 )
@@ -97,8 +107,9 @@ def expand(rule: Rule) -> list[tuple[str, str]]:
         it = iter(picks)
         return _GROUP.sub(lambda m: m.group(1).split(",")[next(it)], pattern)
 
-    return [(fill(rule.ours, picks), fill(rule.hf, picks))
-            for picks in itertools.product(*(range(len(g)) for g in ours))]
+    return [
+        (fill(rule.ours, picks), fill(rule.hf, picks)) for picks in itertools.product(*(range(len(g)) for g in ours))
+    ]
 
 
 def _index(rules: Sequence[Rule]) -> dict[str, tuple[str, Transform]]:
@@ -186,7 +197,7 @@ def canonical_hf_name(name: str) -> str:
     legacy) -> the legacy hub name."""
     for in_memory, legacy in HF_PREFIXES:
         if name.startswith(in_memory):
-            return legacy + name[len(in_memory):]
+            return legacy + name[len(in_memory) :]
     return name
 
 
@@ -194,7 +205,7 @@ def in_memory_hf_name(name: str) -> str:
     """A legacy HF name -> the name transformers 5 gives it in memory (the inverse of `canonical_hf_name`)."""
     for in_memory, legacy in HF_PREFIXES:
         if name.startswith(legacy):
-            return in_memory + name[len(legacy):]
+            return in_memory + name[len(legacy) :]
     return name
 
 

@@ -20,15 +20,16 @@ def inv_frequencies(dim: int, theta: float) -> np.ndarray:
     return (np.float32(1.0) / np.power(np.float32(theta), exponent, dtype=np.float32)).astype(np.float32)
 
 
-def mrope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, mrope_section: Sequence[int],
-                  dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+def mrope_cos_sin(
+    positions: jax.Array, inv_freq: np.ndarray, mrope_section: Sequence[int], dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
     """Sectioned (non-interleaved) M-RoPE. positions: [3, B, L] int -> cos, sin: [B, L, head_dim] in `dtype`.
 
     Frequency j keeps its own inv_freq[j]; section i of `mrope_section` takes its position from axis i (T, H, W).
     """
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [3, B, L, hd/2]
     bounds = np.cumsum([0, *mrope_section])
-    freqs = jnp.concatenate([angles[i, ..., bounds[i]:bounds[i + 1]] for i in range(3)], axis=-1)
+    freqs = jnp.concatenate([angles[i, ..., bounds[i] : bounds[i + 1]] for i in range(3)], axis=-1)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 

@@ -27,7 +27,6 @@ from vlmr1_jax.parallel.mesh import constrain
 HIDDEN_AXES = ("batch", "length", "act_embed")  # the residual stream between decoder layers
 
 
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
@@ -46,8 +45,12 @@ class KVCache:
     @classmethod
     def empty(cls, cfg: TextConfig, batch: int, size: int, dtype: jnp.dtype) -> KVCache:
         shape = (cfg.num_hidden_layers, batch, size, cfg.num_key_value_heads, cfg.head_dim)
-        return cls(constrain(jnp.zeros(shape, dtype), cls.AXES), constrain(jnp.zeros(shape, dtype), cls.AXES),
-                   jnp.zeros((batch, size), bool), jnp.zeros((), jnp.int32))
+        return cls(
+            constrain(jnp.zeros(shape, dtype), cls.AXES),
+            constrain(jnp.zeros(shape, dtype), cls.AXES),
+            jnp.zeros((batch, size), bool),
+            jnp.zeros((), jnp.int32),
+        )
 
     def repeat(self, times: int) -> KVCache:
         """Fan each row out to `times` consecutive rows (prefill once, sample G completions)."""
@@ -86,8 +89,17 @@ class DecoderLayer(nnx.Module):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", param_dtype=param_dtype)
         self.attn = TextAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", param_dtype=param_dtype)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, "embed", "mlp",
-                            use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mlp = GatedMLP(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.hidden_act,
+            "embed",
+            "mlp",
+            use_bias=False,
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
 
     def __call__(self, x, cos, sin, mask, layer_cache):
         h, kv = self.attn(self.input_norm(x), cos, sin, mask, layer_cache)
@@ -103,9 +115,17 @@ class TextModel(nnx.Module):
     layer in the backward pass (REMAT_POLICIES). These and `logits_chunk` are static settings of the compiled program.
     """
 
-    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32, remat: str = "none", scan: bool = True,
-                 logits_chunk: int = 256):
+    def __init__(
+        self,
+        cfg: TextConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        remat: str = "none",
+        scan: bool = True,
+        logits_chunk: int = 256,
+    ):
         if remat != "none" and remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={remat!r}; choose none, {', '.join(REMAT_POLICIES)}")
         self.cfg = cfg
@@ -114,18 +134,30 @@ class TextModel(nnx.Module):
         self.scan = scan
         self.logits_chunk = logits_chunk  # positions per training log-prob chunk (rl.step.chunked_logprobs)
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), "normal", param_dtype)
-        self.layers = stacked(lambda r: DecoderLayer(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
-                              cfg.num_hidden_layers, rngs)
+        self.layers = stacked(
+            lambda r: DecoderLayer(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype), cfg.num_hidden_layers, rngs
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", param_dtype=param_dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else Dense(
-            cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, rngs=rngs, dtype=dtype,
-            param_dtype=param_dtype)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Dense(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                ("embed", "vocab"),
+                use_bias=False,
+                rngs=rngs,
+                dtype=dtype,
+                param_dtype=param_dtype,
+            )
+        )
 
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
 
-    def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    def __call__(
+        self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None]:
         """embeds: [B, L, D]; positions: [3, B, L] M-RoPE ids; attention_mask: [B, L] (1 = real token).
 
         Without a cache: causal attention over the L tokens. With a cache: the L tokens are written at
@@ -133,8 +165,9 @@ class TextModel(nnx.Module):
         """
         cfg = self.cfg
         length = embeds.shape[1]
-        cos, sin = mrope_cos_sin(positions, inv_frequencies(cfg.head_dim, cfg.rope_theta), cfg.mrope_section,
-                                 self.dtype)
+        cos, sin = mrope_cos_sin(
+            positions, inv_frequencies(cfg.head_dim, cfg.rope_theta), cfg.mrope_section, self.dtype
+        )
         valid = attention_mask.astype(bool)
         if cache is None:
             causal = jnp.tril(jnp.ones((length, length), bool))
@@ -153,8 +186,9 @@ class TextModel(nnx.Module):
 
         policy = "none" if self.remat == "none" else REMAT_POLICIES[self.remat]
         per_layer_cache = None if cache is None else (cache.k, cache.v)
-        x, kv = run_layers(self.layers, body, constrain(embeds, HIDDEN_AXES), per_layer_cache, scan=self.scan,
-                           remat_policy=policy)
+        x, kv = run_layers(
+            self.layers, body, constrain(embeds, HIDDEN_AXES), per_layer_cache, scan=self.scan, remat_policy=policy
+        )
         x = self.norm(x)
         if cache is None:
             return x, None

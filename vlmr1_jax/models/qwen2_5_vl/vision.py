@@ -42,8 +42,7 @@ class VisionAttention(nnx.Module):
         self.proj = Dense(d, d, ("vision_heads", "vision_embed"), **kw)
         self.num_heads = cfg.num_heads
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, blocks: jax.Array,
-                 mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, blocks: jax.Array, mask: jax.Array) -> jax.Array:
         """x: [N, D]; attention runs inside each row of `blocks` ([G, S] slot indices, N = pad) with mask
         [G, S, S]: the windows, or the frames for full-attention blocks."""
         n, d = x.shape
@@ -64,8 +63,17 @@ class VisionBlock(nnx.Module):
         self.norm1 = RMSNorm(cfg.hidden_size, cfg.norm_eps, "vision_embed", param_dtype=param_dtype)
         self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.norm_eps, "vision_embed", param_dtype=param_dtype)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, "vision_embed", "vision_mlp",
-                            use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mlp = GatedMLP(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.hidden_act,
+            "vision_embed",
+            "vision_mlp",
+            use_bias=True,
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
 
     def __call__(self, x, cos, sin, blocks, mask):
         x = x + self.attn(self.norm1(x), cos, sin, blocks, mask)
@@ -92,21 +100,28 @@ class VisionTower(nnx.Module):
     """Patch embedding, the blocks as one `stacked` module (scanned or unrolled, see `run_layers`), the merger.
     `remat` ("none" | "full" | "dots") rematerialises each block in the backward pass, as in the decoder."""
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32, scan: bool = True, remat: str = "none"):
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        scan: bool = True,
+        remat: str = "none",
+    ):
         self.cfg = cfg
         self.dtype = dtype
         self.scan = scan
         self.remat = remat
         # Conv3d with stride == kernel and no bias is a matmul over flattened [C, Tp, p, p] rows.
-        self.patch_embed = param(rngs, (cfg.patch_dim, cfg.hidden_size), (None, "vision_embed"), "normal",
-                                 param_dtype)
-        self.blocks = stacked(lambda r: VisionBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype), cfg.depth,
-                              rngs)
+        self.patch_embed = param(rngs, (cfg.patch_dim, cfg.hidden_size), (None, "vision_embed"), "normal", param_dtype)
+        self.blocks = stacked(lambda r: VisionBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype), cfg.depth, rngs)
         self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, pixel_values: jax.Array, hw_positions: jax.Array, frame_ids: jax.Array,
-                 frame_index: jax.Array) -> jax.Array:
+    def __call__(
+        self, pixel_values: jax.Array, hw_positions: jax.Array, frame_ids: jax.Array, frame_index: jax.Array
+    ) -> jax.Array:
         """Padded window layout in (see `plan_vision`), merged tokens out: [N / 4, out_hidden] in the same layout.
 
         Window blocks attend inside each window (a reshape); full blocks inside each frame (`frame_index` rows),
