@@ -226,9 +226,13 @@ class TorchRuntime:
         )
         torch.manual_seed(seed)
         with torch.no_grad():
-            out = self.model.generate(**batch, generation_config=config)
+            out = self.model.generate(
+                **batch, generation_config=config, output_logits=True, return_dict_in_generate=True
+            )
+        if not all(bool(torch.isfinite(step).all()) for step in out.logits):
+            raise ValueError(NONFINITE_LOGITS)
         rows = []
-        for row in out[:, batch["input_ids"].shape[1] :].tolist():
+        for row in out.sequences[:, batch["input_ids"].shape[1] :].tolist():
             end = next((i for i, t in enumerate(row) if t in eos), len(row) - 1)
             rows.append(row[: end + 1])
         return rows
@@ -256,6 +260,12 @@ class TorchRuntime:
         """The decoded completion (special tokens dropped); kwargs as in `generate_ids`."""
         ids = self.generate_ids(images, prompt, max_new_tokens, greedy, **kwargs)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+NONFINITE_LOGITS = (
+    "the model's logits are not finite (inf/NaN): its weights overflow in this dtype (float16 has no headroom for "
+    "some layers: see `vlmr1 check-export --forward`) or are broken; its text would be garbage"
+)
 
 
 def generate(

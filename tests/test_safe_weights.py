@@ -56,3 +56,18 @@ def test_check_export_reports_nonfinite_weights_without_forward(tmp_path, capsys
     assert main(["check-export", str(release), "--target", "hf"]) == 1
     out = capsys.readouterr().out
     assert f"PROBLEM: {release / 'model.safetensors'}: tensor '{BROKEN}' holds 1 inf/NaN values" in out
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_infer_refuses_nonfinite_logits(backend, tmp_path, capsys):
+    """Finite weights whose logits overflow (a head scaled to 3e38, as float16 overflow would) give one error line,
+    not garbage text with exit code 0."""
+    model = tiny_model_with_qwen_ids()
+    release = export_release(model, model.cfg, tmp_path / "release", dtype="fp32")
+    tensors = load_file(release / "model.safetensors")
+    head = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
+    tensors[head] = np.full_like(tensors[head], 3e38)
+    save_file(tensors, release / "model.safetensors", metadata={"format": "pt"})
+    rc = main(["infer", "--model", str(release), "--prompt", "hello", "--backend", backend, "--max-new-tokens", "2"])
+    assert rc == 1
+    assert "logits are not finite" in capsys.readouterr().err

@@ -109,6 +109,11 @@ class GreedyDecoder:
                 self._state, {k: jax.numpy.asarray(v) for k, v in batch.arrays().items()}, jax.random.key(0)
             )
             tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+            if not np.isfinite(np.asarray(out.logprobs)[mask.astype(bool)]).all():  # a non-finite logit anywhere
+                raise ValueError(
+                    "the model's logits are not finite (inf/NaN): its weights overflow in this dtype or are broken; "
+                    "its text would be garbage"
+                )
             ids += [t[m.astype(bool)].tolist() for t, m in zip(tokens[: len(chunk)], mask[: len(chunk)])]
             grids += [[list(g) for g in gs] for gs in batch.image_grids[: len(chunk)]]
         return ids, grids
