@@ -23,14 +23,14 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     inputs = make_run_inputs(tmp_path)
     run = tmp_path / "run"
     overrides = [*inputs, *TINY_RUN, "train.save_every=2", "train.keep_checkpoints=2", f"train.output_dir={run}"]
-    GRPOTrainer(load_config("demo_tiny", [*overrides, "train.max_steps=4"]), progress=False).train()
+    GRPOTrainer.from_config(load_config("demo_tiny", [*overrides, "train.max_steps=4"]), progress=False).train()
     checkpoints = run / "checkpoints"
     assert checkpoint_steps(checkpoints) == [2, 4]
     flip_bytes(largest_array_file(checkpoints / "4"))
 
     cfg = load_config("demo_tiny", [*overrides, "train.max_steps=6"])
     with caplog.at_level(logging.WARNING):
-        trainer = GRPOTrainer(cfg, progress=False)
+        trainer = GRPOTrainer.from_config(cfg, progress=False)
     assert trainer.step == 2
     assert any("checkpoint step 4 is corrupt; resuming from step 2" in r.getMessage() for r in caplog.records)
     moved = [p.name for p in checkpoints.iterdir() if p.name.startswith("4.corrupt-")]
@@ -39,7 +39,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     assert checkpoint_steps(checkpoints) == [4, 6]
 
     reference = tmp_path / "reference"
-    GRPOTrainer(
+    GRPOTrainer.from_config(
         load_config("demo_tiny", [*overrides, "train.max_steps=6", f"train.output_dir={reference}"]), progress=False
     ).train()
     got, want = read_state(checkpoints / "6" / "state"), read_state(reference / "checkpoints" / "6" / "state")
@@ -53,8 +53,8 @@ def test_every_checkpoint_corrupt_is_one_clear_error(tmp_path):
     inputs = make_run_inputs(tmp_path)
     run = tmp_path / "run"
     overrides = [*inputs, *TINY_RUN, "train.save_every=2", "train.keep_checkpoints=1", f"train.output_dir={run}"]
-    GRPOTrainer(load_config("demo_tiny", [*overrides, "train.max_steps=2"]), progress=False).train()
+    GRPOTrainer.from_config(load_config("demo_tiny", [*overrides, "train.max_steps=2"]), progress=False).train()
     flip_bytes(largest_array_file(run / "checkpoints" / "2"))
     with pytest.raises(CorruptCheckpoint, match=r"every checkpoint in .* is corrupt .*train\.output_dir=NEW_FOLDER"):
-        GRPOTrainer(load_config("demo_tiny", [*overrides, "train.max_steps=4"]), progress=False)
+        GRPOTrainer.from_config(load_config("demo_tiny", [*overrides, "train.max_steps=4"]), progress=False)
     assert [p.name.split(".")[0] for p in (run / "checkpoints").iterdir()] == ["2"]

@@ -17,7 +17,7 @@ def test_error_in_prepare_keeps_the_inflight_checkpoint(tmp_path, monkeypatch):
     cfg = load_config(
         "demo_tiny", [*inputs, *TINY_RUN, "train.max_steps=6", "train.save_every=2", f"train.output_dir={run}"]
     )
-    trainer = GRPOTrainer(cfg, progress=False)
+    trainer = GRPOTrainer.from_config(cfg, progress=False)
     prepare, calls = trainer.prepare, []
 
     def failing_prepare(samples, batch):
@@ -31,6 +31,6 @@ def test_error_in_prepare_keeps_the_inflight_checkpoint(tmp_path, monkeypatch):
         trainer.train()
     assert checkpoint_steps(run / "checkpoints") == [2]
     assert not [p for p in (run / "checkpoints").iterdir() if "tmp" in p.name]
-    resumed = GRPOTrainer(cfg, progress=False)
+    resumed = GRPOTrainer.from_config(cfg, progress=False)
     assert resumed.step == 2
     resumed.close()

@@ -23,6 +23,7 @@ from vlmr1_jax.rl.grpo import (
     group_advantages,
     make_loss,
 )
+from vlmr1_jax.rl.rollout import TrainExample
 from vlmr1_jax.rl.state import init_train_state, make_optimizer
 from vlmr1_jax.rl.step import make_grpo_step
 
@@ -362,12 +363,7 @@ def test_user_aggregation_in_the_jitted_step():
     prompts, _ = train_prompts(model_cfg)
     tokens, mask = completions(len(SPECS) * G)
     advantages = np.random.default_rng(0).standard_normal(len(tokens)).astype(np.float32)
-    batch = {
-        "prompts": device_prompts(prompts),
-        "tokens": jnp.asarray(tokens),
-        "mask": jnp.asarray(mask),
-        "advantages": jnp.asarray(advantages),
-    }
+    batch = TrainExample(device_prompts(prompts), jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(advantages))
     _, metrics = step(state, batch)
     np.testing.assert_allclose(float(metrics["loss"]), np.mean(-advantages * mask.sum(axis=1)), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["ratio_mean"]), 1.0, atol=1e-6)

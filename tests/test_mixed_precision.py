@@ -266,4 +266,4 @@ def test_3b_recipe_without_hf_model_fails_first():
     from vlmr1_jax.train.loop import GRPOTrainer
 
     with pytest.raises(ValueError, match=NO_SOURCE):
-        GRPOTrainer(load_config("rec_3b"), progress=False)
+        GRPOTrainer.from_config(load_config("rec_3b"), progress=False)

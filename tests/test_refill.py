@@ -45,7 +45,7 @@ def fail_to_read(monkeypatch, bad_path: str):
 @pytest.mark.slow
 def test_skip_refills_the_batch_and_resumes_exactly(tmp_path, monkeypatch, caplog):
     overrides = run_overrides(tmp_path, tmp_path / "run", "data.on_error=skip", "train.save_every=2")
-    trainer = GRPOTrainer(load_config("demo_tiny", [*overrides, "train.max_steps=2"]), progress=False)
+    trainer = GRPOTrainer.from_config(load_config("demo_tiny", [*overrides, "train.max_steps=2"]), progress=False)
     bad = sample_at(trainer, 2)  # the first sample of step 2
     fail_to_read(monkeypatch, bad.image_paths[0])
     with caplog.at_level(logging.WARNING):
@@ -58,9 +58,9 @@ def test_skip_refills_the_batch_and_resumes_exactly(tmp_path, monkeypatch, caplo
     assert len(step2) == BATCH and all(s.problem in step2[i] for i, s in enumerate(refill))
 
     # Resume to step 4; one uninterrupted run that skips the same sample must end identical.
-    GRPOTrainer(load_config("demo_tiny", [*overrides, "train.max_steps=4"]), progress=False).train()
+    GRPOTrainer.from_config(load_config("demo_tiny", [*overrides, "train.max_steps=4"]), progress=False).train()
     reference = tmp_path / "reference"
-    GRPOTrainer(
+    GRPOTrainer.from_config(
         load_config(
             "demo_tiny",
             [*run_overrides(tmp_path, reference, "data.on_error=skip", "train.save_every=2"), "train.max_steps=4"],
@@ -79,7 +79,7 @@ def test_skip_refills_the_batch_and_resumes_exactly(tmp_path, monkeypatch, caplo
 def test_raise_names_the_sample_and_keeps_the_checkpoint(tmp_path):
     run = tmp_path / "run"
     overrides = run_overrides(tmp_path, run, "train.save_every=1", "train.max_steps=3")
-    trainer = GRPOTrainer(load_config("demo_tiny", overrides), progress=False)
+    trainer = GRPOTrainer.from_config(load_config("demo_tiny", overrides), progress=False)
     bad = sample_at(trainer, 3)  # the second sample of step 2, broken on disk after the data was loaded
     with open(bad.image_paths[0], "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n not an image any more")

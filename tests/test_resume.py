@@ -65,7 +65,6 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     saved = checkpoint_steps(b / "checkpoints")
     assert saved and max(saved) < STEPS, f"run B was not interrupted (checkpoints {saved})"
     resumed_at = max(saved)
-    logged_before = len(jsonl(b / "metrics.jsonl"))
 
     # Run A uninterrupted and run B's second life, side by side.
     procs = [
@@ -76,8 +75,8 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     for proc, log in zip(procs, ("a", "b_second")):
         assert proc.returncode == 0, log_tail(tmp_path / log)
     assert f"resumed from step {resumed_at} " in (tmp_path / "b_second.err").read_text()
-    # The second life logs exactly the steps after its checkpoint (any logged after it by the first life again).
-    assert [r["step"] for r in jsonl(b / "metrics.jsonl")[logged_before:]] == list(range(resumed_at + 1, STEPS + 1))
+    # The second life drops what the first logged after its checkpoint and logs those steps again: each once.
+    assert [r["step"] for r in jsonl(b / "metrics.jsonl")] == list(range(1, STEPS + 1))
 
     # Final TrainState (params, optimizer moments and counts, step, reference policy): bit for bit.
     state_a, state_b = (read_state(run / "checkpoints" / str(STEPS) / "state") for run in (a, b))

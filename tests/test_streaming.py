@@ -189,7 +189,7 @@ def test_training_starts_from_an_import_checkpoint(release_source, tmp_path):
         data=DataConfig(data_file_paths=data, image_folders=image_folder(str(tmp_path / "synth")), prompts_per_step=2),
         train=TrainConfig(output_dir=str(run_dir), max_steps=1, save_every=1, keep_checkpoints=3),
     )
-    trainer = SFTTrainer(cfg, progress=False)
+    trainer = SFTTrainer.from_config(cfg, progress=False)
     assert trainer.step == 0 and int(trainer.state.step) == 0
     assert_same_params(trainer.model(), load_hf_model(other))
     moments = [x for x in jax.tree.leaves(trainer.state.opt_state) if x.ndim > 0]
@@ -198,7 +198,9 @@ def test_training_starts_from_an_import_checkpoint(release_source, tmp_path):
     assert np.isfinite(trained["loss"])
     after = host_params(trainer.model())
 
-    again = SFTTrainer(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=2)), progress=False)
+    again = SFTTrainer.from_config(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=2)), progress=False
+    )
     assert again.step == 1
     restored = host_params(again.model())
     assert all(np.array_equal(after[k], restored[k]) for k in after)

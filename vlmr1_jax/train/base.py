@@ -14,9 +14,11 @@ import logging
 import signal
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Self
 
 import jax
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from vlmr1_jax.config import RunConfig, to_dict
@@ -29,8 +31,9 @@ from vlmr1_jax.processing.batch import (
     encode_prompt_text,
     load_prompt_images,
 )
+from vlmr1_jax.processing.tokenizer import Tokenizer
 from vlmr1_jax.rl.state import current_model, init_train_state, make_optimizer
-from vlmr1_jax.train.checkpoint import Checkpointer, CorruptCheckpoint, abstract_like, read_meta
+from vlmr1_jax.train.checkpoint import Checkpointer, CorruptCheckpoint, abstract_like, committed_steps, read_meta
 from vlmr1_jax.train.compiles import compilations
 from vlmr1_jax.train.identity import check_resume
 from vlmr1_jax.train.metrics import MetricsWriter, mean_metrics
@@ -54,38 +57,64 @@ class TrainingDiverged(ValueError):
     """Too many consecutive steps with a non-finite loss or gradient (their updates were skipped)."""
 
 
+@dataclasses.dataclass
+class RunParts:
+    """What a trainer is built from: the device mesh, the tokenizer, the loaded samples and the policy (already on
+    the mesh). `build_parts` makes them from a recipe; tests and other front ends may build their own."""
+
+    mesh: Mesh
+    tokenizer: Tokenizer
+    samples: list[Sample]
+    model: Any
+    imported: Path | None = None  # the import checkpoint (vlmr1 import-hf) the model was loaded from, if any
+
+
+def build_parts(cfg: RunConfig) -> RunParts:
+    """The mesh, tokenizer, samples and policy of a recipe. The policy comes from the run folder's import
+    checkpoint when that is its newest step (parameters only, read one tensor at a time onto the mesh), else from
+    `model.hf_model` or a preset; a training checkpoint is restored later, by the trainer, over this model."""
+    check_model_config(cfg)  # before any data or weights are read
+    mesh = setup_mesh(cfg)
+    tokenizer = load_tokenizer(cfg)
+    samples = load_samples(cfg)
+    checkpoints = run_dir(cfg) / "checkpoints"
+    steps = committed_steps(checkpoints)
+    imported = None
+    if steps:
+        with contextlib.suppress(CorruptCheckpoint):  # an unreadable newest step: the trainer falls back
+            imported = imported_params(checkpoints, steps[-1])
+    source = (
+        cfg
+        if imported is None
+        else dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_model=str(imported)))
+    )
+    return RunParts(mesh, tokenizer, samples, build_model(source, tokenizer, mesh), imported)
+
+
 class Trainer:
+    """The step loop over injected `RunParts`; `from_config` builds them from a recipe."""
+
     kind = "base"
 
     def __init__(
         self,
         cfg: RunConfig,
+        parts: RunParts,
         *,
         progress: bool = True,
         with_reference: bool = False,
         updates_per_step: int = 1,
         resume_anyway: bool = False,
     ):
-        check_model_config(cfg)  # before any data or weights are read
         self.cfg = cfg
         self.progress = progress
         self.updates_per_step = updates_per_step
-        self.mesh = setup_mesh(cfg)
-        self.tokenizer = load_tokenizer(cfg)
-        self.samples = load_samples(cfg)
+        self.mesh, self.tokenizer, self.samples = parts.mesh, parts.tokenizer, parts.samples
         self.max_steps = resolve_max_steps(cfg, len(self.samples))
         self.out = run_dir(cfg)
         self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.train.save_every, cfg.train.keep_checkpoints)
         latest = self.checkpoints.latest_step()
-        # An import checkpoint (vlmr1 import-hf) holds parameters only: the model is loaded from it, one tensor at
-        # a time onto the mesh, and the optimizer state and reference are created here, as for an HF folder.
-        imported = imported_params(self.checkpoints.directory, latest) if latest is not None else None
-        source = (
-            cfg
-            if imported is None
-            else dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_model=str(imported)))
-        )
-        model = build_model(source, self.tokenizer, self.mesh)
+        model = parts.model
         self.model_cfg = model.cfg
         self.optimizer, self.schedule = make_optimizer(cfg.optim, self.max_steps * updates_per_step)
         self.graphdef, state = init_train_state(
@@ -100,11 +129,16 @@ class Trainer:
         self.nonfinite_streak = 0
         self.closed = False
         self.stopped_by: str | None = None
-        if imported is not None:
-            log.info("starting from the imported parameters in %s", imported)
+        if parts.imported is not None:
+            log.info("starting from the imported parameters in %s", parts.imported)
         elif latest is not None:
             self._resume(resume_anyway)
         self.metrics = MetricsWriter(self.out, process_index=jax.process_index(), resume_step=self.step)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, **options: Any) -> Self:
+        """A trainer for a recipe: its parts built by `build_parts`; `options` as for the constructor."""
+        return cls(cfg, build_parts(cfg), **options)
 
     def _resume(self, resume_anyway: bool) -> None:
         """Restore the newest checkpoint that reads back intact; a corrupt one is moved aside (never deleted) with a

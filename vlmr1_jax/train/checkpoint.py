@@ -318,6 +318,13 @@ def _stored_items(manager: ocp.CheckpointManager, step: int, where: str) -> dict
         raise CorruptCheckpoint(f"cannot read the metadata of {where}: {type(e).__name__}: {e}") from e
 
 
+def committed_steps(checkpoint_dir: str | Path) -> list[int]:
+    """The steps whose checkpoints are complete, oldest first: orbax renames a step's temporary folder to the bare
+    step number once every item is written. No orbax manager is opened (nothing is created)."""
+    directory = Path(checkpoint_dir)
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
 def read_meta(checkpoint_dir: str | Path, step: int | None = None) -> dict[str, Any]:
     """Only the JSON meta of a checkpoint (default: the latest step), without building a TrainState."""
     directory = Path(checkpoint_dir).absolute()

@@ -20,7 +20,7 @@ def _run(kind: str):
             from vlmr1_jax.train.loop import GRPOTrainer as Trainer
         else:
             from vlmr1_jax.train.sft import SFTTrainer as Trainer  # type: ignore[assignment]
-        trainer = Trainer(cfg, progress=not args.no_progress, resume_anyway=args.resume_anyway)
+        trainer = Trainer.from_config(cfg, progress=not args.no_progress, resume_anyway=args.resume_anyway)
         if trainer.step >= trainer.max_steps:
             print(
                 f"error: the run in {cfg.train.output_dir} already finished at step {trainer.step} (max steps "

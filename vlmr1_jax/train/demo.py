@@ -147,7 +147,7 @@ def run_demo(demo: DemoConfig, progress: bool = True) -> dict[str, float]:
     held_out, _ = load_jsonl_datasets(data["val"], images)
 
     print(f"[demo] SFT warm start: {demo.sft_steps} steps x {demo.sft_batch} samples", flush=True)
-    sft = SFTTrainer(sft_config(demo, data, images, out / "tokenizer"), progress=progress)
+    sft = SFTTrainer.from_config(sft_config(demo, data, images, out / "tokenizer"), progress=progress)
     sft.train()
     sft_model_dir = save_hf_folder(sft.model(), out / "sft" / "hf", out / "tokenizer")
     before = evaluate(sft.model(), tokenizer, held_out)
@@ -160,7 +160,7 @@ def run_demo(demo: DemoConfig, progress: bool = True) -> dict[str, float]:
     print(
         f"[demo] GRPO: {demo.grpo_steps} steps x {demo.grpo_prompts} prompts x {demo.generations} samples", flush=True
     )
-    grpo = GRPOTrainer(grpo_config(demo, data, images, sft_model_dir), progress=progress)
+    grpo = GRPOTrainer.from_config(grpo_config(demo, data, images, sft_model_dir), progress=progress)
     grpo.train()
     after = evaluate(grpo.model(), tokenizer, held_out)
     print(reward_table(out / "grpo"))

@@ -25,7 +25,7 @@ from vlmr1_jax.rl.grpo import group_advantages
 from vlmr1_jax.rl.rollout import Prepared, TrainExample, rollout
 from vlmr1_jax.rl.sampler import Sampler, default_banned_ids
 from vlmr1_jax.rl.step import make_grpo_step, make_logprob_fn
-from vlmr1_jax.train.base import Trainer
+from vlmr1_jax.train.base import RunParts, Trainer
 from vlmr1_jax.train.metrics import RolloutLog
 from vlmr1_jax.train.setup import columns_for, to_device, to_host
 
@@ -49,12 +49,13 @@ class GRPOTrainer(Trainer):
 
     kind = "grpo"
 
-    def __init__(self, cfg: RunConfig, *, progress: bool = True, resume_anyway: bool = False):
+    def __init__(self, cfg: RunConfig, parts: RunParts, *, progress: bool = True, resume_anyway: bool = False):
         g = cfg.grpo
         if g.num_generations < 2:
             raise ValueError("grpo.num_generations must be >= 2 (advantages need a group)")
         super().__init__(
             cfg,
+            parts,
             progress=progress,
             with_reference=g.beta > 0,
             updates_per_step=g.num_iterations,

@@ -17,7 +17,7 @@ from vlmr1_jax.config import RunConfig
 from vlmr1_jax.data.jsonl import Sample
 from vlmr1_jax.processing.batch import PromptBatch
 from vlmr1_jax.rl.step import make_sft_step
-from vlmr1_jax.train.base import Trainer
+from vlmr1_jax.train.base import RunParts, Trainer
 from vlmr1_jax.train.setup import to_device
 
 _ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
@@ -49,8 +49,8 @@ class SFTTrainer(Trainer):
 
     kind = "sft"
 
-    def __init__(self, cfg: RunConfig, *, progress: bool = True, resume_anyway: bool = False):
-        super().__init__(cfg, progress=progress, resume_anyway=resume_anyway)
+    def __init__(self, cfg: RunConfig, parts: RunParts, *, progress: bool = True, resume_anyway: bool = False):
+        super().__init__(cfg, parts, progress=progress, resume_anyway=resume_anyway)
         self.step_fn = make_sft_step(
             self.graphdef, self.optimizer, self.schedule, cfg.optim.grad_accum, seed=cfg.train.seed
         )
