@@ -233,7 +233,7 @@ def test_bf16_master_weights_are_refused_at_start_up(kind):
 
     cfg = load_config("rec_3b", ["model.hf_model=/nonexistent", "model.param_dtype=bfloat16"])
     with pytest.raises(ValueError, match=f"^{BF16_MASTERS}.*set model.param_dtype=float32") as error:
-        (GRPOTrainer if kind == "grpo" else SFTTrainer)(cfg, progress=False)
+        (GRPOTrainer if kind == "grpo" else SFTTrainer).from_config(cfg, progress=False)
     assert "\n" not in str(error.value)
 
 
