@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from vlmr1_jax.config import OptimConfig, RunConfig, to_dict
-from vlmr1_jax.rl.step import current_model, init_train_state, make_optimizer
+from vlmr1_jax.rl.state import current_model, init_train_state, make_optimizer
 from vlmr1_jax.train.checkpoint import Checkpointer
 from vlmr1_jax.train.setup import build_model, frozen_dtype_of, load_tokenizer, setup_mesh
 
