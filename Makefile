@@ -1,7 +1,7 @@
 # Two entry points, each self-installing on a fresh machine (Python >= 3.11, pip; no GPU, no model hub):
 #   make demo   - the main job: a GRPO run on a tiny Qwen2.5-VL and built-in synthetic REC data (CPU, minutes)
 #   make test   - the whole test suite (what CI runs)
-#   make lint   - ruff (lint + format check) and mypy (what CI runs before the tests)
+#   make lint   - ruff (lint + format check), mypy and the import contracts (lint-imports; docs/architecture.md)
 #   make test-fast - the edit loop: the suite without `slow` tests and the modules that train, sample or compile
 #                    whole models (under 2 minutes on 2 cores with a warm compile cache; `make test` runs them all)
 #   make test-scale - streaming conversion of a full-size random 3B with peak-memory checks (not in CI: ~40 GB of
@@ -43,6 +43,7 @@ lint: $(VENV)/.lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Modules (tests/test_<name>.py) left out of test-fast: training runs in child processes, whole-model compiles.
 HEAVY_TESTS := parity plan mixed_precision train_step resume lora run_identity multihost rewards_fuzz crash_safety \

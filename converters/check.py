@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from converters.safetensors_io import ITEMSIZE, read_safetensors_header
 from converters.targets import TARGETS, check_target
 from vlmr1_jax.dtypes import DTYPES
 from vlmr1_jax.filenames import (
@@ -26,8 +25,10 @@ from vlmr1_jax.filenames import (
     PREPROCESSOR_CONFIG_FILE,
     SINGLE_FILE,
 )
+from vlmr1_jax.models.hf_weights import stored_tensors
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config
 from vlmr1_jax.models.qwen2_5_vl.params import TIED_HEAD, expected_hf_shapes
+from vlmr1_jax.models.safetensors_read import ITEMSIZE, read_safetensors_header
 
 ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
 # The special tokens whose ids the processor (tokenizer side) and the model (config side) must agree on.
@@ -313,8 +314,6 @@ def _processor_problems(folder: Path, cfg: Qwen25VLConfig) -> list[str]:
 
 def nonfinite_problems(model_dir: str | os.PathLike) -> list[str]:
     """One problem per tensor of the folder holding inf / NaN values, reading one tensor at a time."""
-    from converters.hf import stored_tensors
-
     problems = []
     for stored in stored_tensors(model_dir).values():
         try:

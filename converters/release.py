@@ -30,8 +30,8 @@ import numpy as np
 from flax import nnx
 
 from converters.check import check_export
-from converters.hf import folder_tensors, hf_tensors, read_config, write_checksums
-from converters.safetensors_io import ShardWriter, sha256
+from converters.hf import hf_tensors, write_checksums
+from converters.safetensors_io import ShardWriter
 from converters.targets import resolve_dtype
 from vlmr1_jax.dtypes import dtype_info
 from vlmr1_jax.filenames import (
@@ -45,8 +45,10 @@ from vlmr1_jax.filenames import (
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILES,
 )
+from vlmr1_jax.models.hf_weights import folder_tensors, read_config
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, to_hf_config
 from vlmr1_jax.models.qwen2_5_vl.params import expected_hf_shapes
+from vlmr1_jax.models.safetensors_read import sha256
 from vlmr1_jax.processing import image as image_processing
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer
 

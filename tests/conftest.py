@@ -63,8 +63,8 @@ def release_source(tmp_path_factory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def fp32_release(release_source, tmp_path_factory) -> Iterator[Path]:
     """`release_source` exported as an fp32 HF release (our export), for the torch runtime and evaluation tests."""
-    from converters.hf import load_hf_model
     from converters.release import export_release
+    from vlmr1_jax.models.hf_weights import load_hf_model
 
     model = load_hf_model(release_source)
     out = export_release(

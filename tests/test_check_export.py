@@ -13,9 +13,9 @@ from safetensors.numpy import load_file, save_file
 
 from converters.check import check_export
 from converters.release import export_hf_folder
-from converters.safetensors_io import read_safetensors_header
 from ports.forward_report import forward_report, synthetic_image
 from tests.helpers.cli import run_cli
+from vlmr1_jax.models.safetensors_read import read_safetensors_header
 
 
 @pytest.fixture(scope="module")

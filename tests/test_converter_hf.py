@@ -20,8 +20,11 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from converters.hf import INDEX_FILE, from_hf_tensor, hf_entries, load_hf_model, save_hf_safetensors
+from converters.hf import save_hf_safetensors
 from tests.helpers.params import assert_same_params, host_params
+from vlmr1_jax.filenames import INDEX_FILE
+from vlmr1_jax.models.hf_weights import load_hf_model
+from vlmr1_jax.models.qwen2_5_vl.params import from_hf_tensor, hf_entries
 
 SINGLE = "model.safetensors"
 

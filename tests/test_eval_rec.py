@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from converters.hf import load_hf_model
 from tests.helpers.cli import run_cli
 from vlmr1_jax.data.jsonl import Sample
 from vlmr1_jax.data.synthetic import generate, image_folder
-from vlmr1_jax.eval.cli import load_eval_samples
-from vlmr1_jax.eval.rec import eval_subset, extract_box, rescale_box, score_rec
+from vlmr1_jax.eval.rec import eval_subset, extract_box, load_eval_samples, rescale_box, score_rec
+from vlmr1_jax.models.hf_weights import load_hf_model
 
 PROMPT = "find the red box"
 
@@ -142,7 +141,7 @@ def test_eval_rec_backends_agree(fp32_release, rec_data, tmp_path, capsys):
     assert [r["pred_box"] for r in jax_run["results"]] == [r["pred_box"] for r in torch_run["results"]]
 
     # --model may also be one of our checkpoints on the JAX backend (here: the release imported as one).
-    from vlmr1_jax.train.restore import import_hf
+    from converters.import_hf import import_hf
 
     checkpoint = import_hf(fp32_release, tmp_path / "imported")
     assert (

@@ -14,7 +14,6 @@ from flax import nnx
 from safetensors import safe_open
 
 from converters.check import check_export
-from converters.hf import flat_paths, iter_hf_tensors, load_hf_model
 from converters.release import (
     RELEASE_MARKER,
     ExportError,
@@ -26,6 +25,8 @@ from converters.release import (
 )
 from tests.helpers.cli import run_cli
 from tests.helpers.release import CORPUS, PROMPT, make_release_source
+from vlmr1_jax.models.hf_weights import iter_hf_tensors, load_hf_model
+from vlmr1_jax.models.qwen2_5_vl.params import flat_paths
 from vlmr1_jax.processing.tokenizer import build_compact_tokenizer
 
 

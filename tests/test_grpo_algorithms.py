@@ -11,15 +11,14 @@ import pytest
 from flax import nnx
 
 from tests.helpers.prompts import SPECS, G, completions, device_prompts, train_prompts
-from vlmr1_jax.config import load_config
+from vlmr1_jax.config import LOSS_PRESETS, Algorithm, load_config
 from vlmr1_jax.models.qwen2_5_vl.config import get_preset
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.rl.grpo import (
     ADVANTAGE_ESTIMATORS,
     AGGREGATIONS,
     OBJECTIVES,
-    PRESETS,
-    Algorithm,
+    check_algorithm,
     group_advantages,
     make_loss,
 )
@@ -238,11 +237,11 @@ def test_padding_does_not_matter(objective, aggregation):
     assert np.all(np.asarray(grad)[pad] == 0) and np.isfinite(float(loss))
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(LOSS_PRESETS))
 def test_preset_is_its_parts(name):
     """A preset's loss is the loss of its three parts, the same numbers as the combination test checks."""
     x = _inputs(4)
-    preset = PRESETS[name]
+    preset = LOSS_PRESETS[name]
     args = (_f32(x["logp"]), _f32(x["old"]), _f32(x["ref"]), _f32(x["adv"]), _f32(x["mask"]))
     loss, _ = make_loss(preset.objective, preset.aggregation)(*args, epsilon=EPS, epsilon_high=EPS_HIGH, beta=BETA)
     per_token, _ = np_objective(preset.objective, x["logp"], x["old"], x["adv"], x["mask"])
@@ -285,9 +284,9 @@ def test_registry_errors(registry, message):
 # ---------------------------------------------------------------- config fields
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(LOSS_PRESETS))
 def test_config_presets(name):
-    assert load_config("demo_tiny", [f"grpo.loss={name}"]).grpo.algorithm() == PRESETS[name]
+    assert load_config("demo_tiny", [f"grpo.loss={name}"]).grpo.algorithm() == LOSS_PRESETS[name]
 
 
 @pytest.mark.parametrize(
@@ -301,7 +300,7 @@ def test_config_presets(name):
         (["grpo.loss=dr_grpo", "grpo.scale_rewards=false"], Algorithm("dr_grpo", "ppo_clip", "token_sum_norm")),
         (
             ["grpo.scale_rewards=false", "grpo.advantage_estimator=dr_grpo"],
-            PRESETS["grpo"]._replace(advantage_estimator="dr_grpo"),
+            LOSS_PRESETS["grpo"]._replace(advantage_estimator="dr_grpo"),
         ),
         (
             [f"grpo.aggregation={THIS}:seq_sum_mean", f"grpo.advantage_estimator={THIS}:median_baseline"],
@@ -334,7 +333,7 @@ def test_config_parts_override_the_preset(overrides, want):
 )
 def test_config_names_the_bad_field(override, message):
     with pytest.raises(ValueError, match=message):
-        load_config("demo_tiny", [override])
+        check_algorithm(load_config("demo_tiny", [override]).grpo)
 
 
 def test_scale_rewards_false_needs_the_unscaled_estimator():

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from vlmr1_jax.rl.grpo import OBJECTIVES, PRESETS, completion_mask, group_advantages, make_loss, token_logprobs
+from vlmr1_jax.config import LOSS_PRESETS
+from vlmr1_jax.rl.grpo import OBJECTIVES, completion_mask, group_advantages, make_loss, token_logprobs
 
 LOSSES = ("grpo", "dapo", "dr_grpo", "gspo")
 B, T = 8, 12
@@ -94,7 +95,7 @@ def torch_vlmr1_compute_loss(per_token_logps, old, ref, advantages, completion_m
 
 def get_loss(preset: str):
     """The loss a `grpo.loss` preset trains with."""
-    return make_loss(PRESETS[preset].objective, PRESETS[preset].aggregation)
+    return make_loss(LOSS_PRESETS[preset].objective, LOSS_PRESETS[preset].aggregation)
 
 
 def _f32(x):

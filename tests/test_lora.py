@@ -15,12 +15,12 @@ import pytest
 import torch
 from flax import nnx
 
-from converters.hf import load_hf_model, read_config
 from tests.helpers.hf_models import load_hf
 from tests.helpers.params import host_params
 from tests.helpers.prompts import completions, device_prompts, train_prompts
 from tests.helpers.train import optimizer
 from vlmr1_jax.config import GRPOConfig
+from vlmr1_jax.models.hf_weights import load_hf_model, read_config
 from vlmr1_jax.models.layers import Dense, LoRADropoutKey, LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.params import canonical_hf_name, flat_paths, is_stacked, to_hf_name
 from vlmr1_jax.rl.lora import apply_lora, lora_targets, merge_lora, set_lora_dropout_keys

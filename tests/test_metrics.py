@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
+from vlmr1_jax.cli.plot import register
 from vlmr1_jax.train.metrics import MetricsWriter, RolloutLog, mean_metrics, read_metrics
-from vlmr1_jax.train.plot import plot_run, register
+from vlmr1_jax.train.plot import plot_run
 
 
 def tb_scalars(tb_dir) -> dict[str, list[tuple[int, float]]]:

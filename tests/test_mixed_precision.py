@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from converters.hf import flat_paths
 from tests.helpers.params import assert_same_params, host_params
 from tests.helpers.prompts import SPECS, G, completions, device_prompts, train_prompts
 from tests.helpers.train import save_trainer_checkpoint
@@ -24,6 +23,7 @@ from vlmr1_jax.config import GRPOConfig, LoRAConfig, ModelConfig, OptimConfig, R
 from vlmr1_jax.models.layers import LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.config import get_preset
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
+from vlmr1_jax.models.qwen2_5_vl.params import flat_paths
 from vlmr1_jax.rl.lora import apply_lora
 from vlmr1_jax.rl.rollout import TrainExample
 from vlmr1_jax.rl.state import init_train_state, make_optimizer

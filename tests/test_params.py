@@ -14,9 +14,10 @@ import torch
 from flax import nnx
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from converters.hf import load_hf_state, save_hf_safetensors
+from converters.hf import save_hf_safetensors
 from tests.helpers.hf_models import TINY_CONFIG, TINY_CONFIG_B
 from vlmr1_jax.filenames import SINGLE_FILE
+from vlmr1_jax.models.hf_weights import load_hf_state
 from vlmr1_jax.models.layers import Dense
 from vlmr1_jax.models.qwen2_5_vl.config import from_hf_config
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
@@ -159,7 +160,7 @@ def test_round_trip_ours_hf_ours_is_exact(scan, tmp_path):
 def test_converters_never_import_torch():
     """Importing every converter (check-export included) leaves torch unloaded; `--forward` lives in ports."""
     code = (
-        "import sys; import converters.cli, converters.check, converters.hf, converters.peft, "
-        "converters.release; assert 'torch' not in sys.modules, 'torch imported'"
+        "import sys; import converters.check, converters.export, converters.hf, converters.import_hf, "
+        "converters.peft, converters.release, vlmr1_jax.cli; assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from converters.hf import load_hf_model, read_config
 from ports import parity
 from ports.parity import ATOL, RTOL, compare, diff_report, make_inputs, run_hf, run_jax
 from tests.helpers.hf_models import TINY_CONFIG, WIDTH_3B_CONFIG, save_random_hf_model
 from vlmr1_jax.cli import main as cli_main
+from vlmr1_jax.models.hf_weights import load_hf_model, read_config
 
 # Image A tiles its windows exactly, image B needs padded windows, two videos (T=2 and T=4 with spg 0.5)
 # put text after video positions; batch 2 with left padding.

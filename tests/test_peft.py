@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from converters.hf import iter_hf_tensors, read_config
 from converters.peft import target_modules_regex
 from ports.parity import make_inputs, positions_for
 from tests.helpers.cli import run_cli
 from tests.helpers.hf_models import load_hf
 from tests.helpers.train import save_trainer_checkpoint
 from vlmr1_jax.config import LoRAConfig, ModelConfig, RunConfig, TrainConfig
+from vlmr1_jax.models.hf_weights import iter_hf_tensors, read_config
 from vlmr1_jax.models.qwen2_5_vl.params import hf_module_name
 from vlmr1_jax.processing.vision_plan import plan_vision, vision_gather_indices
 from vlmr1_jax.rl.lora import lora_targets, merge_lora

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from converters.hf import load_hf_model
 from vlmr1_jax.cli import main
 from vlmr1_jax.config import load_config
+from vlmr1_jax.models.hf_weights import load_hf_model
 from vlmr1_jax.models.layers import LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.config import PRESETS
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL

@@ -9,11 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-from converters.hf import iter_hf_tensors, load_hf_model
 from tests.helpers.cli import run_cli
 from tests.helpers.params import assert_same_params
 from tests.helpers.train import save_trainer_checkpoint
 from vlmr1_jax.config import GRPOConfig, LoRAConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from vlmr1_jax.models.hf_weights import iter_hf_tensors, load_hf_model
 from vlmr1_jax.train.checkpoint import CheckpointError
 from vlmr1_jax.train.restore import find_checkpoint, load_checkpoint
 

@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
+from vlmr1_jax.cli.rewards import register
 from vlmr1_jax.rewards import REWARDS, get_reward, register_reward
-from vlmr1_jax.rewards.cli import register
 
 BUILTIN = {
     "accuracy": "accuracy_reward",

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from converters.hf import load_hf_model
+from converters.import_hf import import_hf
 from converters.release import export_hf_folder, export_release
 from tests.helpers.hf_models import tiny_model_with_qwen_ids
 from vlmr1_jax.cli import main
-from vlmr1_jax.train.restore import import_hf
+from vlmr1_jax.models.hf_weights import load_hf_model
 
 BROKEN = "model.layers.1.mlp.up_proj.weight"
 

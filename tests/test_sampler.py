@@ -15,14 +15,15 @@ import pytest
 import torch
 from flax import nnx
 
-from converters.hf import load_hf_model
 from tests.helpers.hf_models import load_hf
 from tests.helpers.prompts import PAD, device_prompts, hf_inputs, prompt_rows
+from vlmr1_jax.config import SamplingConfig
+from vlmr1_jax.models.hf_weights import load_hf_model
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlmr1_jax.processing.batch import PromptBatch, build_prompt_batch
 from vlmr1_jax.rl.grpo import completion_mask
 from vlmr1_jax.rl.prefix import prefill_fan_out
-from vlmr1_jax.rl.sampler import Sampler, SamplingConfig, default_banned_ids, filter_logits, next_tokens
+from vlmr1_jax.rl.sampler import Sampler, default_banned_ids, filter_logits, next_tokens
 from vlmr1_jax.rl.step import make_logprob_fn
 
 # Per prompt: (text before, image grids, text after). Different lengths give left padding; prompt 2 has two images.

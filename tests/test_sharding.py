@@ -17,11 +17,13 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from converters.hf import flat_paths, load_hf_model, read_config
 from ports.parity import make_inputs, positions_for
+from vlmr1_jax.config import MeshConfig
+from vlmr1_jax.models.hf_weights import load_hf_model, read_config
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
+from vlmr1_jax.models.qwen2_5_vl.params import flat_paths
 from vlmr1_jax.models.qwen2_5_vl.text import KVCache
-from vlmr1_jax.parallel.mesh import MeshConfig, batch_sharding, create_sharded, logical_to_spec, make_mesh
+from vlmr1_jax.parallel.mesh import batch_sharding, create_sharded, logical_to_spec, make_mesh
 from vlmr1_jax.processing.vision_plan import plan_vision, vision_gather_indices
 
 IMAGE_GRIDS = [(1, 8, 12), (1, 6, 10)]

@@ -21,11 +21,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from converters.hf import CHECKSUMS_FILE, iter_hf_tensors, load_hf_model, stored_tensors
 from tests.helpers.cli import run_cli
 from tests.helpers.hf_models import TINY_CONFIG
 from tests.helpers.params import assert_same_params, host_params
 from tests.helpers.release import CORPUS, compact_config, make_release_source
+from vlmr1_jax.filenames import CHECKSUMS_FILE
+from vlmr1_jax.models.hf_weights import iter_hf_tensors, load_hf_model, stored_tensors
 from vlmr1_jax.models.qwen2_5_vl.config import from_hf_config
 from vlmr1_jax.processing.tokenizer import build_compact_tokenizer
 from vlmr1_jax.train.checkpoint import CheckpointError

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from converters.hf import flat_paths, load_hf_model, read_config
 from tests.helpers.hf_models import load_hf
 from tests.helpers.params import host_params
 from tests.helpers.prompts import (
@@ -30,10 +29,12 @@ from tests.helpers.prompts import (
     train_prompts,
 )
 from tests.helpers.train import optimizer
-from vlmr1_jax.config import GRPOConfig, OptimConfig
+from vlmr1_jax.config import GRPOConfig, MeshConfig, OptimConfig
+from vlmr1_jax.models.hf_weights import load_hf_model, read_config
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
+from vlmr1_jax.models.qwen2_5_vl.params import flat_paths
 from vlmr1_jax.models.qwen2_5_vl.text import KVCache
-from vlmr1_jax.parallel.mesh import MeshConfig, batch_sharding, make_mesh
+from vlmr1_jax.parallel.mesh import batch_sharding, make_mesh
 from vlmr1_jax.rl.lora import apply_lora, lora_targets
 from vlmr1_jax.rl.rollout import TrainExample
 from vlmr1_jax.rl.state import current_model, init_train_state, make_optimizer, trainable_filter

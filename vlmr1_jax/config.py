@@ -11,15 +11,48 @@ import math
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
-from vlmr1_jax.parallel.mesh import MeshConfig
-from vlmr1_jax.rl.grpo import ADVANTAGE_ESTIMATORS, AGGREGATIONS, OBJECTIVES, PRESETS, Algorithm
-from vlmr1_jax.rl.sampler import SamplingConfig
-
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes; -1 on one axis means "all remaining devices"."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 50  # 0 disables
+    top_p: float = 1.0  # 1.0 disables
+    greedy: bool = False
+
+
+class Algorithm(NamedTuple):
+    """The three choices that make a GRPO variant (registered names or 'package.module:function' paths; the
+    registries are in rl/grpo.py)."""
+
+    advantage_estimator: str
+    objective: str
+    aggregation: str
+
+
+# `grpo.loss` names. They keep the results of the losses they replace: `dr_grpo` changes the aggregation only, as
+# VLM-R1's loss_type does; the full Dr.GRPO recipe adds `advantage_estimator=dr_grpo`.
+LOSS_PRESETS: dict[str, Algorithm] = {
+    "grpo": Algorithm("grpo", "ppo_clip", "seq_mean_token_mean"),
+    "dapo": Algorithm("grpo", "ppo_clip", "token_mean"),
+    "dr_grpo": Algorithm("grpo", "ppo_clip", "token_sum_norm"),
+    "gspo": Algorithm("grpo", "gspo", "seq_mean_token_mean"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +114,7 @@ class GRPOConfig:
 
     def algorithm(self) -> Algorithm:
         """The preset `loss` with the explicitly set parts (and `scale_rewards=false`) applied."""
-        preset = PRESETS[self.loss]
+        preset = LOSS_PRESETS[self.loss]
         unscaled = None if self.scale_rewards else "dr_grpo"
         return Algorithm(
             self.advantage_estimator or unscaled or preset.advantage_estimator,
@@ -226,29 +259,15 @@ def _positive(value: float) -> bool:
 
 
 def _check_grpo_algorithm(g: GRPOConfig) -> None:
-    """The loss preset and each part named (user paths are imported now, so a typo fails before any compile)."""
-    _check(g.loss in PRESETS, "grpo.loss", g.loss, f"one of {sorted(PRESETS)}")
+    """The loss preset and the scale_rewards rule; the parts' names are checked against their registries by
+    `rl.grpo.check_algorithm` when a trainer starts (before any compile)."""
+    _check(g.loss in LOSS_PRESETS, "grpo.loss", g.loss, f"one of {sorted(LOSS_PRESETS)}")
     _check(
         g.scale_rewards or g.advantage_estimator in (None, "dr_grpo"),
         "grpo.scale_rewards",
         g.scale_rewards,
         f"true with grpo.advantage_estimator={g.advantage_estimator!r} (false means the dr_grpo estimator)",
     )
-    for field, registry in (
-        ("advantage_estimator", ADVANTAGE_ESTIMATORS),
-        ("objective", OBJECTIVES),
-        ("aggregation", AGGREGATIONS),
-    ):
-        name = getattr(g, field)
-        if name is None:
-            continue
-        try:
-            registry.get(name)
-        except ValueError as err:
-            raise ValueError(
-                f"grpo.{field}={name!r}: expected one of {registry.names()} or a user function "
-                f"'package.module:function' ({err})"
-            ) from None
 
 
 def validate(cfg: RunConfig) -> RunConfig:

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from converters.hf import flat_paths
+from vlmr1_jax.models.qwen2_5_vl.params import flat_paths
 
 
 def host_params(tree: nnx.Module | nnx.State, dtype: np.dtype | None = None) -> dict[str, np.ndarray]:

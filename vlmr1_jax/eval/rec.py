@@ -12,6 +12,7 @@ import json
 import random
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,11 +20,13 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from vlmr1_jax.data.jsonl import Sample
+from vlmr1_jax.config import SamplingConfig
+from vlmr1_jax.data.jsonl import Sample, load_jsonl_datasets
 from vlmr1_jax.processing.batch import encode_prompts
+from vlmr1_jax.processing.image import MAX_PIXELS, MIN_PIXELS
 from vlmr1_jax.rewards import get_reward
 from vlmr1_jax.rewards.common import iou
-from vlmr1_jax.rl.sampler import Sampler, SamplingConfig, default_banned_ids
+from vlmr1_jax.rl.sampler import Sampler, default_banned_ids
 
 _FIRST_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _BRACED_BOX = re.compile(r"\{.*\[(\d+),\s*(\d+),\s*(\d+),\s*(\d+)]\s*.*\}", re.DOTALL)
@@ -171,3 +174,20 @@ def evaluate_rec(decoder: GreedyDecoder, samples: Sequence[Sample]) -> tuple[dic
     """Acc@0.5 (VLM-R1 protocol) plus mean `rec_iou` / `rec_format` rewards, and per-sample records."""
     completions, grids = decoder(samples)
     return score_rec(samples, completions, grids, decoder.model.cfg.vision.patch_size)
+
+
+def load_eval_samples(data: str, image_root: str, limit: int | None, seed: int = 42) -> list[Sample]:
+    """The evaluation subset of a VLM-R1 jsonl (VLM-R1's seeded shuffle, then the first `limit`; 0/None = all);
+    every sample must have an image."""
+    samples, _ = load_jsonl_datasets(data, image_root)
+    for sample in samples:
+        if not sample.image_paths:
+            raise ValueError(f"{sample.source}:{sample.line}: field 'image': REC evaluation needs an image")
+    return eval_subset(samples, limit or None, seed)
+
+
+def pixel_bounds(model_dir: Path, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int]:
+    """The resize bounds: given values, else the release's preprocessor_config.json, else Qwen2.5-VL's."""
+    config = model_dir / "preprocessor_config.json"
+    stored = json.loads(config.read_text()) if config.is_file() else {}
+    return (min_pixels or stored.get("min_pixels", MIN_PIXELS), max_pixels or stored.get("max_pixels", MAX_PIXELS))

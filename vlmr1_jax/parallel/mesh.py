@@ -8,7 +8,6 @@ once), so one rule table serves every model size and mesh shape.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -20,6 +19,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from vlmr1_jax.config import MeshConfig
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=nnx.Module)
@@ -44,15 +45,6 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "lora_rank": (),
     "layers": (),  # the leading axis of stacked (scanned) layer parameters
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Sizes of the mesh axes; -1 on one axis means "all remaining devices"."""
-
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:

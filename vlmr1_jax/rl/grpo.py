@@ -2,19 +2,20 @@
 
 A GRPO variant is three independent choices, each a registry of functions: the advantage estimator (rewards of a
 group -> advantages), the token objective (log-probs and advantages -> per-token loss) and the aggregation (per-token
-loss -> one scalar); `PRESETS` names the usual combinations (docs/grpo.md). Any part may also be a user function
-given as 'package.module:function'. Everything is safe under `jax.jit`; options (epsilon, beta, ...) are static
-Python values. Semantics follow VLM-R1's `VLMGRPOTrainer` (docs/facts.md: Loss).
+loss -> one scalar); `config.LOSS_PRESETS` names the usual combinations (docs/grpo.md). Any part may also be a
+user function given as 'package.module:function'. Everything is safe under `jax.jit`; options (epsilon, beta, ...)
+are static Python values. Semantics follow VLM-R1's `VLMGRPOTrainer` (docs/facts.md: Loss).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Generic, NamedTuple, Protocol, TypeVar, cast
+from typing import Generic, Protocol, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
 
+from vlmr1_jax.config import Algorithm, GRPOConfig
 from vlmr1_jax.user_code import import_function
 
 Array = jax.Array
@@ -237,22 +238,23 @@ def token_sum_norm(per_token: Array, mask: Array, max_completion_length: int) ->
 # ---------------------------------------------------------------- presets and the loss
 
 
-class Algorithm(NamedTuple):
-    """The three choices that make a GRPO variant (registered names or 'package.module:function' paths)."""
-
-    advantage_estimator: str
-    objective: str
-    aggregation: str
-
-
-# `grpo.loss` names. They keep the results of the losses they replace: `dr_grpo` changes the aggregation only, as
-# VLM-R1's loss_type does; the full Dr.GRPO recipe adds `advantage_estimator=dr_grpo`.
-PRESETS: dict[str, Algorithm] = {
-    "grpo": Algorithm("grpo", "ppo_clip", "seq_mean_token_mean"),
-    "dapo": Algorithm("grpo", "ppo_clip", "token_mean"),
-    "dr_grpo": Algorithm("grpo", "ppo_clip", "token_sum_norm"),
-    "gspo": Algorithm("grpo", "gspo", "seq_mean_token_mean"),
-}
+def check_algorithm(g: GRPOConfig) -> Algorithm:
+    """`g`'s algorithm, each part resolved in its registry now (user paths imported), so a typo fails before any
+    compile with an error naming the field."""
+    algorithm = g.algorithm()
+    for field, registry in (
+        ("advantage_estimator", ADVANTAGE_ESTIMATORS),
+        ("objective", OBJECTIVES),
+        ("aggregation", AGGREGATIONS),
+    ):
+        try:
+            registry.get(getattr(algorithm, field))
+        except ValueError as err:
+            raise ValueError(
+                f"grpo.{field}={getattr(algorithm, field)!r}: expected one of {registry.names()} or a user function "
+                f"'package.module:function' ({err})"
+            ) from None
+    return algorithm
 
 
 class LossFn(Protocol):

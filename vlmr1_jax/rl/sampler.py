@@ -15,19 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlmr1_jax.config import SamplingConfig
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.rl.grpo import completion_mask, token_logprobs
 from vlmr1_jax.rl.prefix import prefill_fan_out
 from vlmr1_jax.rl.rollout import Rollout
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int = 50  # 0 disables
-    top_p: float = 1.0  # 1.0 disables
-    greedy: bool = False
 
 
 def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:

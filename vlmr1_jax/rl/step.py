@@ -18,7 +18,7 @@ from flax import nnx
 
 from vlmr1_jax.models.layers import LoRADropoutKey
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-from vlmr1_jax.rl.grpo import make_loss, token_logprobs
+from vlmr1_jax.rl.grpo import check_algorithm, make_loss, token_logprobs
 from vlmr1_jax.rl.lora import set_lora_dropout_keys
 from vlmr1_jax.rl.prefix import prefill_fan_out
 from vlmr1_jax.rl.rollout import TrainExample
@@ -129,7 +129,7 @@ def make_grpo_step(
     batch: a `TrainExample`; its `ref_logprobs` / `old_logprobs` are None when beta == 0 / num_iterations == 1
     (a separate compiled program per combination, since None is part of the pytree structure).
     """
-    algorithm = grpo_cfg.algorithm()
+    algorithm = check_algorithm(grpo_cfg)
     loss_fn = make_loss(algorithm.objective, algorithm.aggregation)
     num_samples = grpo_cfg.num_generations
 

@@ -21,7 +21,7 @@ from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlmr1_jax.processing.batch import PromptBatch
 from vlmr1_jax.processing.tokenizer import Tokenizer
 from vlmr1_jax.rewards import get_reward
-from vlmr1_jax.rl.grpo import group_advantages
+from vlmr1_jax.rl.grpo import check_algorithm, group_advantages
 from vlmr1_jax.rl.rollout import Prepared, TrainExample, rollout
 from vlmr1_jax.rl.sampler import Sampler, default_banned_ids
 from vlmr1_jax.rl.step import make_grpo_step, make_logprob_fn
@@ -51,6 +51,7 @@ class GRPOTrainer(Trainer):
 
     def __init__(self, cfg: RunConfig, parts: RunParts, *, progress: bool = True, resume_anyway: bool = False):
         g = cfg.grpo
+        check_algorithm(g)  # a bad part name or user path fails before the model is built
         if g.num_generations < 2:
             raise ValueError("grpo.num_generations must be >= 2 (advantages need a group)")
         super().__init__(

@@ -1,5 +1,5 @@
-"""Our training checkpoints as models outside training: restore one for evaluation or export, and import an HF
-folder as one.
+"""Our training checkpoints as models outside training: restore one for evaluation or export (an HF folder is
+imported as one by converters/import_hf.py).
 
 A training checkpoint holds the whole `TrainState` (`vlmr1_jax.train.checkpoint`). To read it we rebuild the
 abstract state the trainer built from the JSON meta alone (model config, dtypes, LoRA, optimizer, reference) with
@@ -16,10 +16,7 @@ HF layout also keeps one layout table (`models.qwen2_5_vl.params`) for every saf
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +24,15 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vlmr1_jax.config import ModelConfig, RunConfig, TrainConfig, from_dict, to_dict
+from vlmr1_jax.config import MeshConfig, RunConfig, from_dict
+from vlmr1_jax.filenames import CHECKSUMS_FILE
+from vlmr1_jax.models.hf_weights import load_hf_model
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-from vlmr1_jax.parallel.mesh import MeshConfig, logical_to_spec, make_mesh
+from vlmr1_jax.parallel.mesh import logical_to_spec, make_mesh
 from vlmr1_jax.rl.lora import apply_lora, merge_lora
 from vlmr1_jax.rl.state import TrainState, current_model, init_train_state, make_optimizer
-from vlmr1_jax.train.checkpoint import META, STATE, Checkpointer, CheckpointError, read_meta, save_meta
+from vlmr1_jax.train.checkpoint import META, STATE, Checkpointer, CheckpointError, read_meta
 from vlmr1_jax.train.setup import dtype_of, frozen_dtype_of
 
 CHECKPOINTS = "checkpoints"
@@ -135,8 +134,6 @@ def checkpoint_meta(path: str | os.PathLike, step: int | None = None) -> dict[st
 
 def _import_params(directory: Path, step: int | None) -> Path:
     """The parameter folder of the import checkpoint at `step` (default: the latest) of `directory`."""
-    from converters.hf import CHECKSUMS_FILE
-
     if step is None:
         step = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
     folder = directory / str(step) / PARAMS
@@ -170,8 +167,6 @@ def load_checkpoint(
     run, model_cfg, kind = _parse_meta(meta, str(directory))
     mesh = make_mesh(MeshConfig()) if mesh is None else mesh
     if kind == "import":
-        from converters.hf import load_hf_model
-
         folder = _import_params(directory, step)
         model = load_hf_model(
             folder, dtype=dtype_of(run.model.dtype), param_dtype=dtype_of(run.model.param_dtype), mesh=mesh
@@ -197,46 +192,3 @@ def restore_for_export(
     model, _, tokenizer_dir = load_checkpoint(path, step, mesh)
     merge_lora(model)
     return nnx.state(model, nnx.Param), model.cfg, tokenizer_dir
-
-
-def import_hf(model_dir: str | os.PathLike, out: str | os.PathLike, param_dtype: str = "float32") -> Path:
-    """Write the HF Qwen2.5-VL folder `model_dir` as an import checkpoint of ours (`<out>/checkpoints/0`, kind
-    "import"): its parameters only, in `param_dtype`, whose run config points at `model_dir` for the tokenizer.
-
-    Streams one tensor at a time (read, cast, checksum, write), so peak host memory is about 2.5x the largest
-    tensor plus a constant, whatever the model size. Names and shapes are checked against the config before
-    anything is written; the folder appears in one rename when complete.
-    """
-    from converters.hf import folder_tensors, read_config
-    from converters.release import make_temp_sibling, move_into_place, write_weights
-    from vlmr1_jax.models.qwen2_5_vl.config import to_hf_config
-
-    model_dir = Path(model_dir).absolute()
-    out = Path(out).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out}: exists and is not an empty folder")
-    dtype_of(param_dtype, "param_dtype")
-    cfg = read_config(model_dir)
-    tensors = folder_tensors(model_dir, cfg)  # names and shapes checked from the headers
-    run = RunConfig(
-        model=ModelConfig(preset=None, hf_model=str(model_dir), dtype=param_dtype, param_dtype=param_dtype),
-        train=TrainConfig(output_dir=str(out), trainable="full"),
-    )
-    meta = {
-        "run_config": to_dict(run),
-        "model_config": dataclasses.asdict(cfg),
-        "step": 0,
-        "kind": "import",
-        "source": str(model_dir),
-    }
-    tmp = make_temp_sibling(out)
-    try:
-        params = save_meta(tmp / CHECKPOINTS, 0, meta) / PARAMS
-        params.mkdir()
-        write_weights(tensors, cfg, params, param_dtype, checksums=True)
-        (params / "config.json").write_text(json.dumps(to_hf_config(cfg, param_dtype), indent=2) + "\n")
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -64,15 +63,3 @@ class SFTTrainer(Trainer):
     def dispatch(self, prepared: dict[str, Any]) -> tuple[dict[str, float], dict[str, jax.Array]]:
         self.state, metrics = self.step_fn(self.state, prepared)  # dispatched asynchronously
         return {}, metrics
-
-
-def save_hf_folder(model, out_dir: str | Path, tokenizer_dir: str | Path) -> Path:
-    """The trained model as a float32 HF release folder (weights, config, tokenizer) that `model.hf_model` and
-    transformers can load."""
-    from flax import nnx
-
-    from converters.release import export_release
-
-    return export_release(
-        nnx.split(model)[1], model.cfg, out_dir, target="hf", dtype="fp32", tokenizer_dir=tokenizer_dir, overwrite=True
-    )

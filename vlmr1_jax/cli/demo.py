@@ -17,12 +17,16 @@ import random
 import time
 from pathlib import Path
 
+from flax import nnx
+
+from converters.release import export_release
 from vlmr1_jax.config import (
     DataConfig,
     GRPOConfig,
     ModelConfig,
     OptimConfig,
     RunConfig,
+    SamplingConfig,
     SFTConfig,
     TrainConfig,
     to_dict,
@@ -32,8 +36,9 @@ from vlmr1_jax.data.synthetic import corpus_strings, image_folder, write_default
 from vlmr1_jax.eval.rec import GreedyDecoder, evaluate_rec
 from vlmr1_jax.processing.prompts import render_prompt
 from vlmr1_jax.processing.tokenizer import build_compact_tokenizer, qwen2_5_tokenizer
-from vlmr1_jax.rl.sampler import SamplingConfig
+from vlmr1_jax.train.loop import GRPOTrainer
 from vlmr1_jax.train.metrics import read_metrics
+from vlmr1_jax.train.sft import SFTTrainer
 
 QUESTION = "{Question}"
 TARGET = '<think> </think><answer>{"bbox_2d": {answer}}</answer>'
@@ -133,10 +138,15 @@ def reward_table(run_dir: Path) -> str:
     return "\n".join(rows)
 
 
-def run_demo(demo: DemoConfig, progress: bool = True) -> dict[str, float]:
-    from vlmr1_jax.train.loop import GRPOTrainer
-    from vlmr1_jax.train.sft import SFTTrainer, save_hf_folder
+def save_hf_folder(model, out_dir: str | Path, tokenizer_dir: str | Path) -> Path:
+    """The trained model as a float32 HF release folder (weights, config, tokenizer) that `model.hf_model` and
+    transformers can load."""
+    return export_release(
+        nnx.split(model)[1], model.cfg, out_dir, target="hf", dtype="fp32", tokenizer_dir=tokenizer_dir, overwrite=True
+    )
 
+
+def run_demo(demo: DemoConfig, progress: bool = True) -> dict[str, float]:
     start = time.perf_counter()
     out = Path(demo.out)
     print(f"[demo] synthetic REC data -> {out / 'data'}", flush=True)

@@ -16,10 +16,9 @@ def infer_jax(args: argparse.Namespace) -> str:
     preprocessor bounds), built exactly as `TorchRuntime` builds it."""
     from pathlib import Path
 
-    from converters.hf import load_hf_model
     from vlmr1_jax.data.jsonl import Sample
-    from vlmr1_jax.eval.cli import pixel_bounds
-    from vlmr1_jax.eval.rec import GreedyDecoder
+    from vlmr1_jax.eval.rec import GreedyDecoder, pixel_bounds
+    from vlmr1_jax.models.hf_weights import load_hf_model
     from vlmr1_jax.processing.tokenizer import Tokenizer
     from vlmr1_jax.train.setup import dtype_of
 

@@ -15,30 +15,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlmr1_jax.data.jsonl import DataError, Sample, load_jsonl_datasets
+from vlmr1_jax.data.jsonl import DataError, Sample
 from vlmr1_jax.dtypes import dtype_arg
-from vlmr1_jax.eval.rec import eval_subset, score_rec
+from vlmr1_jax.eval.rec import load_eval_samples, pixel_bounds, score_rec
 
 BACKENDS = ("jax", "torch")
-
-
-def load_eval_samples(data: str, image_root: str, limit: int | None, seed: int = 42) -> list[Sample]:
-    """The evaluation subset of a VLM-R1 jsonl (VLM-R1's seeded shuffle, then the first `limit`; 0/None = all);
-    every sample must have an image."""
-    samples, _ = load_jsonl_datasets(data, image_root)
-    for sample in samples:
-        if not sample.image_paths:
-            raise ValueError(f"{sample.source}:{sample.line}: field 'image': REC evaluation needs an image")
-    return eval_subset(samples, limit or None, seed)
-
-
-def pixel_bounds(model_dir: Path, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int]:
-    """The resize bounds: given values, else the release's preprocessor_config.json, else Qwen2.5-VL's."""
-    from vlmr1_jax.processing.image import MAX_PIXELS, MIN_PIXELS
-
-    config = model_dir / "preprocessor_config.json"
-    stored = json.loads(config.read_text()) if config.is_file() else {}
-    return (min_pixels or stored.get("min_pixels", MIN_PIXELS), max_pixels or stored.get("max_pixels", MAX_PIXELS))
 
 
 def complete_jax(
@@ -49,7 +30,7 @@ def complete_jax(
     from vlmr1_jax.processing.tokenizer import Tokenizer, qwen2_5_tokenizer
 
     if (model_path / "config.json").is_file():
-        from converters.hf import load_hf_model
+        from vlmr1_jax.models.hf_weights import load_hf_model
         from vlmr1_jax.train.setup import dtype_of
 
         dtype = dtype_of(args.dtype or "float32")

@@ -1,28 +1,18 @@
-"""`vlmr1` command line: one sub-command per job; each lives next to the code it drives and registers itself."""
+"""`vlmr1` command line: one module per command group (each exposes `register(subparsers)`, which adds its
+sub-command(s) and sets `func`). The library code the commands drive stays in its own package; this package is
+the one place that imports across the others (docs/architecture.md)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import sys
 
+from vlmr1_jax.cli import data, demo, evaluate, export, parity, plan, plot, ports, rewards, train
 from vlmr1_jax.extras import MissingExtraError
 from vlmr1_jax.quiet import quiet_libraries, without_background_tracebacks
 
-# Each module exposes `register(subparsers)`; it adds its sub-command(s) and sets `func` on the parser.
-COMMAND_MODULES = (
-    "ports.parity",
-    "vlmr1_jax.data.cli",
-    "vlmr1_jax.rewards.cli",
-    "vlmr1_jax.train.plot",
-    "vlmr1_jax.train.cli",
-    "vlmr1_jax.train.demo",
-    "vlmr1_jax.train.plan",
-    "vlmr1_jax.eval.cli",
-    "converters.cli",
-    "ports.cli",
-)
+COMMAND_MODULES = (parity, data, rewards, plot, train, demo, plan, evaluate, export, ports)
 
 
 # Errors that mean "the user's input or machine is wrong" (config values, paths, data, disk, a missing extra): one
@@ -38,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="show full tracebacks and library INFO logs (absl / orbax) instead of one error line",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
     return parser
 
 
@@ -60,7 +50,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
