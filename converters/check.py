@@ -25,12 +25,10 @@ from vlmr1_jax.filenames import (
     PREPROCESSOR_CONFIG_FILE,
     SINGLE_FILE,
 )
+from vlmr1_jax.models.family import family_for_hf_config, family_of
 from vlmr1_jax.models.hf_weights import stored_tensors
-from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config
-from vlmr1_jax.models.qwen2_5_vl.params import TIED_HEAD, expected_hf_shapes
 from vlmr1_jax.models.safetensors_read import ITEMSIZE, read_safetensors_header
 
-ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
 # The special tokens whose ids the processor (tokenizer side) and the model (config side) must agree on.
 SPECIAL_TOKEN_FIELDS = {
     "image_token_id": "<|image_pad|>",
@@ -39,7 +37,6 @@ SPECIAL_TOKEN_FIELDS = {
     "vision_end_token_id": "<|vision_end|>",
     "vision_token_id": "<|vision_pad|>",
 }
-PROCESSOR_TYPES = ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorFast")
 
 
 def _listing(items: Sequence[str], limit: int = 5) -> str:
@@ -58,18 +55,20 @@ def _read_json(path: Path, problems: list[str]) -> Any:
     return None
 
 
-def _config_problems(folder: Path, target: str) -> tuple[Qwen25VLConfig | None, str | None, list[str]]:
+def _config_problems(folder: Path, target: str) -> tuple[Any | None, str | None, list[str]]:
     """(parsed config, canonical dtype the tensors must have, problems) for config.json."""
     problems: list[str] = []
     raw = _read_json(folder / CONFIG_FILE, problems)
     if raw is None:
         return None, None, problems
     try:
-        cfg = from_hf_config(raw)
+        family = family_for_hf_config(raw)
+    except ValueError as e:
+        return None, None, [str(e)]
+    try:
+        cfg = family.from_hf_config(raw)
     except (KeyError, ValueError, TypeError) as e:
-        return None, None, [f"config.json: not a Qwen2.5-VL config ({e})"]
-    if ARCHITECTURE not in (raw.get("architectures") or []):
-        problems.append(f"config.json: architectures {raw.get('architectures')} lacks {ARCHITECTURE!r}")
+        return None, None, [f"config.json: not a {family.name} config ({e})"]
     if "mrope_section" not in (raw.get("rope_scaling") or {}):
         problems.append(
             "config.json: no top-level rope_scaling.mrope_section (not the flat hub layout that "
@@ -170,7 +169,7 @@ def _shard_problems(path: Path, header: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _weight_problems(folder: Path, cfg: Qwen25VLConfig, dtype: str | None) -> list[str]:
+def _weight_problems(folder: Path, cfg: Any, dtype: str | None) -> list[str]:
     """Shards, index, key names, shapes and dtypes against the config (and the canonical release dtype)."""
     problems: list[str] = []
     weight_map, total_size = _weight_files(folder, problems)
@@ -209,16 +208,17 @@ def _weight_problems(folder: Path, cfg: Qwen25VLConfig, dtype: str | None) -> li
     nbytes = sum(info["data_offsets"][1] - info["data_offsets"][0] for info in found.values())
     if total_size is not None and not unread and total_size != nbytes:
         problems.append(f"{INDEX_FILE}: metadata.total_size {total_size} != {nbytes} bytes of tensor data")
-    expected = expected_hf_shapes(cfg)
+    layout = family_of(cfg).layout
+    expected = layout.expected_hf_shapes(cfg)
     missing = [n for n in expected if n not in found and n not in unread]
     if missing:
         problems.append(f"missing tensors: {_listing(missing)}")
     extra = [n for n in found if n not in expected]
-    if TIED_HEAD in extra and cfg.text.tie_word_embeddings:
-        extra.remove(TIED_HEAD)
-        problems.append(f"{TIED_HEAD} present although tie_word_embeddings is true (hub releases omit it)")
+    if layout.TIED_HEAD in extra and cfg.text.tie_word_embeddings:
+        extra.remove(layout.TIED_HEAD)
+        problems.append(f"{layout.TIED_HEAD} present although tie_word_embeddings is true (hub releases omit it)")
     if extra:
-        problems.append(f"unexpected tensors (not part of this config's Qwen2.5-VL): {_listing(extra)}")
+        problems.append(f"unexpected tensors (not part of this config's {cfg.family} model): {_listing(extra)}")
     shapes = [
         f"{n} {tuple(found[n]['shape'])} (expected {expected[n]})"
         for n in expected
@@ -237,7 +237,7 @@ def _weight_problems(folder: Path, cfg: Qwen25VLConfig, dtype: str | None) -> li
     return problems
 
 
-def _tokenizer_problems(folder: Path, cfg: Qwen25VLConfig) -> list[str]:
+def _tokenizer_problems(folder: Path, cfg: Any) -> list[str]:
     """The tokenizer loads, the chat template renders an image turn, and ids agree with config/generation config."""
     from vlmr1_jax.processing.tokenizer import Tokenizer
 
@@ -285,15 +285,17 @@ def _tokenizer_problems(folder: Path, cfg: Qwen25VLConfig) -> list[str]:
     return problems
 
 
-def _processor_problems(folder: Path, cfg: Qwen25VLConfig) -> list[str]:
+def _processor_problems(folder: Path, cfg: Any) -> list[str]:
     problems: list[str] = []
     pre = _read_json(folder / PREPROCESSOR_CONFIG_FILE, problems)
     if pre is None:
         return problems
-    if pre.get("image_processor_type") not in PROCESSOR_TYPES:
+    processor = family_of(cfg).hf_image_processor_type
+    allowed = (processor, processor + "Fast")  # transformers' slow and fast implementations
+    if pre.get("image_processor_type") not in allowed:
         problems.append(
             f"preprocessor_config.json: image_processor_type {pre.get('image_processor_type')!r}, "
-            f"expected one of {PROCESSOR_TYPES}"
+            f"expected one of {allowed}"
         )
     v = cfg.vision
     for key, want in (

@@ -1,5 +1,5 @@
 """Our parameter tree -> HF Qwen2.5-VL safetensors: the writing side (the reader is vlmr1_jax/models/hf_weights.py);
-the layout is `vlmr1_jax.models.qwen2_5_vl.params`'s table. Writing emits the legacy names every reader accepts.
+the layout is the model family's table (`ModelFamily.layout`). Writing emits the legacy names every reader accepts.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -15,8 +16,7 @@ from flax import nnx
 
 from converters.safetensors_io import save_tensors
 from vlmr1_jax.filenames import CHECKSUMS_FILE
-from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from vlmr1_jax.models.qwen2_5_vl.params import flat_paths, hf_entries, to_hf_tensor
+from vlmr1_jax.models.family import family_of
 
 
 def write_checksums(model_dir: str | os.PathLike, tensors: Mapping[str, tuple[str, tuple[int, ...], str]]) -> None:
@@ -28,16 +28,17 @@ def write_checksums(model_dir: str | os.PathLike, tensors: Mapping[str, tuple[st
     (Path(model_dir) / CHECKSUMS_FILE).write_text(json.dumps(data, indent=1) + "\n")
 
 
-def hf_tensors(state: nnx.State, cfg: Qwen25VLConfig) -> Iterator[tuple[str, np.ndarray]]:
+def hf_tensors(state: nnx.State, cfg: Any) -> Iterator[tuple[str, np.ndarray]]:
     """(legacy HF name, numpy array in the HF layout) for every tensor HF stores, one at a time (one layer of a
     stacked parameter gathered to the host), in `hf_entries` order."""
-    params = flat_paths(state)
-    for name, path, layer, _ in hf_entries(state):
+    layout = family_of(cfg).layout
+    params = layout.flat_paths(state)
+    for name, path, layer, _ in layout.hf_entries(state):
         value = params[path][...]
-        yield name, to_hf_tensor(path, np.asarray(jax.device_get(value if layer is None else value[layer])), cfg)
+        yield name, layout.to_hf_tensor(path, np.asarray(jax.device_get(value if layer is None else value[layer])), cfg)
 
 
-def save_hf_safetensors(state: nnx.State, cfg: Qwen25VLConfig, path: str | os.PathLike, dtype=None) -> None:
+def save_hf_safetensors(state: nnx.State, cfg: Any, path: str | os.PathLike, dtype=None) -> None:
     """Write every parameter into one safetensors file with legacy names and `{"format": "pt"}` metadata."""
     tensors = {name: value if dtype is None else value.astype(dtype) for name, value in hf_tensors(state, cfg)}
     save_tensors(tensors, path)

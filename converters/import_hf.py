@@ -11,8 +11,8 @@ from pathlib import Path
 
 from converters.release import make_temp_sibling, move_into_place, write_weights
 from vlmr1_jax.config import ModelConfig, RunConfig, TrainConfig, to_dict
+from vlmr1_jax.models.family import family_of
 from vlmr1_jax.models.hf_weights import folder_tensors, read_config
-from vlmr1_jax.models.qwen2_5_vl.config import to_hf_config
 from vlmr1_jax.train.checkpoint import save_meta
 from vlmr1_jax.train.restore import CHECKPOINTS, PARAMS
 from vlmr1_jax.train.setup import dtype_of
@@ -49,7 +49,7 @@ def import_hf(model_dir: str | os.PathLike, out: str | os.PathLike, param_dtype:
         params = save_meta(tmp / CHECKPOINTS, 0, meta) / PARAMS
         params.mkdir()
         write_weights(tensors, cfg, params, param_dtype, checksums=True)
-        (params / "config.json").write_text(json.dumps(to_hf_config(cfg, param_dtype), indent=2) + "\n")
+        (params / "config.json").write_text(json.dumps(family_of(cfg).to_hf_config(cfg, param_dtype), indent=2) + "\n")
         move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

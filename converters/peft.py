@@ -25,9 +25,8 @@ from flax import nnx
 from converters.release import check_replaceable, make_temp_sibling, move_into_place, write_marker
 from converters.safetensors_io import save_tensors
 from vlmr1_jax.dtypes import dtype_info
+from vlmr1_jax.models.family import family_of
 from vlmr1_jax.models.layers import LoRAParam
-from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from vlmr1_jax.models.qwen2_5_vl.params import expected_hf_shapes, flat_paths, hf_module_name, is_stacked, to_hf_name
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -35,24 +34,23 @@ PEFT_PREFIX = "base_model.model."
 _LORA_LEAF = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[ab])$")
 
 
-def adapter_weights(
-    model_or_state: nnx.Module | nnx.State, cfg: Qwen25VLConfig, dtype: Any = np.float32
-) -> dict[str, np.ndarray]:
+def adapter_weights(model_or_state: nnx.Module | nnx.State, cfg: Any, dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """PEFT key -> array (torch layout) for every LoRA adapter of a model, or of a state holding its LoRAParams;
     each adapter's in / out sizes are checked against `cfg`'s linear layer."""
     state = nnx.state(model_or_state, LoRAParam) if isinstance(model_or_state, nnx.Module) else model_or_state
-    shapes = expected_hf_shapes(cfg)
+    layout = family_of(cfg).layout
+    shapes = layout.expected_hf_shapes(cfg)
     out: dict[str, np.ndarray] = {}
-    for path, var in flat_paths(state).items():
+    for path, var in layout.flat_paths(state).items():
         match = _LORA_LEAF.match(path)
         if match is None or not isinstance(var, LoRAParam):
             continue
         module = match["module"]
         stack = np.asarray(jax.device_get(var[...])).astype(dtype)
-        per_layer = list(enumerate(stack)) if is_stacked(module + ".kernel") else [(None, stack)]
+        per_layer = list(enumerate(stack)) if layout.is_stacked(module + ".kernel") else [(None, stack)]
         for layer, matrix in per_layer:
             value = np.ascontiguousarray(matrix.T)
-            weight = to_hf_name(module + ".kernel", layer)
+            weight = layout.to_hf_name(module + ".kernel", layer)
             out_size, in_size = shapes.get(weight, (None, None))
             size, expected = (value.shape[1], in_size) if match["which"] == "a" else (value.shape[0], out_size)
             if size != expected:
@@ -60,7 +58,7 @@ def adapter_weights(
                     f"{path}: adapter of size {size} does not fit {weight} {shapes.get(weight)} of this model config"
                 )
             which = "A" if match["which"] == "a" else "B"
-            out[f"{PEFT_PREFIX}{hf_module_name(module, layer)}.lora_{which}.weight"] = value
+            out[f"{PEFT_PREFIX}{layout.hf_module_name(module, layer)}.lora_{which}.weight"] = value
     return out
 
 
@@ -99,7 +97,7 @@ def adapter_config(
 
 def export_peft_adapter(
     model_or_state: nnx.Module | nnx.State,
-    cfg: Qwen25VLConfig,
+    cfg: Any,
     out_dir: str | os.PathLike,
     rank: int,
     alpha: float,

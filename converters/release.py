@@ -45,9 +45,8 @@ from vlmr1_jax.filenames import (
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILES,
 )
+from vlmr1_jax.models.family import family_of
 from vlmr1_jax.models.hf_weights import folder_tensors, read_config
-from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, to_hf_config
-from vlmr1_jax.models.qwen2_5_vl.params import expected_hf_shapes
 from vlmr1_jax.models.safetensors_read import sha256
 from vlmr1_jax.processing import image as image_processing
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer
@@ -107,7 +106,7 @@ def shard_file_names(count: int) -> list[str]:
 
 def write_weights(
     tensors: Iterable[tuple[str, np.ndarray]],
-    cfg: Qwen25VLConfig,
+    cfg: Any,
     folder: Path,
     dtype: str,
     max_shard_size: int | str = "5GB",
@@ -123,7 +122,7 @@ def write_weights(
     """
     info = dtype_info(dtype)
     dtype, np_dtype, code = info.name, np.dtype(info.numpy), info.safetensors
-    shapes = expected_hf_shapes(cfg)
+    shapes = family_of(cfg).layout.expected_hf_shapes(cfg)
     sizes = [(name, int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize) for name, shape in shapes.items()]
     shards = plan_shards(sizes, parse_size(max_shard_size))
     files = shard_file_names(len(shards))
@@ -176,11 +175,11 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def preprocessor_config(cfg: Qwen25VLConfig) -> dict[str, Any]:
-    """Qwen2.5-VL's preprocessor_config.json, with size/resample/rescale_factor so that
-    old and new image processors agree."""
+def preprocessor_config(cfg: Any) -> dict[str, Any]:
+    """The family's preprocessor_config.json (Qwen2.5-VL's image processing), with size/resample/rescale_factor so
+    that old and new image processors agree."""
     p = image_processing
-    v = cfg.vision
+    v, family = cfg.vision, family_of(cfg)
     return {
         "min_pixels": p.MIN_PIXELS,
         "max_pixels": p.MAX_PIXELS,
@@ -189,8 +188,8 @@ def preprocessor_config(cfg: Qwen25VLConfig) -> dict[str, Any]:
         "merge_size": v.spatial_merge_size,
         "image_mean": list(p.IMAGE_MEAN),
         "image_std": list(p.IMAGE_STD),
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2_5_VLProcessor",
+        "image_processor_type": family.hf_image_processor_type,
+        "processor_class": family.hf_processor_class,
         "size": {"shortest_edge": p.MIN_PIXELS, "longest_edge": p.MAX_PIXELS},
         "resample": 3,
         "rescale_factor": 1 / 255,
@@ -247,7 +246,7 @@ def write_tokenizer(source: Path, folder: Path) -> Tokenizer:
     return tokenizer
 
 
-def model_card(cfg: Qwen25VLConfig, target: str, dtype: str, card: Mapping[str, Any], notes: list[str]) -> str:
+def model_card(cfg: Any, target: str, dtype: str, card: Mapping[str, Any], notes: list[str]) -> str:
     """README.md: YAML front matter for the hub, then model, data, rewards, steps, final metrics, usage, notes."""
     card = dict(card)
     name = card.pop("name", "Qwen2.5-VL GRPO checkpoint (vlmr1-jax)")
@@ -263,13 +262,13 @@ def model_card(cfg: Qwen25VLConfig, target: str, dtype: str, card: Mapping[str, 
         front.append(f"base_model: {json.dumps(str(base))}")
     if license_:
         front.append(f"license: {json.dumps(str(license_))}")
-    front += ["tags:", "- qwen2_5_vl", "- vlm-r1", "- grpo", "- vlmr1-jax", "---", ""]
-    t, v = cfg.text, cfg.vision
+    front += ["tags:", f"- {cfg.family}", "- vlm-r1", "- grpo", "- vlmr1-jax", "---", ""]
+    t, v, architecture = cfg.text, cfg.vision, family_of(cfg).architectures[0]
     body = [
         f"# {name}",
         "",
-        "Qwen2.5-VL trained with GRPO (VLM-R1 recipe) in JAX by vlmr1-jax, exported in the Hugging Face hub "
-        "layout (`Qwen2_5_VLForConditionalGeneration`; no custom code, no `trust_remote_code`).",
+        f"A {cfg.family} model trained with GRPO (VLM-R1 recipe) in JAX by vlmr1-jax, exported in the Hugging Face "
+        f"hub layout (`{architecture}`; no custom code, no `trust_remote_code`).",
         "",
         "## Model",
         "",
@@ -300,8 +299,8 @@ def model_card(cfg: Qwen25VLConfig, target: str, dtype: str, card: Mapping[str, 
         "## Usage",
         "",
         "```python",
-        "from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration",
-        'model = Qwen2_5_VLForConditionalGeneration.from_pretrained("PATH", dtype="auto")',
+        f"from transformers import AutoProcessor, {architecture}",
+        f'model = {architecture}.from_pretrained("PATH", dtype="auto")',
         'processor = AutoProcessor.from_pretrained("PATH")',
         "```",
         "",
@@ -372,9 +371,7 @@ def move_into_place(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
-def export_release(
-    state: nnx.State | nnx.Module, cfg: Qwen25VLConfig, out_dir: str | os.PathLike, **options: Any
-) -> Path:
+def export_release(state: nnx.State | nnx.Module, cfg: Any, out_dir: str | os.PathLike, **options: Any) -> Path:
     """Write the release folder `out_dir` of model parameters (see `export_tensors` for the options); one layer
     of a stacked parameter at a time is gathered to the host."""
     if isinstance(state, nnx.Module):
@@ -384,7 +381,7 @@ def export_release(
 
 def export_tensors(
     tensors: Iterable[tuple[str, np.ndarray]],
-    cfg: Qwen25VLConfig,
+    cfg: Any,
     out_dir: str | os.PathLike,
     *,
     target: str = "hf",
@@ -443,7 +440,7 @@ def make_temp_sibling(out: Path) -> Path:
 
 def _write_release(
     tensors: Iterable[tuple[str, np.ndarray]],
-    cfg: Qwen25VLConfig,
+    cfg: Any,
     folder: Path,
     target: str,
     dtype: str,
@@ -454,7 +451,7 @@ def _write_release(
 ) -> None:
     """Every file of the release into `folder` (no validation)."""
     write_weights(tensors, cfg, folder, dtype, max_shard_size)
-    _write_json(folder / CONFIG_FILE, to_hf_config(cfg, dtype))
+    _write_json(folder / CONFIG_FILE, family_of(cfg).to_hf_config(cfg, dtype))
     _write_json(folder / PREPROCESSOR_CONFIG_FILE, preprocessor_config(cfg))
     source = tokenizer_source(tokenizer_dir, base_model_dir)
     tokenizer = write_tokenizer(source, folder)

@@ -57,10 +57,12 @@ LOSS_PRESETS: dict[str, Algorithm] = {
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    # A name from models.qwen2_5_vl.config.PRESETS (random init), used when hf_model is unset; recipes for real
-    # checkpoints set null, so a forgotten model.hf_model is an error instead of a random model.
+    # The model family (models/family.py) of a preset; an HF folder's family comes from its config.json.
+    family: str = "qwen2_5_vl"
+    # A name from the family's presets (random init), used when hf_model is unset; recipes for real checkpoints set
+    # null, so a forgotten model.hf_model is an error instead of a random model.
     preset: str | None = "tiny"
-    hf_model: str | None = None  # HF Qwen2.5-VL folder to start from (weights, config, tokenizer)
+    hf_model: str | None = None  # HF folder to start from (weights, config, tokenizer)
     tokenizer: str | None = None  # tokenizer folder; default: hf_model's, else the vendored Qwen2.5 one
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (every parameter is cast to it at use)
     param_dtype: str = "float32"  # storage of trained parameters (AdamW's master weights): float32 for training

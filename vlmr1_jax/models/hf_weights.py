@@ -1,5 +1,5 @@
-"""HF Qwen2.5-VL safetensors folders -> our model: the reading side (the writers are in converters/hf.py); the layout
-is `vlmr1_jax.models.qwen2_5_vl.params`'s table.
+"""HF safetensors folders -> our model: the reading side (the writers are in converters/hf.py). The model family
+comes from the folder's `config.json` (`architectures`), and the layout is that family's table (`ModelFamily.layout`).
 
 Reading accepts the hub/legacy names (`visual.*`, `model.*`, `lm_head.weight`) and the transformers 5.x in-memory
 names (`model.visual.*`, `model.language_model.*`). Tensors are read one at a time from the shard headers' offsets
@@ -23,30 +23,27 @@ import numpy as np
 from flax import nnx
 
 from vlmr1_jax.filenames import CHECKSUMS_FILE, CONFIG_FILE, INDEX_FILE, SINGLE_FILE
-from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config
-from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-from vlmr1_jax.models.qwen2_5_vl.params import (
-    TIED_HEAD,
-    canonical_hf_name,
-    expected_hf_shapes,
-    flat_paths,
-    from_hf_tensor,
-    hf_entries,
-    hf_shape,
-)
+from vlmr1_jax.models.family import VisionLanguageModel, config_from_hf, family_of
 from vlmr1_jax.models.safetensors_read import read_header, read_tensor, sha256
 from vlmr1_jax.parallel.mesh import state_shardings
 
 
-def read_config(model_dir: str | os.PathLike) -> Qwen25VLConfig:
-    """The model config of an HF folder; errors name the file."""
+def read_config(model_dir: str | os.PathLike) -> Any:
+    """The model config of an HF folder, in its family's config class; errors name the file."""
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE} in the model folder")
     try:
-        return from_hf_config(json.loads(path.read_text()))
+        return config_from_hf(json.loads(path.read_text()), str(path))
     except (KeyError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
+
+
+def _canonical_names(model_dir: Path) -> Any:
+    """The folder's family's canonical HF naming (legacy names kept as stored when there is no config.json)."""
+    if not (model_dir / CONFIG_FILE).is_file():
+        return lambda name: name
+    return family_of(read_config(model_dir)).layout.canonical_hf_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +99,7 @@ def stored_tensors(model_dir: str | os.PathLike) -> dict[str, StoredTensor]:
     if weight_map is None:
         weight_map = dict.fromkeys(headers[SINGLE_FILE][0], SINGLE_FILE)
     manifest = read_checksums(model_dir)
+    canonical_hf_name = _canonical_names(model_dir)
     rank = {f: i for i, f in enumerate(files)}
     out: dict[str, StoredTensor] = {}
     for stored, file in sorted(weight_map.items(), key=lambda kv: (rank[kv[1]], _offset(headers[kv[1]], kv[0]))):
@@ -157,15 +155,15 @@ def iter_hf_tensors(model_dir: str | os.PathLike) -> Iterator[tuple[str, np.ndar
 
 
 def check_stored(
-    stored: Mapping[str, StoredTensor], expected: Mapping[str, tuple[int, ...]], cfg: Qwen25VLConfig, where: str
+    stored: Mapping[str, StoredTensor], expected: Mapping[str, tuple[int, ...]], cfg: Any, where: str
 ) -> None:
     """Refuse, from the headers alone, a folder with an unexpected, missing or misshapen tensor (`expected`: HF
     name -> HF shape); a tied model's stored copy of the embedding (`TIED_HEAD`) is allowed."""
     for name, tensor in stored.items():
         if name not in expected:
-            if name == TIED_HEAD and cfg.text.tie_word_embeddings:
+            if name == family_of(cfg).layout.TIED_HEAD and cfg.text.tie_word_embeddings:
                 continue  # some exports keep the tied copy; it equals embed_tokens
-            raise KeyError(f"{where}: unexpected tensor {name!r} (not part of a Qwen2.5-VL with this config)")
+            raise KeyError(f"{where}: unexpected tensor {name!r} (not part of a {cfg.family} model with this config)")
         if tensor.shape != tuple(expected[name]):
             raise ValueError(
                 f"{where}: tensor {name!r} has shape {tensor.shape}, config expects {tuple(expected[name])}"
@@ -175,11 +173,11 @@ def check_stored(
         raise KeyError(f"{where}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
 
 
-def folder_tensors(model_dir: str | os.PathLike, cfg: Qwen25VLConfig) -> Iterator[tuple[str, np.ndarray]]:
+def folder_tensors(model_dir: str | os.PathLike, cfg: Any) -> Iterator[tuple[str, np.ndarray]]:
     """(legacy HF name, array as stored) of an HF folder, one at a time in `hf_entries` order, after checking
     from the headers that it holds exactly the tensors `cfg` needs: the source of a streaming export."""
     stored = stored_tensors(model_dir)
-    expected = expected_hf_shapes(cfg)
+    expected = family_of(cfg).layout.expected_hf_shapes(cfg)
     check_stored(stored, expected, cfg, str(model_dir))
     return ((name, stored[name].read()) for name in expected)
 
@@ -187,7 +185,7 @@ def folder_tensors(model_dir: str | os.PathLike, cfg: Qwen25VLConfig) -> Iterato
 def load_hf_state(
     model_dir: str | os.PathLike,
     abstract_state: nnx.State,
-    cfg: Qwen25VLConfig,
+    cfg: Any,
     shardings: dict[str, jax.sharding.Sharding] | None = None,
 ) -> nnx.State:
     """Fill an abstract model state from an HF folder; every key must be used and every shape must match.
@@ -195,13 +193,15 @@ def load_hf_state(
     Each tensor goes straight to its device(s) (`shardings`: our path -> sharding; default: the default device),
     so only one tensor is on the host at a time; a stacked parameter is assembled there one layer at a time.
     """
-    targets = flat_paths(abstract_state)
-    entries = hf_entries(abstract_state)
+    layout = family_of(cfg).layout
+    targets = layout.flat_paths(abstract_state)
+    entries = layout.hf_entries(abstract_state)
     stored = stored_tensors(model_dir)
-    check_stored(stored, {name: hf_shape(path, shape, cfg) for name, path, _, shape in entries}, cfg, str(model_dir))
+    expected = {name: layout.hf_shape(path, shape, cfg) for name, path, _, shape in entries}
+    check_stored(stored, expected, cfg, str(model_dir))
     loaded: dict[str, jax.Array] = {}
     for name, path, layer, _ in entries:
-        value = from_hf_tensor(path, stored[name].read())
+        value = layout.from_hf_tensor(path, stored[name].read())
         target = targets[path]
         value = value.astype(target.dtype) if value.dtype != target.dtype else value
         sharding = None if shardings is None else shardings[path]
@@ -227,12 +227,14 @@ def _set_layer(stack: jax.Array, layer: int, value: jax.Array) -> jax.Array:
 
 def load_hf_model(
     model_dir: str | os.PathLike, *, dtype=np.float32, param_dtype=np.float32, mesh: jax.sharding.Mesh | None = None
-) -> Qwen25VL:
-    """Build our model from an HF Qwen2.5-VL folder, optionally sharded over `mesh`."""
+) -> VisionLanguageModel:
+    """Build our model from an HF folder (of any registered family), optionally sharded over `mesh`."""
     cfg = read_config(model_dir)
-    make = lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+    family = family_of(cfg)
+    make = lambda: family.model_class(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     shardings = None
     if mesh is not None:
-        shardings = {path: var.get_value() for path, var in flat_paths(state_shardings(abstract, mesh)).items()}
+        flat = family.layout.flat_paths(state_shardings(abstract, mesh))
+        shardings = {path: var.get_value() for path, var in flat.items()}
     return nnx.merge(graphdef, load_hf_state(model_dir, abstract, cfg, shardings))

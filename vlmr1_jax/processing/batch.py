@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from vlmr1_jax.models.qwen2_5_vl.rope import get_rope_index
+from vlmr1_jax.models.family import family_of
 from vlmr1_jax.processing.vision_plan import plan_vision, vision_gather_indices
 
 
@@ -43,7 +43,7 @@ def length_bucket(n: int, multiple: int = 32) -> int:
 def build_prompt_batch(
     prompt_ids: Sequence[Sequence[int]],
     images: Sequence[Sequence[tuple[np.ndarray, tuple[int, int, int]]]],
-    cfg: Qwen25VLConfig,
+    cfg: Any,
     *,
     pad_id: int,
     length: int | None = None,
@@ -78,7 +78,7 @@ def build_prompt_batch(
         mask[p, length - len(row) :] = 1
     all_images = [img for imgs in images for img in imgs]
     grids = [tuple(int(x) for x in g) for _, g in all_images]
-    positions, deltas = get_rope_index(
+    positions, deltas = family_of(cfg).rope_index(
         input_ids,
         mask,
         grids,
@@ -150,7 +150,7 @@ def encode_prompts(
     problems: Sequence[str],
     image_paths: Sequence[Sequence[str]],
     tokenizer,
-    cfg: Qwen25VLConfig,
+    cfg: Any,
     *,
     task_type: str | None,
     min_pixels: int,

@@ -5,24 +5,25 @@ makes both equal to running every prompt + completion row in full, at P*L instea
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-from vlmr1_jax.models.qwen2_5_vl.text import KVCache
+from vlmr1_jax.models.family import VisionLanguageModel
 
 
 class FannedPrefix(NamedTuple):
     """P prompts fanned out to B = P * G rows (row p*G+g is sample g of prompt p)."""
 
     logits: jax.Array  # [B, vocab]: the last prompt position's logits, predicting completion token 0
-    cache: KVCache  # [layers, B, L + steps, ...]: the prompt's keys and values, room for `steps` more tokens
+    cache: Any  # [layers, B, L + steps, ...]: the prompt's keys and values, room for `steps` more tokens
     next_position: jax.Array  # [B] int32: M-RoPE position of completion token 0
 
 
-def prefill_fan_out(model: Qwen25VL, prompts: dict[str, jax.Array], num_samples: int, steps: int) -> FannedPrefix:
+def prefill_fan_out(
+    model: VisionLanguageModel, prompts: dict[str, jax.Array], num_samples: int, steps: int
+) -> FannedPrefix:
     """Prefill the P prompts of `prompts` (`PromptBatch.arrays()` on device) once, with their images encoded once,
     and repeat the result to `num_samples` rows each; gradients flow through the repeat."""
     ids = prompts["input_ids"]
@@ -30,8 +31,8 @@ def prefill_fan_out(model: Qwen25VL, prompts: dict[str, jax.Array], num_samples:
     features = model.encode_vision(
         prompts["pixel_values"], prompts["hw_positions"], prompts["frame_ids"], prompts["frame_index"]
     )
-    cache = KVCache.empty(model.cfg.text, count, length + steps, model.text.dtype)
-    hidden, cache = model(  # type: ignore[assignment]
+    cache = model.init_cache(count, length + steps)
+    hidden, cache = model(
         ids,
         prompts["positions"],
         prompts["attention_mask"],

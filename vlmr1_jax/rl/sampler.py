@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlmr1_jax.config import SamplingConfig
-from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
+from vlmr1_jax.models.family import VisionLanguageModel
 from vlmr1_jax.rl.grpo import completion_mask, token_logprobs
 from vlmr1_jax.rl.prefix import prefill_fan_out
 from vlmr1_jax.rl.rollout import Rollout
@@ -56,7 +56,9 @@ class Sampler:
     pad_id: int
     banned_ids: tuple[int, ...] = ()  # never sampled: image/video/vision tokens would break the re-forward
 
-    def generate(self, model: Qwen25VL, batch: dict[str, jax.Array], rng: jax.Array, num_samples: int) -> Rollout:
+    def generate(
+        self, model: VisionLanguageModel, batch: dict[str, jax.Array], rng: jax.Array, num_samples: int
+    ) -> Rollout:
         """batch: `PromptBatch.arrays()` for P prompts. Returns the `Rollout` of the P*G rows (row p*G+g = sample g
         of p): tokens (pad after EOS), log-probs and mask (through the first EOS), each [B, T]."""
         cfg, steps = self.cfg, self.cfg.max_new_tokens

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from vlmr1_jax.models.family import VisionLanguageModel
 from vlmr1_jax.models.layers import LoRAParam
-from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 
 TRAINABLE_FILTERS: dict[str, Any] = {
     "full": nnx.Param,
@@ -69,7 +69,7 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
 
 
 def init_train_state(
-    model: Qwen25VL,
+    model: VisionLanguageModel,
     mode: str,
     optimizer: optax.GradientTransformation,
     with_reference: bool,
@@ -97,6 +97,6 @@ def init_train_state(
     return graphdef, TrainState(jnp.zeros((), jnp.int32), trainable, frozen, opt_state, reference)
 
 
-def current_model(graphdef: nnx.GraphDef, state: TrainState) -> Qwen25VL:
+def current_model(graphdef: nnx.GraphDef, state: TrainState) -> VisionLanguageModel:
     """The policy as a module (trainable and frozen variables merged back)."""
     return nnx.merge(graphdef, state.trainable, state.frozen)

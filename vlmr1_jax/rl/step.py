@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from vlmr1_jax.models.family import VisionLanguageModel
 from vlmr1_jax.models.layers import LoRADropoutKey
-from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.rl.grpo import check_algorithm, make_loss, token_logprobs
 from vlmr1_jax.rl.lora import set_lora_dropout_keys
 from vlmr1_jax.rl.prefix import prefill_fan_out
@@ -26,7 +26,7 @@ from vlmr1_jax.rl.state import TrainState
 
 
 def completion_logprobs(
-    model: Qwen25VL, prompts: dict[str, jax.Array], tokens: jax.Array, mask: jax.Array, num_samples: int
+    model: VisionLanguageModel, prompts: dict[str, jax.Array], tokens: jax.Array, mask: jax.Array, num_samples: int
 ) -> jax.Array:
     """log p(token) for each completion token [B, T]; B = P * num_samples rows of P prompts.
 
@@ -44,7 +44,7 @@ def completion_logprobs(
     return jnp.concatenate([token_logprobs(first, tokens[:, 0])[:, None], rest], axis=1)
 
 
-def chunked_logprobs(model: Qwen25VL, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+def chunked_logprobs(model: VisionLanguageModel, hidden: jax.Array, targets: jax.Array) -> jax.Array:
     """log p(targets) [B, T] from final hidden states [B, T, D], `model.text.logits_chunk` positions at a time with
     rematerialisation, so the [B, T, vocab] float32 logits (the largest training temporary at long completions
     and a 152k vocabulary) never exist at once, forward or backward."""
@@ -70,11 +70,11 @@ def chunked_logprobs(model: Qwen25VL, hidden: jax.Array, targets: jax.Array) -> 
     return out.swapaxes(0, 1).reshape(rows, count * chunk)[:, :length]
 
 
-def _merge(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State) -> Qwen25VL:
+def _merge(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State) -> VisionLanguageModel:
     return nnx.merge(graphdef, trainable, frozen)
 
 
-def _train_model(graphdef: nnx.GraphDef, state: TrainState, trainable: nnx.State, seed: int) -> Qwen25VL:
+def _train_model(graphdef: nnx.GraphDef, state: TrainState, trainable: nnx.State, seed: int) -> VisionLanguageModel:
     """The model a train step differentiates: LoRA dropout on, its masks a function of (seed, state.step)."""
     model = _merge(graphdef, trainable, state.frozen)
     set_lora_dropout_keys(model, jax.random.fold_in(jax.random.key(seed), state.step))

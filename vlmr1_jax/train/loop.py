@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx
 
 from vlmr1_jax.config import RunConfig
 from vlmr1_jax.data.jsonl import Sample
-from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlmr1_jax.processing.batch import PromptBatch
 from vlmr1_jax.processing.tokenizer import Tokenizer
 from vlmr1_jax.rewards import get_reward
@@ -30,9 +30,7 @@ from vlmr1_jax.train.metrics import RolloutLog
 from vlmr1_jax.train.setup import columns_for, to_device, to_host
 
 
-def make_generate_fn(
-    cfg: RunConfig, tokenizer: Tokenizer, model_cfg: Qwen25VLConfig, graphdef: nnx.GraphDef
-) -> Callable:
+def make_generate_fn(cfg: RunConfig, tokenizer: Tokenizer, model_cfg: Any, graphdef: nnx.GraphDef) -> Callable:
     """The jitted grouped sampler the loop runs, `(trainable, frozen, prompts, key) -> Rollout` (also what
     `vlmr1 plan` compiles)."""
     sampler = Sampler(

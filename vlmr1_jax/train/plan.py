@@ -26,9 +26,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlmr1_jax.config import RunConfig
+from vlmr1_jax.models.family import family_of
 from vlmr1_jax.models.hf_weights import read_config
-from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.parallel.mesh import logical_to_spec, make_mesh
 from vlmr1_jax.processing.batch import PromptBatch, encode_prompts
 from vlmr1_jax.processing.tokenizer import Tokenizer, qwen2_5_tokenizer
@@ -73,7 +72,7 @@ def cpu_devices(count: int) -> list[jax.Device] | None:
 # ------------------------------------------------------------------------------------------- abstract inputs
 
 
-def model_config(cfg: RunConfig, tokenizer: Tokenizer) -> Qwen25VLConfig:
+def model_config(cfg: RunConfig, tokenizer: Tokenizer) -> Any:
     """The architecture `build_model` would build: model.hf_model's config.json (no weights read), else the preset."""
     if cfg.model.hf_model:
         return read_config(cfg.model.hf_model)
@@ -113,16 +112,16 @@ def with_shardings(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(place, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def abstract_train_state(
-    cfg: RunConfig, model_cfg: Qwen25VLConfig, mesh: Mesh, optimizer
-) -> tuple[nnx.GraphDef, TrainState]:
+def abstract_train_state(cfg: RunConfig, model_cfg: Any, mesh: Mesh, optimizer) -> tuple[nnx.GraphDef, TrainState]:
     """The trainer's (graphdef, TrainState) as sharded ShapeDtypeStructs: the real model constructor, LoRA and
     `init_train_state` traced under `jax.eval_shape`, so no parameter is ever allocated."""
     dtype, param_dtype = dtype_of(cfg.model.dtype), dtype_of(cfg.model.param_dtype)
     graphdefs = []
 
     def build() -> TrainState:
-        model = Qwen25VL(model_cfg, rngs=nnx.Rngs(cfg.train.seed), dtype=dtype, param_dtype=param_dtype)
+        model = family_of(model_cfg).model_class(
+            model_cfg, rngs=nnx.Rngs(cfg.train.seed), dtype=dtype, param_dtype=param_dtype
+        )
         configure_model(model, cfg.model)
         if cfg.train.trainable == "lora":
             apply_lora(model, cfg.lora.rank, cfg.lora.alpha, seed=cfg.train.seed, dropout=cfg.lora.dropout)
@@ -148,7 +147,7 @@ def parse_image_size(text: str) -> tuple[int, int]:
 
 
 def representative_prompts(
-    cfg: RunConfig, model_cfg: Qwen25VLConfig, tokenizer: Tokenizer, image_size: tuple[int, int], images: int
+    cfg: RunConfig, model_cfg: Any, tokenizer: Tokenizer, image_size: tuple[int, int], images: int
 ) -> PromptBatch:
     """data.prompts_per_step REC prompts with `images` blank images of `image_size` each, through the real
     prompt template, image processor (smart_resize with data.min/max_pixels) and vision plan."""
@@ -209,7 +208,7 @@ def count_params(tree: Any) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
-def analytic_param_counts(cfg: Qwen25VLConfig, lora_rank: int = 0) -> dict[str, int]:
+def analytic_param_counts(cfg: Any, lora_rank: int = 0) -> dict[str, int]:
     """Parameter counts from the config alone: text, vision, and LoRA adapters (rank r on every text linear)."""
     t, v = cfg.text, cfg.vision
     d, hd, heads, kv = t.hidden_size, t.head_dim, t.num_attention_heads, t.num_key_value_heads
@@ -234,7 +233,7 @@ def analytic_param_counts(cfg: Qwen25VLConfig, lora_rank: int = 0) -> dict[str, 
     return {"text": text, "vision": vision, "lora": lora, "total": text + vision + lora}
 
 
-def _text_matmul_params(cfg: Qwen25VLConfig, lora_rank: int) -> int:
+def _text_matmul_params(cfg: Any, lora_rank: int) -> int:
     """Multiply-accumulates per token through the decoder layers (no embedding, no LM head)."""
     t = cfg.text
     d, hd, heads, kv, inter = (
@@ -249,7 +248,7 @@ def _text_matmul_params(cfg: Qwen25VLConfig, lora_rank: int) -> int:
 
 
 def analytic_flops(
-    cfg: Qwen25VLConfig,
+    cfg: Any,
     *,
     prompts: int,
     samples: int,

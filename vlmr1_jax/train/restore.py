@@ -11,7 +11,7 @@ manifest, beside the usual `<step>/meta`. It is written and read one tensor at a
 exporting it never hold more than one tensor (or, when loading, the model on its devices) whatever the model
 size; the optimizer state is created when training starts, on the devices. Orbax would need each stacked
 parameter whole (one array per leaf: 3.2 GB for the 3B's MLP kernels in fp32, 77 GB for a 72B's); the per-layer
-HF layout also keeps one layout table (`models.qwen2_5_vl.params`) for every safetensors file we read or write.
+HF layout also keeps one layout table (each model family's `params`) for every safetensors file we read or write.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlmr1_jax.config import MeshConfig, RunConfig, from_dict
 from vlmr1_jax.filenames import CHECKSUMS_FILE
+from vlmr1_jax.models.family import VisionLanguageModel, config_from_dict, family_of
 from vlmr1_jax.models.hf_weights import load_hf_model
-from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.parallel.mesh import logical_to_spec, make_mesh
 from vlmr1_jax.rl.lora import apply_lora, merge_lora
 from vlmr1_jax.rl.state import TrainState, current_model, init_train_state, make_optimizer
@@ -73,21 +72,19 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     return from_dict(data)
 
 
-def _parse_meta(meta: dict[str, Any], where: str) -> tuple[RunConfig, Qwen25VLConfig, str]:
+def _parse_meta(meta: dict[str, Any], where: str) -> tuple[RunConfig, Any, str]:
     missing = [k for k in ("run_config", "model_config", "kind") if k not in meta]
     if missing:
         raise CheckpointError(f"{where}: meta lacks {missing}; not a vlmr1-jax training checkpoint")
     if meta["kind"] not in KINDS:
         raise CheckpointError(f"{where}: meta kind {meta['kind']!r} is not one of {KINDS}")
     try:
-        return run_config_from_dict(meta["run_config"]), Qwen25VLConfig.from_dict(meta["model_config"]), meta["kind"]
+        return run_config_from_dict(meta["run_config"]), config_from_dict(meta["model_config"]), meta["kind"]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: cannot read the configs in its meta: {e}") from e
 
 
-def _abstract_train_state(
-    run: RunConfig, model_cfg: Qwen25VLConfig, kind: str, mesh: Mesh
-) -> tuple[nnx.GraphDef, TrainState]:
+def _abstract_train_state(run: RunConfig, model_cfg: Any, kind: str, mesh: Mesh) -> tuple[nnx.GraphDef, TrainState]:
     """The graphdef and the abstract TrainState (ShapeDtypeStructs placed on `mesh` by their logical axes) that
     the trainer of `kind` built for `run`."""
     with_reference = kind == "grpo" and run.grpo.beta > 0
@@ -95,7 +92,7 @@ def _abstract_train_state(
     graphdefs: list[nnx.GraphDef] = []
 
     def build() -> TrainState:
-        model = Qwen25VL(
+        model = family_of(model_cfg).model_class(
             model_cfg, rngs=nnx.Rngs(0), dtype=dtype_of(run.model.dtype), param_dtype=dtype_of(run.model.param_dtype)
         )
         if run.train.trainable == "lora":
@@ -155,7 +152,7 @@ def imported_params(path: str | os.PathLike, step: int | None = None) -> Path | 
 
 def load_checkpoint(
     path: str | os.PathLike, step: int | None = None, mesh: Mesh | None = None
-) -> tuple[Qwen25VL, dict[str, Any], str | None]:
+) -> tuple[VisionLanguageModel, dict[str, Any], str | None]:
     """The policy of a checkpoint (LoRA adapters kept, not merged), its meta, and its tokenizer folder.
 
     `path`: a run folder, its `checkpoints` folder or a step folder; `step` defaults to the latest (or the step
@@ -185,7 +182,7 @@ def load_checkpoint(
 
 def restore_for_export(
     path: str | os.PathLike, step: int | None = None, mesh: Mesh | None = None
-) -> tuple[nnx.State, Qwen25VLConfig, str | None]:
+) -> tuple[nnx.State, Any, str | None]:
     """Parameters of a checkpoint with LoRA merged into the kernels (a plain Qwen2.5-VL, as `export_release`
     takes), the model config, and the tokenizer folder. The whole TrainState of a training checkpoint is
     restored (peak: its size); `vlmr1 export` streams import checkpoints from their files instead."""

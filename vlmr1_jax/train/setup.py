@@ -16,10 +16,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from vlmr1_jax.config import ModelConfig, RunConfig
 from vlmr1_jax.data.jsonl import Sample, load_jsonl_datasets
+from vlmr1_jax.models.family import VisionLanguageModel, family_of, get_family
 from vlmr1_jax.models.hf_weights import load_hf_model
 from vlmr1_jax.models.layers import LoRAParam
-from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, get_preset, with_overrides
-from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.parallel.mesh import create_sharded, initialize_distributed, logical_to_spec, make_mesh, state_shardings
 from vlmr1_jax.processing.batch import PromptBatch
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer, qwen2_5_tokenizer
@@ -65,6 +64,7 @@ def check_model_config(cfg: RunConfig) -> None:
             "model.hf_model and model.preset are both unset: set model.hf_model=/ckpt/Qwen2.5-VL-3B-"
             "Instruct (the HF folder to train), or model.preset=NAME for a random-init experiment"
         )
+    get_family(model.family)  # names model.family and the known families when it is not one
     dtype_of(model.dtype, "model.dtype")
     if dtype_of(model.param_dtype, "model.param_dtype") != jnp.float32:
         raise ValueError(
@@ -105,17 +105,18 @@ def tokenizer_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     }
 
 
-def preset_config(cfg: RunConfig, tokenizer: Tokenizer) -> Qwen25VLConfig:
+def preset_config(cfg: RunConfig, tokenizer: Tokenizer) -> Any:
     """A preset with its special token ids (and, for compact tokenizers, its vocabulary) set from the tokenizer."""
-    base = get_preset(cfg.model.preset)  # type: ignore[arg-type]  # validated: without hf_model the preset is set
+    family = get_family(cfg.model.family)
+    base = family.get_preset(cfg.model.preset)  # type: ignore[arg-type]  # validated: without hf_model the preset is set
     overrides: dict[str, Any] = dict(tokenizer_token_ids(tokenizer))
     if tokenizer.vocab_size > base.text.vocab_size or cfg.model.preset in ("tiny", "demo-s"):
         overrides["text.vocab_size"] = -(-tokenizer.vocab_size // 64) * 64
     overrides.update(cfg.model.overrides)
-    return with_overrides(base, overrides)
+    return family.with_overrides(base, overrides)
 
 
-def check_tokenizer_matches(model_cfg: Qwen25VLConfig, tokenizer: Tokenizer, where: str) -> None:
+def check_tokenizer_matches(model_cfg: Any, tokenizer: Tokenizer, where: str) -> None:
     if tokenizer.vocab_size > model_cfg.text.vocab_size:
         raise ValueError(
             f"{where}: tokenizer has {tokenizer.vocab_size} tokens but the model vocab is {model_cfg.text.vocab_size}"
@@ -127,7 +128,7 @@ def check_tokenizer_matches(model_cfg: Qwen25VLConfig, tokenizer: Tokenizer, whe
         )
 
 
-def configure_model(model: Qwen25VL, cfg: ModelConfig) -> None:
+def configure_model(model: VisionLanguageModel, cfg: ModelConfig) -> None:
     """Apply the recipe's static program settings (remat, scanned layers, log-prob chunk), which are not
     parameters: every model a run compiles gets them here."""
     model.set_remat(cfg.remat)
@@ -135,7 +136,7 @@ def configure_model(model: Qwen25VL, cfg: ModelConfig) -> None:
     model.text.logits_chunk = cfg.logits_chunk
 
 
-def build_model(cfg: RunConfig, tokenizer: Tokenizer, mesh: Mesh) -> Qwen25VL:
+def build_model(cfg: RunConfig, tokenizer: Tokenizer, mesh: Mesh) -> VisionLanguageModel:
     """The policy, born sharded over `mesh`: from an HF folder, or a preset's random init (seed train.seed).
     Starting from one of our checkpoints is handled by the trainer (it restores the whole state)."""
     check_model_config(cfg)
@@ -146,7 +147,10 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer, mesh: Mesh) -> Qwen25VL:
     else:
         model_cfg = preset_config(cfg, tokenizer)
         model = create_sharded(
-            lambda: Qwen25VL(model_cfg, rngs=nnx.Rngs(cfg.train.seed), dtype=dtype, param_dtype=param_dtype), mesh
+            lambda: family_of(model_cfg).model_class(
+                model_cfg, rngs=nnx.Rngs(cfg.train.seed), dtype=dtype, param_dtype=param_dtype
+            ),
+            mesh,
         )
         where = f"preset {cfg.model.preset}"
     check_tokenizer_matches(model.cfg, tokenizer, where)

@@ -97,6 +97,7 @@ class Qwen25VLConfig:
     vision_token_id: int = 151654
     bos_token_id: int = 151643
     eos_token_id: int = 151645
+    family: str = "qwen2_5_vl"  # the `ModelFamily` this config belongs to (a variant may reuse the class)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Qwen25VLConfig:
@@ -386,7 +387,7 @@ def to_hf_config(cfg: Qwen25VLConfig, torch_dtype: str = "bfloat16") -> dict[str
     """The flat, hub-style `config.json` that transformers 4.49+ / 5.x and vLLM all read."""
     t, v = cfg.text, cfg.vision
     return {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],  # a variant family rewrites these two
         "model_type": "qwen2_5_vl",
         "torch_dtype": torch_dtype,
         "attention_dropout": 0.0,

@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlmr1_jax.models.family import VisionLanguageModel
 from vlmr1_jax.models.layers import REMAT_POLICIES
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlmr1_jax.models.qwen2_5_vl.text import KVCache, TextModel
 from vlmr1_jax.models.qwen2_5_vl.vision import VisionTower
 
 
-class Qwen25VL(nnx.Module):
+class Qwen25VL(VisionLanguageModel):
     def __init__(
         self,
         cfg: Qwen25VLConfig,
@@ -72,6 +73,10 @@ class Qwen25VL(nnx.Module):
         """Hidden states after the final norm (call `logits` on the positions you need) and the updated cache."""
         embeds = self.embed(input_ids, vision_features, vision_gather)
         return self.text(embeds, positions, attention_mask, cache)
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `length` tokens, in the compute dtype."""
+        return KVCache.empty(self.cfg.text, batch, length, self.text.dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.text.logits(hidden)
