@@ -73,7 +73,7 @@ def hf_view(hf: Qwen2_5_VLConfig) -> dict:
 
 def our_view(cfg: Qwen25VLConfig) -> dict:
     out = dataclasses.asdict(cfg)
-    del out["vision_token_id"]
+    del out["vision_token_id"], out["family"]  # ours only: HF's config has neither
     return out
 
 

@@ -237,6 +237,9 @@ class CountingModel:
     def logits(self, hidden):
         return self.model.logits(hidden)
 
+    def init_cache(self, batch, length):
+        return self.model.init_cache(batch, length)
+
     def __call__(self, *args, **kwargs):
         jax.debug.callback(lambda: self.calls.append(1))
         return self.model(*args, **kwargs)

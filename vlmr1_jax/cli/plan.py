@@ -53,7 +53,7 @@ def _reexec(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.devices < 1:
         raise SystemExit(f"vlmr1 plan: --devices must be >= 1, got {args.devices}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr, force=True)
     devices = cpu_devices(args.devices)
     if devices is None:
         return _reexec(args)

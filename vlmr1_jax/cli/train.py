@@ -14,7 +14,7 @@ from vlmr1_jax.config import load_config
 
 def _run(kind: str):
     def run(args: argparse.Namespace) -> int:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
         cfg = load_config(args.config, args.overrides)
         if kind == "grpo":
             from vlmr1_jax.train.loop import GRPOTrainer as Trainer
