@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.helpers.losses import loss_inputs
 from tests.helpers.prompts import SPECS, G, completions, device_prompts, train_prompts
 from vlmr1_jax.config import LOSS_PRESETS, Algorithm, load_config
 from vlmr1_jax.models.qwen2_5_vl.config import get_preset
@@ -33,15 +34,7 @@ THIS = __name__  # user functions below are named f"{THIS}:function", as a recip
 
 
 def _inputs(seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    logp = -np.abs(rng.normal(size=(B, T))) * 2.0
-    return {
-        "logp": logp,
-        "old": logp + 0.3 * rng.normal(size=(B, T)),
-        "ref": logp + 0.2 * rng.normal(size=(B, T)),
-        "adv": rng.normal(size=B),
-        "mask": (np.arange(T)[None] < LENGTHS[:, None]).astype(np.float64),
-    }
+    return loss_inputs(seed, LENGTHS, T)
 
 
 def _f32(x) -> jax.Array:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers.losses import loss_inputs
 from vlmr1_jax.config import LOSS_PRESETS
 from vlmr1_jax.rl.grpo import OBJECTIVES, completion_mask, group_advantages, make_loss, token_logprobs
 
@@ -24,16 +25,7 @@ CLIP_KL = [(0.2, None, 0.0), (0.2, None, 0.04), (0.2, 0.28, 0.04), (0.1, 0.3, 0.
 
 
 def _inputs(seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float64 inputs; old/ref are far enough from logp that both clip edges are hit."""
-    rng = np.random.default_rng(seed)
-    logp = -np.abs(rng.normal(size=(B, T))) * 2.0
-    return {
-        "logp": logp,
-        "old": logp + 0.3 * rng.normal(size=(B, T)),
-        "ref": logp + 0.2 * rng.normal(size=(B, T)),
-        "adv": rng.normal(size=B),
-        "mask": (np.arange(T)[None, :] < LENGTHS[:, None]).astype(np.float64),
-    }
+    return loss_inputs(seed, LENGTHS, T)
 
 
 # ---------------------------------------------------------------- numpy references (float64, from the formulas)
