@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tests.helpers.files import flip_bytes
 from vlmr1_jax.data.jsonl import Sample
-from vlmr1_jax.data.pipeline import make_prompt_iterator
+from vlmr1_jax.data.pipeline import make_sample_iterator
 from vlmr1_jax.rl.state import init_train_state
 from vlmr1_jax.train.checkpoint import (
     Checkpointer,
@@ -140,8 +140,8 @@ def test_save_every_keep_and_force(tmp_path):
 
 
 def test_grain_iterator_resumes_exactly(tmp_path):
-    make = lambda: make_prompt_iterator(samples(10), batch_size=2, seed=3, num_epochs=2)
-    reference = [[s.id for s in batch] for batch in make()]  # 10 batches over two shuffled epochs
+    make = lambda: make_sample_iterator(samples(10), batch_size=2, seed=3, num_epochs=2)
+    reference = [s.id for s in make()]  # 20 samples over two shuffled epochs
     it = make()
     for _ in range(6):
         next(it)
@@ -152,7 +152,7 @@ def test_grain_iterator_resumes_exactly(tmp_path):
             next(it)
         fresh = make()
         ckpt.restore(abstract_like(state), data_iterator=fresh)
-    assert [[s.id for s in batch] for batch in fresh] == reference[6:]
+    assert [s.id for s in fresh] == reference[6:]
 
 
 def test_read_meta_only(tmp_path):
@@ -196,7 +196,7 @@ def test_mismatched_state_names_the_leaf(tmp_path):
         with pytest.raises(CheckpointError, match=r"reference\.lm\.kernel\.value: in the checkpoint"):
             ckpt.restore(no_reference)
         with pytest.raises(CheckpointError, match="without a data iterator"):
-            ckpt.restore(target, data_iterator=make_prompt_iterator(samples(4), 2, seed=0))
+            ckpt.restore(target, data_iterator=make_sample_iterator(samples(4), 2, seed=0))
     with Checkpointer(tmp_path / "other", save_every=1, keep=1) as ckpt:
         ckpt.save(1, make_state(0, with_reference=False))
         with pytest.raises(CheckpointError, match=r"reference\.lm\.kernel\.value: expected float32\[8,16\], missing"):
@@ -275,17 +275,17 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tests.helpers.files import flip_bytes
 from vlmr1_jax.data.jsonl import Sample
-from vlmr1_jax.data.pipeline import make_prompt_iterator
+from vlmr1_jax.data.pipeline import make_sample_iterator
 from vlmr1_jax.train.checkpoint import Checkpointer, abstract_like
 samples = [Sample(i, "q", "a", (), "default", "d.jsonl", i + 1) for i in range(16)]
-make = lambda: make_prompt_iterator(samples, 4, seed=1, process_index=pid, process_count=2)
-reference = [[s.id for s in next(it)] for it in [make()] for _ in range(3)]
+make = lambda: make_sample_iterator(samples, 4, seed=1, process_index=pid, process_count=2)
+reference = [next(it).id for it in [make()] for _ in range(6)]
 full = np.arange(128, dtype=np.float32).reshape(8, 16)
 if mode == "save":
     sharding = NamedSharding(jax.make_mesh((2, 2, 2), ("d", "f", "t")), P("f", "t"))
     state = {"x": jax.make_array_from_callback(full.shape, sharding, lambda index: full[index])}
     it = make()
-    next(it)
+    next(it), next(it)  # this process's 2 samples of the first global batch of 4
     with Checkpointer(folder, save_every=1, keep=1) as ckpt:
         assert ckpt.save(1, state, data_iterator=it, meta={"processes": 2})
     print("save ok")
@@ -297,7 +297,7 @@ else:
     values = np.asarray(multihost_utils.process_allgather(state["x"], tiled=True))
     assert state["x"].sharding.spec == P(None, "f") and meta == {"processes": 2}
     assert np.array_equal(values, full), values
-    assert [[s.id for s in next(it)] for _ in range(2)] == reference[1:], "data iterator did not resume"
+    assert [next(it).id for _ in range(4)] == reference[2:], "data iterator did not resume"
     print("restore ok")
 jax.distributed.shutdown()
 """

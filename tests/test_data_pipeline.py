@@ -1,4 +1,5 @@
-"""The grain prompt pipeline: per-epoch permutations, dropped remainders, exact resume and per-process slicing."""
+"""The grain sample stream, cut into the trainer's batches: per-epoch permutations, dropped remainders, exact resume
+and per-process slicing."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import itertools
 import pytest
 
 from vlmr1_jax.data.jsonl import Sample
-from vlmr1_jax.data.pipeline import batches_per_epoch, epoch_of, make_prompt_iterator
+from vlmr1_jax.data.pipeline import batches_per_epoch, epoch_of, make_sample_iterator
 
 
 def make_samples(n: int) -> list[Sample]:
@@ -20,13 +21,36 @@ def ids(batch: list[Sample]) -> list[int]:
     return [s.id for s in batch]
 
 
+class Batches:
+    """The trainer's view of a stream: consecutive batches of `size` samples (the last one may be short)."""
+
+    def __init__(self, samples: list[Sample], batch_size: int, process_count: int = 1, **kwargs):
+        self.stream = make_sample_iterator(samples, batch_size, process_count=process_count, **kwargs)
+        self.size = batch_size // process_count
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[Sample]:
+        batch = list(itertools.islice(self.stream, self.size))
+        if not batch:
+            raise StopIteration
+        return batch
+
+    def get_state(self):
+        return self.stream.get_state()
+
+    def set_state(self, state) -> None:
+        self.stream.set_state(state)
+
+
 def take(it, k: int) -> list[list[int]]:
     return [ids(next(it)) for _ in range(k)]
 
 
 def test_each_epoch_is_a_fresh_permutation_with_the_remainder_dropped():
     n, b = 23, 5  # 4 full batches per epoch, 3 samples left out of each epoch
-    batches = list(make_prompt_iterator(make_samples(n), b, seed=7, num_epochs=3))
+    batches = list(Batches(make_samples(n), b, seed=7, num_epochs=3))
     assert len(batches) == 3 * 4 and all(len(x) == b for x in batches)
     assert all(isinstance(s, Sample) and s.image_paths == (f"img/{s.id}.png",) for x in batches for s in x)
     epochs = [[i for x in batches[e * 4 : (e + 1) * 4] for i in ids(x)] for e in range(3)]
@@ -38,18 +62,18 @@ def test_each_epoch_is_a_fresh_permutation_with_the_remainder_dropped():
 
 def test_same_seed_same_order_other_seed_other_order():
     samples = make_samples(40)
-    first = take(make_prompt_iterator(samples, 8, seed=3), 10)
-    assert take(make_prompt_iterator(samples, 8, seed=3), 10) == first
-    assert take(make_prompt_iterator(samples, 8, seed=4), 10) != first
+    first = take(Batches(samples, 8, seed=3), 10)
+    assert take(Batches(samples, 8, seed=3), 10) == first
+    assert take(Batches(samples, 8, seed=4), 10) != first
 
 
 def test_state_restores_exactly_in_a_fresh_iterator():
     samples = make_samples(30)
-    reference = take(make_prompt_iterator(samples, 4, seed=11), 20)  # crosses two epoch boundaries
-    it = make_prompt_iterator(samples, 4, seed=11)
+    reference = take(Batches(samples, 4, seed=11), 20)  # crosses two epoch boundaries
+    it = Batches(samples, 4, seed=11)
     assert take(it, 9) == reference[:9]
     state = it.get_state()
-    fresh = make_prompt_iterator(samples, 4, seed=11)
+    fresh = Batches(samples, 4, seed=11)
     fresh.set_state(state)
     assert take(fresh, 11) == reference[9:]
 
@@ -57,9 +81,9 @@ def test_state_restores_exactly_in_a_fresh_iterator():
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_processes_split_each_global_batch_disjointly_and_cover_it(process_count):
     samples, b, steps = make_samples(37), 8, 14  # 4 global batches per epoch; 14 steps cross 3 epoch boundaries
-    global_batches = take(make_prompt_iterator(samples, b, seed=5), steps)
+    global_batches = take(Batches(samples, b, seed=5), steps)
     local = [
-        take(make_prompt_iterator(samples, b, seed=5, process_index=p, process_count=process_count), steps)
+        take(Batches(samples, b, seed=5, process_index=p, process_count=process_count), steps)
         for p in range(process_count)
     ]
     for step in range(steps):
@@ -72,16 +96,16 @@ def test_processes_split_each_global_batch_disjointly_and_cover_it(process_count
 
 def test_per_process_state_restores():
     samples = make_samples(20)
-    reference = take(make_prompt_iterator(samples, 4, seed=1, process_index=1, process_count=2), 8)
-    it = make_prompt_iterator(samples, 4, seed=1, process_index=1, process_count=2)
+    reference = take(Batches(samples, 4, seed=1, process_index=1, process_count=2), 8)
+    it = Batches(samples, 4, seed=1, process_index=1, process_count=2)
     take(it, 3)
-    fresh = make_prompt_iterator(samples, 4, seed=1, process_index=1, process_count=2)
+    fresh = Batches(samples, 4, seed=1, process_index=1, process_count=2)
     fresh.set_state(it.get_state())
     assert take(fresh, 5) == reference[3:]
 
 
 def test_keeping_the_remainder_streams_every_sample():
-    batches = list(make_prompt_iterator(make_samples(10), 4, seed=2, num_epochs=2, drop_remainder=False))
+    batches = list(Batches(make_samples(10), 4, seed=2, num_epochs=2, drop_remainder=False))
     assert [len(x) for x in batches] == [4, 4, 4, 4, 4]
     flat = [i for x in batches for i in ids(x)]
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
@@ -109,4 +133,4 @@ def test_epoch_bookkeeping_hand_computed():
 def test_bad_arguments_are_clear_errors(kwargs, match):
     kwargs = {"seed": 0, **kwargs}
     with pytest.raises(ValueError, match=match):
-        make_prompt_iterator(make_samples(10), **kwargs)
+        make_sample_iterator(make_samples(10), **kwargs)

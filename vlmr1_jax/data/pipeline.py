@@ -1,9 +1,12 @@
-"""Prompt batches for the trainer: a grain pipeline with a per-epoch shuffle, per-process slicing and exact resume.
+"""The sample stream the trainer draws its batches from: a grain pipeline with a per-epoch shuffle, per-process
+slicing and exact resume.
 
 Order of operations: source -> shuffle(seed) -> keep whole global batches of each epoch -> repeat(num_epochs) ->
-slice [process_index::process_count] -> batch. Like VLM-R1's `RepeatRandomSampler`, every epoch is a fresh
-permutation cut into global batches of unique prompts, and an incomplete final batch of each epoch is dropped.
-Global batch `s` is stream positions [s*B, (s+1)*B); process p gets every `process_count`-th of them.
+slice [process_index::process_count]. Like VLM-R1's `RepeatRandomSampler`, every epoch is a fresh permutation cut
+into global batches of unique prompts, and an incomplete final batch of each epoch is dropped. Global batch `s` is
+stream positions [s*B, (s+1)*B); process p reads every `process_count`-th position. The stream yields one sample
+at a time, so a sample that fails when its images are read can be replaced by the next one: the stream position
+alone (checkpointed) then decides every batch, and resume stays exact.
 """
 
 from __future__ import annotations
@@ -51,10 +54,11 @@ def make_sample_dataset(
     process_count: int = 1,
     drop_remainder: bool = True,
 ) -> grain.MapDataset:
-    """This process's samples one at a time, in the order `make_prompt_dataset` batches them.
+    """This process's samples in stream order (`batch_size` is the global batch the epochs are cut into).
 
-    The trainer draws from this stream so that a sample that fails when its images are read can be replaced by the
-    next one: the stream position alone (checkpointed) then decides every batch, and resume stays exact.
+    Each process reads `batch_size // process_count` samples per step. `drop_remainder=False` keeps every sample
+    (batches then straddle epochs, and the last one may be short); it is single-process only, since a short tail
+    would give processes different numbers of steps.
     """
     _check_stream_args(len(samples), batch_size, seed, process_index, process_count, drop_remainder)
     n = len(samples)
@@ -64,47 +68,16 @@ def make_sample_dataset(
     return ds.repeat(num_epochs)[process_index::process_count]
 
 
-def make_prompt_dataset(
-    samples: Sequence[Sample],
-    batch_size: int,
-    seed: int,
-    num_epochs: int | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
-    drop_remainder: bool = True,
-) -> grain.MapDataset:
-    """This process's batches as a grain `MapDataset` of lists of `Sample`s (`batch_size` is the global batch).
-
-    Each process yields `batch_size // process_count` prompts per step. `drop_remainder=False` keeps every
-    sample (batches then straddle epochs, and the last one may be short); it is single-process only, since a
-    short tail would give processes different numbers of steps.
-    """
-    ds = make_sample_dataset(samples, batch_size, seed, num_epochs, process_index, process_count, drop_remainder)
-    return ds.batch(batch_size // process_count, drop_remainder=drop_remainder, batch_fn=list)
-
-
-def _iterate(ds: grain.MapDataset) -> grain.DatasetIterator:
-    """Read synchronously (no threads): the elements are in memory and images are still paths."""
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
-
-
-def make_prompt_iterator(
-    samples: Sequence[Sample],
-    batch_size: int,
-    seed: int,
-    num_epochs: int | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
-    drop_remainder: bool = True,
-) -> grain.DatasetIterator:
-    """A resumable iterator over `make_prompt_dataset`; `get_state()` / `set_state()` restore it exactly."""
-    return _iterate(
-        make_prompt_dataset(samples, batch_size, seed, num_epochs, process_index, process_count, drop_remainder)
-    )
-
-
 def make_sample_iterator(
-    samples: Sequence[Sample], batch_size: int, seed: int, num_epochs: int | None = None
+    samples: Sequence[Sample],
+    batch_size: int,
+    seed: int,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    drop_remainder: bool = True,
 ) -> grain.DatasetIterator:
-    """A resumable iterator over `make_sample_dataset` (every process reads the same global stream)."""
-    return _iterate(make_sample_dataset(samples, batch_size, seed, num_epochs))
+    """A resumable iterator over `make_sample_dataset`; `get_state()` / `set_state()` restore it exactly. Read
+    synchronously (no threads): the elements are in memory and images are still paths."""
+    ds = make_sample_dataset(samples, batch_size, seed, num_epochs, process_index, process_count, drop_remainder)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
