@@ -8,9 +8,9 @@ import logging
 import pytest
 
 from tests.helpers.files import flip_bytes
-from tests.helpers.runs import TINY_RUN, checkpoint_steps, make_run_inputs, read_state
+from tests.helpers.runs import TINY_RUN, make_run_inputs, read_state
 from vlmr1_jax.config import load_config
-from vlmr1_jax.train.checkpoint import CorruptCheckpoint
+from vlmr1_jax.train.checkpoint import CorruptCheckpoint, committed_steps
 from vlmr1_jax.train.loop import GRPOTrainer
 
 
@@ -25,7 +25,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     overrides = [*inputs, *TINY_RUN, "train.save_every=2", "train.keep_checkpoints=2", f"train.output_dir={run}"]
     GRPOTrainer.from_config(load_config("demo_tiny", [*overrides, "train.max_steps=4"]), progress=False).train()
     checkpoints = run / "checkpoints"
-    assert checkpoint_steps(checkpoints) == [2, 4]
+    assert committed_steps(checkpoints) == [2, 4]
     flip_bytes(largest_array_file(checkpoints / "4"))
 
     cfg = load_config("demo_tiny", [*overrides, "train.max_steps=6"])
@@ -36,7 +36,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     moved = [p.name for p in checkpoints.iterdir() if p.name.startswith("4.corrupt-")]
     assert len(moved) == 1
     trainer.train()
-    assert checkpoint_steps(checkpoints) == [4, 6]
+    assert committed_steps(checkpoints) == [4, 6]
 
     reference = tmp_path / "reference"
     GRPOTrainer.from_config(

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.runs import TINY_RUN, checkpoint_steps, make_run_inputs
+from tests.helpers.runs import TINY_RUN, make_run_inputs
 from vlmr1_jax.config import load_config
+from vlmr1_jax.train.checkpoint import committed_steps
 from vlmr1_jax.train.loop import GRPOTrainer
 
 
@@ -29,7 +30,7 @@ def test_error_in_prepare_keeps_the_inflight_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "prepare", failing_prepare)
     with pytest.raises(ValueError, match="sample 7"):
         trainer.train()
-    assert checkpoint_steps(run / "checkpoints") == [2]
+    assert committed_steps(run / "checkpoints") == [2]
     assert not [p for p in (run / "checkpoints").iterdir() if "tmp" in p.name]
     resumed = GRPOTrainer.from_config(cfg, progress=False)
     assert resumed.step == 2

@@ -11,7 +11,6 @@ import pytest
 
 from tests.helpers.runs import (
     TINY_RUN,
-    checkpoint_steps,
     jsonl,
     log_tail,
     make_run_inputs,
@@ -21,6 +20,7 @@ from tests.helpers.runs import (
     wait_all,
     worker_env,
 )
+from vlmr1_jax.train.checkpoint import committed_steps
 
 STEPS = 2
 
@@ -61,7 +61,7 @@ def test_two_processes_train_on_one_global_mesh(tmp_path):
     assert last["completion_length"] > 0
 
     # One checkpoint, with array shards and a data-iterator position from each process.
-    assert checkpoint_steps(out / "checkpoints") == [STEPS]
+    assert committed_steps(out / "checkpoints") == [STEPS]
     step_dir = out / "checkpoints" / str(STEPS)
     assert sorted(p.name for p in (step_dir / "state").glob("ocdbt.process_*")) == [
         "ocdbt.process_0",

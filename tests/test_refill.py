@@ -9,11 +9,12 @@ import logging
 
 import pytest
 
-from tests.helpers.runs import TINY_RUN, checkpoint_steps, make_run_inputs, read_state
+from tests.helpers.runs import TINY_RUN, make_run_inputs, read_state
 from vlmr1_jax.config import load_config
 from vlmr1_jax.data.jsonl import DataError
 from vlmr1_jax.data.pipeline import make_sample_dataset
 from vlmr1_jax.train import base
+from vlmr1_jax.train.checkpoint import committed_steps
 from vlmr1_jax.train.loop import GRPOTrainer
 from vlmr1_jax.train.metrics import read_metrics
 
@@ -85,4 +86,4 @@ def test_raise_names_the_sample_and_keeps_the_checkpoint(tmp_path):
         f.write(b"\x89PNG\r\n\x1a\n not an image any more")
     with pytest.raises(DataError, match=rf"{bad.source}:{bad.line}: field 'image': .*cannot read image"):
         trainer.train()
-    assert checkpoint_steps(run / "checkpoints") == [1]
+    assert committed_steps(run / "checkpoints") == [1]

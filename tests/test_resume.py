@@ -13,7 +13,6 @@ import pytest
 
 from tests.helpers.runs import (
     TINY_RUN,
-    checkpoint_steps,
     jsonl,
     log_tail,
     make_run_inputs,
@@ -23,6 +22,7 @@ from tests.helpers.runs import (
     wait_all,
     worker_env,
 )
+from vlmr1_jax.train.checkpoint import committed_steps
 
 STEPS, SAVE_EVERY = 6, 2
 
@@ -54,7 +54,7 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     first = start_training(overrides(b), tmp_path / "b_first", env)
     try:
         deadline = time.monotonic() + 400
-        while not checkpoint_steps(b / "checkpoints"):
+        while not committed_steps(b / "checkpoints"):
             assert first.poll() is None, log_tail(tmp_path / "b_first")
             assert time.monotonic() < deadline, "no checkpoint within 400 s"
             time.sleep(0.02)
@@ -62,7 +62,7 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     finally:
         wait_all([first], timeout=30)
     assert first.returncode == -signal.SIGKILL
-    saved = checkpoint_steps(b / "checkpoints")
+    saved = committed_steps(b / "checkpoints")
     assert saved and max(saved) < STEPS, f"run B was not interrupted (checkpoints {saved})"
     resumed_at = max(saved)
 

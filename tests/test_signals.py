@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from tests.helpers.runs import TINY_RUN, checkpoint_steps, make_run_inputs, worker_env
+from tests.helpers.runs import TINY_RUN, make_run_inputs, worker_env
+from vlmr1_jax.train.checkpoint import committed_steps
 
 
 @pytest.mark.slow
@@ -53,4 +54,4 @@ def test_signal_saves_the_current_step_and_exits(tmp_path, sig, code):
     assert proc.returncode == code, err[-3000:]
     assert f"stopped by {sig.name}" in err and "Traceback" not in err
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert checkpoint_steps(run / "checkpoints") == [steps[-1]] and steps[-1] < 500  # saved exactly where it stopped
+    assert committed_steps(run / "checkpoints") == [steps[-1]] and steps[-1] < 500  # saved exactly where it stopped

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.runs import TINY_RUN, checkpoint_steps, make_run_inputs
+from tests.helpers.runs import TINY_RUN, make_run_inputs
+from vlmr1_jax.train.checkpoint import committed_steps
 
 STEPS, SAVE_EVERY, KILL_EVERY = 300, 20, 50
 
@@ -59,7 +60,7 @@ def test_300_steps_with_a_sigkill_every_50(tmp_path):
     processes = []  # per process: the records it logged {step: record}, memory {step: MiB}, killed
     next_kill = KILL_EVERY
     while len(processes) < 12:
-        resume = max(checkpoint_steps(run / "checkpoints"), default=0)
+        resume = max(committed_steps(run / "checkpoints"), default=0)
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         own: dict[int, dict] = {}
         memory: dict[int, float] = {}

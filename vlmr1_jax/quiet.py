@@ -14,6 +14,10 @@ from collections.abc import Iterator
 from typing import TextIO
 
 
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
 def quiet_libraries() -> None:
     """Silence absl / orbax INFO chatter (hundreds of lines a run); warnings still show, errors come back to the
     command as exceptions."""
@@ -25,7 +29,7 @@ def quiet_libraries() -> None:
     # orbax logs a failed background write as ERROR (absl), and asyncio its orphaned futures, before the error is
     # re-raised to the command, which reports it once.
     for name in ("absl", "asyncio"):
-        logging.getLogger(name).addFilter(lambda record: record.levelno < logging.ERROR)
+        logging.getLogger(name).addFilter(_below_error)  # the same function each call: added once
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 

@@ -106,11 +106,6 @@ def jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def checkpoint_steps(checkpoints: Path) -> list[int]:
-    """Finished checkpoints (orbax renames a step's temporary folder to the bare number when it is complete)."""
-    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.is_dir() else []
-
-
 def read_state(state_dir: Path) -> dict[str, np.ndarray]:
     """Every array of a checkpointed TrainState as numpy, by key path, read straight from the orbax files."""
     checkpointer = ocp.PyTreeCheckpointer()

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,9 @@ class StoredTensor:
         return value
 
 
-def stored_tensors(model_dir: str | os.PathLike) -> dict[str, StoredTensor]:
+def stored_tensors(
+    model_dir: str | os.PathLike, canonical_hf_name: Callable[[str], str] | None = None
+) -> dict[str, StoredTensor]:
     """Every tensor of an HF folder (sharded with an index, or one `model.safetensors`) by canonical name, in
     file order, from the headers alone. A folder with a checksum manifest must match it name by name, dtype and
     shape; errors name the file."""
@@ -99,7 +101,8 @@ def stored_tensors(model_dir: str | os.PathLike) -> dict[str, StoredTensor]:
     if weight_map is None:
         weight_map = dict.fromkeys(headers[SINGLE_FILE][0], SINGLE_FILE)
     manifest = read_checksums(model_dir)
-    canonical_hf_name = _canonical_names(model_dir)
+    if canonical_hf_name is None:  # the caller did not name the family: read it from the folder's config.json
+        canonical_hf_name = _canonical_names(model_dir)
     rank = {f: i for i, f in enumerate(files)}
     out: dict[str, StoredTensor] = {}
     for stored, file in sorted(weight_map.items(), key=lambda kv: (rank[kv[1]], _offset(headers[kv[1]], kv[0]))):
@@ -176,8 +179,9 @@ def check_stored(
 def folder_tensors(model_dir: str | os.PathLike, cfg: Any) -> Iterator[tuple[str, np.ndarray]]:
     """(legacy HF name, array as stored) of an HF folder, one at a time in `hf_entries` order, after checking
     from the headers that it holds exactly the tensors `cfg` needs: the source of a streaming export."""
-    stored = stored_tensors(model_dir)
-    expected = family_of(cfg).layout.expected_hf_shapes(cfg)
+    layout = family_of(cfg).layout
+    stored = stored_tensors(model_dir, layout.canonical_hf_name)
+    expected = layout.expected_hf_shapes(cfg)
     check_stored(stored, expected, cfg, str(model_dir))
     return ((name, stored[name].read()) for name in expected)
 
@@ -196,7 +200,7 @@ def load_hf_state(
     layout = family_of(cfg).layout
     targets = layout.flat_paths(abstract_state)
     entries = layout.hf_entries(abstract_state)
-    stored = stored_tensors(model_dir)
+    stored = stored_tensors(model_dir, layout.canonical_hf_name)
     expected = {name: layout.hf_shape(path, shape, cfg) for name, path, _, shape in entries}
     check_stored(stored, expected, cfg, str(model_dir))
     loaded: dict[str, jax.Array] = {}

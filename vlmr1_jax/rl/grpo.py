@@ -257,22 +257,9 @@ def check_algorithm(g: GRPOConfig) -> Algorithm:
     return algorithm
 
 
-class LossFn(Protocol):
-    """The loss `make_loss` builds; see there for the arguments."""
-
-    def __call__(
-        self,
-        logp: Array,
-        old_logp: Array | None,
-        ref_logp: Array | None,
-        advantages: Array,
-        mask: Array,
-        *,
-        epsilon: float = 0.2,
-        epsilon_high: float | None = None,
-        beta: float = 0.04,
-        max_completion_length: int | None = None,
-    ) -> tuple[Array, Metrics]: ...
+# The loss `make_loss` builds: (logp, old_logp, ref_logp, advantages, mask, *, epsilon, epsilon_high, beta,
+# max_completion_length) -> (loss, metrics); see there for the arguments.
+LossFn = Callable[..., tuple[Array, Metrics]]
 
 
 def make_loss(objective: str = "ppo_clip", aggregation: str = "seq_mean_token_mean") -> LossFn:
