@@ -27,7 +27,7 @@ from converters.hf import save_hf_safetensors
 from vlmr1_jax.config import SamplingConfig
 from vlmr1_jax.models.qwen2_5_vl.config import TOKEN_ID_FIELDS, get_preset, to_hf_config, with_overrides
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-from vlmr1_jax.processing.batch import build_prompt_batch
+from vlmr1_jax.models.qwen2_5_vl.processor import build_prompt_batch
 from vlmr1_jax.rl.sampler import Sampler
 
 # The demo-sized model ("demo-s") with the tiny preset's vocabulary and special token ids.

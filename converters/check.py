@@ -290,7 +290,7 @@ def _processor_problems(folder: Path, cfg: Any) -> list[str]:
     pre = _read_json(folder / PREPROCESSOR_CONFIG_FILE, problems)
     if pre is None:
         return problems
-    processor = family_of(cfg).hf_image_processor_type
+    processor = family_of(cfg).processor.hf_preprocessor_config(cfg)["image_processor_type"]
     allowed = (processor, processor + "Fast")  # transformers' slow and fast implementations
     if pre.get("image_processor_type") not in allowed:
         problems.append(

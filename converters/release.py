@@ -48,7 +48,6 @@ from vlmr1_jax.filenames import (
 from vlmr1_jax.models.family import family_of
 from vlmr1_jax.models.hf_weights import folder_tensors, read_config
 from vlmr1_jax.models.safetensors_read import sha256
-from vlmr1_jax.processing import image as image_processing
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer
 
 _SIZE_UNITS = {
@@ -173,31 +172,6 @@ def _next_tensor(stream: Iterator[tuple[str, np.ndarray]], name: str, shape: tup
 
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def preprocessor_config(cfg: Any) -> dict[str, Any]:
-    """The family's preprocessor_config.json (Qwen2.5-VL's image processing), with size/resample/rescale_factor so
-    that old and new image processors agree."""
-    p = image_processing
-    v, family = cfg.vision, family_of(cfg)
-    return {
-        "min_pixels": p.MIN_PIXELS,
-        "max_pixels": p.MAX_PIXELS,
-        "patch_size": v.patch_size,
-        "temporal_patch_size": v.temporal_patch_size,
-        "merge_size": v.spatial_merge_size,
-        "image_mean": list(p.IMAGE_MEAN),
-        "image_std": list(p.IMAGE_STD),
-        "image_processor_type": family.hf_image_processor_type,
-        "processor_class": family.hf_processor_class,
-        "size": {"shortest_edge": p.MIN_PIXELS, "longest_edge": p.MAX_PIXELS},
-        "resample": 3,
-        "rescale_factor": 1 / 255,
-        "do_resize": True,
-        "do_rescale": True,
-        "do_normalize": True,
-        "do_convert_rgb": True,
-    }
 
 
 def generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
@@ -452,7 +426,7 @@ def _write_release(
     """Every file of the release into `folder` (no validation)."""
     write_weights(tensors, cfg, folder, dtype, max_shard_size)
     _write_json(folder / CONFIG_FILE, family_of(cfg).to_hf_config(cfg, dtype))
-    _write_json(folder / PREPROCESSOR_CONFIG_FILE, preprocessor_config(cfg))
+    _write_json(folder / PREPROCESSOR_CONFIG_FILE, family_of(cfg).processor.hf_preprocessor_config(cfg))
     source = tokenizer_source(tokenizer_dir, base_model_dir)
     tokenizer = write_tokenizer(source, folder)
     origin = "the vendored offline Qwen2.5 set of vlmr1-jax" if source == QWEN2_5_DIR else f"copied from {source.name}"

@@ -78,7 +78,8 @@ def forward_report(
     recording the largest |activation| and inf/NaN count of every vision block, the merger, every decoder layer
     and the logits. Random-looking inputs can miss overflows that real images trigger: pass a real `image`."""
     from ports.torch_runtime import import_torch
-    from vlmr1_jax.processing.image import load_image, preprocess_image
+    from vlmr1_jax.models.qwen2_5_vl.image import preprocess_image
+    from vlmr1_jax.processing.image import load_image
 
     torch = import_torch()  # before transformers imports it
     from transformers import Qwen2_5_VLForConditionalGeneration

@@ -29,7 +29,7 @@ from vlmr1_jax.models.hf_weights import load_hf_model, read_config
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlmr1_jax.models.qwen2_5_vl.rope import get_rope_index
 from vlmr1_jax.models.qwen2_5_vl.text import KVCache
-from vlmr1_jax.processing.vision_plan import plan_vision, vision_gather_indices
+from vlmr1_jax.models.qwen2_5_vl.vision_plan import plan_vision, vision_gather_indices
 
 RTOL = 1e-4  # 10-100x above float32 rounding at real widths, 10x below the smallest bug in tests/test_parity.py
 ATOL = 1e-6  # only matters for a reference that is (nearly) all zeros
@@ -197,7 +197,7 @@ def run_jax(model_dir: str, inputs: ParityInputs, dtype: jnp.dtype = jnp.float32
     )
     # Parameters go in as arguments: closed over, XLA would fold them as constants (>20 GB at the 3B's widths).
     graphdef, state = nnx.split(model)
-    feats = jax.jit(lambda state, kw: nnx.merge(graphdef, state).encode_vision(**kw))(
+    feats = jax.jit(lambda state, kw: nnx.merge(graphdef, state).encode_vision(kw))(
         state, {k: jnp.asarray(v) for k, v in plan.device_inputs().items()}
     )
     batch, length = inputs.input_ids.shape

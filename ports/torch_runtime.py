@@ -24,8 +24,9 @@ from PIL import Image
 
 from vlmr1_jax.extras import require_torch_extra
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config
-from vlmr1_jax.processing.image import load_image, preprocess_image
-from vlmr1_jax.processing.prompts import build_messages
+from vlmr1_jax.models.qwen2_5_vl.image import preprocess_image
+from vlmr1_jax.models.qwen2_5_vl.prompts import build_messages
+from vlmr1_jax.processing.image import load_image
 from vlmr1_jax.processing.tokenizer import Tokenizer
 from vlmr1_jax.rl.sampler import default_banned_ids
 

@@ -163,7 +163,7 @@ def test_forward_report_measures_activations(releases):
     assert report.problems() == [] and all(0 < s.max_abs < 1e3 and s.nonfinite == 0 for s in report.layers)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(releases["a2"], dtype=torch.float32)
     cfg = model.config
-    from vlmr1_jax.processing.image import preprocess_image
+    from vlmr1_jax.models.qwen2_5_vl.image import preprocess_image
 
     pixels, grid = preprocess_image(synthetic_image(), max_pixels=448 * 448)
     n = int(np.prod(grid)) // 4

@@ -16,7 +16,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from tests.helpers.cli import PROBLEM_LINE, run_cli
 from vlmr1_jax.config import load_config
 from vlmr1_jax.data.jsonl import DataError, load_jsonl_datasets
-from vlmr1_jax.processing.image import load_image, preprocess_image, processed_size, upscaled_size
+from vlmr1_jax.models.family import get_family
+from vlmr1_jax.models.qwen2_5_vl.image import MAX_PIXELS, MIN_PIXELS, preprocess_image
+from vlmr1_jax.processing.image import image_grid, load_image, upscaled_size
 
 SHIPPED = Path(__file__).parent / "data" / "hostile"
 GOOD_LINES = [1, 7, 16, 17]
@@ -38,6 +40,12 @@ EXPECTED = {  # line of hostile.jsonl -> (kind, field); README.md there describe
 }
 BOMB_SIZE = (14000, 14000)  # 196 MP: over twice PIL's Image.MAX_IMAGE_PIXELS, so PIL itself refuses it
 BIG_SIZE = (8000, 7500)  # 60 MP: under PIL's limits, over our 50 MP cap
+
+
+def processed_size(height: int, width: int) -> tuple[int, int]:
+    """(height, width) an original image reaches Qwen2.5-VL at, as the data check predicts it without decoding."""
+    grid = image_grid(get_family("qwen2_5_vl").processor, height, width, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    return grid[1] * 14, grid[2] * 14
 
 
 def write_blank_png(path: Path, width: int, height: int) -> None:

@@ -13,8 +13,9 @@ from PIL import Image
 from tests.helpers.cli import run_cli
 from vlmr1_jax.data.jsonl import Sample
 from vlmr1_jax.data.synthetic import generate, image_folder
-from vlmr1_jax.eval.rec import eval_subset, extract_box, load_eval_samples, rescale_box, score_rec
+from vlmr1_jax.eval.rec import eval_subset, extract_box, image_frames, load_eval_samples, rescale_box, score_rec
 from vlmr1_jax.models.hf_weights import load_hf_model
+from vlmr1_jax.models.qwen2_5_vl.config import get_preset
 
 PROMPT = "find the red box"
 
@@ -44,7 +45,10 @@ def write_image(path: Path, width: int, height: int) -> str:
 def test_rescale_from_the_resized_frame(tmp_path):
     # 200 x 100 original, resized to 224 x 112 (grid 8 x 16 patches of 14 px): x * 200/224, y * 100/112.
     image = write_image(tmp_path / "a.png", 200, 100)
-    assert rescale_box([28, 14, 112, 56], [1, 8, 16], image) == pytest.approx([25.0, 12.5, 100.0, 50.0])
+    (frame,) = image_frames(get_preset("tiny"), [[[1, 8, 16]]])[0]
+    assert frame == [112, 224]
+    assert rescale_box([28, 14, 112, 56], frame, image) == pytest.approx([25.0, 12.5, 100.0, 50.0])
+    assert rescale_box([28, 14, 112, 56], None, image) == [28, 14, 112, 56]  # a family that does not rescale
 
 
 def test_accuracy_is_strict_iou_above_half(tmp_path):
@@ -73,7 +77,8 @@ def test_accuracy_is_strict_iou_above_half(tmp_path):
         )
         for i, (path, _, _, _) in enumerate(cases)
     ]
-    summary, records = score_rec(samples, [c for _, _, c, _ in cases], [[g] for _, g, _, _ in cases])
+    frames = image_frames(get_preset("tiny"), [[g] for _, g, _, _ in cases])
+    summary, records = score_rec(samples, [c for _, _, c, _ in cases], frames)
     assert [r["correct"] for r in records] == [hit for _, _, _, hit in cases]
     assert summary["accuracy"] == pytest.approx(60.0) and summary["n"] == 5
     assert records[3]["pred_box"] == pytest.approx([10.0, 10.0, 50.0, 50.0])

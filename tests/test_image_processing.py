@@ -1,4 +1,5 @@
-"""vlmr1_jax.processing.image against transformers' PIL-backend Qwen2VLImageProcessor and hand-computed tables.
+"""Qwen2.5-VL's image processing (models/qwen2_5_vl/image.py) against transformers' PIL-backend
+Qwen2VLImageProcessor and hand-computed tables.
 
 The reference processor is built offline from the Qwen2.5-VL preprocessor_config values (docs/facts.md: Processor).
 Videos are checked against the same image processor run frame by frame (the 5.x video processor needs torchvision,
@@ -12,17 +13,17 @@ import pytest
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from vlmr1_jax.processing.image import (
+from vlmr1_jax.models.qwen2_5_vl.image import (
     MAX_PIXELS,
     MIN_PIXELS,
     VIDEO_MAX_PIXELS,
     VIDEO_MIN_PIXELS,
-    load_image,
     preprocess_image,
     preprocess_video,
     smart_resize,
     tokens_for_grid,
 )
+from vlmr1_jax.processing.image import load_image
 
 # (height, width, max_pixels): tiny (incl. below 28 and round-half-to-even heights), aspect ratios up to 200,
 # big images downscaled under a lowered max_pixels to keep the test fast, then seeded random sizes.

@@ -40,9 +40,7 @@ def prompt_logits(
     model = nnx.merge(graphdef, state)
     if dropout_key is not None:
         set_lora_dropout_keys(model, dropout_key)
-    features = model.encode_vision(
-        prompts["pixel_values"], prompts["hw_positions"], prompts["frame_ids"], prompts["frame_index"]
-    )
+    features = model.encode_vision(prompts)
     hidden, _ = model(
         prompts["input_ids"], prompts["positions"], prompts["attention_mask"], features, prompts["vision_gather"]
     )

@@ -19,13 +19,29 @@ from vlmr1_jax.config import load_config
 from vlmr1_jax.models.family import ModelFamily, family_for_hf_config, get_family, register_family
 from vlmr1_jax.models.hf_weights import load_hf_model
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
+from vlmr1_jax.models.qwen2_5_vl.processor import QwenProcessor
 from vlmr1_jax.train.loop import GRPOTrainer
 
 NAME, ARCHITECTURE = "fake_vl", "FakeVLForConditionalGeneration"
 
 
 class FakeVL(Qwen25VL):
-    """The variant's model class: Qwen2.5-VL's computation under another type, so its use is visible."""
+    """The variant's model class: Qwen2.5-VL's computation under another type, so its use is visible. Its vision
+    arrays carry the fake processor's names, so code that read Qwen2.5-VL's names from a batch would fail."""
+
+    def encode_vision(self, inputs):
+        return super().encode_vision({key.removeprefix(PREFIX): value for key, value in inputs.items()})
+
+
+PREFIX = "fake_"
+
+
+class FakeProcessor(QwenProcessor):
+    """Qwen2.5-VL's processor with the vision arrays renamed: only the family's own model reads them."""
+
+    def build_prompt_batch(self, prompt_ids, images, cfg, *, pad_id, length=None):
+        batch = super().build_prompt_batch(prompt_ids, images, cfg, pad_id=pad_id, length=length)
+        return dataclasses.replace(batch, vision={PREFIX + key: value for key, value in batch.vision.items()})
 
 
 def _fake_family() -> ModelFamily:
@@ -46,9 +62,7 @@ def _fake_family() -> ModelFamily:
         with_overrides=qwen.with_overrides,
         model_class=FakeVL,
         layout=qwen.layout,
-        rope_index=qwen.rope_index,
-        hf_processor_class=qwen.hf_processor_class,
-        hf_image_processor_type=qwen.hf_image_processor_type,
+        processor=FakeProcessor(),
     )
 
 
@@ -71,6 +85,8 @@ def test_a_second_family_trains_exports_and_loads_back(fake_family, tmp_path):
     metrics = trainer.train()
     trained = trainer.model()
     assert type(trained) is FakeVL and trained.cfg.family == NAME and np.isfinite(metrics["loss"])
+    drawn = trainer.draw()
+    assert drawn is not None and drawn[1].vision and all(key.startswith(PREFIX) for key in drawn[1].vision)
 
     release = export_checkpoint(run, str(tmp_path / "release"), dtype="float32")
     config = json.loads((release / "config.json").read_text())

@@ -21,7 +21,7 @@ from tests.helpers.train import save_trainer_checkpoint
 from vlmr1_jax.config import LoRAConfig, ModelConfig, RunConfig, TrainConfig
 from vlmr1_jax.models.hf_weights import iter_hf_tensors, read_config
 from vlmr1_jax.models.qwen2_5_vl.params import hf_module_name
-from vlmr1_jax.processing.vision_plan import plan_vision, vision_gather_indices
+from vlmr1_jax.models.qwen2_5_vl.vision_plan import plan_vision, vision_gather_indices
 from vlmr1_jax.rl.lora import lora_targets, merge_lora
 
 RANK, ALPHA, DROPOUT = 4, 8.0, 0.05
@@ -88,7 +88,7 @@ def jax_logits(model, inputs) -> np.ndarray:
 
     @nnx.jit
     def forward(model, vision, ids, positions, mask, gather):
-        hidden, _ = model(ids, positions, mask, model.encode_vision(**vision), gather)
+        hidden, _ = model(ids, positions, mask, model.encode_vision(vision), gather)
         return model.logits(hidden)
 
     vision = {k: jnp.asarray(v) for k, v in plan.device_inputs().items()}

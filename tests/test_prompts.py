@@ -1,10 +1,11 @@
-"""vlmr1_jax.processing.prompts against the exact strings VLM-R1 builds (typed by hand from its templates)."""
+"""Qwen2.5-VL's prompts (models/qwen2_5_vl/prompts.py) against the exact strings VLM-R1 builds (typed by hand
+from its templates)."""
 
 from __future__ import annotations
 
 import pytest
 
-from vlmr1_jax.processing.prompts import QUESTION_TEMPLATES, build_messages, question_template, render_prompt
+from vlmr1_jax.models.qwen2_5_vl.prompts import QUESTION_TEMPLATES, build_messages, question_template, render_prompt
 from vlmr1_jax.processing.tokenizer import qwen2_5_tokenizer
 
 SPEC_TEMPLATES = {

@@ -35,10 +35,10 @@ def fail_to_read(monkeypatch, bad_path: str):
     """Make one image unreadable when a batch is drawn (corruption that the load-time check did not decode)."""
     real = base.load_prompt_images
 
-    def load(paths, **kwargs):
+    def load(paths, *args, **kwargs):
         if bad_path in paths:
             raise ValueError(f"{bad_path}: cannot read image (truncated)")
-        return real(paths, **kwargs)
+        return real(paths, *args, **kwargs)
 
     monkeypatch.setattr(base, "load_prompt_images", load)
 

@@ -89,7 +89,7 @@ def calls(tmp_path_factory) -> dict:
         "rec_iou": lambda c: get_reward("rec_iou")(
             [c],
             solution=["<answer> [1, 2, 300, 400] </answer>"],
-            image_grid_thw=[[[1, 36, 24]]],
+            model_image_size=[[[504, 336]]],
             image_path=[[str(image)]],
         ),
     }

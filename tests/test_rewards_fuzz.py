@@ -207,7 +207,7 @@ def test_rec_iou(image_path, content, truth):
     got = get_reward("rec_iou")(
         [content],
         solution=[f"<answer> {json.dumps(truth)} </answer>"],
-        image_grid_thw=[[[1, 36, 24]]],
+        model_image_size=[[[504, 336]]],
         image_path=[[image_path]],
     )
     assert _in_range(got, 0.0, 1.0)
@@ -272,7 +272,7 @@ def test_sweep_cheap_rewards(image_path):
             rewards["rec_iou"](
                 [content],
                 solution=["<answer> [1, 2, 300, 400] </answer>"],
-                image_grid_thw=[[[1, 36, 24]]],
+                model_image_size=[[[504, 336]]],
                 image_path=[[image_path]],
             ),
             0.0,

@@ -7,6 +7,7 @@ import math
 import pytest
 from PIL import Image
 
+from vlmr1_jax.models.qwen2_5_vl.processor import QwenProcessor
 from vlmr1_jax.rewards import get_reward
 from vlmr1_jax.rewards.common import RewardInputError
 from vlmr1_jax.rewards.length import byte_length, cosine_rewards, cosine_score, repetition_score
@@ -20,7 +21,13 @@ def image_640x480(tmp_path_factory):
     return str(path)
 
 
-GRID = [[1, 24, 32]]  # the model saw 448 x 336 (w x h): the box scales by 640/448 in x and 480/336 in y
+GRID = [1, 24, 32]  # the model saw 448 x 336 (w x h): the box scales by 640/448 in x and 480/336 in y
+FRAME = [list(QwenProcessor().model_frame(GRID))]  # the trainer's model_image_size column for that image
+
+
+def test_qwen_frame_is_the_grid_in_14_px_patches():
+    """VLM-R1's Qwen rescale reads the frame as image_grid_thw[1:] * 14 pixels."""
+    assert FRAME == [[336, 448]]
 
 
 @pytest.mark.parametrize(
@@ -39,7 +46,7 @@ GRID = [[1, 24, 32]]  # the model saw 448 x 336 (w x h): the box scales by 640/4
 )
 def test_rec_iou_rescaled(image_640x480, content, truth, expected):
     got = iou_reward(
-        [content], solution=[f"<answer> {truth} </answer>"], image_grid_thw=[GRID], image_path=[[image_640x480]]
+        [content], solution=[f"<answer> {truth} </answer>"], model_image_size=[FRAME], image_path=[[image_640x480]]
     )
     assert got == [pytest.approx(expected)]
 
@@ -47,18 +54,24 @@ def test_rec_iou_rescaled(image_640x480, content, truth, expected):
 def test_rec_iou_without_rescale_and_grid_forms(image_640x480):
     solution = ["<answer> [0, 0, 320, 240] </answer>"]
     assert iou_reward(["<answer>[0, 0, 320, 240]</answer>"], solution=solution, rescale=False) == [1.0]
-    # a bare [t, h, w] per sample (VLM-R1's own form) is read like [[t, h, w]]
+    # a bare [h, w] per sample is read like [[h, w]]; a None frame (a family that does not rescale) leaves the box
     assert iou_reward(
         ["<answer>[0, 0, 224, 168]</answer>"],
         solution=solution,
-        image_grid_thw=[[1, 24, 32]],
+        model_image_size=[[336, 448]],
+        image_path=[[image_640x480]],
+    ) == [pytest.approx(1.0)]
+    assert iou_reward(
+        ["<answer>[0, 0, 320, 240]</answer>"],
+        solution=solution,
+        model_image_size=[[None]],
         image_path=[[image_640x480]],
     ) == [pytest.approx(1.0)]
 
 
 def test_rec_iou_data_errors_are_clear(image_640x480, tmp_path):
-    ok = {"image_grid_thw": [GRID], "image_path": [[image_640x480]]}
-    with pytest.raises(RewardInputError, match="image_grid_thw"):
+    ok = {"model_image_size": [FRAME], "image_path": [[image_640x480]]}
+    with pytest.raises(RewardInputError, match="model_image_size"):
         iou_reward(["x"], solution=["<answer> [0, 0, 1, 1] </answer>"])
     with pytest.raises(RewardInputError, match="solution"):
         iou_reward(["x"], solution=["<answer> [0, 0, 1] </answer>"], **ok)
@@ -66,7 +79,7 @@ def test_rec_iou_data_errors_are_clear(image_640x480, tmp_path):
         iou_reward(
             ["x"],
             solution=["<answer> [0, 0, 1, 1] </answer>"],
-            image_grid_thw=[GRID],
+            model_image_size=[FRAME],
             image_path=[[str(tmp_path / "missing.png")]],
             id=[7],
         )

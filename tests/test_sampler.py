@@ -19,8 +19,9 @@ from tests.helpers.hf_models import load_hf
 from tests.helpers.prompts import PAD, device_prompts, hf_inputs, prompt_rows
 from vlmr1_jax.config import SamplingConfig
 from vlmr1_jax.models.hf_weights import load_hf_model
+from vlmr1_jax.models.processor import PromptBatch
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from vlmr1_jax.processing.batch import PromptBatch, build_prompt_batch
+from vlmr1_jax.models.qwen2_5_vl.processor import build_prompt_batch
 from vlmr1_jax.rl.grpo import completion_mask
 from vlmr1_jax.rl.prefix import prefill_fan_out
 from vlmr1_jax.rl.sampler import Sampler, default_banned_ids, filter_logits, next_tokens
@@ -231,8 +232,8 @@ class CountingModel:
     def __init__(self, model, calls: list[int]):
         self.model, self.cfg, self.text, self.calls = model, model.cfg, model.text, calls
 
-    def encode_vision(self, *args):
-        return self.model.encode_vision(*args)
+    def encode_vision(self, inputs):
+        return self.model.encode_vision(inputs)
 
     def logits(self, hidden):
         return self.model.logits(hidden)

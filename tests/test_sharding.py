@@ -23,8 +23,8 @@ from vlmr1_jax.models.hf_weights import load_hf_model, read_config
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.models.qwen2_5_vl.params import flat_paths
 from vlmr1_jax.models.qwen2_5_vl.text import KVCache
+from vlmr1_jax.models.qwen2_5_vl.vision_plan import plan_vision, vision_gather_indices
 from vlmr1_jax.parallel.mesh import batch_sharding, create_sharded, logical_to_spec, make_mesh
-from vlmr1_jax.processing.vision_plan import plan_vision, vision_gather_indices
 
 IMAGE_GRIDS = [(1, 8, 12), (1, 6, 10)]
 VIDEO_GRIDS = [(2, 4, 6)]
@@ -76,7 +76,7 @@ def batch(tiny_hf_dir):
 @partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, vision, text):
     model = nnx.merge(graphdef, state)
-    feats = model.encode_vision(**vision)
+    feats = model.encode_vision(vision)
     hidden, _ = model(text["input_ids"], text["positions"], text["attention_mask"], feats, text["gather"])
     return feats, model.logits(hidden)
 
@@ -85,7 +85,7 @@ def _forward(graphdef, state, vision, text):
 def _prefill(graphdef, state, vision, text, cache_size):
     """Vision + cached prefill, returning the cache (its sharding shows whether the constraints applied)."""
     model = nnx.merge(graphdef, state)
-    feats = model.encode_vision(**vision)
+    feats = model.encode_vision(vision)
     cache = KVCache.empty(model.cfg.text, text["input_ids"].shape[0], cache_size, model.text.dtype)
     hidden, cache = model(text["input_ids"], text["positions"], text["attention_mask"], feats, text["gather"], cache)
     return model.logits(hidden), cache

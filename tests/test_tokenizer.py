@@ -15,7 +15,7 @@ import pytest
 import tokenizers
 from transformers import AutoTokenizer
 
-from vlmr1_jax.processing.prompts import build_messages
+from vlmr1_jax.models.qwen2_5_vl.prompts import build_messages
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer, build_compact_tokenizer, qwen2_5_tokenizer
 
 # PROVENANCE.md: sha256 of the vendored files.

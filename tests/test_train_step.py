@@ -319,7 +319,7 @@ def test_scanned_and_unrolled_vision_towers_agree(tiny_hf_b_dir):
     features = {}
     for scan in (True, False):
         model.set_scan_layers(scan)
-        features[scan] = np.asarray(jax.jit(lambda m, x: m.encode_vision(**x))(model, inputs))
+        features[scan] = np.asarray(jax.jit(lambda m, x: m.encode_vision(x))(model, inputs))
     np.testing.assert_allclose(features[True], features[False], atol=1e-5, rtol=0)
     assert np.abs(features[False]).max() > 0.1
 

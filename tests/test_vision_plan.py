@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vlmr1_jax.processing.vision_plan import plan_vision, vision_gather_indices, window_bucket
+from vlmr1_jax.models.qwen2_5_vl.vision_plan import plan_vision, vision_gather_indices, window_bucket
 
 M = 2  # spatial_merge_size
 UNIT = M * M

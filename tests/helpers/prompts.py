@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlmr1_jax.models.processor import PromptBatch
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from vlmr1_jax.processing.batch import PromptBatch, build_prompt_batch
+from vlmr1_jax.models.qwen2_5_vl.processor import build_prompt_batch
 
 PAD = 2  # prompt padding and the token written after EOS (never an ordinary text token in these prompts)
 

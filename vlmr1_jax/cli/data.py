@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import collections
 
+from vlmr1_jax.config import DataConfig, ModelConfig
 from vlmr1_jax.data import synthetic
 from vlmr1_jax.data.jsonl import DataError, LoadReport, Sample, duplicate_ids, load_jsonl_datasets, read_image_sizes
-from vlmr1_jax.processing.image import IMAGE_FACTOR, MAX_IMAGE_PIXELS, MAX_PIXELS, MIN_PIXELS, processed_size
+from vlmr1_jax.models.family import family_names, get_family
+from vlmr1_jax.models.processor import Processor
+from vlmr1_jax.processing.image import MAX_IMAGE_PIXELS, image_grid
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,8 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--data-files", required=True, help="':'-separated jsonl files")
     check.add_argument("--image-folders", required=True, help="':'-separated image folders, one per file")
     check.add_argument("--reward-method", default=None, help="':'-separated accuracy-reward methods, one per file")
-    check.add_argument("--min-pixels", type=int, default=MIN_PIXELS)
-    check.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
+    check.add_argument("--min-pixels", type=int, default=DataConfig.min_pixels)
+    check.add_argument("--max-pixels", type=int, default=DataConfig.max_pixels)
+    check.add_argument(
+        "--family",
+        default=ModelConfig.family,
+        choices=family_names(),
+        help="model family whose processor counts tokens",
+    )
     check.add_argument(
         "--max-image-pixels",
         type=int,
@@ -67,26 +76,26 @@ def token_histogram(counts: collections.Counter) -> list[str]:
     return [f"  [{lo}, {2 * lo}): {n} {'#' * max(1, round(40 * n / width))}" for lo, n in sorted(bins.items())]
 
 
-def image_tokens(sample: Sample, min_pixels: int, max_pixels: int) -> list[int]:
-    """LLM tokens per image of `sample` after the processor's resize (one token per 28x28 block)."""
+def image_tokens(sample: Sample, processor: Processor, min_pixels: int, max_pixels: int) -> list[int]:
+    """Prompt tokens per image of `sample` after the family processor's resize."""
     tokens = []
     for i, (height, width) in enumerate(read_image_sizes(sample)):
         try:
-            h, w = processed_size(height, width, min_pixels, max_pixels)
+            grid = image_grid(processor, height, width, min_pixels=min_pixels, max_pixels=max_pixels)
         except ValueError as e:
             raise DataError("bad_image_size", sample.source, sample.line, f"image[{i}]", str(e)) from None
-        tokens.append((h // IMAGE_FACTOR) * (w // IMAGE_FACTOR))
+        tokens.append(processor.image_tokens(grid))
     return tokens
 
 
 def check_images(
-    samples: list[Sample], report: LoadReport, min_pixels: int, max_pixels: int
+    samples: list[Sample], report: LoadReport, processor: Processor, min_pixels: int, max_pixels: int
 ) -> tuple[int, collections.Counter]:
     """Decode every image; problems go to `report`. Returns (valid samples, Counter of tokens per image)."""
     valid, counts = 0, collections.Counter[int]()
     for sample in samples:
         try:
-            counts.update(image_tokens(sample, min_pixels, max_pixels))
+            counts.update(image_tokens(sample, processor, min_pixels, max_pixels))
         except DataError as e:
             report.add(e)
             continue
@@ -111,7 +120,7 @@ def run_check(args: argparse.Namespace) -> int:
         report.add(problem)
     repeated = {(p.file, p.line) for p in duplicates}
     unique = [s for s in samples if (s.source, s.line) not in repeated]
-    valid, counts = check_images(unique, report, args.min_pixels, args.max_pixels)
+    valid, counts = check_images(unique, report, get_family(args.family).processor, args.min_pixels, args.max_pixels)
     print(
         f"files: {len(report.files)}  lines: {report.lines}  samples: {valid} valid, "
         f"{report.lines - valid} with problems"

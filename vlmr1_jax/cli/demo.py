@@ -34,7 +34,7 @@ from vlmr1_jax.config import (
 from vlmr1_jax.data.jsonl import load_jsonl_datasets
 from vlmr1_jax.data.synthetic import corpus_strings, image_folder, write_default_dataset
 from vlmr1_jax.eval.rec import GreedyDecoder, evaluate_rec
-from vlmr1_jax.processing.prompts import render_prompt
+from vlmr1_jax.models.family import get_family
 from vlmr1_jax.processing.tokenizer import build_compact_tokenizer, qwen2_5_tokenizer
 from vlmr1_jax.train.loop import GRPOTrainer
 from vlmr1_jax.train.metrics import read_metrics
@@ -65,7 +65,8 @@ def demo_tokenizer(out: Path, seed: int):
     rng = random.Random(seed)
     qwen = qwen2_5_tokenizer()
     corpus = corpus_strings()
-    prompts = [render_prompt(qwen, text, 1, QUESTION) for text in corpus]
+    render = get_family(ModelConfig.family).processor.render_prompt
+    prompts = [render(qwen, text, 1, QUESTION) for text in corpus]
     answers = [TARGET.replace("{answer}", json.dumps([rng.randrange(112) for _ in range(4)])) for _ in range(3000)]
     tokenizer = build_compact_tokenizer(corpus + prompts + answers, vocab_size=512)
     tokenizer.save(out)

@@ -17,15 +17,15 @@ from pathlib import Path
 
 from vlmr1_jax.data.jsonl import DataError, Sample
 from vlmr1_jax.dtypes import dtype_arg
-from vlmr1_jax.eval.rec import load_eval_samples, pixel_bounds, score_rec
+from vlmr1_jax.eval.rec import Frames, image_frames, load_eval_samples, pixel_bounds, score_rec
 
 BACKENDS = ("jax", "torch")
 
 
 def complete_jax(
     model_path: Path, samples: Sequence[Sample], args: argparse.Namespace
-) -> tuple[list[str], list[list[list[int]]], int]:
-    """Completions, image grids and patch size from our model: an HF folder or a vlmr1-jax checkpoint."""
+) -> tuple[list[str], list[Frames]]:
+    """Completions and each image's box frame from our model: an HF folder or a vlmr1-jax checkpoint."""
     from vlmr1_jax.eval.rec import GreedyDecoder
     from vlmr1_jax.processing.tokenizer import Tokenizer, qwen2_5_tokenizer
 
@@ -51,14 +51,13 @@ def complete_jax(
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
     )
-    completions, grids = decoder(samples)
-    return completions, grids, model.cfg.vision.patch_size
+    return decoder(samples)
 
 
 def complete_torch(
     model_path: Path, samples: Sequence[Sample], args: argparse.Namespace
-) -> tuple[list[str], list[list[list[int]]], int]:
-    """Completions, image grids and patch size from transformers on an exported HF folder."""
+) -> tuple[list[str], list[Frames]]:
+    """Completions and each image's box frame from transformers on an exported HF folder."""
     from ports.torch_runtime import TorchRuntime
 
     if not (model_path / "config.json").is_file():
@@ -68,7 +67,8 @@ def complete_torch(
         )
     runtime = TorchRuntime.load(model_path, device=args.device, dtype=args.dtype)
     runtime.min_pixels, runtime.max_pixels = pixel_bounds(model_path, args.min_pixels, args.max_pixels)
-    completions, grids = [], []
+    completions: list[str] = []
+    grids: list[list[list[int]]] = []
     for start in range(0, len(samples), args.batch_size):
         chunk = samples[start : start + args.batch_size]
         batch = runtime.batch_inputs([(s.image_paths, s.problem) for s in chunk], task_type=args.task_type)
@@ -76,7 +76,7 @@ def complete_torch(
         completions += [runtime.tokenizer.decode(ids, skip_special_tokens=True) for ids in rows]
         flat = iter(batch["image_grid_thw"].tolist())
         grids += [[next(flat) for _ in s.image_paths] for s in chunk]
-    return completions, grids, runtime.cfg.vision.patch_size
+    return completions, image_frames(runtime.cfg, grids)
 
 
 def run_rec(args: argparse.Namespace) -> int:
@@ -89,8 +89,8 @@ def run_rec(args: argparse.Namespace) -> int:
     try:
         samples = load_eval_samples(args.data, args.image_root, args.limit, args.seed)
         complete = complete_jax if args.backend == "jax" else complete_torch
-        completions, grids, patch_size = complete(model_path, samples, args)
-        summary, records = score_rec(samples, completions, grids, patch_size)
+        completions, frames = complete(model_path, samples, args)
+        summary, records = score_rec(samples, completions, frames)
     except (DataError, CheckpointError, OSError, ValueError, KeyError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -11,7 +11,7 @@ from ports import parity
 from ports.parity import ATOL, RTOL, compare, make_inputs
 from vlmr1_jax.dtypes import dtype_arg
 from vlmr1_jax.models.hf_weights import read_config
-from vlmr1_jax.processing.image import smart_resize
+from vlmr1_jax.models.qwen2_5_vl.image import smart_resize
 
 
 def _count(minimum: int):

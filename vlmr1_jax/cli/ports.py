@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from vlmr1_jax.dtypes import DTYPES, dtype_arg
-from vlmr1_jax.processing.prompts import QUESTION_TEMPLATES
+from vlmr1_jax.models.qwen2_5_vl.prompts import QUESTION_TEMPLATES
 
 BACKENDS = ("torch", "jax")
 

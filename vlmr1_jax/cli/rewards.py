@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=JSON",
-        help="another per-sample column, e.g. accu_reward_method=mcq or image_grid_thw=[[1,36,50]]",
+        help="another per-sample column, e.g. accu_reward_method=mcq or model_image_size=[[504,700]]",
     )
     parser.add_argument(
         "--option",

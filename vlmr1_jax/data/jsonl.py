@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from vlmr1_jax.processing.image import MAX_IMAGE_PIXELS, processed_size
+from vlmr1_jax.processing.image import MAX_IMAGE_PIXELS, check_image_size
 
 DEFAULT_REWARD_METHOD = "default"
 # The keys the loader consumes; every other key of a line is passed through in `Sample.extra`.
@@ -185,7 +185,7 @@ def check_image_file(
                 f"{max_image_pixels} (data.max_image_pixels); downscale the file or raise the cap",
             )
         try:
-            processed_size(height, width)
+            check_image_size(height, width)
         except ValueError as e:
             raise problem(
                 "bad_image_size", f"{width}x{height} (width x height) cannot be processed: {e}; crop or pad the image"

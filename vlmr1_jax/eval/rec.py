@@ -20,10 +20,10 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from vlmr1_jax.config import SamplingConfig
+from vlmr1_jax.config import DataConfig, SamplingConfig
 from vlmr1_jax.data.jsonl import Sample, load_jsonl_datasets
+from vlmr1_jax.models.family import family_of
 from vlmr1_jax.processing.batch import encode_prompts
-from vlmr1_jax.processing.image import MAX_PIXELS, MIN_PIXELS
 from vlmr1_jax.rewards import get_reward
 from vlmr1_jax.rewards.common import iou
 from vlmr1_jax.rl.sampler import Sampler, default_banned_ids
@@ -46,11 +46,23 @@ def extract_box(completion: str) -> list[int]:
     return [int(v) for v in match.groups()] if match else [0, 0, 0, 0]
 
 
-def rescale_box(box: Sequence[float], grid_thw: Sequence[int], image_path: str, patch_size: int = 14) -> list[float]:
-    """Model coordinates live in the resized frame (grid * 14 pixels); map them back to the original image."""
+Frames = list[list[int] | None]  # per image of a sample: the [height, width] its boxes live in (None: unscaled)
+
+
+def image_frames(cfg: Any, grids: Sequence[Sequence[Sequence[int]]]) -> list[Frames]:
+    """Per sample, each image's box frame by the model family's processor, from the images' grids."""
+    processor = family_of(cfg).processor
+    return [[None if (f := processor.model_frame(g)) is None else list(f) for g in gs] for gs in grids]
+
+
+def rescale_box(box: Sequence[float], frame: Sequence[int] | None, image_path: str) -> list[float]:
+    """Model coordinates live in the frame the model saw ([height, width] from the family's processor); map them
+    back to the original image. A None frame (a family whose boxes are not in resized pixels) leaves them."""
+    if frame is None:
+        return [float(v) for v in box]
     with Image.open(image_path) as img:
         width, height = img.size
-    in_h, in_w = grid_thw[1] * patch_size, grid_thw[2] * patch_size
+    in_h, in_w = frame
     x1, y1, x2, y2 = box
     return [x1 * width / in_w, y1 * height / in_h, x2 * width / in_w, y2 * height / in_h]
 
@@ -92,9 +104,10 @@ class GreedyDecoder:
         )
         self._run = sampler.jitted(graphdef, 1)
 
-    def generate(self, samples: Sequence[Sample]) -> tuple[list[list[int]], list[list[list[int]]]]:
-        """Completion token ids (through the first EOS) and, per sample, the image grids (for the rescale)."""
-        ids, grids = [], []
+    def generate(self, samples: Sequence[Sample]) -> tuple[list[list[int]], list[Frames]]:
+        """Completion token ids (through the first EOS) and, per sample, each image's frame (for the rescale)."""
+        ids: list[list[int]] = []
+        frames: list[Frames] = []
         for start in range(0, len(samples), self.batch_size):
             chunk = list(samples[start : start + self.batch_size])
             padded = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
@@ -118,33 +131,32 @@ class GreedyDecoder:
                     "its text would be garbage"
                 )
             ids += [t[m.astype(bool)].tolist() for t, m in zip(tokens[: len(chunk)], mask[: len(chunk)])]
-            grids += [[list(g) for g in gs] for gs in batch.image_grids[: len(chunk)]]
-        return ids, grids
+            frames += image_frames(self.model.cfg, batch.image_grids[: len(chunk)])
+        return ids, frames
 
-    def __call__(self, samples: Sequence[Sample]) -> tuple[list[str], list[list[list[int]]]]:
-        """Completions (special tokens dropped) and, per sample, the image grids (for the rescale)."""
-        ids, grids = self.generate(samples)
-        return self.tokenizer.batch_decode(ids), grids
+    def __call__(self, samples: Sequence[Sample]) -> tuple[list[str], list[Frames]]:
+        """Completions (special tokens dropped) and, per sample, each image's frame (for the rescale)."""
+        ids, frames = self.generate(samples)
+        return self.tokenizer.batch_decode(ids), frames
 
 
 def score_rec(
     samples: Sequence[Sample],
     completions: Sequence[str],
-    grids: Sequence[Sequence[Sequence[int]]],
-    patch_size: int = 14,
+    frames: Sequence[Frames],
 ) -> tuple[dict[str, float], list[dict]]:
     """Acc@0.5 (VLM-R1 protocol) plus mean `rec_iou` / `rec_format` rewards, and per-sample records, for the
-    completions of `samples` whose first images were resized to `grids[i][0]`."""
+    completions of `samples` whose models answered in the frames `frames[i][0]` ([height, width] or None)."""
     columns = {
         "solution": [s.solution for s in samples],
         "image_path": [list(s.image_paths) for s in samples],
-        "image_grid_thw": [[list(g) for g in gs] for gs in grids],
+        "model_image_size": [list(fs) for fs in frames],
     }
     iou_rewards = get_reward("rec_iou")(list(completions), **columns)
     format_rewards = get_reward("rec_format")(list(completions), **columns)
     records, correct = [], 0
-    for sample, completion, g, r_iou, r_fmt in zip(samples, completions, grids, iou_rewards, format_rewards):
-        box = rescale_box(extract_box(completion), g[0], sample.image_paths[0], patch_size)
+    for sample, completion, fs, r_iou, r_fmt in zip(samples, completions, frames, iou_rewards, format_rewards):
+        box = rescale_box(extract_box(completion), fs[0], sample.image_paths[0])
         hit = iou(box, truth_box(sample)) > 0.5
         correct += hit
         records.append(
@@ -172,8 +184,8 @@ def score_rec(
 
 def evaluate_rec(decoder: GreedyDecoder, samples: Sequence[Sample]) -> tuple[dict[str, float], list[dict]]:
     """Acc@0.5 (VLM-R1 protocol) plus mean `rec_iou` / `rec_format` rewards, and per-sample records."""
-    completions, grids = decoder(samples)
-    return score_rec(samples, completions, grids, decoder.model.cfg.vision.patch_size)
+    completions, frames = decoder(samples)
+    return score_rec(samples, completions, frames)
 
 
 def load_eval_samples(data: str, image_root: str, limit: int | None, seed: int = 42) -> list[Sample]:
@@ -190,4 +202,8 @@ def pixel_bounds(model_dir: Path, min_pixels: int | None, max_pixels: int | None
     """The resize bounds: given values, else the release's preprocessor_config.json, else Qwen2.5-VL's."""
     config = model_dir / "preprocessor_config.json"
     stored = json.loads(config.read_text()) if config.is_file() else {}
-    return (min_pixels or stored.get("min_pixels", MIN_PIXELS), max_pixels or stored.get("max_pixels", MAX_PIXELS))
+    defaults = DataConfig()
+    return (
+        min_pixels or stored.get("min_pixels", defaults.min_pixels),
+        max_pixels or stored.get("max_pixels", defaults.max_pixels),
+    )

@@ -2,9 +2,10 @@
 
 Everything outside `models/<family>/` reaches a model family through a `ModelFamily`: its config (from a preset, an
 HF `config.json`, or checkpoint metadata, and back to `config.json`), the model class, the HF <-> ours parameter
-layout, and the processor's family-specific part (the rope positions of a prompt batch). The sampler, the train
-steps, the converters, export and evaluation never import a family's modules and never branch on a family name;
-they call `family_of(cfg)` (configs carry their family's name) or `family_for_hf_config(...)`.
+layout, and its processor (images -> pixel rows, the prompt template, positions and vision arrays of a prompt batch,
+and the frame its boxes live in, which the REC rewards rescale from). The sampler, the train steps, rewards, the
+converters, export and evaluation never import a family's modules and never branch on a family name; they call
+`family_of(cfg)` (configs carry their family's name) or `family_for_hf_config(...)`.
 
 Adding a family is one folder (`models/<family>/` with a `family.py` defining `FAMILY`) and one line in
 `BUILTIN_FAMILIES`; docs/adding-a-model.md says what each part must do.
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
+
+from vlmr1_jax.models.processor import Processor
 
 # name -> the module that defines its `FAMILY`; imported on first use, so a family costs nothing until asked for.
 BUILTIN_FAMILIES: dict[str, str] = {
@@ -34,10 +36,9 @@ class VisionLanguageModel(nnx.Module):
     cfg: Any  # the family's config (carries `family`, `text`, `vision`, the special token ids)
     text: Any  # the decoder: `.logits(hidden)`, `.logits_chunk`, `.dtype` (the chunked log-probs split it)
 
-    def encode_vision(
-        self, pixel_values: jax.Array, hw_positions: jax.Array, frame_ids: jax.Array, frame_index: jax.Array
-    ) -> jax.Array:
-        """The merged visual tokens of a prompt batch's images (the processor's layout)."""
+    def encode_vision(self, inputs: Mapping[str, jax.Array]) -> jax.Array:
+        """The visual tokens of a prompt batch's images, from the arrays of `PromptBatch.arrays()` (the family's
+        processor chose the vision ones); `vision_gather` indexes its rows."""
         raise NotImplementedError
 
     def __call__(
@@ -79,9 +80,7 @@ class ModelFamily:
     with_overrides: Callable[[Any, dict[str, Any]], Any]  # dotted overrides, validated
     model_class: Callable[..., VisionLanguageModel]  # model_class(cfg, *, rngs, dtype, param_dtype)
     layout: ModuleType  # the HF <-> ours parameter table and its helpers (see `models/qwen2_5_vl/params.py`)
-    rope_index: Callable[..., tuple[np.ndarray, np.ndarray]]  # (input_ids, mask, grids, ...) -> (positions, deltas)
-    hf_processor_class: str  # preprocessor_config.json `processor_class` of a release
-    hf_image_processor_type: str  # and its `image_processor_type`
+    processor: Processor  # images, prompt template and prompt batches (models/processor.py)
 
 
 _registry: dict[str, ModelFamily] = {}

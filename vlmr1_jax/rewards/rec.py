@@ -1,4 +1,4 @@
-"""Referring-expression rewards of VLM-R1's Qwen module: `rec_iou` (`iou_reward`) and `rec_format` (SPEC §2.9)."""
+"""Referring-expression rewards of VLM-R1's Qwen module: `rec_iou` (`iou_reward`) and `rec_format`."""
 
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from vlmr1_jax.rewards.format import THINK_THEN_ANSWER
 from vlmr1_jax.rewards.registry import register_reward
 
 _INT_BOX = re.compile(r"\[(\d+),\s*(\d+),\s*(\d+),\s*(\d+)]")
-PATCH_SIZE = 14  # image_grid_thw counts 14-px patches (before the 2x2 merge)
 
 
 def has_rec_format(content: str) -> bool:
@@ -68,15 +67,20 @@ def _truth_box(solution: str) -> Box:
     return box
 
 
-def _model_frame(grid: Any) -> tuple[int, int]:
-    """(height, width) in pixels of the first image as the model saw it, from its [t, h, w] patch grid."""
+def _model_frame(sizes: Any) -> tuple[int, int] | None:
+    """(height, width) in pixels of the frame the model answered in for the first image, or None when the model
+    family's boxes are not in resized pixels (nothing to rescale)."""
+    nested = isinstance(sizes, (list, tuple)) and bool(sizes) and not isinstance(sizes[0], (int, np.integer))
+    first = sizes[0] if nested else sizes  # [[h, w], ...] per image, or a bare [h, w]
+    if first is None:
+        return None
     try:
-        _, grid_h, grid_w = np.asarray(grid, dtype=np.int64).reshape(-1, 3)[0]
-    except (ValueError, TypeError, IndexError):
-        raise RewardInputError(f"image_grid_thw: expected [[t, h, w], ...] per sample, got {grid!r}") from None
-    if grid_h <= 0 or grid_w <= 0:
-        raise RewardInputError(f"image_grid_thw: empty grid {grid!r}")
-    return int(grid_h * PATCH_SIZE), int(grid_w * PATCH_SIZE)
+        height, width = (int(v) for v in first)
+    except (ValueError, TypeError):
+        raise RewardInputError(f"model_image_size: expected [[height, width], ...] per sample, got {sizes!r}") from None
+    if height <= 0 or width <= 0:
+        raise RewardInputError(f"model_image_size: empty frame {sizes!r}")
+    return height, width
 
 
 def _first_path(paths: Any) -> str:
@@ -114,26 +118,28 @@ def iou_reward(
     completions: list[str],
     *,
     solution: list[str] | None = None,
-    image_grid_thw: list | None = None,
+    model_image_size: list | None = None,
     image_path: list | None = None,
     rescale: bool = True,
     **columns: Any,
 ) -> list[float]:
     """VLM-R1 Qwen `iou_reward`: continuous IoU in [0, 1] with the +-1 convention, no threshold.
 
-    With `rescale` (default) the box is mapped from the model's frame (`image_grid_thw[i][0]` * 14) to the
-    original size read from `image_path[i][0]`; `rescale=False` is VLM-R1 before 2025-06-26 (and InternVL).
+    With `rescale` (default) the box is mapped from the frame the model saw (`model_image_size[i][0]`, [height,
+    width] from the family's processor: Qwen2.5-VL's is grid_thw * 14) to the original size read from
+    `image_path[i][0]`; `rescale=False` (or a None frame) is VLM-R1 before 2025-06-26, and InternVL.
     """
     n = len(completions)
     solutions = aligned(solution, "solution", n, required=True)
-    grids = aligned(image_grid_thw, "image_grid_thw", n, required=rescale)
+    frames = aligned(model_image_size, "model_image_size", n, required=rescale)
     paths = aligned(image_path, "image_path", n, required=rescale)
 
     def score(i: int) -> float:
+        model_frame = _model_frame(frames[i]) if rescale else None
         frame = None
-        if rescale:
+        if model_frame is not None:
             image_w, image_h = image_size(_first_path(paths[i]))
-            frame = (*_model_frame(grids[i]), image_h, image_w)
+            frame = (*model_frame, image_h, image_w)
         return rec_iou_score(completions[i], solutions[i], frame)
 
     return score_samples(score, n, aligned(columns.get("id"), "id", n))

@@ -28,9 +28,7 @@ def prefill_fan_out(
     and repeat the result to `num_samples` rows each; gradients flow through the repeat."""
     ids = prompts["input_ids"]
     count, length = ids.shape
-    features = model.encode_vision(
-        prompts["pixel_values"], prompts["hw_positions"], prompts["frame_ids"], prompts["frame_index"]
-    )
+    features = model.encode_vision(prompts)
     cache = model.init_cache(count, length + steps)
     hidden, cache = model(
         ids,

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from vlmr1_jax.data.jsonl import Sample
-from vlmr1_jax.processing.batch import PromptBatch
+from vlmr1_jax.models.processor import PromptBatch
 
 Prompts = dict[str, jax.Array]  # `PromptBatch.arrays()` on the devices: P prompts
 GenerateFn = Callable[[Prompts, jax.Array], "Rollout"]  # (prompts, key) -> G samples per prompt

@@ -24,9 +24,10 @@ from tqdm import tqdm
 from vlmr1_jax.config import RunConfig, to_dict
 from vlmr1_jax.data.jsonl import DataError, Sample
 from vlmr1_jax.data.pipeline import epoch_of, make_sample_iterator
+from vlmr1_jax.models.family import family_of
+from vlmr1_jax.models.processor import PromptBatch
 from vlmr1_jax.processing.batch import (
     EncodedPrompt,
-    PromptBatch,
     build_prompt_batch,
     encode_prompt_text,
     load_prompt_images,
@@ -183,15 +184,22 @@ class Trainer:
         """One sample's VLM-R1 prompt and images; a failure is a `DataError` naming its file, line and field."""
         data = self.cfg.data
         try:
-            ids = encode_prompt_text(sample.problem, len(sample.image_paths), self.tokenizer, data.task_type)
+            ids = encode_prompt_text(
+                sample.problem, len(sample.image_paths), self.tokenizer, self.model_cfg, data.task_type
+            )
         except (ValueError, OSError) as e:
             raise DataError("prompt", sample.source, sample.line, "problem", str(e)) from e
         try:
-            images = load_prompt_images(sample.image_paths, min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+            images = load_prompt_images(
+                sample.image_paths,
+                family_of(self.model_cfg).processor,
+                min_pixels=data.min_pixels,
+                max_pixels=data.max_pixels,
+            )
         except (ValueError, OSError) as e:
             raise DataError("image", sample.source, sample.line, "image", str(e)) from e
         encoded = EncodedPrompt(ids, images)
-        length = encoded.length(self.model_cfg.vision.merge_unit)
+        length = encoded.length(self.model_cfg)
         if data.max_prompt_length is not None and length > data.max_prompt_length:
             raise DataError(
                 "too_long",
@@ -227,11 +235,7 @@ class Trainer:
                 continue
             samples.append(sample)
         batch = build_prompt_batch(
-            [e.ids for e in encoded],
-            [e.images for e in encoded],
-            self.model_cfg,
-            pad_id=self.tokenizer.pad_id,
-            length=self.cfg.data.max_prompt_length,
+            encoded, self.model_cfg, pad_id=self.tokenizer.pad_id, length=self.cfg.data.max_prompt_length
         )
         return samples, batch
 

@@ -18,7 +18,8 @@ from flax import nnx
 
 from vlmr1_jax.config import RunConfig
 from vlmr1_jax.data.jsonl import Sample
-from vlmr1_jax.processing.batch import PromptBatch
+from vlmr1_jax.models.family import family_of
+from vlmr1_jax.models.processor import PromptBatch
 from vlmr1_jax.processing.tokenizer import Tokenizer
 from vlmr1_jax.rewards import get_reward
 from vlmr1_jax.rl.grpo import check_algorithm, group_advantages
@@ -84,7 +85,9 @@ class GRPOTrainer(Trainer):
             generate=functools.partial(self.generate, state.trainable, state.frozen),
             decode=self.tokenizer.batch_decode,
             reward_fns=self.reward_fns,
-            columns=columns_for(prepared.samples, prepared.batch, g.num_generations),
+            columns=columns_for(
+                prepared.samples, prepared.batch, g.num_generations, family_of(self.model_cfg).processor
+            ),
             advantage_fn=functools.partial(
                 group_advantages, group_size=g.num_generations, estimator=g.algorithm().advantage_estimator
             ),

@@ -28,14 +28,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from vlmr1_jax.config import RunConfig
 from vlmr1_jax.models.family import family_of
 from vlmr1_jax.models.hf_weights import read_config
+from vlmr1_jax.models.processor import PromptBatch
 from vlmr1_jax.parallel.mesh import logical_to_spec, make_mesh
-from vlmr1_jax.processing.batch import PromptBatch, encode_prompts
+from vlmr1_jax.processing.batch import encode_prompts
 from vlmr1_jax.processing.tokenizer import Tokenizer, qwen2_5_tokenizer
 from vlmr1_jax.rl.lora import apply_lora
 from vlmr1_jax.rl.rollout import TrainExample
 from vlmr1_jax.rl.state import TrainState, init_train_state, make_optimizer
 from vlmr1_jax.rl.step import make_grpo_step, make_logprob_fn
-from vlmr1_jax.train.setup import BATCH_AXIS, configure_model, dtype_of, frozen_dtype_of, preset_config
+from vlmr1_jax.train.setup import configure_model, dtype_of, frozen_dtype_of, preset_config
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +170,11 @@ def representative_prompts(
         )
 
 
-def abstract_batch(
-    arrays: dict[str, np.ndarray], mesh: Mesh, axes: dict[str, int] = BATCH_AXIS
-) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs with the shardings `train.setup.to_device` gives these host arrays."""
+def abstract_batch(batch: PromptBatch, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs with the shardings `train.setup.to_device` gives the batch's host arrays."""
     out = {}
-    for name, value in arrays.items():
+    axes = batch.batch_axes()
+    for name, value in batch.arrays().items():
         logical: list[str | None] = [None] * value.ndim
         if name in axes:
             logical[axes[name]] = "batch"
@@ -373,7 +373,7 @@ class Plan:
     samples: int
     prompt_tokens: int
     new_tokens: int
-    image_grid: tuple[int, int, int]
+    image_grid: tuple[int, ...]
     image_tokens: int
     params: int  # global, from the abstract model state (LoRA adapters included)
     analytic_params: dict[str, int]
@@ -462,7 +462,7 @@ def make_plan(
     optimizer, schedule = make_optimizer(cfg.optim, max(cfg.train.max_steps, 1))
     graphdef, state = abstract_train_state(cfg, model_cfg, mesh, optimizer)
     batch = representative_prompts(cfg, model_cfg, tokenizer, image_size, images)
-    prompts = abstract_batch(batch.arrays(), mesh)
+    prompts = abstract_batch(batch, mesh)
     key = jax.eval_shape(lambda: jax.random.fold_in(jax.random.key(cfg.train.seed), 0))
 
     from vlmr1_jax.train.loop import make_generate_fn
@@ -506,8 +506,8 @@ def make_plan(
         samples=g.num_generations,
         prompt_len=prompt_len,
         new_tokens=cfg.sampling.max_new_tokens,
-        vision_slots=batch.pixel_values.shape[0],
-        frame_slots=batch.frame_index.shape[1],
+        vision_slots=batch.vision["pixel_values"].shape[0],
+        frame_slots=batch.vision["frame_index"].shape[1],
         trainable=cfg.train.trainable,
         remat=cfg.model.remat,
         lora_rank=lora_rank,

@@ -19,27 +19,14 @@ from vlmr1_jax.data.jsonl import Sample, load_jsonl_datasets
 from vlmr1_jax.models.family import VisionLanguageModel, family_of, get_family
 from vlmr1_jax.models.hf_weights import load_hf_model
 from vlmr1_jax.models.layers import LoRAParam
+from vlmr1_jax.models.processor import Processor, PromptBatch
 from vlmr1_jax.parallel.mesh import create_sharded, initialize_distributed, logical_to_spec, make_mesh, state_shardings
-from vlmr1_jax.processing.batch import PromptBatch
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer, qwen2_5_tokenizer
 from vlmr1_jax.rl.lora import apply_lora
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-# Batch axis of each PromptBatch array (positions carry the 3 M-RoPE axes first).
-BATCH_AXIS = {
-    "input_ids": 0,
-    "attention_mask": 0,
-    "positions": 1,
-    "next_position": 0,
-    "vision_gather": 0,
-    "pixel_values": 0,
-    "hw_positions": 0,
-    "frame_ids": 0,
-    "frame_index": 0,
-}
 
 
 def dtype_of(name: str, field: str = "dtype") -> jnp.dtype:
@@ -182,8 +169,10 @@ def to_device(
 ) -> dict[str, jax.Array]:
     """Global host arrays -> arrays sharded over the batch axes of `mesh` (every process holds the whole global
     batch and contributes its addressable shards, so the same code runs on one host or a pod)."""
-    arrays = batch.arrays() if isinstance(batch, PromptBatch) else batch
-    axes = BATCH_AXIS if axes is None else axes
+    if isinstance(batch, PromptBatch):
+        arrays, axes = batch.arrays(), batch.batch_axes()
+    else:
+        arrays, axes = batch, axes or {}
     out: dict[str, jax.Array] = {}
     for name, value in arrays.items():
         value = np.asarray(value)
@@ -225,8 +214,11 @@ def run_dir(cfg: RunConfig) -> Path:
     return path
 
 
-def columns_for(samples: Sequence[Sample], batch: PromptBatch, repeat: int) -> dict[str, list[Any]]:
-    """Reward keyword columns for G consecutive completions per sample (VLM-R1 passes every dataset column)."""
+def columns_for(
+    samples: Sequence[Sample], batch: PromptBatch, repeat: int, processor: Processor
+) -> dict[str, list[Any]]:
+    """Reward keyword columns for G consecutive completions per sample (VLM-R1 passes every dataset column), plus
+    `model_image_size`: per image, the [height, width] frame the model's boxes live in (None: not rescaled)."""
     cols: dict[str, list[Any]] = {
         "solution": [],
         "accu_reward_method": [],
@@ -234,6 +226,7 @@ def columns_for(samples: Sequence[Sample], batch: PromptBatch, repeat: int) -> d
         "problem": [],
         "id": [],
         "image_grid_thw": [],
+        "model_image_size": [],
     }
     for sample, grids in zip(samples, batch.image_grids):
         for _ in range(repeat):
@@ -243,7 +236,12 @@ def columns_for(samples: Sequence[Sample], batch: PromptBatch, repeat: int) -> d
             cols["problem"].append(sample.problem)
             cols["id"].append(sample.id)
             cols["image_grid_thw"].append([list(g) for g in grids])
+            cols["model_image_size"].append([_as_list(processor.model_frame(g)) for g in grids])
     return cols
+
+
+def _as_list(frame: tuple[int, int] | None) -> list[int] | None:
+    return None if frame is None else list(frame)
 
 
 def resolve_max_steps(cfg: RunConfig, num_samples: int) -> int:

@@ -6,7 +6,7 @@ from vlmr1_jax.models.family import ModelFamily
 from vlmr1_jax.models.qwen2_5_vl import params
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config, get_preset, to_hf_config, with_overrides
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-from vlmr1_jax.models.qwen2_5_vl.rope import get_rope_index
+from vlmr1_jax.models.qwen2_5_vl.processor import QwenProcessor
 
 FAMILY = ModelFamily(
     name="qwen2_5_vl",
@@ -18,7 +18,5 @@ FAMILY = ModelFamily(
     with_overrides=with_overrides,
     model_class=Qwen25VL,
     layout=params,
-    rope_index=get_rope_index,
-    hf_processor_class="Qwen2_5_VLProcessor",
-    hf_image_processor_type="Qwen2VLImageProcessor",
+    processor=QwenProcessor(),
 )

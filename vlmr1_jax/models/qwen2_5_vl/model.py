@@ -7,6 +7,8 @@ same features, so a prompt's images are encoded once and shared by its G sampled
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -45,11 +47,9 @@ class Qwen25VL(VisionLanguageModel):
             raise ValueError(f"model.remat={remat!r}; choose none, {', '.join(REMAT_POLICIES)}")
         self.visual.remat = self.text.remat = remat
 
-    def encode_vision(
-        self, pixel_values: jax.Array, hw_positions: jax.Array, frame_ids: jax.Array, frame_index: jax.Array
-    ) -> jax.Array:
+    def encode_vision(self, inputs: Mapping[str, jax.Array]) -> jax.Array:
         """Merged visual tokens [N/4, D] in the plan's padded window layout (see `plan_vision`)."""
-        return self.visual(pixel_values, hw_positions, frame_ids, frame_index)
+        return self.visual(inputs["pixel_values"], inputs["hw_positions"], inputs["frame_ids"], inputs["frame_index"])
 
     def embed(
         self, input_ids: jax.Array, vision_features: jax.Array | None = None, vision_gather: jax.Array | None = None

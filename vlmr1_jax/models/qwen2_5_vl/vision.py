@@ -1,6 +1,6 @@
 """Qwen2.5-VL vision tower: patch embedding, 2-D rotary, window / full attention blocks, patch merger.
 
-Inputs come in the padded window layout of `vlmr1_jax.processing.vision_plan` (computed on the host), so window
+Inputs come in the padded window layout of `vision_plan.py` (computed on the host), so window
 attention is a reshape to `[windows, slots, D]` and full attention is a mask over frame ids: block-diagonal per
 window or per (item, temporal patch), exactly as HF's variable-length attention (docs/facts.md: Vision tower).
 """

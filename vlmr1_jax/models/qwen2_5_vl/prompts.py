@@ -1,8 +1,10 @@
-"""VLM-R1 prompts: the per-task question templates and the single user turn (images first, then text)."""
+"""VLM-R1's Qwen prompts: the per-task question templates and the single user turn (images first, then text)."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
+
+from vlmr1_jax.models.processor import ChatTemplater
 
 # Qwen2VLModule.get_question_template, verbatim (docs/facts.md: Prompts); other task types use "default".
 QUESTION_TEMPLATES: dict[str, str] = {
@@ -27,12 +29,6 @@ QUESTION_TEMPLATES: dict[str, str] = {
         "answer in <answer> </answer> tags."
     ),
 }
-
-
-class ChatTemplater(Protocol):
-    """Anything with our `Tokenizer.apply_chat_template` signature."""
-
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str: ...
 
 
 def question_template(task_type: str | None) -> str:

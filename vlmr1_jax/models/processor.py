@@ -1,0 +1,101 @@
+"""The processor's family-independent contract: what a family turns prompts and images into, and the batch type.
+
+A family's `Processor` (`ModelFamily.processor`) owns everything between a decoded image and the model's inputs:
+resizing and patching, the prompt template, how many tokens an image becomes, the positions (e.g. M-RoPE) and the
+layout of the vision arrays. Callers see only `PromptBatch`: the text arrays every decoder takes, plus a
+family-defined dict of vision arrays that goes to the family's own `encode_vision`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+# One preprocessed image: its pixel rows and a family-defined grid (Qwen2.5-VL: grid_thw), which also travels to
+# rewards as the `image_grid_thw` column.
+ProcessedImage = tuple[np.ndarray, tuple[int, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptBatch:
+    """P left-padded prompts and their images, ready for `jax.device_put`."""
+
+    input_ids: np.ndarray  # [P, L] int32
+    attention_mask: np.ndarray  # [P, L] int32
+    positions: np.ndarray  # [3, P, L] int32 rope positions (three equal rows for a 1-D rope)
+    next_position: np.ndarray  # [P] int32: position of the first generated token
+    vision_gather: np.ndarray  # [P, L] int32 row of `encode_vision`'s output per image token, -1 elsewhere
+    vision: dict[str, np.ndarray]  # the family's vision arrays, each split across the batch devices on axis 0
+    image_grids: tuple[tuple[tuple[int, ...], ...], ...]  # per prompt, the grid of each image
+
+    def batch_axes(self) -> dict[str, int]:
+        """The batch axis of each array of `arrays()`: the text arrays' own, axis 0 for every vision array."""
+        return {**dict.fromkeys(self.vision, 0), **TEXT_BATCH_AXIS}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The device-side arrays: the text fields and the family's vision arrays, flat."""
+        text = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("vision", "image_grids")
+        }
+        return {**text, **self.vision}
+
+
+# Batch axis of the text arrays of `PromptBatch.arrays()`; every vision array is split on axis 0.
+TEXT_BATCH_AXIS = {"input_ids": 0, "attention_mask": 0, "positions": 1, "next_position": 0, "vision_gather": 0}
+
+
+def length_bucket(n: int, multiple: int = 32) -> int:
+    """Round a prompt length up to a multiple of `multiple`, so a few programs serve every batch."""
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+class ChatTemplater(Protocol):
+    """Anything with our `Tokenizer.apply_chat_template` signature."""
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str: ...
+
+
+class Processor(Protocol):
+    """A family's processor (VLM-R1's VLM module, host side)."""
+
+    def preprocess_image(self, image: Image.Image | np.ndarray, *, min_pixels: int, max_pixels: int) -> ProcessedImage:
+        """A decoded RGB image -> its pixel rows and grid (`min_pixels` / `max_pixels` bound the resize)."""
+        ...
+
+    def image_tokens(self, grid: Sequence[int]) -> int:
+        """How many prompt tokens one image placeholder becomes."""
+        ...
+
+    def image_grid(self, height: int, width: int, *, min_pixels: int, max_pixels: int) -> tuple[int, ...]:
+        """The grid `preprocess_image` gives an image of this size, without its pixels; ValueError where the
+        processor cannot take it."""
+        ...
+
+    def model_frame(self, grid: Sequence[int]) -> tuple[int, int] | None:
+        """(height, width) of the frame the model's box coordinates live in, for an image of this grid; None when
+        the family's boxes are not in resized pixels (rewards then compare them unscaled)."""
+        ...
+
+    def render_prompt(self, tokenizer: ChatTemplater, problem: str, num_images: int, task_type: str | None) -> str:
+        """VLM-R1's prompt text for the family: question template and chat template, with image placeholders."""
+        ...
+
+    def hf_preprocessor_config(self, cfg: Any) -> dict[str, Any]:
+        """The preprocessor_config.json of an HF release of a model with config `cfg`."""
+        ...
+
+    def build_prompt_batch(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        images: Sequence[Sequence[ProcessedImage]],
+        cfg: Any,
+        *,
+        pad_id: int,
+        length: int | None = None,
+    ) -> PromptBatch:
+        """Expand each image placeholder, left-pad to `length` (else a bucket), compute positions and vision arrays."""
+        ...
