@@ -6,6 +6,8 @@ Key names follow what PEFT 0.21 saves for Qwen2.5-VL under transformers >= 4.52 
 `base_model.model.<module>.lora_A.weight` is [r, in] (our `lora_a` transposed) and `lora_B.weight` is [out, r]
 (our `lora_b` transposed); the scale is lora_alpha / r, as ours. `target_modules` is a regex that excludes the
 vision tower, whose MLP also has gate/up/down_proj.
+A tied model's head adapter is saved as `lm_head`'s, as PEFT (without `ensure_weight_tying`) saves it: PEFT wraps the
+tied lm_head Linear, whose weight is the embedding table, and leaves `embed_tokens` unadapted.
 Older transformers (< 4.52, module tree `model.layers.*`) would not find these keys.
 """
 
@@ -40,6 +42,8 @@ def adapter_weights(model_or_state: nnx.Module | nnx.State, cfg: Any, dtype: Any
     state = nnx.state(model_or_state, LoRAParam) if isinstance(model_or_state, nnx.Module) else model_or_state
     layout = family_of(cfg).layout
     shapes = layout.expected_hf_shapes(cfg)
+    if cfg.text.tie_word_embeddings:  # no stored lm_head.weight: the tied head applies the [vocab, hidden] table
+        shapes[layout.TIED_HEAD] = (cfg.text.vocab_size, cfg.text.hidden_size)
     out: dict[str, np.ndarray] = {}
     for path, var in layout.flat_paths(state).items():
         match = _LORA_LEAF.match(path)

@@ -7,22 +7,20 @@ from __future__ import annotations
 import json
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from converters.peft import target_modules_regex
-from ports.parity import make_inputs, positions_for
+from ports.parity import make_inputs
 from tests.helpers.cli import run_cli
 from tests.helpers.hf_models import load_hf
+from tests.helpers.peft import hf_logits, jax_logits, random_adapters
 from tests.helpers.train import save_trainer_checkpoint
 from vlmr1_jax.config import LoRAConfig, ModelConfig, RunConfig, TrainConfig
 from vlmr1_jax.models.hf_weights import iter_hf_tensors, read_config
 from vlmr1_jax.models.qwen2_5_vl.params import hf_module_name
-from vlmr1_jax.models.qwen2_5_vl.vision_plan import plan_vision, vision_gather_indices
-from vlmr1_jax.rl.lora import lora_targets, merge_lora
+from vlmr1_jax.rl.lora import merge_lora
 
 RANK, ALPHA, DROPOUT = 4, 8.0, 0.05
 LANGUAGE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -55,61 +53,6 @@ def test_module_names_and_target_regex():
         "model.language_model.layers.0.mlp.up_proj.lora_A",
     ):
         assert not re.fullmatch(regex, name), name
-
-
-def random_adapters(model) -> None:
-    """Non-zero A and B on every adapter (B starts at zero in training), deterministic."""
-    rng = np.random.default_rng(0)
-    for _, dense in lora_targets(model):
-        a, b = dense.lora_a, dense.lora_b
-        a[...] = jnp.asarray(0.3 * rng.standard_normal(a[...].shape), a[...].dtype)
-        b[...] = jnp.asarray(0.05 * rng.standard_normal(b[...].shape), b[...].dtype)
-
-
-def jax_logits(model, inputs) -> np.ndarray:
-    """Our forward (jitted) on a single-device copy of `model` (the checkpoint's is sharded over 8 CPU devices)."""
-    graphdef, state = nnx.split(model)
-    model = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
-    cfg = model.cfg
-    positions, _ = positions_for(cfg, inputs)
-    plan = plan_vision(
-        inputs.image_pixels,
-        inputs.image_grids,
-        spatial_merge_size=cfg.vision.spatial_merge_size,
-        window_merged=cfg.vision.window_merged,
-    )
-    gather = vision_gather_indices(
-        inputs.input_ids,
-        plan,
-        image_token_id=cfg.image_token_id,
-        video_token_id=cfg.video_token_id,
-        num_image_items=len(inputs.image_grids),
-    )
-
-    @nnx.jit
-    def forward(model, vision, ids, positions, mask, gather):
-        hidden, _ = model(ids, positions, mask, model.encode_vision(vision), gather)
-        return model.logits(hidden)
-
-    vision = {k: jnp.asarray(v) for k, v in plan.device_inputs().items()}
-    arrays = [jnp.asarray(x) for x in (inputs.input_ids, positions, inputs.attention_mask, gather)]
-    return np.asarray(forward(model, vision, *arrays))
-
-
-def hf_logits(model, inputs, cfg) -> np.ndarray:
-    import torch
-
-    positions, _ = positions_for(cfg, inputs)
-    t = torch.from_numpy
-    with torch.no_grad():
-        out = model(
-            input_ids=t(inputs.input_ids),
-            attention_mask=t(inputs.attention_mask),
-            position_ids=t(positions),
-            pixel_values=t(inputs.image_pixels),
-            image_grid_thw=torch.tensor(inputs.image_grids),
-        )
-    return out.logits.float().numpy()
 
 
 @pytest.fixture(scope="module")

@@ -48,12 +48,39 @@ class LoRADropoutKey(nnx.Variable):
     """PRNG key for one adapter's input dropout; set only on the model a train step builds (`rl.lora`)."""
 
 
-class Dense(nnx.Module):
-    """y = x @ kernel (+ bias) (+ scale * drop(x) @ lora_a @ lora_b); kernel is [in, out] (torch Linear's transpose).
+class LoRALinear(nnx.Module):
+    """A linear map LoRA can adapt, as PEFT wraps an nn.Linear: y = base(x) + scale * drop(x) @ lora_a @ lora_b.
 
     `drop` is PEFT's inverted dropout of rate `lora_dropout` on the adapter input, active only while a
-    `lora_dropout_key` is set, so sampling, reference and evaluation forwards are never dropped.
+    `lora_dropout_key` is set, so sampling, reference and evaluation forwards are never dropped. Subclasses compute
+    `base` and say (`weight_spec`) the [in, out] weight it applies, which sizes the adapter (`vlmr1_jax.rl.lora`).
     """
+
+    dtype: jnp.dtype
+
+    def __init__(self) -> None:
+        self.lora_a: LoRAParam | None = nnx.data(None)
+        self.lora_b: LoRAParam | None = nnx.data(None)
+        self.lora_scale = 0.0
+        self.lora_dropout = 0.0
+        self.lora_dropout_key: LoRADropoutKey | None = nnx.data(None)
+
+    def weight_spec(self) -> tuple[tuple[int, ...], Axes, jnp.dtype]:
+        """Shape ([layers,] in, out), logical axes and dtype of the weight the base map applies."""
+        raise NotImplementedError
+
+    def adapter(self, x: jax.Array) -> jax.Array:
+        """scale * drop(x) @ lora_a @ lora_b in `self.dtype`; `x` already in `self.dtype` (adapter attached)."""
+        assert self.lora_a is not None and self.lora_b is not None
+        if self.lora_dropout_key is not None and self.lora_dropout > 0.0:
+            keep = jax.random.bernoulli(self.lora_dropout_key[...], 1.0 - self.lora_dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(self.dtype)
+        low = jnp.dot(x, self.lora_a[...].astype(self.dtype))
+        return self.lora_scale * jnp.dot(low, self.lora_b[...].astype(self.dtype))
+
+
+class Dense(LoRALinear):
+    """y = x @ kernel (+ bias) (+ the LoRA term); kernel is [in, out] (torch Linear's transpose)."""
 
     def __init__(
         self,
@@ -66,14 +93,14 @@ class Dense(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
     ):
+        super().__init__()
         self.kernel = param(rngs, (in_features, out_features), axes, "normal", param_dtype)
         self.bias = param(rngs, (out_features,), axes[1:], "zeros", param_dtype) if use_bias else None
         self.dtype = dtype
-        self.lora_a: LoRAParam | None = nnx.data(None)
-        self.lora_b: LoRAParam | None = nnx.data(None)
-        self.lora_scale = 0.0
-        self.lora_dropout = 0.0
-        self.lora_dropout_key: LoRADropoutKey | None = nnx.data(None)
+
+    def weight_spec(self) -> tuple[tuple[int, ...], Axes, jnp.dtype]:
+        axes = self.kernel.get_metadata().get("logical_axes") or (None,) * self.kernel.ndim
+        return tuple(self.kernel.shape), tuple(axes), self.kernel.dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
@@ -81,12 +108,30 @@ class Dense(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
-            adapter_in = x
-            if self.lora_dropout_key is not None and self.lora_dropout > 0.0:
-                keep = jax.random.bernoulli(self.lora_dropout_key[...], 1.0 - self.lora_dropout, x.shape)
-                adapter_in = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(self.dtype)
-            low = jnp.dot(adapter_in, self.lora_a[...].astype(self.dtype))
-            y = y + self.lora_scale * jnp.dot(low, self.lora_b[...].astype(self.dtype))  # type: ignore[index]  # set with lora_a
+            y = y + self.adapter(x)
+        return y
+
+
+class TiedHead(LoRALinear):
+    """The LM head of a tied model: float32 logits x @ embed^T, with the owner's `embed` table [vocab, in] passed
+    in (the model stores it once), plus the LoRA term when an adapter is attached. PEFT wraps a tied lm_head's
+    Linear the same way: the adapter changes the logits, never the embedding lookup. No parameters of its own."""
+
+    def __init__(self, in_features: int, out_features: int, axes: Axes, *, dtype: jnp.dtype, param_dtype: jnp.dtype):
+        super().__init__()
+        self.shape = (in_features, out_features)
+        self.axes = axes
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+    def weight_spec(self) -> tuple[tuple[int, ...], Axes, jnp.dtype]:
+        return self.shape, self.axes, self.param_dtype
+
+    def __call__(self, x: jax.Array, embed: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, embed.astype(self.dtype).T, preferred_element_type=jnp.float32)
+        if self.lora_a is not None:
+            y = y + self.adapter(x).astype(jnp.float32)
         return y
 
 

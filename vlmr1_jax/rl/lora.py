@@ -1,29 +1,35 @@
 """LoRA as VLM-R1 configures it: adapters on every non-vision linear layer, lm_head included (not the embedding).
 
-`lora_b` starts at zero, so the adapted model equals the base; the base (the GRPO reference) is the same state with
-the adapters zeroed. `merge_lora` folds `scale * A @ B` into the kernels for export. Adapter-input dropout (PEFT's
-`lora_dropout`) is a static rate set here and runs only on a model given keys by `set_lora_dropout_keys`, which a
-train step calls on the model it merges; every other forward (sampling, reference, eval) is dropout-free.
+A tied model's head is the embedding table used as a linear map (`TiedHead`); it gets its own adapter, as PEFT
+wraps a tied lm_head's Linear, and the embedding lookup stays unadapted. `lora_b` starts at zero, so the adapted
+model equals the base; the base (the GRPO reference) is the same state with the adapters zeroed. `merge_lora`
+folds `scale * A @ B` into the weights for export. Adapter-input dropout (PEFT's `lora_dropout`) is a static rate
+set here and runs only on a model given keys by `set_lora_dropout_keys`, which a train step calls on the model it
+merges; every other forward (sampling, reference, eval) is dropout-free.
 """
 
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlmr1_jax.models.layers import Dense, LoRADropoutKey, LoRAParam
+from vlmr1_jax.models.layers import Dense, LoRADropoutKey, LoRALinear, LoRAParam, TiedHead
 
-# Module paths (dotted, inside Qwen25VL) that get adapters: every text linear and the untied LM head.
+log = logging.getLogger(__name__)
+
+# Module paths (dotted, inside Qwen25VL) that get adapters: every text linear and the LM head, tied or not.
 TARGET_PREFIX = "text."
 
 
-def lora_targets(model: nnx.Module) -> list[tuple[str, Dense]]:
-    """(path, Dense) for every linear layer outside the vision tower."""
+def lora_targets(model: nnx.Module) -> list[tuple[str, LoRALinear]]:
+    """(path, module) for every linear map outside the vision tower, the (tied or untied) LM head included."""
     out = []
     for path, module in nnx.iter_graph(model):
         name = ".".join(str(p) for p in path)
-        if isinstance(module, Dense) and name.startswith(TARGET_PREFIX):
+        if isinstance(module, LoRALinear) and name.startswith(TARGET_PREFIX):
             out.append((name, module))
     return out
 
@@ -37,16 +43,17 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, seed: int = 0, dropou
         raise ValueError(f"lora.dropout must be in [0, 1), got {dropout}")
     key = jax.random.key(seed)
     names = []
-    for i, (name, dense) in enumerate(lora_targets(model)):
-        *layers, fan_in, fan_out = dense.kernel.shape  # stacked layers carry a leading [layers] axis
-        *lead, in_axis, out_axis = dense.kernel.get_metadata().get("logical_axes") or (None,) * dense.kernel.ndim
-        a = jax.random.normal(jax.random.fold_in(key, i), (*layers, fan_in, rank), dense.kernel.dtype)
-        dense.lora_a = LoRAParam(a / jnp.sqrt(fan_in), logical_axes=(*lead, in_axis, "lora_rank"))
-        dense.lora_b = LoRAParam(
-            jnp.zeros((*layers, rank, fan_out), dense.kernel.dtype), logical_axes=(*lead, "lora_rank", out_axis)
+    for i, (name, target) in enumerate(lora_targets(model)):
+        shape, axes, dtype = target.weight_spec()
+        *layers, fan_in, fan_out = shape  # stacked layers carry a leading [layers] axis
+        *lead, in_axis, out_axis = axes
+        a = jax.random.normal(jax.random.fold_in(key, i), (*layers, fan_in, rank), dtype)
+        target.lora_a = LoRAParam(a / jnp.sqrt(fan_in), logical_axes=(*lead, in_axis, "lora_rank"))
+        target.lora_b = LoRAParam(
+            jnp.zeros((*layers, rank, fan_out), dtype), logical_axes=(*lead, "lora_rank", out_axis)
         )
-        dense.lora_scale = alpha / rank
-        dense.lora_dropout = float(dropout)
+        target.lora_scale = alpha / rank
+        target.lora_dropout = float(dropout)
         names.append(name)
     return names
 
@@ -57,20 +64,38 @@ def set_lora_dropout_keys(model: nnx.Module, key: jax.Array) -> None:
     Call it inside the train step on the freshly merged model, with a key derived from (seed, state.step), so the
     step stays a pure function of its inputs; the model's graphdef and stored state never hold a key.
     """
-    for i, (_, dense) in enumerate(lora_targets(model)):
-        if dense.lora_a is not None and dense.lora_dropout > 0.0:
+    for i, (_, target) in enumerate(lora_targets(model)):
+        if target.lora_a is not None and target.lora_dropout > 0.0:
             adapter_key = jax.random.fold_in(key, i)
-            if dense.kernel.ndim == 3:  # stacked layers: one key per layer, sliced by the layer loop
-                adapter_key = jax.random.split(adapter_key, dense.kernel.shape[0])
-            dense.lora_dropout_key = LoRADropoutKey(adapter_key)
+            shape = target.weight_spec()[0]
+            if len(shape) == 3:  # stacked layers: one key per layer, sliced by the layer loop
+                adapter_key = jax.random.split(adapter_key, shape[0])
+            target.lora_dropout_key = LoRADropoutKey(adapter_key)
 
 
 def merge_lora(model: nnx.Module) -> None:
-    """Fold every adapter into its kernel (kernel += scale * A @ B) and remove it, in place."""
-    for _, dense in lora_targets(model):
-        if dense.lora_a is None:
+    """Fold every adapter into the weight it adapts (W += scale * A @ B) and remove it, in place.
+
+    A tied head's delta goes into the embedding table it shares, as PEFT's `merge_and_unload` adds it to the tied
+    weight: the merged model stays tied and its token embeddings change too, so its logits are not the adapted
+    model's (the adapter export, `converters.peft`, reproduces those exactly).
+    """
+    modules = {".".join(str(p) for p in path): module for path, module in nnx.iter_graph(model)}
+    for name, target in lora_targets(model):
+        if target.lora_a is None:
             continue
-        delta = dense.lora_scale * (dense.lora_a[...] @ dense.lora_b[...])  # type: ignore[index]  # set with lora_a
-        dense.kernel[...] = (dense.kernel[...] + delta).astype(dense.kernel.dtype)
-        dense.lora_a = dense.lora_b = dense.lora_dropout_key = nnx.data(None)
-        dense.lora_scale = dense.lora_dropout = 0.0
+        delta = target.lora_scale * (target.lora_a[...] @ target.lora_b[...])  # type: ignore[index]  # set with lora_a
+        if isinstance(target, TiedHead):  # the owner's [vocab, in] table: the head's weight, transposed
+            weight, delta = modules[name.rpartition(".")[0]].embed, delta.T
+            log.warning(
+                "%s: the tied head's adapter is merged into the embedding table it shares (as PEFT's "
+                "merge_and_unload does), so the input embeddings move too and the merged model's outputs differ "
+                "from the trained model's; `vlmr1 export --lora adapter` reproduces those",
+                name,
+            )
+        else:
+            assert isinstance(target, Dense), name
+            weight = target.kernel
+        weight[...] = (weight[...] + delta).astype(weight.dtype)
+        target.lora_a = target.lora_b = target.lora_dropout_key = nnx.data(None)
+        target.lora_scale = target.lora_dropout = 0.0

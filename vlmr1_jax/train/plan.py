@@ -209,7 +209,8 @@ def count_params(tree: Any) -> int:
 
 
 def analytic_param_counts(cfg: Any, lora_rank: int = 0) -> dict[str, int]:
-    """Parameter counts from the config alone: text, vision, and LoRA adapters (rank r on every text linear)."""
+    """Parameter counts from the config alone: text, vision, and LoRA adapters (rank r on every text linear and the
+    LM head)."""
     t, v = cfg.text, cfg.vision
     d, hd, heads, kv = t.hidden_size, t.head_dim, t.num_attention_heads, t.num_key_value_heads
     linears = [
@@ -223,7 +224,7 @@ def analytic_param_counts(cfg: Any, lora_rank: int = 0) -> dict[str, int]:
     ]
     layer = sum(i * o for i, o in linears) + (heads + 2 * kv) * hd + 2 * d  # + q/k/v biases, two norms
     text = t.vocab_size * d + t.num_hidden_layers * layer + d + (0 if t.tie_word_embeddings else d * t.vocab_size)
-    targets = t.num_hidden_layers * linears + ([] if t.tie_word_embeddings else [(d, t.vocab_size)])
+    targets = t.num_hidden_layers * linears + [(d, t.vocab_size)]  # the LM head is adapted, tied or not
     lora = sum(lora_rank * (i + o) for i, o in targets) if lora_rank else 0
     hv, iv, wide = v.hidden_size, v.intermediate_size, v.hidden_size * v.merge_unit
     block = 2 * hv + (hv * 3 * hv + 3 * hv) + (hv * hv + hv) + (2 * (hv * iv + iv) + iv * hv + hv)

@@ -14,6 +14,7 @@ from vlmr1_jax.models.layers import (
     Dense,
     GatedMLP,
     RMSNorm,
+    TiedHead,
     apply_rotary,
     attention,
     param,
@@ -138,13 +139,14 @@ class TextModel(nnx.Module):
             lambda r: DecoderLayer(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype), cfg.num_hidden_layers, rngs
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", param_dtype=param_dtype)
-        self.lm_head = (
-            None
+        head_axes = ("embed", "vocab")
+        self.lm_head: Dense | TiedHead = (
+            TiedHead(cfg.hidden_size, cfg.vocab_size, head_axes, dtype=dtype, param_dtype=param_dtype)
             if cfg.tie_word_embeddings
             else Dense(
                 cfg.hidden_size,
                 cfg.vocab_size,
-                ("embed", "vocab"),
+                head_axes,
                 use_bias=False,
                 rngs=rngs,
                 dtype=dtype,
@@ -195,11 +197,10 @@ class TextModel(nnx.Module):
         return x, KVCache(kv[0], kv[1], key_valid, cache.index + length)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """LM head in float32 logits; tied heads reuse the embedding matrix."""
+        """LM head in float32 logits (a LoRA adapter on it applies); tied heads reuse the embedding matrix."""
         axes = ("batch", "length", "vocab") if hidden.ndim == 3 else ("batch", "vocab")
-        if self.lm_head is not None:
-            logits = self.lm_head(hidden).astype(jnp.float32)  # through the Dense, so a LoRA adapter applies
+        if isinstance(self.lm_head, TiedHead):
+            logits = self.lm_head(hidden, self.embed[...])
         else:
-            kernel = self.embed[...].astype(self.dtype).T
-            logits = jnp.dot(hidden.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
+            logits = self.lm_head(hidden).astype(jnp.float32)
         return constrain(logits, axes)
