@@ -21,6 +21,7 @@ from vlmr1_jax.models.hf_weights import load_hf_model
 from vlmr1_jax.models.layers import LoRAParam
 from vlmr1_jax.parallel.mesh import create_sharded, initialize_distributed, logical_to_spec, make_mesh, state_shardings
 from vlmr1_jax.processing.batch import PromptBatch
+from vlmr1_jax.processing.prompts import build_messages
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer, qwen2_5_tokenizer
 from vlmr1_jax.rl.lora import apply_lora
 
@@ -225,25 +226,31 @@ def run_dir(cfg: RunConfig) -> Path:
     return path
 
 
-def columns_for(samples: Sequence[Sample], batch: PromptBatch, repeat: int) -> dict[str, list[Any]]:
-    """Reward keyword columns for G consecutive completions per sample (VLM-R1 passes every dataset column)."""
-    cols: dict[str, list[Any]] = {
-        "solution": [],
-        "accu_reward_method": [],
-        "image_path": [],
-        "problem": [],
-        "id": [],
-        "image_grid_thw": [],
-    }
-    for sample, grids in zip(samples, batch.image_grids):
-        for _ in range(repeat):
-            cols["solution"].append(sample.solution)
-            cols["accu_reward_method"].append(sample.accu_reward_method)
-            cols["image_path"].append(list(sample.image_paths))
-            cols["problem"].append(sample.problem)
-            cols["id"].append(sample.id)
-            cols["image_grid_thw"].append([list(g) for g in grids])
-    return cols
+def columns_for(
+    samples: Sequence[Sample], batch: PromptBatch, repeat: int, task_type: str | None
+) -> dict[str, list[Any]]:
+    """Reward keyword columns for G consecutive completions per sample, as VLM-R1 passes its dataset columns.
+
+    Every jsonl field of the samples (`Sample.extra`, None for a sample without a field another sample of the batch
+    has), `id`, `accu_reward_method`, the loader's `problem` / `solution` / `image_path`, the processor's
+    `image_grid_thw`, and `prompts`: VLM-R1's conversation for the prompt (`build_messages`). The loader refuses
+    jsonl keys that name a derived column (`RESERVED_KEYS`), so no field is shadowed.
+    """
+    fields = list(dict.fromkeys(key for sample in samples for key in sample.extra))
+    rows = []
+    for sample, grids in zip(samples, batch.image_grids, strict=True):
+        row = {
+            **{key: sample.extra.get(key) for key in fields},
+            "id": sample.id,
+            "accu_reward_method": sample.accu_reward_method,
+            "problem": sample.problem,
+            "solution": sample.solution,
+            "image_path": list(sample.image_paths),
+            "image_grid_thw": [list(g) for g in grids],
+            "prompts": build_messages(sample.problem, len(sample.image_paths), task_type),
+        }
+        rows += [row] * repeat
+    return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
 
 
 def resolve_max_steps(cfg: RunConfig, num_samples: int) -> int:
