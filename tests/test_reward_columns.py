@@ -141,7 +141,7 @@ def test_unknown_option_fails_at_config_load(capsys):
 
 
 def test_option_that_is_also_a_column_is_an_error():
-    with pytest.raises(ValueError, match="option.* id are also data columns"):
+    with pytest.raises(ValueError, match=r"option.* id are also data columns"):
         get_reward(f"{__name__}:echo_reward", id=3)(["a"], id=[1])
 
 
@@ -214,7 +214,7 @@ def probe(completions, *, out, prompts, **columns):
 '''
 
 
-@pytest.mark.slow  # a 2-step `vlmr1 train` in a child process (about 30 s on 2 cores with a cold compile cache)
+@pytest.mark.slow  # a 2-step `vlmr1 train` in a child process: 50 s on 2 busy cores (warm compile cache), 110 s cold
 def test_user_reward_gets_every_column_through_vlmr1_train(tmp_path):
     inputs = make_run_inputs(tmp_path)
     data = Path(inputs[0].partition("=")[2])

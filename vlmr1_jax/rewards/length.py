@@ -1,4 +1,4 @@
-"""`length` (cosine length reward, arXiv 2502.03373) and `repetition` (n-gram repetition penalty); SPEC §2.6-2.7."""
+"""`length` (cosine length reward, arXiv 2502.03373) and `repetition` (n-gram repetition penalty)."""
 
 from __future__ import annotations
 

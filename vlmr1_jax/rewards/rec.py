@@ -1,4 +1,4 @@
-"""Referring-expression rewards of VLM-R1's Qwen module: `rec_iou` (`iou_reward`) and `rec_format` (SPEC §2.9)."""
+"""Referring-expression rewards of VLM-R1's Qwen module: `rec_iou` (`iou_reward`) and `rec_format`."""
 
 from __future__ import annotations
 

@@ -119,9 +119,7 @@ def get_reward(name: str, **options: Any) -> RewardFn:
     return _bind(fn, options)
 
 
-def reward_functions(
-    names: Sequence[str], options: Mapping[str, Any], tokenizer: Any = None
-) -> dict[str, RewardFn]:
+def reward_functions(names: Sequence[str], options: Mapping[str, Any], tokenizer: Any = None) -> dict[str, RewardFn]:
     """A run's rewards (`grpo.reward_funcs`) as {metric name: function}, each with its `grpo.reward_options`
     bound, and `tokenizer` bound to every reward that declares a `tokenizer` parameter (rewards that count tokens).
 
@@ -146,7 +144,10 @@ def reward_functions(
                 f"grpo.reward_options.{name}.tokenizer: the trainer passes the run's tokenizer to a reward with a "
                 f"'tokenizer' parameter; remove the option"
             )
-        fn = _resolve(name)
+        try:
+            fn = _resolve(name)
+        except ValueError as err:
+            raise ValueError(f"grpo.reward_funcs: {err}") from None
         bound = dict(given)
         if tokenizer is not None and "tokenizer" in _keywords(fn):
             bound["tokenizer"] = tokenizer
