@@ -85,7 +85,7 @@ def calls(tmp_path_factory) -> dict:
         "format": lambda c: get_reward("format")([c]),
         "rec_format": lambda c: get_reward("rec_format")([c]),
         "repetition": lambda c: get_reward("repetition")([c]),
-        "length": lambda c: get_reward("length")([c], solution=[f"<answer> {BLOCK} </answer>"]),
+        "length": lambda c: get_reward("length", count="bytes")([c], solution=[f"<answer> {BLOCK} </answer>"]),
         "rec_iou": lambda c: get_reward("rec_iou")(
             [c],
             solution=["<answer> [1, 2, 300, 400] </answer>"],

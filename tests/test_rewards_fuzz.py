@@ -155,7 +155,7 @@ def test_repetition(content):
 @given(adversarial(), st.sampled_from(TRUTH_BLOCKS))
 @settings(max_examples=600, **SETTINGS)
 def test_length(content, truth):
-    got = get_reward("length")([content], solution=[f"<answer> {truth} </answer>"])
+    got = get_reward("length", count="bytes")([content], solution=[f"<answer> {truth} </answer>"])
     assert _in_range(got, -0.5, 1.0)
 
 
@@ -260,7 +260,8 @@ def _sweep(n: int, seed: int):
 
 
 def test_sweep_cheap_rewards(image_path):
-    rewards = {name: get_reward(name) for name in ("format", "rec_format", "repetition", "length", "rec_iou")}
+    rewards = {name: get_reward(name) for name in ("format", "rec_format", "repetition", "rec_iou")}
+    rewards["length"] = get_reward("length", count="bytes")
     accuracy = get_reward("accuracy", llm_judge=_odd_judge)
     for rng, content in _sweep(10_000, seed=0):
         truth_block = f"<answer> {rng.choice(TRUTH_BLOCKS)} </answer>"

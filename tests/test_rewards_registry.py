@@ -119,7 +119,7 @@ def _cli(argv):
             ],
             "0.5",
         ),
-        (["length", "--completion", "", "--option", "vlmr1_compat=true"], "1.0"),
+        (["length", "--completion", "", "--option", "vlmr1_compat=true", "--option", "count=bytes"], "1.0"),
     ],
 )
 def test_cli_prints_the_score(capsys, argv, printed):

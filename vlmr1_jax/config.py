@@ -113,6 +113,9 @@ class GRPOConfig:
     # cannot be combined with another advantage_estimator.
     scale_rewards: bool = True
     reward_funcs: tuple[str, ...] = ("accuracy", "format")
+    # Keyword options per reward, keyed as in reward_funcs: {length: {count: tokens}, rec_iou: {rescale: false}}.
+    # Checked against each function's parameters before any data or model is loaded (docs/rewards.md).
+    reward_options: dict = dataclasses.field(default_factory=dict)
 
     def algorithm(self) -> Algorithm:
         """The preset `loss` with the explicitly set parts (and `scale_rewards=false`) applied."""

@@ -127,13 +127,13 @@ def evaluate(model, tokenizer, samples) -> dict[str, float]:
 
 def reward_table(run_dir: Path) -> str:
     rows = [
-        "step | reward | rewards/rec_iou | rewards/rec_format | kl | completion_length",
-        "---- | ------ | --------------- | ------------------ | -- | -----------------",
+        "step | reward | rewards/iou_reward | rewards/format_reward_rec | kl | completion_length",
+        "---- | ------ | ------------------ | ------------------------- | -- | -----------------",
     ]
     for m in read_metrics(run_dir):
         rows.append(
-            f"{m['step']:>4} | {m.get('reward', 0):.3f} | {m.get('rewards/rec_iou', 0):.3f} | "
-            f"{m.get('rewards/rec_format', 0):.3f} | {m.get('kl', 0):.4f} | "
+            f"{m['step']:>4} | {m.get('reward', 0):.3f} | {m.get('rewards/iou_reward', 0):.3f} | "
+            f"{m.get('rewards/format_reward_rec', 0):.3f} | {m.get('kl', 0):.4f} | "
             f"{m.get('completion_length', 0):.1f}"
         )
     return "\n".join(rows)

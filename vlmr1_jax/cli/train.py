@@ -10,6 +10,7 @@ import logging
 import sys
 
 from vlmr1_jax.config import load_config
+from vlmr1_jax.rewards import reward_functions
 
 
 def _run(kind: str):
@@ -17,6 +18,7 @@ def _run(kind: str):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
         cfg = load_config(args.config, args.overrides)
         if kind == "grpo":
+            reward_functions(cfg.grpo.reward_funcs, cfg.grpo.reward_options)  # a bad reward or option fails here
             from vlmr1_jax.train.loop import GRPOTrainer as Trainer
         else:
             from vlmr1_jax.train.sft import SFTTrainer as Trainer  # type: ignore[assignment]

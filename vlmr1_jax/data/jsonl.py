@@ -21,8 +21,12 @@ from PIL import Image
 from vlmr1_jax.processing.image import MAX_IMAGE_PIXELS, check_image_size
 
 DEFAULT_REWARD_METHOD = "default"
-# The keys the loader consumes; every other key of a line is passed through in `Sample.extra`.
+# The keys the loader consumes; every other key of a line is passed through in `Sample.extra` (and on to rewards).
 CONSUMED_KEYS = ("id", "image", "conversations", "accu_reward_method")
+# Reward arguments derived from a line rather than read from it (the completions; the loader's problem, solution
+# and image paths; the trainer's prompt conversation and image grids): a jsonl key with one of these names would be
+# shadowed, so it is refused (`reserved_key`) instead of silently replaced.
+RESERVED_KEYS = ("completions", "prompts", "problem", "solution", "image_path", "image_grid_thw", "model_image_size")
 
 
 class DataError(ValueError):
@@ -40,7 +44,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One normalised prompt: VLM-R1's `problem` / `solution` columns, image paths joined to their folder, origin."""
+    """One normalised prompt: VLM-R1's `problem` / `solution` columns, image paths joined to their folder, origin,
+    and in `extra` every other key of its line (VLM-R1's dataset keeps them as columns; rewards receive them)."""
 
     id: Any
     problem: str
@@ -264,6 +269,16 @@ def parse_sample(
             f"expected the solution as a string, got {_describe(answer)}; write it as a JSON string",
         )
     answer = answer.replace("<answer>", "").replace("</answer>", "").strip()
+    reserved = [key for key in RESERVED_KEYS if key in item]
+    if reserved:
+        raise DataError(
+            "reserved_key",
+            file,
+            line,
+            reserved[0],
+            f"rewards get '{reserved[0]}' derived by the loader or trainer, which would hide this field; rename "
+            f"the key (reserved: {', '.join(RESERVED_KEYS)})",
+        )
     method = item.get("accu_reward_method", reward_method)
     if not isinstance(method, str):
         raise DataError(

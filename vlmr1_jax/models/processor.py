@@ -80,8 +80,12 @@ class Processor(Protocol):
         the family's boxes are not in resized pixels (rewards then compare them unscaled)."""
         ...
 
+    def prompt_messages(self, problem: str, num_images: int, task_type: str | None) -> list[dict[str, Any]]:
+        """VLM-R1's conversation for a prompt (its `prompt` column): the family's question template, image entries."""
+        ...
+
     def render_prompt(self, tokenizer: ChatTemplater, problem: str, num_images: int, task_type: str | None) -> str:
-        """VLM-R1's prompt text for the family: question template and chat template, with image placeholders."""
+        """The prompt text the policy sees: `prompt_messages` through the chat template, with image placeholders."""
         ...
 
     def hf_preprocessor_config(self, cfg: Any) -> dict[str, Any]:

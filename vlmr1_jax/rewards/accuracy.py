@@ -1,4 +1,4 @@
-"""`accuracy`: VLM-R1's `accuracy_reward`, dispatching per sample on `accu_reward_method` (SPEC §2.3)."""
+"""`accuracy`: VLM-R1's `accuracy_reward`, dispatching per sample on `accu_reward_method`."""
 
 from __future__ import annotations
 

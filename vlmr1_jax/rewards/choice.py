@@ -1,4 +1,4 @@
-"""Multiple-choice and yes/no answers (VLM-R1 `extract_choice`, `mcq`, `yes_no`; SPEC §2.2-2.3)."""
+"""Multiple-choice and yes/no answers (VLM-R1 `extract_choice`, `mcq`, `yes_no`)."""
 
 from __future__ import annotations
 

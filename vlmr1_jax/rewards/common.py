@@ -1,6 +1,6 @@
 """Helpers shared by the VLM-R1 rewards: answer-tag extraction, `clean_text`, the +-1 IoU, box and column checks.
 
-Everything here follows VLM-R1 (SPEC §2.2) exactly; model output that does not parse yields None or 0, never an error.
+Everything here follows VLM-R1 exactly; model output that does not parse yields None or 0, never an error.
 Tags are found with `str.find`, in time linear in the text: VLM-R1's `<answer>(.*?)</answer>` regexes restart the
 lazy scan at every opening tag, which is quadratic on a completion of repeated unclosed tags.
 """

@@ -1,4 +1,4 @@
-"""Open-vocabulary detection rewards (SPEC §2.4-2.5): COCO mAP (`map`, `od_ap`, `od_ap50`, `odLength`), `weighted_sum`.
+"""Open-vocabulary detection rewards: COCO mAP (`map`, `od_ap`, `od_ap50`, `odLength`), `weighted_sum`.
 
 Boxes are JSON lists `[{"bbox_2d": [x1, y1, x2, y2], "label": str}, ...]` inside a ```` ```json ``` ```` block.
 A prediction that does not parse is an empty list; a ground truth that does not parse raises RewardInputError.

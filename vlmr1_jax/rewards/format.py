@@ -1,4 +1,4 @@
-"""`format`: VLM-R1's generic `format_reward`; the whole completion must be think-then-answer (SPEC §2.8)."""
+"""`format`: VLM-R1's generic `format_reward`; the whole completion must be think-then-answer."""
 
 from __future__ import annotations
 

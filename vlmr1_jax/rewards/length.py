@@ -1,4 +1,4 @@
-"""`length` (cosine length reward, arXiv 2502.03373) and `repetition` (n-gram repetition penalty); SPEC §2.6-2.7."""
+"""`length` (cosine length reward, arXiv 2502.03373) and `repetition` (n-gram repetition penalty)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import math
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from vlmr1_jax.rewards import sandbox
 from vlmr1_jax.rewards.common import aligned, first_between, score_samples
@@ -32,7 +32,7 @@ def cosine_score(length: int, correct: bool, max_len: int = COSINE_MAX_LEN) -> f
 
 
 def byte_length(content: str) -> int:
-    """Fallback token count: UTF-8 bytes / 4, rounded up (a rough BPE estimate, used with no tokenizer given)."""
+    """Token count estimate of `count="bytes"`: UTF-8 bytes / 4, rounded up (a rough BPE estimate)."""
     return -(-len(content.encode("utf-8")) // 4)
 
 
@@ -42,6 +42,7 @@ def cosine_rewards(
     *,
     solution: list[str] | None = None,
     tokenizer: Any = None,
+    count: Literal["tokens", "bytes"] = "tokens",
     length_fn: Callable[[str], int] | None = None,
     max_len: int = COSINE_MAX_LEN,
     vlmr1_compat: bool = False,
@@ -49,20 +50,35 @@ def cosine_rewards(
 ) -> list[float]:
     """Cosine length reward in [-0.5, 1.0]; correct means `weighted_sum` accuracy >= 0.7 (VLM-R1 computes that).
 
-    Length = `length_fn(text)`, else `len(tokenizer.encode(text))` (VLM-R1 re-encodes the decoded completion),
-    else `byte_length`. [BUG in VLM-R1] the accuracy is overwritten with 1.0, so every completion takes the
-    "correct" branch; `vlmr1_compat=True` reproduces that (and then needs no `solution`).
+    Length = `length_fn(text)` if given, else by `count`: "tokens" is `len(tokenizer.encode(text))` (VLM-R1
+    re-encodes the decoded completion; training passes the run's tokenizer), "bytes" is `byte_length`.
+    [BUG in VLM-R1] the accuracy is overwritten with 1.0, so every completion takes the "correct" branch;
+    `vlmr1_compat=True` reproduces that (and then needs no `solution`).
     """
     n = len(completions)
     solutions = aligned(solution, "solution", n, required=not vlmr1_compat)
     if length_fn is None:
-        length_fn = (lambda text: len(tokenizer.encode(text))) if tokenizer is not None else byte_length
+        length_fn = _counter(count, tokenizer)
 
     def score(i: int) -> float:
         correct = vlmr1_compat or weighted_sum_score(completions[i], solutions[i]) >= CORRECT_THRESHOLD
         return cosine_score(length_fn(completions[i]), correct, max_len)
 
     return score_samples(score, n, aligned(columns.get("id"), "id", n))
+
+
+def _counter(count: str, tokenizer: Any) -> Callable[[str], int]:
+    """The length function of `count`; "tokens" without a tokenizer is an error, not a silent byte estimate."""
+    if count == "bytes":
+        return byte_length
+    if count != "tokens":
+        raise ValueError(f"length reward: count={count!r}; expected 'tokens' or 'bytes'")
+    if tokenizer is None:
+        raise ValueError(
+            "length reward: count='tokens' needs the tokenizer, which training passes (elsewhere pass "
+            "tokenizer=...); or set the option count='bytes' for the UTF-8 bytes / 4 estimate"
+        )
+    return lambda text: len(tokenizer.encode(text))
 
 
 _ARRAY_START = re.compile(r"\[\s*\{")

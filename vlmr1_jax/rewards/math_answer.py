@@ -1,4 +1,4 @@
-"""Math answers (SPEC §2.3 `math`): math_verify, then the last `\\boxed{}` with hendrycks-MATH normalisation.
+"""Math answers (`accu_reward_method` `math`): math_verify, then the last `\\boxed{}` with hendrycks-MATH normalisation.
 
 Mirrors VLM-R1's `utils/math.py::compute_score`, including which inputs fall back to a raw string comparison.
 math_verify runs under a per-sample time limit on inputs of bounded length (see `verify_equal`).

@@ -67,7 +67,7 @@ class Scored:
 
     completions: list[str]  # [B]
     rewards: np.ndarray  # [B] float32, sum over the reward functions
-    per_reward: dict[str, np.ndarray]  # reward name -> [B] float32
+    per_reward: dict[str, np.ndarray]  # metric name (the reward function's __name__) -> [B] float32
     advantages: np.ndarray  # [B] float32
     group_std: np.ndarray  # [P] float32, each group's reward std
     lengths: np.ndarray  # [B] completion tokens through the first EOS
@@ -75,7 +75,7 @@ class Scored:
     score_seconds: float
 
     def metrics(self) -> dict[str, float]:
-        """The per-step rollout metrics (VLM-R1's names)."""
+        """The per-step rollout metrics with VLM-R1's names: `rewards/<name>` for each `per_reward` name."""
         return {
             "completion_length": float(self.lengths.mean()),
             **{f"rewards/{name}": float(v.mean()) for name, v in self.per_reward.items()},
@@ -90,7 +90,11 @@ class Scored:
 def score(
     completions: list[str], columns: Mapping[str, list[Any]], reward_fns: Mapping[str, RewardFn]
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Each reward function's scores, and their sum per completion (VLM-R1: unit weights)."""
+    """Each reward function's scores (keyed as `reward_fns`), and their sum per completion (VLM-R1: unit weights).
+
+    Every function gets `completions` and every column as keywords (`train.setup.columns_for`: the jsonl fields,
+    the derived columns and `prompts`), one value per completion.
+    """
     per_fn = {}
     for name, fn in reward_fns.items():
         values = np.asarray(fn(completions, **columns), np.float32)
@@ -118,7 +122,8 @@ def rollout(
 ) -> tuple[TrainExample, Scored]:
     """Sample, decode and score G completions per prompt, and assemble the step's input.
 
-    `columns`: the reward keyword columns, one entry per completion. `ref_logprob_fn` None: no reference (beta = 0).
+    `reward_fns`: {metric name: function} (`rewards.reward_functions`); `columns`: the reward keyword columns, one
+    entry per completion. `ref_logprob_fn` None: no reference (beta = 0).
     `keep_old_logprobs`: keep the sampler's log-probs as the old policy (num_iterations > 1). `fetch` brings a
     global device array to this host (`train.setup.to_host` across processes).
     """

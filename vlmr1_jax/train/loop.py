@@ -21,7 +21,7 @@ from vlmr1_jax.data.jsonl import Sample
 from vlmr1_jax.models.family import family_of
 from vlmr1_jax.models.processor import PromptBatch
 from vlmr1_jax.processing.tokenizer import Tokenizer
-from vlmr1_jax.rewards import get_reward
+from vlmr1_jax.rewards import reward_functions
 from vlmr1_jax.rl.grpo import check_algorithm, group_advantages
 from vlmr1_jax.rl.rollout import Prepared, TrainExample, rollout
 from vlmr1_jax.rl.sampler import Sampler, default_banned_ids
@@ -61,7 +61,7 @@ class GRPOTrainer(Trainer):
             updates_per_step=g.num_iterations,
             resume_anyway=resume_anyway,
         )
-        self.reward_fns = {name: get_reward(name) for name in g.reward_funcs}
+        self.reward_fns = reward_functions(g.reward_funcs, g.reward_options, self.tokenizer)
         self.generate = make_generate_fn(cfg, self.tokenizer, self.model_cfg, self.graphdef)
         self.logprobs = make_logprob_fn(self.graphdef, g.num_generations)
         self.step_fn = make_grpo_step(
@@ -86,7 +86,11 @@ class GRPOTrainer(Trainer):
             decode=self.tokenizer.batch_decode,
             reward_fns=self.reward_fns,
             columns=columns_for(
-                prepared.samples, prepared.batch, g.num_generations, family_of(self.model_cfg).processor
+                prepared.samples,
+                prepared.batch,
+                g.num_generations,
+                family_of(self.model_cfg).processor,
+                self.cfg.data.task_type,
             ),
             advantage_fn=functools.partial(
                 group_advantages, group_size=g.num_generations, estimator=g.algorithm().advantage_estimator

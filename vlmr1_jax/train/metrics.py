@@ -1,6 +1,7 @@
 """Training logs: scalar metrics as JSONL + TensorBoard, and per-step rollouts (VLM-R1's DEBUG_MODE log) as JSONL.
 
-Metric names follow VLM-R1 (docs/facts.md: Loss): completion_length, rewards/<fn>, reward, reward_std, kl, clip_ratio,
+Metric names follow VLM-R1 (docs/facts.md: Loss): completion_length, rewards/<function name> (`rewards/iou_reward` for
+the `rec_iou` reward; `rewards.reward_functions` names them), reward, reward_std, kl, clip_ratio,
 loss, grad_norm, learning_rate, epoch, plus time/sample, time/score, time/train and tokens_per_second.
 Only process 0 writes metrics. A resumed run continues the same files after dropping the records of steps past its
 checkpoint (they are logged again as those steps rerun; TensorBoard purges them too), so every step appears once.

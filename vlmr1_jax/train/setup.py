@@ -215,29 +215,33 @@ def run_dir(cfg: RunConfig) -> Path:
 
 
 def columns_for(
-    samples: Sequence[Sample], batch: PromptBatch, repeat: int, processor: Processor
+    samples: Sequence[Sample], batch: PromptBatch, repeat: int, processor: Processor, task_type: str | None
 ) -> dict[str, list[Any]]:
-    """Reward keyword columns for G consecutive completions per sample (VLM-R1 passes every dataset column), plus
-    `model_image_size`: per image, the [height, width] frame the model's boxes live in (None: not rescaled)."""
-    cols: dict[str, list[Any]] = {
-        "solution": [],
-        "accu_reward_method": [],
-        "image_path": [],
-        "problem": [],
-        "id": [],
-        "image_grid_thw": [],
-        "model_image_size": [],
-    }
-    for sample, grids in zip(samples, batch.image_grids):
-        for _ in range(repeat):
-            cols["solution"].append(sample.solution)
-            cols["accu_reward_method"].append(sample.accu_reward_method)
-            cols["image_path"].append(list(sample.image_paths))
-            cols["problem"].append(sample.problem)
-            cols["id"].append(sample.id)
-            cols["image_grid_thw"].append([list(g) for g in grids])
-            cols["model_image_size"].append([_as_list(processor.model_frame(g)) for g in grids])
-    return cols
+    """Reward keyword columns for G consecutive completions per sample, as VLM-R1 passes its dataset columns.
+
+    Every jsonl field of the samples (`Sample.extra`, None for a sample without a field another sample of the batch
+    has), `id`, `accu_reward_method`, the loader's `problem` / `solution` / `image_path`, the processor's
+    `image_grid_thw`, `model_image_size` (per image, the [height, width] frame the model's boxes live in, None when
+    the family does not rescale) and `prompts`: VLM-R1's conversation for the prompt (the processor's
+    `prompt_messages`). The loader refuses jsonl keys that name a derived column (`RESERVED_KEYS`), so no field is
+    shadowed.
+    """
+    fields = list(dict.fromkeys(key for sample in samples for key in sample.extra))
+    rows = []
+    for sample, grids in zip(samples, batch.image_grids, strict=True):
+        row = {
+            **{key: sample.extra.get(key) for key in fields},
+            "id": sample.id,
+            "accu_reward_method": sample.accu_reward_method,
+            "problem": sample.problem,
+            "solution": sample.solution,
+            "image_path": list(sample.image_paths),
+            "image_grid_thw": [list(g) for g in grids],
+            "model_image_size": [_as_list(processor.model_frame(g)) for g in grids],
+            "prompts": processor.prompt_messages(sample.problem, len(sample.image_paths), task_type),
+        }
+        rows += [row] * repeat
+    return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
 
 
 def _as_list(frame: tuple[int, int] | None) -> list[int] | None:

@@ -22,7 +22,7 @@ from vlmr1_jax.models.qwen2_5_vl.image import (
     smart_resize,
     tokens_for_grid,
 )
-from vlmr1_jax.models.qwen2_5_vl.prompts import render_prompt
+from vlmr1_jax.models.qwen2_5_vl.prompts import build_messages, render_prompt
 from vlmr1_jax.models.qwen2_5_vl.rope import get_rope_index
 from vlmr1_jax.models.qwen2_5_vl.vision_plan import plan_vision, vision_gather_indices
 
@@ -141,6 +141,9 @@ class QwenProcessor:
             "do_normalize": True,
             "do_convert_rgb": True,
         }
+
+    def prompt_messages(self, problem: str, num_images: int, task_type: str | None) -> list[dict[str, Any]]:
+        return build_messages(problem, num_images, task_type)
 
     def render_prompt(self, tokenizer: ChatTemplater, problem: str, num_images: int, task_type: str | None) -> str:
         return render_prompt(tokenizer, problem, num_images, task_type)
