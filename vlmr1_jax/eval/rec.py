@@ -133,8 +133,8 @@ def score_rec(
     grids: Sequence[Sequence[Sequence[int]]],
     patch_size: int = 14,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Acc@0.5 (VLM-R1 protocol) plus mean `rec_iou` / `rec_format` rewards, and per-sample records, for the
-    completions of `samples` whose first images were resized to `grids[i][0]`."""
+    """Acc@0.5 (VLM-R1 protocol) and the mean IoU it thresholds, mean `rec_iou` / `rec_format` rewards, and
+    per-sample records, for the completions of `samples` whose first images were resized to `grids[i][0]`."""
     columns = {
         "solution": [s.solution for s in samples],
         "image_path": [list(s.image_paths) for s in samples],
@@ -142,10 +142,11 @@ def score_rec(
     }
     iou_rewards = get_reward("rec_iou")(list(completions), **columns)
     format_rewards = get_reward("rec_format")(list(completions), **columns)
-    records, correct = [], 0
+    records, correct, ious = [], 0, []
     for sample, completion, g, r_iou, r_fmt in zip(samples, completions, grids, iou_rewards, format_rewards):
         box = rescale_box(extract_box(completion), g[0], sample.image_paths[0], patch_size)
-        hit = iou(box, truth_box(sample)) > 0.5
+        ious.append(iou(box, truth_box(sample)))
+        hit = ious[-1] > 0.5
         correct += hit
         records.append(
             {
@@ -155,6 +156,7 @@ def score_rec(
                 "solution": sample.solution,
                 "completion": completion,
                 "pred_box": box,
+                "iou": float(ious[-1]),
                 "correct": bool(hit),
                 "rec_iou": float(r_iou),
                 "rec_format": float(r_fmt),
@@ -163,6 +165,7 @@ def score_rec(
     n = max(len(samples), 1)
     summary = {
         "accuracy": 100.0 * correct / n,
+        "mean_iou": float(np.mean(ious)) if samples else 0.0,  # of the rescaled boxes Acc@0.5 thresholds
         "iou": float(np.mean(iou_rewards)) if samples else 0.0,
         "format": float(np.mean(format_rewards)) if samples else 0.0,
         "n": len(samples),
