@@ -84,6 +84,9 @@ def test_accuracy_is_strict_iou_above_half(tmp_path):
     assert records[3]["pred_box"] == pytest.approx([10.0, 10.0, 50.0, 50.0])
     # Mean of the rec_iou training reward (continuous IoU, same rescale): (1 + 0.5 + 0.525 + 1 + 0) / 5.
     assert summary["iou"] == pytest.approx(0.605)
+    # The protocol IoUs Acc@0.5 thresholds (+-1 convention, here equal to the continuous ones), and their mean.
+    assert [r["iou"] for r in records] == pytest.approx([1.0, 0.5, 0.525, 1.0, 0.0])
+    assert summary["mean_iou"] == pytest.approx(0.605)
 
 
 def test_subset_is_vlm_r1_seeded_shuffle():

@@ -95,6 +95,9 @@ class DataConfig:
     # ratio > 200) are found at load time; skipped samples are counted and reported.
     on_error: str = "raise"
     max_prompt_length: int | None = None  # pad prompts to this length (None: bucket per batch)
+    # Fraction of the samples (all files together) held out for validation, never trained on: the first
+    # ceil(ratio * n) of a permutation seeded by data.seed (VLM-R1's train_test_split). 0: no split.
+    val_split_ratio: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +171,9 @@ class TrainConfig:
     distributed: bool = False  # call jax.distributed.initialize() first
     # Steps whose loss / gradient is not finite are skipped (parameters untouched); this many in a row stop the run.
     max_nonfinite_steps: int = 3
+    # Every this many steps, and at the last step, decode the validation split greedily and log eval/* metrics
+    # (needs data.val_split_ratio > 0). 0: never.
+    eval_every: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +312,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         d.max_prompt_length,
         "null or >= 1",
     )
+    _check(0 <= d.val_split_ratio < 1, "data.val_split_ratio", d.val_split_ratio, "a fraction in [0, 1)")
     _check(s.max_new_tokens >= 1, "sampling.max_new_tokens", s.max_new_tokens, "an integer >= 1")
     _check(
         s.greedy or _positive(s.temperature),
@@ -345,6 +352,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     )
     for field in ("save_every", "keep_checkpoints", "log_every", "max_nonfinite_steps"):
         _check(getattr(t, field) >= 1, f"train.{field}", getattr(t, field), "an integer >= 1")
+    _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "an integer >= 0 (0: no evaluation)")
+    _check(
+        t.eval_every == 0 or d.val_split_ratio > 0,
+        "train.eval_every",
+        t.eval_every,
+        "0 without a validation split (set data.val_split_ratio, e.g. 0.05, to hold out samples to evaluate on)",
+    )
     for field in ("data", "fsdp", "tensor"):
         size = getattr(cfg.mesh, field)
         _check(size >= 1 or size == -1, f"mesh.{field}", size, ">= 1, or -1 for all remaining devices")

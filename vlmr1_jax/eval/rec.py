@@ -145,8 +145,9 @@ def score_rec(
     completions: Sequence[str],
     frames: Sequence[Frames],
 ) -> tuple[dict[str, float], list[dict]]:
-    """Acc@0.5 (VLM-R1 protocol) plus mean `rec_iou` / `rec_format` rewards, and per-sample records, for the
-    completions of `samples` whose models answered in the frames `frames[i][0]` ([height, width] or None)."""
+    """Acc@0.5 (VLM-R1 protocol) and the mean IoU it thresholds, mean `rec_iou` / `rec_format` rewards, and
+    per-sample records, for the completions of `samples` whose models answered in the frames `frames[i][0]`
+    ([height, width] or None)."""
     columns = {
         "solution": [s.solution for s in samples],
         "image_path": [list(s.image_paths) for s in samples],
@@ -154,10 +155,11 @@ def score_rec(
     }
     iou_rewards = get_reward("rec_iou")(list(completions), **columns)
     format_rewards = get_reward("rec_format")(list(completions), **columns)
-    records, correct = [], 0
+    records, correct, ious = [], 0, []
     for sample, completion, fs, r_iou, r_fmt in zip(samples, completions, frames, iou_rewards, format_rewards):
         box = rescale_box(extract_box(completion), fs[0], sample.image_paths[0])
-        hit = iou(box, truth_box(sample)) > 0.5
+        ious.append(iou(box, truth_box(sample)))
+        hit = ious[-1] > 0.5
         correct += hit
         records.append(
             {
@@ -167,6 +169,7 @@ def score_rec(
                 "solution": sample.solution,
                 "completion": completion,
                 "pred_box": box,
+                "iou": float(ious[-1]),
                 "correct": bool(hit),
                 "rec_iou": float(r_iou),
                 "rec_format": float(r_fmt),
@@ -175,6 +178,7 @@ def score_rec(
     n = max(len(samples), 1)
     summary = {
         "accuracy": 100.0 * correct / n,
+        "mean_iou": float(np.mean(ious)) if samples else 0.0,  # of the rescaled boxes Acc@0.5 thresholds
         "iou": float(np.mean(iou_rewards)) if samples else 0.0,
         "format": float(np.mean(format_rewards)) if samples else 0.0,
         "n": len(samples),

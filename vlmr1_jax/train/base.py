@@ -24,6 +24,7 @@ from tqdm import tqdm
 from vlmr1_jax.config import RunConfig, to_dict
 from vlmr1_jax.data.jsonl import DataError, Sample
 from vlmr1_jax.data.pipeline import epoch_of, make_sample_iterator
+from vlmr1_jax.data.split import split_validation
 from vlmr1_jax.models.family import family_of
 from vlmr1_jax.models.processor import PromptBatch
 from vlmr1_jax.processing.batch import (
@@ -50,6 +51,7 @@ from vlmr1_jax.train.setup import (
     run_dir,
     setup_mesh,
 )
+from vlmr1_jax.train.validate import Validation
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,9 @@ class Trainer:
         self.cfg = cfg
         self.progress = progress
         self.updates_per_step = updates_per_step
-        self.mesh, self.tokenizer, self.samples = parts.mesh, parts.tokenizer, parts.samples
+        self.mesh, self.tokenizer = parts.mesh, parts.tokenizer
+        # The held-out validation samples never enter the training stream.
+        self.samples, held_out = split_validation(parts.samples, cfg.data.val_split_ratio, cfg.data.seed)
         self.max_steps = resolve_max_steps(cfg, len(self.samples))
         self.out = run_dir(cfg)
         self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.train.save_every, cfg.train.keep_checkpoints)
@@ -122,6 +126,19 @@ class Trainer:
             model, cfg.train.trainable, self.optimizer, with_reference, frozen_dtype_of(cfg.model)
         )
         self.state = on_mesh(state, self.mesh)
+        self.validation = (
+            Validation(
+                cfg,
+                held_out,
+                encode=self.encode_one,
+                tokenizer=self.tokenizer,
+                model_cfg=self.model_cfg,
+                graphdef=self.graphdef,
+                mesh=self.mesh,
+            )
+            if cfg.train.eval_every
+            else None
+        )
         self.data = make_sample_iterator(
             self.samples, cfg.data.prompts_per_step, cfg.data.seed, num_epochs=cfg.data.num_epochs
         )
@@ -310,11 +327,14 @@ class Trainer:
             self._check_finite(metrics)
             metrics["time/step"] = time.perf_counter() - start
             self.finish_metrics(metrics)
+            # eval/* metrics (when due) close the logging window, so they are logged at the step they evaluate.
+            evaluation = self.validation.after_step(self.step, upcoming is None, self.state) if self.validation else {}
+            metrics.update(evaluation)
             metrics["epoch"] = epoch_of(self.step, len(self.samples), cfg.data.prompts_per_step)
             metrics["data/skipped"] = float(skipped)
             metrics["compilations"] = float(compilations())
             window.append(metrics)
-            if self.step % cfg.train.log_every == 0 or self.step == self.max_steps:
+            if self.step % cfg.train.log_every == 0 or self.step == self.max_steps or evaluation:
                 last = mean_metrics(window)
                 window = []
                 self.metrics.write(self.step, last)

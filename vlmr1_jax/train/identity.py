@@ -13,6 +13,7 @@ RESUMABLE = frozenset(
         "train.max_steps",
         "data.num_epochs",
         "train.log_every",
+        "train.eval_every",
         "train.save_every",
         "train.keep_checkpoints",
         "train.rollout_log",

@@ -1,4 +1,5 @@
-"""`vlmr1 plot RUN_DIR`: reward (total and per function), KL and completion-length curves from `metrics.jsonl`."""
+"""`vlmr1 plot RUN_DIR`: reward (total and per function), KL, completion-length and validation (`eval/*`) curves
+from `metrics.jsonl`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ PANELS = (
     ("reward", "Reward", "reward", ("reward", "rewards/")),
     ("kl", "KL to the reference policy", "kl", ("kl",)),
     ("completion_length", "Completion length", "tokens", ("completion_length",)),
+    ("eval", "Validation split, greedy decoding", "mean over the split", ("eval/reward", "eval/")),
 )
 
 
@@ -24,7 +26,7 @@ def _panel_metrics(records: list[dict[str, Any]], wanted: tuple[str, ...]) -> li
     names = []
     for item in wanted:
         if item.endswith("/"):
-            names += sorted(n for n in present if n.startswith(item))
+            names += sorted(n for n in present if n.startswith(item) and n not in names)
         elif item in present:
             names.append(item)
     return names
@@ -67,5 +69,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
         fig.savefig(path)
         paths.append(path)
     if not paths:
-        raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'} has none of reward, rewards/<fn>, kl, completion_length")
+        raise ValueError(
+            f"{Path(run_dir) / 'metrics.jsonl'} has none of reward, rewards/<fn>, kl, completion_length, eval/*"
+        )
     return paths
