@@ -1,4 +1,5 @@
-"""Built-in synthetic GUI defect data in VLM-R1's GUI shape: two screenshots per sample, before and after one tap.
+"""Built-in synthetic GUI defect data in VLM-R1's GUI shape (docs/facts.md: VLM-R1 GUI and OVD data): two
+screenshots per sample, before and after one tap.
 
 The first screenshot is an app's home screen: a status bar, a grey header and 2-4 coloured buttons, each with a
 white shape icon. The question names the tapped button and the page it should open; the second screenshot shows
@@ -10,17 +11,22 @@ Questions carry no `<image>` tokens (as VLM-R1's GUI file); the recipe scores th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from PIL import Image, ImageDraw
 
 from vlmr1_jax.data.synthetic import COLOURS, SHAPES, shape_mask, write_split
 
+RGB = tuple[int, int, int]
+Box = tuple[int, int, int, int]  # [x1, y1, x2, y2), as the REC boxes
+
 SPLITS = ("train", "val")
 NO_RESPONSE, WRONG_PAGE = "Operation No Response", "Unexpected Task Result"
 ANSWERS = (NO_RESPONSE, WRONG_PAGE)
-STATUS_BAR = (30, 30, 30)
-HOME_HEADER = (128, 128, 128)
-WHITE = (255, 255, 255)
+STATUS_BAR: RGB = (30, 30, 30)
+HOME_HEADER: RGB = (128, 128, 128)
+WHITE: RGB = (255, 255, 255)
 PRESSED = 0.6  # a pressed button's colour, as a fraction of its normal colour
 MIN_BUTTONS, MAX_BUTTONS = 2, 4
 QUESTION = (
@@ -31,7 +37,7 @@ QUESTION = (
 )
 
 
-def layout(image_size: int) -> dict[str, tuple[int, int, int, int]]:
+def layout(image_size: int) -> dict[str, Box]:
     """Screen regions as [x1, y1, x2, y2) boxes: status bar, header, and the four button slots (a 2 x 2 grid)."""
     s = image_size
     status, header, margin = s // 14, s // 4, s // 14
@@ -43,7 +49,7 @@ def layout(image_size: int) -> dict[str, tuple[int, int, int, int]]:
     return regions
 
 
-def _frame(image_size: int, body: tuple[int, int, int], header: tuple[int, int, int]) -> Image.Image:
+def _frame(image_size: int, body: RGB, header: RGB) -> Image.Image:
     regions = layout(image_size)
     image = Image.new("RGB", (image_size, image_size), body)
     draw = ImageDraw.Draw(image)
@@ -52,33 +58,32 @@ def _frame(image_size: int, body: tuple[int, int, int], header: tuple[int, int, 
     return image
 
 
-def _inclusive(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+def _inclusive(box: Sequence[int]) -> Box:
+    """PIL's rectangle takes inclusive corners."""
     return box[0], box[1], box[2] - 1, box[3] - 1
 
 
-def _icon(image: Image.Image, shape: str, box: tuple[int, int, int, int], fill: tuple[int, int, int]) -> None:
+def _icon(image: Image.Image, shape: str, box: Sequence[int], fill: RGB) -> None:
     """A `shape` icon centred in `box`, half its smaller side."""
     size = min(box[2] - box[0], box[3] - box[1]) // 2
     x0, y0 = (box[0] + box[2] - size) // 2, (box[1] + box[3] - size) // 2
     image.paste(fill, (0, 0), shape_mask(shape, size, x0, y0, image.width))
 
 
-def home_screen(
-    image_size: int, body: tuple[int, int, int], buttons: list[dict], pressed: int | None = None
-) -> Image.Image:
+def home_screen(image_size: int, body: RGB, buttons: list[dict], pressed: int | None = None) -> Image.Image:
     """The home screen with `buttons` ({colour, shape, box}); button `pressed` (an index) drawn darker."""
     image = _frame(image_size, body, HOME_HEADER)
     draw = ImageDraw.Draw(image)
-    for k, b in enumerate(buttons):
-        fill = COLOURS[b["colour"]]
+    for k, button in enumerate(buttons):
+        red, green, blue = COLOURS[button["colour"]]
         if k == pressed:
-            fill = tuple(int(PRESSED * v) for v in fill)  # type: ignore[assignment]
-        draw.rectangle(_inclusive(b["box"]), fill=fill)
-        _icon(image, b["shape"], b["box"], WHITE)
+            red, green, blue = int(PRESSED * red), int(PRESSED * green), int(PRESSED * blue)
+        draw.rectangle(_inclusive(button["box"]), fill=(red, green, blue))
+        _icon(image, button["shape"], button["box"], WHITE)
     return image
 
 
-def page_screen(image_size: int, body: tuple[int, int, int], colour: str, shape: str) -> Image.Image:
+def page_screen(image_size: int, body: RGB, colour: str, shape: str) -> Image.Image:
     """The page a button opens: its colour in the header, its icon large in the body."""
     image = _frame(image_size, body, COLOURS[colour])
     regions = layout(image_size)
@@ -97,19 +102,20 @@ def make_record(index: int, seed: int, split: str, image_size: int) -> tuple[dic
     colours = [str(c) for c in rng.choice(list(COLOURS), count, replace=False)]
     shapes = [SHAPES[int(i)] for i in rng.integers(len(SHAPES), size=count)]
     buttons = [{"colour": c, "shape": s, "box": list(regions[f"slot{k}"])} for c, s, k in zip(colours, shapes, slots)]
-    body = tuple(int(v) for v in rng.integers(225, 256, size=3))
+    red, green, blue = (int(v) for v in rng.integers(225, 256, size=3))
+    body = (red, green, blue)
     tapped = int(rng.integers(count))
     answer = ANSWERS[int(rng.integers(len(ANSWERS)))]
-    before = home_screen(image_size, body, buttons)  # type: ignore[arg-type]
+    before = home_screen(image_size, body, buttons)
     if answer == NO_RESPONSE:
         opened = None
-        after = home_screen(image_size, body, buttons, pressed=tapped)  # type: ignore[arg-type]
+        after = home_screen(image_size, body, buttons, pressed=tapped)
     else:
         opened = [k for k in range(count) if k != tapped][int(rng.integers(count - 1))]
-        after = page_screen(image_size, body, buttons[opened]["colour"], buttons[opened]["shape"])  # type: ignore[arg-type]
+        after = page_screen(image_size, body, colours[opened], shapes[opened])
     name = f"{split}_{index:06d}"
     paths = [f"{split}/{name}_before.png", f"{split}/{name}_after.png"]
-    button = f"{buttons[tapped]['colour']} {buttons[tapped]['shape']}"
+    button = f"{colours[tapped]} {shapes[tapped]}"
     record = {
         "id": name,
         "image": paths,

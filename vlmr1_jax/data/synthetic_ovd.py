@@ -1,4 +1,5 @@
-"""Built-in synthetic open-vocabulary detection (OVD) data in VLM-R1's D³ shape, for the `odLength` reward.
+"""Built-in synthetic open-vocabulary detection (OVD) data in VLM-R1's D³ shape, for the `odLength` reward
+(docs/facts.md: VLM-R1 GUI and OVD data).
 
 Each image holds 2-4 coloured shapes (a label such as "red circle" may appear more than once). The query lists
 every label present plus 1-3 absent ones (D³'s negative descriptions); in about one sample in ten only absent
