@@ -3,9 +3,7 @@ determinism and the tokenizer corpus."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -14,14 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers.files import folder_digest
+from tests.helpers.shapes import FILL, colour_mask
 from vlmr1_jax.data import synthetic
 from vlmr1_jax.data.jsonl import load_jsonl_datasets
 
-RGB = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 230), "yellow": (230, 210, 40)}
-# Fill of the tight box by the shape, from geometry: square 1, disc pi/4, triangle 1/2,
-# 5-point star with inner radius 0.45 r: area 5 r^2 0.45 sin 36deg over box 2r cos 18deg x r(1 + cos 36deg).
-STAR_FILL = 5 * 0.45 * math.sin(math.radians(36)) / (2 * math.cos(math.radians(18)) * (1 + math.cos(math.radians(36))))
-FILL = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5, "star": STAR_FILL}
 HELD_OUT = {("red", "star"), ("green", "triangle"), ("blue", "square"), ("yellow", "circle")}
 ALL_FAMILIES = ("simple", "superlative", "relational")
 
@@ -44,11 +39,6 @@ def dataset(tmp_path_factory) -> dict[str, list[dict]]:
 
 def all_records(dataset) -> list[dict]:
     return [r for records in dataset.values() for r in records]
-
-
-def colour_mask(pixels: np.ndarray, colour: str) -> np.ndarray:
-    """Pixels within noise (sigma 8) of a paint colour; the dark background is >= 140 away in some channel."""
-    return np.all(np.abs(pixels.astype(int) - RGB[colour]) <= 45, axis=-1)
 
 
 def test_images_and_boxes_match_the_pixels(dataset):
@@ -191,19 +181,10 @@ def test_loads_as_vlm_r1_jsonl(dataset):
     assert s.id == "train_000000" and s.image_paths[0].endswith(os.path.join("train", "train_000000.png"))
 
 
-def tree_digest(folder: str) -> dict[str, str]:
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            out[os.path.relpath(path, folder)] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return out
-
-
 def test_same_seed_gives_identical_bytes(tmp_path):
     for name, seed in (("a", 9), ("b", 9), ("c", 10)):
         synthetic.write_default_dataset(str(tmp_path / name), 4, 2, 2, seed, families=ALL_FAMILIES)
-    a, b, c = (tree_digest(str(tmp_path / n)) for n in "abc")
+    a, b, c = (folder_digest(tmp_path / n) for n in "abc")
     assert len(a) == 3 + 8 and a == b
     assert a.keys() == c.keys() and all(a[k] != c[k] for k in a)
 

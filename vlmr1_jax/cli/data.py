@@ -1,4 +1,5 @@
-"""`vlmr1 data synth` (write the built-in synthetic REC data) and `vlmr1 data check` (validate jsonl + images)."""
+"""`vlmr1 data synth` (write built-in synthetic REC, GUI or OVD data) and `vlmr1 data check` (validate jsonl +
+images)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import collections
 
 from vlmr1_jax.config import DataConfig, ModelConfig
-from vlmr1_jax.data import synthetic
+from vlmr1_jax.data import synthetic, synthetic_gui, synthetic_ovd
 from vlmr1_jax.data.jsonl import DataError, LoadReport, Sample, duplicate_ids, load_jsonl_datasets, read_image_sizes
 from vlmr1_jax.models.family import family_names, get_family
 from vlmr1_jax.models.processor import Processor
@@ -18,7 +19,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="make or check VLM-R1 jsonl datasets")
     actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
-    synth = actions.add_parser("synth", help="write synthetic REC data (jsonl + images)")
+    synth = actions.add_parser("synth", help="write synthetic REC, GUI or OVD data (jsonl + images)")
+    synth.add_argument(
+        "--task",
+        choices=("rec", "gui", "ovd"),
+        default="rec",
+        help="rec: referring expressions (recipes rec_3b, demo_tiny); gui: before/after screenshots with a defect "
+        "(gui_3b); ovd: several labelled boxes per image (ovd_3b)",
+    )
     synth.add_argument("--out", required=True, help="output folder (<out>/<split>.jsonl, <out>/images/)")
     synth.add_argument("--n", type=int, required=True, help="number of samples")
     synth.add_argument("--seed", type=int, default=0)
@@ -26,16 +34,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--split",
         choices=synthetic.SPLITS,
         default="train",
-        help="train/val are in-domain; ood targets colour+shape pairs never seen in train",
+        help="train/val are in-domain; ood (--task rec only) targets colour+shape pairs never seen in train",
     )
     synth.add_argument(
         "--families",
         nargs="+",
         choices=synthetic.FAMILIES,
-        default=["simple"],
-        help="referring-expression families to draw from",
+        default=None,
+        help="--task rec: referring-expression families to draw from (default: simple)",
     )
-    synth.add_argument("--image-size", type=int, default=112)
+    synth.add_argument("--image-size", type=int, default=112, help="side of the square images in pixels")
     synth.set_defaults(func=run_synth)
 
     check = actions.add_parser(
@@ -62,8 +70,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    path = synthetic.generate(args.out, args.n, args.seed, args.split, tuple(args.families), args.image_size)
-    print(f"wrote {args.n} {args.split} samples to {path} (images under {synthetic.image_folder(args.out)})")
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    if args.task == "rec":
+        families = tuple(args.families or ["simple"])
+        path = synthetic.generate(args.out, args.n, args.seed, args.split, families, args.image_size)
+    elif args.families is not None:
+        raise ValueError(f"--families applies to --task rec only, not --task {args.task}; drop it")
+    else:
+        generate = synthetic_gui.generate if args.task == "gui" else synthetic_ovd.generate
+        path = generate(args.out, args.n, args.seed, args.split, args.image_size)
+    print(
+        f"wrote {args.n} {args.task} {args.split} samples to {path} (images under {synthetic.image_folder(args.out)})"
+    )
     return 0
 
 

@@ -1,6 +1,7 @@
 """Built-in synthetic REC data: coloured shapes on noisy dark backgrounds, referring expressions, tight pixel boxes.
 
-The `simple` family ("the red circle") is the task measured as learnable on 2 CPU cores. `superlative`
+The shapes, their placement and the atomic split writer are shared with the GUI and OVD sets (synthetic_gui,
+synthetic_ovd). The `simple` family ("the red circle") is the task measured as learnable on 2 CPU cores. `superlative`
 ("the largest red shape") and `relational` ("the triangle left of the green star") are built so that exactly one
 object matches. Train / val never contain the `HELD_OUT` colour+shape pairs; in `ood` the target is always one.
 Output is VLM-R1 jsonl plus an image folder; every sample is a pure function of (seed, split, index).
@@ -8,10 +9,11 @@ Output is VLM-R1 jsonl plus an image folder; every sample is a pure function of 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,7 +87,17 @@ def shape_mask(shape: str, size: int, x0: int, y0: int, image_size: int) -> Imag
     return mask
 
 
-def _place(rng: np.random.Generator, count: int, image_size: int, tries: int = 50) -> list[tuple[int, int, int]] | None:
+def make_shape(colour: str, shape: str, footprint: tuple[int, int, int], image_size: int) -> Shape:
+    """The object `shape` drawn in its (size, x0, y0) footprint, with the tight box and area of its mask."""
+    size, x0, y0 = footprint
+    mask = shape_mask(shape, size, x0, y0, image_size)
+    box = tuple(int(v) for v in mask.getbbox())  # type: ignore[union-attr]
+    return Shape(colour, shape, size, x0, y0, box, mask.histogram()[255])  # type: ignore[arg-type]
+
+
+def place_footprints(
+    rng: np.random.Generator, count: int, image_size: int, tries: int = 50
+) -> list[tuple[int, int, int]] | None:
     """`count` non-overlapping (size, x0, y0) footprints with GAP pixels between them, or None if none fit."""
     placed: list[tuple[int, int, int]] = []
     for _ in range(tries):
@@ -165,7 +177,7 @@ def _scene(rng: np.random.Generator, family: str, split: str, image_size: int) -
     """Draw shapes until `family` can refer to one (a held-out pair in `ood`); return (objects, expression, target)."""
     while True:
         count = int(rng.integers(1 if family == "simple" else 2, 4))
-        footprints = _place(rng, count, image_size)
+        footprints = place_footprints(rng, count, image_size)
         if footprints is None:
             continue
         if split == "ood":
@@ -175,20 +187,7 @@ def _scene(rng: np.random.Generator, family: str, split: str, image_size: int) -
             pairs = [first] + [rest[i] for i in rng.choice(len(rest), count - 1, replace=False)]
         else:
             pairs = [TRAIN_PAIRS[i] for i in rng.choice(len(TRAIN_PAIRS), count, replace=False)]
-        objects = []
-        for (colour, shape), (s, x, y) in zip(pairs, footprints):
-            mask = shape_mask(shape, s, x, y, image_size)
-            objects.append(
-                Shape(
-                    colour,
-                    shape,
-                    s,
-                    x,
-                    y,
-                    tuple(int(v) for v in mask.getbbox()),  # type: ignore[arg-type, union-attr]
-                    mask.histogram()[255],
-                )
-            )
+        objects = [make_shape(c, shape, footprint, image_size) for (c, shape), footprint in zip(pairs, footprints)]
         candidates = [
             (e, t)
             for e, t in EXPRESSIONS[family](objects)
@@ -207,6 +206,32 @@ def render(rng: np.random.Generator, objects: Sequence[Shape], image_size: int) 
         image.paste(COLOURS[o.colour], (0, 0), shape_mask(o.shape, o.size, o.x0, o.y0, image_size))
     noisy = np.asarray(image, dtype=np.float64) + rng.normal(0.0, NOISE_SIGMA, size=(image_size, image_size, 3))
     return Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8), "RGB")
+
+
+def write_split(out_dir: str, split: str, records: Iterable[tuple[dict, dict[str, Image.Image]]]) -> str:
+    """Write each (record, {image path under images/: image}) as `<out_dir>/<split>.jsonl` + PNGs; return the path.
+
+    Every file is written under a temporary name and renamed into place, images before the jsonl that names them,
+    so an interrupted run leaves no partial file and no jsonl line pointing at a missing image (an existing jsonl
+    stays as it was).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{split}.jsonl")
+    temporary = f"{path}.tmp"
+    try:
+        with open(temporary, "w", encoding="utf-8", newline="\n") as f:
+            for record, images in records:
+                for relative, image in images.items():
+                    target = os.path.join(image_folder(out_dir), relative)
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    image.save(f"{target}.tmp", format="PNG")
+                    os.replace(f"{target}.tmp", target)
+                f.write(json.dumps(record) + "\n")
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+    return path
 
 
 def make_record(
@@ -242,7 +267,7 @@ def generate(
 ) -> str:
     """Write `n` samples as `<out_dir>/<split>.jsonl` + `<out_dir>/images/<split>/*.png`; return the jsonl path.
 
-    Same arguments give byte-identical files.
+    Same arguments give byte-identical files; written atomically (`write_split`).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -251,14 +276,8 @@ def generate(
         raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {list(families)}")
     if image_size < 2 * MAX_SIZE:
         raise ValueError(f"image_size must be at least {2 * MAX_SIZE} to fit the shapes, got {image_size}")
-    os.makedirs(os.path.join(image_folder(out_dir), split), exist_ok=True)
-    path = os.path.join(out_dir, f"{split}.jsonl")
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for index in range(n):
-            record, image = make_record(index, seed, split, tuple(families), image_size)
-            image.save(os.path.join(image_folder(out_dir), record["image"]), format="PNG")
-            f.write(json.dumps(record) + "\n")
-    return path
+    records = (make_record(index, seed, split, tuple(families), image_size) for index in range(n))
+    return write_split(out_dir, split, ((record, {record["image"]: image}) for record, image in records))
 
 
 def write_default_dataset(
