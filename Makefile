@@ -47,7 +47,7 @@ lint: $(VENV)/.lint
 
 # Modules (tests/test_<name>.py) left out of test-fast: training runs in child processes, whole-model compiles.
 HEAVY_TESTS := parity plan mixed_precision train_step resume lora run_identity multihost rewards_fuzz crash_safety \
-	streaming nonfinite signals eval_rec sampler sharding converter_hf
+	streaming nonfinite signals eval_rec sampler sharding converter_hf train_modes
 
 test-fast: $(VENV)/.test
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" $(HEAVY_TESTS:%=--ignore=tests/test_%.py) $(PYTEST_ARGS)
