@@ -37,8 +37,8 @@ class VisionLanguageModel(nnx.Module):
     text: Any  # the decoder: `.logits(hidden)`, `.logits_chunk`, `.dtype` (the chunked log-probs split it)
 
     def encode_vision(self, inputs: Mapping[str, jax.Array]) -> jax.Array:
-        """The visual tokens of a prompt batch's images, from the arrays of `PromptBatch.arrays()` (the family's
-        processor chose the vision ones); `vision_gather` indexes its rows."""
+        """The visual tokens of a prompt batch's images, from the vision arrays its processor made
+        (`PromptBatch.vision`); `vision_gather` indexes its rows."""
         raise NotImplementedError
 
     def __call__(

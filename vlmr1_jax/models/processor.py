@@ -9,7 +9,7 @@ family-defined dict of vision arrays that goes to the family's own `encode_visio
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,7 +29,7 @@ class PromptBatch:
     positions: np.ndarray  # [3, P, L] int32 rope positions (three equal rows for a 1-D rope)
     next_position: np.ndarray  # [P] int32: position of the first generated token
     vision_gather: np.ndarray  # [P, L] int32 row of `encode_vision`'s output per image token, -1 elsewhere
-    vision: dict[str, np.ndarray]  # the family's vision arrays, each split across the batch devices on axis 0
+    vision: dict[str, np.ndarray]  # the family's vision arrays, split over the batch devices on axis 0; {}: no image
     image_grids: tuple[tuple[tuple[int, ...], ...], ...]  # per prompt, the grid of each image
 
     def batch_axes(self) -> dict[str, int]:
@@ -46,6 +46,12 @@ class PromptBatch:
 
 # Batch axis of the text arrays of `PromptBatch.arrays()`; every vision array is split on axis 0.
 TEXT_BATCH_AXIS = {"input_ids": 0, "attention_mask": 0, "positions": 1, "next_position": 0, "vision_gather": 0}
+
+
+def vision_inputs(arrays: Mapping[str, Any]) -> dict[str, Any]:
+    """The family's vision arrays among a batch's arrays (`PromptBatch.arrays()`, on the host or the devices);
+    empty for a batch without images, whose prompts then need no vision compute."""
+    return {name: value for name, value in arrays.items() if name not in TEXT_BATCH_AXIS}
 
 
 def length_bucket(n: int, multiple: int = 32) -> int:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from vlmr1_jax.models.family import VisionLanguageModel
+from vlmr1_jax.models.processor import vision_inputs
 
 
 class FannedPrefix(NamedTuple):
@@ -28,7 +29,8 @@ def prefill_fan_out(
     and repeat the result to `num_samples` rows each; gradients flow through the repeat."""
     ids = prompts["input_ids"]
     count, length = ids.shape
-    features = model.encode_vision(prompts)
+    vision = vision_inputs(prompts)
+    features = model.encode_vision(vision) if vision else None  # a batch without images needs no vision tower
     cache = model.init_cache(count, length + steps)
     hidden, cache = model(
         ids,

@@ -39,7 +39,8 @@ def build_prompt_batch(
     """Expand each `<|image_pad|>` to its t*h*w/4 tokens, left-pad, and plan the vision tower.
 
     `prompt_ids[p]` holds one image placeholder per image of `images[p]`, a list of (pixel_values, grid_thw) from
-    `preprocess_image`. `length` / `num_windows` force the padded sizes (else bucketed).
+    `preprocess_image`. `length` / `num_windows` force the padded sizes (else bucketed). A batch without images has
+    no vision arrays (unless `num_windows` asks for them), so its programs run no vision tower.
     """
     if len(prompt_ids) != len(images):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(images)} image lists")
@@ -97,7 +98,7 @@ def build_prompt_batch(
         positions=positions.astype(np.int32),
         next_position=(mask.sum(1) + deltas).astype(np.int32),
         vision_gather=gather,
-        vision=plan.device_inputs(),
+        vision=plan.device_inputs() if all_images or num_windows is not None else {},
         image_grids=tuple(tuple(tuple(int(x) for x in g) for _, g in imgs) for imgs in images),
     )
 
