@@ -1,4 +1,4 @@
-"""`accuracy` (SPEC §2.3): dispatch over all 11 methods, default / math / llm semantics, hand tables."""
+"""`accuracy`: dispatch over all 11 methods, default / math / llm semantics, hand tables."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _block(boxes) -> str:
 CAT = {"bbox_2d": [0, 0, 100, 100], "label": "cat"}
 DOG = {"bbox_2d": [20, 20, 30, 30], "label": "dog"}
 
-# (method, completion, solution, expected), each hand-derived from SPEC §2.3-2.5
+# (method, completion, solution, expected), each hand-derived from VLM-R1's code
 DISPATCH_TABLE = [
     ("mcq", "<think>x</think><answer>B.</answer>", _answer("B"), 1.0),
     ("yes_no", "<answer>No way</answer>", _answer("yes"), 0.0),

@@ -1,4 +1,4 @@
-"""OVD rewards (SPEC §2.4-2.5): COCO mAP against an independent numpy implementation of the COCO protocol,
+"""OVD rewards: COCO mAP against an independent numpy implementation of the COCO protocol,
 hand-computed `weighted_sum` and odLength tables, and the ground-truth error contract."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""REC IoU reward (SPEC §2.9) with the resized-frame rescale, cosine length (§2.6) and repetition (§2.7)."""
+"""REC IoU reward with the resized-frame rescale, cosine length and repetition."""
 
 from __future__ import annotations
 

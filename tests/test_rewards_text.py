@@ -1,4 +1,4 @@
-"""Text helpers and format rewards against SPEC §2.2, §2.8, §2.9: hand tables, and the linear-time tag scans, format
+"""Text helpers and format rewards against VLM-R1's regexes: hand tables, and the linear-time tag scans, format
 checks and choice scoring against the regexes and loop VLM-R1 uses (run on short strings, where those are fast)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from vlmr1_jax.rewards.format import format_reward, has_think_answer_format
 from vlmr1_jax.rewards.length import find_box_array
 from vlmr1_jax.rewards.rec import format_reward_rec, has_rec_format
 
-# The regexes as SPEC §2.7-2.9 writes them: the references the linear-time checks must agree with.
+# The regexes as VLM-R1's code writes them: the references the linear-time checks must agree with.
 FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 REC_FORMAT_RE = re.compile(
     r"<think>.*?</think>\s*<answer>.*?\{.*\[\d+,\s*\d+,\s*\d+,\s*\d+\].*\}.*?</answer>", re.DOTALL
@@ -207,7 +207,7 @@ def test_linear_format_checks_agree_with_the_spec_regexes(text):
         assert find_box_array(candidate) == (match.group(0) if match else None)
 
 
-# VLM-R1's tag regexes (SPEC §2.2-2.5): the references for the str.find scans.
+# VLM-R1's tag regexes: the references for the str.find scans.
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 ANSWER_LINE_RE = re.compile(r"<answer>(.*?)</answer>")
 JSON_BLOCK_RE = re.compile(r"```json(.*?)```", re.DOTALL)
