@@ -141,6 +141,7 @@ def test_parameters_equal_plain_optax_replay_of_the_expected_updates(run):
     algorithm = cfg.grpo.algorithm()
     loss_fn = make_loss(algorithm.objective, algorithm.aggregation)
 
+    @jax.jit
     def policy_logprobs(theta, example):
         model = nnx.merge(graphdef, theta, frozen)
         return completion_logprobs(model, example.prompts, example.tokens, example.mask, G)
@@ -169,6 +170,13 @@ def test_parameters_equal_plain_optax_replay_of_the_expected_updates(run):
         optax.clip_by_global_norm(o.max_grad_norm),
         optax.adamw(lambda count: lrs[count], b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
     )
+
+    @jax.jit
+    def adam_on_mean(theta, opt_state, grads):
+        mean = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
+        updates, opt_state = tx.update(mean, opt_state, theta)
+        return optax.apply_updates(theta, updates), opt_state
+
     theta = run["theta0"]
     opt_state = tx.init(theta)
     for phase in range(STEPS // MU):
@@ -179,10 +187,7 @@ def test_parameters_equal_plain_optax_replay_of_the_expected_updates(run):
                 np.asarray(slot.old_logprobs)[mask], np.asarray(policy_logprobs(theta, slot))[mask], atol=2e-4
             )
         for _ in range(MU):
-            grads = [gradient(theta, slot) for slot in slots]
-            mean = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
-            updates, opt_state = tx.update(mean, opt_state, theta)
-            theta = optax.apply_updates(theta, updates)
+            theta, opt_state = adam_on_mean(theta, opt_state, [gradient(theta, slot) for slot in slots])
     moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(theta), jax.tree.leaves(run["theta0"])))
     assert moved > 1e-4  # the comparison below is about real updates
     got = by_path(trainer.state.trainable)
