@@ -28,12 +28,10 @@ def toy_state(optimizer) -> TrainState:
 def test_nonfinite_step_leaves_parameters_and_optimizer_untouched(loss, grad):
     optimizer, schedule = make_optimizer(OptimConfig(learning_rate=0.1), 10)
     state = toy_state(optimizer)
-    good, metrics = _apply_gradients(
-        state, jnp.float32(1.0), {"w": jnp.ones(4), "b": jnp.ones(2)}, optimizer, schedule, 1
-    )
+    good, metrics = _apply_gradients(state, jnp.float32(1.0), {"w": jnp.ones(4), "b": jnp.ones(2)}, optimizer, schedule)
     assert float(metrics["nonfinite"]) == 0 and not np.allclose(good.trainable["w"], state.trainable["w"])
     bad, metrics = _apply_gradients(
-        good, jnp.float32(loss), {"w": jnp.full(4, grad), "b": jnp.ones(2)}, optimizer, schedule, 1
+        good, jnp.float32(loss), {"w": jnp.full(4, grad), "b": jnp.ones(2)}, optimizer, schedule
     )
     assert float(metrics["nonfinite"]) == 1
     assert int(bad.step) == int(good.step) + 1  # the step (and its data) is consumed
@@ -49,7 +47,7 @@ def test_overflowing_update_is_skipped():
     optimizer, schedule = make_optimizer(OptimConfig(learning_rate=3e38, schedule="constant"), 10)
     state = toy_state(optimizer)
     grads = {"w": jnp.ones(4), "b": jnp.ones(2)}
-    after, metrics = _apply_gradients(state, jnp.float32(1.0), grads, optimizer, schedule, 1)
+    after, metrics = _apply_gradients(state, jnp.float32(1.0), grads, optimizer, schedule)
     updates, _ = optimizer.update(grads, state.opt_state, state.trainable)
     assert not bool(jnp.isfinite(optax.global_norm(updates)))  # the premise: the raw update overflows
     assert float(metrics["nonfinite"]) == 1

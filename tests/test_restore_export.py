@@ -20,7 +20,7 @@ from vlmr1_jax.train.restore import find_checkpoint, load_checkpoint
 
 @pytest.fixture(scope="module")
 def grpo_run(release_source, tmp_path_factory):
-    """GRPO, vision frozen, beta > 0 (reference kept), gradient accumulation (optax MultiSteps), step 3."""
+    """GRPO, vision frozen, beta > 0 (reference kept), gradient accumulation, step 3."""
     cfg = RunConfig(
         model=ModelConfig(hf_model=str(release_source)),
         grpo=GRPOConfig(beta=0.04),

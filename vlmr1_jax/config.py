@@ -83,7 +83,9 @@ class DataConfig:
     image_folders: str = ""  # colon-separated, one per data file
     reward_method: str | None = None  # colon-separated accu_reward_method per file
     task_type: str | None = "rec"  # question template: rec | ic | odLength | default
-    prompts_per_step: int = 8  # unique prompts per optimizer step (all processes together)
+    # Unique prompts per optimizer step (all processes together), sampled as optim.grad_accum micro-batches of
+    # prompts_per_step / grad_accum prompts; with grpo.num_iterations > 1 they serve that many optimizer steps.
+    prompts_per_step: int = 8
     num_epochs: int | None = None  # None = repeat until max_steps
     seed: int = 42
     min_pixels: int = 3136  # the processor resizes every image to within [min_pixels, max_pixels]
@@ -111,6 +113,9 @@ class GRPOConfig:
     advantage_estimator: str | None = None  # grpo | dr_grpo | rloo
     objective: str | None = None  # ppo_clip | gspo
     aggregation: str | None = None  # seq_mean_token_mean | token_mean | token_sum_norm
+    # mu, optimizer steps per rollout (VLM-R1's num_iterations): each rollout phase samples data.prompts_per_step
+    # prompts (one rollout per accumulation micro-batch) and makes mu updates on them, the sampling policy's
+    # log-probs as the old policy. train.max_steps counts optimizer steps, so it must be a multiple of mu.
     num_iterations: int = 1
     # VLM-R1's flag, kept for old recipes: false selects the dr_grpo estimator (r - mean, no std scaling), so it
     # cannot be combined with another advantage_estimator.
@@ -141,6 +146,8 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
     max_grad_norm: float = 1.0
+    # Micro-batches per optimizer update (VLM-R1's gradient_accumulation_steps): the update takes the mean gradient
+    # of grad_accum micro-batches of data.prompts_per_step / grad_accum prompts each.
     grad_accum: int = 1
 
 
@@ -161,7 +168,7 @@ class LoRAConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     output_dir: str = "runs/default"
-    max_steps: int = 100
+    max_steps: int = 100  # optimizer steps (VLM-R1's max_steps); <= 0: data.num_epochs epochs of them
     trainable: str = "full"  # full | freeze_vision | lora
     save_every: int = 100
     keep_checkpoints: int = 2
@@ -343,6 +350,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(_positive(o.eps), "optim.eps", o.eps, "> 0")
     _check(_positive(o.max_grad_norm), "optim.max_grad_norm", o.max_grad_norm, "> 0")
     _check(o.grad_accum >= 1, "optim.grad_accum", o.grad_accum, "an integer >= 1")
+    _check(
+        d.prompts_per_step % o.grad_accum == 0,
+        "data.prompts_per_step",
+        d.prompts_per_step,
+        f"a multiple of optim.grad_accum={o.grad_accum} (an optimizer step is grad_accum micro-batches of "
+        f"prompts_per_step / grad_accum prompts)",
+    )
     _check(lo.rank >= 1, "lora.rank", lo.rank, ">= 1")
     _check(_positive(lo.alpha), "lora.alpha", lo.alpha, "> 0")
     _check(0 <= lo.dropout < 1, "lora.dropout", lo.dropout, "in [0, 1)")

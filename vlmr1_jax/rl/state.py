@@ -44,7 +44,12 @@ class TrainState:
 
 
 def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping and linear decay (VLM-R1 / HF Trainer defaults), with accumulation."""
+    """AdamW with global-norm clipping and linear decay (VLM-R1 / HF Trainer defaults).
+
+    `total_steps` and `cfg.warmup_steps` count optimizer updates (the schedule is evaluated at Adam's update count),
+    so the linear decay reaches 0 after the last update whatever `cfg.grad_accum` is: the train step
+    (`rl/step.py`) averages the accumulated micro-batches into one update.
+    """
     decay_steps = max(1, total_steps - cfg.warmup_steps)
     if cfg.schedule == "linear":
         main = optax.linear_schedule(cfg.learning_rate, 0.0, decay_steps)
@@ -63,8 +68,6 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
         optax.clip_by_global_norm(cfg.max_grad_norm),
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
     )
-    if cfg.grad_accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
     return tx, schedule
 
 

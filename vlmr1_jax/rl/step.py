@@ -2,7 +2,9 @@
 answer tokens), sharing one forward that prefills each prompt and encodes its images once, then runs its G
 completions on the fanned-out cache (`rl/prefix.py`).
 
-Each step is a pure function of (`TrainState`, batch) with the state donated (`rl/state.py` builds the state).
+Each step is one optimizer update, a pure function of (`TrainState`, micro-batches) with the state donated
+(`rl/state.py` builds the state); with gradient accumulation it averages the gradients of `optim.grad_accum`
+micro-batches (`TrainStep`).
 """
 
 from __future__ import annotations
@@ -74,10 +76,12 @@ def _merge(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State) -> V
     return nnx.merge(graphdef, trainable, frozen)
 
 
-def _train_model(graphdef: nnx.GraphDef, state: TrainState, trainable: nnx.State, seed: int) -> VisionLanguageModel:
-    """The model a train step differentiates: LoRA dropout on, its masks a function of (seed, state.step)."""
+def _train_model(
+    graphdef: nnx.GraphDef, state: TrainState, trainable: nnx.State, seed: int, micro_step: jax.Array
+) -> VisionLanguageModel:
+    """The model a train step differentiates: LoRA dropout on, its masks a function of (seed, micro-step)."""
     model = _merge(graphdef, trainable, state.frozen)
-    set_lora_dropout_keys(model, jax.random.fold_in(jax.random.key(seed), state.step))
+    set_lora_dropout_keys(model, jax.random.fold_in(jax.random.key(seed), micro_step))
     return model
 
 
@@ -97,7 +101,6 @@ def _apply_gradients(
     grads: nnx.State,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
-    grad_accum: int,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update, skipped (parameters and optimizer state left as they were) when the loss, the gradient
     or the update is not finite; `nonfinite` = 1 in the metrics then. The step counter advances either way."""
@@ -108,12 +111,94 @@ def _apply_gradients(
     trainable = keep(optax.apply_updates(state.trainable, updates), state.trainable)
     metrics = {
         "grad_norm": grad_norm,
-        "learning_rate": schedule(state.step // grad_accum),
+        "learning_rate": schedule(state.step),
         "nonfinite": (~finite).astype(jnp.float32),
     }
     return dataclasses.replace(
         state, step=state.step + 1, trainable=trainable, opt_state=keep(opt_state, state.opt_state)
     ), metrics
+
+
+# `(trainable, state, batch, micro_step) -> (loss, metrics)`: what a train step differentiates.
+Objective = Callable[[nnx.State, TrainState, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Accumulated:
+    """Sums over the micro-batches of one update so far: gradient, loss, loss metrics, and how many."""
+
+    grads: nnx.State
+    loss: jax.Array
+    metrics: dict[str, jax.Array]
+    count: jax.Array  # int32
+
+
+class TrainStep:
+    """One optimizer update per call: `step(state, batch)`, or with gradient accumulation
+    `step(state, *micro_batches)` (`grad_accum` of them), the update on their mean gradient.
+
+    VLM-R1 (HF Trainer) divides each micro-batch's loss by GA and sums the gradients; the mean is the same update.
+    Each micro-batch but the last runs as its own program that adds its gradient to `Accumulated`, so one
+    micro-batch's activations are live at a time and one compiled program serves every accumulation slot; the last
+    one's program adds its gradient and applies the update. Without accumulation that is the plain fused step.
+    `TrainState.step` counts optimizer updates; micro-batch k of update s is micro-step `s * grad_accum + k`,
+    which seeds its LoRA dropout masks.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        optimizer: optax.GradientTransformation,
+        schedule: optax.Schedule,
+        grad_accum: int = 1,
+    ):
+        self.grad_accum = grad_accum
+
+        def add(state: TrainState, batch: Any, partial: Accumulated | None) -> Accumulated:
+            count = jnp.zeros((), jnp.int32) if partial is None else partial.count
+            micro_step = state.step * grad_accum + count
+            (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+                state.trainable, state, batch, micro_step
+            )
+            if partial is None:
+                return Accumulated(grads, loss, metrics, count + 1)
+            return Accumulated(
+                jax.tree.map(jnp.add, partial.grads, grads),
+                partial.loss + loss,
+                {k: partial.metrics[k] + v for k, v in metrics.items()},
+                count + 1,
+            )
+
+        def update(
+            state: TrainState, batch: Any, partial: Accumulated | None
+        ) -> tuple[TrainState, dict[str, jax.Array]]:
+            total = add(state, batch, partial)
+            loss, metrics, grads = total.loss, total.metrics, total.grads
+            if partial is not None:  # the mean over the micro-batches
+                n = total.count.astype(jnp.float32)
+                loss, metrics, grads = jax.tree.map(lambda x: x / n, (loss, metrics, grads))
+            state, extra = _apply_gradients(state, loss, grads, optimizer, schedule)
+            return state, {"loss": loss, **metrics, **extra}
+
+        self._add = jax.jit(add, donate_argnums=2)
+        self.update = jax.jit(update, donate_argnums=0)  # the partial sum cannot alias an output
+
+    def __call__(self, state: TrainState, *batches: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        """The state after one update on `batches` (dispatched asynchronously), and its device metrics."""
+        if len(batches) != self.grad_accum:
+            raise ValueError(
+                f"a train step takes optim.grad_accum={self.grad_accum} micro-batches per update, got {len(batches)}"
+            )
+        partial = None
+        for batch in batches[:-1]:
+            partial = self._add(state, batch, partial)
+        return self.update(state, batches[-1], partial)
+
+    def lower(self, state: TrainState, batch: Any) -> jax.stages.Lowered:
+        """The update program as a run executes it (with a partial sum when accumulating), for `vlmr1 plan`."""
+        partial = None if self.grad_accum == 1 else jax.eval_shape(self._add, state, batch, None)
+        return self.update.lower(state, batch, partial)
 
 
 def make_grpo_step(
@@ -123,37 +208,32 @@ def make_grpo_step(
     schedule: optax.Schedule,
     grad_accum: int = 1,
     seed: int = 0,
-) -> Callable:
-    """Jitted, donated `(state, batch) -> (state, metrics)`.
+) -> TrainStep:
+    """The GRPO update, `(state, *micro_batches) -> (state, metrics)` with the state donated.
 
-    batch: a `TrainExample`; its `ref_logprobs` / `old_logprobs` are None when beta == 0 / num_iterations == 1
-    (a separate compiled program per combination, since None is part of the pytree structure).
+    A micro-batch is a `TrainExample`; its `ref_logprobs` / `old_logprobs` are None when beta == 0 /
+    num_iterations == 1 (a separate compiled program per combination, since None is part of the pytree structure).
     """
     algorithm = check_algorithm(grpo_cfg)
     loss_fn = make_loss(algorithm.objective, algorithm.aggregation)
     num_samples = grpo_cfg.num_generations
 
-    def step(state: TrainState, batch: TrainExample):
-        def objective(trainable):
-            model = _train_model(graphdef, state, trainable, seed)
-            logp = completion_logprobs(model, batch.prompts, batch.tokens, batch.mask, num_samples)
-            return loss_fn(
-                logp,
-                batch.old_logprobs,
-                batch.ref_logprobs,
-                jnp.asarray(batch.advantages),
-                batch.mask,
-                epsilon=grpo_cfg.epsilon,
-                epsilon_high=grpo_cfg.epsilon_high,
-                beta=grpo_cfg.beta,
-                max_completion_length=batch.tokens.shape[1],
-            )
+    def objective(trainable: nnx.State, state: TrainState, batch: TrainExample, micro_step: jax.Array):
+        model = _train_model(graphdef, state, trainable, seed, micro_step)
+        logp = completion_logprobs(model, batch.prompts, batch.tokens, batch.mask, num_samples)
+        return loss_fn(
+            logp,
+            batch.old_logprobs,
+            batch.ref_logprobs,
+            jnp.asarray(batch.advantages),
+            batch.mask,
+            epsilon=grpo_cfg.epsilon,
+            epsilon_high=grpo_cfg.epsilon_high,
+            beta=grpo_cfg.beta,
+            max_completion_length=batch.tokens.shape[1],
+        )
 
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
-        state, extra = _apply_gradients(state, loss, grads, optimizer, schedule, grad_accum)
-        return state, {"loss": loss, **metrics, **extra}
-
-    return jax.jit(step, donate_argnums=0)
+    return TrainStep(objective, optimizer, schedule, grad_accum)
 
 
 def make_sft_step(
@@ -162,18 +242,14 @@ def make_sft_step(
     schedule: optax.Schedule,
     grad_accum: int = 1,
     seed: int = 0,
-) -> Callable:
-    """Jitted `(state, batch) -> (state, metrics)`: mean cross-entropy over answer tokens (`tokens`, `mask`)."""
+) -> TrainStep:
+    """The SFT update, `(state, *micro_batches) -> (state, metrics)`: mean cross-entropy over answer tokens
+    (`tokens`, `mask`) of each micro-batch."""
 
-    def step(state: TrainState, batch: dict[str, Any]):
-        def objective(trainable):
-            model = _train_model(graphdef, state, trainable, seed)
-            logp = completion_logprobs(model, batch["prompts"], batch["tokens"], batch["mask"], 1)
-            mask = batch["mask"].astype(jnp.float32)
-            return -(logp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    def objective(trainable: nnx.State, state: TrainState, batch: dict[str, Any], micro_step: jax.Array):
+        model = _train_model(graphdef, state, trainable, seed, micro_step)
+        logp = completion_logprobs(model, batch["prompts"], batch["tokens"], batch["mask"], 1)
+        mask = batch["mask"].astype(jnp.float32)
+        return -(logp * mask).sum() / jnp.maximum(mask.sum(), 1.0), {}
 
-        loss, grads = jax.value_and_grad(objective)(state.trainable)
-        state, extra = _apply_gradients(state, loss, grads, optimizer, schedule, grad_accum)
-        return state, {"loss": loss, **extra}
-
-    return jax.jit(step, donate_argnums=0)
+    return TrainStep(objective, optimizer, schedule, grad_accum)

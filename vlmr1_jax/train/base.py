@@ -1,9 +1,11 @@
 """The run machinery GRPO and SFT share: set-up, resume, the step loop with host/device overlap, logging, saving.
 
-The base draws each step's samples and encodes their prompts (`draw`: a sample whose images or prompt fail is
-skipped and replaced by the next one with `data.on_error=skip`, or stops the run naming its file and line); a
-subclass says how to turn them into a prepared batch (`prepare`, host work) and how to run one optimizer step on it
-(`dispatch`, returning host metrics and the step's device metrics without waiting for them).
+The base draws each optimizer step's samples, `optim.grad_accum` micro-batches of them, and encodes their prompts
+(`draw`: a sample whose images or prompt fail is skipped and replaced by the next one with `data.on_error=skip`, or
+stops the run naming its file and line); a subclass says how to turn a micro-batch into a prepared one (`prepare`,
+host work) and how to run its `updates_per_rollout` optimizer steps on them (`dispatch`, returning host metrics and
+each update's device metrics without waiting for them). A step is an optimizer step: `train.max_steps`, checkpoints
+and metrics rows count them.
 """
 
 from __future__ import annotations
@@ -106,22 +108,22 @@ class Trainer:
         *,
         progress: bool = True,
         with_reference: bool = False,
-        updates_per_step: int = 1,
+        updates_per_rollout: int = 1,
         resume_anyway: bool = False,
     ):
         self.cfg = cfg
         self.progress = progress
-        self.updates_per_step = updates_per_step
+        self.updates_per_rollout = updates_per_rollout  # optimizer steps per drawn batch (GRPO's num_iterations)
         self.mesh, self.tokenizer = parts.mesh, parts.tokenizer
         # The held-out validation samples never enter the training stream.
         self.samples, held_out = split_validation(parts.samples, cfg.data.val_split_ratio, cfg.data.seed)
-        self.max_steps = resolve_max_steps(cfg, len(self.samples))
+        self.max_steps = resolve_max_steps(cfg, len(self.samples), updates_per_rollout)
         self.out = run_dir(cfg)
         self.checkpoints = Checkpointer(self.out / "checkpoints", cfg.train.save_every, cfg.train.keep_checkpoints)
         latest = self.checkpoints.latest_step()
         model = parts.model
         self.model_cfg = model.cfg
-        self.optimizer, self.schedule = make_optimizer(cfg.optim, self.max_steps * updates_per_step)
+        self.optimizer, self.schedule = make_optimizer(cfg.optim, self.max_steps)
         self.graphdef, state = init_train_state(
             model, cfg.train.trainable, self.optimizer, with_reference, frozen_dtype_of(cfg.model)
         )
@@ -181,7 +183,7 @@ class Trainer:
                 corrupt.append((step, str(moved)))
                 log.warning("%s; moved it to %s", e, moved)
                 continue
-            self.step = int(self.state.step) // self.updates_per_step
+            self.step = int(self.state.step)
             self.skipped_samples = int(meta.get("skipped_samples", 0))
             if corrupt:
                 log.warning(
@@ -229,12 +231,13 @@ class Trainer:
         return encoded
 
     def draw(self) -> tuple[list[Sample], PromptBatch] | None:
-        """The next `data.prompts_per_step` samples whose prompts encode, and their batch; None when the data has
-        run out. With `data.on_error=skip` a failing sample is logged, counted and replaced by the next one in the
-        stream (whose position is checkpointed, so resume stays exact); else its `DataError` stops the run."""
+        """The next micro-batch (`data.prompts_per_step / optim.grad_accum` samples) whose prompts encode, and its
+        batch; None when the data has run out. With `data.on_error=skip` a failing sample is logged, counted and
+        replaced by the next one in the stream (whose position is checkpointed, so resume stays exact); else its
+        `DataError` stops the run."""
         samples: list[Sample] = []
         encoded: list[EncodedPrompt] = []
-        while len(samples) < self.cfg.data.prompts_per_step:
+        while len(samples) < self.cfg.data.prompts_per_step // self.cfg.optim.grad_accum:
             try:
                 sample = next(self.data)
             except StopIteration:
@@ -260,13 +263,20 @@ class Trainer:
         """Host work for the next step from its samples and encoded prompts (e.g. the transfer to the devices)."""
         raise NotImplementedError
 
-    def _prepare_next(self) -> tuple[Any, int] | None:
-        """The next prepared step and the count of samples skipped up to it (None when the data has run out)."""
-        drawn = self.draw()
-        return None if drawn is None else (self.prepare(*drawn), self.skipped_samples)
+    def _prepare_next(self) -> tuple[list[Any], int] | None:
+        """The next `optim.grad_accum` prepared micro-batches and the count of samples skipped up to them (None when
+        the data has run out)."""
+        prepared = []
+        for _ in range(self.cfg.optim.grad_accum):
+            drawn = self.draw()
+            if drawn is None:
+                return None
+            prepared.append(self.prepare(*drawn))
+        return prepared, self.skipped_samples
 
-    def dispatch(self, prepared) -> tuple[dict[str, float], dict[str, jax.Array]]:
-        """Run one optimizer step on `prepared`: (host metrics, device metrics still in flight)."""
+    def dispatch(self, prepared: list[Any]) -> tuple[dict[str, float], list[dict[str, jax.Array]]]:
+        """Run `updates_per_rollout` optimizer steps on the micro-batches `prepared`: (host metrics, each update's
+        device metrics still in flight)."""
         raise NotImplementedError
 
     def finish_metrics(self, metrics: dict[str, float]) -> None:
@@ -318,28 +328,42 @@ class Trainer:
         while upcoming is not None:
             start = time.perf_counter()
             prepared, skipped = upcoming
-            metrics, pending = self.dispatch(prepared)
-            self.step += 1
+            host, pending = self.dispatch(prepared)
+            first = self.step
+            self.step += len(pending)
             # Save before the iterator moves on, then prepare the next batch while the devices train.
-            self.checkpoints.save(self.step, self.state, self.data, meta=self.meta())
+            due = self.step // cfg.train.save_every > first // cfg.train.save_every  # a multiple was passed
+            self.checkpoints.save(self.step, self.state, self.data, meta=self.meta(), force=due)
             upcoming = self._prepare_next() if self.step < self.max_steps else None
-            metrics.update({k: float(v) for k, v in jax.device_get(pending).items()})
-            self._check_finite(metrics)
-            metrics["time/step"] = time.perf_counter() - start
-            self.finish_metrics(metrics)
-            # eval/* metrics (when due) close the logging window, so they are logged at the step they evaluate.
-            evaluation = self.validation.after_step(self.step, upcoming is None, self.state) if self.validation else {}
-            metrics.update(evaluation)
-            metrics["epoch"] = epoch_of(self.step, len(self.samples), cfg.data.prompts_per_step)
-            metrics["data/skipped"] = float(skipped)
-            metrics["compilations"] = float(compilations())
-            window.append(metrics)
-            if self.step % cfg.train.log_every == 0 or self.step == self.max_steps or evaluation:
-                last = mean_metrics(window)
-                window = []
-                self.metrics.write(self.step, last)
-                bar.set_postfix(self.progress_postfix(last))
-            bar.update(1)
+            updates = jax.device_get(pending)
+            # One row per optimizer step; the rollout's host metrics are shared, its times split evenly.
+            share = 1 / len(updates)
+            elapsed = time.perf_counter() - start
+            # eval/* metrics (when due in this phase) close the logging window at its last step.
+            evaluation = (
+                self.validation.after_phase(first, self.step, upcoming is None, self.state) if self.validation else {}
+            )
+            for step, update in enumerate(updates, first + 1):
+                metrics = {k: v * share if k.startswith("time/") else v for k, v in host.items()}
+                metrics.update({k: float(v) for k, v in update.items()})
+                self._check_finite(metrics, step)
+                metrics["time/step"] = elapsed * share
+                self.finish_metrics(metrics)
+                metrics["epoch"] = (
+                    epoch_of(step, len(self.samples), cfg.data.prompts_per_step) / self.updates_per_rollout
+                )
+                metrics["data/skipped"] = float(skipped)
+                metrics["compilations"] = float(compilations())
+                evaluated = step == self.step and bool(evaluation)
+                if evaluated:
+                    metrics.update(evaluation)
+                window.append(metrics)
+                if step % cfg.train.log_every == 0 or step == self.max_steps or evaluated:
+                    last = mean_metrics(window)
+                    window = []
+                    self.metrics.write(step, last)
+                    bar.set_postfix(self.progress_postfix(last))
+            bar.update(len(updates))
             if self.stopped_by is not None:
                 if window:
                     last = mean_metrics(window)
@@ -350,18 +374,16 @@ class Trainer:
         self.close()
         return last
 
-    def _check_finite(self, metrics: dict[str, float]) -> None:
+    def _check_finite(self, metrics: dict[str, float], step: int) -> None:
         """Count consecutive skipped (non-finite) steps; stop the run once `train.max_nonfinite_steps` are reached."""
         self.nonfinite_streak = self.nonfinite_streak + 1 if metrics.get("nonfinite", 0.0) > 0 else 0
         if self.nonfinite_streak:
-            log.warning(
-                "step %d: non-finite loss or gradient (loss=%s); update skipped", self.step, metrics.get("loss")
-            )
+            log.warning("step %d: non-finite loss or gradient (loss=%s); update skipped", step, metrics.get("loss"))
         limit = self.cfg.train.max_nonfinite_steps
         if self.nonfinite_streak >= limit:
             raise TrainingDiverged(
-                f"{limit} steps in a row (up to step {self.step}) had a non-finite loss or gradient; their updates "
-                f"were skipped, so the parameters are those of step {self.step - limit}. Lower "
+                f"{limit} steps in a row (up to step {step}) had a non-finite loss or gradient; their updates "
+                f"were skipped, so the parameters are those of step {step - limit}. Lower "
                 f"optim.learning_rate (now {self.cfg.optim.learning_rate:g}) or check the data, then resume "
                 f"(train.max_nonfinite_steps sets this limit)"
             )

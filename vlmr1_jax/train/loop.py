@@ -1,19 +1,22 @@
 """`vlmr1 train`: the GRPO loop. data -> `rollout` (grouped sampling, rewards on the host, advantages, reference
 log-probs: `rl/rollout.py`) -> jitted step.
 
-One optimizer step takes `data.prompts_per_step` prompts x `grpo.num_generations` samples. Every process builds
-the same global prompt batch (images are small next to generation), so the loop is identical on one CPU and on a
-pod; only the jitted sampler and step are sharded. With `num_iterations` > 1 each rollout is reused for that many
-updates, with the sampler's log-probs as the old policy (they equal the forward's to ~1e-6).
+One optimizer step takes `data.prompts_per_step` prompts x `grpo.num_generations` samples, as `optim.grad_accum`
+micro-batches. VLM-R1's order (docs/grpo.md, "Accumulation and iterations"): a rollout phase samples one rollout per
+micro-batch with the current policy (its buffer slots), then makes `num_iterations` optimizer steps, each on the
+mean gradient of all the slots; with `num_iterations` > 1 the sampler's log-probs are the old policy (they equal
+the forward's to ~1e-6). Every process builds the same global prompt batch (images are small next to generation),
+so the loop is identical on one CPU and on a pod; only the jitted sampler and step are sharded.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from vlmr1_jax.config import RunConfig
@@ -23,12 +26,29 @@ from vlmr1_jax.models.processor import PromptBatch
 from vlmr1_jax.processing.tokenizer import Tokenizer
 from vlmr1_jax.rewards import reward_functions
 from vlmr1_jax.rl.grpo import check_algorithm, group_advantages
-from vlmr1_jax.rl.rollout import Prepared, TrainExample, rollout
+from vlmr1_jax.rl.rollout import Prepared, Scored, TrainExample, rollout
 from vlmr1_jax.rl.sampler import Sampler, default_banned_ids
 from vlmr1_jax.rl.step import make_grpo_step, make_logprob_fn
 from vlmr1_jax.train.base import RunParts, Trainer
 from vlmr1_jax.train.metrics import RolloutLog
 from vlmr1_jax.train.setup import columns_for, to_device, to_host
+
+
+def merge_scored(parts: Sequence[Scored]) -> Scored:
+    """The host side of a phase's rollouts (one per accumulation slot) as one, so its metrics cover them all."""
+    if len(parts) == 1:
+        return parts[0]
+    cat = lambda name: np.concatenate([getattr(p, name) for p in parts])
+    return Scored(
+        [c for p in parts for c in p.completions],
+        cat("rewards"),
+        {name: np.concatenate([p.per_reward[name] for p in parts]) for name in parts[0].per_reward},
+        cat("advantages"),
+        cat("group_std"),
+        cat("lengths"),
+        sum(p.sample_seconds for p in parts),
+        sum(p.score_seconds for p in parts),
+    )
 
 
 def make_generate_fn(cfg: RunConfig, tokenizer: Tokenizer, model_cfg: Any, graphdef: nnx.GraphDef) -> Callable:
@@ -44,7 +64,8 @@ def make_generate_fn(cfg: RunConfig, tokenizer: Tokenizer, model_cfg: Any, graph
 
 
 class GRPOTrainer(Trainer):
-    """GRPO: each step samples G completions per prompt, scores them on the host, and updates the policy."""
+    """GRPO: each rollout phase samples G completions per prompt, scores them on the host, and makes
+    `num_iterations` optimizer steps on them."""
 
     kind = "grpo"
 
@@ -58,7 +79,7 @@ class GRPOTrainer(Trainer):
             parts,
             progress=progress,
             with_reference=g.beta > 0,
-            updates_per_step=g.num_iterations,
+            updates_per_rollout=g.num_iterations,
             resume_anyway=resume_anyway,
         )
         self.reward_fns = reward_functions(g.reward_funcs, g.reward_options, self.tokenizer)
@@ -76,12 +97,13 @@ class GRPOTrainer(Trainer):
         """The next prompts and their transfer to the devices."""
         return Prepared(samples, batch, to_device(batch, self.mesh))
 
-    def rollout(self, prepared: Prepared) -> tuple[TrainExample, dict[str, float]]:
-        """Sample G completions per prompt with the current policy, score them, and log the rollout."""
+    def rollout(self, prepared: Prepared, slot: int) -> tuple[TrainExample, Scored]:
+        """Sample G completions per prompt of accumulation slot `slot` with the current policy and score them."""
         g, state = self.cfg.grpo, self.state
-        example, scored = rollout(
+        micro_step = self.step * self.cfg.optim.grad_accum + slot
+        return rollout(
             prepared.prompts,
-            jax.random.fold_in(jax.random.key(self.cfg.train.seed), self.step),
+            jax.random.fold_in(jax.random.key(self.cfg.train.seed), micro_step),
             generate=functools.partial(self.generate, state.trainable, state.frozen),
             decode=self.tokenizer.batch_decode,
             reward_fns=self.reward_fns,
@@ -99,25 +121,34 @@ class GRPOTrainer(Trainer):
             keep_old_logprobs=g.num_iterations > 1,
             fetch=to_host,
         )
-        if self.rollouts is not None:
-            samples = prepared.samples
-            self.rollouts.write(
-                self.step + 1,
-                [s.problem for s in samples],
-                scored.completions,  # metrics' step
-                scored.per_reward,  # type: ignore[arg-type]
-                extra={
-                    "solution": [s.solution for s in samples for _ in range(g.num_generations)],
-                    "advantage": scored.advantages.tolist(),
-                },
-            )
-        return example, scored.metrics()
 
-    def dispatch(self, prepared: Prepared) -> tuple[dict[str, float], dict[str, jax.Array]]:
-        example, metrics = self.rollout(prepared)
-        for _ in range(self.cfg.grpo.num_iterations):
-            self.state, step_metrics = self.step_fn(self.state, example)  # dispatched asynchronously
-        return metrics, step_metrics
+    def dispatch(self, prepared: list[Prepared]) -> tuple[dict[str, float], list[dict[str, jax.Array]]]:
+        """One rollout phase: a rollout per accumulation slot (all with the current policy), then `num_iterations`
+        optimizer steps, each over every slot in order."""
+        examples, scored = zip(*(self.rollout(p, slot) for slot, p in enumerate(prepared)))
+        merged = merge_scored(scored)
+        if self.rollouts is not None:
+            self.log_rollouts([s for p in prepared for s in p.samples], merged)
+        updates = []
+        for _ in range(self.updates_per_rollout):
+            self.state, step_metrics = self.step_fn(self.state, *examples)  # dispatched asynchronously
+            updates.append(step_metrics)
+        return merged.metrics(), updates
+
+    def log_rollouts(self, samples: list[Sample], scored: Scored) -> None:
+        """The phase's prompts, completions, rewards and advantages, at its first optimizer step."""
+        assert self.rollouts is not None
+        g = self.cfg.grpo
+        self.rollouts.write(
+            self.step + 1,  # metrics' step
+            [s.problem for s in samples],
+            scored.completions,
+            scored.per_reward,  # type: ignore[arg-type]
+            extra={
+                "solution": [s.solution for s in samples for _ in range(g.num_generations)],
+                "advantage": scored.advantages.tolist(),
+            },
+        )
 
     def finish_metrics(self, metrics: dict[str, float]) -> None:
         metrics["time/train"] = metrics["time/step"] - metrics["time/sample"] - metrics["time/score"]

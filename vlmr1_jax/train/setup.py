@@ -248,9 +248,15 @@ def _as_list(frame: tuple[int, int] | None) -> list[int] | None:
     return None if frame is None else list(frame)
 
 
-def resolve_max_steps(cfg: RunConfig, num_samples: int) -> int:
-    """train.max_steps, or (when it is <= 0) the steps of data.num_epochs full epochs of prompt batches."""
+def resolve_max_steps(cfg: RunConfig, num_samples: int, updates_per_rollout: int = 1) -> int:
+    """The run's length in optimizer steps: train.max_steps, or (when it is <= 0) data.num_epochs epochs of prompt
+    batches, each used for `updates_per_rollout` steps (GRPO's num_iterations; a run ends on a whole rollout)."""
     if cfg.train.max_steps > 0:
+        if cfg.train.max_steps % updates_per_rollout:
+            raise ValueError(
+                f"train.max_steps={cfg.train.max_steps}: expected a multiple of grpo.num_iterations="
+                f"{updates_per_rollout} (each rollout is used for num_iterations optimizer steps)"
+            )
         return cfg.train.max_steps
     if not cfg.data.num_epochs:
         raise ValueError("train.max_steps <= 0 needs data.num_epochs to define the run length")
@@ -259,4 +265,4 @@ def resolve_max_steps(cfg: RunConfig, num_samples: int) -> int:
         raise ValueError(
             f"{num_samples} samples make no full batch of data.prompts_per_step={cfg.data.prompts_per_step}"
         )
-    return steps
+    return steps * updates_per_rollout

@@ -60,6 +60,6 @@ class SFTTrainer(Trainer):
         arrays = to_device({"tokens": tokens, "mask": mask}, self.mesh, {"tokens": 0, "mask": 0})
         return {"prompts": to_device(batch, self.mesh), **arrays}
 
-    def dispatch(self, prepared: dict[str, Any]) -> tuple[dict[str, float], dict[str, jax.Array]]:
-        self.state, metrics = self.step_fn(self.state, prepared)  # dispatched asynchronously
-        return {}, metrics
+    def dispatch(self, prepared: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, jax.Array]]]:
+        self.state, metrics = self.step_fn(self.state, *prepared)  # dispatched asynchronously
+        return {}, [metrics]

@@ -100,10 +100,10 @@ class Validation:
             self.rec,
         )
 
-    def after_step(self, step: int, last: bool, state: Any) -> dict[str, float]:
-        """The metrics of `run(state)` when `step` is due (a multiple of `train.eval_every`, or the run's `last`
-        step), else none."""
-        return self.run(state) if step % self.every == 0 or last else {}
+    def after_phase(self, first: int, step: int, last: bool, state: Any) -> dict[str, float]:
+        """The metrics of `run(state)` when the optimizer steps `first + 1 .. step` of one rollout phase reach a
+        multiple of `train.eval_every`, or `step` is the run's `last`; else none."""
+        return self.run(state) if step // self.every > first // self.every or last else {}
 
     def _batch(self, chunk: Sequence[Sample]) -> PromptBatch:
         encoded = [self.encode(s) for s in chunk]
