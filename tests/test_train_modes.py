@@ -312,10 +312,17 @@ def test_loss_preset_on_the_same_rollout(inputs, grpo, preset):
 
 
 def test_gspo_differs_from_grpo_off_policy(inputs, iterations):
-    """The second pass over a rollout (num_iterations 2) is off-policy: a sequence ratio is not the tokens' ratios."""
-    run = train(inputs, "gspo_mu2", "grpo.loss=gspo", "grpo.num_iterations=2", "optim.learning_rate=1e-2")
+    """num_iterations 2: optimizer steps 1 and 2 are two passes over one rollout. The first is on-policy (gspo's
+    sequence ratio and grpo's token ratios are all 1: the same loss); the second is off-policy, where they differ."""
+    run = train(
+        inputs, "gspo_mu2", "grpo.loss=gspo", "grpo.num_iterations=2", "train.max_steps=2", "optim.learning_rate=1e-2"
+    )
     assert [r for r in run.rollouts if r["step"] == 1] == [r for r in iterations.rollouts if r["step"] == 1]
-    assert abs(first_loss(run) - first_loss(iterations)) > 1e-4
+    (gspo_first, gspo_second), (grpo_first, grpo_second) = (
+        [float(m["loss"]) for m in r.metrics] for r in (run, iterations)
+    )
+    assert gspo_first == pytest.approx(grpo_first, abs=1e-6)
+    assert abs(gspo_second - grpo_second) > 1e-4
 
 
 def test_rloo_advantages_on_the_same_rollout(inputs, grpo):
