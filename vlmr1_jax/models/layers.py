@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Axes = tuple[str | None, ...]
 # Finite mask value: -inf turns fully-masked (pad) rows into NaN, which poisons later layers (docs/facts.md: Masks).
@@ -38,6 +39,48 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: Axes, init: str, 
     else:
         raise ValueError(f"unknown init {init!r}")
     return nnx.Param(value, logical_axes=axes)
+
+
+# Checkpoint name of bf16 matmul outputs: rematerialisation policies see a custom_vjp, not a dot, so the "dots"
+# policy (REMAT_POLICIES) saves them by this name.
+BF16_MATMUL = "bf16_matmul"
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w for x [..., in] and w [in, out] of one dtype: a plain dot unless bfloat16 (`_bf16_matmul`)."""
+    if x.dtype != jnp.bfloat16:
+        return jnp.dot(x, w)
+    return checkpoint_name(_bf16_matmul(x, w), BF16_MATMUL)
+
+
+def _row_major_transpose(a: jax.Array) -> jax.Array:
+    """a.T [n, m] of a [m, n] as a materialised row-major array. A plain 2-D transpose feeding a dot reaches
+    XLA:CPU as a column-major operand, which its bf16 matmul library (YNNPACK) refuses, so XLA upcasts that dot to
+    float32; transposing with a unit third axis makes XLA copy the data instead, and the dot stays bf16."""
+    rows, cols = a.shape
+    return jnp.swapaxes(a.reshape(rows, cols, 1), 0, 1).reshape(cols, rows)
+
+
+@jax.custom_vjp
+def _bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """bf16 x @ w accumulated in float32 and rounded to bf16 once, forward and backward, in the canonical
+    [m, k] @ [k, n] form XLA:CPU multiplies natively in bf16 (autodiff's transposed dots would run in float32)."""
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _bf16_matmul_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _bf16_matmul(x, w), (x, w)
+
+
+def _bf16_matmul_bwd(residuals: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w = residuals
+    dx = jnp.dot(g, _row_major_transpose(w), preferred_element_type=jnp.float32).astype(x.dtype)
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    dw = jnp.dot(_row_major_transpose(x2), g2, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
 class LoRAParam(nnx.Variable):
@@ -75,8 +118,8 @@ class LoRALinear(nnx.Module):
         if self.lora_dropout_key is not None and self.lora_dropout > 0.0:
             keep = jax.random.bernoulli(self.lora_dropout_key[...], 1.0 - self.lora_dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(self.dtype)
-        low = jnp.dot(x, self.lora_a[...].astype(self.dtype))
-        return self.lora_scale * jnp.dot(low, self.lora_b[...].astype(self.dtype))
+        low = matmul(x, self.lora_a[...].astype(self.dtype))
+        return self.lora_scale * matmul(low, self.lora_b[...].astype(self.dtype))
 
 
 class Dense(LoRALinear):
@@ -104,7 +147,7 @@ class Dense(LoRALinear):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+        y = matmul(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
@@ -225,7 +268,13 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax
 
 # Rematerialisation per layer / block: "full" saves only the layer inputs, "dots" also keeps the outputs of weight
 # matmuls (batch-free dots), so the backward recomputes attention and element-wise work but no projection.
-REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(BF16_MATMUL),
+    ),
+}
 
 LAYERS_AXIS = "layers"  # logical name of the leading axis of stacked layer parameters (never sharded)
 
