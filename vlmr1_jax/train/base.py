@@ -39,6 +39,7 @@ from vlmr1_jax.train.checkpoint import Checkpointer, CorruptCheckpoint, abstract
 from vlmr1_jax.train.compiles import compilations
 from vlmr1_jax.train.identity import check_resume
 from vlmr1_jax.train.metrics import MetricsWriter, mean_metrics
+from vlmr1_jax.train.profile import StepProfile
 from vlmr1_jax.train.restore import imported_params
 from vlmr1_jax.train.setup import (
     build_model,
@@ -98,6 +99,7 @@ class Trainer:
     """The step loop over injected `RunParts`; `from_config` builds them from a recipe."""
 
     kind = "base"
+    profile: StepProfile | None = None  # a trace of some steps (`vlmr1 train --profile DIR`)
 
     def __init__(
         self,
@@ -318,12 +320,16 @@ class Trainer:
         while upcoming is not None:
             start = time.perf_counter()
             prepared, skipped = upcoming
+            if self.profile:
+                self.profile.before(self.step + 1)
             metrics, pending = self.dispatch(prepared)
             self.step += 1
             # Save before the iterator moves on, then prepare the next batch while the devices train.
             self.checkpoints.save(self.step, self.state, self.data, meta=self.meta())
             upcoming = self._prepare_next() if self.step < self.max_steps else None
             metrics.update({k: float(v) for k, v in jax.device_get(pending).items()})
+            if self.profile:
+                self.profile.after(self.step)
             self._check_finite(metrics)
             metrics["time/step"] = time.perf_counter() - start
             self.finish_metrics(metrics)
@@ -371,6 +377,8 @@ class Trainer:
         if self.closed:
             return
         self.closed = True
+        if self.profile:
+            self.profile.stop()  # a run that ends inside the window still writes its trace
         try:
             self.checkpoints.wait()
         finally:
