@@ -63,13 +63,15 @@ class KVCache:
         """The decode cache of `times` samples per row, with room for `steps` tokens each; every slot of this
         cache must be written (a prefill sized to its prompts)."""
         rows = self.valid.shape[0] * times
-        own = (self.k.shape[0], rows, steps, *self.k.shape[3:])
+        layers, _, _, kv_heads, head_dim = self.k.shape
+        own = (layers, rows, kv_heads, steps, head_dim)
+        head_major = lambda x: constrain(x.swapaxes(2, 3), GroupCache.AXES)
         return GroupCache(
-            self.k,
-            self.v,
+            head_major(self.k),
+            head_major(self.v),
             self.valid,
-            constrain(jnp.zeros(own, self.k.dtype), self.AXES),
-            constrain(jnp.zeros(own, self.v.dtype), self.AXES),
+            constrain(jnp.zeros(own, self.k.dtype), GroupCache.AXES),
+            constrain(jnp.zeros(own, self.v.dtype), GroupCache.AXES),
             jnp.zeros((rows, steps), bool),
             jnp.zeros((), jnp.int32),
         )
@@ -82,9 +84,12 @@ class GroupCache:
     (row p*G+g is sample g of prompt p), and every row's own keys and values of the tokens it generated.
 
     Decoding reads P*L + B*T cached keys per layer instead of B*(L+T), and writes only the new tokens' slots.
-    prefix_k, prefix_v: [layers, P, L, KV, head_dim]; prefix_valid: [P, L]; k, v: [layers, B, T, KV, head_dim];
+    Keys and values are stored head-major, the layout attention's batched matmuls read (no transposed copy per step):
+    prefix_k, prefix_v: [layers, P, KV, L, head_dim]; prefix_valid: [P, L]; k, v: [layers, B, KV, T, head_dim];
     valid: [B, T]; index: int32 scalar (next own slot to write).
     """
+
+    AXES = ("layers", "batch", "kv_heads", "length", None)  # logical axes of the keys and values
 
     prefix_k: jax.Array
     prefix_v: jax.Array
@@ -125,7 +130,7 @@ class TextAttention(nnx.Module):
         q = constrain(apply_rotary(q, cos[:, :, None], sin[:, :, None]), ("batch", "length", "heads", None))
         k = apply_rotary(k, cos[:, :, None], sin[:, :, None])
         if isinstance(layer_cache, GroupLayer):
-            prefix_k, prefix_v, own_k, own_v = (t.astype(q.dtype) for t in layer_cache)
+            prefix_k, prefix_v, own_k, own_v = (t.astype(q.dtype).swapaxes(1, 2) for t in layer_cache)
             sources = [(prefix_k, prefix_v, mask[0]), (own_k, own_v, mask[1]), (k, v, mask[2])]
             return self.o(attend(q, sources).reshape(b, length, -1)), (k, v)
         if layer_cache is not None:
@@ -262,7 +267,9 @@ class TextModel(nnx.Module):
             return constrain(x, HIDDEN_AXES), kv
 
         x, kv = self._layers(embeds, body, (cache.prefix_k, cache.prefix_v, cache.k, cache.v))
-        write = lambda old, new: jax.lax.dynamic_update_slice(old, new.astype(old.dtype), (0, 0, cache.index, 0, 0))
+        write = lambda old, new: jax.lax.dynamic_update_slice(
+            old, new.astype(old.dtype).swapaxes(2, 3), (0, 0, 0, cache.index, 0)
+        )
         return x, dataclasses.replace(
             cache,
             k=write(cache.k, kv[0]),
