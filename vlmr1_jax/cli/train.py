@@ -8,21 +8,26 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from vlmr1_jax.config import load_config
 from vlmr1_jax.rewards import reward_functions
+from vlmr1_jax.train.profile import StepProfile, parse_steps
 
 
 def _run(kind: str):
     def run(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
         cfg = load_config(args.config, args.overrides)
+        window = parse_steps(args.profile_steps)  # a bad window fails before the model is built
         if kind == "grpo":
             reward_functions(cfg.grpo.reward_funcs, cfg.grpo.reward_options)  # a bad reward or option fails here
             from vlmr1_jax.train.loop import GRPOTrainer as Trainer
         else:
             from vlmr1_jax.train.sft import SFTTrainer as Trainer  # type: ignore[assignment]
         trainer = Trainer.from_config(cfg, progress=not args.no_progress, resume_anyway=args.resume_anyway)
+        if args.profile:
+            trainer.profile = StepProfile(Path(args.profile), *window)
         if trainer.step >= trainer.max_steps:
             print(
                 f"error: the run in {cfg.train.output_dir} already finished at step {trainer.step} (max steps "
@@ -58,5 +63,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--resume-anyway",
             action="store_true",
             help="resume the run in train.output_dir even though its stored configuration differs",
+        )
+        p.add_argument(
+            "--profile",
+            metavar="DIR",
+            help="write a jax.profiler trace of the steps --profile-steps to DIR (TensorBoard / Perfetto)",
+        )
+        p.add_argument(
+            "--profile-steps",
+            default="2:3",
+            metavar="N:M",
+            help="first and last step to trace, counted from 1 (default 2:3: after step 1 compiled)",
         )
         p.set_defaults(func=_run(kind))

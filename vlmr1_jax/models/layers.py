@@ -6,12 +6,14 @@ modules themselves know nothing about devices.
 
 from __future__ import annotations
 
+import functools
 import operator
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -233,14 +235,14 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, query_block: int = 512) -> jax.Array:
     """Softmax attention with grouped KV heads; softmax in fp32 with a finite mask.
 
-    q: [..., L, H, d]; k, v: [..., S, KV, d] with H a multiple of KV (query head j reads KV head j // (H/KV));
-    mask: boolean, broadcastable to [..., L, S] (True = may attend). Returns [..., L, H, d].
+    q: [B, L, H, d]; k, v: [B, S, KV, d] with H a multiple of KV (query head j reads KV head j // (H/KV));
+    mask: boolean, broadcastable to [B, L, S] (True = may attend). Returns [B, L, H, d].
     Queries longer than `query_block` are processed block by block under rematerialisation, so the [L, S] fp32
     scores of long completions are never all alive at once, forward or backward (same result).
     """
     length = q.shape[-3]
     if length <= query_block:
-        return _attention(q, k, v, mask)
+        return attend(q, [(k, v, mask)])
     count = -(-length // query_block)
     pad = count * query_block - length
     mask = jnp.broadcast_to(mask, (*mask.shape[:-2], length, mask.shape[-1]))
@@ -248,22 +250,34 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, query_b
     mask = jnp.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(0, pad), (0, 0)])
     q_blocks = jnp.moveaxis(q.reshape(*q.shape[:-3], count, query_block, *q.shape[-2:]), -4, 0)
     mask_blocks = jnp.moveaxis(mask.reshape(*mask.shape[:-2], count, query_block, mask.shape[-1]), -3, 0)
-    one = jax.checkpoint(lambda qb, mb: _attention(qb, k, v, mb))
+    one = jax.checkpoint(lambda qb, mb: attend(qb, [(k, v, mb)]))
     out = jax.lax.map(lambda xs: one(*xs), (q_blocks, mask_blocks))  # [count, ..., block, H, d]
     out = jnp.moveaxis(out, 0, -4).reshape(*q.shape[:-3], count * query_block, *q.shape[-2:])
     return out[..., :length, :, :]
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    *lead, length, heads, dim = q.shape
-    kv_heads = k.shape[-2]
+def attend(q: jax.Array, sources: Sequence[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+    """Softmax attention of q [B, L, H, d] over the keys of all `sources` at once (one softmax, in fp32).
+
+    A source (k, v, mask) has k, v [R, S, KV, d] with B a multiple of R: query row b reads key row b // (B / R), so a
+    prompt's keys stored once serve its B / R samples (the grouped decode cache). mask: boolean, broadcastable to
+    [B, L, S] (True = may attend). Query head j reads KV head j // (H / KV). Returns [B, L, H, d].
+    """
+    rows, length, heads, dim = q.shape
+    kv_heads = sources[0][0].shape[-2]
     group = heads // kv_heads
-    qg = q.reshape(*lead, length, kv_heads, group, dim)
-    scores = jnp.einsum("...lkgd,...skd->...kgls", qg, k, preferred_element_type=jnp.float32) * dim**-0.5
-    scores = jnp.where(mask[..., None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("...kgls,...skd->...lkgd", probs, v)
-    return out.reshape(*lead, length, heads, dim)
+    scores = []
+    for k, _, mask in sources:
+        qg = q.reshape(k.shape[0], rows // k.shape[0], length, kv_heads, group, dim)
+        s = jnp.einsum("rnlkgd,rskd->rnkgls", qg, k, preferred_element_type=jnp.float32) * dim**-0.5
+        scores.append(jnp.where(mask[:, None, None], s.reshape(rows, kv_heads, group, length, -1), MASK_VALUE))
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    ends = np.cumsum([s.shape[-1] for s in scores])
+    outs = []
+    for (_, v, _), start, end in zip(sources, [0, *ends[:-1]], ends):
+        p = probs[..., start:end].astype(v.dtype).reshape(v.shape[0], rows // v.shape[0], kv_heads, group, length, -1)
+        outs.append(jnp.einsum("rnkgls,rskd->rnlkgd", p, v).reshape(rows, length, heads, dim))
+    return functools.reduce(operator.add, outs)
 
 
 # Rematerialisation per layer / block: "full" saves only the layer inputs, "dots" also keeps the outputs of weight
@@ -277,6 +291,7 @@ REMAT_POLICIES = {
 }
 
 LAYERS_AXIS = "layers"  # logical name of the leading axis of stacked layer parameters (never sharded)
+STACK_SIZE = "stack_size"  # the attribute that marks a `stacked` module: its layer count
 
 
 def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -296,11 +311,35 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) 
         if isinstance(variable, nnx.Variable):
             axes = variable.get_metadata().get("logical_axes") or (None,) * (variable.ndim - 1)
             variable.set_metadata(logical_axes=(LAYERS_AXIS, *axes))
+    setattr(module, STACK_SIZE, count)  # marks the stack for `unstack_layers`
     return module
 
 
+ModelT = TypeVar("ModelT", bound=nnx.Module)
+
+
+def unstack_layers(model: ModelT) -> ModelT:
+    """A copy of `model` whose `stacked` modules are lists of their layers, each layer's weights sliced out here,
+    once; `run_layers` runs such a list unrolled.
+
+    For a loop that runs the layers many times (the sampler's decode loop): XLA:CPU copies a slice of a stack before
+    each matmul reads it, so running the stack inside the loop copies every weight on every pass.
+    """
+    view = nnx.merge(*nnx.split(model))
+    stacks = [(path, node) for path, node in nnx.iter_graph(view) if getattr(node, STACK_SIZE, None)]
+    for path, stack in stacks:
+        graphdef, state = nnx.split(stack)
+        count = getattr(stack, STACK_SIZE)
+        layers = [nnx.merge(graphdef, jax.tree.map(operator.itemgetter(i), state)) for i in range(count)]
+        parent: Any = view
+        for name in path[:-1]:
+            parent = getattr(parent, str(name))
+        setattr(parent, str(path[-1]), nnx.List(layers))
+    return view
+
+
 def run_layers(
-    layers: nnx.Module,
+    layers: nnx.Module | nnx.List,
     body: Callable[..., tuple[Any, Any]],
     carry: Any,
     xs: Any = None,
@@ -313,9 +352,13 @@ def run_layers(
 
     scan=True compiles one layer (`jax.lax.scan`), so compile time does not grow with depth; scan=False unrolls a
     Python loop over static slices (same parameters, same results; `xs` slices are then concrete host values).
+    `layers` may also be `unstack_layers`' list of layers, always unrolled.
     `remat_policy`: "none" (keep activations), None (save only the layer inputs) or a `jax.checkpoint_policies`.
     """
-    graphdef, state = nnx.split(layers)
+    if isinstance(layers, nnx.List):
+        graphdef, states = nnx.graphdef(layers[0]), [nnx.state(layer) for layer in layers]
+    else:
+        graphdef, state = nnx.split(layers)
 
     def one(carry, inputs):
         layer_state, x = inputs
@@ -323,14 +366,14 @@ def run_layers(
 
     if remat_policy != "none":
         one = jax.checkpoint(one, policy=remat_policy, prevent_cse=not scan)
-    if scan:
-        return jax.lax.scan(one, carry, (state, xs))
-    count = jax.tree.leaves(state)[0].shape[0]
+    if not isinstance(layers, nnx.List):
+        if scan:
+            return jax.lax.scan(one, carry, (state, xs))
+        states = [jax.tree.map(operator.itemgetter(i), state) for i in range(jax.tree.leaves(state)[0].shape[0])]
     outputs = []
-    for i in range(count):
-        layer_slice = jax.tree.map(operator.itemgetter(i), state)
+    for i, layer_state in enumerate(states):
         x = None if xs is None else jax.tree.map(operator.itemgetter(i), xs)
-        carry, y = one(carry, (layer_slice, x))
+        carry, y = one(carry, (layer_state, x))
         outputs.append(y)
     ys = None if outputs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
     return carry, ys

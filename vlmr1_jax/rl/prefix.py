@@ -22,11 +22,9 @@ class FannedPrefix(NamedTuple):
     next_position: jax.Array  # [B] int32: M-RoPE position of completion token 0
 
 
-def prefill_fan_out(
-    model: VisionLanguageModel, prompts: dict[str, jax.Array], num_samples: int, steps: int
-) -> FannedPrefix:
+def prefill(model: VisionLanguageModel, prompts: dict[str, jax.Array], steps: int) -> FannedPrefix:
     """Prefill the P prompts of `prompts` (`PromptBatch.arrays()` on device) once, with their images encoded once,
-    and repeat the result to `num_samples` rows each; gradients flow through the repeat."""
+    into a cache with room for `steps` more tokens per row: the P-row `FannedPrefix` (G = 1)."""
     ids = prompts["input_ids"]
     count, length = ids.shape
     vision = vision_inputs(prompts)
@@ -40,8 +38,16 @@ def prefill_fan_out(
         prompts["vision_gather"],
         cache,
     )
+    return FannedPrefix(logits=model.logits(hidden[:, -1]), cache=cache, next_position=prompts["next_position"])
+
+
+def prefill_fan_out(
+    model: VisionLanguageModel, prompts: dict[str, jax.Array], num_samples: int, steps: int
+) -> FannedPrefix:
+    """`prefill`, with the result repeated to `num_samples` rows per prompt; gradients flow through the repeat."""
+    logits, cache, next_position = prefill(model, prompts, steps)
     return FannedPrefix(
-        logits=jnp.repeat(model.logits(hidden[:, -1]), num_samples, axis=0),
+        logits=jnp.repeat(logits, num_samples, axis=0),
         cache=cache.repeat(num_samples),
-        next_position=jnp.repeat(prompts["next_position"], num_samples, axis=0),
+        next_position=jnp.repeat(next_position, num_samples, axis=0),
     )

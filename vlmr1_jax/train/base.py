@@ -41,6 +41,7 @@ from vlmr1_jax.train.checkpoint import Checkpointer, CorruptCheckpoint, abstract
 from vlmr1_jax.train.compiles import compilations
 from vlmr1_jax.train.identity import check_resume
 from vlmr1_jax.train.metrics import MetricsWriter, mean_metrics
+from vlmr1_jax.train.profile import StepProfile
 from vlmr1_jax.train.restore import imported_params
 from vlmr1_jax.train.setup import (
     build_model,
@@ -100,6 +101,7 @@ class Trainer:
     """The step loop over injected `RunParts`; `from_config` builds them from a recipe."""
 
     kind = "base"
+    profile: StepProfile | None = None  # a trace of some steps (`vlmr1 train --profile DIR`)
 
     def __init__(
         self,
@@ -328,6 +330,8 @@ class Trainer:
         while upcoming is not None:
             start = time.perf_counter()
             prepared, skipped = upcoming
+            if self.profile:
+                self.profile.before(self.step + 1, self.step + self.updates_per_rollout)
             host, pending = self.dispatch(prepared)
             first = self.step
             self.step += len(pending)
@@ -336,6 +340,8 @@ class Trainer:
             self.checkpoints.save(self.step, self.state, self.data, meta=self.meta(), force=due)
             upcoming = self._prepare_next() if self.step < self.max_steps else None
             updates = jax.device_get(pending)
+            if self.profile:
+                self.profile.after(self.step)
             # One row per optimizer step; the rollout's host metrics are shared, its times split evenly.
             share = 1 / len(updates)
             elapsed = time.perf_counter() - start
@@ -393,6 +399,8 @@ class Trainer:
         if self.closed:
             return
         self.closed = True
+        if self.profile:
+            self.profile.stop()  # a run that ends inside the window still writes its trace
         try:
             self.checkpoints.wait()
         finally:
