@@ -26,7 +26,8 @@ def cache_dir(flag: str | None, env: str | None, configured: str | None) -> Path
 
 def enable_compilation_cache(flag: str | None) -> Path | None:
     """Point JAX's persistent compilation cache at the directory `cache_dir` picks (or turn it off); returns it."""
-    directory = cache_dir(flag, os.environ.get(ENV_VAR), jax.config.jax_compilation_cache_dir)
+    configured = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]  # a flag jax does not declare
+    directory = cache_dir(flag, os.environ.get(ENV_VAR), configured)
     if directory is None:
         jax.config.update("jax_enable_compilation_cache", False)
         return None
