@@ -71,7 +71,7 @@ def our_steps(setup: Setup, out: Path, steps: int) -> list[dict[str, float]]:
     from vlmr1_jax.train.loop import GRPOTrainer
 
     tok = setup.tokenizer
-    samples = [  # the P prompts once per step, in order (the trainer shuffles them: every step has the same work)
+    samples = [  # the P prompts once per step; the trainer shuffles them, and all have the same lengths and image size
         Sample(p + r * len(setup.questions), q, "", (path,), "default", "bench", p)
         for r in range(steps + 1)
         for p, (q, path) in enumerate(zip(setup.questions, setup.image_paths))
