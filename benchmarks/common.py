@@ -213,6 +213,7 @@ def environment() -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": f"{cpu}, {os.cpu_count()} cores",
         "load_average": [round(x, 2) for x in os.getloadavg()],
+        "torch_threads": torch_threads(),
         "versions": versions,
     }
 
@@ -228,11 +229,17 @@ def record(name: str, result: dict[str, Any]) -> dict[str, Any]:
     return line
 
 
+def torch_threads() -> int:
+    """torch's threads: every core, as JAX's CPU backend uses them, or $BENCH_TORCH_THREADS (on a loaded machine
+    torch's thread barriers wait on descheduled threads, and one thread can be faster)."""
+    return int(os.environ.get("BENCH_TORCH_THREADS") or os.cpu_count() or 1)
+
+
 def set_torch_threads() -> None:
-    """torch on every core, as JAX's CPU backend uses them."""
+    """Give torch `torch_threads()` threads (the limits and the baselines run with the same count)."""
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(torch_threads())
 
 
 def prompt_batch(setup: Setup, length: int | None = None):
