@@ -39,8 +39,11 @@ def table(results: dict[tuple[str, str], dict[str, Any]]) -> str:
                     f"| {config} | sampler vs HF generate, {label} | {o['seconds']} s, {o['tokens_per_s']} tok/s | "
                     f"{h['seconds']} s, {h['tokens_per_s']} tok/s | **{h['seconds'] / o['seconds']:.2f}x** |"
                 )
+            lim = r["limits"]
             rows.append(
-                f"| {config} | decode step (floor {r['floor_ms']} ms) | {o['decode_step_ms']} ms = "
+                f"| {config} | decode step; floor {r['floor_ms']} ms = max({r['floor_bytes_mb']} MB at "
+                f"{lim['read_gb_per_s']} GB/s, {r['floor_gflop']} GFLOP at {lim['fp32_matmul_gflops']} GFLOP/s; bf16 "
+                f"{lim['bf16_matmul_gflops']} GFLOP/s), same run | {o['decode_step_ms']} ms = "
                 f"{o['decode_vs_floor']}x floor | HF {r['hf_repeat']['decode_step_ms']} ms = "
                 f"{r['hf_repeat']['decode_vs_floor']}x floor | |"
             )
