@@ -4,13 +4,16 @@
 #   make lint   - ruff (lint + format check), mypy and the import contracts (lint-imports; docs/architecture.md)
 #   make test-fast - the edit loop: the suite without `slow` tests and the modules that train, sample or compile
 #                    whole models (under 2 minutes on 2 cores with a warm compile cache; `make test` runs them all)
+#   make bench     - ours vs HF generate and TRL's GRPOTrainer on the same random models, plus the machine's limits
+#                    (installs the bench extra; each script appends a JSON line to benchmarks/results/; about 30
+#                    minutes on 2 cores; e.g. BENCH_CONFIGS=small BENCH_REPEATS=5; docs/benchmarks.md)
 #   make test-scale - streaming conversion of a full-size random 3B with peak-memory checks (not in CI: ~40 GB of
 #                     disk, a few minutes; see scripts/test_scale.py)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast lint test-scale install install-test install-lint clean
+.PHONY: demo test test-fast lint bench test-scale install install-test install-lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +29,10 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 
 $(VENV)/.lint: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[lint]"
+	touch $@ $(VENV)/.core
+
+$(VENV)/.bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[bench]"
 	touch $@ $(VENV)/.core
 
 install: $(VENV)/.core
@@ -51,6 +58,17 @@ HEAVY_TESTS := parity plan mixed_precision train_step resume lora run_identity m
 
 test-fast: $(VENV)/.test
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" $(HEAVY_TESTS:%=--ignore=tests/test_%.py) $(PYTEST_ARGS)
+
+BENCH_CONFIGS ?= tiny small demo
+BENCH_REPEATS ?= 3
+bench: $(VENV)/.bench
+	$(BIN)/python -m benchmarks.bench_machine
+	for config in $(BENCH_CONFIGS); do \
+		for script in sampler step scaling; do \
+			$(BIN)/python -m benchmarks.bench_$$script --config $$config --repeats $(BENCH_REPEATS) || exit 1; \
+		done; \
+	done
+	$(BIN)/python -m benchmarks.table
 
 test-scale: $(VENV)/.core
 	$(BIN)/python scripts/test_scale.py $(SCALE_ARGS)

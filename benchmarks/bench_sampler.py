@@ -1,139 +1,159 @@
-"""Grouped sampler vs HF `generate` on the same random Qwen2.5-VL, same prompts, same work; ratio in one run.
+"""Our grouped sampler vs HF `generate` on the same random Qwen2.5-VL, the same prompts and images, the same work.
 
-VLM-R1 samples by repeating each prompt G times and calling `model.generate` (docs/facts.md: Sampling), so the baseline
-prefills and encodes the images of all P*G rows; ours prefills P prompts once and fans the KV cache out to G rows.
-Both sample T new tokens with temperature 1, top-k 50 (EOS ignored so the work is equal).
+Two baselines: VLM-R1's rollout (each prompt row repeated G times, one `generate` over P*G rows, so every row
+prefills and encodes its image) and `num_return_sequences=G` (HF prefills each prompt once, then expands). Ours
+prefills each prompt once and fans the KV cache out to G rows (`rl/sampler.py`), through the trainer's own
+`make_generate_fn`. All sample exactly T new tokens (temperature 1, top-k 50; EOS never ends a sample).
 
-    python benchmarks/bench_sampler.py [--prompts 8] [--generations 8] [--new-tokens 32] [--repeats 3]
+The decode step time is (time for T tokens - time for 1 token) / (T - 1), set against the machine's floor for that
+step measured in the same run (`common.decode_floor`).
+
+    python -m benchmarks.bench_sampler [--config small] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import tempfile
-import time
+import types
 from pathlib import Path
-
-os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from converters.hf import save_hf_safetensors
-from vlmr1_jax.config import SamplingConfig
-from vlmr1_jax.models.qwen2_5_vl.config import TOKEN_ID_FIELDS, get_preset, to_hf_config, with_overrides
-from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-from vlmr1_jax.models.qwen2_5_vl.processor import build_prompt_batch
-from vlmr1_jax.rl.sampler import Sampler
-
-# The demo-sized model ("demo-s") with the tiny preset's vocabulary and special token ids.
-BENCH_CONFIG = with_overrides(
-    get_preset("demo-s"),
-    {
-        "text.vocab_size": get_preset("tiny").text.vocab_size,
-        **{k: getattr(get_preset("tiny"), k) for k in TOKEN_ID_FIELDS},
-    },
+from benchmarks.bench_machine import machine_limits
+from benchmarks.common import (
+    WORKLOADS,
+    Setup,
+    build_setup,
+    decode_floor,
+    median_seconds,
+    prompt_batch,
+    record,
+    set_torch_threads,
+    workload,
 )
+from vlmr1_jax.config import GRPOConfig, RunConfig, SamplingConfig
+from vlmr1_jax.train.loop import make_generate_fn
 
 
-def build_models(folder: Path):
-    """Our randomly initialised BENCH_CONFIG model, and transformers' model of the same weights (written to
-    `folder` as an HF checkpoint and read back)."""
+def ours(setup: Setup, batch, new_tokens: int, repeats: int) -> float:
+    """Median seconds of the trainer's jitted grouped sampler for P prompts x G samples x `new_tokens`."""
+    work = setup.work
+    cfg = RunConfig(
+        sampling=SamplingConfig(max_new_tokens=new_tokens, temperature=work.temperature, top_k=work.top_k),
+        grpo=GRPOConfig(num_generations=work.generations),
+    )
+    never_ends = types.SimpleNamespace(eos_ids=(-1,), pad_id=setup.tokenizer.pad_id)  # exactly T tokens per row
+    graphdef, params, rest = nnx.split(setup.model, nnx.Param, ...)
+    generate = make_generate_fn(cfg, never_ends, setup.model.cfg, graphdef)
+    prompts = {k: jnp.asarray(v) for k, v in batch.arrays().items()}
+    keys = iter(range(1_000_000))
+    run = lambda: jax.block_until_ready(generate(params, rest, prompts, jax.random.key(next(keys))))
+    return median_seconds(run, repeats)[0]
+
+
+def hf_inputs(setup: Setup, batch, images, rows_per_prompt: int) -> dict:
+    """`generate` keyword inputs: each prompt (ids, mask, patch rows, grid) repeated `rows_per_prompt` times."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    ours = Qwen25VL(BENCH_CONFIG, rngs=nnx.Rngs(0))
-    (folder / "config.json").write_text(json.dumps(to_hf_config(BENCH_CONFIG, "float32")))
-    save_hf_safetensors(nnx.state(ours), BENCH_CONFIG, folder / "model.safetensors")
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    return ours, hf
-
-
-def make_prompts(prompts: int, rng: np.random.Generator):
-    """P prompts: text, one 112x112 image (16 merged tokens), text; random pixels."""
-    ids, images = [], []
-    for p in range(prompts):
-        ids.append([5 + p, 6, 7, 152, 150, 153] + list(rng.integers(2, 140, 12)))
-        images.append([(rng.standard_normal((64, 1176)).astype(np.float32), (1, 8, 8))])
-    return ids, images
+    image_token = setup.model.cfg.image_token_id
+    input_ids = torch.from_numpy(np.repeat(batch.input_ids, rows_per_prompt, axis=0).astype(np.int64))
+    return dict(
+        input_ids=input_ids,
+        attention_mask=torch.from_numpy(np.repeat(batch.attention_mask, rows_per_prompt, axis=0).astype(np.int64)),
+        pixel_values=torch.from_numpy(
+            np.concatenate([px for prompt in images for _ in range(rows_per_prompt) for px, _ in prompt])
+        ),
+        image_grid_thw=torch.tensor([grid for prompt in images for _ in range(rows_per_prompt) for _, grid in prompt]),
+        mm_token_type_ids=(input_ids == image_token).long(),
+    )
 
 
-def time_best(fn, repeats: int) -> float:
-    fn()  # warm-up (compilation for JAX)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def hf(setup: Setup, hf_model, batch, images, new_tokens: int, repeats: int, *, return_sequences: bool) -> float:
+    """Median seconds of HF `generate` for the same work: rows repeated G times, or `num_return_sequences=G`."""
+    import torch
+
+    work = setup.work
+    G = work.generations
+    inputs = hf_inputs(setup, batch, images, 1 if return_sequences else G)
+
+    def run():
+        with torch.no_grad():
+            out = hf_model.generate(
+                **inputs,
+                do_sample=True,
+                temperature=work.temperature,
+                top_k=work.top_k,
+                top_p=1.0,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                num_return_sequences=G if return_sequences else 1,
+                pad_token_id=setup.tokenizer.pad_id,
+            )
+        assert out.shape == (work.prompts * G, batch.input_ids.shape[1] + new_tokens), out.shape
+
+    return median_seconds(run, repeats)[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--generations", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--config", default="small", choices=sorted(WORKLOADS))
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    rng = np.random.default_rng(0)
+    set_torch_threads()
+    work = workload(args.config)
+    limits = machine_limits()
     with tempfile.TemporaryDirectory() as tmp:
-        ours, hf = build_models(Path(tmp))
-    cfg = ours.cfg
-    ids, images = make_prompts(args.prompts, rng)
-    batch = build_prompt_batch(ids, images, cfg, pad_id=0)
-    G, T = args.generations, args.new_tokens
+        setup = build_setup(work, Path(tmp))
+        hf_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32).eval()
+        batch, images = prompt_batch(setup)
+    T, rows = work.new_tokens, work.prompts * work.generations
+    tokens = rows * T
 
-    graphdef, state = nnx.split(ours)
-    sampler = Sampler(SamplingConfig(max_new_tokens=T, temperature=1.0, top_k=50), eos_ids=(-1,), pad_id=0)
-    run = sampler.jitted(graphdef, G)
-    device_batch = {k: jnp.asarray(v) for k, v in batch.arrays().items()}
-    keys = iter(range(10_000))
-    ours_s = time_best(
-        lambda: jax.block_until_ready(run(state, device_batch, jax.random.key(next(keys)))), args.repeats
-    )
-
-    # VLM-R1's rollout: every prompt row repeated G times, one generate call over P*G rows.
-    input_ids = torch.from_numpy(np.repeat(batch.input_ids, G, axis=0).astype(np.int64))
-    mask = torch.from_numpy(np.repeat(batch.attention_mask, G, axis=0).astype(np.int64))
-    pixels = torch.from_numpy(
-        np.concatenate([np.concatenate([px for px, _ in imgs]) for imgs in images for _ in range(G)])
-    )
-    grids = torch.tensor([g for imgs in images for _ in range(G) for _, g in imgs])
-
-    def hf_generate():
-        with torch.no_grad():
-            hf.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                pixel_values=pixels,
-                image_grid_thw=grids,
-                mm_token_type_ids=(input_ids == cfg.image_token_id).long(),
-                do_sample=True,
-                temperature=1.0,
-                top_k=50,
-                top_p=1.0,
-                max_new_tokens=T,
-                min_new_tokens=T,
-                pad_token_id=0,
-            )
-
-    hf_s = time_best(hf_generate, args.repeats)
-    tokens = args.prompts * G * T
-    print(
-        f"work: {args.prompts} prompts x {G} samples x {T} new tokens ({tokens} tokens), "
-        f"model hidden {cfg.text.hidden_size}, {jax.devices()[0].platform}"
-    )
-    print(f"HF generate (VLM-R1 style): {hf_s:.3f} s  ({tokens / hf_s:,.0f} tok/s)")
-    print(f"vlmr1-jax grouped sampler : {ours_s:.3f} s  ({tokens / ours_s:,.0f} tok/s)")
-    print(f"speed-up: {hf_s / ours_s:.2f}x")
+    seconds = {
+        "ours": ours(setup, batch, T, args.repeats),
+        "hf_repeat": hf(setup, hf_model, batch, images, T, args.repeats, return_sequences=False),
+        "hf_nrs": hf(setup, hf_model, batch, images, T, args.repeats, return_sequences=True),
+    }
+    one = {
+        "ours": ours(setup, batch, 1, args.repeats),
+        "hf_repeat": hf(setup, hf_model, batch, images, 1, args.repeats, return_sequences=False),
+        "hf_nrs": hf(setup, hf_model, batch, images, 1, args.repeats, return_sequences=True),
+    }
+    context = batch.input_ids.shape[1] + T // 2  # the mean KV-cache length a decode step reads
+    floor = decode_floor(setup, rows, context, limits)
+    result = {
+        "config": work.name,
+        "parameters": setup.parameters,
+        "work": {
+            "prompts": work.prompts,
+            "G": work.generations,
+            "new_tokens": T,
+            "prompt_length": batch.input_ids.shape[1],
+        },
+        "repeats": args.repeats,
+        "limits": limits,
+        **floor,
+    }
+    for name, s in seconds.items():
+        step_ms = 1e3 * (s - one[name]) / (T - 1)
+        result[name] = {
+            "seconds": round(s, 4),
+            "tokens_per_s": round(tokens / s, 1),
+            "first_token_seconds": round(one[name], 4),
+            "decode_step_ms": round(step_ms, 3),
+            "decode_vs_floor": round(step_ms / floor["floor_ms"], 2),
+        }
+    result["speedup_vs_hf_repeat"] = round(seconds["hf_repeat"] / seconds["ours"], 2)
+    result["speedup_vs_hf_nrs"] = round(seconds["hf_nrs"] / seconds["ours"], 2)
+    record("sampler", result)
 
 
 if __name__ == "__main__":

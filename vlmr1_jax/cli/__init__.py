@@ -9,6 +9,7 @@ import contextlib
 import sys
 
 from vlmr1_jax.cli import data, demo, evaluate, export, parity, plan, plot, ports, rewards, train
+from vlmr1_jax.cli.compile_cache import DEFAULT_DIR, ENV_VAR, enable_compilation_cache
 from vlmr1_jax.extras import MissingExtraError
 from vlmr1_jax.quiet import quiet_libraries, without_background_tracebacks
 
@@ -27,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="show full tracebacks and library INFO logs (absl / orbax) instead of one error line",
     )
+    parser.add_argument(
+        "--compilation-cache",
+        metavar="DIR",
+        help=f"JAX's persistent compilation cache (default: ${ENV_VAR}, else {DEFAULT_DIR}); `off` disables it",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(subparsers)
@@ -37,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
         quiet_libraries()
+    enable_compilation_cache(args.compilation_cache)
     try:
         with contextlib.nullcontext() if args.debug else without_background_tracebacks():
             return int(args.func(args) or 0)
