@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vlmr1_jax.processing.prompts import QUESTION_TEMPLATES
 
 from tests.helpers.cli import run_cli
 from tests.helpers.runs import jsonl
 from vlmr1_jax.data import synthetic_gui, synthetic_ovd
 from vlmr1_jax.data.synthetic import image_folder
+from vlmr1_jax.models.qwen2_5_vl.prompts import QUESTION_TEMPLATES
 from vlmr1_jax.processing.tokenizer import build_compact_tokenizer
 
 STEPS, PROMPTS, GENERATIONS = 2, 2, 2
