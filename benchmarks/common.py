@@ -124,18 +124,11 @@ def build_setup(work: Workload, folder: Path, seed: int = 0) -> Setup:
     from vlmr1_jax.models.qwen2_5_vl.config import get_preset, to_hf_config, with_overrides
     from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
     from vlmr1_jax.processing.tokenizer import build_compact_tokenizer
+    from vlmr1_jax.train.setup import tokenizer_token_ids
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_compact_tokenizer(corpus(), vocab_size=512)
-    ids = {
-        "image_token_id": tokenizer.image_pad_id,
-        "video_token_id": tokenizer.video_pad_id,
-        "vision_start_token_id": tokenizer.vision_start_id,
-        "vision_end_token_id": tokenizer.vision_end_id,
-        "vision_token_id": tokenizer.token_to_id("<|vision_pad|>"),
-        "bos_token_id": tokenizer.pad_id,
-        "eos_token_id": tokenizer.eos_ids[0],
-    }
+    ids = tokenizer_token_ids(tokenizer)
     vocab = max(work.overrides.get("text.vocab_size", 0), 512)
     cfg = with_overrides(get_preset(work.preset), {**work.overrides, "text.vocab_size": vocab, **ids})
     model = Qwen25VL(cfg, rngs=nnx.Rngs(seed))
