@@ -29,7 +29,7 @@ from vlmr1_jax.models.hf_weights import load_hf_model, read_config
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlmr1_jax.models.qwen2_5_vl.rope import get_rope_index
 from vlmr1_jax.models.qwen2_5_vl.text import KVCache
-from vlmr1_jax.models.qwen2_5_vl.vision_plan import plan_vision, vision_gather_indices
+from vlmr1_jax.models.qwen2_5_vl.vision_plan import VisionPlan, plan_vision, vision_gather_indices
 
 RTOL = 1e-4  # 10-100x above float32 rounding at real widths, 10x below the smallest bug in tests/test_parity.py
 ATOL = 1e-6  # only matters for a reference that is (nearly) all zeros
@@ -177,6 +177,24 @@ def positions_for(cfg: Qwen25VLConfig, inputs: ParityInputs) -> tuple[np.ndarray
     )
 
 
+def vision_layout(
+    cfg: Qwen25VLConfig, input_ids: np.ndarray, pixels: np.ndarray, grids: list, num_images: int
+) -> tuple[VisionPlan, np.ndarray]:
+    """The vision tower's padded window plan of `pixels` (images, then videos) and each prompt token's row of its
+    output (`vision_gather`)."""
+    plan = plan_vision(
+        pixels, grids, spatial_merge_size=cfg.vision.spatial_merge_size, window_merged=cfg.vision.window_merged
+    )
+    gather = vision_gather_indices(
+        input_ids,
+        plan,
+        image_token_id=cfg.image_token_id,
+        video_token_id=cfg.video_token_id,
+        num_image_items=num_images,
+    )
+    return plan, gather
+
+
 def run_jax(model_dir: str, inputs: ParityInputs, dtype: jnp.dtype = jnp.float32) -> Outputs:
     """Our side, computing in `dtype` (float32 parameters): (merged vision features in processor order, prompt
     logits, decode-step logits), all as float32."""
@@ -185,16 +203,7 @@ def run_jax(model_dir: str, inputs: ParityInputs, dtype: jnp.dtype = jnp.float32
     positions, deltas = positions_for(cfg, inputs)
     grids = inputs.image_grids + inputs.video_grids
     pixels = np.concatenate([inputs.image_pixels, inputs.video_pixels])
-    plan = plan_vision(
-        pixels, grids, spatial_merge_size=cfg.vision.spatial_merge_size, window_merged=cfg.vision.window_merged
-    )
-    gather = vision_gather_indices(
-        inputs.input_ids,
-        plan,
-        image_token_id=cfg.image_token_id,
-        video_token_id=cfg.video_token_id,
-        num_image_items=len(inputs.image_grids),
-    )
+    plan, gather = vision_layout(cfg, inputs.input_ids, pixels, grids, len(inputs.image_grids))
     # Parameters go in as arguments: closed over, XLA would fold them as constants (>20 GB at the 3B's widths).
     graphdef, state = nnx.split(model)
     feats = jax.jit(lambda state, kw: nnx.merge(graphdef, state).encode_vision(kw))(

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ports.parity import ParityInputs, positions_for
-from vlmr1_jax.models.qwen2_5_vl.vision_plan import plan_vision, vision_gather_indices
+from ports.parity import ParityInputs, positions_for, vision_layout
 from vlmr1_jax.rl.lora import lora_targets
 
 
@@ -29,18 +28,8 @@ def jax_logits(model: nnx.Module, inputs: ParityInputs) -> np.ndarray:
     model = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
     cfg = model.cfg
     positions, _ = positions_for(cfg, inputs)
-    plan = plan_vision(
-        inputs.image_pixels,
-        inputs.image_grids,
-        spatial_merge_size=cfg.vision.spatial_merge_size,
-        window_merged=cfg.vision.window_merged,
-    )
-    gather = vision_gather_indices(
-        inputs.input_ids,
-        plan,
-        image_token_id=cfg.image_token_id,
-        video_token_id=cfg.video_token_id,
-        num_image_items=len(inputs.image_grids),
+    plan, gather = vision_layout(
+        cfg, inputs.input_ids, inputs.image_pixels, inputs.image_grids, len(inputs.image_grids)
     )
 
     @nnx.jit
