@@ -6,6 +6,7 @@ the host, advantages, reference log-probs, the jitted update), timed until its u
 callback. Both: G samples of P prompts, exactly T new tokens (our EOS never fires; TRL `min_new_tokens=T`), the
 same temperature / top-k, beta, learning rate, `loss_type="grpo"`, `scale_rewards="group"`, the same reward
 (VLM-R1's `format`), fp32. The first step (compilation for us) is reported apart from the median of the others.
+Our step is also run computing in bfloat16 (`model.dtype: bfloat16`, float32 parameters): `bf16_speedup`.
 
 Our first step is also timed in two fresh processes sharing an empty persistent compilation cache: cold, then warm
 (what a second `vlmr1 train` of the same shapes pays).
@@ -38,7 +39,7 @@ from benchmarks.common import (
     set_torch_threads,
     workload,
 )
-from vlmr1_jax.config import DataConfig, GRPOConfig, OptimConfig, RunConfig, SamplingConfig, TrainConfig
+from vlmr1_jax.config import DataConfig, GRPOConfig, ModelConfig, OptimConfig, RunConfig, SamplingConfig, TrainConfig
 from vlmr1_jax.data.jsonl import Sample
 from vlmr1_jax.parallel.mesh import make_mesh
 from vlmr1_jax.processing.tokenizer import Tokenizer
@@ -53,9 +54,10 @@ class NeverEnds(Tokenizer):
     eos_ids = (-1,)  # type: ignore[assignment]
 
 
-def run_config(work: Workload, out: Path) -> RunConfig:
+def run_config(work: Workload, out: Path, dtype: str = "float32") -> RunConfig:
     pixels = work.image_size**2
     return RunConfig(
+        model=ModelConfig(dtype=dtype),
         data=DataConfig(task_type=QUESTION, prompts_per_step=work.prompts, min_pixels=pixels, max_pixels=pixels),
         sampling=SamplingConfig(max_new_tokens=work.new_tokens, temperature=work.temperature, top_k=work.top_k),
         grpo=GRPOConfig(num_generations=work.generations, beta=work.beta, loss="grpo", reward_funcs=(REWARD,)),
@@ -64,9 +66,9 @@ def run_config(work: Workload, out: Path) -> RunConfig:
     )
 
 
-def our_steps(setup: Setup, out: Path, steps: int) -> list[dict[str, float]]:
-    """`steps` GRPO steps of the trainer, each: seconds in total, sampling, scoring, and (timed apart, after the
-    step) the reference log-probs."""
+def our_steps(setup: Setup, out: Path, steps: int, dtype: str = "float32") -> list[dict[str, float]]:
+    """`steps` GRPO steps of the trainer computing in `dtype` (parameters stay float32), each: seconds in total,
+    sampling, scoring, and (timed apart, after the step) the reference log-probs."""
     from vlmr1_jax.train.base import RunParts
     from vlmr1_jax.train.loop import GRPOTrainer
 
@@ -76,8 +78,14 @@ def our_steps(setup: Setup, out: Path, steps: int) -> list[dict[str, float]]:
         for r in range(steps + 1)
         for p, (q, path) in enumerate(zip(setup.questions, setup.image_paths))
     ]
-    parts = RunParts(make_mesh(), NeverEnds(tok.backend, tok.config, tok.chat_template), samples, setup.model)
-    trainer = GRPOTrainer(run_config(setup.work, out), parts, progress=False)
+    model = setup.model
+    if dtype != "float32":
+        from vlmr1_jax.models.hf_weights import load_hf_model
+        from vlmr1_jax.train.setup import dtype_of
+
+        model = load_hf_model(setup.folder, dtype=dtype_of(dtype), param_dtype=jax.numpy.float32)
+    parts = RunParts(make_mesh(), NeverEnds(tok.backend, tok.config, tok.chat_template), samples, model)
+    trainer = GRPOTrainer(run_config(setup.work, out, dtype), parts, progress=False)
     times = []
     with jax.set_mesh(trainer.mesh):
         for _ in range(steps):
@@ -85,7 +93,7 @@ def our_steps(setup: Setup, out: Path, steps: int) -> list[dict[str, float]]:
             drawn = trainer.draw()
             assert drawn is not None
             prepared = trainer.prepare(*drawn)
-            metrics, pending = trainer.dispatch(prepared)
+            metrics, pending = trainer.dispatch([prepared])
             jax.block_until_ready((trainer.state, pending))
             total = time.perf_counter() - start
             trainer.step += 1
@@ -205,13 +213,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         setup = build_setup(work, Path(tmp) / "model")
         ours = our_steps(setup, Path(tmp) / "ours", steps)
+        ours_bf16 = our_steps(setup, Path(tmp) / "ours_bf16", steps, "bfloat16")
         trl, trl_logged = trl_steps(setup, Path(tmp) / "trl", steps)
     with tempfile.TemporaryDirectory() as cache:
         cold = first_step_child(args.config, cache)
         warm = first_step_child(args.config, cache)
 
-    median = lambda key: statistics.median(t[key] for t in ours[2:])
+    median = lambda key, steps=ours: statistics.median(t[key] for t in steps[2:])
     ours_step, trl_step = median("step"), statistics.median(trl[2:])
+    bf16_step = median("step", ours_bf16)
     result = {
         "config": work.name,
         "parameters": setup.parameters,
@@ -235,7 +245,14 @@ def main() -> None:
             "steps": [round(t, 4) for t in trl],
             "logged": trl_logged,
         },
+        "ours_bf16": {
+            "step": round(bf16_step, 4),
+            "sample": round(median("sample", ours_bf16), 4),
+            "reference": round(median("reference", ours_bf16), 4),
+            "steps": [round(t["step"], 4) for t in ours_bf16],
+        },
         "speedup": round(trl_step / ours_step, 2),
+        "bf16_speedup": round(ours_step / bf16_step, 2),
     }
     record("step", result)
 

@@ -47,6 +47,16 @@ def table(results: dict[tuple[str, str], dict[str, Any]]) -> str:
                 f"{o['decode_vs_floor']}x floor | HF {r['hf_repeat']['decode_step_ms']} ms = "
                 f"{r['hf_repeat']['decode_vs_floor']}x floor | |"
             )
+            if "decode_matmuls_only_ms" in r:  # lines written before these were measured lack them
+                m, b = r["decode_matmuls_only_ms"], r["ours_bf16"]
+                rows.append(
+                    f"| {config} | decode step: its matrix products alone (same rows) | XLA fp32 {m['xla']} ms, "
+                    f"bf16 {m.get('xla_bf16', '-')} ms | torch fp32 {m['torch']} ms | |"
+                )
+                rows.append(
+                    f"| {config} | our sampler computing in bf16 | {b['seconds']} s, decode step "
+                    f"{b['decode_step_ms']} ms | fp32 {o['seconds']} s | {o['seconds'] / b['seconds']:.2f}x |"
+                )
         elif bench == "step":
             o, t = r["ours"], r["trl"]
             rows.append(
@@ -58,6 +68,12 @@ def table(results: dict[tuple[str, str], dict[str, Any]]) -> str:
                 f"{o['first_step_cold_cache_process']} s, warm cache {o['first_step_warm_cache_process']} s) | "
                 f"{t['first_step']} s | {t['first_step'] / o['first_step']:.2f}x |"
             )
+            if "ours_bf16" in r:  # lines written before the bf16 run was added lack it
+                b = r["ours_bf16"]
+                rows.append(
+                    f"| {config} | our GRPO step computing in bf16 vs fp32 | {b['step']} s (sample {b['sample']}, "
+                    f"reference {b['reference']}) | fp32 {o['step']} s | **{r['bf16_speedup']:.2f}x** |"
+                )
         elif bench == "scaling":
             groups = r["groups"]
             cells = ", ".join(

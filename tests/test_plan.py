@@ -86,7 +86,7 @@ def _real_run(cfg, mesh):
     g = cfg.grpo
     memory = {}
     sampler = (
-        make_generate_fn(cfg, tokenizer, model.cfg, graphdef)
+        make_generate_fn(cfg, tokenizer, model.cfg, graphdef, unstack_layers=False)
         .lower(state.trainable, state.frozen, prompts, key)
         .compile()
     )

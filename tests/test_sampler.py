@@ -110,7 +110,10 @@ def _pick_eos(tokens: np.ndarray) -> int:
     raise AssertionError(f"no token of the greedy output can serve as a mid-way EOS:\n{tokens}")
 
 
-def test_greedy_matches_hf_generate(model, hf, prompts):
+@pytest.mark.parametrize("unstack", [True, False], ids=["layers-unstacked", "layers-stacked"])
+def test_greedy_matches_hf_generate(model, hf, prompts, unstack):
+    """Both decode loops (each layer's weights sliced once, as on XLA:CPU; the stack read in the loop, as on
+    accelerators) give HF's greedy tokens."""
     batch, pixels = prompts
     cfg = model.cfg
     assert (batch.attention_mask == 0).any(), "the batch must contain left padding"
@@ -118,7 +121,9 @@ def test_greedy_matches_hf_generate(model, hf, prompts):
     eos = [cfg.eos_token_id, _pick_eos(free_run)]
     expected = _hf_greedy(hf, batch, pixels, cfg, eos=eos)
 
-    sampler = Sampler(SamplingConfig(max_new_tokens=STEPS, greedy=True), eos_ids=tuple(eos), pad_id=PAD)
+    sampler = Sampler(
+        SamplingConfig(max_new_tokens=STEPS, greedy=True), eos_ids=tuple(eos), pad_id=PAD, unstack_layers=unstack
+    )
     graphdef, state = nnx.split(model)
     out = jax.device_get(sampler.jitted(graphdef, GROUP)(state, device_prompts(batch), jax.random.key(0)))
 

@@ -92,6 +92,10 @@ class Sampler:
     eos_ids: tuple[int, ...]
     pad_id: int
     banned_ids: tuple[int, ...] = ()  # never sampled: image/video/vision tokens would break the re-forward
+    # Slice each decoder layer's weights out of their stack once, before the decode loop. XLA:CPU copies a stacked
+    # weight's slice on every pass of a loop; the copies hold a second set of the
+    # decoder's weights for the whole loop, so elsewhere the stack is kept. None: on the CPU backend only.
+    unstack_layers: bool | None = None
 
     def generate(
         self, model: VisionLanguageModel, batch: dict[str, jax.Array], rng: jax.Array, num_samples: int
@@ -101,7 +105,8 @@ class Sampler:
         cfg, steps = self.cfg, self.cfg.max_new_tokens
         first, prompt_cache, next_position = prefill(model, batch, 0)
         cache = prompt_cache.share(num_samples, steps)  # the prompt's keys once per group, not once per row
-        decoder = unstack_layers(model)  # each layer's weights sliced once, not on every step
+        unstack = jax.default_backend() == "cpu" if self.unstack_layers is None else self.unstack_layers
+        decoder = unstack_layers(model) if unstack else model
         logits = jnp.repeat(first, num_samples, axis=0)
         next_position = jnp.repeat(next_position, num_samples, axis=0)
         rows = logits.shape[0]

@@ -51,11 +51,21 @@ def merge_scored(parts: Sequence[Scored]) -> Scored:
     )
 
 
-def make_generate_fn(cfg: RunConfig, tokenizer: Tokenizer, model_cfg: Any, graphdef: nnx.GraphDef) -> Callable:
+def make_generate_fn(
+    cfg: RunConfig,
+    tokenizer: Tokenizer,
+    model_cfg: Any,
+    graphdef: nnx.GraphDef,
+    unstack_layers: bool | None = None,
+) -> Callable:
     """The jitted grouped sampler the loop runs, `(trainable, frozen, prompts, key) -> Rollout` (also what
-    `vlmr1 plan` compiles)."""
+    `vlmr1 plan` compiles, with the layer stacking of the accelerator it simulates: `Sampler.unstack_layers`)."""
     sampler = Sampler(
-        cfg.sampling, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id, banned_ids=default_banned_ids(model_cfg)
+        cfg.sampling,
+        eos_ids=tokenizer.eos_ids,
+        pad_id=tokenizer.pad_id,
+        banned_ids=default_banned_ids(model_cfg),
+        unstack_layers=unstack_layers,
     )
     num_samples = cfg.grpo.num_generations
     return jax.jit(

@@ -472,7 +472,7 @@ def make_plan(
         reports = []
         report, rollout = program_report(
             "sampler",
-            make_generate_fn(cfg, tokenizer, model_cfg, graphdef),
+            make_generate_fn(cfg, tokenizer, model_cfg, graphdef, unstack_layers=False),  # an accelerator's loop
             (state.trainable, state.frozen, prompts, key),
             (state.trainable, state.frozen),
         )
