@@ -187,6 +187,7 @@ def rec_data(tmp_path_factory) -> tuple[str, str]:
     return generate(str(root), 8, seed=3, split="val"), image_folder(str(root))
 
 
+@pytest.mark.slow
 def test_eval_rec_backends_agree(fp32_release, rec_data, tmp_path, capsys):
     """Random weights: the completions are noise, but both backends must produce the same noise token for
     token (same prompts, images, left padding, M-RoPE, banned vision tokens, EOS handling)."""

@@ -44,10 +44,11 @@ def rec_answer(sample) -> str:
 
 @pytest.fixture
 def use_decoder(monkeypatch):
-    """Replace the JAX decoder by `decoder`; returns the list of decoders the CLI asked for."""
-    built = []
+    """Replace the JAX decoder by `decoder`; returns the list of decoders the CLI asks for from now on."""
 
     def install(decoder):
+        built = []
+
         def build(*_args):
             built.append(decoder)
             return decoder

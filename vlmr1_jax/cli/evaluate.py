@@ -34,7 +34,7 @@ from vlmr1_jax.eval.tables import results_table
 
 BACKENDS = ("jax", "torch")
 # Per task: the question template, new-token budget and subset size when not given on the command line.
-DEFAULTS = {
+DEFAULTS: dict[str, dict[str, Any]] = {
     "ovd": {"task_type": "odLength", "max_new_tokens": 1024, "limit": 0},  # VLM-R1's OVD run (ovd_3b recipe)
     "math": {"task_type": "default", "max_new_tokens": 1024, "limit": 0},
 }

@@ -99,7 +99,10 @@ def coco_metrics(records: Sequence[dict], *, nms: bool = False) -> tuple[float |
     predictions dropped because no ground truth of the dataset has their label. None when the dataset has no
     ground-truth box; with `nms`, OVDEval's NMS-AP (`nms_with_truth` per image first)."""
     categories: dict[Any, int] = {}
-    images, annotations, detections, dropped = [], [], [], 0
+    images: list[dict] = []
+    annotations: list[dict] = []
+    detections: list[dict] = []
+    dropped = 0
     for image_id, record in enumerate(records):
         images.append({"id": image_id, "width": record["width"], "height": record["height"]})
         for truth in record["truths"]:
