@@ -1,5 +1,6 @@
-"""REC evaluation (VLM-R1 protocol): box extraction, rescale and the strict IoU > 0.5 rule against hand-computed
-cases; `vlmr1 eval rec` and `vlmr1 infer` give the same greedy completions on the JAX and torch backends."""
+"""REC evaluation (VLM-R1's r1 and baseline protocols): box extraction, rescale and the strict IoU > 0.5 rule
+against hand-computed cases, VLM-R1's JSON eval lists and seeded subset; `vlmr1 eval rec` and `vlmr1 infer` give the
+same greedy completions on the JAX and torch backends."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from PIL import Image
 from tests.helpers.cli import run_cli
 from vlmr1_jax.data.jsonl import Sample
 from vlmr1_jax.data.synthetic import generate, image_folder
-from vlmr1_jax.eval.rec import eval_subset, extract_box, image_frames, load_eval_samples, rescale_box, score_rec
+from vlmr1_jax.eval.data import eval_subset, load_eval_samples
+from vlmr1_jax.eval.protocols import BASELINE, extract_box, extract_box_baseline, get_protocol
+from vlmr1_jax.eval.rec import image_frames, rescale_box, score_rec
 from vlmr1_jax.models.hf_weights import load_hf_model
 from vlmr1_jax.models.qwen2_5_vl.config import get_preset
 
@@ -35,6 +38,38 @@ PROMPT = "find the red box"
 )
 def test_extract_box(completion, box):
     assert extract_box(completion) == box
+
+
+@pytest.mark.parametrize(
+    "completion, box",
+    [
+        ('{"bbox_2d": [10.5, -2, 30, 40]}', [10.5, -2.0, 30.0, 40.0]),  # floats and negatives, no tags needed
+        ("<answer>[10, 20, 30, 40]</answer>", [10, 20, 30, 40]),  # no braces needed
+        ("first [1, 2, 3, 4] then [5, 6, 7, 8]", [1, 2, 3, 4]),  # the first box anywhere
+        ("[ 1 , 2 , 3 , 4 ]", [1, 2, 3, 4]),  # spaces inside the brackets
+        ("[.5, 0.25, 2, 3]", [0.5, 0.25, 2, 3]),  # a leading dot is a number
+        ("[1., 2, 3, 4]", [0, 0, 0, 0]),  # a trailing dot is not
+        ("[1, 2, 3]", [0, 0, 0, 0]),
+        ("(1, 2, 3, 4)", [0, 0, 0, 0]),
+        ("[1, 2, 3, 4, 5]", [0, 0, 0, 0]),  # four numbers then ']'
+    ],
+)
+def test_extract_box_baseline(completion, box):
+    assert extract_box_baseline(completion) == box
+
+
+def test_protocols_by_name_or_path():
+    assert get_protocol("baseline") is BASELINE and BASELINE.max_new_tokens == 256
+    assert BASELINE.task_type == "{Question} Please provide the bounding box coordinate in JSON format."
+    assert get_protocol("vlmr1_jax.eval.protocols:BASELINE") is BASELINE  # a family's own protocol, by path
+    bad_names = [
+        ("nope", "unknown"),
+        ("vlmr1_jax.eval.protocols:NOPE", "cannot import"),
+        ("vlmr1_jax.eval.protocols:NO_BOX", "not a RecProtocol"),
+    ]
+    for bad, message in bad_names:
+        with pytest.raises(ValueError, match=message):
+            get_protocol(bad)
 
 
 def write_image(path: Path, width: int, height: int) -> str:
@@ -98,19 +133,68 @@ def test_subset_is_vlm_r1_seeded_shuffle():
     assert eval_subset(data, limit=None) == expected
 
 
+def test_baseline_protocol_scores_float_boxes_with_the_same_rescale(tmp_path):
+    """Truth [10, 10, 50, 50] on a 224 x 112 image the model saw at 112 x 56 (x2 both ways). Baseline reads
+    [5.0, 5.5, 25, 24.5] -> [10, 11, 50, 49]: IoU 1520/1600 = 0.95, a hit; r1 finds no braced integer box -> miss."""
+    image = write_image(tmp_path / "wide.png", 224, 112)
+    sample = Sample(
+        id=0,
+        problem="the thing",
+        solution="<answer> [10, 10, 50, 50] </answer>",
+        image_paths=(image,),
+        accu_reward_method="default",
+        source="t.json",
+        line=1,
+    )
+    completion = "The box is [5.0, 5.5, 25, 24.5]."
+    frames = image_frames(get_preset("tiny"), [[[1, 4, 8]]])
+    summary, records = score_rec([sample], [completion], frames, BASELINE)
+    assert records[0]["pred_box"] == pytest.approx([10.0, 11.0, 50.0, 49.0])
+    assert records[0]["iou"] == pytest.approx(0.95) and records[0]["correct"]
+    assert summary["accuracy"] == 100.0
+    assert score_rec([sample], [completion], frames)[0]["accuracy"] == 0.0  # r1 protocol
+
+
+def test_vlm_r1_json_list_and_its_seeded_subset(tmp_path):
+    """A VLM-R1 `{ds}.json` list (solution a box list) loads in file order; the subset is python's
+    `random.seed(42); random.shuffle(data); data[:N]` of that list."""
+    (tmp_path / "imgs").mkdir()
+    items = []
+    for k in range(30):
+        write_image(tmp_path / "imgs" / f"{k}.png", 20 + k, 30)
+        items.append({"image": f"{k}.png", "problem": f"object {k}", "solution": [1.0, 2.0, 10.0 + k, 20.0]})
+    data = tmp_path / "refcoco_val.json"
+    data.write_text(json.dumps(items))
+    expected = list(items)
+    random.seed(42)
+    random.shuffle(expected)
+    samples = load_eval_samples(str(data), str(tmp_path / "imgs"), limit=10)
+    assert [s.problem for s in samples] == [item["problem"] for item in expected[:10]]
+    assert samples[0].solution == f"<answer> {json.dumps(expected[0]['solution'])} </answer>"
+    assert samples[0].image_paths == (str(tmp_path / "imgs" / expected[0]["image"]),)
+    items[3]["image"] = "missing.png"
+    data.write_text(json.dumps(items))
+    with pytest.raises(ValueError, match=r"refcoco_val.json:4: field 'image': .*not found"):
+        load_eval_samples(str(data), str(tmp_path / "imgs"), limit=10)
+    data.write_text(json.dumps([{"image": "0.png", "problem": "x"}]))
+    with pytest.raises(ValueError, match=r"refcoco_val.json:1: field 'solution': key is missing"):
+        load_eval_samples(str(data), str(tmp_path / "imgs"), limit=10)
+
+
 @pytest.fixture(scope="module")
 def rec_data(tmp_path_factory) -> tuple[str, str]:
     root = tmp_path_factory.mktemp("rec_data")
     return generate(str(root), 8, seed=3, split="val"), image_folder(str(root))
 
 
+@pytest.mark.slow
 def test_eval_rec_backends_agree(fp32_release, rec_data, tmp_path, capsys):
     """Random weights: the completions are noise, but both backends must produce the same noise token for
     token (same prompts, images, left padding, M-RoPE, banned vision tokens, EOS handling)."""
     data, images = rec_data
     results = {}
     for backend in ("jax", "torch"):
-        out = tmp_path / f"{backend}.json"
+        out = tmp_path / backend
         assert (
             run_cli(
                 "eval",
@@ -133,11 +217,12 @@ def test_eval_rec_backends_agree(fp32_release, rec_data, tmp_path, capsys):
                 "cpu",
                 "--out",
                 out,
+                "--no-progress",
             )
             == 0
         )
-        assert "accuracy: " in capsys.readouterr().out
-        results[backend] = json.loads(out.read_text())
+        assert "| val | 7 |" in capsys.readouterr().out  # the table's row
+        results[backend] = json.loads((out / "rec_results_val.json").read_text())
     jax_run, torch_run = results["jax"], results["torch"]
     expected_ids = [s.id for s in load_eval_samples(data, images, limit=7)]
     assert [r["id"] for r in jax_run["results"]] == [r["id"] for r in torch_run["results"]] == expected_ids
@@ -169,12 +254,14 @@ def test_eval_rec_backends_agree(fp32_release, rec_data, tmp_path, capsys):
             "--max-new-tokens",
             12,
             "--out",
-            tmp_path / "ckpt.json",
+            tmp_path / "ckpt",
+            "--no-progress",
         )
         == 0
     )
     capsys.readouterr()
-    assert [r["completion"] for r in json.loads((tmp_path / "ckpt.json").read_text())["results"]] == completions
+    ckpt_run = json.loads((tmp_path / "ckpt" / "rec_results_val.json").read_text())
+    assert [r["completion"] for r in ckpt_run["results"]] == completions
     assert (
         run_cli(
             "eval",
@@ -188,7 +275,7 @@ def test_eval_rec_backends_agree(fp32_release, rec_data, tmp_path, capsys):
             "--backend",
             "torch",
             "--out",
-            tmp_path / "x.json",
+            tmp_path / "x",
         )
         == 1
     )

@@ -1,16 +1,14 @@
-"""REC evaluation with the JAX model: greedy decoding, then VLM-R1's protocol (docs/facts.md: VLM-R1 REC evaluation).
+"""REC evaluation: greedy decoding with the JAX model, then a REC protocol's Acc@0.5 (docs/evaluation.md).
 
-Acc@0.5 follows `test_rec_r1.py`: the first `<answer>`, a JSON-brace box regex (failure -> [0,0,0,0]), the rescale
-from the resized frame to the original image, and the +-1 IoU strictly above 0.5. We also report the mean of the
-`rec_iou` and `rec_format` training rewards, which is what the demo tracks.
+Acc@0.5 follows VLM-R1: the protocol's box parser (failure -> [0, 0, 0, 0]), the rescale from the resized frame to
+the original image, and the +-1 IoU strictly above 0.5. We also report the mean of the `rec_iou` and `rec_format`
+training rewards, which is what the demo tracks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import random
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,30 +19,13 @@ from flax import nnx
 from PIL import Image
 
 from vlmr1_jax.config import DataConfig, SamplingConfig
-from vlmr1_jax.data.jsonl import Sample, load_jsonl_datasets
+from vlmr1_jax.data.jsonl import Sample
+from vlmr1_jax.eval.protocols import R1, RecProtocol
 from vlmr1_jax.models.family import family_of
 from vlmr1_jax.processing.batch import encode_prompts
 from vlmr1_jax.rewards import get_reward
-from vlmr1_jax.rewards.common import iou
+from vlmr1_jax.rewards.common import first_answer, iou
 from vlmr1_jax.rl.sampler import Sampler, default_banned_ids
-
-_FIRST_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_BRACED_BOX = re.compile(r"\{.*\[(\d+),\s*(\d+),\s*(\d+),\s*(\d+)]\s*.*\}", re.DOTALL)
-
-
-def eval_subset(samples: Sequence[Sample], limit: int | None = 2000, seed: int = 42) -> list[Sample]:
-    """VLM-R1's subsampling: `random.seed(42); random.shuffle(data); data[:2000]`."""
-    data = list(samples)
-    random.Random(seed).shuffle(data)
-    return data[:limit] if limit else data
-
-
-def extract_box(completion: str) -> list[int]:
-    """First `<answer>` block, then the first braced `[x1, y1, x2, y2]`; [0, 0, 0, 0] when absent (VLM-R1)."""
-    answer = _FIRST_ANSWER.search(completion)
-    match = _BRACED_BOX.search(answer.group(1)) if answer else None
-    return [int(v) for v in match.groups()] if match else [0, 0, 0, 0]
-
 
 Frames = list[list[int] | None]  # per image of a sample: the [height, width] its boxes live in (None: unscaled)
 
@@ -55,23 +36,32 @@ def image_frames(cfg: Any, grids: Sequence[Sequence[Sequence[int]]]) -> list[Fra
     return [[None if (f := processor.model_frame(g)) is None else list(f) for g in gs] for gs in grids]
 
 
-def rescale_box(box: Sequence[float], frame: Sequence[int] | None, image_path: str) -> list[float]:
-    """Model coordinates live in the frame the model saw ([height, width] from the family's processor); map them
-    back to the original image. A None frame (a family whose boxes are not in resized pixels) leaves them."""
+def image_size(image_path: str) -> tuple[int, int]:
+    """(width, height) of an image file, read from its header."""
+    with Image.open(image_path) as img:
+        return img.size
+
+
+def scale_box(box: Sequence[float], frame: Sequence[int] | None, size: tuple[int, int]) -> list[float]:
+    """A box from the model's frame ([height, width]; None: unscaled) to an image of `size` (width, height)."""
     if frame is None:
         return [float(v) for v in box]
-    with Image.open(image_path) as img:
-        width, height = img.size
-    in_h, in_w = frame
+    (width, height), (in_h, in_w) = size, frame
     x1, y1, x2, y2 = box
     return [x1 * width / in_w, y1 * height / in_h, x2 * width / in_w, y2 * height / in_h]
 
 
+def rescale_box(box: Sequence[float], frame: Sequence[int] | None, image_path: str) -> list[float]:
+    """Model coordinates live in the frame the model saw ([height, width] from the family's processor); map them
+    back to the original image. A None frame (a family whose boxes are not in resized pixels) leaves them."""
+    return [float(v) for v in box] if frame is None else scale_box(box, frame, image_size(image_path))
+
+
 def truth_box(sample: Sample) -> list[float]:
     """The ground-truth [x1, y1, x2, y2] (original pixels) inside the sample's `<answer>`."""
-    answer = _FIRST_ANSWER.search(sample.solution)
+    answer = first_answer(sample.solution)
     try:
-        box = json.loads(answer.group(1) if answer else sample.solution)
+        box = json.loads(answer if answer is not None else sample.solution)
         if len(box) != 4:
             raise ValueError
         return [float(v) for v in box]
@@ -140,14 +130,11 @@ class GreedyDecoder:
         return self.tokenizer.batch_decode(ids), frames
 
 
-def score_rec(
-    samples: Sequence[Sample],
-    completions: Sequence[str],
-    frames: Sequence[Frames],
-) -> tuple[dict[str, float], list[dict]]:
-    """Acc@0.5 (VLM-R1 protocol) and the mean IoU it thresholds, mean `rec_iou` / `rec_format` rewards, and
-    per-sample records, for the completions of `samples` whose models answered in the frames `frames[i][0]`
-    ([height, width] or None)."""
+def rec_records(
+    samples: Sequence[Sample], completions: Sequence[str], frames: Sequence[Frames], protocol: RecProtocol = R1
+) -> list[dict]:
+    """Per-sample REC records: the protocol's box (rescaled), its IoU with the truth, the hit (IoU > 0.5), and the
+    `rec_iou` / `rec_format` training rewards; `frames[i][0]` is the frame sample i's model answered in."""
     columns = {
         "solution": [s.solution for s in samples],
         "image_path": [list(s.image_paths) for s in samples],
@@ -155,12 +142,11 @@ def score_rec(
     }
     iou_rewards = get_reward("rec_iou")(list(completions), **columns)
     format_rewards = get_reward("rec_format")(list(completions), **columns)
-    records, correct, ious = [], 0, []
+    records = []
     for sample, completion, fs, r_iou, r_fmt in zip(samples, completions, frames, iou_rewards, format_rewards):
-        box = rescale_box(extract_box(completion), fs[0], sample.image_paths[0])
-        ious.append(iou(box, truth_box(sample)))
-        hit = ious[-1] > 0.5
-        correct += hit
+        frame = fs[0] if protocol.rescale else None
+        box = rescale_box(protocol.extract_box(completion), frame, sample.image_paths[0])
+        value = iou(box, truth_box(sample))
         records.append(
             {
                 "id": sample.id,
@@ -169,37 +155,43 @@ def score_rec(
                 "solution": sample.solution,
                 "completion": completion,
                 "pred_box": box,
-                "iou": float(ious[-1]),
-                "correct": bool(hit),
+                "iou": float(value),
+                "correct": bool(value > 0.5),
                 "rec_iou": float(r_iou),
                 "rec_format": float(r_fmt),
             }
         )
-    n = max(len(samples), 1)
-    summary = {
-        "accuracy": 100.0 * correct / n,
-        "mean_iou": float(np.mean(ious)) if samples else 0.0,  # of the rescaled boxes Acc@0.5 thresholds
-        "iou": float(np.mean(iou_rewards)) if samples else 0.0,
-        "format": float(np.mean(format_rewards)) if samples else 0.0,
-        "n": len(samples),
+    return records
+
+
+def summarize_rec(records: Sequence[dict]) -> dict[str, float]:
+    """Acc@0.5 in percent, the mean IoU it thresholds, and the mean `rec_iou` / `rec_format` rewards."""
+    n = len(records)
+    mean = lambda key: float(np.mean([r[key] for r in records])) if n else 0.0
+    return {
+        "accuracy": 100.0 * sum(r["correct"] for r in records) / max(n, 1),
+        "mean_iou": mean("iou"),
+        "iou": mean("rec_iou"),
+        "format": mean("rec_format"),
+        "n": n,
     }
-    return summary, records
 
 
-def evaluate_rec(decoder: GreedyDecoder, samples: Sequence[Sample]) -> tuple[dict[str, float], list[dict]]:
-    """Acc@0.5 (VLM-R1 protocol) plus mean `rec_iou` / `rec_format` rewards, and per-sample records."""
+def score_rec(
+    samples: Sequence[Sample], completions: Sequence[str], frames: Sequence[Frames], protocol: RecProtocol = R1
+) -> tuple[dict[str, float], list[dict]]:
+    """`summarize_rec` of `rec_records`: the summary and the per-sample records."""
+    records = rec_records(samples, completions, frames, protocol)
+    return summarize_rec(records), records
+
+
+def evaluate_rec(
+    decoder: GreedyDecoder, samples: Sequence[Sample], protocol: RecProtocol = R1
+) -> tuple[dict[str, float], list[dict]]:
+    """Acc@0.5 under `protocol` plus mean `rec_iou` / `rec_format` rewards, and per-sample records. The decoder's
+    question template is its own (build it with `protocol.task_type` to follow the protocol's prompt)."""
     completions, frames = decoder(samples)
-    return score_rec(samples, completions, frames)
-
-
-def load_eval_samples(data: str, image_root: str, limit: int | None, seed: int = 42) -> list[Sample]:
-    """The evaluation subset of a VLM-R1 jsonl (VLM-R1's seeded shuffle, then the first `limit`; 0/None = all);
-    every sample must have an image."""
-    samples, _ = load_jsonl_datasets(data, image_root)
-    for sample in samples:
-        if not sample.image_paths:
-            raise ValueError(f"{sample.source}:{sample.line}: field 'image': REC evaluation needs an image")
-    return eval_subset(samples, limit or None, seed)
+    return score_rec(samples, completions, frames, protocol)
 
 
 def pixel_bounds(model_dir: Path, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int]:
