@@ -68,6 +68,11 @@ class ChatTemplater(Protocol):
 class Processor(Protocol):
     """A family's processor (VLM-R1's VLM module, host side)."""
 
+    @property
+    def reward_variants(self) -> Mapping[str, str]:
+        """The family's own variant of a recipe's reward (VLM-R1's `select_reward_func`), by the recipe's name."""
+        ...
+
     def preprocess_image(self, image: Image.Image | np.ndarray, *, min_pixels: int, max_pixels: int) -> ProcessedImage:
         """A decoded RGB image -> its pixel rows and grid (`min_pixels` / `max_pixels` bound the resize)."""
         ...

@@ -195,6 +195,13 @@ class Tokenizer:
             json.dumps({"chat_template": self.chat_template}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
         )
 
+    def with_special_tokens(self, tokens: Sequence[str], **config: Any) -> Tokenizer:
+        """A copy with `tokens` added as special tokens (new ones take the next ids, in order; present ones keep
+        theirs) and `config` merged into tokenizer_config (a model family's tokens, e.g. InternVL's `<img>`)."""
+        backend = tokenizers.Tokenizer.from_str(self.backend.to_str())
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+        return Tokenizer(backend, {**self.config, **config}, self.chat_template)
+
     # ---- ids ------------------------------------------------------------------------------------------------
     def token_to_id(self, token: str) -> int:
         """Id of a token string; KeyError if it is not in the vocabulary."""

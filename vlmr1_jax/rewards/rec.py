@@ -1,4 +1,5 @@
-"""Referring-expression rewards of VLM-R1's Qwen module: `rec_iou` (`iou_reward`) and `rec_format`."""
+"""Referring-expression rewards of VLM-R1's VLM modules: `rec_iou` (`iou_reward`), `rec_format` (Qwen's
+`format_reward_rec`) and `rec_format_plain` (InternVL's, whose box has no JSON braces)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,24 @@ def has_rec_format(content: str) -> bool:
 def format_reward_rec(completions: list[str], **columns: Any) -> list[float]:
     """1.0 when the completion contains think-then-answer with `{...[int, int, int, int]...}` in the answer."""
     return [1.0 if has_rec_format(content) else 0.0 for content in completions]
+
+
+def has_plain_rec_format(content: str) -> bool:
+    r"""`re.search(r"<think>.*?</think>\s*<answer>.*?\[\d+,\s*\d+,\s*\d+,\s*\d+\].*?</answer>", c, DOTALL)`.
+
+    In linear time, each part at its earliest position, as `has_rec_format` decides its regex.
+    """
+    start = content.find("<think>")
+    bridge = THINK_THEN_ANSWER.search(content, start + len("<think>")) if start >= 0 else None
+    box = _INT_BOX.search(content, bridge.end()) if bridge else None
+    return box is not None and content.find("</answer>", box.end()) >= 0
+
+
+@register_reward("rec_format_plain")
+def format_reward_rec_plain(completions: list[str], **columns: Any) -> list[float]:
+    """1.0 when the completion contains think-then-answer with `[int, int, int, int]` in the answer (VLM-R1's
+    InternVL `format_reward_rec`)."""
+    return [1.0 if has_plain_rec_format(content) else 0.0 for content in completions]
 
 
 @functools.lru_cache(maxsize=4096)

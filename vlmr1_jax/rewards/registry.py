@@ -119,9 +119,17 @@ def get_reward(name: str, **options: Any) -> RewardFn:
     return _bind(fn, options)
 
 
-def reward_functions(names: Sequence[str], options: Mapping[str, Any], tokenizer: Any = None) -> dict[str, RewardFn]:
+def reward_functions(
+    names: Sequence[str],
+    options: Mapping[str, Any],
+    tokenizer: Any = None,
+    variants: Mapping[str, str] | None = None,
+) -> dict[str, RewardFn]:
     """A run's rewards (`grpo.reward_funcs`) as {metric name: function}, each with its `grpo.reward_options`
     bound, and `tokenizer` bound to every reward that declares a `tokenizer` parameter (rewards that count tokens).
+
+    `variants` (the model family's processor's `reward_variants`, VLM-R1's `select_reward_func`) replaces a listed
+    name by the family's own reward (InternVL: `rec_format` -> `rec_format_plain`); its options keep the listed name.
 
     The metric name is the function's `__name__`, as VLM-R1 logs it (`rewards/iou_reward` for `rec_iou`); two
     rewards with one name, or options for a reward that is not in `names`, are errors. Without `tokenizer` this
@@ -145,7 +153,7 @@ def reward_functions(names: Sequence[str], options: Mapping[str, Any], tokenizer
                 f"'tokenizer' parameter; remove the option"
             )
         try:
-            fn = _resolve(name)
+            fn = _resolve((variants or {}).get(name, name))
         except ValueError as err:
             raise ValueError(f"grpo.reward_funcs: {err}") from None
         bound = dict(given)

@@ -92,7 +92,9 @@ class GRPOTrainer(Trainer):
             updates_per_rollout=g.num_iterations,
             resume_anyway=resume_anyway,
         )
-        self.reward_fns = reward_functions(g.reward_funcs, g.reward_options, self.tokenizer)
+        self.reward_fns = reward_functions(
+            g.reward_funcs, g.reward_options, self.tokenizer, family_of(self.model_cfg).processor.reward_variants
+        )
         self.generate = make_generate_fn(cfg, self.tokenizer, self.model_cfg, self.graphdef)
         self.logprobs = make_logprob_fn(self.graphdef, g.num_generations)
         self.step_fn = make_grpo_step(

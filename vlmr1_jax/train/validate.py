@@ -64,7 +64,7 @@ class Validation:
         self.batch_size = cfg.data.prompts_per_step
         self.encode, self.tokenizer, self.model_cfg, self.mesh = encode, tokenizer, model_cfg, mesh
         self.reward_fns: Mapping[str, RewardFn] = reward_functions(
-            cfg.grpo.reward_funcs, cfg.grpo.reward_options, tokenizer
+            cfg.grpo.reward_funcs, cfg.grpo.reward_options, tokenizer, family_of(model_cfg).processor.reward_variants
         )
         self.task_type = cfg.data.task_type
         self.samples, lengths = [], []

@@ -3,8 +3,9 @@ M-RoPE positions and the vision tower's padded window plan."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -105,6 +106,8 @@ def build_prompt_batch(
 
 class QwenProcessor:
     """The `Processor` of Qwen2.5-VL (models/processor.py), as VLM-R1's Qwen module prepares inputs."""
+
+    reward_variants: ClassVar[Mapping[str, str]] = MappingProxyType({})  # the rewards as the recipe names them
 
     def preprocess_image(self, image: Image.Image | np.ndarray, *, min_pixels: int, max_pixels: int) -> ProcessedImage:
         return preprocess_image(image, min_pixels=min_pixels, max_pixels=max_pixels)
