@@ -94,7 +94,7 @@ class InternVLConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InternVLConfig:
         """Inverse of `dataclasses.asdict` (lists back to tuples), e.g. for checkpoint metadata."""
-        text = {k: tuple(v) if isinstance(v, list) else v for k, v in data["text"].items()}
+        text: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data["text"].items()}
         rest = {k: v for k, v in data.items() if k not in ("text", "vision")}
         return cls(text=TextConfig(**text), vision=VisionConfig(**data["vision"]), **rest).validate()
 
@@ -333,7 +333,7 @@ def _vision_config(vision: dict[str, Any], feature_layer: int, where: str) -> Vi
     )
 
 
-def _token_ids(raw: dict[str, Any], text: dict[str, Any], image_token_id: int) -> dict[str, int]:
+def _token_ids(raw: dict[str, Any], text: dict[str, Any], image_token_id: int) -> dict[str, Any]:
     """The special ids: <img> and </img> precede <IMG_CONTEXT> in every InternVL tokenizer (unless written out);
     EOS / pad from the decoder config, pad falling back to its BOS (<|endoftext|> in InternVL's Qwen tokenizers)."""
     pad = text.get("pad_token_id")

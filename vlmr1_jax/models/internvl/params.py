@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from flax import nnx
@@ -25,7 +26,7 @@ from vlmr1_jax.models.qwen2_5_vl import params as qwen
 from vlmr1_jax.models.qwen2_5_vl.params import IDENTITY, TRANSPOSE, Rule, Transform, flat_paths
 
 
-def _conv_to_hf(value: np.ndarray, cfg: InternVLConfig) -> np.ndarray:
+def _conv_to_hf(value: np.ndarray, cfg: Any) -> np.ndarray:
     """[C*p*p, hidden] matmul weight -> the Conv2d weight [hidden, C, p, p]."""
     v = cfg.vision
     return np.ascontiguousarray(value.T).reshape(v.hidden_size, v.in_channels, v.patch_size, v.patch_size)
@@ -144,8 +145,9 @@ def to_hf_name(path: str, layer: int | None = None) -> str:
     return template.replace("{i}", str(layer))
 
 
-def to_hf_tensor(path: str, value: np.ndarray, cfg: InternVLConfig) -> np.ndarray:
-    """Our array (one layer of a stacked parameter) -> the HF tensor layout."""
+def to_hf_tensor(path: str, value: np.ndarray, cfg: Any) -> np.ndarray:
+    """Our array (one layer of a stacked parameter) -> the HF tensor layout (`cfg`: an `InternVLConfig`; the
+    shared `Transform` type names Qwen2.5-VL's)."""
     return layout_of(path)[1].to_hf(value, cfg)
 
 
