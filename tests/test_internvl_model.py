@@ -235,3 +235,28 @@ def test_grpo_step_on_the_8_device_mesh_equals_the_single_device_step():
     assert moved > 10 * 1e-5, "the update must be far larger than the tolerance"
     for path in ("visual.blocks.attn.q.kernel", "projector.fc1.kernel", "text.layers.mlp.up.kernel"):
         assert np.abs(after[path] - before[path]).max() > 1e-5, path  # every part trains
+
+
+def test_scanned_and_unrolled_towers_agree_with_and_without_remat():
+    """The second-to-last hidden state skips the last block by `lax.cond` when scanned and statically when unrolled;
+    both, rematerialised or not, give the same visual tokens and gradients."""
+    cfg = from_hf_config(TINY_B)
+    pixels = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 84, 84)), jnp.float32)
+    graphdef, state = nnx.split(InternVL(cfg, rngs=nnx.Rngs(0)))
+
+    def tokens_and_grad(scan: bool, remat: str):
+        model = nnx.merge(graphdef, state)
+        model.set_scan_layers(scan)
+        model.set_remat(remat)
+        g, params = nnx.split(model, nnx.Param)
+        loss = lambda p: jnp.sum(jnp.sin(nnx.merge(g, p).encode_vision({"pixel_values": pixels})))
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (ref, ref_grad), *others = [tokens_and_grad(s, r) for s, r in [(True, "none"), (False, "none"), (True, "full")]]
+    ref_leaves = jax.tree.leaves(ref_grad)
+    for value, grad in others:
+        np.testing.assert_allclose(value, ref, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grad), ref_leaves, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    last = flat_paths(ref_grad)["visual.blocks.mlp.fc2.kernel"][...][-1]
+    assert not np.asarray(last).any()  # the skipped last block gets no gradient
