@@ -56,10 +56,12 @@ class StoredTensor:
     info: dict[str, Any]  # the safetensors header entry: dtype, shape, data_offsets
     data_start: int
     sha256: str | None = None
+    part: tuple[int, int] | None = None  # (k, n): block k of n equal row blocks of a fused stored tensor
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.info["shape"])
+        shape = tuple(self.info["shape"])
+        return shape if self.part is None else (shape[0] // self.part[1], *shape[1:])
 
     def read(self) -> np.ndarray:
         """The tensor's values, verified: its checksum (when the folder has a manifest) and finiteness (inf / NaN
@@ -70,6 +72,9 @@ class StoredTensor:
                 f"{self.file}: tensor {self.name!r} does not match its checksum in "
                 f"{self.file.parent / CHECKSUMS_FILE} (the file is corrupted)"
             )
+        if self.part is not None:
+            rows = self.shape[0]
+            value = np.ascontiguousarray(value[self.part[0] * rows : (self.part[0] + 1) * rows])
         bad = value.size - int(np.count_nonzero(np.isfinite(value)))
         if bad:
             raise ValueError(f"{self.file}: tensor {self.name!r} holds {bad} inf/NaN values; refusing broken weights")
@@ -77,11 +82,12 @@ class StoredTensor:
 
 
 def stored_tensors(
-    model_dir: str | os.PathLike, canonical_hf_name: Callable[[str], str] | None = None
+    model_dir: str | os.PathLike, canonical_hf_name: Callable[[str], str | tuple[str, ...]] | None = None
 ) -> dict[str, StoredTensor]:
     """Every tensor of an HF folder (sharded with an index, or one `model.safetensors`) by canonical name, in
-    file order, from the headers alone. A folder with a checksum manifest must match it name by name, dtype and
-    shape; errors name the file."""
+    file order, from the headers alone. A stored name that `canonical_hf_name` maps to several names is a fused
+    tensor: each name reads its equal block of rows. A folder with a checksum manifest must match it name by name,
+    dtype and shape; errors name the file."""
     model_dir = Path(model_dir)
     index = model_dir / INDEX_FILE
     if index.is_file():
@@ -109,22 +115,24 @@ def stored_tensors(
         header, _, start = headers[file]
         if stored not in header:
             raise KeyError(f"{index}: maps {stored!r} to {file}, which does not hold it")
-        name = canonical_hf_name(stored)
-        if name in out:
-            raise KeyError(f"{model_dir}: tensor {name!r} appears twice")
-        digest = None
-        if manifest is not None:
-            want = manifest.get(name)
-            if want is None or (want["dtype"], tuple(want["shape"])) != (
-                header[stored]["dtype"],
-                tuple(header[stored]["shape"]),
-            ):
-                raise ValueError(
-                    f"{model_dir / file}: tensor {name!r} ({header[stored]['dtype']} "
-                    f"{header[stored]['shape']}) is not as {CHECKSUMS_FILE} records it ({want})"
-                )
-            digest = want["sha256"]
-        out[name] = StoredTensor(name, model_dir / file, header[stored], start, digest)
+        names = canonical_hf_name(stored)
+        parts: list[tuple[str, tuple[int, int] | None]] = (
+            [(names, None)] if isinstance(names, str) else [(n, (k, len(names))) for k, n in enumerate(names)]
+        )
+        as_stored = (header[stored]["dtype"], tuple(header[stored]["shape"]))
+        for name, part in parts:
+            if name in out:
+                raise KeyError(f"{model_dir}: tensor {name!r} appears twice")
+            digest = None
+            if manifest is not None:  # our own checkpoints: every tensor stored whole under its canonical name
+                want = manifest.get(name)
+                if part is not None or want is None or (want["dtype"], tuple(want["shape"])) != as_stored:
+                    raise ValueError(
+                        f"{model_dir / file}: tensor {name!r} ({as_stored[0]} {list(as_stored[1])}) is not as "
+                        f"{CHECKSUMS_FILE} records it ({want})"
+                    )
+                digest = want["sha256"]
+            out[name] = StoredTensor(name, model_dir / file, header[stored], start, digest, part)
     if manifest is not None and manifest.keys() != out.keys():
         raise ValueError(
             f"{model_dir}: {CHECKSUMS_FILE} lists tensors the shards lack: {sorted(manifest.keys() - out.keys())[:8]}"

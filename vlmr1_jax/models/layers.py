@@ -196,6 +196,23 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.scale[...], self.eps)
 
 
+class LayerNorm(nnx.Module):
+    """torch's LayerNorm: mean and (biased) variance over the last axis in fp32, scale and shift, back to the
+    input dtype."""
+
+    def __init__(self, dim: int, eps: float, axis: str | None, *, param_dtype: jnp.dtype = jnp.float32):
+        self.scale = param(None, (dim,), (axis,), "ones", param_dtype)
+        self.bias = param(None, (dim,), (axis,), "zeros", param_dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
 class GatedMLP(nnx.Module):
     """down(act(gate(x)) * up(x)): the SwiGLU block of both towers (biases only in the vision tower)."""
 

@@ -1,0 +1,42 @@
+"""InternVL as a `ModelFamily`: InternVL2.5 / InternVL3 sizes on Qwen2 / Qwen2.5 decoders."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from vlmr1_jax.models.family import ModelFamily
+from vlmr1_jax.models.internvl import params
+from vlmr1_jax.models.internvl.config import (
+    ARCHITECTURES,
+    InternVLConfig,
+    from_hf_config,
+    get_preset,
+    to_hf_config,
+    with_overrides,
+)
+from vlmr1_jax.models.internvl.model import InternVL
+from vlmr1_jax.models.processor import Processor
+
+
+class _Processor:
+    """InternVL's processor (`processor.INTERNVL_PROCESSOR`), imported on first use: loading the family for its
+    config or weights (e.g. to recognise a config.json) needs no image or prompt code."""
+
+    def __getattr__(self, name: str) -> Any:
+        from vlmr1_jax.models.internvl.processor import INTERNVL_PROCESSOR
+
+        return getattr(INTERNVL_PROCESSOR, name)
+
+
+FAMILY = ModelFamily(
+    name="internvl",
+    architectures=ARCHITECTURES,
+    config_from_dict=InternVLConfig.from_dict,
+    from_hf_config=from_hf_config,
+    to_hf_config=to_hf_config,
+    get_preset=get_preset,
+    with_overrides=with_overrides,
+    model_class=InternVL,
+    layout=params,
+    processor=cast(Processor, _Processor()),
+)
