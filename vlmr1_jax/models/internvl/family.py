@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
-
 from vlmr1_jax.models.family import ModelFamily
 from vlmr1_jax.models.internvl import params
 from vlmr1_jax.models.internvl.config import (
@@ -15,18 +13,7 @@ from vlmr1_jax.models.internvl.config import (
     with_overrides,
 )
 from vlmr1_jax.models.internvl.model import InternVL
-from vlmr1_jax.models.processor import Processor
-
-
-class _Processor:
-    """InternVL's processor (`processor.INTERNVL_PROCESSOR`), imported on first use: loading the family for its
-    config or weights (e.g. to recognise a config.json) needs no image or prompt code."""
-
-    def __getattr__(self, name: str) -> Any:
-        from vlmr1_jax.models.internvl.processor import INTERNVL_PROCESSOR
-
-        return getattr(INTERNVL_PROCESSOR, name)
-
+from vlmr1_jax.models.internvl.processor import INTERNVL_PROCESSOR
 
 FAMILY = ModelFamily(
     name="internvl",
@@ -38,5 +25,5 @@ FAMILY = ModelFamily(
     with_overrides=with_overrides,
     model_class=InternVL,
     layout=params,
-    processor=cast(Processor, _Processor()),
+    processor=INTERNVL_PROCESSOR,
 )
