@@ -27,6 +27,7 @@ from vlmr1_jax.models.processor import Processor
 # name -> the module that defines its `FAMILY`; imported on first use, so a family costs nothing until asked for.
 BUILTIN_FAMILIES: dict[str, str] = {
     "qwen2_5_vl": "vlmr1_jax.models.qwen2_5_vl.family",
+    "qwen2_vl": "vlmr1_jax.models.qwen2_vl.family",
 }
 
 
