@@ -61,9 +61,10 @@ def run_cli(args: argparse.Namespace) -> int:
     processor = family_of(cfg).processor
     sizes = args.image_sizes or [(112, 168), (84, 140)]
     sizes = [sizes[i % len(sizes)] for i in range(args.images)]
+    grids = []
     for h, w in sizes:
         try:
-            processor.image_grid(h, w, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+            grids.append(processor.image_grid(h, w, min_pixels=args.min_pixels, max_pixels=args.max_pixels))
         except ValueError as e:
             raise ValueError(f"--image-sizes {h}x{w}: {e}") from None
     inputs = make_inputs(
@@ -77,7 +78,6 @@ def run_cli(args: argparse.Namespace) -> int:
     )
     report = compare(args.hf_model, inputs, jnp.dtype(args.dtype))
     ok = report.passed(args.rtol, args.atol)
-    grids = [g for row in inputs.batch.image_grids for g in row]
     print(
         f"{cfg.family}: image sizes {sizes} -> grids {grids}; batch {args.batch}; prompt length "
         f"{inputs.batch.input_ids.shape[1]}; ours in {args.dtype}, transformers in float32"
