@@ -19,6 +19,7 @@ from transformers.models.qwen2_vl import modeling_qwen2_vl as hf_qwen2
 
 from converters.hf import save_hf_safetensors
 from ports.parity import RTOL, compare
+from tests.helpers.cli import run_cli
 from tests.helpers.hf_models import QWEN2_VL_TINY_CONFIG, QWEN2_VL_TINY_CONFIG_B, save_random_hf_model
 from tests.helpers.params import host_params
 from tests.helpers.prompts import SPECS, G, completions, train_prompts
@@ -263,3 +264,43 @@ def test_grpo_step_on_the_mesh_equals_one_device(hf_dir):
     np.testing.assert_allclose(float(sharded_metrics["loss"]), float(metrics["loss"]), atol=1e-6)
     assert_params_close(host_params(sharded_state.trainable), single, atol=1e-5)
     assert max(np.abs(single[k] - before[k]).max() for k in before) > 1e-4  # the step moved the weights
+
+
+def test_infer_backends_agree_on_a_qwen2_vl_folder(held_out_dir, tmp_path, capsys):
+    """`vlmr1 infer` through transformers and through our JAX model: the same greedy text, with a task template too;
+    a template the family lacks is one error line."""
+    from PIL import Image
+
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(image)
+    common = ["infer", "--model", str(held_out_dir), "--image", str(image), "--prompt", "find the red box"]
+    for extra in ([], ["--task-type", "rec"]):
+        texts = []
+        for backend in ("torch", "jax"):
+            assert run_cli(*common, *extra, "--backend", backend, "--max-new-tokens", "5") == 0
+            texts.append(capsys.readouterr().out)
+        assert texts[0] == texts[1] and texts[0].strip(), texts
+    assert run_cli(*common, "--task-type", "nope") == 1
+    assert "--task-type 'nope': the qwen2_vl family's question templates are ['default'," in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_hf_model_inputs_are_the_processor_rows_in_order(family):
+    """Images spanning several slot groups come back in the image processor's row order with their grids, and
+    `mm_token_type_ids` marks exactly the image tokens."""
+    processor = get_family(family).processor
+    cfg = get_family(family).get_preset("tiny")
+    rng = np.random.default_rng(4)
+    images = [
+        processor.preprocess_image(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), min_pixels=3136, max_pixels=10**6)
+        for h, w in ((168, 252), (84, 140), (112, 56))
+    ]
+    wrap = [cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id]
+    ids = [[5, *wrap, 6, *wrap], [7, 8, *wrap, 9]]
+    batch = processor.build_prompt_batch(ids, [images[:2], images[2:]], cfg, pad_id=0)
+    hf = processor.hf_model_inputs(batch)
+    assert hf.keys() == {"pixel_values", "image_grid_thw", "mm_token_type_ids"}
+    np.testing.assert_array_equal(hf["pixel_values"], np.concatenate([px for px, _ in images]))
+    assert hf["image_grid_thw"].tolist() == [list(g) for _, g in images] == [[1, 12, 18], [1, 6, 10], [1, 8, 4]]
+    np.testing.assert_array_equal(hf["mm_token_type_ids"], batch.input_ids == cfg.image_token_id)
+    assert processor.hf_model_inputs(processor.build_prompt_batch([[5, 6]], [[]], cfg, pad_id=0)) == {}

@@ -68,9 +68,11 @@ class ChatTemplater(Protocol):
 class Processor(Protocol):
     """A family's processor (VLM-R1's VLM module, host side)."""
 
-    # VLM-R1's question templates of the family by task type ("{Question}" marks the problem text), always with a
-    # "default" one: what `prompt_messages` applies and what `vlmr1 infer --task-type` offers.
-    question_templates: Mapping[str, str]
+    @property
+    def question_templates(self) -> Mapping[str, str]:
+        """VLM-R1's question templates of the family by task type ("{Question}" marks the problem text), always
+        with a "default" one: what `prompt_messages` applies and what `vlmr1 infer --task-type` offers."""
+        ...
 
     def preprocess_image(self, image: Image.Image | np.ndarray, *, min_pixels: int, max_pixels: int) -> ProcessedImage:
         """A decoded RGB image -> its pixel rows and grid (`min_pixels` / `max_pixels` bound the resize)."""

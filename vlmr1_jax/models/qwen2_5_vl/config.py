@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 # Special token ids of a finalised config: each must index the text vocabulary (an id outside it would embed as
@@ -107,9 +108,13 @@ class Qwen25VLConfig:
             return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
         # Each section's class is its field's default factory, so a variant family's subclass reads its own.
-        sections = {f.name: f.default_factory for f in dataclasses.fields(cls) if f.name in ("text", "vision")}
+        sections: dict[str, Callable[..., Any]] = {
+            f.name: f.default_factory  # type: ignore[misc]
+            for f in dataclasses.fields(cls)
+            if f.name in ("text", "vision")
+        }
         rest = {k: v for k, v in data.items() if k not in sections}
-        return cls(**{k: make(**tuples(data[k])) for k, make in sections.items()}, **rest).validate()  # type: ignore[misc]
+        return cls(**{k: make(**tuples(data[k])) for k, make in sections.items()}, **rest).validate()
 
     def validate(self, check_token_ids: bool = True) -> Qwen25VLConfig:
         """Raise ValueError naming the field on an inconsistent config; `check_token_ids=False` only for presets
@@ -332,7 +337,7 @@ def _rope_theta(section: dict[str, Any], default: float) -> float:
     return float(rope.get("rope_theta", section.get("rope_theta", default)))
 
 
-def text_from_hf_config(cfg: dict[str, Any]) -> tuple[TextConfig, dict[str, int]]:
+def text_from_hf_config(cfg: dict[str, Any]) -> tuple[TextConfig, dict[str, Any]]:
     """The decoder section and the special token ids of an HF `config.json` dict (flat hub layout or the 5.x nested
     `text_config` one), a missing key taking transformers' default; shared by the Qwen-VL families."""
     nested = cfg.get("text_config")
