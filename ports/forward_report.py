@@ -1,5 +1,6 @@
-"""`vlmr1 check-export --forward`: transformers' Qwen2.5-VL on CPU in the release dtype, one image prompt, with the
-largest |activation| and the inf/NaN count of every vision block, the merger, every decoder layer and the logits.
+"""`vlmr1 check-export --forward`: transformers' model of the release (any family) on CPU in the release dtype, one
+image prompt, with the largest |activation| and the inf/NaN count of every vision block, the vision-to-text
+projector, every decoder layer, the final norm and the logits.
 
 Finds float16 overflow, a property of the inputs rather than of the file (docs/facts.md: float16); the structural
 checks stay in `converters.check`, which never imports torch.
@@ -14,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.check import SPECIAL_TOKEN_FIELDS
 from vlmr1_jax.dtypes import canonical_dtype
 from vlmr1_jax.filenames import CONFIG_FILE
-from vlmr1_jax.models.qwen2_5_vl.config import from_hf_config
+from vlmr1_jax.models.family import family_for_hf_config
 
 FP16_MAX = 65504.0
+PROMPT = "Describe the image."
+# transformers' module names of the vision-to-text projector, recorded beside the blocks and layers.
+PROJECTORS = ("merger", "multi_modal_projector")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,39 +71,43 @@ def synthetic_image(size: int = 224, seed: int = 0) -> np.ndarray:
     return np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
 
 
+def forward_inputs(
+    model, folder: Path, image: str | os.PathLike | np.ndarray | None, max_pixels: int
+) -> dict[str, object]:
+    """The keyword inputs of `model` (a transformers model of the release in `folder`) for VLM-R1's prompt of
+    `PROMPT` on `image` (default `synthetic_image()`), built by the family's processor (ports.torch_runtime)."""
+    from ports.torch_runtime import TorchRuntime
+    from vlmr1_jax.processing.tokenizer import Tokenizer
+
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    cfg = family_for_hf_config(config).from_hf_config(config)
+    runtime = TorchRuntime(model, Tokenizer.load(folder), cfg, "cpu", min_pixels=3136, max_pixels=max_pixels)
+    return runtime.inputs([synthetic_image() if image is None else image], PROMPT)
+
+
 def forward_report(
     model_dir: str | os.PathLike,
     dtype: str | None = None,
     image: str | os.PathLike | None = None,
     max_pixels: int = 448 * 448,
 ) -> ForwardReport:
-    """Run transformers' Qwen2.5-VL on CPU in `dtype` (default: the config's torch_dtype) on one image prompt,
-    recording the largest |activation| and inf/NaN count of every vision block, the merger, every decoder layer
-    and the logits. Random-looking inputs can miss overflows that real images trigger: pass a real `image`."""
-    from ports.torch_runtime import import_torch
-    from vlmr1_jax.models.qwen2_5_vl.image import preprocess_image
-    from vlmr1_jax.processing.image import load_image
+    """Run transformers' model of the release on CPU in `dtype` (default: the config's torch_dtype) on one image
+    prompt, recording the largest |activation| and inf/NaN count of every block and layer (the children of the
+    model's module lists), the projector, the final norm and the logits, in the order they run, under their legacy
+    HF names. Random-looking inputs can miss overflows that real images trigger: pass a real `image`."""
+    from ports.torch_runtime import hf_model_class, import_torch
 
     torch = import_torch()  # before transformers imports it
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     folder = Path(model_dir)
     raw = json.loads((folder / CONFIG_FILE).read_text())
     torch_dtype = canonical_dtype(dtype or raw.get("torch_dtype", "float32"), "dtype")
-    cfg = from_hf_config(raw)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        folder, dtype=getattr(torch, torch_dtype), attn_implementation="eager"
-    ).eval()
-    pixels, grid = preprocess_image(
-        load_image(image) if image else synthetic_image(), min_pixels=3136, max_pixels=max_pixels
+    layout = family_for_hf_config(raw).layout
+    model = (
+        hf_model_class(raw)
+        .from_pretrained(folder, dtype=getattr(torch, torch_dtype), attn_implementation="eager")
+        .eval()
     )
-    n_image = int(np.prod(grid)) // cfg.vision.merge_unit
-    text = [
-        t for t in range(min(cfg.text.vocab_size, 100)) if t not in {getattr(cfg, f) for f in SPECIAL_TOKEN_FIELDS}
-    ][:8]
-    ids = torch.tensor(
-        [[cfg.vision_start_token_id] + [cfg.image_token_id] * n_image + [cfg.vision_end_token_id] + text]
-    )
+    inputs = forward_inputs(model, folder, image, max_pixels)
     stats: dict[str, LayerStat] = {}
 
     def record(name: str):
@@ -109,26 +116,24 @@ def forward_report(
             values = out.detach().float()
             finite = torch.isfinite(values)
             peak = float(values[finite].abs().max()) if finite.any() else float("inf")
-            stats[name] = LayerStat(name, peak, int((~finite).sum()))
+            stats.setdefault(name, LayerStat(name, peak, int((~finite).sum())))
 
         return hook
 
-    core = model.model
-    modules = [(f"visual.blocks.{i}", b) for i, b in enumerate(core.visual.blocks)]
-    modules += [("visual.merger", core.visual.merger)]
-    modules += [(f"model.layers.{i}", layer) for i, layer in enumerate(core.language_model.layers)]
-    modules += [("model.norm", core.language_model.norm), ("lm_head", model.lm_head)]
-    handles = [m.register_forward_hook(record(name)) for name, m in modules]
+    modules = [
+        (f"{name}.{i}", child)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList)
+        for i, child in enumerate(module)
+    ]
+    modules += [(name, m) for name, m in model.named_modules() if name.rpartition(".")[2] in PROJECTORS]
+    decoder = model.get_decoder()
+    modules += [(n, m) for n, m in model.named_modules() if m is decoder.norm or m is model.get_output_embeddings()]
+    handles = [m.register_forward_hook(record(layout.canonical_hf_name(name))) for name, m in modules]
     try:
         with torch.no_grad():
-            model(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                pixel_values=torch.from_numpy(pixels).to(getattr(torch, torch_dtype)),
-                image_grid_thw=torch.tensor([grid]),
-                mm_token_type_ids=(ids == cfg.image_token_id).long(),
-            )  # else 5.x silently uses 1-D positions
+            model(**inputs)
     finally:
         for h in handles:
             h.remove()
-    return ForwardReport(torch_dtype, [stats[name] for name, _ in modules if name in stats])
+    return ForwardReport(torch_dtype, list(stats.values()))  # in the order the modules ran

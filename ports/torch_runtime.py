@@ -1,9 +1,11 @@
 """Run an exported release folder with transformers on an Ascend NPU, a CUDA GPU or the CPU.
 
-Prompts are built exactly as in training: VLM-R1's single user turn (images first, then the text, optionally in
-the task's question template) rendered with the release's own chat template by our tokenizer, and images
-processed by our PIL-bicubic pipeline (the one the policy was trained on) with the release's min/max pixels.
-This needs no torchvision, which transformers 5.x's `AutoProcessor` requires for Qwen2.5-VL's video processor.
+Works for every model family: transformers' class is the one the family's `architectures` names, and prompts are
+built exactly as in training, by the family's processor: VLM-R1's prompt (images first, then the text, optionally in
+the task's question template) rendered with the release's own chat template by our tokenizer, images processed by
+our pipeline (the one the policy was trained on) with the release's min/max pixels, and the model's image inputs
+from `Processor.hf_model_inputs`. This needs no torchvision, which transformers 5.x's `AutoProcessor` requires for
+Qwen2.5-VL's video processor.
 
 torch-npu breaks a plain `import torch` where CANN is missing (docs/facts.md: torch-npu), so torch is imported with
 device-backend autoload off and torch_npu is imported explicitly, its failures caught.
@@ -12,7 +14,6 @@ device-backend autoload off and torch_npu is imported explicitly, its failures c
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -22,10 +23,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vlmr1_jax.config import DataConfig
 from vlmr1_jax.extras import require_torch_extra
-from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config
-from vlmr1_jax.models.qwen2_5_vl.image import preprocess_image
-from vlmr1_jax.models.qwen2_5_vl.prompts import build_messages
+from vlmr1_jax.filenames import CONFIG_FILE
+from vlmr1_jax.models.family import family_for_hf_config, family_of
+from vlmr1_jax.models.processor import PromptBatch
 from vlmr1_jax.processing.image import load_image
 from vlmr1_jax.processing.tokenizer import Tokenizer
 from vlmr1_jax.rl.sampler import default_banned_ids
@@ -80,34 +82,17 @@ def pick_device(device: str = "auto") -> str:
     return "cpu"
 
 
-def build_chat(prompt: str, num_images: int, task_type: str | None = None) -> list[dict[str, Any]]:
-    """VLM-R1's user turn: `num_images` image entries, then the text. `task_type` ("rec", "ic", "odLength",
-    "default") wraps the text in that task's question template exactly as in training; None keeps it verbatim."""
-    if task_type is not None:
-        return build_messages(prompt, num_images, task_type)
-    return [
-        {"role": "user", "content": [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]}
-    ]
+def hf_model_class(config: dict[str, Any]) -> Any:
+    """transformers' model class for a config.json dict: the first `architectures` entry of its family."""
+    import transformers
+
+    return getattr(transformers, family_for_hf_config(config).architectures[0])
 
 
-def expand_image_tokens(
-    ids: Sequence[int], grids: Sequence[tuple[int, int, int]], image_token_id: int, merge_unit: int
-) -> list[int]:
-    """Replace the k-th `<|image_pad|>` with t*h*w/merge_unit copies for the k-th image (what the HF processor
-    does to the text)."""
-    slots = sum(1 for t in ids if t == image_token_id)
-    if slots != len(grids):
-        raise ValueError(f"the prompt has {slots} image placeholders but {len(grids)} images were given")
-    out: list[int] = []
-    grid_iter = iter(grids)
-    for t in ids:
-        out.extend([t] * (int(np.prod(next(grid_iter))) // merge_unit) if t == image_token_id else [t])
-    return out
-
-
-def mm_token_type_ids(input_ids: Any, cfg: Qwen25VLConfig) -> Any:
-    """The processor's modality ids per token (transformers 5.x): 1 = image token, 2 = video token, 0 = text."""
-    return (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
+def verbatim(task_type: str | None) -> str:
+    """The task type `Processor.prompt_messages` takes: the named question template, or "{Question}" (the text as
+    given) for None."""
+    return "{Question}" if task_type is None else task_type
 
 
 @dataclasses.dataclass
@@ -116,7 +101,7 @@ class TorchRuntime:
 
     model: Any
     tokenizer: Tokenizer
-    cfg: Qwen25VLConfig
+    cfg: Any  # the family's config
     device: str
     min_pixels: int
     max_pixels: int
@@ -126,76 +111,69 @@ class TorchRuntime:
         """Load `model_dir` on `device`; `dtype` ("bfloat16", "float16", "float32") defaults to float32 on the
         CPU and to the release's torch_dtype on an accelerator."""
         torch = import_torch()
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
         folder = Path(model_dir)
-        config = json.loads((folder / "config.json").read_text())
-        preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        preprocessor_file = folder / "preprocessor_config.json"
+        preprocessor = json.loads(preprocessor_file.read_text()) if preprocessor_file.is_file() else {}
         device = pick_device(device)  # imports torch_npu when the NPU is used
         dtype = dtype or ("float32" if device == "cpu" else config.get("torch_dtype", "bfloat16"))
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype))
+        model = hf_model_class(config).from_pretrained(folder, dtype=getattr(torch, dtype))
         return cls(
             model=model.to(device).eval(),
             tokenizer=Tokenizer.load(folder),
-            cfg=from_hf_config(config),
+            cfg=family_for_hf_config(config).from_hf_config(config),
             device=device,
-            min_pixels=preprocessor["min_pixels"],
-            max_pixels=preprocessor["max_pixels"],
+            min_pixels=preprocessor.get("min_pixels", DataConfig.min_pixels),
+            max_pixels=preprocessor.get("max_pixels", DataConfig.max_pixels),
         )
+
+    @property
+    def processor(self) -> Any:
+        return family_of(self.cfg).processor
 
     def prompt_text(self, prompt: str, num_images: int, task_type: str | None = None) -> str:
-        """The rendered chat prompt (one `<|image_pad|>` per image, generation prompt appended)."""
-        return self.tokenizer.apply_chat_template(build_chat(prompt, num_images, task_type), add_generation_prompt=True)
-
-    def _encode(
-        self, images: Sequence[ImageInput], prompt: str, task_type: str | None
-    ) -> tuple[list[int], list[np.ndarray], list[tuple[int, int, int]]]:
-        """One prompt's token ids (image placeholders expanded), pixel rows per image, and grids."""
-        pixels, grids = [], []
-        for image in images:
-            if isinstance(image, (str, os.PathLike)):
-                image = load_image(image)
-            values, grid = preprocess_image(image, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
-            pixels.append(values)
-            grids.append(grid)
-        ids = expand_image_tokens(
-            self.tokenizer.encode(self.prompt_text(prompt, len(images), task_type)),
-            grids,
-            self.cfg.image_token_id,
-            self.cfg.vision.merge_unit,
-        )
-        return ids, pixels, grids
+        """The rendered chat prompt (one image placeholder per image, generation prompt appended); `task_type`
+        wraps the text in that question template as in training, None keeps it verbatim."""
+        return self.processor.render_prompt(self.tokenizer, prompt, num_images, verbatim(task_type))
 
     def inputs(self, images: Sequence[ImageInput], prompt: str, task_type: str | None = None) -> dict[str, Any]:
-        """The model's keyword inputs for one prompt: input_ids, attention_mask, pixel_values, image_grid_thw."""
+        """The model's keyword inputs for one prompt: input_ids, attention_mask and the processor's image inputs."""
         return self.batch_inputs([(images, prompt)], task_type)
+
+    def prompt_batch(
+        self, requests: Sequence[tuple[Sequence[ImageInput], str]], task_type: str | None = None
+    ) -> PromptBatch:
+        """Several (images, prompt) requests as one batch of the family's processor, left-padded with the pad token
+        to the longest prompt, as VLM-R1's processor pads."""
+        processor = self.processor
+        ids, images = [], []
+        for paths, prompt in requests:
+            loaded = [load_image(p) if isinstance(p, (str, os.PathLike)) else p for p in paths]
+            processed = [
+                processor.preprocess_image(i, min_pixels=self.min_pixels, max_pixels=self.max_pixels) for i in loaded
+            ]
+            ids.append(self.tokenizer.encode(self.prompt_text(prompt, len(processed), task_type)))
+            images.append(processed)
+        longest = max(
+            len(row) - len(imgs) + sum(processor.image_tokens(g) for _, g in imgs) for row, imgs in zip(ids, images)
+        )
+        return processor.build_prompt_batch(ids, images, self.cfg, pad_id=self.tokenizer.pad_id, length=longest)
 
     def batch_inputs(
         self, requests: Sequence[tuple[Sequence[ImageInput], str]], task_type: str | None = None
     ) -> dict[str, Any]:
-        """Keyword inputs for several (images, prompt) requests, left-padded with the pad token as VLM-R1's
-        processor does; image rows and grids are concatenated in request order."""
+        """Keyword inputs of transformers' model for several (images, prompt) requests (`prompt_batch`): token ids,
+        the attention mask and `Processor.hf_model_inputs`, floating arrays in the model's dtype."""
         torch = import_torch()
-        encoded = [self._encode(images, prompt, task_type) for images, prompt in requests]
-        length = max(len(ids) for ids, _, _ in encoded)
-        input_ids = torch.full((len(encoded), length), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), length), dtype=torch.long)
-        for row, (ids, _, _) in enumerate(encoded):
-            input_ids[row, length - len(ids) :] = torch.tensor(ids)
-            mask[row, length - len(ids) :] = 1
-        batch = {"input_ids": input_ids, "attention_mask": mask}
-        pixels = [p for _, rows, _ in encoded for p in rows]
-        if pixels:
-            batch["pixel_values"] = torch.from_numpy(np.concatenate(pixels)).to(self.model.dtype)
-            batch["image_grid_thw"] = torch.tensor([g for _, _, grids in encoded for g in grids])
-            if self._takes_token_types():
-                batch["mm_token_type_ids"] = mm_token_type_ids(input_ids, self.cfg)
-        return {k: v.to(self.device) for k, v in batch.items()}
-
-    def _takes_token_types(self) -> bool:
-        """transformers >= 5 computes M-RoPE only when given `mm_token_type_ids` (else text positions for image
-        tokens); older versions have no such argument and reject it."""
-        return "mm_token_type_ids" in inspect.signature(self.model.forward).parameters
+        batch = self.prompt_batch(requests, task_type)
+        arrays = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        arrays |= self.processor.hf_model_inputs(batch)
+        tensor = lambda a: (
+            torch.from_numpy(np.ascontiguousarray(a)).to(self.model.dtype)
+            if np.issubdtype(a.dtype, np.floating)
+            else torch.from_numpy(a.astype(np.int64))
+        )
+        return {k: tensor(v).to(self.device) for k, v in arrays.items()}
 
     def generate_from(
         self,

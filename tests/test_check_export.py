@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from converters.check import check_export
 from converters.release import export_hf_folder
-from ports.forward_report import forward_report, synthetic_image
+from ports.forward_report import forward_inputs, forward_report
 from tests.helpers.cli import run_cli
 from vlmr1_jax.models.safetensors_read import read_safetensors_header
 
@@ -162,27 +162,10 @@ def test_forward_report_measures_activations(releases):
     ]
     assert report.problems() == [] and all(0 < s.max_abs < 1e3 and s.nonfinite == 0 for s in report.layers)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(releases["a2"], dtype=torch.float32)
-    cfg = model.config
-    from vlmr1_jax.models.qwen2_5_vl.image import preprocess_image
-
-    pixels, grid = preprocess_image(synthetic_image(), max_pixels=448 * 448)
-    n = int(np.prod(grid)) // 4
-    specials = {
-        cfg.image_token_id,
-        cfg.video_token_id,
-        cfg.vision_start_token_id,
-        cfg.vision_end_token_id,
-        cfg.vision_token_id,
-    }
-    text = [t for t in range(100) if t not in specials][:8]
-    ids = torch.tensor([[cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id] + text])
+    inputs = forward_inputs(model, releases["a2"], None, 448 * 448)
+    assert inputs["image_grid_thw"].tolist() == [[1, 16, 16]]  # the 224x224 synthetic image
     with torch.no_grad():
-        logits = model(
-            input_ids=ids,
-            pixel_values=torch.from_numpy(pixels),
-            image_grid_thw=torch.tensor([grid]),
-            mm_token_type_ids=(ids == cfg.image_token_id).long(),
-        ).logits
+        logits = model(**inputs).logits
     assert report.layers[-1].max_abs == pytest.approx(float(logits.abs().max()), rel=1e-6)
 
 

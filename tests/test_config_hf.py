@@ -12,8 +12,9 @@ import pytest
 from transformers import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
 
-from ports.parity import compare, make_inputs
+from ports.parity import compare
 from tests.helpers.hf_models import TINY_CONFIG, save_random_hf_model
+from tests.helpers.qwen_parity import make_inputs
 from vlmr1_jax.models.hf_weights import read_config
 from vlmr1_jax.models.qwen2_5_vl.config import (
     PRESETS,

@@ -174,13 +174,8 @@ def test_hf_release_loads_offline_and_matches_jax(model, release_source, tmp_pat
         assert "torchvision" in str(e).lower()
 
     parity = ParityInputs(
-        input_ids=inputs["input_ids"].numpy(),
-        attention_mask=inputs["attention_mask"].numpy(),
-        image_pixels=inputs["pixel_values"].numpy(),
-        image_grids=[(1, 4, 6)],
-        video_pixels=np.zeros((0, 1176), np.float32),
-        video_grids=[],
-        second_per_grid_ts=[],
+        runtime.prompt_batch([([image], PROMPT)]),
+        {k: v.numpy() for k, v in inputs.items() if k not in ("input_ids", "attention_mask")},
         decode_tokens=np.array([[5, 17, 33]]),
     )
     report = compare(str(out), parity)

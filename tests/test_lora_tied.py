@@ -14,12 +14,12 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file
 
-from ports.parity import make_inputs
 from tests.helpers.cli import run_cli
 from tests.helpers.hf_models import load_hf
 from tests.helpers.params import host_params
 from tests.helpers.peft import hf_logits, jax_logits, random_adapters
 from tests.helpers.prompts import completions, device_prompts, train_prompts
+from tests.helpers.qwen_parity import make_inputs
 from tests.helpers.release import make_release_source
 from tests.helpers.train import optimizer, save_trainer_checkpoint
 from vlmr1_jax.config import GRPOConfig, LoRAConfig, ModelConfig, RunConfig, TrainConfig
@@ -137,11 +137,11 @@ def test_tied_adapter_and_merged_exports_match_peft(tied_lora_run, tmp_path, cap
     assert not [k for k in adapter if "embed" in k]
 
     inputs = make_inputs(cfg, [(1, 4, 6), (1, 4, 4)], batch=2, steps=1, seed=3)
-    valid = inputs.attention_mask.astype(bool)
+    valid = inputs.batch.attention_mask.astype(bool)
     peft_model = PeftModel.from_pretrained(load_hf(base_dir), base_dir / "adapter").eval()
     assert len(peft_model.base_model.model.lm_head.lora_A) == 1  # the tied head is wrapped, its table shared
     assert peft_model.base_model.model.lm_head.base_layer.weight is peft_model.get_input_embeddings().weight
-    peft_out = hf_logits(peft_model, inputs, cfg)
+    peft_out = hf_logits(peft_model, inputs)
     ours = jax_logits(model, inputs)
     adapted_diff = np.abs(ours[valid] - peft_out[valid]).max()
     assert adapted_diff < 1e-4, adapted_diff
@@ -157,8 +157,8 @@ def test_tied_adapter_and_merged_exports_match_peft(tied_lora_run, tmp_path, cap
     formula = expected[EMBED] + (ALPHA / RANK) * adapter[HEAD_B] @ adapter[HEAD_A]
     np.testing.assert_allclose(merged[EMBED], formula, atol=1e-6)
     np.testing.assert_allclose(peft_merged.get_input_embeddings().weight.detach().numpy(), formula, atol=1e-6)
-    peft_merged_out = hf_logits(peft_merged, inputs, cfg)
-    merged_diff = np.abs(hf_logits(load_hf(merged_dir), inputs, cfg)[valid] - peft_merged_out[valid]).max()
+    peft_merged_out = hf_logits(peft_merged, inputs)
+    merged_diff = np.abs(hf_logits(load_hf(merged_dir), inputs)[valid] - peft_merged_out[valid]).max()
     ours_merged = nnx.clone(model)
     merge_lora(ours_merged)
     jax_merged_diff = np.abs(jax_logits(ours_merged, inputs)[valid] - peft_merged_out[valid]).max()

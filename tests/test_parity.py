@@ -1,6 +1,7 @@
 """Our JAX Qwen2.5-VL against transformers' Qwen2_5_VLForConditionalGeneration (fp32 reference), through
-`ports.parity`'s relative rule max|ours - ref| <= atol + rtol * max|ref|: tiny shapes, large activations, the
-released 3B's widths, and deliberately broken ports that the rule must catch."""
+`ports.parity`'s relative rule max|ours - ref| <= atol + rtol * max|ref|: tiny shapes with videos, large
+activations, the released 3B's widths, deliberately broken ports that the rule must catch, and `vlmr1
+check-parity` (real prompts through the folder's tokenizer; transformers computes its own positions)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from ports import parity
-from ports.parity import ATOL, RTOL, compare, diff_report, make_inputs, run_hf, run_jax
-from tests.helpers.hf_models import TINY_CONFIG, WIDTH_3B_CONFIG, save_random_hf_model
+from ports.parity import ATOL, RTOL, compare, diff_report, run_hf, run_jax
+from tests.helpers.hf_models import TINY_CONFIG, TINY_CONFIG_B, WIDTH_3B_CONFIG, save_random_hf_model
+from tests.helpers.qwen_parity import make_inputs
+from tests.helpers.release import CORPUS, compact_config
 from vlmr1_jax.cli import main as cli_main
 from vlmr1_jax.models.hf_weights import load_hf_model, read_config
 
@@ -35,7 +38,7 @@ def tiny_inputs(model_dir):
 def test_logits_match_hf(fixture, request):
     model_dir = request.getfixturevalue(fixture)
     inputs = tiny_inputs(model_dir)
-    assert (inputs.attention_mask == 0).any(), "the batch must contain left padding"
+    assert (inputs.batch.attention_mask == 0).any(), "the batch must contain left padding"
     report = compare(str(model_dir), inputs)
     assert report.passed(RTOL / MARGIN, ATOL), report
     assert len(report.decode) == 4 and report.vision is not None
@@ -126,32 +129,50 @@ def test_3b_widths_bf16_compute_reported(width_3b, record_property):
     assert report.worst_relative < 0.1, report
 
 
-def test_check_parity_command_second_config(tiny_hf_b_dir, capsys):
+@pytest.fixture(scope="module")
+def tiny_b_with_tokenizer(tmp_path_factory):
+    """TINY_CONFIG_B's shapes (other depths, heads, windows, tied head) with a compact tokenizer beside it."""
+    from vlmr1_jax.processing.tokenizer import build_compact_tokenizer
+
+    tokenizer = build_compact_tokenizer(CORPUS, vocab_size=300)
+    folder = save_random_hf_model(tmp_path_factory.mktemp("tiny_b_tok"), compact_config(tokenizer, TINY_CONFIG_B))
+    tokenizer.save(folder)
+    return folder
+
+
+def test_check_parity_command_second_config(tiny_b_with_tokenizer, capsys):
     code = cli_main(
         [
             "check-parity",
             "--hf-model",
-            str(tiny_hf_b_dir),
+            str(tiny_b_with_tokenizer),
             "--images",
             "3",
             "--image-sizes",
             "112x168,84x140,60x200",
-            "--video",
             "--batch",
             "2",
         ]
     )
     out = capsys.readouterr().out
     assert code == 0, out
+    assert "qwen2_5_vl: image sizes" in out and "grids [(1, 8, 12), (1, 6, 10), (1, 4, 14)]" in out, out
     assert "PASS" in out and "vision features" in out and "relative" in out and "decode step 3" in out
 
 
-def test_check_parity_command_fails_above_tolerance(tiny_hf_dir, capsys):
-    code = cli_main(
-        ["check-parity", "--hf-model", str(tiny_hf_dir), "--images", "1", "--rtol", "0", "--atol", "0", "--steps", "1"]
-    )
+def test_check_parity_command_fails_above_tolerance(release_source, capsys):
+    args = ["--images", "1", "--rtol", "0", "--atol", "0", "--steps", "1"]
+    code = cli_main(["check-parity", "--hf-model", str(release_source), *args])
     assert code == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_check_parity_command_needs_a_tokenizer_and_fitting_images(tiny_hf_dir, release_source, capsys):
+    """One error line each: a folder without tokenizer files, an image the processor cannot take."""
+    assert cli_main(["check-parity", "--hf-model", str(tiny_hf_dir), "--images", "1"]) == 2
+    assert "error: check-parity renders its prompts with the model folder's tokenizer" in capsys.readouterr().err
+    assert cli_main(["check-parity", "--hf-model", str(release_source), "--image-sizes", "10x3000"]) == 2
+    assert "error: --image-sizes 10x3000: absolute aspect ratio must be smaller than 200" in capsys.readouterr().err
 
 
 def test_check_parity_help_states_the_rule(capsys):
@@ -169,7 +190,6 @@ def test_check_parity_help_states_the_rule(capsys):
         ("--images", "-1"),
         ("--steps", "-1"),
         ("--image-sizes", "336"),
-        ("--image-sizes", "10x3000"),
         ("--rtol", "-1"),
         ("--atol", "nan"),
         ("--max-pixels", "0"),

@@ -12,10 +12,10 @@ import pytest
 from flax import nnx
 
 from converters.peft import target_modules_regex
-from ports.parity import make_inputs
 from tests.helpers.cli import run_cli
 from tests.helpers.hf_models import load_hf
 from tests.helpers.peft import hf_logits, jax_logits, random_adapters
+from tests.helpers.qwen_parity import make_inputs
 from tests.helpers.train import save_trainer_checkpoint
 from vlmr1_jax.config import LoRAConfig, ModelConfig, RunConfig, TrainConfig
 from vlmr1_jax.models.hf_weights import iter_hf_tensors, read_config
@@ -91,26 +91,24 @@ def test_peft_adapter_and_merged_export_match_peft(lora_run, tmp_path, capsys):
 
     cfg = read_config(base_dir)
     inputs = make_inputs(cfg, [(1, 4, 6), (1, 4, 4)], batch=2, steps=1, seed=3)
-    valid = inputs.attention_mask.astype(bool)
+    valid = inputs.batch.attention_mask.astype(bool)
 
     peft_model = PeftModel.from_pretrained(load_hf(base_dir), base_dir / "adapter").eval()
     adapted = sorted(n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A))
     assert len(adapted) == 2 * 7 + 1 and not [n for n in adapted if "visual" in n] and adapted[0].endswith(".lm_head")
-    peft_out = hf_logits(peft_model, inputs, cfg)
-    merged_out = hf_logits(load_hf(merged_dir), inputs, cfg)
+    peft_out = hf_logits(peft_model, inputs)
+    merged_out = hf_logits(load_hf(merged_dir), inputs)
     merged = nnx.clone(model)
     merge_lora(merged)
     ours_merged = jax_logits(merged, inputs)
     scale = np.abs(peft_out[valid]).max()
     assert scale > 0.1
     # Our merged export (transformers) == PEFT's own merge of the adapter folder == our merged JAX model.
-    np.testing.assert_allclose(
-        merged_out[valid], hf_logits(peft_model.merge_and_unload(), inputs, cfg)[valid], atol=1e-4
-    )
+    np.testing.assert_allclose(merged_out[valid], hf_logits(peft_model.merge_and_unload(), inputs)[valid], atol=1e-4)
     np.testing.assert_allclose(ours_merged[valid], peft_out[valid], atol=1e-4)
     # The adapters change the output (the comparison is not between two copies of the base).
-    assert np.abs(hf_logits(load_hf(base_dir), inputs, cfg)[valid] - peft_out[valid]).max() > 1e-2
+    assert np.abs(hf_logits(load_hf(base_dir), inputs)[valid] - peft_out[valid]).max() > 1e-2
 
     # Our unmerged LoRA forward (lm_head adapter included) against the adapter-loaded PEFT model.
     peft_model = PeftModel.from_pretrained(load_hf(base_dir), base_dir / "adapter").eval()
-    np.testing.assert_allclose(jax_logits(model, inputs)[valid], hf_logits(peft_model, inputs, cfg)[valid], atol=1e-4)
+    np.testing.assert_allclose(jax_logits(model, inputs)[valid], hf_logits(peft_model, inputs)[valid], atol=1e-4)

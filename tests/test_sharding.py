@@ -17,13 +17,12 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ports.parity import make_inputs, positions_for
+from tests.helpers.qwen_parity import make_inputs
 from vlmr1_jax.config import MeshConfig
 from vlmr1_jax.models.hf_weights import load_hf_model, read_config
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.models.qwen2_5_vl.params import flat_paths
 from vlmr1_jax.models.qwen2_5_vl.text import KVCache
-from vlmr1_jax.models.qwen2_5_vl.vision_plan import plan_vision, vision_gather_indices
 from vlmr1_jax.parallel.mesh import batch_sharding, create_sharded, logical_to_spec, make_mesh
 
 IMAGE_GRIDS = [(1, 8, 12), (1, 6, 10)]
@@ -50,27 +49,14 @@ def mesh():
 def batch(tiny_hf_dir):
     """A left-padded batch of 4 rows (divisible by data x fsdp) with two images and a video."""
     model_cfg = read_config(tiny_hf_dir)
-    inputs = make_inputs(model_cfg, IMAGE_GRIDS, VIDEO_GRIDS, [1.0], batch=4, steps=1)
-    positions, _ = positions_for(model_cfg, inputs)
-    plan = plan_vision(
-        np.concatenate([inputs.image_pixels, inputs.video_pixels]),
-        inputs.image_grids + inputs.video_grids,
-        window_merged=model_cfg.vision.window_merged,
-    )
-    gather = vision_gather_indices(
-        inputs.input_ids,
-        plan,
-        image_token_id=model_cfg.image_token_id,
-        video_token_id=model_cfg.video_token_id,
-        num_image_items=len(IMAGE_GRIDS),
-    )
+    b = make_inputs(model_cfg, IMAGE_GRIDS, VIDEO_GRIDS, [1.0], batch=4, steps=1).batch
     text = {
-        "input_ids": inputs.input_ids,
-        "positions": positions,
-        "attention_mask": inputs.attention_mask,
-        "gather": gather,
+        "input_ids": b.input_ids,
+        "positions": b.positions,
+        "attention_mask": b.attention_mask,
+        "gather": b.vision_gather,
     }
-    return plan, text
+    return b.vision, text
 
 
 @partial(jax.jit, static_argnums=0)
@@ -92,16 +78,16 @@ def _prefill(graphdef, state, vision, text, cache_size):
 
 
 def forward(model, batch, mesh=None):
-    """(merged vision features in processor order, prompt logits); inputs sharded over `mesh` when given."""
-    plan, text = batch
-    vision = plan.device_inputs()
+    """(merged vision features in placeholder order, prompt logits); inputs sharded over `mesh` when given."""
+    vision, text = batch
     if mesh is not None:  # batch axis of every array: rows of the patch layout, axis 1 of the [3, B, L] positions
         vision = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in vision.items()}
         text = {
             k: jax.device_put(v, batch_sharding(mesh, v.ndim, 1 if k == "positions" else 0)) for k, v in text.items()
         }
     feats, logits = _forward(*nnx.split(model), vision, text)
-    return np.asarray(feats)[plan.merged_index], np.asarray(logits)
+    gather = batch[1]["gather"]
+    return np.asarray(feats)[gather[gather >= 0]], np.asarray(logits)
 
 
 def assert_forward_equal(sharded, single, batch, mesh) -> float:
@@ -181,8 +167,8 @@ def test_make_mesh_shapes_and_errors():
 
 
 def shard_inputs(batch, mesh):
-    plan, text = batch
-    vision = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in plan.device_inputs().items()}
+    vision, text = batch
+    vision = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in vision.items()}
     text = {k: jax.device_put(v, batch_sharding(mesh, v.ndim, 1 if k == "positions" else 0)) for k, v in text.items()}
     return vision, text
 
@@ -198,7 +184,7 @@ def test_activation_and_cache_constraints_match_single_device(tiny_hf_dir, mesh,
     assert layout(cache.k, None, ("data", "fsdp"), None, "tensor", None), cache.k.sharding
     assert layout(logits, ("data", "fsdp"), None, "tensor"), logits.sharding
     single = load_hf_model(tiny_hf_dir)
-    logits_1, cache_1 = _prefill(*nnx.split(single), batch[0].device_inputs(), batch[1], 40)
+    logits_1, cache_1 = _prefill(*nnx.split(single), batch[0], batch[1], 40)
     valid = batch[1]["attention_mask"].astype(bool)
     np.testing.assert_allclose(np.asarray(logits)[valid], np.asarray(logits_1)[valid], atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(cache.k), np.asarray(cache_1.k), atol=1e-5, rtol=0)

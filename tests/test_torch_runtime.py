@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ports.torch_runtime import TorchRuntime, build_chat, mm_token_type_ids, npu_unavailable_reason, pick_device
+from ports.torch_runtime import TorchRuntime, npu_unavailable_reason, pick_device
 from tests.helpers.cli import run_cli
 from tests.helpers.npu import require_npu
 from tests.helpers.release import PROMPT
@@ -48,8 +48,9 @@ def test_broken_torch_npu_falls_back(tmp_path, monkeypatch):
 def test_prompt_is_vlm_r1_user_turn(runtime):
     """Images first, then the text; the task template wraps the text as in training; 6 merged tokens for a
     60x90 image (smart_resize -> 56x84 -> 4x6 patches)."""
-    assert build_chat("hi", 2) == [
-        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "hi"}]}
+    image_entry = {"type": "image", "text": None}
+    assert runtime.processor.prompt_messages("hi", 2, "{Question}") == [
+        {"role": "user", "content": [image_entry, image_entry, {"type": "text", "text": "hi"}]}
     ]
     assert runtime.prompt_text(PROMPT, 1) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -68,10 +69,9 @@ def test_prompt_is_vlm_r1_user_turn(runtime):
     ids = inputs["input_ids"][0].tolist()
     start = ids.index(runtime.cfg.vision_start_token_id)
     assert ids[start + 1 : start + 8] == [runtime.cfg.image_token_id] * 6 + [runtime.cfg.vision_end_token_id]
+    assert inputs["mm_token_type_ids"][0].tolist() == [int(t == runtime.cfg.image_token_id) for t in ids]
     with pytest.raises(ValueError, match="2 image placeholders but 1 images"):
-        from ports.torch_runtime import expand_image_tokens
-
-        expand_image_tokens([5, 9, 5], [(1, 2, 2)], image_token_id=5, merge_unit=4)
+        runtime.batch_inputs([([image], "<|image_pad|>" + PROMPT)])
 
 
 def test_greedy_generation_matches_an_argmax_loop(runtime, image_file):
@@ -90,7 +90,7 @@ def test_greedy_generation_matches_an_argmax_loop(runtime, image_file):
                 attention_mask=torch.ones_like(sequence),
                 pixel_values=batch["pixel_values"],
                 image_grid_thw=batch["image_grid_thw"],
-                mm_token_type_ids=mm_token_type_ids(sequence, runtime.cfg),
+                mm_token_type_ids=(sequence == runtime.cfg.image_token_id).long(),
             ).logits
             token = int(logits[0, -1].argmax())
             expected.append(token)

@@ -1,5 +1,5 @@
-"""Random HF Qwen2.5-VL checkpoints for parity tests (tiny shapes, the released 3B's widths at shallow depth), and
-the transformers model that reads them."""
+"""Random HF Qwen2.5-VL and Qwen2-VL checkpoints for parity tests (tiny shapes, the released 3B's widths at shallow
+depth), and the transformers model that reads them."""
 
 from __future__ import annotations
 
@@ -79,6 +79,42 @@ TINY_CONFIG_B["vision_config"].update(
     }
 )
 
+# Qwen2-VL: TINY_CONFIG's decoder and ids, a 3-block LayerNorm / QuickGELU tower (embed 32, MLP ratio 2).
+QWEN2_VL_TINY_CONFIG = {
+    **{k: v for k, v in TINY_CONFIG.items() if k != "vision_config"},
+    "architectures": ["Qwen2VLForConditionalGeneration"],
+    "model_type": "qwen2_vl",
+    "vision_config": {
+        "depth": 3,
+        "embed_dim": 32,
+        "hidden_size": 64,
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "in_chans": 3,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "hidden_act": "quick_gelu",
+    },
+}
+
+# A held-out Qwen2-VL shape for `vlmr1 check-parity`: other depths, widths, heads, GQA ratio, rope sections, tied.
+QWEN2_VL_TINY_CONFIG_B = copy.deepcopy(QWEN2_VL_TINY_CONFIG)
+QWEN2_VL_TINY_CONFIG_B.update(
+    {
+        "hidden_size": 96,
+        "intermediate_size": 80,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 3,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]},
+        "tie_word_embeddings": True,
+    }
+)
+QWEN2_VL_TINY_CONFIG_B["vision_config"].update(
+    {"depth": 2, "embed_dim": 48, "hidden_size": 96, "num_heads": 3, "mlp_ratio": 3}
+)
+
 # The released Qwen2.5-VL-3B-Instruct config.json with only 2 text and 4 vision layers: every width, the vocabulary,
 # the tied head and the 112-pixel windows are real, so activations and logits have realistic scales. Full attention
 # on blocks 1 and 3 (the release's [7, 15, 23, 31] would leave 4 blocks all windowed).
@@ -126,22 +162,29 @@ WIDTH_3B_CONFIG = {
 }
 
 
+def hf_model(config: dict):
+    """transformers' model of a config.json dict (the class its `architectures` names), randomly initialised."""
+    import transformers
+
+    hf_config = transformers.AutoConfig.for_model(**config)
+    return getattr(transformers, config["architectures"][0])(hf_config)
+
+
 def save_random_hf_model(
     out_dir: str | Path, config: dict, seed: int = 0, tied: bool | None = None, std: float | None = 0.05
 ) -> Path:
-    """Build `Qwen2_5_VLForConditionalGeneration` from `config` and save_pretrained it.
+    """Build the model `config` names (e.g. `Qwen2_5_VLForConditionalGeneration`) and save_pretrained it.
 
     With `std`, every tensor is redrawn (`redraw`); with `std=None` the model keeps transformers' own
     initialisation.
     """
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     config = copy.deepcopy(config)
     if tied is not None:
         config["tie_word_embeddings"] = tied
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config)).float()
+    model = hf_model(config).float()
     if std is not None:
         redraw(model, std)
     out_dir = Path(out_dir)
@@ -156,20 +199,22 @@ def redraw(module, std: float = 0.05) -> None:
 
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if p.ndim == 1 and name.rpartition(".")[2] == "weight":  # the only 1-D weights are RMSNorm scales
+            if p.ndim == 1 and name.rpartition(".")[2] == "weight":  # the only 1-D weights are norm scales
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             else:
                 p.copy_(std * torch.randn_like(p) + (0.4 * std * torch.randn(()) if p.ndim == 1 else 0.0))
 
 
 def load_hf(model_dir: str | Path):
-    """transformers' model of a folder in float32 with eager attention (the reference implementation)."""
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    """transformers' model of a folder (its family's class) in float32 with eager attention (the reference)."""
+    import json
 
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
+    import torch
+
+    from ports.torch_runtime import hf_model_class
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return hf_model_class(config).from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def tiny_model_with_qwen_ids():

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ports.parity import ParityInputs, positions_for, vision_layout
+from ports.parity import ParityInputs
 from vlmr1_jax.rl.lora import lora_targets
 
 
@@ -26,34 +26,29 @@ def jax_logits(model: nnx.Module, inputs: ParityInputs) -> np.ndarray:
     """Our forward (jitted) on a single-device copy of `model` (a checkpoint's is sharded over 8 CPU devices)."""
     graphdef, state = nnx.split(model)
     model = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
-    cfg = model.cfg
-    positions, _ = positions_for(cfg, inputs)
-    plan, gather = vision_layout(
-        cfg, inputs.input_ids, inputs.image_pixels, inputs.image_grids, len(inputs.image_grids)
-    )
+    b = inputs.batch
 
     @nnx.jit
     def forward(model, vision, ids, positions, mask, gather):
         hidden, _ = model(ids, positions, mask, model.encode_vision(vision), gather)
         return model.logits(hidden)
 
-    vision = {k: jnp.asarray(v) for k, v in plan.device_inputs().items()}
-    arrays = [jnp.asarray(x) for x in (inputs.input_ids, positions, inputs.attention_mask, gather)]
+    vision = {k: jnp.asarray(v) for k, v in b.vision.items()}
+    arrays = [jnp.asarray(x) for x in (b.input_ids, b.positions, b.attention_mask, b.vision_gather)]
     return np.asarray(forward(model, vision, *arrays))
 
 
-def hf_logits(model, inputs: ParityInputs, cfg) -> np.ndarray:
-    """transformers' (or a PEFT-wrapped transformers model's) logits on the same inputs and positions."""
+def hf_logits(model, inputs: ParityInputs) -> np.ndarray:
+    """transformers' (or a PEFT-wrapped transformers model's) logits on the same inputs."""
     import torch
 
-    positions, _ = positions_for(cfg, inputs)
-    t = torch.from_numpy
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    explicit = {} if inputs.position_ids is None else {"position_ids": t(inputs.position_ids.astype(np.int64))}
     with torch.no_grad():
         out = model(
-            input_ids=t(inputs.input_ids),
-            attention_mask=t(inputs.attention_mask),
-            position_ids=t(positions),
-            pixel_values=t(inputs.image_pixels),
-            image_grid_thw=torch.tensor(inputs.image_grids),
+            input_ids=t(inputs.batch.input_ids.astype(np.int64)),
+            attention_mask=t(inputs.batch.attention_mask.astype(np.int64)),
+            **explicit,
+            **{k: t(v) for k, v in inputs.hf_inputs.items()},
         )
     return out.logits.float().numpy()

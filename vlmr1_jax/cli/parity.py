@@ -1,4 +1,5 @@
-"""`vlmr1 check-parity`: the command line of ports/parity.py (our JAX port against transformers on an HF folder)."""
+"""`vlmr1 check-parity`: the command line of ports/parity.py (our JAX port against transformers on an HF folder of
+any model family)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import jax.numpy as jnp
 from ports import parity
 from ports.parity import ATOL, RTOL, compare, make_inputs
 from vlmr1_jax.dtypes import dtype_arg
+from vlmr1_jax.models.family import family_of
 from vlmr1_jax.models.hf_weights import read_config
-from vlmr1_jax.models.qwen2_5_vl.image import smart_resize
 
 
 def _count(minimum: int):
@@ -41,7 +42,7 @@ def _tolerance(text: str) -> float:
 
 
 def _image_sizes(text: str) -> list[tuple[int, int]]:
-    """argparse type: comma-separated HxW pixel sizes, both positive, aspect ratio the processor accepts."""
+    """argparse type: comma-separated HxW pixel sizes, both positive (the family's processor checks the rest)."""
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         h, sep, w = part.lower().partition("x")
@@ -51,30 +52,35 @@ def _image_sizes(text: str) -> list[tuple[int, int]]:
             size = None
         if not sep or size is None or min(size) < 1:
             raise argparse.ArgumentTypeError(f"{part!r} is not HxW with positive integers, e.g. 336x448")
-        try:
-            smart_resize(*size)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{part}: {e}") from None
         out.append(size)
     return out
 
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = read_config(args.hf_model)
+    processor = family_of(cfg).processor
     sizes = args.image_sizes or [(112, 168), (84, 140)]
     sizes = [sizes[i % len(sizes)] for i in range(args.images)]
-    p, m = cfg.vision.patch_size, cfg.vision.spatial_merge_size
     grids = []
     for h, w in sizes:
-        rh, rw = smart_resize(h, w, factor=p * m, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-        grids.append((1, rh // p, rw // p))
-    videos = [(2, 4, 6)] if args.video else []
-    inputs = make_inputs(cfg, grids, videos, [1.0] * len(videos), batch=args.batch, steps=args.steps, seed=args.seed)
+        try:
+            grids.append(processor.image_grid(h, w, min_pixels=args.min_pixels, max_pixels=args.max_pixels))
+        except ValueError as e:
+            raise ValueError(f"--image-sizes {h}x{w}: {e}") from None
+    inputs = make_inputs(
+        args.hf_model,
+        sizes,
+        batch=args.batch,
+        steps=args.steps,
+        seed=args.seed,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+    )
     report = compare(args.hf_model, inputs, jnp.dtype(args.dtype))
     ok = report.passed(args.rtol, args.atol)
     print(
-        f"image grids: {grids}; videos: {videos}; batch {args.batch}; prompt length {inputs.input_ids.shape[1]}; "
-        f"ours in {args.dtype}, transformers in float32"
+        f"{cfg.family}: image sizes {sizes} -> grids {grids}; batch {args.batch}; prompt length "
+        f"{inputs.batch.input_ids.shape[1]}; ours in {args.dtype}, transformers in float32"
     )
     print(f"rule: max|diff| <= atol + rtol * max|ref| with rtol {args.rtol:g}, atol {args.atol:g}")
     for d in report.diffs:
@@ -90,7 +96,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=parity.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--hf-model", required=True, help="HF Qwen2.5-VL folder (config.json + safetensors)")
+    p.add_argument(
+        "--hf-model", required=True, help="HF model folder (config.json, safetensors and tokenizer) of any family"
+    )
     p.add_argument("--images", type=_count(0), default=2, help="number of images in the batch (0: text only)")
     p.add_argument(
         "--image-sizes",
@@ -98,7 +106,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         help="comma-separated HxW pixel sizes, cycled over the images (default 112x168,84x140)",
     )
-    p.add_argument("--video", action="store_true", help="add one video with 4 frames (T=2)")
     p.add_argument("--batch", type=_count(1), default=2, help="batch rows (shorter rows are left-padded)")
     p.add_argument("--steps", type=_count(0), default=4, help="cached decode steps to compare")
     p.add_argument("--min-pixels", type=_count(1), default=3136)

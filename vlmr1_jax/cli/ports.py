@@ -6,7 +6,6 @@ import argparse
 import sys
 
 from vlmr1_jax.dtypes import DTYPES, dtype_arg
-from vlmr1_jax.models.qwen2_5_vl.prompts import QUESTION_TEMPLATES
 
 BACKENDS = ("torch", "jax")
 
@@ -68,11 +67,27 @@ def infer_torch(args: argparse.Namespace) -> str:
     )
 
 
+def check_task_type(model_dir: str, task_type: str | None) -> None:
+    """ValueError unless `task_type` names a question template of the release's model family (None: verbatim)."""
+    from vlmr1_jax.models.family import family_of
+    from vlmr1_jax.models.hf_weights import read_config
+
+    if task_type is None:
+        return
+    cfg = read_config(model_dir)
+    templates = family_of(cfg).processor.question_templates
+    if task_type not in templates:
+        raise ValueError(
+            f"--task-type {task_type!r}: the {cfg.family} family's question templates are {sorted(templates)}"
+        )
+
+
 def run_infer(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         print(f"error: --max-new-tokens must be >= 1, got {args.max_new_tokens}", file=sys.stderr)
         return 2
     try:
+        check_task_type(args.model, args.task_type)
         text = infer_jax(args) if args.backend == "jax" else infer_torch(args)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -130,8 +145,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="the question / instruction text")
     p.add_argument(
         "--task-type",
-        choices=sorted(QUESTION_TEMPLATES),
-        help="wrap the prompt in this task's training question template (default: verbatim)",
+        help="wrap the prompt in this task's training question template, one of the model family's "
+        "(Qwen: rec, ic, odLength, default); default: verbatim",
     )
     p.add_argument(
         "--backend",

@@ -28,6 +28,7 @@ from vlmr1_jax.models.processor import Processor
 BUILTIN_FAMILIES: dict[str, str] = {
     "qwen2_5_vl": "vlmr1_jax.models.qwen2_5_vl.family",
     "internvl": "vlmr1_jax.models.internvl.family",
+    "qwen2_vl": "vlmr1_jax.models.qwen2_vl.family",
 }
 
 

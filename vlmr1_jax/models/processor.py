@@ -73,6 +73,12 @@ class Processor(Protocol):
         """The family's own variant of a recipe's reward (VLM-R1's `select_reward_func`), by the recipe's name."""
         ...
 
+    @property
+    def question_templates(self) -> Mapping[str, str]:
+        """VLM-R1's question templates of the family by task type ("{Question}" marks the problem text), always
+        with a "default" one: what `prompt_messages` applies and what `vlmr1 infer --task-type` offers."""
+        ...
+
     def preprocess_image(self, image: Image.Image | np.ndarray, *, min_pixels: int, max_pixels: int) -> ProcessedImage:
         """A decoded RGB image -> its pixel rows and grid (`min_pixels` / `max_pixels` bound the resize)."""
         ...
@@ -92,7 +98,9 @@ class Processor(Protocol):
         ...
 
     def prompt_messages(self, problem: str, num_images: int, task_type: str | None) -> list[dict[str, Any]]:
-        """VLM-R1's conversation for a prompt (its `prompt` column): the family's question template, image entries."""
+        """VLM-R1's conversation for a prompt (its `prompt` column): the question template `task_type` names (the
+        "default" one for a name it lacks; a `task_type` containing "{Question}" is itself the template, so
+        "{Question}" keeps the problem verbatim), and the image entries."""
         ...
 
     def render_prompt(self, tokenizer: ChatTemplater, problem: str, num_images: int, task_type: str | None) -> str:
@@ -113,4 +121,11 @@ class Processor(Protocol):
         length: int | None = None,
     ) -> PromptBatch:
         """Expand each image placeholder, left-pad to `length` (else a bucket), compute positions and vision arrays."""
+        ...
+
+    def hf_model_inputs(self, batch: PromptBatch) -> dict[str, np.ndarray]:
+        """Every keyword array transformers' model of the family takes for `batch`'s prompts besides `input_ids`
+        and `attention_mask` (Qwen: pixel_values, image_grid_thw, mm_token_type_ids), in transformers' layout and
+        order; {} for a batch without images. ports/ run transformers on our prompt batches with these (the parity
+        check, the torch runtime), so both sides see the same pixels and tokens."""
         ...

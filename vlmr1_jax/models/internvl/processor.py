@@ -117,6 +117,8 @@ class InternVLProcessor:
 
     # VLM-R1's `select_reward_func`: a recipe's reward name -> InternVL's variant (its REC format has no braces).
     reward_variants: ClassVar[Mapping[str, str]] = MappingProxyType({"rec_format": "rec_format_plain"})
+    # VLM-R1 asks InternVL with its default question template only.
+    question_templates: ClassVar[Mapping[str, str]] = MappingProxyType({"default": prompts.QUESTION_TEMPLATE})
     # VLM-R1's InternVL REC evaluation (`test_rec_r1_internvl.py`) as the fields of an eval protocol: its question
     # template, 1024 greedy tokens, the plain int box of the first answer, no rescale; its 12 tiles are
     # `default_max_pixels`.

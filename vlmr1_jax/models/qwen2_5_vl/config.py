@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 # Special token ids of a finalised config: each must index the text vocabulary (an id outside it would embed as
@@ -106,10 +107,14 @@ class Qwen25VLConfig:
         def tuples(d: dict[str, Any]) -> dict[str, Any]:
             return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
-        rest = {k: v for k, v in data.items() if k not in ("text", "vision")}
-        return cls(
-            text=TextConfig(**tuples(data["text"])), vision=VisionConfig(**tuples(data["vision"])), **rest
-        ).validate()
+        # Each section's class is its field's default factory, so a variant family's subclass reads its own.
+        sections: dict[str, Callable[..., Any]] = {
+            f.name: f.default_factory  # type: ignore[misc]
+            for f in dataclasses.fields(cls)
+            if f.name in ("text", "vision")
+        }
+        rest = {k: v for k, v in data.items() if k not in sections}
+        return cls(**{k: make(**tuples(data[k])) for k, make in sections.items()}, **rest).validate()
 
     def validate(self, check_token_ids: bool = True) -> Qwen25VLConfig:
         """Raise ValueError naming the field on an inconsistent config; `check_token_ids=False` only for presets
@@ -332,14 +337,9 @@ def _rope_theta(section: dict[str, Any], default: float) -> float:
     return float(rope.get("rope_theta", section.get("rope_theta", default)))
 
 
-def from_hf_config(cfg: dict[str, Any]) -> Qwen25VLConfig:
-    """Build a config from an HF `config.json` dict: the flat hub layout or the 5.x nested `text_config` one.
-
-    Reads like transformers 5.x: text fields from `text_config` when present (else from the top level), missing keys
-    take transformers' defaults; the result is validated (special ids must lie inside the vocabulary).
-    """
-    if cfg.get("model_type") not in (None, "qwen2_5_vl"):
-        raise ValueError(f"config.json model_type is {cfg.get('model_type')!r}, expected 'qwen2_5_vl'")
+def text_from_hf_config(cfg: dict[str, Any]) -> tuple[TextConfig, dict[str, Any]]:
+    """The decoder section and the special token ids of an HF `config.json` dict (flat hub layout or the 5.x nested
+    `text_config` one), a missing key taking transformers' default; shared by the Qwen-VL families."""
     nested = cfg.get("text_config")
     text = {**HF_TEXT_DEFAULTS, **(nested if nested is not None else cfg)}
     rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
@@ -359,6 +359,24 @@ def from_hf_config(cfg: dict[str, Any]) -> Qwen25VLConfig:
         tie_word_embeddings=tied,
         hidden_act=text["hidden_act"],
     )
+    ids = {k: cfg.get(k, (nested or {}).get(k, default)) for k, default in HF_TOKEN_DEFAULTS.items()}
+    return t, {**ids, "bos_token_id": text["bos_token_id"], "eos_token_id": text["eos_token_id"]}
+
+
+def check_model_type(cfg: dict[str, Any], model_type: str) -> None:
+    """ValueError unless config.json's `model_type` is `model_type` (or absent)."""
+    if cfg.get("model_type") not in (None, model_type):
+        raise ValueError(f"config.json model_type is {cfg.get('model_type')!r}, expected {model_type!r}")
+
+
+def from_hf_config(cfg: dict[str, Any]) -> Qwen25VLConfig:
+    """Build a config from an HF `config.json` dict: the flat hub layout or the 5.x nested `text_config` one.
+
+    Reads like transformers 5.x: text fields from `text_config` when present (else from the top level), missing keys
+    take transformers' defaults; the result is validated (special ids must lie inside the vocabulary).
+    """
+    check_model_type(cfg, "qwen2_5_vl")
+    t, ids = text_from_hf_config(cfg)
     raw_vision = cfg.get("vision_config") or {}
     vc = {**HF_VISION_DEFAULTS, **raw_vision}
     v = VisionConfig(
@@ -377,18 +395,13 @@ def from_hf_config(cfg: dict[str, Any]) -> Qwen25VLConfig:
         hidden_act=vc["hidden_act"],
         rope_theta=_rope_theta(raw_vision, HF_VISION_DEFAULTS["rope_theta"]),
     )
-    ids = {k: cfg.get(k, (nested or {}).get(k, default)) for k, default in HF_TOKEN_DEFAULTS.items()}
-    return Qwen25VLConfig(
-        text=t, vision=v, bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"], **ids
-    ).validate()
+    return Qwen25VLConfig(text=t, vision=v, **ids).validate()
 
 
-def to_hf_config(cfg: Qwen25VLConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
-    """The flat, hub-style `config.json` that transformers 4.49+ / 5.x and vLLM all read."""
-    t, v = cfg.text, cfg.vision
+def text_to_hf_config(cfg: Qwen25VLConfig, torch_dtype: str) -> dict[str, Any]:
+    """The flat hub-style `config.json` keys of the decoder and the special token ids (every Qwen-VL family's)."""
+    t = cfg.text
     return {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"],  # a variant family rewrites these two
-        "model_type": "qwen2_5_vl",
         "torch_dtype": torch_dtype,
         "attention_dropout": 0.0,
         "bos_token_id": cfg.bos_token_id,
@@ -415,6 +428,16 @@ def to_hf_config(cfg: Qwen25VLConfig, torch_dtype: str = "bfloat16") -> dict[str
         "use_sliding_window": False,
         "vocab_size": t.vocab_size,
         "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
+    }
+
+
+def to_hf_config(cfg: Qwen25VLConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+    """The flat, hub-style `config.json` that transformers 4.49+ / 5.x and vLLM all read."""
+    v = cfg.vision
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        **text_to_hf_config(cfg, torch_dtype),
         "vision_config": {
             "depth": v.depth,
             "hidden_act": v.hidden_act,

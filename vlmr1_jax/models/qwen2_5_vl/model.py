@@ -21,6 +21,8 @@ from vlmr1_jax.models.qwen2_5_vl.vision import VisionTower
 
 
 class Qwen25VL(VisionLanguageModel):
+    vision_tower_class: type[VisionTower] = VisionTower  # a variant family (Qwen2-VL) swaps in its own tower
+
     def __init__(
         self,
         cfg: Qwen25VLConfig,
@@ -32,7 +34,7 @@ class Qwen25VL(VisionLanguageModel):
         scan_layers: bool = True,
     ):
         self.cfg = cfg
-        self.visual = VisionTower(
+        self.visual = self.vision_tower_class(
             cfg.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, scan=scan_layers, remat=remat
         )
         self.text = TextModel(cfg.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan_layers)

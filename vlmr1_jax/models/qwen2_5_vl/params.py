@@ -58,7 +58,7 @@ class Rule:
     transform: Transform
 
 
-RULES: tuple[Rule, ...] = (
+VISION_RULES: tuple[Rule, ...] = (
     Rule("visual.patch_embed", "visual.patch_embed.proj.weight", PATCH_EMBED),
     Rule("visual.blocks.{norm1,norm2}.scale", "visual.blocks.{i}.{norm1,norm2}.weight", IDENTITY),
     Rule("visual.blocks.attn.{qkv,proj}.kernel", "visual.blocks.{i}.attn.{qkv,proj}.weight", TRANSPOSE),
@@ -72,6 +72,9 @@ RULES: tuple[Rule, ...] = (
     Rule("visual.merger.ln_q.scale", "visual.merger.ln_q.weight", IDENTITY),
     Rule("visual.merger.{fc1,fc2}.kernel", "visual.merger.mlp.{0,2}.weight", TRANSPOSE),
     Rule("visual.merger.{fc1,fc2}.bias", "visual.merger.mlp.{0,2}.bias", IDENTITY),
+)
+# The Qwen2 decoder, shared with the Qwen2-VL family.
+TEXT_RULES: tuple[Rule, ...] = (
     Rule("text.embed", "model.embed_tokens.weight", IDENTITY),
     Rule(
         "text.layers.{input_norm,post_norm}.scale",
@@ -90,6 +93,7 @@ RULES: tuple[Rule, ...] = (
     Rule("text.norm.scale", "model.norm.weight", IDENTITY),
     Rule("text.lm_head.kernel", "lm_head.weight", TRANSPOSE),
 )
+RULES = VISION_RULES + TEXT_RULES
 
 # (transformers 5 in-memory prefix, legacy hub prefix): the two HF naming schemes, which differ only in these.
 HF_PREFIXES: tuple[tuple[str, str], ...] = (("model.visual.", "visual."), ("model.language_model.", "model."))
@@ -123,73 +127,95 @@ def _index(rules: Sequence[Rule]) -> dict[str, tuple[str, Transform]]:
     return layout
 
 
-LAYOUT = _index(RULES)
+class Layout:
+    """One family's HF <-> ours table (`rules`) and what derives from it; `model_class()` gives the family's model
+    class (imported on first use), whose abstract parameters `expected_hf_shapes` reads."""
+
+    def __init__(self, rules: Sequence[Rule], model_class: Callable[[], Callable[..., nnx.Module]]):
+        self.table = _index(rules)
+        self.model_class = model_class
+        # Our tree has no head when tie_word_embeddings is set; some HF exports still store this copy of the embedding.
+        self.tied_head = self.to_hf_name("text.lm_head.kernel")
+
+    def layout_of(self, path: str) -> tuple[str, Transform]:
+        """(HF name template, transform) of our parameter `path`."""
+        try:
+            return self.table[path]
+        except KeyError:
+            raise KeyError(f"no HF layout rule for parameter {path!r} (see {__name__}.RULES)") from None
+
+    def is_stacked(self, path: str) -> bool:
+        """Whether our parameter `path` holds one tensor per layer on a leading axis (HF: one name per layer)."""
+        return "{i}" in self.layout_of(path)[0]
+
+    def to_hf_name(self, path: str, layer: int | None = None) -> str:
+        """Our dotted parameter path (and, for stacked layers, the layer index) -> the legacy HF tensor name."""
+        template = self.layout_of(path)[0]
+        if ("{i}" in template) != (layer is not None):
+            raise ValueError(f"{path}: a layer index is {'required' if layer is None else 'not allowed'}")
+        return template.replace("{i}", str(layer))
+
+    def to_hf_tensor(self, path: str, value: np.ndarray, cfg: Qwen25VLConfig) -> np.ndarray:
+        """Our array (one layer of a stacked parameter) -> the HF tensor layout."""
+        return self.layout_of(path)[1].to_hf(value, cfg)
+
+    def from_hf_tensor(self, path: str, value: np.ndarray) -> np.ndarray:
+        """HF tensor -> our layout (the inverse of `to_hf_tensor`)."""
+        return self.layout_of(path)[1].from_hf(value)
+
+    def hf_shape(self, path: str, shape: Sequence[int], cfg: Qwen25VLConfig) -> tuple[int, ...]:
+        """Shape of our (per-layer) parameter `path` in the HF layout: its transform applied to a zero-byte array."""
+        return tuple(self.to_hf_tensor(path, np.empty(tuple(shape), np.dtype([])), cfg).shape)
+
+    def hf_entries(self, state: nnx.State) -> list[tuple[str, str, int | None, tuple[int, ...]]]:
+        """(HF name, our path, layer index or None, our per-layer shape) for every tensor HF stores, in HF order
+        (layer by layer): one entry per layer of each stacked parameter."""
+        entries: list[tuple[str, str, int | None, tuple[int, ...]]] = []
+        for path, var in flat_paths(state).items():
+            if self.is_stacked(path):
+                entries += [(self.to_hf_name(path, i), path, i, tuple(var.shape[1:])) for i in range(var.shape[0])]
+            else:
+                entries.append((self.to_hf_name(path), path, None, tuple(var.shape)))
+        natural = lambda entry: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", entry[0])]
+        return sorted(entries, key=natural)
+
+    def expected_hf_shapes(self, cfg: Qwen25VLConfig) -> dict[str, tuple[int, ...]]:
+        """Legacy HF name -> shape of every tensor a checkpoint of `cfg` holds (our abstract model, no memory)."""
+        model_class = self.model_class()
+        abstract = nnx.eval_shape(lambda: model_class(cfg, rngs=nnx.Rngs(0)))
+        entries = self.hf_entries(nnx.state(abstract, nnx.Param))
+        return {name: self.hf_shape(path, shape, cfg) for name, path, _, shape in entries}
+
+    def hf_module_name(self, module_path: str, layer: int | None = None) -> str:
+        """Our Dense path (e.g. `text.layers.attn.q`, layer 0) -> its transformers 5 module name
+        (`model.language_model.layers.0.self_attn.q_proj`), which PEFT adapters are keyed by."""
+        return in_memory_hf_name(self.to_hf_name(module_path + ".kernel", layer).removesuffix(".weight"))
 
 
-def layout_of(path: str) -> tuple[str, Transform]:
-    """(HF name template, transform) of our parameter `path`."""
-    try:
-        return LAYOUT[path]
-    except KeyError:
-        raise KeyError(f"no HF layout rule for parameter {path!r} (see {__name__}.RULES)") from None
+def _model_class() -> Callable[..., nnx.Module]:
+    from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
+
+    return Qwen25VL
 
 
-def is_stacked(path: str) -> bool:
-    """Whether our parameter `path` holds one tensor per layer on a leading axis (HF: one name per layer)."""
-    return "{i}" in layout_of(path)[0]
-
-
-def to_hf_name(path: str, layer: int | None = None) -> str:
-    """Our dotted parameter path (and, for stacked layers, the layer index) -> the legacy HF tensor name."""
-    template = layout_of(path)[0]
-    if ("{i}" in template) != (layer is not None):
-        raise ValueError(f"{path}: a layer index is {'required' if layer is None else 'not allowed'}")
-    return template.replace("{i}", str(layer))
-
-
-def to_hf_tensor(path: str, value: np.ndarray, cfg: Qwen25VLConfig) -> np.ndarray:
-    """Our array (one layer of a stacked parameter) -> the HF tensor layout."""
-    return layout_of(path)[1].to_hf(value, cfg)
-
-
-def from_hf_tensor(path: str, value: np.ndarray) -> np.ndarray:
-    """HF tensor -> our layout (the inverse of `to_hf_tensor`)."""
-    return layout_of(path)[1].from_hf(value)
-
-
-# Our tree has no head when tie_word_embeddings is set; some HF exports still store this copy of the embedding.
-TIED_HEAD = to_hf_name("text.lm_head.kernel")
-
-
-def hf_shape(path: str, shape: Sequence[int], cfg: Qwen25VLConfig) -> tuple[int, ...]:
-    """Shape of our (per-layer) parameter `path` in the HF layout: its transform applied to a zero-byte array."""
-    return tuple(to_hf_tensor(path, np.empty(tuple(shape), np.dtype([])), cfg).shape)
+# The module-level API `ModelFamily.layout` exposes (a variant family's params module binds its own `Layout`).
+QWEN2_5_VL = Layout(RULES, _model_class)
+LAYOUT = QWEN2_5_VL.table
+layout_of = QWEN2_5_VL.layout_of
+is_stacked = QWEN2_5_VL.is_stacked
+to_hf_name = QWEN2_5_VL.to_hf_name
+to_hf_tensor = QWEN2_5_VL.to_hf_tensor
+from_hf_tensor = QWEN2_5_VL.from_hf_tensor
+hf_shape = QWEN2_5_VL.hf_shape
+hf_entries = QWEN2_5_VL.hf_entries
+expected_hf_shapes = QWEN2_5_VL.expected_hf_shapes
+hf_module_name = QWEN2_5_VL.hf_module_name
+TIED_HEAD = QWEN2_5_VL.tied_head
 
 
 def flat_paths(state: nnx.State) -> dict[str, nnx.Variable]:
     """Dotted path -> Variable for every parameter of a model state."""
     return {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
-
-
-def hf_entries(state: nnx.State) -> list[tuple[str, str, int | None, tuple[int, ...]]]:
-    """(HF name, our path, layer index or None, our per-layer shape) for every tensor HF stores, in HF order
-    (layer by layer): one entry per layer of each stacked parameter."""
-    entries: list[tuple[str, str, int | None, tuple[int, ...]]] = []
-    for path, var in flat_paths(state).items():
-        if is_stacked(path):
-            entries += [(to_hf_name(path, i), path, i, tuple(var.shape[1:])) for i in range(var.shape[0])]
-        else:
-            entries.append((to_hf_name(path), path, None, tuple(var.shape)))
-    natural = lambda entry: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", entry[0])]
-    return sorted(entries, key=natural)
-
-
-def expected_hf_shapes(cfg: Qwen25VLConfig) -> dict[str, tuple[int, ...]]:
-    """Legacy HF name -> shape of every tensor a checkpoint of `cfg` holds (our abstract model, no memory)."""
-    from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
-
-    abstract = nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
-    return {name: hf_shape(path, shape, cfg) for name, path, _, shape in hf_entries(nnx.state(abstract, nnx.Param))}
 
 
 def canonical_hf_name(name: str) -> str:
@@ -207,9 +233,3 @@ def in_memory_hf_name(name: str) -> str:
         if name.startswith(legacy):
             return in_memory + name[len(legacy) :]
     return name
-
-
-def hf_module_name(module_path: str, layer: int | None = None) -> str:
-    """Our Dense path (e.g. `text.layers.attn.q`, layer 0) -> its transformers 5 module name
-    (`model.language_model.layers.0.self_attn.q_proj`), which PEFT adapters are keyed by."""
-    return in_memory_hf_name(to_hf_name(module_path + ".kernel", layer).removesuffix(".weight"))

@@ -17,13 +17,14 @@ from vlmr1_jax.models.qwen2_5_vl.image import (
     IMAGE_MEAN,
     IMAGE_STD,
     MAX_PIXELS,
+    MERGE_SIZE,
     MIN_PIXELS,
     PATCH_SIZE,
     preprocess_image,
     smart_resize,
     tokens_for_grid,
 )
-from vlmr1_jax.models.qwen2_5_vl.prompts import build_messages, render_prompt
+from vlmr1_jax.models.qwen2_5_vl.prompts import QUESTION_TEMPLATES, build_messages, render_prompt
 from vlmr1_jax.models.qwen2_5_vl.rope import get_rope_index
 from vlmr1_jax.models.qwen2_5_vl.vision_plan import plan_vision, vision_gather_indices
 
@@ -104,10 +105,30 @@ def build_prompt_batch(
     )
 
 
+def hf_model_inputs(batch: PromptBatch) -> dict[str, np.ndarray]:
+    """transformers' image inputs of a prompt batch: pixel rows back in the processor's order (image, merged unit
+    row-major, patch in the unit; recovered from the planned rows' frame ids and patch positions), `image_grid_thw`,
+    and `mm_token_type_ids` (1 on image tokens), without which transformers 5 gives image tokens text positions."""
+    grids = [g for row in batch.image_grids for g in row]
+    if not grids:
+        return {}
+    frame_ids = batch.vision["frame_ids"]
+    valid = frame_ids >= 0
+    row, col = batch.vision["hw_positions"][valid].T
+    m = MERGE_SIZE
+    order = np.lexsort((col % m, row % m, col // m, row // m, frame_ids[valid]))  # the last key sorts first
+    return {
+        "pixel_values": batch.vision["pixel_values"][valid][order],
+        "image_grid_thw": np.asarray(grids, np.int64),
+        "mm_token_type_ids": (batch.vision_gather >= 0).astype(np.int64),
+    }
+
+
 class QwenProcessor:
     """The `Processor` of Qwen2.5-VL (models/processor.py), as VLM-R1's Qwen module prepares inputs."""
 
     reward_variants: ClassVar[Mapping[str, str]] = MappingProxyType({})  # the rewards as the recipe names them
+    question_templates = QUESTION_TEMPLATES
 
     def preprocess_image(self, image: Image.Image | np.ndarray, *, min_pixels: int, max_pixels: int) -> ProcessedImage:
         return preprocess_image(image, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -162,3 +183,6 @@ class QwenProcessor:
         length: int | None = None,
     ) -> PromptBatch:
         return build_prompt_batch(prompt_ids, images, cfg, pad_id=pad_id, length=length)
+
+    def hf_model_inputs(self, batch: PromptBatch) -> dict[str, np.ndarray]:
+        return hf_model_inputs(batch)

@@ -7,6 +7,7 @@ window or per (item, temporal patch), exactly as HF's variable-length attention 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -98,7 +99,11 @@ class PatchMerger(nnx.Module):
 
 class VisionTower(nnx.Module):
     """Patch embedding, the blocks as one `stacked` module (scanned or unrolled, see `run_layers`), the merger.
-    `remat` ("none" | "full" | "dots") rematerialises each block in the backward pass, as in the decoder."""
+    `remat` ("none" | "full" | "dots") rematerialises each block in the backward pass, as in the decoder. A variant
+    family (Qwen2-VL) swaps in its own `block_class` / `merger_class`."""
+
+    block_class: Callable[..., nnx.Module] = VisionBlock
+    merger_class: Callable[..., nnx.Module] = PatchMerger
 
     def __init__(
         self,
@@ -116,8 +121,9 @@ class VisionTower(nnx.Module):
         self.remat = remat
         # Conv3d with stride == kernel and no bias is a matmul over flattened [C, Tp, p, p] rows.
         self.patch_embed = param(rngs, (cfg.patch_dim, cfg.hidden_size), (None, "vision_embed"), "normal", param_dtype)
-        self.blocks = stacked(lambda r: VisionBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype), cfg.depth, rngs)
-        self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        block, merger = self.block_class, self.merger_class
+        self.blocks = stacked(lambda r: block(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype), cfg.depth, rngs)
+        self.merger = merger(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(
         self, pixel_values: jax.Array, hw_positions: jax.Array, frame_ids: jax.Array, frame_index: jax.Array
@@ -141,11 +147,12 @@ class VisionTower(nnx.Module):
             masks[full] = ok[:, :, None] & ok[:, None, :]
         # Indexes past the depth mean "no full attention there", as in transformers.
         full_blocks = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
+        uniform = bool(full_blocks.all() or not full_blocks.any())  # one kind of block: no branch to compile
 
         def body(block: VisionBlock, x, full):
             run = lambda f: constrain(block(x, cos, sin, groups[f], masks[f]), ROW_AXES)
-            if isinstance(full, (bool, np.bool_)):  # unrolled: a static choice
-                return run(bool(full)), None
+            if uniform or isinstance(full, (bool, np.bool_)):  # a static choice (unrolled, or one kind)
+                return run(bool(full_blocks[0])) if uniform else run(bool(full)), None
             return jax.lax.cond(full, lambda: run(True), lambda: run(False)), None
 
         policy = "none" if self.remat == "none" else REMAT_POLICIES[self.remat]
