@@ -25,11 +25,12 @@ import numpy as np
 from benchmarks.common import WORKLOADS, build_setup, prompt_batch, record, workload
 from vlmr1_jax.config import GRPOConfig, OptimConfig, RunConfig, SamplingConfig
 from vlmr1_jax.parallel.mesh import make_mesh
+from vlmr1_jax.processing.batch import to_device
 from vlmr1_jax.rl.rollout import TrainExample
 from vlmr1_jax.rl.state import init_train_state, make_optimizer
 from vlmr1_jax.rl.step import make_grpo_step, make_logprob_fn
 from vlmr1_jax.train.loop import make_generate_fn
-from vlmr1_jax.train.setup import on_mesh, to_device
+from vlmr1_jax.train.setup import on_mesh
 
 
 def time_group(setup, prompts, G: int, repeats: int) -> dict[str, float]:

@@ -24,10 +24,10 @@ from vlmr1_jax.models.internvl.model import InternVL, pixel_shuffle
 from vlmr1_jax.models.internvl.params import flat_paths
 from vlmr1_jax.models.processor import PromptBatch
 from vlmr1_jax.parallel.mesh import batch_sharding, create_sharded, make_mesh
+from vlmr1_jax.processing.batch import to_device
 from vlmr1_jax.rl.rollout import TrainExample
 from vlmr1_jax.rl.state import init_train_state
 from vlmr1_jax.rl.step import make_grpo_step
-from vlmr1_jax.train.setup import to_device
 
 MARGIN = 10  # a correct fp32 port stays this far inside the tolerance
 STEPS = 3  # cached decode steps compared

@@ -20,6 +20,7 @@ from vlmr1_jax.models.layers import LoRAParam
 from vlmr1_jax.models.qwen2_5_vl.config import PRESETS
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.parallel.mesh import make_mesh
+from vlmr1_jax.processing.batch import to_device
 from vlmr1_jax.rl.lora import apply_lora
 from vlmr1_jax.rl.rollout import TrainExample
 from vlmr1_jax.rl.state import init_train_state, make_optimizer
@@ -36,7 +37,7 @@ from vlmr1_jax.train.plan import (
     plan_tokenizer,
     representative_prompts,
 )
-from vlmr1_jax.train.setup import build_model, frozen_dtype_of, load_tokenizer, on_mesh, to_device
+from vlmr1_jax.train.setup import build_model, frozen_dtype_of, load_tokenizer, on_mesh
 
 # Small shapes: 8 prompts x 2 samples (both split over the 8 devices), an 84x56 image (6 tokens), 8 new tokens.
 SMALL = ["data.prompts_per_step=8", "grpo.num_generations=2", "sampling.max_new_tokens=8"]

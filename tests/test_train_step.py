@@ -35,11 +35,11 @@ from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.models.qwen2_5_vl.params import flat_paths
 from vlmr1_jax.models.qwen2_5_vl.text import KVCache
 from vlmr1_jax.parallel.mesh import batch_sharding, make_mesh
+from vlmr1_jax.processing.batch import to_device
 from vlmr1_jax.rl.lora import apply_lora, lora_targets
 from vlmr1_jax.rl.rollout import TrainExample
 from vlmr1_jax.rl.state import current_model, init_train_state, make_optimizer, trainable_filter
 from vlmr1_jax.rl.step import completion_logprobs, make_grpo_step, make_sft_step
-from vlmr1_jax.train.setup import to_device
 
 BETA = 0.04
 

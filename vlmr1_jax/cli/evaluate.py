@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vlmr1_jax.config import MeshConfig
 from vlmr1_jax.data.jsonl import DataError, Sample
 from vlmr1_jax.dtypes import dtype_arg
 from vlmr1_jax.eval.data import dataset_name, file_digest, load_eval_samples
@@ -40,9 +41,19 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def mesh_arg(text: str) -> MeshConfig:
+    """`--mesh DATA,FSDP,TENSOR` (e.g. `-1,1,1`, `1,-1,1`, `2,2,2`)."""
+    try:
+        data, fsdp, tensor = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give three integers DATA,FSDP,TENSOR, e.g. -1,1,1") from None
+    return MeshConfig(data=data, fsdp=fsdp, tensor=tensor)
+
+
 def jax_decoder(model_path: Path, args: argparse.Namespace, task_type: str, max_new_tokens: int) -> Decoder:
     """Greedy decoding with our model: an HF folder or a vlmr1-jax checkpoint."""
     from vlmr1_jax.eval.rec import GreedyDecoder
+    from vlmr1_jax.parallel.mesh import make_mesh
     from vlmr1_jax.processing.tokenizer import Tokenizer, qwen2_5_tokenizer
 
     if (model_path / "config.json").is_file():
@@ -66,6 +77,7 @@ def jax_decoder(model_path: Path, args: argparse.Namespace, task_type: str, max_
         max_pixels=max_pixels,
         batch_size=args.batch_size,
         max_new_tokens=max_new_tokens,
+        mesh=make_mesh(args.mesh),
     )
 
 
@@ -228,6 +240,14 @@ def _add_task(tasks: argparse._SubParsersAction, task: str, help_text: str) -> a
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "npu"), default="auto", help="torch backend only")
     p.add_argument("--step", type=int, help="checkpoint step (jax backend; default: the latest)")
+    p.add_argument(
+        "--mesh",
+        type=mesh_arg,
+        default=MeshConfig(data=-1, fsdp=1),
+        metavar="DATA,FSDP,TENSOR",
+        help="jax backend: the device mesh the weights are sharded and the batches split over, as in training "
+        "(-1 = the remaining devices; default -1,1,1: every device decodes its share of each batch)",
+    )
     p.add_argument("--out", help="results folder (default: runs/eval/<task>-<model>[-<protocol>]); re-run to resume")
     p.add_argument(
         "--overwrite", action="store_true", help="discard the results already in --out (a folder vlmr1 wrote)"

@@ -16,13 +16,15 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from PIL import Image
 
 from vlmr1_jax.config import DataConfig, SamplingConfig
 from vlmr1_jax.data.jsonl import Sample
 from vlmr1_jax.eval.protocols import R1, RecProtocol
 from vlmr1_jax.models.family import family_of
-from vlmr1_jax.processing.batch import encode_prompts
+from vlmr1_jax.parallel.mesh import state_shardings
+from vlmr1_jax.processing.batch import encode_prompts, to_device
 from vlmr1_jax.rewards import get_reward
 from vlmr1_jax.rewards.common import first_answer, iou
 from vlmr1_jax.rl.sampler import Sampler, default_banned_ids
@@ -73,7 +75,9 @@ def truth_box(sample: Sample) -> list[float]:
 
 @dataclasses.dataclass
 class GreedyDecoder:
-    """Compiled greedy decoding of prompt batches of a fixed size (the last batch is padded, not recompiled)."""
+    """Compiled greedy decoding of prompt batches of a fixed size (the last batch is padded, not recompiled). With a
+    `mesh`, the weights are sharded by their logical axes and each batch split over the mesh's batch axes, as in
+    training."""
 
     model: Any
     tokenizer: Any
@@ -83,9 +87,12 @@ class GreedyDecoder:
     batch_size: int = 100
     max_new_tokens: int = 256
     prompt_length: int | None = None
+    mesh: Mesh | None = None
 
     def __post_init__(self):
         graphdef, self._state = nnx.split(self.model)
+        if self.mesh is not None:
+            self._state = jax.device_put(self._state, state_shardings(self._state, self.mesh))
         sampler = Sampler(
             SamplingConfig(max_new_tokens=self.max_new_tokens, greedy=True),
             eos_ids=self.tokenizer.eos_ids,
@@ -111,9 +118,12 @@ class GreedyDecoder:
                 max_pixels=self.max_pixels,
                 length=self.prompt_length,
             )
-            out = self._run(
-                self._state, {k: jax.numpy.asarray(v) for k, v in batch.arrays().items()}, jax.random.key(0)
-            )
+            key = jax.random.key(0)  # greedy: unused
+            if self.mesh is None:
+                out = self._run(self._state, {k: jax.numpy.asarray(v) for k, v in batch.arrays().items()}, key)
+            else:
+                with jax.set_mesh(self.mesh):
+                    out = self._run(self._state, to_device(batch, self.mesh), key)
             tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
             if not np.isfinite(np.asarray(out.logprobs)[mask.astype(bool)]).all():  # a non-finite logit anywhere
                 raise ValueError(

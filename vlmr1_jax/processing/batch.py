@@ -10,8 +10,13 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
 from vlmr1_jax.models.family import family_of
 from vlmr1_jax.models.processor import ChatTemplater, ProcessedImage, Processor, PromptBatch
+from vlmr1_jax.parallel.mesh import logical_to_spec
 from vlmr1_jax.processing.image import load_image
 
 
@@ -73,3 +78,23 @@ def encode_prompts(
         for problem, paths in zip(problems, image_paths)
     ]
     return build_prompt_batch(encoded, cfg, pad_id=tokenizer.pad_id, length=length)
+
+
+def to_device(
+    batch: PromptBatch | dict[str, np.ndarray], mesh: Mesh, axes: dict[str, int] | None = None
+) -> dict[str, jax.Array]:
+    """Global host arrays -> arrays sharded over the batch axes of `mesh` (every process holds the whole global
+    batch and contributes its addressable shards, so the same code runs on one host or a pod)."""
+    if isinstance(batch, PromptBatch):
+        arrays, axes = batch.arrays(), batch.batch_axes()
+    else:
+        arrays, axes = batch, axes or {}
+    out: dict[str, jax.Array] = {}
+    for name, value in arrays.items():
+        value = np.asarray(value)
+        logical: list[str | None] = [None] * value.ndim
+        if name in axes:
+            logical[axes[name]] = "batch"
+        sharding = NamedSharding(mesh, logical_to_spec(logical, value.shape, mesh))
+        out[name] = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])  # type: ignore[misc]
+    return out

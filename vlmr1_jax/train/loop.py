@@ -23,6 +23,7 @@ from vlmr1_jax.config import RunConfig
 from vlmr1_jax.data.jsonl import Sample
 from vlmr1_jax.models.family import family_of
 from vlmr1_jax.models.processor import PromptBatch
+from vlmr1_jax.processing.batch import to_device
 from vlmr1_jax.processing.tokenizer import Tokenizer
 from vlmr1_jax.rewards import reward_functions
 from vlmr1_jax.rl.grpo import check_algorithm, group_advantages
@@ -31,7 +32,7 @@ from vlmr1_jax.rl.sampler import Sampler, default_banned_ids
 from vlmr1_jax.rl.step import make_grpo_step, make_logprob_fn
 from vlmr1_jax.train.base import RunParts, Trainer
 from vlmr1_jax.train.metrics import RolloutLog
-from vlmr1_jax.train.setup import columns_for, to_device, to_host
+from vlmr1_jax.train.setup import columns_for, to_host
 
 
 def merge_scored(parts: Sequence[Scored]) -> Scored:

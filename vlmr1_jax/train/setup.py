@@ -20,7 +20,7 @@ from vlmr1_jax.models.family import VisionLanguageModel, family_of, get_family
 from vlmr1_jax.models.hf_weights import load_hf_model
 from vlmr1_jax.models.layers import LoRAParam
 from vlmr1_jax.models.processor import Processor, PromptBatch
-from vlmr1_jax.parallel.mesh import create_sharded, initialize_distributed, logical_to_spec, make_mesh, state_shardings
+from vlmr1_jax.parallel.mesh import create_sharded, initialize_distributed, make_mesh, state_shardings
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer, qwen2_5_tokenizer
 from vlmr1_jax.rl.lora import apply_lora
 
@@ -162,26 +162,6 @@ def load_samples(cfg: RunConfig) -> list[Sample]:
     if not samples:
         raise ValueError(f"no usable samples in {cfg.data.data_file_paths!r}")
     return samples
-
-
-def to_device(
-    batch: PromptBatch | dict[str, np.ndarray], mesh: Mesh, axes: dict[str, int] | None = None
-) -> dict[str, jax.Array]:
-    """Global host arrays -> arrays sharded over the batch axes of `mesh` (every process holds the whole global
-    batch and contributes its addressable shards, so the same code runs on one host or a pod)."""
-    if isinstance(batch, PromptBatch):
-        arrays, axes = batch.arrays(), batch.batch_axes()
-    else:
-        arrays, axes = batch, axes or {}
-    out: dict[str, jax.Array] = {}
-    for name, value in arrays.items():
-        value = np.asarray(value)
-        logical: list[str | None] = [None] * value.ndim
-        if name in axes:
-            logical[axes[name]] = "batch"
-        sharding = NamedSharding(mesh, logical_to_spec(logical, value.shape, mesh))
-        out[name] = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])  # type: ignore[misc]
-    return out
 
 
 def on_mesh(tree: Any, mesh: Mesh) -> Any:

@@ -15,9 +15,9 @@ import numpy as np
 from vlmr1_jax.config import RunConfig
 from vlmr1_jax.data.jsonl import Sample
 from vlmr1_jax.models.processor import PromptBatch
+from vlmr1_jax.processing.batch import to_device
 from vlmr1_jax.rl.step import make_sft_step
 from vlmr1_jax.train.base import RunParts, Trainer
-from vlmr1_jax.train.setup import to_device
 
 _ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
 

@@ -24,12 +24,12 @@ from vlmr1_jax.data.jsonl import DataError, Sample
 from vlmr1_jax.eval.rec import Frames, image_frames, score_rec, truth_box
 from vlmr1_jax.models.family import family_of
 from vlmr1_jax.models.processor import PromptBatch, length_bucket
-from vlmr1_jax.processing.batch import EncodedPrompt, build_prompt_batch
+from vlmr1_jax.processing.batch import EncodedPrompt, build_prompt_batch, to_device
 from vlmr1_jax.processing.tokenizer import Tokenizer
 from vlmr1_jax.rewards import reward_functions
 from vlmr1_jax.rl.rollout import RewardFn, score
 from vlmr1_jax.rl.sampler import Sampler, default_banned_ids
-from vlmr1_jax.train.setup import columns_for, to_device, to_host
+from vlmr1_jax.train.setup import columns_for, to_host
 
 log = logging.getLogger(__name__)
 
