@@ -238,7 +238,7 @@ def test_unknown_content_entry_is_named():
 
 
 # ---- prompt batches -------------------------------------------------------------------------------------------------
-CFG = types.SimpleNamespace(image_token_id=151667, num_image_token=256)
+CFG = types.SimpleNamespace(image_token_id=151667, num_image_token=256, vision=types.SimpleNamespace(image_size=TILE))
 PAD = 151643
 
 
@@ -293,8 +293,9 @@ def test_prompt_batch_forced_sizes_text_only_and_errors():
         build_prompt_batch([[c]], [[(constant_tiles(0, 1), (1,))]], CFG, pad_id=PAD, length=100)
     with pytest.raises(ValueError, match="num_tiles=2 is smaller than the 3 tiles"):
         build_prompt_batch([[c]], [[(constant_tiles(0, 3), (3,))]], CFG, pad_id=PAD, num_tiles=2)
-    with pytest.raises(ValueError, match="num_image_token=64"):
-        build_prompt_batch([[1]], [[]], types.SimpleNamespace(image_token_id=c, num_image_token=64), pad_id=PAD)
+    small = types.SimpleNamespace(image_token_id=c, num_image_token=4, vision=types.SimpleNamespace(image_size=56))
+    with pytest.raises(ValueError, match=r"tiles of \[448\] px but the model's vision.image_size is 56"):
+        build_prompt_batch([[c]], [[(constant_tiles(0, 1), (1,))]], small, pad_id=PAD)
 
 
 def test_tile_buckets():
