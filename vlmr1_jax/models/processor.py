@@ -91,6 +91,17 @@ class Processor(Protocol):
         ...
 
     @property
+    def added_tokens(self) -> tuple[str, ...]:
+        """Special tokens the family's prompts need beyond a Qwen2.x tokenizer's (a compact tokenizer for the family
+        is `tokenizer.with_special_tokens(added_tokens, **tokenizer_config)`)."""
+        ...
+
+    @property
+    def tokenizer_config(self) -> Mapping[str, Any]:
+        """tokenizer_config.json entries that go with `added_tokens`."""
+        ...
+
+    @property
     def pad_token_field(self) -> str:
         """The model config field that holds the tokenizer's pad id (set from the tokenizer for presets)."""
         ...

@@ -174,6 +174,12 @@ PRESETS: dict[str, InternVLConfig] = {
         eos_token_id=1,
         pad_token_id=0,
     ).validate(),
+    # `vlmr1 demo --family internvl`: Qwen2.5-VL's demo-s decoder behind a two-block InternViT with 56-pixel tiles
+    # (a 112-pixel image: 2 x 2 tiles and the thumbnail, 20 tokens); ids and vocabulary come from the demo's tokenizer.
+    "demo-s": InternVLConfig(
+        text=_text(128, 512, 2, 4, 2, vocab_size=512, max_position_embeddings=2048, tie_word_embeddings=True),
+        vision=VisionConfig(image_size=56, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256),
+    ).validate(check_token_ids=False),
 }
 ALIASES = {"1b": "internvl3-1b", "2b": "internvl3-2b", "4b": "internvl2.5-4b", "8b": "internvl3-8b"}
 

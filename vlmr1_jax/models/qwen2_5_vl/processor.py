@@ -139,6 +139,8 @@ class QwenProcessor:
     reward_variants: ClassVar[Mapping[str, str]] = MappingProxyType({})  # the rewards as the recipe names them
     question_templates = QUESTION_TEMPLATES
     vision_tokens: ClassVar[Mapping[str, str]] = MappingProxyType(VISION_TOKENS)
+    added_tokens: ClassVar[tuple[str, ...]] = ()  # a Qwen2.x tokenizer has every token of Qwen's prompts
+    tokenizer_config: ClassVar[Mapping[str, Any]] = MappingProxyType({})
     pad_token_field: ClassVar[str] = "bos_token_id"  # Qwen's configs name <|endoftext|> (the pad) as their BOS
     default_max_pixels: ClassVar[int] = MAX_PIXELS
     rec_eval: ClassVar[Mapping[str, Any]] = MappingProxyType({})  # VLM-R1 evaluates Qwen with its r1 protocol
