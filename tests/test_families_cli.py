@@ -2,10 +2,11 @@
 `plan`, `export` + `check-export`, `import-hf`, `infer` on both backends, `eval rec` with the family's own protocol,
 `check-parity` on a held-out config, and `demo --family` at a micro size.
 
-Each family gets one synthetic REC data set and one compact tokenizer (with the family's own special tokens), one
-GRPO run from its tiny preset and one fp32 release of it (module-scoped), so the commands run on real outputs of
-each other. The references are independent: transformers' forward (check-parity, `infer --backend torch`), the
-release's own bytes (the import / export round trip), VLM-R1's evaluation settings per family.
+Qwen2.5-VL's training modes, SFT and plan are tested in depth elsewhere, so those three run here for the other
+families only. Each family gets one synthetic REC data set and one compact tokenizer (with the family's own special
+tokens), one GRPO run from its tiny preset and one fp32 release of it (module-scoped), so the commands run on real
+outputs of each other. The references are independent: transformers' forward (check-parity, `infer --backend
+torch`), the release's own bytes (the import / export round trip), VLM-R1's evaluation settings per family.
 """
 
 from __future__ import annotations
@@ -21,14 +22,18 @@ from flax import nnx
 from converters.release import export_release
 from tests.helpers.cli import run_cli
 from tests.helpers.runs import jsonl
+from vlmr1_jax.config import load_config
 from vlmr1_jax.data.synthetic import corpus_strings, generate, image_folder
 from vlmr1_jax.models.family import get_family
 from vlmr1_jax.models.layers import LoRALinear
 from vlmr1_jax.processing.tokenizer import Tokenizer, build_compact_tokenizer
 from vlmr1_jax.rl.lora import apply_lora
-from vlmr1_jax.train.setup import tokenizer_token_ids
+from vlmr1_jax.train.setup import preset_config, tokenizer_token_ids
 
 FAMILIES = ("qwen2_5_vl", "qwen2_vl", "internvl")
+# The families whose training modes, SFT and plan run here; Qwen2.5-VL's are tested in depth elsewhere
+# (tests/test_train_modes.py, tests/test_plan.py).
+NEW_FAMILIES = ("qwen2_vl", "internvl")
 # `vlmr1 eval rec`'s default per family, as VLM-R1 evaluates it: Qwen with test_rec_r1 ("rec" template, boxes
 # rescaled from the resized image), InternVL with test_rec_r1_internvl (its default template, no rescale).
 DEFAULT_PROTOCOL = {
@@ -110,12 +115,14 @@ def release(inputs, trained) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("inputs", NEW_FAMILIES, indirect=True)
 @pytest.mark.parametrize("mode", ["lora", "freeze_vision"])
 def test_grpo_trains_lora_and_frozen_vision(inputs, mode):
     train(inputs, "train", mode, f"train.trainable={mode}")
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("inputs", NEW_FAMILIES, indirect=True)
 def test_sft_step(inputs):
     train(inputs, "sft", "sft")
 
@@ -135,7 +142,16 @@ def test_lora_adapts_every_linear_outside_the_vision_tower(family):
     assert outside == ({"projector"} if family == "internvl" else set()), outside
 
 
+def test_a_tokenizer_without_the_family_tokens_is_one_clear_error(tmp_path):
+    """An InternVL preset with a plain Qwen-style tokenizer: the missing token and the fix, not a KeyError."""
+    build_compact_tokenizer(corpus_strings(), vocab_size=320).save(tmp_path)
+    cfg = load_config("demo_tiny", ["model.family=internvl", f"model.tokenizer={tmp_path}"])
+    with pytest.raises(ValueError, match=r"model.tokenizer: lacks the model's special token <IMG_CONTEXT>.*"):
+        preset_config(cfg, Tokenizer.load(tmp_path))
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("inputs", NEW_FAMILIES, indirect=True)
 def test_plan(inputs, tmp_path):
     """`vlmr1 plan` compiles the family's programs; without a cost model it counts the abstract parameters."""
     report = tmp_path / "plan.json"

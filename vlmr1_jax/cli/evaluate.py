@@ -31,7 +31,7 @@ from vlmr1_jax.eval.rec import Frames, image_frames, pixel_bounds, rec_records, 
 from vlmr1_jax.eval.runner import Decoder, Scorer, score_dataset
 from vlmr1_jax.eval.store import RecordStore, open_output, write_json_atomic
 from vlmr1_jax.eval.tables import results_table
-from vlmr1_jax.models.family import ModelFamily, family_of, get_family, processor_of
+from vlmr1_jax.models.family import ModelFamily, config_from_dict, family_of, processor_of
 
 BACKENDS = ("jax", "torch")
 # Per task: the question template, new-token budget and subset size when not given on the command line.
@@ -103,7 +103,7 @@ def model_family(model_path: Path, step: int | None) -> ModelFamily:
 
     if (model_path / "config.json").is_file():
         return family_of(read_config(model_path))
-    return get_family(checkpoint_meta(model_path, step)["model_config"].get("family", "qwen2_5_vl"))
+    return family_of(config_from_dict(checkpoint_meta(model_path, step)["model_config"]))
 
 
 def task_parts(

@@ -81,7 +81,7 @@ def load_tokenizer(cfg: RunConfig) -> Tokenizer:
 
 def tokenizer_token_ids(tokenizer: Tokenizer, processor: Processor) -> dict[str, int]:
     """Model config fields that must agree with the tokenizer: the family's vision tokens, its pad and EOS."""
-    ids = {field: _token_id(tokenizer, token, "tokenizer") for field, token in processor.vision_tokens.items()}
+    ids = {field: _token_id(tokenizer, token, "model.tokenizer") for field, token in processor.vision_tokens.items()}
     return {**ids, processor.pad_token_field: tokenizer.pad_id, "eos_token_id": tokenizer.eos_ids[0]}
 
 
