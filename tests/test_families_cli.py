@@ -14,11 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 from flax import nnx
 
+from converters.peft import PEFT_PREFIX, adapter_weights, excluded_components, target_modules_regex
 from converters.release import export_release
 from tests.helpers.cli import run_cli
 from tests.helpers.runs import jsonl
@@ -140,6 +142,28 @@ def test_lora_adapts_every_linear_outside_the_vision_tower(family):
     assert any(name.startswith("visual.") for name in linears)  # the tower has linears: they stay unadapted
     outside = {name.split(".")[0] for name in adapted} - {"text"}
     assert outside == ({"projector"} if family == "internvl" else set()), outside
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_adapter_targets_exclude_the_vision_tower(family):
+    """The exported adapter_config's `target_modules` takes every adapted module (InternVL's projector included) and
+    none of the vision tower's linears, whose names the decoder's share (q/k/v_proj, gate/up/down_proj)."""
+    fam = get_family(family)
+    cfg = fam.get_preset("tiny")
+    model = fam.model_class(cfg, rngs=nnx.Rngs(0))
+    apply_lora(model, rank=2, alpha=4.0)
+    modules = sorted({key[len(PEFT_PREFIX) :].rsplit(".lora_", 1)[0] for key in adapter_weights(model, cfg)})
+    regex = target_modules_regex(modules, excluded_components(modules, cfg))
+    layout = fam.layout
+    vision = [
+        layout.hf_module_name(name, 0 if layout.is_stacked(name + ".kernel") else None)
+        for path, m in nnx.iter_graph(model)
+        if isinstance(m, LoRALinear) and (name := ".".join(map(str, path))).startswith("visual.")
+    ]
+    assert vision and modules
+    assert [m for m in modules if not re.fullmatch(regex, m)] == []
+    assert [m for m in vision if re.fullmatch(regex, m)] == []
+    assert (family == "internvl") == any("projector" in m for m in modules)
 
 
 def test_a_tokenizer_without_the_family_tokens_is_one_clear_error(tmp_path):
