@@ -107,13 +107,15 @@ def model_family(model_path: Path, step: int | None) -> ModelFamily:
 
 
 def task_parts(
-    args: argparse.Namespace, family: ModelFamily
+    args: argparse.Namespace, model_path: Path
 ) -> tuple[dict[str, Any], Scorer, Callable[[list[dict]], dict[str, Any]]]:
-    """The task's settings (template, budget, protocol: --protocol, else the family's), its batch scorer and its
-    dataset summary."""
+    """The task's settings (template, budget, protocol: --protocol, else the model family's), its batch scorer and
+    its dataset summary."""
     settings: dict[str, Any]
     if args.task == "rec":
-        protocol = get_protocol(args.protocol) if args.protocol else family_protocol(family)
+        protocol = (
+            get_protocol(args.protocol) if args.protocol else family_protocol(model_family(model_path, args.step))
+        )
         settings = {
             "protocol": protocol.name,
             "task_type": protocol.task_type,
@@ -156,8 +158,7 @@ def run_eval(args: argparse.Namespace) -> int:
     model_path = Path(args.model)
     limit = DEFAULTS.get(args.task, {}).get("limit", 2000) if args.limit is None else args.limit
     try:
-        family = model_family(model_path, args.step)
-        settings, scorer, summarize = task_parts(args, family)
+        settings, scorer, summarize = task_parts(args, model_path)
         settings = {
             "task": args.task,
             "model": str(model_path.resolve()),
