@@ -17,6 +17,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -26,8 +27,9 @@ from tests.helpers.cli import run_cli
 from tests.helpers.runs import jsonl
 from vlmr1_jax.config import load_config
 from vlmr1_jax.data.synthetic import corpus_strings, generate, image_folder
-from vlmr1_jax.models.family import get_family
+from vlmr1_jax.models.family import get_family, processor_of
 from vlmr1_jax.models.layers import LoRALinear
+from vlmr1_jax.models.processor import max_pixels_or_default
 from vlmr1_jax.processing.tokenizer import Tokenizer, build_compact_tokenizer
 from vlmr1_jax.rl.lora import apply_lora
 from vlmr1_jax.train.setup import preset_config, tokenizer_token_ids
@@ -164,6 +166,24 @@ def test_peft_adapter_targets_exclude_the_vision_tower(family):
     assert [m for m in modules if not re.fullmatch(regex, m)] == []
     assert [m for m in vision if re.fullmatch(regex, m)] == []
     assert (family == "internvl") == any("projector" in m for m in modules)
+
+
+def test_unset_image_budget_is_the_family_default():
+    """data.max_pixels unset: Qwen's 12845056 pixels; InternVL's 12 tiles (VLM-R1's max_anyres_num), of the model's
+    own tile size, which the processor also cuts."""
+    assert load_config("demo_tiny").data.max_pixels is None
+    qwen = get_family("qwen2_5_vl").get_preset("tiny")
+    assert max_pixels_or_default(None, processor_of(qwen)) == 12845056
+    assert max_pixels_or_default(1204224, processor_of(qwen)) == 1204224
+    for preset, side in (("4b", 448), ("tiny", 56)):
+        processor = processor_of(get_family("internvl").get_preset(preset))
+        budget = max_pixels_or_default(None, processor)
+        assert budget == 12 * side * side
+        assert processor.image_grid(side * 3, side * 4, min_pixels=1, max_pixels=budget) == (13,)  # 4 x 3 + thumbnail
+        pixels, grid = processor.preprocess_image(
+            np.zeros((side, 2 * side, 3), np.uint8), min_pixels=1, max_pixels=budget
+        )
+        assert grid == (3,) and pixels.shape == (3, 3, side, side)
 
 
 def test_a_tokenizer_without_the_family_tokens_is_one_clear_error(tmp_path):

@@ -146,7 +146,7 @@ def test_tiles_pixels_and_thumbnail_match_vlm_r1():
 def test_tile_budget_is_max_pixels_over_a_tile():
     assert max_tiles_for(6 * TILE * TILE) == 6
     assert max_tiles_for(6 * TILE * TILE + TILE) == 6
-    assert max_tiles_for(12845056) == 64  # the data default: Qwen's 16384 tokens = 64 tiles of 256
+    assert max_tiles_for(12845056) == 64  # Qwen's default budget, 16384 tokens: 64 tiles of 256
     assert INTERNVL_PROCESSOR.default_max_pixels == 12 * TILE * TILE
     with pytest.raises(ValueError, match=r"data.max_pixels=1000: .* max_anyres_num \* 200704"):
         INTERNVL_PROCESSOR.image_grid(500, 500, min_pixels=0, max_pixels=1000)
