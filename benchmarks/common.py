@@ -121,6 +121,7 @@ def build_setup(work: Workload, folder: Path, seed: int = 0) -> Setup:
     from flax import nnx
 
     from converters.hf import save_hf_safetensors
+    from vlmr1_jax.models.family import get_family
     from vlmr1_jax.models.qwen2_5_vl.config import get_preset, to_hf_config, with_overrides
     from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
     from vlmr1_jax.processing.tokenizer import build_compact_tokenizer
@@ -128,7 +129,7 @@ def build_setup(work: Workload, folder: Path, seed: int = 0) -> Setup:
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_compact_tokenizer(corpus(), vocab_size=512)
-    ids = tokenizer_token_ids(tokenizer)
+    ids = tokenizer_token_ids(tokenizer, get_family("qwen2_5_vl").processor)
     vocab = max(work.overrides.get("text.vocab_size", 0), 512)
     cfg = with_overrides(get_preset(work.preset), {**work.overrides, "text.vocab_size": vocab, **ids})
     model = Qwen25VL(cfg, rngs=nnx.Rngs(seed))

@@ -25,18 +25,9 @@ from vlmr1_jax.filenames import (
     PREPROCESSOR_CONFIG_FILE,
     SINGLE_FILE,
 )
-from vlmr1_jax.models.family import family_for_hf_config, family_of
+from vlmr1_jax.models.family import family_for_hf_config, family_of, processor_of
 from vlmr1_jax.models.hf_weights import stored_tensors
 from vlmr1_jax.models.safetensors_read import ITEMSIZE, read_safetensors_header
-
-# The special tokens whose ids the processor (tokenizer side) and the model (config side) must agree on.
-SPECIAL_TOKEN_FIELDS = {
-    "image_token_id": "<|image_pad|>",
-    "video_token_id": "<|video_pad|>",
-    "vision_start_token_id": "<|vision_start|>",
-    "vision_end_token_id": "<|vision_end|>",
-    "vision_token_id": "<|vision_pad|>",
-}
 
 
 def _listing(items: Sequence[str], limit: int = 5) -> str:
@@ -69,31 +60,7 @@ def _config_problems(folder: Path, target: str) -> tuple[Any | None, str | None,
         cfg = family.from_hf_config(raw)
     except (KeyError, ValueError, TypeError) as e:
         return None, None, [f"config.json: not a {family.name} config ({e})"]
-    if "mrope_section" not in (raw.get("rope_scaling") or {}):
-        problems.append(
-            "config.json: no top-level rope_scaling.mrope_section (not the flat hub layout that "
-            "transformers 4.x and older vLLM read)"
-        )
-    vision = raw.get("vision_config") or {}
-    floats = [
-        k
-        for k in (
-            "depth",
-            "hidden_size",
-            "num_heads",
-            "patch_size",
-            "spatial_merge_size",
-            "window_size",
-            "tokens_per_second",
-            "temporal_patch_size",
-        )
-        if isinstance(vision.get(k), float)
-    ]
-    if floats:
-        problems.append(
-            f"config.json: vision_config {', '.join(floats)} must be integers (transformers 5.x's "
-            f"strict config validation refuses floats)"
-        )
+    problems += family.hf_config_problems(raw)
     torch_dtype = raw.get("torch_dtype")
     if torch_dtype is None:
         problems.append("config.json: no torch_dtype")
@@ -257,9 +224,13 @@ def _tokenizer_problems(folder: Path, cfg: Any) -> list[str]:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except Exception as e:  # noqa: BLE001 -- jinja2 raises many types for a broken template
         return problems + [f"chat template does not render: {type(e).__name__}: {e}"]
-    if "<|vision_start|><|image_pad|><|vision_end|>" not in text or not text.endswith("<|im_start|>assistant\n"):
-        problems.append(f"chat template renders an image turn unexpectedly: {text!r}")
-    for field, token in SPECIAL_TOKEN_FIELDS.items():
+    if not text.endswith("<|im_start|>assistant\n"):
+        problems.append(f"chat template does not end an image turn with the assistant's turn: {text!r}")
+    processor = processor_of(cfg)
+    prompt = processor.render_prompt(tokenizer, "Describe the image.", 1, "{Question}")
+    if processor.vision_tokens["image_token_id"] not in prompt:
+        problems.append(f"the prompt of an image turn has no image placeholder: {prompt!r}")
+    for field, token in processor.vision_tokens.items():
         try:
             token_id = tokenizer.token_to_id(token)
         except KeyError:
@@ -290,28 +261,14 @@ def _processor_problems(folder: Path, cfg: Any) -> list[str]:
     pre = _read_json(folder / PREPROCESSOR_CONFIG_FILE, problems)
     if pre is None:
         return problems
-    processor = family_of(cfg).processor.hf_preprocessor_config(cfg)["image_processor_type"]
+    processor = processor_of(cfg).hf_preprocessor_config(cfg)["image_processor_type"]
     allowed = (processor, processor + "Fast")  # transformers' slow and fast implementations
     if pre.get("image_processor_type") not in allowed:
         problems.append(
             f"preprocessor_config.json: image_processor_type {pre.get('image_processor_type')!r}, "
             f"expected one of {allowed}"
         )
-    v = cfg.vision
-    for key, want in (
-        ("patch_size", v.patch_size),
-        ("temporal_patch_size", v.temporal_patch_size),
-        ("merge_size", v.spatial_merge_size),
-    ):
-        if pre.get(key) != want:
-            problems.append(f"preprocessor_config.json: {key} {pre.get(key)} != config's {want}")
-    lo, hi = pre.get("min_pixels"), pre.get("max_pixels")
-    if not (isinstance(lo, int) and isinstance(hi, int) and 0 < lo <= hi):
-        problems.append(f"preprocessor_config.json: min_pixels {lo} / max_pixels {hi} must be 0 < min <= max")
-    for key in ("image_mean", "image_std"):
-        if len(pre.get(key) or []) != v.in_channels:
-            problems.append(f"preprocessor_config.json: {key} needs {v.in_channels} values")
-    return problems
+    return problems + processor_of(cfg).preprocessor_problems(pre, cfg)
 
 
 def nonfinite_problems(model_dir: str | os.PathLike) -> list[str]:

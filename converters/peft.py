@@ -5,7 +5,8 @@ Key names follow what PEFT 0.21 saves for Qwen2.5-VL under transformers >= 4.52 
 `model.language_model.*`, `model.visual.*`, `lm_head`; see `params.hf_module_name`):
 `base_model.model.<module>.lora_A.weight` is [r, in] (our `lora_a` transposed) and `lora_B.weight` is [out, r]
 (our `lora_b` transposed); the scale is lora_alpha / r, as ours. `target_modules` is a regex that excludes the
-vision tower, whose MLP also has gate/up/down_proj.
+vision tower (whose linears share names with the decoder's: gate/up/down_proj, q/k/v_proj), found from the
+family's layout.
 A tied model's head adapter is saved as `lm_head`'s, as PEFT (without `ensure_weight_tying`) saves it: PEFT wraps the
 tied lm_head Linear, whose weight is the embedding table, and leaves `embed_tokens` unadapted.
 Older transformers (< 4.52, module tree `model.layers.*`) would not find these keys.
@@ -66,14 +67,36 @@ def adapter_weights(model_or_state: nnx.Module | nnx.State, cfg: Any, dtype: Any
     return out
 
 
-def target_modules_regex(module_names: list[str]) -> str:
-    """A PEFT `target_modules` regex (full match) for the adapted modules' last names, outside `visual`."""
+def target_modules_regex(module_names: list[str], excluded: list[str]) -> str:
+    """A PEFT `target_modules` regex (full match) for the adapted modules' last names, outside any module named in
+    `excluded` (the vision tower: `excluded_components`)."""
     names = sorted({name.rsplit(".", 1)[-1] for name in module_names})
-    return rf"^(?!.*visual)(.*\.)?({'|'.join(map(re.escape, names))})$"
+    outside = "|".join(map(re.escape, sorted(excluded)))
+    return rf"^(?!(.*\.)?({outside})\.)(.*\.)?({'|'.join(map(re.escape, names))})$"
+
+
+def excluded_components(module_names: list[str], cfg: Any) -> list[str]:
+    """The module names that set apart the model's unadapted linear layers whose last name an adapted one shares
+    (the vision tower's: Qwen's `visual`, InternVL's `vision_tower`): for each, the first component of its name
+    that no adapted module's name has (layer numbers aside)."""
+    adapted = {part for name in module_names for part in name.split(".")}
+    last_names = {name.rsplit(".", 1)[-1] for name in module_names}
+    out = set()
+    for weight in family_of(cfg).layout.expected_hf_shapes(cfg):
+        parts = weight.removesuffix(".weight").split(".")
+        unseen = [p for p in parts if p not in adapted and not p.isdigit()]
+        if parts[-1] in last_names and unseen:
+            out.add(unseen[0])
+    return sorted(out)
 
 
 def adapter_config(
-    module_names: list[str], rank: int, alpha: float, dropout: float, base_model_name_or_path: str | None
+    module_names: list[str],
+    excluded: list[str],
+    rank: int,
+    alpha: float,
+    dropout: float,
+    base_model_name_or_path: str | None,
 ) -> dict[str, Any]:
     """adapter_config.json for a plain LoRA (no DoRA / rsLoRA, no bias, no extra saved modules)."""
     return {
@@ -83,7 +106,7 @@ def adapter_config(
         "r": rank,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
-        "target_modules": target_modules_regex(module_names),
+        "target_modules": target_modules_regex(module_names, excluded),
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -129,7 +152,9 @@ def export_peft_adapter(
     try:
         save_tensors(weights, tmp / ADAPTER_WEIGHTS)
         write_marker(tmp)
-        config = adapter_config(modules, rank, alpha, dropout, base_model_name_or_path)
+        config = adapter_config(
+            modules, excluded_components(modules, cfg), rank, alpha, dropout, base_model_name_or_path
+        )
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         move_into_place(tmp, out)
     except BaseException:

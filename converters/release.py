@@ -1,4 +1,5 @@
-"""Write a complete HF Qwen2.5-VL release folder: weights, configs, processor, tokenizer, chat template, model card.
+"""Write a complete HF release folder of any model family: weights, configs, processor, tokenizer, chat template,
+model card.
 
 The layout is the hub one that transformers 4.49+ / 5.x and vLLM / vllm-ascend read. Weights are streamed tensor by
 tensor (each shard's header is written first, then its tensors as they come), so one tensor is on the host at a
@@ -15,6 +16,7 @@ docs/deploy-ascend.md).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import json
 import os
@@ -45,7 +47,7 @@ from vlmr1_jax.filenames import (
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILES,
 )
-from vlmr1_jax.models.family import family_of
+from vlmr1_jax.models.family import family_of, processor_of
 from vlmr1_jax.models.hf_weights import folder_tensors, read_config
 from vlmr1_jax.models.safetensors_read import sha256
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer
@@ -223,7 +225,7 @@ def write_tokenizer(source: Path, folder: Path) -> Tokenizer:
 def model_card(cfg: Any, target: str, dtype: str, card: Mapping[str, Any], notes: list[str]) -> str:
     """README.md: YAML front matter for the hub, then model, data, rewards, steps, final metrics, usage, notes."""
     card = dict(card)
-    name = card.pop("name", "Qwen2.5-VL GRPO checkpoint (vlmr1-jax)")
+    name = card.pop("name", f"{cfg.family} GRPO checkpoint (vlmr1-jax)")
     base = card.pop("base_model", None)
     license_ = card.pop("license", None)
     datasets = card.pop("datasets", None)
@@ -249,7 +251,7 @@ def model_card(cfg: Any, target: str, dtype: str, card: Mapping[str, Any], notes
         f"- base model: {base or 'not recorded'}",
         f"- text: {t.num_hidden_layers} layers, hidden {t.hidden_size}, vocab {t.vocab_size}, "
         f"tied embeddings: {str(t.tie_word_embeddings).lower()}",
-        f"- vision: {v.depth} blocks, hidden {v.hidden_size}",
+        "- vision: " + ", ".join(f"{key} {value}" for key, value in dataclasses.asdict(v).items()),
         f"- weights: {dtype}, export target `{target}`",
         "",
         "## Training",
@@ -426,7 +428,8 @@ def _write_release(
     """Every file of the release into `folder` (no validation)."""
     write_weights(tensors, cfg, folder, dtype, max_shard_size)
     _write_json(folder / CONFIG_FILE, family_of(cfg).to_hf_config(cfg, dtype))
-    _write_json(folder / PREPROCESSOR_CONFIG_FILE, family_of(cfg).processor.hf_preprocessor_config(cfg))
+    preprocessor = processor_of(cfg).hf_preprocessor_config(cfg)
+    _write_json(folder / PREPROCESSOR_CONFIG_FILE, preprocessor)
     source = tokenizer_source(tokenizer_dir, base_model_dir)
     tokenizer = write_tokenizer(source, folder)
     origin = "the vendored offline Qwen2.5 set of vlmr1-jax" if source == QWEN2_5_DIR else f"copied from {source.name}"
@@ -441,7 +444,9 @@ def _write_release(
             "generation_config.json: vlmr1-jax defaults (no base-model file): greedy, stop at "
             "<|im_end|> or <|endoftext|>"
         )
-    notes.append("preprocessor_config.json: Qwen2.5-VL processor values (min_pixels 3136, max_pixels 12845056)")
+    notes.append(
+        f"preprocessor_config.json: the {cfg.family} processor's defaults ({preprocessor['image_processor_type']})"
+    )
     if dtype == "float16":
         notes.append(
             "float16 weights were cast with round-to-nearest-even, not clamped; check activations with "

@@ -32,7 +32,7 @@ from flax import nnx
 
 from vlmr1_jax.extras import require_torch_extra
 from vlmr1_jax.filenames import CONFIG_FILE
-from vlmr1_jax.models.family import family_for_hf_config, family_of
+from vlmr1_jax.models.family import family_for_hf_config, processor_of
 from vlmr1_jax.models.hf_weights import load_hf_model, read_config
 from vlmr1_jax.models.processor import PromptBatch
 from vlmr1_jax.processing.tokenizer import Tokenizer
@@ -129,7 +129,7 @@ def make_inputs(
     dealt to the rows round-robin, through the folder's tokenizer and its family's processor; shorter rows are
     left-padded. Decode steps feed random tokens of the same words."""
     cfg = read_config(model_dir)
-    processor = family_of(cfg).processor
+    processor = processor_of(cfg)
     tokenizer = load_tokenizer(model_dir)
     rng = np.random.default_rng(seed)
     noise = lambda h, w: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vlmr1_jax.config import DataConfig
+from vlmr1_jax.eval.rec import pixel_bounds
 from vlmr1_jax.extras import require_torch_extra
 from vlmr1_jax.filenames import CONFIG_FILE
-from vlmr1_jax.models.family import family_for_hf_config, family_of
+from vlmr1_jax.models.family import family_for_hf_config, processor_of
 from vlmr1_jax.models.processor import PromptBatch
 from vlmr1_jax.processing.image import load_image
 from vlmr1_jax.processing.tokenizer import Tokenizer
@@ -113,23 +113,23 @@ class TorchRuntime:
         torch = import_torch()
         folder = Path(model_dir)
         config = json.loads((folder / CONFIG_FILE).read_text())
-        preprocessor_file = folder / "preprocessor_config.json"
-        preprocessor = json.loads(preprocessor_file.read_text()) if preprocessor_file.is_file() else {}
         device = pick_device(device)  # imports torch_npu when the NPU is used
         dtype = dtype or ("float32" if device == "cpu" else config.get("torch_dtype", "bfloat16"))
         model = hf_model_class(config).from_pretrained(folder, dtype=getattr(torch, dtype))
+        cfg = family_for_hf_config(config).from_hf_config(config)
+        min_pixels, max_pixels = pixel_bounds(folder, None, None, processor_of(cfg))
         return cls(
             model=model.to(device).eval(),
             tokenizer=Tokenizer.load(folder),
-            cfg=family_for_hf_config(config).from_hf_config(config),
+            cfg=cfg,
             device=device,
-            min_pixels=preprocessor.get("min_pixels", DataConfig.min_pixels),
-            max_pixels=preprocessor.get("max_pixels", DataConfig.max_pixels),
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
         )
 
     @property
     def processor(self) -> Any:
-        return family_of(self.cfg).processor
+        return processor_of(self.cfg)
 
     def prompt_text(self, prompt: str, num_images: int, task_type: str | None = None) -> str:
         """The rendered chat prompt (one image placeholder per image, generation prompt appended); `task_type`

@@ -16,6 +16,7 @@ from vlmr1_jax.cli import evaluate
 from vlmr1_jax.data.synthetic_ovd import generate as generate_ovd
 from vlmr1_jax.eval.data import load_eval_samples
 from vlmr1_jax.eval.store import RecordStore
+from vlmr1_jax.models.family import get_family
 
 
 class FakeDecoder:
@@ -54,6 +55,7 @@ def use_decoder(monkeypatch):
             return decoder
 
         monkeypatch.setattr(evaluate, "jax_decoder", build)
+        monkeypatch.setattr(evaluate, "model_family", lambda *_: get_family("qwen2_5_vl"))  # no model to read
         return built
 
     return install

@@ -146,7 +146,7 @@ def test_tiles_pixels_and_thumbnail_match_vlm_r1():
 def test_tile_budget_is_max_pixels_over_a_tile():
     assert max_tiles_for(6 * TILE * TILE) == 6
     assert max_tiles_for(6 * TILE * TILE + TILE) == 6
-    assert max_tiles_for(12845056) == 64  # the data default: Qwen's 16384 tokens = 64 tiles of 256
+    assert max_tiles_for(12845056) == 64  # Qwen's default budget, 16384 tokens: 64 tiles of 256
     assert INTERNVL_PROCESSOR.default_max_pixels == 12 * TILE * TILE
     with pytest.raises(ValueError, match=r"data.max_pixels=1000: .* max_anyres_num \* 200704"):
         INTERNVL_PROCESSOR.image_grid(500, 500, min_pixels=0, max_pixels=1000)
@@ -238,7 +238,7 @@ def test_unknown_content_entry_is_named():
 
 
 # ---- prompt batches -------------------------------------------------------------------------------------------------
-CFG = types.SimpleNamespace(image_token_id=151667, num_image_token=256)
+CFG = types.SimpleNamespace(image_token_id=151667, num_image_token=256, vision=types.SimpleNamespace(image_size=TILE))
 PAD = 151643
 
 
@@ -293,8 +293,9 @@ def test_prompt_batch_forced_sizes_text_only_and_errors():
         build_prompt_batch([[c]], [[(constant_tiles(0, 1), (1,))]], CFG, pad_id=PAD, length=100)
     with pytest.raises(ValueError, match="num_tiles=2 is smaller than the 3 tiles"):
         build_prompt_batch([[c]], [[(constant_tiles(0, 3), (3,))]], CFG, pad_id=PAD, num_tiles=2)
-    with pytest.raises(ValueError, match="num_image_token=64"):
-        build_prompt_batch([[1]], [[]], types.SimpleNamespace(image_token_id=c, num_image_token=64), pad_id=PAD)
+    small = types.SimpleNamespace(image_token_id=c, num_image_token=4, vision=types.SimpleNamespace(image_size=56))
+    with pytest.raises(ValueError, match=r"tiles of \[448\] px but the model's vision.image_size is 56"):
+        build_prompt_batch([[c]], [[(constant_tiles(0, 1), (1,))]], small, pad_id=PAD)
 
 
 def test_tile_buckets():

@@ -7,6 +7,7 @@ tile count differs, which never decides), so every image size is a case where th
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -79,7 +80,11 @@ def test_prompt_ids_and_pixels_match_native_processor(native):
         [INTERNVL_PROCESSOR.preprocess_image(im, min_pixels=0, max_pixels=6 * TILE * TILE) for im in ims]
         for ims in images
     ]
-    cfg = type("Cfg", (), {"image_token_id": ours_tokenizer.token_to_id("<IMG_CONTEXT>"), "num_image_token": 256})
+    cfg = types.SimpleNamespace(
+        image_token_id=ours_tokenizer.token_to_id("<IMG_CONTEXT>"),
+        num_image_token=256,
+        vision=types.SimpleNamespace(image_size=TILE),
+    )
     batch = build_prompt_batch(encoded, processed, cfg, pad_id=ours_tokenizer.pad_id)
     for p in range(len(texts)):
         theirs = out["input_ids"][p][out["attention_mask"][p] == 1]

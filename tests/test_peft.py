@@ -35,7 +35,8 @@ def test_module_names_and_target_regex():
     regex = target_modules_regex(
         [f"model.language_model.layers.0.self_attn.{n}" for n in LANGUAGE[:4]]
         + [f"model.language_model.layers.0.mlp.{n}" for n in LANGUAGE[4:]]
-        + ["lm_head"]
+        + ["lm_head"],
+        ["visual"],
     )
     for name in (
         "model.language_model.layers.11.self_attn.q_proj",

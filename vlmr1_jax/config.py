@@ -89,7 +89,9 @@ class DataConfig:
     num_epochs: int | None = None  # None = repeat until max_steps
     seed: int = 42
     min_pixels: int = 3136  # the processor resizes every image to within [min_pixels, max_pixels]
-    max_pixels: int = 12845056  # 16384 image tokens: this, not the file's size, bounds what reaches the model
+    # The resized image's area bound, which, not the file's size, bounds what reaches the model; null: the family's
+    # default (Qwen: 12845056, 16384 image tokens; InternVL: 12 tiles of 448 px, VLM-R1's max_anyres_num).
+    max_pixels: int | None = None
     # Cap on an ORIGINAL image's pixels, read from its header at load time before any decode: 50 MP keeps 48-50 MP
     # photos and refuses a 60 MP image or a decompression bomb with the line that names it.
     max_image_pixels: int = 50_000_000
@@ -310,7 +312,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(d.prompts_per_step >= 1, "data.prompts_per_step", d.prompts_per_step, "an integer >= 1")
     _check(d.num_epochs is None or d.num_epochs >= 1, "data.num_epochs", d.num_epochs, "null or >= 1")
     _check(d.min_pixels >= 1, "data.min_pixels", d.min_pixels, ">= 1")
-    _check(d.max_pixels >= d.min_pixels, "data.max_pixels", d.max_pixels, f">= data.min_pixels ({d.min_pixels})")
+    _check(
+        d.max_pixels is None or d.max_pixels >= d.min_pixels,
+        "data.max_pixels",
+        d.max_pixels,
+        f"null or >= data.min_pixels ({d.min_pixels})",
+    )
     _check(d.max_image_pixels >= 1, "data.max_image_pixels", d.max_image_pixels, ">= 1")
     _check(d.on_error in ("raise", "skip"), "data.on_error", d.on_error, "raise or skip")
     _check(

@@ -10,7 +10,7 @@ from vlmr1_jax.config import DataConfig, ModelConfig
 from vlmr1_jax.data import synthetic, synthetic_gui, synthetic_ovd
 from vlmr1_jax.data.jsonl import DataError, LoadReport, Sample, duplicate_ids, load_jsonl_datasets, read_image_sizes
 from vlmr1_jax.models.family import family_names, get_family
-from vlmr1_jax.models.processor import Processor
+from vlmr1_jax.models.processor import Processor, max_pixels_or_default
 from vlmr1_jax.processing.image import MAX_IMAGE_PIXELS, image_grid
 
 
@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--image-folders", required=True, help="':'-separated image folders, one per file")
     check.add_argument("--reward-method", default=None, help="':'-separated accuracy-reward methods, one per file")
     check.add_argument("--min-pixels", type=int, default=DataConfig.min_pixels)
-    check.add_argument("--max-pixels", type=int, default=DataConfig.max_pixels)
+    check.add_argument("--max-pixels", type=int, help="default: the family's (data.max_pixels)")
     check.add_argument(
         "--family",
         default=ModelConfig.family,
@@ -139,7 +139,9 @@ def run_check(args: argparse.Namespace) -> int:
         report.add(problem)
     repeated = {(p.file, p.line) for p in duplicates}
     unique = [s for s in samples if (s.source, s.line) not in repeated]
-    valid, counts = check_images(unique, report, get_family(args.family).processor, args.min_pixels, args.max_pixels)
+    processor = get_family(args.family).processor
+    max_pixels = max_pixels_or_default(args.max_pixels, processor)
+    valid, counts = check_images(unique, report, processor, args.min_pixels, max_pixels)
     print(
         f"files: {len(report.files)}  lines: {report.lines}  samples: {valid} valid, "
         f"{report.lines - valid} with problems"
@@ -147,7 +149,7 @@ def run_check(args: argparse.Namespace) -> int:
     print(f"images: {sum(counts.values())} in valid samples")
     if counts:
         print(
-            f"tokens per image (min_pixels={args.min_pixels}, max_pixels={args.max_pixels}): "
+            f"tokens per image (min_pixels={args.min_pixels}, max_pixels={max_pixels}): "
             f"min {min(counts)}, max {max(counts)}"
         )
         print("\n".join(token_histogram(counts)))

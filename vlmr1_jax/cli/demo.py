@@ -49,6 +49,7 @@ EVAL_BATCH = 250
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     out: str = "runs/demo"
+    family: str = ModelConfig.family  # the model family of the demo's "demo-s" model
     seed: int = 0
     n_train: int = 4000
     n_eval: int = 1000
@@ -60,22 +61,25 @@ class DemoConfig:
     generations: int = 8
 
 
-def demo_tokenizer(out: Path, seed: int):
-    """Byte-level BPE trained on every string the task produces: prompts, expressions, answers."""
+def demo_tokenizer(out: Path, seed: int, family: str = ModelConfig.family):
+    """Byte-level BPE trained on every string the task produces: prompts, expressions, answers; with the family's
+    own special tokens."""
     rng = random.Random(seed)
     qwen = qwen2_5_tokenizer()
     corpus = corpus_strings()
-    render = get_family(ModelConfig.family).processor.render_prompt
-    prompts = [render(qwen, text, 1, QUESTION) for text in corpus]
+    processor = get_family(family).processor
+    prompts = [processor.render_prompt(qwen, text, 1, QUESTION) for text in corpus]
     answers = [TARGET.replace("{answer}", json.dumps([rng.randrange(112) for _ in range(4)])) for _ in range(3000)]
-    tokenizer = build_compact_tokenizer(corpus + prompts + answers, vocab_size=512)
+    tokenizer = build_compact_tokenizer(corpus + prompts + answers, vocab_size=512).with_special_tokens(
+        processor.added_tokens, **processor.tokenizer_config
+    )
     tokenizer.save(out)
     return tokenizer
 
 
 def sft_config(demo: DemoConfig, data: dict[str, str], images: str, tokenizer_dir: Path) -> RunConfig:
     return RunConfig(
-        model=ModelConfig(preset="demo-s", tokenizer=str(tokenizer_dir)),
+        model=ModelConfig(family=demo.family, preset="demo-s", tokenizer=str(tokenizer_dir)),
         data=DataConfig(
             data_file_paths=data["train"],
             image_folders=images,
@@ -120,7 +124,8 @@ def grpo_config(demo: DemoConfig, data: dict[str, str], images: str, sft_model: 
 
 
 def evaluate(model, tokenizer, samples) -> dict[str, float]:
-    decoder = GreedyDecoder(model, tokenizer, task_type=QUESTION, batch_size=EVAL_BATCH, max_new_tokens=TARGET_TOKENS)
+    batch = min(EVAL_BATCH, len(samples))  # a micro run decodes its few samples, not 250 padded rows
+    decoder = GreedyDecoder(model, tokenizer, task_type=QUESTION, batch_size=batch, max_new_tokens=TARGET_TOKENS)
     summary, _ = evaluate_rec(decoder, samples)
     return summary
 
@@ -153,7 +158,7 @@ def run_demo(demo: DemoConfig, progress: bool = True) -> dict[str, float]:
     print(f"[demo] synthetic REC data -> {out / 'data'}", flush=True)
     data = write_default_dataset(str(out / "data"), demo.n_train, demo.n_eval, demo.n_ood, seed=demo.seed)
     images = image_folder(str(out / "data"))
-    tokenizer = demo_tokenizer(out / "tokenizer", demo.seed)
+    tokenizer = demo_tokenizer(out / "tokenizer", demo.seed, demo.family)
     print(f"[demo] compact tokenizer: {tokenizer.vocab_size} tokens -> {out / 'tokenizer'}", flush=True)
     held_out, _ = load_jsonl_datasets(data["val"], images)
 

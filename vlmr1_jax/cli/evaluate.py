@@ -27,11 +27,12 @@ from vlmr1_jax.dtypes import dtype_arg
 from vlmr1_jax.eval.data import dataset_name, file_digest, load_eval_samples
 from vlmr1_jax.eval.math import math_records, summarize_math
 from vlmr1_jax.eval.ovd import ovd_records, summarize_ovd
-from vlmr1_jax.eval.protocols import get_protocol, protocol_names
+from vlmr1_jax.eval.protocols import family_protocol, get_protocol, protocol_names
 from vlmr1_jax.eval.rec import Frames, image_frames, pixel_bounds, rec_records, summarize_rec
 from vlmr1_jax.eval.runner import Decoder, Scorer, score_dataset
 from vlmr1_jax.eval.store import RecordStore, open_output, write_json_atomic
 from vlmr1_jax.eval.tables import results_table
+from vlmr1_jax.models.family import ModelFamily, config_from_dict, family_of, processor_of
 
 BACKENDS = ("jax", "torch")
 # Per task: the question template, new-token budget and subset size when not given on the command line.
@@ -68,7 +69,7 @@ def jax_decoder(model_path: Path, args: argparse.Namespace, task_type: str, max_
 
         model, _, tokenizer_dir = load_checkpoint(model_path, args.step)
         tokenizer = Tokenizer.load(tokenizer_dir) if tokenizer_dir else qwen2_5_tokenizer()
-    min_pixels, max_pixels = pixel_bounds(model_path, args.min_pixels, args.max_pixels)
+    min_pixels, max_pixels = pixel_bounds(model_path, args.min_pixels, args.max_pixels, processor_of(model.cfg))
     return GreedyDecoder(
         model,
         tokenizer,
@@ -91,7 +92,9 @@ def torch_decoder(model_path: Path, args: argparse.Namespace, task_type: str, ma
             f"(vlmr1 export {model_path} --out DIR)"
         )
     runtime = TorchRuntime.load(model_path, device=args.device, dtype=args.dtype)
-    runtime.min_pixels, runtime.max_pixels = pixel_bounds(model_path, args.min_pixels, args.max_pixels)
+    runtime.min_pixels, runtime.max_pixels = pixel_bounds(
+        model_path, args.min_pixels, args.max_pixels, runtime.processor
+    )
 
     def decode(samples: Sequence[Sample]) -> tuple[list[str], list[Frames]]:
         batch = runtime.batch_inputs([(s.image_paths, s.problem) for s in samples], task_type=task_type)
@@ -105,11 +108,26 @@ def torch_decoder(model_path: Path, args: argparse.Namespace, task_type: str, ma
     return decode
 
 
-def task_parts(args: argparse.Namespace) -> tuple[dict[str, Any], Scorer, Callable[[list[dict]], dict[str, Any]]]:
-    """The task's settings (template, budget, protocol), its batch scorer and its dataset summary."""
+def model_family(model_path: Path, step: int | None) -> ModelFamily:
+    """The family of an HF folder (its config.json) or of one of our checkpoints (its meta)."""
+    from vlmr1_jax.models.hf_weights import read_config
+    from vlmr1_jax.train.restore import checkpoint_meta
+
+    if (model_path / "config.json").is_file():
+        return family_of(read_config(model_path))
+    return family_of(config_from_dict(checkpoint_meta(model_path, step)["model_config"]))
+
+
+def task_parts(
+    args: argparse.Namespace, model_path: Path
+) -> tuple[dict[str, Any], Scorer, Callable[[list[dict]], dict[str, Any]]]:
+    """The task's settings (template, budget, protocol: --protocol, else the model family's), its batch scorer and
+    its dataset summary."""
     settings: dict[str, Any]
     if args.task == "rec":
-        protocol = get_protocol(args.protocol)
+        protocol = (
+            get_protocol(args.protocol) if args.protocol else family_protocol(model_family(model_path, args.step))
+        )
         settings = {
             "protocol": protocol.name,
             "task_type": protocol.task_type,
@@ -128,8 +146,8 @@ def task_parts(args: argparse.Namespace) -> tuple[dict[str, Any], Scorer, Callab
     return settings, lambda samples, completions, _frames: math_records(samples, completions), summarize_math
 
 
-def default_out(args: argparse.Namespace) -> Path:
-    suffix = f"-{Path(args.protocol).name.replace(':', '-')}" if args.task == "rec" else ""
+def default_out(args: argparse.Namespace, settings: dict[str, Any]) -> Path:
+    suffix = f"-{Path(settings['protocol']).name.replace(':', '-')}" if args.task == "rec" else ""
     return Path("runs/eval") / f"{args.task}-{Path(args.model).resolve().name}{suffix}"
 
 
@@ -152,7 +170,7 @@ def run_eval(args: argparse.Namespace) -> int:
     model_path = Path(args.model)
     limit = DEFAULTS.get(args.task, {}).get("limit", 2000) if args.limit is None else args.limit
     try:
-        settings, scorer, summarize = task_parts(args)
+        settings, scorer, summarize = task_parts(args, model_path)
         settings = {
             "task": args.task,
             "model": str(model_path.resolve()),
@@ -178,7 +196,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 reward_method=settings.get("reward_method", "default"),
             )
             datasets[name] = {"file": str(Path(data).resolve()), "sha256": file_digest(data), "image_root": root}
-        out = Path(args.out) if args.out else default_out(args)
+        out = Path(args.out) if args.out else default_out(args, settings)
         open_output(out, settings, datasets, args.overwrite)
         build = jax_decoder if args.backend == "jax" else torch_decoder
         decoder = functools.cache(lambda: build(model_path, args, settings["task_type"], settings["max_new_tokens"]))
@@ -263,8 +281,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rec = _add_task(tasks, "rec", "REC Acc@0.5 (RefCOCO/+/g, LISA) with VLM-R1's r1 or baseline protocol")
     rec.add_argument(
         "--protocol",
-        default="r1",
-        help=f"{' | '.join(protocol_names())} (VLM-R1's test_rec_r1 / test_rec_baseline), or package.module:ATTRIBUTE",
+        help=f"{' | '.join(protocol_names())} (VLM-R1's test_rec_r1 / test_rec_baseline; a family's name: its own), "
+        "or package.module:ATTRIBUTE (default: the model family's own protocol, else r1)",
     )
     for task, help_text in (
         ("ovd", "open-vocabulary detection: dataset-level COCO mAP / AP50 and OVDEval NMS-AP"),

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 from ports import parity
 from ports.parity import ATOL, RTOL, compare, make_inputs
 from vlmr1_jax.dtypes import dtype_arg
-from vlmr1_jax.models.family import family_of
+from vlmr1_jax.models.family import processor_of
 from vlmr1_jax.models.hf_weights import read_config
+from vlmr1_jax.models.processor import max_pixels_or_default
 
 
 def _count(minimum: int):
@@ -58,7 +59,8 @@ def _image_sizes(text: str) -> list[tuple[int, int]]:
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = read_config(args.hf_model)
-    processor = family_of(cfg).processor
+    processor = processor_of(cfg)
+    args.max_pixels = max_pixels_or_default(args.max_pixels, processor)
     sizes = args.image_sizes or [(112, 168), (84, 140)]
     sizes = [sizes[i % len(sizes)] for i in range(args.images)]
     grids = []
@@ -109,7 +111,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=_count(1), default=2, help="batch rows (shorter rows are left-padded)")
     p.add_argument("--steps", type=_count(0), default=4, help="cached decode steps to compare")
     p.add_argument("--min-pixels", type=_count(1), default=3136)
-    p.add_argument("--max-pixels", type=_count(1), default=12845056)
+    p.add_argument("--max-pixels", type=_count(1), help="default: the model family's own")
     p.add_argument(
         "--dtype",
         type=dtype_arg,

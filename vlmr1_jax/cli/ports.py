@@ -17,6 +17,7 @@ def infer_jax(args: argparse.Namespace) -> str:
 
     from vlmr1_jax.data.jsonl import Sample
     from vlmr1_jax.eval.rec import GreedyDecoder, pixel_bounds
+    from vlmr1_jax.models.family import processor_of
     from vlmr1_jax.models.hf_weights import load_hf_model
     from vlmr1_jax.processing.tokenizer import Tokenizer
     from vlmr1_jax.train.setup import dtype_of
@@ -26,7 +27,7 @@ def infer_jax(args: argparse.Namespace) -> str:
     folder = Path(args.model)
     dtype = dtype_of(args.dtype or "float32")
     model = load_hf_model(folder, dtype=dtype, param_dtype=dtype)
-    min_pixels, max_pixels = pixel_bounds(folder, None, None)
+    min_pixels, max_pixels = pixel_bounds(folder, None, None, processor_of(model.cfg))
     # "{Question}" is the verbatim template: the prompt is used as given unless --task-type names one.
     decoder = GreedyDecoder(
         model,
@@ -69,13 +70,13 @@ def infer_torch(args: argparse.Namespace) -> str:
 
 def check_task_type(model_dir: str, task_type: str | None) -> None:
     """ValueError unless `task_type` names a question template of the release's model family (None: verbatim)."""
-    from vlmr1_jax.models.family import family_of
+    from vlmr1_jax.models.family import processor_of
     from vlmr1_jax.models.hf_weights import read_config
 
     if task_type is None:
         return
     cfg = read_config(model_dir)
-    templates = family_of(cfg).processor.question_templates
+    templates = processor_of(cfg).question_templates
     if task_type not in templates:
         raise ValueError(
             f"--task-type {task_type!r}: the {cfg.family} family's question templates are {sorted(templates)}"

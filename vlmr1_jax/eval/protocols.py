@@ -2,8 +2,9 @@
 
 Built in: `r1` (VLM-R1's `test_rec_r1.py`, for GRPO checkpoints) and `baseline` (its `test_rec_baseline.py`, for base
 and SFT models). A model family with its own protocol (another template, token budget, box format, or no rescale)
-registers it with `register_protocol` or names it on the command line as `package.module:ATTRIBUTE`; evaluation
-code never names a family.
+states it as its processor's `rec_eval` fields: it is then the default for that family's models and selectable by
+the family's name. Others register with `register_protocol` or are named on the command line as
+`package.module:ATTRIBUTE`; evaluation code never names a family.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import dataclasses
 import importlib
 import re
 from collections.abc import Callable
+
+from vlmr1_jax.models.family import ModelFamily, family_names, get_family
 
 _FIRST_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _BRACED_BOX = re.compile(r"\{.*\[(\d+),\s*(\d+),\s*(\d+),\s*(\d+)]\s*.*\}", re.DOTALL)
@@ -61,14 +64,25 @@ def register_protocol(protocol: RecProtocol) -> RecProtocol:
     return protocol
 
 
+def family_protocol(family: ModelFamily) -> RecProtocol:
+    """The default protocol for a model of `family`: its own (its processor's `rec_eval`, named after the family)
+    where it states one, else `r1`."""
+    fields = family.processor.rec_eval
+    return RecProtocol(family.name, **fields) if fields else R1
+
+
 def protocol_names() -> list[str]:
-    return sorted(_registry)
+    """Registered protocols and the families' own."""
+    own = [name for name in family_names() if get_family(name).processor.rec_eval]
+    return sorted({*_registry, *own})
 
 
 def get_protocol(name: str) -> RecProtocol:
     """A registered protocol by name, or a `RecProtocol` object named as `package.module:ATTRIBUTE`."""
     if name in _registry:
         return _registry[name]
+    if name in family_names() and get_family(name).processor.rec_eval:
+        return family_protocol(get_family(name))
     module_name, _, attr = name.partition(":")
     if not module_name or not attr:
         raise ValueError(

@@ -22,7 +22,8 @@ from PIL import Image
 from vlmr1_jax.config import DataConfig, SamplingConfig
 from vlmr1_jax.data.jsonl import Sample
 from vlmr1_jax.eval.protocols import R1, RecProtocol
-from vlmr1_jax.models.family import family_of
+from vlmr1_jax.models.family import processor_of
+from vlmr1_jax.models.processor import Processor, max_pixels_or_default
 from vlmr1_jax.parallel.mesh import state_shardings
 from vlmr1_jax.processing.batch import encode_prompts, to_device
 from vlmr1_jax.rewards import get_reward
@@ -34,7 +35,7 @@ Frames = list[list[int] | None]  # per image of a sample: the [height, width] it
 
 def image_frames(cfg: Any, grids: Sequence[Sequence[Sequence[int]]]) -> list[Frames]:
     """Per sample, each image's box frame by the model family's processor, from the images' grids."""
-    processor = family_of(cfg).processor
+    processor = processor_of(cfg)
     return [[None if (f := processor.model_frame(g)) is None else list(f) for g in gs] for gs in grids]
 
 
@@ -82,8 +83,8 @@ class GreedyDecoder:
     model: Any
     tokenizer: Any
     task_type: str | None
-    min_pixels: int = 3136
-    max_pixels: int = 12845056
+    min_pixels: int = DataConfig.min_pixels
+    max_pixels: int | None = None  # None: the family's default
     batch_size: int = 100
     max_new_tokens: int = 256
     prompt_length: int | None = None
@@ -115,7 +116,7 @@ class GreedyDecoder:
                 self.model.cfg,
                 task_type=self.task_type,
                 min_pixels=self.min_pixels,
-                max_pixels=self.max_pixels,
+                max_pixels=max_pixels_or_default(self.max_pixels, processor_of(self.model.cfg)),
                 length=self.prompt_length,
             )
             key = jax.random.key(0)  # greedy: unused
@@ -204,12 +205,13 @@ def evaluate_rec(
     return score_rec(samples, completions, frames, protocol)
 
 
-def pixel_bounds(model_dir: Path, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int]:
-    """The resize bounds: given values, else the release's preprocessor_config.json, else Qwen2.5-VL's."""
+def pixel_bounds(
+    model_dir: Path, min_pixels: int | None, max_pixels: int | None, processor: Processor
+) -> tuple[int, int]:
+    """The resize bounds: given values, else the release's preprocessor_config.json, else the family's defaults."""
     config = model_dir / "preprocessor_config.json"
     stored = json.loads(config.read_text()) if config.is_file() else {}
-    defaults = DataConfig()
     return (
-        min_pixels or stored.get("min_pixels", defaults.min_pixels),
-        max_pixels or stored.get("max_pixels", defaults.max_pixels),
+        min_pixels or stored.get("min_pixels", DataConfig.min_pixels),
+        max_pixels or stored.get("max_pixels", processor.default_max_pixels),
     )

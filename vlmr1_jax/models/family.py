@@ -83,6 +83,11 @@ class ModelFamily:
     model_class: Callable[..., VisionLanguageModel]  # model_class(cfg, *, rngs, dtype, param_dtype)
     layout: ModuleType  # the HF <-> ours parameter table and its helpers (see `models/qwen2_5_vl/params.py`)
     processor: Processor  # images, prompt template and prompt batches (models/processor.py)
+    # Analytic costs for `vlmr1 plan` (a module with `param_counts(cfg, lora_rank)` and `flops(cfg, batch, ...)`, see
+    # `models/qwen2_5_vl/costs.py`); None: the plan counts the abstract parameters and reports no FLOP estimate.
+    costs: ModuleType | None = None
+    # What a release's config.json lacks for the family's readers (`vlmr1 check-export`); [] when nothing.
+    hf_config_problems: Callable[[dict[str, Any]], list[str]] = lambda raw: []
 
 
 _registry: dict[str, ModelFamily] = {}
@@ -130,6 +135,11 @@ def family_for_hf_config(hf_config: dict[str, Any], where: str = "config.json") 
             return family
     known = sorted(a for f in _registry.values() for a in f.architectures)
     raise ValueError(f"{where}: architectures {list(architectures)} is not a model family vlmr1-jax knows ({known})")
+
+
+def processor_of(cfg: Any) -> Processor:
+    """The processor of a model of config `cfg`: its family's, for its sizes (e.g. InternVL's tile size)."""
+    return family_of(cfg).processor.for_config(cfg)
 
 
 def config_from_hf(hf_config: dict[str, Any], where: str = "config.json") -> Any:

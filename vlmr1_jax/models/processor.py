@@ -59,6 +59,11 @@ def length_bucket(n: int, multiple: int = 32) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
+def max_pixels_or_default(max_pixels: int | None, processor: Processor) -> int:
+    """A run's image budget: `max_pixels` when set, else the family's own default (`Processor.default_max_pixels`)."""
+    return processor.default_max_pixels if max_pixels is None else max_pixels
+
+
 class ChatTemplater(Protocol):
     """Anything with our `Tokenizer.apply_chat_template` signature."""
 
@@ -77,6 +82,48 @@ class Processor(Protocol):
     def question_templates(self) -> Mapping[str, str]:
         """VLM-R1's question templates of the family by task type ("{Question}" marks the problem text), always
         with a "default" one: what `prompt_messages` applies and what `vlmr1 infer --task-type` offers."""
+        ...
+
+    @property
+    def vision_tokens(self) -> Mapping[str, str]:
+        """Model config id field -> its token in the tokenizer, for every image placeholder and structure token of
+        the family's prompts: tokenizer and config must agree on each, and the policy never samples them."""
+        ...
+
+    @property
+    def added_tokens(self) -> tuple[str, ...]:
+        """Special tokens the family's prompts need beyond a Qwen2.x tokenizer's (a compact tokenizer for the family
+        is `tokenizer.with_special_tokens(added_tokens, **tokenizer_config)`)."""
+        ...
+
+    @property
+    def tokenizer_config(self) -> Mapping[str, Any]:
+        """tokenizer_config.json entries that go with `added_tokens`."""
+        ...
+
+    @property
+    def pad_token_field(self) -> str:
+        """The model config field that holds the tokenizer's pad id (set from the tokenizer for presets)."""
+        ...
+
+    @property
+    def default_max_pixels(self) -> int:
+        """The image budget (`data.max_pixels`) of the family's own preprocessing when a recipe leaves it unset."""
+        ...
+
+    @property
+    def rec_eval(self) -> Mapping[str, Any]:
+        """The family's own REC evaluation protocol as `eval.protocols.RecProtocol` fields (task_type,
+        max_new_tokens, extract_box, rescale), the default of `vlmr1 eval rec`; empty: VLM-R1's `r1`."""
+        ...
+
+    def for_config(self, cfg: Any) -> Processor:
+        """This processor for a model of config `cfg` (e.g. InternVL's tile size); `family.processor_of(cfg)`."""
+        ...
+
+    def preprocessor_problems(self, pre: Mapping[str, Any], cfg: Any) -> list[str]:
+        """What is wrong in a release's preprocessor_config.json `pre` for a model of config `cfg` ([] if
+        nothing): `vlmr1 check-export` reports these."""
         ...
 
     def preprocess_image(self, image: Image.Image | np.ndarray, *, min_pixels: int, max_pixels: int) -> ProcessedImage:

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from vlmr1_jax.models.family import family_of
+from vlmr1_jax.models.family import processor_of
 from vlmr1_jax.models.processor import ChatTemplater, ProcessedImage, Processor, PromptBatch
 from vlmr1_jax.parallel.mesh import logical_to_spec
 from vlmr1_jax.processing.image import load_image
@@ -29,14 +29,14 @@ class EncodedPrompt:
 
     def length(self, cfg: Any) -> int:
         """Tokens once each image placeholder is expanded by the family's processor."""
-        tokens = family_of(cfg).processor.image_tokens
+        tokens = processor_of(cfg).image_tokens
         return len(self.ids) - len(self.images) + sum(tokens(g) for _, g in self.images)
 
 
 def encode_prompt_text(problem: str, num_images: int, tokenizer: Any, cfg: Any, task_type: str | None) -> list[int]:
     """VLM-R1's prompt for the family of `cfg` (images first, templated question, chat template) as token ids."""
     templater: ChatTemplater = tokenizer
-    return tokenizer.encode(family_of(cfg).processor.render_prompt(templater, problem, num_images, task_type))
+    return tokenizer.encode(processor_of(cfg).render_prompt(templater, problem, num_images, task_type))
 
 
 def load_prompt_images(
@@ -52,7 +52,7 @@ def build_prompt_batch(
     encoded: Sequence[EncodedPrompt], cfg: Any, *, pad_id: int, length: int | None = None
 ) -> PromptBatch:
     """Encoded prompts as one left-padded batch, by the family's processor."""
-    return family_of(cfg).processor.build_prompt_batch(
+    return processor_of(cfg).build_prompt_batch(
         [e.ids for e in encoded], [e.images for e in encoded], cfg, pad_id=pad_id, length=length
     )
 
@@ -69,7 +69,7 @@ def encode_prompts(
     length: int | None = None,
 ) -> PromptBatch:
     """VLM-R1 prompts with their images, loaded here, as one batch."""
-    processor = family_of(cfg).processor
+    processor = processor_of(cfg)
     encoded = [
         EncodedPrompt(
             encode_prompt_text(problem, len(paths), tokenizer, cfg, task_type),

@@ -1,4 +1,6 @@
-"""LoRA as VLM-R1 configures it: adapters on every non-vision linear layer, lm_head included (not the embedding).
+"""LoRA as VLM-R1 configures it: adapters on every linear layer outside the vision tower (every family's `visual`,
+the freeze keyword), lm_head included (not the embedding): the decoder, and a projector outside the tower (InternVL's
+`mlp1`, which VLM-R1's vision keyword `vision_model` leaves to LoRA).
 
 A tied model's head is the embedding table used as a linear map (`TiedHead`); it gets its own adapter, as PEFT
 wraps a tied lm_head's Linear, and the embedding lookup stays unadapted. `lora_b` starts at zero, so the adapted
@@ -20,8 +22,8 @@ from vlmr1_jax.models.layers import Dense, LoRADropoutKey, LoRALinear, LoRAParam
 
 log = logging.getLogger(__name__)
 
-# Module paths (dotted, inside Qwen25VL) that get adapters: every text linear and the LM head, tied or not.
-TARGET_PREFIX = "text."
+# Every family's vision tower (the module `train.trainable=freeze_vision` freezes): no adapters inside it.
+VISION_PREFIX = "visual."
 
 
 def lora_targets(model: nnx.Module) -> list[tuple[str, LoRALinear]]:
@@ -29,7 +31,7 @@ def lora_targets(model: nnx.Module) -> list[tuple[str, LoRALinear]]:
     out = []
     for path, module in nnx.iter_graph(model):
         name = ".".join(str(p) for p in path)
-        if isinstance(module, LoRALinear) and name.startswith(TARGET_PREFIX):
+        if isinstance(module, LoRALinear) and not name.startswith(VISION_PREFIX):
             out.append((name, module))
     return out
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlmr1_jax.config import SamplingConfig
-from vlmr1_jax.models.family import VisionLanguageModel
+from vlmr1_jax.models.family import VisionLanguageModel, processor_of
 from vlmr1_jax.models.layers import unstack_layers
 from vlmr1_jax.rl.grpo import completion_mask, token_logprobs
 from vlmr1_jax.rl.prefix import prefill
@@ -155,16 +155,7 @@ class Sampler:
 
 
 def default_banned_ids(cfg, extra: Sequence[int] = ()) -> tuple[int, ...]:
-    """Vision placeholder/structure tokens the policy must never emit (they would break the re-forward)."""
-    return tuple(
-        sorted(
-            {
-                cfg.image_token_id,
-                cfg.video_token_id,
-                cfg.vision_start_token_id,
-                cfg.vision_end_token_id,
-                cfg.vision_token_id,
-                *extra,
-            }
-        )
-    )
+    """The family's vision placeholder / structure tokens (its processor's `vision_tokens`), which the policy must
+    never emit (they would break the re-forward), and `extra`."""
+    vision = processor_of(cfg).vision_tokens
+    return tuple(sorted({*(getattr(cfg, field) for field in vision), *extra}))

@@ -27,8 +27,8 @@ from vlmr1_jax.config import RunConfig, to_dict
 from vlmr1_jax.data.jsonl import DataError, Sample
 from vlmr1_jax.data.pipeline import epoch_of, make_sample_iterator
 from vlmr1_jax.data.split import split_validation
-from vlmr1_jax.models.family import family_of
-from vlmr1_jax.models.processor import PromptBatch
+from vlmr1_jax.models.family import processor_of
+from vlmr1_jax.models.processor import PromptBatch, max_pixels_or_default
 from vlmr1_jax.processing.batch import (
     EncodedPrompt,
     build_prompt_batch,
@@ -211,11 +211,12 @@ class Trainer:
         except (ValueError, OSError) as e:
             raise DataError("prompt", sample.source, sample.line, "problem", str(e)) from e
         try:
+            processor = processor_of(self.model_cfg)
             images = load_prompt_images(
                 sample.image_paths,
-                family_of(self.model_cfg).processor,
+                processor,
                 min_pixels=data.min_pixels,
-                max_pixels=data.max_pixels,
+                max_pixels=max_pixels_or_default(data.max_pixels, processor),
             )
         except (ValueError, OSError) as e:
             raise DataError("image", sample.source, sample.line, "image", str(e)) from e

@@ -21,7 +21,7 @@ from flax import nnx
 
 from vlmr1_jax.config import RunConfig
 from vlmr1_jax.data.jsonl import Sample
-from vlmr1_jax.models.family import family_of
+from vlmr1_jax.models.family import processor_of
 from vlmr1_jax.models.processor import PromptBatch
 from vlmr1_jax.processing.batch import to_device
 from vlmr1_jax.processing.tokenizer import Tokenizer
@@ -94,7 +94,7 @@ class GRPOTrainer(Trainer):
             resume_anyway=resume_anyway,
         )
         self.reward_fns = reward_functions(
-            g.reward_funcs, g.reward_options, self.tokenizer, family_of(self.model_cfg).processor.reward_variants
+            g.reward_funcs, g.reward_options, self.tokenizer, processor_of(self.model_cfg).reward_variants
         )
         self.generate = make_generate_fn(cfg, self.tokenizer, self.model_cfg, self.graphdef)
         self.logprobs = make_logprob_fn(self.graphdef, g.num_generations)
@@ -124,7 +124,7 @@ class GRPOTrainer(Trainer):
                 prepared.samples,
                 prepared.batch,
                 g.num_generations,
-                family_of(self.model_cfg).processor,
+                processor_of(self.model_cfg),
                 self.cfg.data.task_type,
             ),
             advantage_fn=functools.partial(

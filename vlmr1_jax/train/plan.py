@@ -26,9 +26,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlmr1_jax.config import RunConfig
-from vlmr1_jax.models.family import family_of
+from vlmr1_jax.models.family import family_of, processor_of
 from vlmr1_jax.models.hf_weights import read_config
-from vlmr1_jax.models.processor import PromptBatch
+from vlmr1_jax.models.processor import PromptBatch, max_pixels_or_default
 from vlmr1_jax.parallel.mesh import logical_to_spec, make_mesh
 from vlmr1_jax.processing.batch import encode_prompts
 from vlmr1_jax.processing.tokenizer import Tokenizer, qwen2_5_tokenizer
@@ -165,7 +165,7 @@ def representative_prompts(
             model_cfg,
             task_type=cfg.data.task_type,
             min_pixels=cfg.data.min_pixels,
-            max_pixels=cfg.data.max_pixels,
+            max_pixels=max_pixels_or_default(cfg.data.max_pixels, processor_of(model_cfg)),
             length=cfg.data.max_prompt_length,
         )
 
@@ -208,90 +208,20 @@ def count_params(tree: Any) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
-def analytic_param_counts(cfg: Any, lora_rank: int = 0) -> dict[str, int]:
-    """Parameter counts from the config alone: text, vision, and LoRA adapters (rank r on every text linear and the
-    LM head)."""
-    t, v = cfg.text, cfg.vision
-    d, hd, heads, kv = t.hidden_size, t.head_dim, t.num_attention_heads, t.num_key_value_heads
-    linears = [
-        (d, heads * hd),
-        (d, kv * hd),
-        (d, kv * hd),
-        (heads * hd, d),
-        (d, t.intermediate_size),
-        (d, t.intermediate_size),
-        (t.intermediate_size, d),
-    ]
-    layer = sum(i * o for i, o in linears) + (heads + 2 * kv) * hd + 2 * d  # + q/k/v biases, two norms
-    text = t.vocab_size * d + t.num_hidden_layers * layer + d + (0 if t.tie_word_embeddings else d * t.vocab_size)
-    targets = t.num_hidden_layers * linears + [(d, t.vocab_size)]  # the LM head is adapted, tied or not
-    lora = sum(lora_rank * (i + o) for i, o in targets) if lora_rank else 0
-    hv, iv, wide = v.hidden_size, v.intermediate_size, v.hidden_size * v.merge_unit
-    block = 2 * hv + (hv * 3 * hv + 3 * hv) + (hv * hv + hv) + (2 * (hv * iv + iv) + iv * hv + hv)
-    vision = (
-        v.patch_dim * hv + v.depth * block + hv + (wide * wide + wide) + (wide * v.out_hidden_size + v.out_hidden_size)
-    )
-    return {"text": text, "vision": vision, "lora": lora, "total": text + vision + lora}
+def analytic_param_counts(cfg: Any, lora_rank: int = 0) -> dict[str, int] | None:
+    """Parameter counts from the config alone (text, vision, LoRA adapters of rank `lora_rank`, total), where the
+    family states its cost model (`ModelFamily.costs`); else None."""
+    costs = family_of(cfg).costs
+    return None if costs is None else costs.param_counts(cfg, lora_rank)
 
 
-def _text_matmul_params(cfg: Any, lora_rank: int) -> int:
-    """Multiply-accumulates per token through the decoder layers (no embedding, no LM head)."""
-    t = cfg.text
-    d, hd, heads, kv, inter = (
-        t.hidden_size,
-        t.head_dim,
-        t.num_attention_heads,
-        t.num_key_value_heads,
-        t.intermediate_size,
-    )
-    linears = [(d, heads * hd), (d, kv * hd), (d, kv * hd), (heads * hd, d), (d, inter), (d, inter), (inter, d)]
-    return t.num_hidden_layers * sum(i * o + lora_rank * (i + o) for i, o in linears)
-
-
-def analytic_flops(
-    cfg: Any,
-    *,
-    prompts: int,
-    samples: int,
-    prompt_len: int,
-    new_tokens: int,
-    vision_slots: int,
-    frame_slots: int,
-    trainable: str,
-    remat: str,
-    lora_rank: int,
-) -> dict[str, float]:
-    """Global FLOPs of each program as this implementation computes them: 2 * MACs of every matmul, attention
-    over the whole cache (L + T slots, masked, as our dense attention does), the vision tower on its padded
-    window slots, logits only where the program takes them. The train step is forward + backward: the backward
-    costs two forwards for trained weights (input and weight gradients), one where only the input gradient is
-    needed (LoRA's frozen base), none for a frozen vision tower; `model.remat=full` recomputes the decoder once."""
-    t, v = cfg.text, cfg.vision
-    rows, context = prompts * samples, prompt_len + new_tokens
-    text_mm = _text_matmul_params(cfg, lora_rank if trainable == "lora" else 0)
-    attn_per_query = 4 * t.num_hidden_layers * context * t.num_attention_heads * t.head_dim
-    head = 2 * t.hidden_size * t.vocab_size
-    hv, wide = v.hidden_size, v.hidden_size * v.merge_unit
-    block_mm = hv * 3 * hv + hv * hv + 3 * hv * v.intermediate_size
-    full_blocks = len([i for i in v.fullatt_block_indexes if i < v.depth])
-    vision = (
-        2 * vision_slots * (v.patch_dim * hv + v.depth * block_mm)
-        + 4 * vision_slots * hv * (v.window_patches * (v.depth - full_blocks) + frame_slots * full_blocks)
-        + 2 * (vision_slots // v.merge_unit) * (wide * wide + wide * v.out_hidden_size)
-    )
-
-    def decoder(tokens: int) -> float:
-        return 2 * tokens * text_mm + tokens * attn_per_query
-
-    text = decoder(prompts * prompt_len) + decoder(rows * new_tokens)
-    sampler = vision + text + head * (prompts + rows * new_tokens)
-    forward_text = text + head * (prompts + rows * (new_tokens - 1))
-    reference = vision + forward_text
-    backward_text = {"full": 2.0, "freeze_vision": 2.0, "lora": 1.0}[trainable]
-    backward_vision = 2.0 if trainable == "full" else 0.0
-    recompute = 1.0 if remat == "full" else 0.0
-    step = vision * (1 + backward_vision) + forward_text * (1 + backward_text + recompute)
-    return {"sampler": sampler, "reference": reference, "grpo_step": step}
+def counted_params(state: TrainState) -> dict[str, int]:
+    """Parameter counts of a (possibly abstract) train state's model by component: text, vision, LoRA, total."""
+    out = dict.fromkeys(("text", "vision", "lora"), 0)
+    for part in (state.trainable, state.frozen):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(part):
+            out[_component(path)] += math.prod(leaf.shape)
+    return {**out, "total": sum(out.values())}
 
 
 @dataclasses.dataclass
@@ -308,7 +238,7 @@ class ProgramReport:
     code_bytes: int
     state_argument_bytes: int  # the part of the arguments that is persistent train state
     flops: float
-    analytic_flops: float  # this program's analytical count, per device
+    analytic_flops: float  # this program's analytical count, per device (nan: the family states no cost model)
 
     @property
     def extra_bytes(self) -> int:
@@ -377,7 +307,7 @@ class Plan:
     image_grid: tuple[int, ...]
     image_tokens: int
     params: int  # global, from the abstract model state (LoRA adapters included)
-    analytic_params: dict[str, int]
+    analytic_params: dict[str, int]  # the family's cost model's, else counted from the abstract parameters
     state: dict[str, int]  # trainable, frozen, optimizer, reference, step
     gradients_bytes: int  # estimate: one gradient per trainable parameter, sharded like it
     kv_cache_bytes: int  # the sampler's fanned-out cache (inside its temporaries)
@@ -501,20 +431,22 @@ def make_plan(
 
     prompt_len = batch.input_ids.shape[1]
     lora_rank = cfg.lora.rank if cfg.train.trainable == "lora" else 0
-    flops = analytic_flops(
-        model_cfg,
-        prompts=cfg.data.prompts_per_step,
-        samples=g.num_generations,
-        prompt_len=prompt_len,
-        new_tokens=cfg.sampling.max_new_tokens,
-        vision_slots=batch.vision["pixel_values"].shape[0],
-        frame_slots=batch.vision["frame_index"].shape[1],
-        trainable=cfg.train.trainable,
-        remat=cfg.model.remat,
-        lora_rank=lora_rank,
+    costs = family_of(model_cfg).costs
+    flops = (
+        costs.flops(
+            model_cfg,
+            batch,
+            samples=g.num_generations,
+            new_tokens=cfg.sampling.max_new_tokens,
+            trainable=cfg.train.trainable,
+            remat=cfg.model.remat,
+            lora_rank=lora_rank,
+        )
+        if costs is not None
+        else {}
     )
     for r in reports:
-        r.analytic_flops = flops[r.name] / len(devices)
+        r.analytic_flops = flops[r.name] / len(devices) if flops else math.nan
     grid = batch.image_grids[0][0]
     text = model_cfg.text
     batch_shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
@@ -547,9 +479,9 @@ def make_plan(
         prompt_tokens=prompt_len,
         new_tokens=cfg.sampling.max_new_tokens,
         image_grid=grid,
-        image_tokens=math.prod(grid) // model_cfg.vision.merge_unit,
+        image_tokens=processor_of(model_cfg).image_tokens(grid),
         params=count_params(state.trainable) + count_params(state.frozen),
-        analytic_params=analytic_param_counts(model_cfg, lora_rank),
+        analytic_params=analytic_param_counts(model_cfg, lora_rank) or counted_params(state),
         state={
             "trainable": device_bytes(state.trainable),
             "frozen": device_bytes(state.frozen),
@@ -623,7 +555,7 @@ def format_plan(plan: Plan) -> str:
     a = plan.analytic_params
     mesh = " ".join(f"{k}={v}" for k, v in plan.mesh.items())
     lines = [
-        f"vlmr1 plan {plan.recipe}: {plan.model}, {plan.params / 1e9:.3f}B parameters (analytic "
+        f"vlmr1 plan {plan.recipe}: {plan.model}, {plan.params / 1e9:.3f}B parameters ("
         f"{a['total'] / 1e9:.3f}B: text {a['text'] / 1e9:.3f}B, vision {a['vision'] / 1e9:.3f}B"
         + (f", LoRA {a['lora'] / 1e6:.1f}M" if a["lora"] else "")
         + ")",
@@ -662,7 +594,7 @@ def format_plan(plan: Plan) -> str:
         f"{gib(plan.kv_cache_bytes)} GiB (sampler), completion logits {gib(plan.logits_bytes)} GiB per fp32 "
         "chunk (reference, grpo_step)",
         "  TFLOP xla: XLA's count for one device, a while loop's body counted once (the sampler's decode);"
-        " est: analytical, whole program",
+        " est: analytical, whole program (nan: the model family states no cost model)",
         "",
         f"peak per device = persistent {gib(plan.persistent_bytes)} + {plan.largest.name} extra "
         f"{gib(plan.largest.extra_bytes)} = {gib(plan.peak_bytes)} GiB; budget {plan.headroom:.0%} of "

@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from vlmr1_jax.config import ModelConfig, RunConfig
 from vlmr1_jax.data.jsonl import Sample, load_jsonl_datasets
-from vlmr1_jax.models.family import VisionLanguageModel, family_of, get_family
+from vlmr1_jax.models.family import VisionLanguageModel, family_of, get_family, processor_of
 from vlmr1_jax.models.hf_weights import load_hf_model
 from vlmr1_jax.models.layers import LoRAParam
 from vlmr1_jax.models.processor import Processor, PromptBatch
@@ -79,24 +79,27 @@ def load_tokenizer(cfg: RunConfig) -> Tokenizer:
     return qwen2_5_tokenizer() if path == QWEN2_5_DIR else Tokenizer.load(path)
 
 
-def tokenizer_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    """Model config fields that must agree with the tokenizer's special tokens."""
-    return {
-        "image_token_id": tokenizer.image_pad_id,
-        "video_token_id": tokenizer.video_pad_id,
-        "vision_start_token_id": tokenizer.vision_start_id,
-        "vision_end_token_id": tokenizer.vision_end_id,
-        "vision_token_id": tokenizer.token_to_id("<|vision_pad|>"),
-        "bos_token_id": tokenizer.pad_id,
-        "eos_token_id": tokenizer.eos_ids[0],
-    }
+def tokenizer_token_ids(tokenizer: Tokenizer, processor: Processor) -> dict[str, int]:
+    """Model config fields that must agree with the tokenizer: the family's vision tokens, its pad and EOS."""
+    ids = {field: _token_id(tokenizer, token, "model.tokenizer") for field, token in processor.vision_tokens.items()}
+    return {**ids, processor.pad_token_field: tokenizer.pad_id, "eos_token_id": tokenizer.eos_ids[0]}
+
+
+def _token_id(tokenizer: Tokenizer, token: str, where: str) -> int:
+    try:
+        return tokenizer.token_to_id(token)
+    except KeyError:
+        raise ValueError(
+            f"{where}: lacks the model's special token {token}; use the model's own tokenizer (model.tokenizer) "
+            "or add the family's tokens (Tokenizer.with_special_tokens)"
+        ) from None
 
 
 def preset_config(cfg: RunConfig, tokenizer: Tokenizer) -> Any:
     """A preset with its special token ids (and, for compact tokenizers, its vocabulary) set from the tokenizer."""
     family = get_family(cfg.model.family)
     base = family.get_preset(cfg.model.preset)  # type: ignore[arg-type]  # validated: without hf_model the preset is set
-    overrides: dict[str, Any] = dict(tokenizer_token_ids(tokenizer))
+    overrides: dict[str, Any] = dict(tokenizer_token_ids(tokenizer, family.processor))
     if tokenizer.vocab_size > base.text.vocab_size or cfg.model.preset in ("tiny", "demo-s"):
         overrides["text.vocab_size"] = -(-tokenizer.vocab_size // 64) * 64
     overrides.update(cfg.model.overrides)
@@ -108,11 +111,10 @@ def check_tokenizer_matches(model_cfg: Any, tokenizer: Tokenizer, where: str) ->
         raise ValueError(
             f"{where}: tokenizer has {tokenizer.vocab_size} tokens but the model vocab is {model_cfg.text.vocab_size}"
         )
-    if model_cfg.image_token_id != tokenizer.image_pad_id:
-        raise ValueError(
-            f"{where}: model image_token_id {model_cfg.image_token_id} != tokenizer <|image_pad|> "
-            f"{tokenizer.image_pad_id}"
-        )
+    for field, token in processor_of(model_cfg).vision_tokens.items():
+        token_id = _token_id(tokenizer, token, f"{where}: the tokenizer")
+        if getattr(model_cfg, field) != token_id:
+            raise ValueError(f"{where}: model {field} {getattr(model_cfg, field)} != tokenizer {token} {token_id}")
 
 
 def configure_model(model: VisionLanguageModel, cfg: ModelConfig) -> None:

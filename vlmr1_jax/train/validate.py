@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from vlmr1_jax.config import RunConfig, SamplingConfig
 from vlmr1_jax.data.jsonl import DataError, Sample
 from vlmr1_jax.eval.rec import Frames, image_frames, score_rec, truth_box
-from vlmr1_jax.models.family import family_of
+from vlmr1_jax.models.family import processor_of
 from vlmr1_jax.models.processor import PromptBatch, length_bucket
 from vlmr1_jax.processing.batch import EncodedPrompt, build_prompt_batch, to_device
 from vlmr1_jax.processing.tokenizer import Tokenizer
@@ -64,7 +64,7 @@ class Validation:
         self.batch_size = cfg.data.prompts_per_step
         self.encode, self.tokenizer, self.model_cfg, self.mesh = encode, tokenizer, model_cfg, mesh
         self.reward_fns: Mapping[str, RewardFn] = reward_functions(
-            cfg.grpo.reward_funcs, cfg.grpo.reward_options, tokenizer, family_of(model_cfg).processor.reward_variants
+            cfg.grpo.reward_funcs, cfg.grpo.reward_options, tokenizer, processor_of(model_cfg).reward_variants
         )
         self.task_type = cfg.data.task_type
         self.samples, lengths = [], []
@@ -116,7 +116,7 @@ class Validation:
         start = time.perf_counter()
         completions: list[str] = []
         frames: list[Frames] = []
-        processor = family_of(self.model_cfg).processor
+        processor = processor_of(self.model_cfg)
         per_reward: dict[str, list[np.ndarray]] = {name: [] for name in self.reward_fns}
         for first in range(0, len(self.samples), self.batch_size):
             chunk = self.samples[first : first + self.batch_size]

@@ -161,18 +161,25 @@ PRESETS: dict[str, InternVLConfig] = {
     "internvl3-1b": InternVLConfig(text=_text(896, 4864, 24, 14, 2, **_RELEASED_TEXT)).validate(),
     "internvl3-2b": InternVLConfig(text=_text(1536, 8960, 28, 12, 2, **_RELEASED_TEXT)).validate(),
     "internvl3-8b": InternVLConfig(text=_text(3584, 18944, 28, 28, 4, **_RELEASED_TEXT)).validate(),
-    # Every code path at toy widths; the released 448-pixel tiles (256 visual tokens each), which the processor makes.
+    # Every code path at toy widths, with 56-pixel tiles of 4 visual tokens (the processor cuts the model's tile
+    # size), so a CPU run encodes 4 tokens per tile, not the releases' 256.
     "tiny": InternVLConfig(
         text=_text(
             64, 96, 2, 4, 2, vocab_size=160, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False
         ),
-        vision=VisionConfig(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=48),
+        vision=VisionConfig(image_size=56, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=48),
         image_token_id=152,
         image_start_token_id=150,
         image_end_token_id=151,
         eos_token_id=1,
         pad_token_id=0,
     ).validate(),
+    # `vlmr1 demo --family internvl`: Qwen2.5-VL's demo-s decoder behind a two-block InternViT with 56-pixel tiles
+    # (a 112-pixel image: 2 x 2 tiles and the thumbnail, 20 tokens); ids and vocabulary come from the demo's tokenizer.
+    "demo-s": InternVLConfig(
+        text=_text(128, 512, 2, 4, 2, vocab_size=512, max_position_embeddings=2048, tie_word_embeddings=True),
+        vision=VisionConfig(image_size=56, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256),
+    ).validate(check_token_ids=False),
 }
 ALIASES = {"1b": "internvl3-1b", "2b": "internvl3-2b", "4b": "internvl2.5-4b", "8b": "internvl3-8b"}
 
@@ -397,6 +404,16 @@ def _from_original(cfg: dict[str, Any]) -> InternVLConfig:
         # The original config does not name <IMG_CONTEXT>: 151667 in every Qwen-based InternVL tokenizer.
         **_token_ids(cfg, text, InternVLConfig.image_token_id),
     ).validate()
+
+
+def hf_config_problems(raw: dict[str, Any]) -> list[str]:
+    """A release must be in the native layout (transformers 5 and vLLM read it; the original needs remote code)."""
+    if raw.get("architectures") != [ARCHITECTURES[0]]:
+        return [
+            f"config.json: architectures {raw.get('architectures')}, expected [{ARCHITECTURES[0]!r}] (the native "
+            "layout transformers and vLLM read; `vlmr1 export` writes it)"
+        ]
+    return []
 
 
 def to_hf_config(cfg: InternVLConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:

@@ -9,6 +9,7 @@ from vlmr1_jax.models.internvl.config import (
     InternVLConfig,
     from_hf_config,
     get_preset,
+    hf_config_problems,
     to_hf_config,
     with_overrides,
 )
@@ -25,5 +26,6 @@ FAMILY = ModelFamily(
     with_overrides=with_overrides,
     model_class=InternVL,
     layout=params,
+    hf_config_problems=hf_config_problems,
     processor=INTERNVL_PROCESSOR,
 )

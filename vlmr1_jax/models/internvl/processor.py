@@ -5,11 +5,14 @@ Each image is a grid `(tiles,)`: its tile count, thumbnail included. In the prom
 `<IMG_CONTEXT>` tokens per tile, `</img>`; `vision_gather` maps the k-th context token of the batch (row-major, as
 transformers' `masked_scatter` fills them) to row k of the vision tower's output, tile after tile. The tile budget
 (VLM-R1's `max_anyres_num`) is `data.max_pixels // 448**2`: max_pixels bounds the resized image's area for every
-family, and the default 12845056 (Qwen's 16384 image tokens) is 64 tiles, 16384 tokens too.
+family; unset, it is the family's default, 12 tiles (VLM-R1's). Tile size and tokens per tile are the model's
+(`vision.image_size`, `num_image_token`): every release has 448 / 256, while tiny test models use small tiles
+(`processor.for_config(cfg)`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -23,7 +26,6 @@ from vlmr1_jax.models.internvl.tiling import (
     IMAGE_MEAN,
     IMAGE_STD,
     MIN_TILES,
-    TILE_PIXELS,
     TILE_SIZE,
     count_tiles,
     max_tiles_for,
@@ -32,7 +34,7 @@ from vlmr1_jax.models.internvl.tiling import (
 )
 from vlmr1_jax.models.processor import ChatTemplater, ProcessedImage, PromptBatch, length_bucket
 
-TOKENS_PER_TILE = 256  # (448 / 14 patches)^2 after the 0.5 pixel shuffle: InternVL's num_image_token
+TOKENS_PER_TILE = 256  # (448 / 14 patches)^2 after the 0.5 pixel shuffle: the releases' num_image_token
 
 
 def tile_bucket(n: int, minimum: int = 4) -> int:
@@ -40,14 +42,6 @@ def tile_bucket(n: int, minimum: int = 4) -> int:
     serve every batch."""
     n = max(n, minimum)
     return 1 << (n - 1).bit_length() if n <= 64 else -(-n // 32) * 32
-
-
-def _check_cfg(cfg: Any) -> None:
-    if cfg.num_image_token != TOKENS_PER_TILE:
-        raise ValueError(
-            f"model config: num_image_token={cfg.num_image_token}, but InternVL's processor makes {TOKENS_PER_TILE} "
-            f"tokens per {TILE_SIZE}-px tile (vision image_size {TILE_SIZE}, patch 14, downsample_ratio 0.5)"
-        )
 
 
 def build_prompt_batch(
@@ -59,7 +53,7 @@ def build_prompt_batch(
     length: int | None = None,
     num_tiles: int | None = None,
 ) -> PromptBatch:
-    """Expand each image's `<IMG_CONTEXT>` to 256 per tile, left-pad, and stack the tiles.
+    """Expand each image's `<IMG_CONTEXT>` to `cfg.num_image_token` (256) per tile, left-pad, and stack the tiles.
 
     `prompt_ids[p]` holds one `<IMG_CONTEXT>` per image of `images[p]` (`render_prompt`'s placeholder). `length` /
     `num_tiles` force the padded sizes (else bucketed); pad tiles are zeros that no token gathers. A batch without
@@ -67,8 +61,7 @@ def build_prompt_batch(
     """
     if len(prompt_ids) != len(images):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(images)} image lists")
-    _check_cfg(cfg)
-    context = cfg.image_token_id
+    context, tokens, side = cfg.image_token_id, cfg.num_image_token, cfg.vision.image_size
     rows: list[list[int]] = []
     for p, (ids, imgs) in enumerate(zip(prompt_ids, images)):
         slots = sum(1 for t in ids if t == context)
@@ -77,7 +70,7 @@ def build_prompt_batch(
         tiles = iter(int(g[0]) for _, g in imgs)
         row: list[int] = []
         for t in ids:
-            row.extend([t] * (TOKENS_PER_TILE * next(tiles)) if t == context else [t])
+            row.extend([t] * (tokens * next(tiles)) if t == context else [t])
         rows.append(row)
     longest = max(map(len, rows))
     length = length_bucket(longest) if length is None else length
@@ -98,7 +91,13 @@ def build_prompt_batch(
     padded = tile_bucket(real) if num_tiles is None else num_tiles
     if padded < real:
         raise ValueError(f"num_tiles={padded} is smaller than the {real} tiles of these images")
-    pixels = np.zeros((padded, 3, TILE_SIZE, TILE_SIZE), np.float32)
+    pixels = np.zeros((padded, 3, side, side), np.float32)
+    wrong = {px.shape[-1] for px, _ in all_images} - {side}
+    if wrong:
+        raise ValueError(
+            f"tiles of {sorted(wrong)} px but the model's vision.image_size is {side}: preprocess with the model's "
+            "processor (`processor.for_config(cfg)`)"
+        )
     if all_images:
         pixels[:real] = np.concatenate([px for px, _ in all_images])
     return PromptBatch(
@@ -113,7 +112,8 @@ def build_prompt_batch(
 
 
 class InternVLProcessor:
-    """The `Processor` of InternVL (models/processor.py), as VLM-R1's InternVL module prepares inputs."""
+    """The `Processor` of InternVL (models/processor.py), as VLM-R1's InternVL module prepares inputs, for tiles of
+    `tile_size` pixels that become `tokens_per_tile` tokens (the releases': 448, 256)."""
 
     # VLM-R1's `select_reward_func`: a recipe's reward name -> InternVL's variant (its REC format has no braces).
     reward_variants: ClassVar[Mapping[str, str]] = MappingProxyType({"rec_format": "rec_format_plain"})
@@ -130,23 +130,42 @@ class InternVLProcessor:
             "rescale": False,
         }
     )
-    default_max_pixels: ClassVar[int] = DEFAULT_MAX_TILES * TILE_PIXELS  # VLM-R1's max_anyres_num default, 12
+    vision_tokens: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {
+            "image_token_id": prompts.IMAGE_CONTEXT,
+            "image_start_token_id": prompts.IMAGE_START,
+            "image_end_token_id": prompts.IMAGE_END,
+        }
+    )
+    pad_token_field: ClassVar[str] = "pad_token_id"
     # What a Qwen2.x tokenizer needs for these prompts: `tokenizer.with_special_tokens(added_tokens,
     # **tokenizer_config)`.
     added_tokens: ClassVar[tuple[str, ...]] = prompts.ADDED_TOKENS
     tokenizer_config: ClassVar[Mapping[str, Any]] = MappingProxyType(prompts.TOKENIZER_CONFIG)
 
+    def __init__(self, tile_size: int = TILE_SIZE, tokens_per_tile: int = TOKENS_PER_TILE):
+        self.tile_size, self.tokens_per_tile = tile_size, tokens_per_tile
+
+    def for_config(self, cfg: Any) -> InternVLProcessor:
+        """The processor of a model with config `cfg`: its tile size and tokens per tile."""
+        return _processor(cfg.vision.image_size, cfg.num_image_token)
+
+    @property
+    def default_max_pixels(self) -> int:
+        """VLM-R1's `max_anyres_num` default, 12 tiles."""
+        return DEFAULT_MAX_TILES * self.tile_size**2
+
     def preprocess_image(self, image: Image.Image | np.ndarray, *, min_pixels: int, max_pixels: int) -> ProcessedImage:
         """The image's normalised tiles [tiles, 3, 448, 448] and grid (tiles,); `min_pixels` is unused (one tile
         is the minimum)."""
-        tiles = tile_image(image, max_tiles_for(max_pixels))
+        tiles = tile_image(image, max_tiles_for(max_pixels, self.tile_size), self.tile_size)
         return normalize_tiles(tiles), (len(tiles),)
 
     def image_tokens(self, grid: Sequence[int]) -> int:
-        return TOKENS_PER_TILE * int(grid[0])
+        return self.tokens_per_tile * int(grid[0])
 
     def image_grid(self, height: int, width: int, *, min_pixels: int, max_pixels: int) -> tuple[int, ...]:
-        return (count_tiles(width, height, max_tiles_for(max_pixels)),)
+        return (count_tiles(width, height, max_tiles_for(max_pixels, self.tile_size), self.tile_size),)
 
     def model_frame(self, grid: Sequence[int]) -> None:
         """InternVL's REC boxes are not in resized pixels (VLM-R1 scores them unscaled)."""
@@ -165,7 +184,7 @@ class InternVLProcessor:
             "crop_to_patches": True,
             "min_patches": MIN_TILES,
             "max_patches": DEFAULT_MAX_TILES,
-            "size": {"height": TILE_SIZE, "width": TILE_SIZE},
+            "size": {"height": self.tile_size, "width": self.tile_size},
             "resample": 3,  # PIL bicubic
             "do_resize": True,
             "do_rescale": True,
@@ -175,6 +194,22 @@ class InternVLProcessor:
             "image_std": list(IMAGE_STD),
             "do_convert_rgb": True,
         }
+
+    def preprocessor_problems(self, pre: Mapping[str, Any], cfg: Any) -> list[str]:
+        """Tiles of the model's image size, tiling on with an ordered tile budget, mean / std per channel."""
+        problems = []
+        side = cfg.vision.image_size
+        if pre.get("size") != {"height": side, "width": side}:
+            problems.append(f"preprocessor_config.json: size {pre.get('size')} != the model's {side}-px tiles")
+        if pre.get("crop_to_patches") is not True:
+            problems.append("preprocessor_config.json: crop_to_patches must be true (InternVL's dynamic tiling)")
+        lo, hi = pre.get("min_patches"), pre.get("max_patches")
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 < lo <= hi):
+            problems.append(f"preprocessor_config.json: min_patches {lo} / max_patches {hi} must be 0 < min <= max")
+        for key in ("image_mean", "image_std"):
+            if len(pre.get(key) or []) != cfg.vision.in_channels:
+                problems.append(f"preprocessor_config.json: {key} needs {cfg.vision.in_channels} values")
+        return problems
 
     def hf_model_inputs(self, batch: PromptBatch) -> dict[str, np.ndarray]:
         """transformers' keyword arrays for these prompts: the real tiles (pad tiles dropped) and the positions
@@ -206,3 +241,9 @@ class InternVLProcessor:
 
 
 INTERNVL_PROCESSOR = InternVLProcessor()
+
+
+@functools.cache
+def _processor(tile_size: int, tokens_per_tile: int) -> InternVLProcessor:
+    same = (tile_size, tokens_per_tile) == (TILE_SIZE, TOKENS_PER_TILE)
+    return INTERNVL_PROCESSOR if same else InternVLProcessor(tile_size, tokens_per_tile)

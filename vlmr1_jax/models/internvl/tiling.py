@@ -42,7 +42,9 @@ def candidate_grids(max_tiles: int, min_tiles: int = MIN_TILES) -> tuple[tuple[i
     return tuple(sorted(grids, key=lambda g: g[0] * g[1]))
 
 
-def choose_grid(width: int, height: int, max_tiles: int, min_tiles: int = MIN_TILES) -> tuple[int, int]:
+def choose_grid(
+    width: int, height: int, max_tiles: int, min_tiles: int = MIN_TILES, tile: int = TILE_SIZE
+) -> tuple[int, int]:
     """(cols, rows) whose aspect ratio is closest to width / height; on an exact tie, a later (larger) grid wins
     while the image's area exceeds half of that grid's (InternVL's `find_closest_aspect_ratio`)."""
     aspect = width / height
@@ -52,29 +54,27 @@ def choose_grid(width: int, height: int, max_tiles: int, min_tiles: int = MIN_TI
         diff = abs(aspect - cols / rows)
         if diff < best_diff:
             best, best_diff = (cols, rows), diff
-        elif diff == best_diff and area > 0.5 * TILE_PIXELS * cols * rows:
+        elif diff == best_diff and area > 0.5 * tile * tile * cols * rows:
             best = (cols, rows)
     return best
 
 
-def count_tiles(width: int, height: int, max_tiles: int) -> int:
+def count_tiles(width: int, height: int, max_tiles: int, tile: int = TILE_SIZE) -> int:
     """Tiles an image of this size becomes: the grid's, plus the thumbnail when the grid has more than one."""
-    cols, rows = choose_grid(width, height, max_tiles)
+    cols, rows = choose_grid(width, height, max_tiles, tile=tile)
     return cols * rows + (1 if cols * rows > 1 else 0)
 
 
-def tile_image(image: Image.Image | np.ndarray, max_tiles: int) -> list[Image.Image]:
-    """The 448x448 RGB tiles of `image`, row-major, then the thumbnail when there is more than one."""
+def tile_image(image: Image.Image | np.ndarray, max_tiles: int, tile: int = TILE_SIZE) -> list[Image.Image]:
+    """The `tile` x `tile` (448) RGB tiles of `image`, row-major, then the thumbnail when there is more than one."""
     rgb = Image.fromarray(as_rgb_array(image))
-    cols, rows = choose_grid(rgb.width, rgb.height, max_tiles)
-    resized = rgb.resize((TILE_SIZE * cols, TILE_SIZE * rows), Image.Resampling.BICUBIC)
+    cols, rows = choose_grid(rgb.width, rgb.height, max_tiles, tile=tile)
+    resized = rgb.resize((tile * cols, tile * rows), Image.Resampling.BICUBIC)
     tiles = [
-        resized.crop((c * TILE_SIZE, r * TILE_SIZE, (c + 1) * TILE_SIZE, (r + 1) * TILE_SIZE))
-        for r in range(rows)
-        for c in range(cols)
+        resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)
     ]
     if len(tiles) > 1:
-        tiles.append(rgb.resize((TILE_SIZE, TILE_SIZE), Image.Resampling.BICUBIC))
+        tiles.append(rgb.resize((tile, tile), Image.Resampling.BICUBIC))
     return tiles
 
 
@@ -87,12 +87,13 @@ def normalize_tiles(tiles: list[Image.Image]) -> np.ndarray:
     return np.ascontiguousarray(((pixels - mean) / std).transpose(0, 3, 1, 2))
 
 
-def max_tiles_for(max_pixels: int) -> int:
-    """The tile budget (VLM-R1's `max_anyres_num`) that `data.max_pixels` sets: whole 448x448 tiles within it."""
-    tiles = max_pixels // TILE_PIXELS
+def max_tiles_for(max_pixels: int, tile: int = TILE_SIZE) -> int:
+    """The tile budget (VLM-R1's `max_anyres_num`) that `data.max_pixels` sets: whole `tile` x `tile` (448) tiles
+    within it."""
+    tiles = max_pixels // (tile * tile)
     if tiles < MIN_TILES:
         raise ValueError(
-            f"data.max_pixels={max_pixels}: InternVL needs at least one {TILE_SIZE}x{TILE_SIZE} tile; set "
-            f"data.max_pixels to max_anyres_num * {TILE_PIXELS} (VLM-R1's default 12 tiles: {12 * TILE_PIXELS})"
+            f"data.max_pixels={max_pixels}: InternVL needs at least one {tile}x{tile} tile; set data.max_pixels to "
+            f"max_anyres_num * {tile * tile} (VLM-R1's default 12 tiles: {DEFAULT_MAX_TILES * tile * tile})"
         )
     return tiles

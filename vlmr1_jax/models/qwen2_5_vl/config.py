@@ -398,6 +398,38 @@ def from_hf_config(cfg: dict[str, Any]) -> Qwen25VLConfig:
     return Qwen25VLConfig(text=t, vision=v, **ids).validate()
 
 
+# Vision keys transformers 5.x's strict config validation wants as integers.
+INT_VISION_KEYS = (
+    "depth",
+    "hidden_size",
+    "num_heads",
+    "patch_size",
+    "spatial_merge_size",
+    "window_size",
+    "tokens_per_second",
+    "temporal_patch_size",
+)
+
+
+def hf_config_problems(raw: dict[str, Any]) -> list[str]:
+    """What a release's config.json lacks for the readers of a Qwen-VL release: the flat hub layout's
+    `rope_scaling.mrope_section` (transformers 4.x, older vLLM) and integer vision sizes (transformers 5.x)."""
+    problems = []
+    if "mrope_section" not in (raw.get("rope_scaling") or {}):
+        problems.append(
+            "config.json: no top-level rope_scaling.mrope_section (not the flat hub layout that "
+            "transformers 4.x and older vLLM read)"
+        )
+    vision = raw.get("vision_config") or {}
+    floats = [k for k in INT_VISION_KEYS if isinstance(vision.get(k), float)]
+    if floats:
+        problems.append(
+            f"config.json: vision_config {', '.join(floats)} must be integers (transformers 5.x's "
+            f"strict config validation refuses floats)"
+        )
+    return problems
+
+
 def text_to_hf_config(cfg: Qwen25VLConfig, torch_dtype: str) -> dict[str, Any]:
     """The flat hub-style `config.json` keys of the decoder and the special token ids (every Qwen-VL family's)."""
     t = cfg.text

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from vlmr1_jax.models.family import ModelFamily
-from vlmr1_jax.models.qwen2_5_vl import params
-from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig, from_hf_config, get_preset, to_hf_config, with_overrides
+from vlmr1_jax.models.qwen2_5_vl import costs, params
+from vlmr1_jax.models.qwen2_5_vl.config import (
+    Qwen25VLConfig,
+    from_hf_config,
+    get_preset,
+    hf_config_problems,
+    to_hf_config,
+    with_overrides,
+)
 from vlmr1_jax.models.qwen2_5_vl.model import Qwen25VL
 from vlmr1_jax.models.qwen2_5_vl.processor import QwenProcessor
 
@@ -18,5 +25,7 @@ FAMILY = ModelFamily(
     with_overrides=with_overrides,
     model_class=Qwen25VL,
     layout=params,
+    hf_config_problems=hf_config_problems,
     processor=QwenProcessor(),
+    costs=costs,
 )

@@ -28,6 +28,15 @@ from vlmr1_jax.models.qwen2_5_vl.prompts import QUESTION_TEMPLATES, build_messag
 from vlmr1_jax.models.qwen2_5_vl.rope import get_rope_index
 from vlmr1_jax.models.qwen2_5_vl.vision_plan import plan_vision, vision_gather_indices
 
+# Config id field -> token, for every vision token of Qwen's prompts (and vocabulary).
+VISION_TOKENS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+    "vision_token_id": "<|vision_pad|>",
+}
+
 
 def build_prompt_batch(
     prompt_ids: Sequence[Sequence[int]],
@@ -129,6 +138,12 @@ class QwenProcessor:
 
     reward_variants: ClassVar[Mapping[str, str]] = MappingProxyType({})  # the rewards as the recipe names them
     question_templates = QUESTION_TEMPLATES
+    vision_tokens: ClassVar[Mapping[str, str]] = MappingProxyType(VISION_TOKENS)
+    added_tokens: ClassVar[tuple[str, ...]] = ()  # a Qwen2.x tokenizer has every token of Qwen's prompts
+    tokenizer_config: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    pad_token_field: ClassVar[str] = "bos_token_id"  # Qwen's configs name <|endoftext|> (the pad) as their BOS
+    default_max_pixels: ClassVar[int] = MAX_PIXELS
+    rec_eval: ClassVar[Mapping[str, Any]] = MappingProxyType({})  # VLM-R1 evaluates Qwen with its r1 protocol
 
     def preprocess_image(self, image: Image.Image | np.ndarray, *, min_pixels: int, max_pixels: int) -> ProcessedImage:
         return preprocess_image(image, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -166,6 +181,29 @@ class QwenProcessor:
             "do_normalize": True,
             "do_convert_rgb": True,
         }
+
+    def for_config(self, cfg: Qwen25VLConfig) -> QwenProcessor:
+        """The same processor for every config (patch and merge sizes are the releases' in every config)."""
+        return self
+
+    def preprocessor_problems(self, pre: Mapping[str, Any], cfg: Qwen25VLConfig) -> list[str]:
+        """The patch geometry must be the model's, the pixel bounds ordered, mean / std one value per channel."""
+        problems = []
+        v = cfg.vision
+        for key, want in (
+            ("patch_size", v.patch_size),
+            ("temporal_patch_size", v.temporal_patch_size),
+            ("merge_size", v.spatial_merge_size),
+        ):
+            if pre.get(key) != want:
+                problems.append(f"preprocessor_config.json: {key} {pre.get(key)} != config's {want}")
+        lo, hi = pre.get("min_pixels"), pre.get("max_pixels")
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 < lo <= hi):
+            problems.append(f"preprocessor_config.json: min_pixels {lo} / max_pixels {hi} must be 0 < min <= max")
+        for key in ("image_mean", "image_std"):
+            if len(pre.get(key) or []) != v.in_channels:
+                problems.append(f"preprocessor_config.json: {key} needs {v.in_channels} values")
+        return problems
 
     def prompt_messages(self, problem: str, num_images: int, task_type: str | None) -> list[dict[str, Any]]:
         return build_messages(problem, num_images, task_type)

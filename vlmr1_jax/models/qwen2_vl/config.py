@@ -127,6 +127,22 @@ PRESETS: dict[str, Qwen2VLConfig] = {
         bos_token_id=0,
         eos_token_id=1,
     ).validate(),  # type: ignore[dict-item]
+    # `vlmr1 demo --family qwen2_vl`: Qwen2.5-VL's demo-s decoder with a Qwen2-VL tower of its widths (ids and
+    # vocabulary come from the demo's tokenizer).
+    "demo-s": Qwen2VLConfig(
+        text=TextConfig(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            mrope_section=(4, 6, 6),
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+        ),
+        vision=VisionConfig(depth=2, hidden_size=64, num_heads=4, mlp_ratio=4, out_hidden_size=128),
+    ).validate(check_token_ids=False),  # type: ignore[dict-item]
 }
 ALIASES = {"2b": "qwen2-vl-2b", "7b": "qwen2-vl-7b"}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vlmr1_jax.models.family import ModelFamily
+from vlmr1_jax.models.qwen2_5_vl.config import hf_config_problems
 from vlmr1_jax.models.qwen2_vl import params
 from vlmr1_jax.models.qwen2_vl.config import Qwen2VLConfig, from_hf_config, get_preset, to_hf_config, with_overrides
 from vlmr1_jax.models.qwen2_vl.model import Qwen2VL
@@ -18,5 +19,6 @@ FAMILY = ModelFamily(
     with_overrides=with_overrides,
     model_class=Qwen2VL,
     layout=params,
+    hf_config_problems=hf_config_problems,
     processor=Qwen2VLProcessor(),
 )
