@@ -10,6 +10,9 @@ import pytest
 
 from tests.helpers.runs import TINY_RUN, make_run_inputs, worker_env
 from vlmr1_jax.config import RunConfig, load_config, to_dict
+from vlmr1_jax.models.family import family_of
+from vlmr1_jax.models.qwen2_5_vl.config import get_preset
+from vlmr1_jax.train.checkpoint import read_meta
 from vlmr1_jax.train.identity import RunMismatch, check_resume, config_differences
 
 
@@ -60,6 +63,10 @@ def test_cli_refuses_other_config_and_finished_runs(tmp_path):
         )
 
     assert train("train.max_steps=2").returncode == 0
+    # The recipe leaves data.max_pixels unset: the run stores the family's budget in effect, the number runs stored
+    # before the default became the family's, so those resume too.
+    stored = read_meta(run / "checkpoints")["run_config"]["data"]["max_pixels"]
+    assert stored == family_of(get_preset("tiny")).processor.default_max_pixels == 12845056
     other = train("train.max_steps=4", "optim.learning_rate=0.5")
     assert other.returncode == 2 and "optim.learning_rate: 0.0001 -> 0.5" in other.stderr, other.stderr[-2000:]
     finished = train("train.max_steps=2")

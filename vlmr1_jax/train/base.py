@@ -113,6 +113,11 @@ class Trainer:
         updates_per_rollout: int = 1,
         resume_anyway: bool = False,
     ):
+        # The family's image budget when the recipe leaves it unset, resolved here so the run's stored config (and
+        # a resume's identity check) holds the number in effect.
+        if cfg.data.max_pixels is None:
+            budget = processor_of(parts.model.cfg).default_max_pixels
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_pixels=budget))
         self.cfg = cfg
         self.progress = progress
         self.updates_per_rollout = updates_per_rollout  # optimizer steps per drawn batch (GRPO's num_iterations)
