@@ -7,12 +7,17 @@ GRPO with the Qwen REC IoU and format rewards -> greedy evaluation of the in-dom
 Sizes: docs/facts.md: The CPU demo. The prompt uses the bare question (no R1 instruction): the SFT target teaches
 the `<think>`/`<answer>` format, and a short prompt halves every step on two cores.
 
-What was tried (held-out greedy IoU, Acc@0.5): SFT stays on the "average box" plateau on this budget: 800 x 16 gave
-0.05, 3000 x 16 gave 0.067, and with one token per coordinate 1000 x 32 gave 0.074 / 2.3% at step 250 and 0.021 /
-0.7% at step 1000 (a few constant boxes: the model does not read the image yet). GRPO's IoU reward does move the
-boxes onto the objects from there (0.021 -> 0.116 in 100 steps, out of domain 0.028 -> 0.13, while 300 more SFT
-steps stayed at 0.04-0.09: docs/sft-vs-rl.md), so the demo keeps a short SFT, for the format, and spends its time
-on GRPO. One token per coordinate makes the answer 27 tokens instead of 33, which shortens every SFT and GRPO step.
+What was tried (held-out greedy mean IoU, Acc@0.5; on two shared cores, so the times are upper bounds):
+- the previous defaults (digit tokens, 16-48 px shapes anywhere, SFT 800 x 16, GRPO 500): 0.0495 -> 0.0958,
+  Acc@0.5 about 1%, 5.9 min; SFT 3000 x 16 stayed on the "average box" plateau (0.067).
+- one token per coordinate (27 answer tokens instead of 33), SFT 1000 x 32 on that data: 0.074 / 2.3% at step
+  250, 0.021 / 0.7% at step 1000: a few constant boxes whatever the image (929 s). From there 300 GRPO steps gave
+  0.127 in domain and 0.141 out of domain while 300 more SFT steps gave 0.081 / 0.084 (docs/sft-vs-rl.md).
+- these defaults (24-48 px shapes on an 8-px grid, SFT 1600 x 16, GRPO 500): SFT 0.0485 / 1.4% (ood 0.0664),
+  GRPO 0.1224 / 3.3% (ood 0.1428), 12.1 min at load 2.6-6.3. GRPO beats SFT in and out of domain, but SFT has not
+  left the plateau, and GRPO's boxes move towards the objects without becoming tight: Acc@0.5 stays far from the
+  25% aimed at. A torch prototype of this model left the plateau after about 2-3k SFT steps of 32 samples, more
+  than this budget holds at our step time.
 """
 
 from __future__ import annotations
