@@ -39,8 +39,9 @@ from vlmr1_jax.train.comparison import comparison_table, draw_comparison
 from vlmr1_jax.train.loop import GRPOTrainer
 from vlmr1_jax.train.sft import SFTTrainer
 
-# The scoring protocols each evaluation reports: name -> (samples, completions, frames) -> (summary, records).
-# Add VLM-R1's baseline protocol here once `vlmr1_jax.eval.rec` has it; every row names its protocol.
+# The scoring protocols each evaluation reports: name -> (samples, completions, frames) -> (summary, records). All
+# score the same greedy completions of the demo's prompt; VLM-R1's baseline protocol (its permissive box regex) is
+# added here once `vlmr1_jax.eval.rec` has it. Every row names its protocol.
 Scorer = Callable[[Sequence[Sample], Sequence[str], Sequence[Frames]], tuple[dict[str, float], list[dict]]]
 PROTOCOLS: dict[str, Scorer] = {"r1": score_rec}
 REPORTED_PROTOCOL = "r1"  # the one the figure and table show
@@ -48,6 +49,8 @@ REPORTED_PROTOCOL = "r1"  # the one the figure and table show
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
+    """The command's flags (`--warm-steps` is `warm_steps`); the defaults take under 20 minutes on 2 shared cores."""
+
     out: str = "runs/sft-vs-rl"
     seeds: int = 2
     data_seed: int = 0
