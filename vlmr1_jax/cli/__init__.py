@@ -8,12 +8,12 @@ import argparse
 import contextlib
 import sys
 
-from vlmr1_jax.cli import data, demo, evaluate, export, parity, plan, plot, ports, rewards, train
+from vlmr1_jax.cli import data, demo, evaluate, experiment, export, parity, plan, plot, ports, rewards, train
 from vlmr1_jax.cli.compile_cache import DEFAULT_DIR, ENV_VAR, enable_compilation_cache
 from vlmr1_jax.extras import MissingExtraError
 from vlmr1_jax.quiet import quiet_libraries, without_background_tracebacks
 
-COMMAND_MODULES = (parity, data, rewards, plot, train, demo, plan, evaluate, export, ports)
+COMMAND_MODULES = (parity, data, rewards, plot, train, demo, experiment, plan, evaluate, export, ports)
 
 
 # Errors that mean "the user's input or machine is wrong" (config values, paths, data, disk, a missing extra): one

@@ -1,11 +1,25 @@
 """`vlmr1 demo`: the whole product on one CPU in minutes, with nothing downloaded.
 
 Synthetic REC data -> a compact tokenizer for the task (a real `tokenizers` BPE with Qwen's special tokens and
-chat template) -> a tiny Qwen2.5-VL ("demo-s") -> SFT warm start -> GRPO with the Qwen REC IoU and format rewards
--> greedy evaluation on >= 1000 held-out in-domain samples before and after GRPO. Sizes: docs/facts.md: The CPU demo.
-The prompt uses the bare question (no R1 instruction): the SFT target teaches the `<think>`/`<answer>` format,
-and a short prompt halves every step on two cores. A short SFT teaches the format and the average box (longer SFT
-stays on that plateau for thousands of steps on this budget); GRPO then moves the boxes onto the objects.
+chat template, plus one added token per coordinate 0..112) -> a tiny Qwen2.5-VL ("demo-s") -> SFT warm start ->
+GRPO with the Qwen REC IoU and format rewards -> greedy evaluation of the in-domain (`val`) and out-of-domain
+(`ood`: held-out colour+shape pairs) splits after SFT and after GRPO, and a picture of held-out boxes.
+Sizes: docs/facts.md: The CPU demo. The prompt uses the bare question (no R1 instruction): the SFT target teaches
+the `<think>`/`<answer>` format, and a short prompt halves every step on two cores.
+
+What was tried (held-out greedy mean IoU, Acc@0.5; on two shared cores, so the times are upper bounds):
+- the previous defaults (digit tokens, 16-48 px shapes anywhere, SFT 800 x 16, GRPO 500): 0.0495 -> 0.0958,
+  Acc@0.5 about 1%, 5.9 min; SFT 3000 x 16 stayed on the "average box" plateau (0.067).
+- one token per coordinate (27 answer tokens instead of 33), SFT 1000 x 32 on that data: 0.074 / 2.3% at step
+  250, 0.021 / 0.7% at step 1000: a few constant boxes whatever the image (929 s). From there 300 GRPO steps gave
+  0.127 in domain and 0.141 out of domain while 300 more SFT steps gave 0.081 / 0.084 (docs/sft-vs-rl.md).
+- 24-48 px shapes on an 8-px grid, SFT 1600 x 16, GRPO 500: SFT 0.0485 / 1.4% (ood 0.0664), GRPO 0.1224 / 3.3%
+  (ood 0.1428), 12.1 min at load 2.6-6.3: SFT still on the plateau; GRPO moves the boxes towards the objects
+  without making them tight.
+- these defaults (the same data, SFT 2000 x 32, GRPO 300): SFT leaves the plateau (its loss falls from 0.29 to
+  0.19 per token after step 500): 0.1383 / 11.3% (ood 0.1427 / 10.2%); GRPO 0.1830 / 11.9% (ood 0.2100 / 15.0%).
+  18.5 min at load 2-4.7 (the process got 1.2 of the 2 cores). Still short of the 25% aimed at: the SFT is where
+  the time goes, and it is still learning when it stops.
 """
 
 from __future__ import annotations
@@ -15,9 +29,11 @@ import dataclasses
 import json
 import random
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from flax import nnx
+from tokenizers import AddedToken
 
 from converters.release import export_release
 from vlmr1_jax.config import (
@@ -31,19 +47,22 @@ from vlmr1_jax.config import (
     TrainConfig,
     to_dict,
 )
-from vlmr1_jax.data.jsonl import load_jsonl_datasets
-from vlmr1_jax.data.synthetic import corpus_strings, image_folder, write_default_dataset
-from vlmr1_jax.eval.rec import GreedyDecoder, evaluate_rec
+from vlmr1_jax.data.jsonl import Sample, load_jsonl_datasets
+from vlmr1_jax.data.synthetic import PROMPT_PREFIX, Placement, corpus_strings, image_folder, write_default_dataset
+from vlmr1_jax.eval.rec import GreedyDecoder, evaluate_rec, truth_box
 from vlmr1_jax.models.family import get_family
 from vlmr1_jax.processing.tokenizer import build_compact_tokenizer, qwen2_5_tokenizer
+from vlmr1_jax.train.box_grid import Predicted, Shown, draw_box_grid
 from vlmr1_jax.train.loop import GRPOTrainer
 from vlmr1_jax.train.metrics import read_metrics
 from vlmr1_jax.train.sft import SFTTrainer
 
 QUESTION = "{Question}"
 TARGET = '<think> </think><answer>{"bbox_2d": {answer}}</answer>'
-TARGET_TOKENS = 36
+TARGET_TOKENS = 30  # the target is 27 tokens with <|im_end|> (one token per coordinate)
 EVAL_BATCH = 250
+FRAME = 112  # the synthetic images' side, which the processor keeps: boxes are in 0..112
+SPLIT_NAMES = {"val": "in domain", "ood": "out of domain"}  # the evaluated splits (data/synthetic.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,80 +73,99 @@ class DemoConfig:
     n_train: int = 4000
     n_eval: int = 1000
     n_ood: int = 500
-    sft_steps: int = 800
-    grpo_steps: int = 500
-    sft_batch: int = 16
+    sft_steps: int = 2000
+    grpo_steps: int = 300
+    sft_batch: int = 32
     grpo_prompts: int = 8
     generations: int = 8
+    n_show: int = 8  # held-out images in the picture
+    min_size: int = 24  # shapes 24-48 px with corners and sizes on an 8-px grid: an easier task than the default data
+    grid: int = 8
 
 
 def demo_tokenizer(out: Path, seed: int, family: str = ModelConfig.family):
-    """Byte-level BPE trained on every string the task produces: prompts, expressions, answers; with the family's
-    own special tokens."""
+    """Byte-level BPE trained on every string the task produces: prompts, expressions, answers, with the family's
+    own special tokens; each coordinate 0..112 is one token (Qwen's pre-tokenizer gives one token per digit)."""
     rng = random.Random(seed)
     qwen = qwen2_5_tokenizer()
     corpus = corpus_strings()
     processor = get_family(family).processor
     prompts = [processor.render_prompt(qwen, text, 1, QUESTION) for text in corpus]
-    answers = [TARGET.replace("{answer}", json.dumps([rng.randrange(112) for _ in range(4)])) for _ in range(3000)]
+    answers = [TARGET.replace("{answer}", json.dumps([rng.randrange(FRAME) for _ in range(4)])) for _ in range(3000)]
     tokenizer = build_compact_tokenizer(corpus + prompts + answers, vocab_size=512).with_special_tokens(
         processor.added_tokens, **processor.tokenizer_config
     )
+    # Added tokens are matched before the pre-tokenizer splits digits.
+    tokenizer.backend.add_tokens([AddedToken(str(n), normalized=False) for n in range(FRAME + 1)])
     tokenizer.save(out)
     return tokenizer
 
 
-def sft_config(demo: DemoConfig, data: dict[str, str], images: str, tokenizer_dir: Path) -> RunConfig:
+def sft_config(
+    train_file: str, images: str, model: ModelConfig, out_dir: Path, steps: int, batch: int, seed: int
+) -> RunConfig:
+    """The demo's SFT run: cross-entropy on the answer target, `batch` samples a step, from `model`."""
     return RunConfig(
-        model=ModelConfig(family=demo.family, preset="demo-s", tokenizer=str(tokenizer_dir)),
+        model=model,
         data=DataConfig(
-            data_file_paths=data["train"],
-            image_folders=images,
-            task_type=QUESTION,
-            prompts_per_step=demo.sft_batch,
-            seed=demo.seed,
+            data_file_paths=train_file, image_folders=images, task_type=QUESTION, prompts_per_step=batch, seed=seed
         ),
         # Measured SFT settings: lr 1e-3, 100-step warm-up, constant, AdamW betas 0.9/0.95, wd 0.01, clip 1.0.
         optim=OptimConfig(learning_rate=1e-3, schedule="constant", warmup_steps=100, b2=0.95, weight_decay=0.01),
         sft=SFTConfig(target_template=TARGET, max_target_length=TARGET_TOKENS),
-        train=TrainConfig(
-            output_dir=str(Path(demo.out) / "sft"),
-            max_steps=demo.sft_steps,
-            save_every=demo.sft_steps,
-            log_every=50,
-            seed=demo.seed,
-        ),
+        train=TrainConfig(output_dir=str(out_dir), max_steps=steps, save_every=steps, log_every=50, seed=seed),
     )
 
 
-def grpo_config(demo: DemoConfig, data: dict[str, str], images: str, sft_model: Path) -> RunConfig:
+def grpo_config(
+    train_file: str,
+    images: str,
+    model: ModelConfig,
+    out_dir: Path,
+    steps: int,
+    prompts: int,
+    generations: int,
+    seed: int,
+) -> RunConfig:
+    """The demo's GRPO run: VLM-R1's Qwen REC rewards and loss, `prompts` x `generations` samples a step."""
     return RunConfig(
-        model=ModelConfig(hf_model=str(sft_model)),
+        model=model,
         data=DataConfig(
-            data_file_paths=data["train"],
+            data_file_paths=train_file,
             image_folders=images,
             task_type=QUESTION,
-            prompts_per_step=demo.grpo_prompts,
-            seed=demo.seed + 1,
+            prompts_per_step=prompts,
+            seed=seed + 1,
         ),
         sampling=SamplingConfig(max_new_tokens=TARGET_TOKENS, temperature=1.0, top_k=50, top_p=1.0),
-        grpo=GRPOConfig(num_generations=demo.generations, beta=0.04, reward_funcs=("rec_iou", "rec_format")),
+        grpo=GRPOConfig(num_generations=generations, beta=0.04, reward_funcs=("rec_iou", "rec_format")),
         optim=OptimConfig(learning_rate=5e-5, schedule="constant", b2=0.99),
-        train=TrainConfig(
-            output_dir=str(Path(demo.out) / "grpo"),
-            max_steps=demo.grpo_steps,
-            save_every=demo.grpo_steps,
-            log_every=10,
-            seed=demo.seed,
-        ),
+        train=TrainConfig(output_dir=str(out_dir), max_steps=steps, save_every=steps, log_every=10, seed=seed),
     )
 
 
-def evaluate(model, tokenizer, samples) -> dict[str, float]:
-    batch = min(EVAL_BATCH, len(samples))  # a micro run decodes its few samples, not 250 padded rows
-    decoder = GreedyDecoder(model, tokenizer, task_type=QUESTION, batch_size=batch, max_new_tokens=TARGET_TOKENS)
-    summary, _ = evaluate_rec(decoder, samples)
-    return summary
+def evaluate_splits(
+    model, tokenizer, splits: Mapping[str, Sequence[Sample]], batch_size: int = EVAL_BATCH
+) -> dict[str, tuple[dict[str, float], list[dict]]]:
+    """Greedy decoding and VLM-R1's REC scoring of each named split with one compiled decoder:
+    {split: (summary, per-sample records)}."""
+    batch_size = min(batch_size, max(len(samples) for samples in splits.values()))  # a micro run: no padded rows
+    decoder = GreedyDecoder(model, tokenizer, task_type=QUESTION, batch_size=batch_size, max_new_tokens=TARGET_TOKENS)
+    return {name: evaluate_rec(decoder, samples) for name, samples in splits.items()}
+
+
+def expression(sample: Sample) -> str:
+    """The referring expression of a synthetic REC sample ("the red circle")."""
+    return sample.problem.split(PROMPT_PREFIX)[-1].rstrip(".")
+
+
+def demo_picture(samples: Sequence[Sample], stages: Mapping[str, Sequence[dict]], out: Path) -> Path:
+    """The box grid of `samples` (the first ones of a split) with each stage's records for them."""
+    shown = [Shown(s.image_paths[0], expression(s), truth_box(s)) for s in samples]
+    predicted = {
+        name: [Predicted(r["pred_box"], r["iou"]) for r in records[: len(samples)]] for name, records in stages.items()
+    }
+    return draw_box_grid(shown, predicted, out)
 
 
 def reward_table(run_dir: Path) -> str:
@@ -152,58 +190,92 @@ def save_hf_folder(model, out_dir: str | Path, tokenizer_dir: str | Path) -> Pat
     )
 
 
+def report(stage: str, results: Mapping[str, tuple[dict[str, float], list[dict]]]) -> None:
+    """One progress line per evaluated split."""
+    for split, (summary, _) in results.items():
+        print(
+            f"[demo] after {stage}, {SPLIT_NAMES[split]} ({summary['n']} held-out): IoU {summary['iou']:.4f}  "
+            f"Acc@0.5 {summary['accuracy']:.1f}%  format {summary['format']:.4f}",
+            flush=True,
+        )
+
+
 def run_demo(demo: DemoConfig, progress: bool = True) -> dict[str, float]:
     start = time.perf_counter()
     out = Path(demo.out)
     print(f"[demo] synthetic REC data -> {out / 'data'}", flush=True)
-    data = write_default_dataset(str(out / "data"), demo.n_train, demo.n_eval, demo.n_ood, seed=demo.seed)
+    placement = Placement(min_size=demo.min_size, grid=demo.grid)
+    data = write_default_dataset(
+        str(out / "data"), demo.n_train, demo.n_eval, demo.n_ood, seed=demo.seed, placement=placement
+    )
     images = image_folder(str(out / "data"))
     tokenizer = demo_tokenizer(out / "tokenizer", demo.seed, demo.family)
     print(f"[demo] compact tokenizer: {tokenizer.vocab_size} tokens -> {out / 'tokenizer'}", flush=True)
-    held_out, _ = load_jsonl_datasets(data["val"], images)
+    splits = {split: load_jsonl_datasets(data[split], images)[0] for split in SPLIT_NAMES}
 
     print(f"[demo] SFT warm start: {demo.sft_steps} steps x {demo.sft_batch} samples", flush=True)
-    sft = SFTTrainer.from_config(sft_config(demo, data, images, out / "tokenizer"), progress=progress)
+    model = ModelConfig(family=demo.family, preset="demo-s", tokenizer=str(out / "tokenizer"))
+    sft_cfg = sft_config(data["train"], images, model, out / "sft", demo.sft_steps, demo.sft_batch, demo.seed)
+    sft = SFTTrainer.from_config(sft_cfg, progress=progress)
     sft.train()
     sft_model_dir = save_hf_folder(sft.model(), out / "sft" / "hf", out / "tokenizer")
-    before = evaluate(sft.model(), tokenizer, held_out)
-    print(
-        f"[demo] after SFT on {before['n']} held-out: IoU {before['iou']:.4f}  format {before['format']:.4f}  "
-        f"Acc@0.5 {before['accuracy']:.1f}%",
-        flush=True,
-    )
+    before = evaluate_splits(sft.model(), tokenizer, splits)
+    report("SFT", before)
 
     print(
         f"[demo] GRPO: {demo.grpo_steps} steps x {demo.grpo_prompts} prompts x {demo.generations} samples", flush=True
     )
-    grpo = GRPOTrainer.from_config(grpo_config(demo, data, images, sft_model_dir), progress=progress)
-    grpo.train()
-    after = evaluate(grpo.model(), tokenizer, held_out)
-    print(reward_table(out / "grpo"))
-    print(
-        f"[demo] after GRPO on {after['n']} held-out: IoU {after['iou']:.4f}  format {after['format']:.4f}  "
-        f"Acc@0.5 {after['accuracy']:.1f}%",
-        flush=True,
+    grpo_cfg = grpo_config(
+        data["train"],
+        images,
+        ModelConfig(hf_model=str(sft_model_dir)),
+        out / "grpo",
+        demo.grpo_steps,
+        demo.grpo_prompts,
+        demo.generations,
+        demo.seed,
     )
+    grpo = GRPOTrainer.from_config(grpo_cfg, progress=progress)
+    grpo.train()
+    after = evaluate_splits(grpo.model(), tokenizer, splits)
+    print(reward_table(out / "grpo"))
+    report("GRPO", after)
+    picture = demo_picture(
+        splits["val"][: demo.n_show],
+        {"after SFT": before["val"][1], "after GRPO": after["val"][1]},
+        out / "boxes.png",
+    )
+    print(f"[demo] picture of {demo.n_show} held-out samples, true and predicted boxes: {picture}", flush=True)
     seconds = time.perf_counter() - start
     result = {
-        "iou_sft": before["iou"],
-        "iou_grpo": after["iou"],
-        "format_sft": before["format"],
-        "format_grpo": after["format"],
-        "steps": demo.grpo_steps,
-        "seconds": seconds,
+        "iou_sft": before["val"][0]["iou"],
+        "iou_grpo": after["val"][0]["iou"],
+        "acc_sft": before["val"][0]["accuracy"] / 100.0,
+        "acc_grpo": after["val"][0]["accuracy"] / 100.0,
+        "ood_iou_sft": before["ood"][0]["iou"],
+        "ood_iou_grpo": after["ood"][0]["iou"],
+        "format_sft": before["val"][0]["format"],
+        "format_grpo": after["val"][0]["format"],
     }
     (out / "demo_result.json").write_text(
-        json.dumps({**result, "config": dataclasses.asdict(demo), "sft": to_dict(sft.cfg)["train"]}, indent=2)
+        json.dumps(
+            {
+                **result,
+                "steps": demo.grpo_steps,
+                "seconds": seconds,
+                "picture": str(picture),
+                "summaries": {
+                    stage: {k: v[0] for k, v in r.items()} for stage, r in (("sft", before), ("grpo", after))
+                },
+                "config": dataclasses.asdict(demo),
+                "sft": to_dict(sft.cfg)["train"],
+            },
+            indent=2,
+        )
     )
-    print(
-        f"demo: iou_sft={result['iou_sft']:.4f} iou_grpo={result['iou_grpo']:.4f} "
-        f"format_sft={result['format_sft']:.4f} format_grpo={result['format_grpo']:.4f} "
-        f"steps={result['steps']} seconds={seconds:.1f}",
-        flush=True,
-    )
-    return result
+    fields = " ".join(f"{name}={value:.4f}" for name, value in result.items())
+    print(f"demo: {fields} steps={demo.grpo_steps} seconds={seconds:.1f}", flush=True)
+    return {**result, "steps": demo.grpo_steps, "seconds": seconds}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

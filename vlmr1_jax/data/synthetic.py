@@ -95,16 +95,27 @@ def make_shape(colour: str, shape: str, footprint: tuple[int, int, int], image_s
     return Shape(colour, shape, size, x0, y0, box, mask.histogram()[255])  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Shape sizes in [min_size, max_size] and footprint corners and sizes on a `grid`-pixel lattice (1: any pixel);
+    a coarse grid and larger shapes make an easier task (fewer distinct boxes, more tolerance per pixel)."""
+
+    min_size: int = MIN_SIZE
+    max_size: int = MAX_SIZE
+    grid: int = 1
+
+
 def place_footprints(
-    rng: np.random.Generator, count: int, image_size: int, tries: int = 50
+    rng: np.random.Generator, count: int, image_size: int, tries: int = 50, placement: Placement = Placement()
 ) -> list[tuple[int, int, int]] | None:
     """`count` non-overlapping (size, x0, y0) footprints with GAP pixels between them, or None if none fit."""
+    g = placement.grid
     placed: list[tuple[int, int, int]] = []
     for _ in range(tries):
         if len(placed) == count:
             break
-        s = int(rng.integers(MIN_SIZE, MAX_SIZE + 1))
-        x, y = (int(v) for v in rng.integers(0, image_size - s + 1, size=2))
+        s = g * int(rng.integers(-(-placement.min_size // g), placement.max_size // g + 1))
+        x, y = (g * int(v) for v in rng.integers(0, (image_size - s) // g + 1, size=2))
         if all(
             x + s + GAP <= px or px + ps + GAP <= x or y + s + GAP <= py or py + ps + GAP <= y for ps, px, py in placed
         ):
@@ -173,11 +184,13 @@ EXPRESSIONS = {
 }
 
 
-def _scene(rng: np.random.Generator, family: str, split: str, image_size: int) -> tuple[list[Shape], str, int]:
+def _scene(
+    rng: np.random.Generator, family: str, split: str, image_size: int, placement: Placement
+) -> tuple[list[Shape], str, int]:
     """Draw shapes until `family` can refer to one (a held-out pair in `ood`); return (objects, expression, target)."""
     while True:
         count = int(rng.integers(1 if family == "simple" else 2, 4))
-        footprints = place_footprints(rng, count, image_size)
+        footprints = place_footprints(rng, count, image_size, placement=placement)
         if footprints is None:
             continue
         if split == "ood":
@@ -235,12 +248,12 @@ def write_split(out_dir: str, split: str, records: Iterable[tuple[dict, dict[str
 
 
 def make_record(
-    index: int, seed: int, split: str, families: Sequence[str], image_size: int
+    index: int, seed: int, split: str, families: Sequence[str], image_size: int, placement: Placement = Placement()
 ) -> tuple[dict, Image.Image]:
-    """One VLM-R1 jsonl record and its image; a pure function of (seed, split, index)."""
+    """One VLM-R1 jsonl record and its image; a pure function of (seed, split, index, placement)."""
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     family = families[int(rng.integers(len(families)))]
-    objects, expression, target = _scene(rng, family, split, image_size)
+    objects, expression, target = _scene(rng, family, split, image_size, placement)
     image = render(rng, objects, image_size)
     name = f"{split}_{index:06d}"
     box = objects[target].box
@@ -263,7 +276,13 @@ def image_folder(out_dir: str) -> str:
 
 
 def generate(
-    out_dir: str, n: int, seed: int, split: str = "train", families: Sequence[str] = ("simple",), image_size: int = 112
+    out_dir: str,
+    n: int,
+    seed: int,
+    split: str = "train",
+    families: Sequence[str] = ("simple",),
+    image_size: int = 112,
+    placement: Placement = Placement(),
 ) -> str:
     """Write `n` samples as `<out_dir>/<split>.jsonl` + `<out_dir>/images/<split>/*.png`; return the jsonl path.
 
@@ -274,9 +293,11 @@ def generate(
     unknown = [f for f in families if f not in FAMILIES]
     if unknown or not families:
         raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {list(families)}")
-    if image_size < 2 * MAX_SIZE:
-        raise ValueError(f"image_size must be at least {2 * MAX_SIZE} to fit the shapes, got {image_size}")
-    records = (make_record(index, seed, split, tuple(families), image_size) for index in range(n))
+    if image_size < 2 * placement.max_size:
+        raise ValueError(f"image_size must be at least {2 * placement.max_size} to fit the shapes, got {image_size}")
+    if not 0 < placement.min_size <= placement.max_size or placement.grid < 1:
+        raise ValueError(f"placement needs 0 < min_size <= max_size and grid >= 1, got {placement}")
+    records = (make_record(index, seed, split, tuple(families), image_size, placement) for index in range(n))
     return write_split(out_dir, split, ((record, {record["image"]: image}) for record, image in records))
 
 
@@ -288,10 +309,11 @@ def write_default_dataset(
     seed: int,
     families: Sequence[str] = ("simple",),
     image_size: int = 112,
+    placement: Placement = Placement(),
 ) -> dict[str, str]:
     """The train / val / ood splits sharing one image folder; returns {split: jsonl path}."""
     sizes = {"train": n_train, "val": n_val, "ood": n_ood}
-    return {split: generate(out_dir, n, seed, split, families, image_size) for split, n in sizes.items()}
+    return {split: generate(out_dir, n, seed, split, families, image_size, placement) for split, n in sizes.items()}
 
 
 def corpus_strings() -> list[str]:

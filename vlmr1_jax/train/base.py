@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import jax
 from jax.sharding import Mesh
@@ -57,6 +57,12 @@ from vlmr1_jax.train.setup import (
 from vlmr1_jax.train.validate import Validation
 
 log = logging.getLogger(__name__)
+
+
+class PhaseHook(Protocol):
+    """What the step loop calls after each rollout phase: `Validation`, or a caller's own evaluation."""
+
+    def after_phase(self, first: int, step: int, last: bool, state: Any) -> dict[str, float]: ...
 
 
 class TrainingDiverged(ValueError):
@@ -135,7 +141,7 @@ class Trainer:
             model, cfg.train.trainable, self.optimizer, with_reference, frozen_dtype_of(cfg.model)
         )
         self.state = on_mesh(state, self.mesh)
-        self.validation = (
+        self.validation: PhaseHook | None = (
             Validation(
                 cfg,
                 held_out,
