@@ -84,6 +84,7 @@ def calls(tmp_path_factory) -> dict:
     out = {
         "format": lambda c: get_reward("format")([c]),
         "rec_format": lambda c: get_reward("rec_format")([c]),
+        "rec_format_plain": lambda c: get_reward("rec_format_plain")([c]),
         "repetition": lambda c: get_reward("repetition")([c]),
         "length": lambda c: get_reward("length", count="bytes")([c], solution=[f"<answer> {BLOCK} </answer>"]),
         "rec_iou": lambda c: get_reward("rec_iou")(
@@ -140,7 +141,8 @@ def _seconds(call, text: str, give_up_after: float = 0.0) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", ["format", "rec_format", "repetition", "length", "rec_iou", *(f"accuracy:{m}" for m in TRUTHS)]
+    "name",
+    ["format", "rec_format", "rec_format_plain", "repetition", "length", "rec_iou", *(f"accuracy:{m}" for m in TRUTHS)],
 )
 def test_cost_grows_linearly_with_the_completion(name, calls, monkeypatch):
     monkeypatch.delenv("VLMR1_LLM_JUDGE_URL", raising=False)

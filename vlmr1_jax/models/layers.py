@@ -239,6 +239,28 @@ class GatedMLP(nnx.Module):
         return self.down(self.act(self.gate(x)) * self.up(x))
 
 
+class MLP(nnx.Module):
+    """fc2(act(fc1(x))), with biases: the plain two-layer block of Qwen2-VL's and InternViT's vision towers."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        act: str,
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+    ):
+        kw: dict[str, Any] = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc1 = Dense(dim, hidden, ("vision_embed", "vision_mlp"), **kw)
+        self.fc2 = Dense(hidden, dim, ("vision_mlp", "vision_embed"), **kw)
+        self.act = ACTIVATIONS[act]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
 def rotate_half(x: jax.Array) -> jax.Array:
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([-x2, x1], axis=-1)

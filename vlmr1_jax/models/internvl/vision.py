@@ -16,7 +16,7 @@ from flax import nnx
 
 from vlmr1_jax.models.internvl.config import VisionConfig
 from vlmr1_jax.models.layers import (
-    ACTIVATIONS,
+    MLP,
     REMAT_POLICIES,
     Dense,
     LayerNorm,
@@ -66,17 +66,6 @@ class VisionAttention(nnx.Module):
         return self.proj(out.reshape(tiles, tokens, d))
 
 
-class VisionMLP(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
-        kw: dict[str, Any] = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, ("vision_embed", "vision_mlp"), **kw)
-        self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, ("vision_mlp", "vision_embed"), **kw)
-        self.act = ACTIVATIONS[cfg.hidden_act]
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class VisionBlock(nnx.Module):
     """x + ls1 * attn(norm1(x)), then + ls2 * mlp(norm2(x))."""
 
@@ -85,7 +74,9 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.ls1 = _layer_scale(cfg, param_dtype)
         self.norm2 = _norm(cfg, param_dtype)
-        self.mlp = VisionMLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mlp = MLP(
+            cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+        )
         self.ls2 = _layer_scale(cfg, param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:

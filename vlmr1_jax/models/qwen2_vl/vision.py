@@ -10,22 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlmr1_jax.models.layers import ACTIVATIONS, Dense, LayerNorm
+from vlmr1_jax.models.layers import ACTIVATIONS, MLP, Dense, LayerNorm
 from vlmr1_jax.models.qwen2_5_vl.vision import VisionAttention, VisionTower
 from vlmr1_jax.models.qwen2_vl.config import VisionConfig
-
-
-class VisionMLP(nnx.Module):
-    """fc2(act(fc1(x))), hidden width `embed_dim * mlp_ratio`."""
-
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
-        kw: dict[str, Any] = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, ("vision_embed", "vision_mlp"), **kw)
-        self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, ("vision_mlp", "vision_embed"), **kw)
-        self.act = ACTIVATIONS[cfg.hidden_act]
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class VisionBlock(nnx.Module):
@@ -33,7 +20,9 @@ class VisionBlock(nnx.Module):
         self.norm1 = LayerNorm(cfg.hidden_size, cfg.norm_eps, "vision_embed", param_dtype=param_dtype)
         self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)  # type: ignore[arg-type]
         self.norm2 = LayerNorm(cfg.hidden_size, cfg.norm_eps, "vision_embed", param_dtype=param_dtype)
-        self.mlp = VisionMLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mlp = MLP(
+            cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+        )
 
     def __call__(self, x, cos, sin, blocks, mask):
         x = x + self.attn(self.norm1(x), cos, sin, blocks, mask)
