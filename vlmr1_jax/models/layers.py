@@ -261,6 +261,18 @@ class MLP(nnx.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def merge_vision_tokens(
+    embeds: jax.Array, vision_features: jax.Array | None, vision_gather: jax.Array | None
+) -> jax.Array:
+    """Token embeddings [B, L, D] with every position whose `vision_gather` index is >= 0 replaced by that row of
+    `vision_features` (the placeholder tokens of a prompt's images); the rest keep their token embedding."""
+    if vision_features is None:
+        return embeds
+    assert vision_gather is not None, "vision_features come with vision_gather"
+    picked = jnp.take(vision_features.astype(embeds.dtype), jnp.maximum(vision_gather, 0), axis=0)
+    return jnp.where((vision_gather >= 0)[..., None], picked, embeds)
+
+
 def rotate_half(x: jax.Array) -> jax.Array:
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([-x2, x1], axis=-1)

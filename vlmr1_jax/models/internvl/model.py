@@ -19,7 +19,7 @@ from flax import nnx
 from vlmr1_jax.models.family import VisionLanguageModel
 from vlmr1_jax.models.internvl.config import InternVLConfig
 from vlmr1_jax.models.internvl.vision import TILE_AXES, InternViT
-from vlmr1_jax.models.layers import ACTIVATIONS, REMAT_POLICIES, Dense, LayerNorm
+from vlmr1_jax.models.layers import ACTIVATIONS, REMAT_POLICIES, Dense, LayerNorm, merge_vision_tokens
 from vlmr1_jax.models.qwen2_5_vl.text import KVCache, TextModel
 from vlmr1_jax.parallel.mesh import constrain
 
@@ -91,12 +91,7 @@ class InternVL(VisionLanguageModel):
         self, input_ids: jax.Array, vision_features: jax.Array | None = None, vision_gather: jax.Array | None = None
     ) -> jax.Array:
         """Token embeddings with each <IMG_CONTEXT> position replaced by its visual token."""
-        embeds = self.text.embed_tokens(input_ids)
-        if vision_features is None:
-            return embeds
-        assert vision_gather is not None, "vision_features come with vision_gather"
-        picked = jnp.take(vision_features.astype(embeds.dtype), jnp.maximum(vision_gather, 0), axis=0)
-        return jnp.where((vision_gather >= 0)[..., None], picked, embeds)
+        return merge_vision_tokens(self.text.embed_tokens(input_ids), vision_features, vision_gather)
 
     def __call__(
         self,

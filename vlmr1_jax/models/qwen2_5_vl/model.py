@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlmr1_jax.models.family import VisionLanguageModel
-from vlmr1_jax.models.layers import REMAT_POLICIES
+from vlmr1_jax.models.layers import REMAT_POLICIES, merge_vision_tokens
 from vlmr1_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from vlmr1_jax.models.qwen2_5_vl.text import KVCache, TextModel
 from vlmr1_jax.models.qwen2_5_vl.vision import VisionTower
@@ -56,12 +56,7 @@ class Qwen25VL(VisionLanguageModel):
     def embed(
         self, input_ids: jax.Array, vision_features: jax.Array | None = None, vision_gather: jax.Array | None = None
     ) -> jax.Array:
-        embeds = self.text.embed_tokens(input_ids)
-        if vision_features is None:
-            return embeds
-        assert vision_gather is not None, "vision_features come with vision_gather"
-        picked = jnp.take(vision_features.astype(embeds.dtype), jnp.maximum(vision_gather, 0), axis=0)
-        return jnp.where((vision_gather >= 0)[..., None], picked, embeds)
+        return merge_vision_tokens(self.text.embed_tokens(input_ids), vision_features, vision_gather)
 
     def __call__(
         self,

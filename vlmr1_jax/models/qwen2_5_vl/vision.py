@@ -82,12 +82,15 @@ class VisionBlock(nnx.Module):
 
 
 class PatchMerger(nnx.Module):
-    """RMSNorm, then 2x2 patches concatenated -> Linear -> exact GELU -> Linear to the text width."""
+    """The norm (`norm_class`: RMSNorm here, Qwen2-VL's LayerNorm), then 2x2 patches concatenated -> Linear -> exact
+    GELU -> Linear to the text width."""
+
+    norm_class: Callable[..., nnx.Module] = RMSNorm
 
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
         wide = cfg.hidden_size * cfg.merge_unit
         kw: dict[str, Any] = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.ln_q = RMSNorm(cfg.hidden_size, cfg.norm_eps, "vision_embed", param_dtype=param_dtype)
+        self.ln_q = self.norm_class(cfg.hidden_size, cfg.norm_eps, "vision_embed", param_dtype=param_dtype)
         self.fc1 = Dense(wide, wide, ("vision_merge", "vision_mlp"), **kw)
         self.fc2 = Dense(wide, cfg.out_hidden_size, ("vision_mlp", "embed"), **kw)
         self.unit = cfg.merge_unit

@@ -4,14 +4,11 @@ LayerNorm blocks, a QuickGELU fc1/fc2 MLP, full attention within each frame in e
 
 from __future__ import annotations
 
-from typing import Any
-
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlmr1_jax.models.layers import ACTIVATIONS, MLP, Dense, LayerNorm
-from vlmr1_jax.models.qwen2_5_vl.vision import VisionAttention, VisionTower
+from vlmr1_jax.models.layers import MLP, LayerNorm
+from vlmr1_jax.models.qwen2_5_vl.vision import PatchMerger as Qwen25PatchMerger, VisionAttention, VisionTower
 from vlmr1_jax.models.qwen2_vl.config import VisionConfig
 
 
@@ -29,20 +26,10 @@ class VisionBlock(nnx.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class PatchMerger(nnx.Module):
-    """LayerNorm, then 2x2 patches concatenated -> Linear -> exact GELU -> Linear to the text width."""
+class PatchMerger(Qwen25PatchMerger):
+    """Qwen2.5-VL's merger with a LayerNorm (with bias) in place of its RMSNorm."""
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
-        wide = cfg.hidden_size * cfg.merge_unit
-        kw: dict[str, Any] = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.ln_q = LayerNorm(cfg.hidden_size, cfg.norm_eps, "vision_embed", param_dtype=param_dtype)
-        self.fc1 = Dense(wide, wide, ("vision_merge", "vision_mlp"), **kw)
-        self.fc2 = Dense(wide, cfg.out_hidden_size, ("vision_mlp", "embed"), **kw)
-        self.unit = cfg.merge_unit
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.ln_q(x).reshape(x.shape[0] // self.unit, -1)
-        return self.fc2(ACTIVATIONS["gelu"](self.fc1(y)))
+    norm_class = LayerNorm
 
 
 class Qwen2VisionTower(VisionTower):
