@@ -31,6 +31,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from flax import nnx
 from tokenizers import AddedToken
@@ -278,6 +279,22 @@ def run_demo(demo: DemoConfig, progress: bool = True) -> dict[str, float]:
     return {**result, "steps": demo.grpo_steps, "seconds": seconds}
 
 
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One `--flag-name` per field of the dataclass `config_class`, typed and defaulted by the field's default."""
+    defaults = config_class()
+    for field in dataclasses.fields(config_class):
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            type=type(getattr(defaults, field.name)),
+            default=getattr(defaults, field.name),
+        )
+
+
+def config_from_flags(config_class: type, args: argparse.Namespace) -> Any:
+    """The `config_class` instance of the flags `add_config_flags` added."""
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo",
@@ -285,18 +302,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    defaults = DemoConfig()
-    for field in dataclasses.fields(DemoConfig):
-        p.add_argument(
-            f"--{field.name.replace('_', '-')}",
-            type=type(getattr(defaults, field.name)),
-            default=getattr(defaults, field.name),
-        )
+    add_config_flags(p, DemoConfig)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def run(args: argparse.Namespace) -> int:
-        demo = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
-        run_demo(demo, progress=not args.no_progress)
+        run_demo(config_from_flags(DemoConfig, args), progress=not args.no_progress)
         return 0
 
     p.set_defaults(func=run)

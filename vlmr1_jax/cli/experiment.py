@@ -23,6 +23,8 @@ from vlmr1_jax.cli.demo import (
     QUESTION,
     SPLIT_NAMES,
     TARGET_TOKENS,
+    add_config_flags,
+    config_from_flags,
     demo_tokenizer,
     grpo_config,
     save_hf_folder,
@@ -197,17 +199,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    defaults = ExperimentConfig()
-    for field in dataclasses.fields(ExperimentConfig):
-        q.add_argument(
-            f"--{field.name.replace('_', '-')}",
-            type=type(getattr(defaults, field.name)),
-            default=getattr(defaults, field.name),
-        )
+    add_config_flags(q, ExperimentConfig)
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def run(args: argparse.Namespace) -> int:
-        exp = ExperimentConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExperimentConfig)})
+        exp = config_from_flags(ExperimentConfig, args)
         check(exp)
         run_experiment(exp, progress=not args.no_progress)
         return 0
