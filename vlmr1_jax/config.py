@@ -55,6 +55,9 @@ LOSS_PRESETS: dict[str, Algorithm] = {
 }
 
 
+INIT_SCHEMES = ("hf", "fan_in")  # model.init: how a preset's random weights are drawn
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     # The model family (models/family.py) of a preset; an HF folder's family comes from its config.json.
@@ -75,6 +78,10 @@ class ModelConfig:
     # Completion positions whose vocabulary logits a train step holds at once ([rows, chunk, vocab] float32).
     logits_chunk: int = 256
     overrides: dict = dataclasses.field(default_factory=dict)  # preset field overrides, e.g. {"text.vocab_size": 512}
+    # How a preset's random weights are drawn: "hf" (every weight normal with std 0.02, as transformers initialises)
+    # or "fan_in" (linear kernels with std 1/sqrt(fan_in): trains small models from scratch much faster). Unused
+    # with hf_model.
+    init: str = "hf"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,6 +308,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     ):
         _check(value in DTYPE_NAMES, field, value, f"one of {DTYPE_NAMES}")
     _check(m.remat in ("none", "full", "dots"), "model.remat", m.remat, "none, full or dots")
+    _check(m.init in INIT_SCHEMES, "model.init", m.init, f"one of {INIT_SCHEMES}")
     _check(m.logits_chunk >= 1, "model.logits_chunk", m.logits_chunk, "an integer >= 1")
     custom = d.task_type is not None and "{Question}" in d.task_type
     _check(

@@ -23,8 +23,10 @@ from vlmr1_jax.cli.demo import (
     QUESTION,
     SPLIT_NAMES,
     TARGET_TOKENS,
+    DemoConfig,
     add_config_flags,
     config_from_flags,
+    demo_model,
     demo_tokenizer,
     grpo_config,
     save_hf_folder,
@@ -32,7 +34,7 @@ from vlmr1_jax.cli.demo import (
 )
 from vlmr1_jax.config import ModelConfig
 from vlmr1_jax.data.jsonl import Sample, load_jsonl_datasets
-from vlmr1_jax.data.synthetic import image_folder, write_default_dataset
+from vlmr1_jax.data.synthetic import Placement, image_folder, write_default_dataset
 from vlmr1_jax.eval.protocols import BASELINE
 from vlmr1_jax.eval.rec import Frames, GreedyDecoder, score_rec
 from vlmr1_jax.models.hf_weights import load_hf_model
@@ -53,7 +55,7 @@ REPORTED_PROTOCOL = "r1"  # the one the figure and table show
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """The command's flags (`--warm-steps` is `warm_steps`); the defaults take under 20 minutes on 2 shared cores."""
+    """The command's flags (`--warm-steps` is `warm_steps`); the defaults take about 30 minutes on 2 cores."""
 
     out: str = "runs/sft-vs-rl"
     seeds: int = 2
@@ -61,11 +63,13 @@ class ExperimentConfig:
     n_train: int = 4000
     n_val: int = 300
     n_ood: int = 300
-    warm_steps: int = 800  # the shared SFT warm start
+    min_size: int = DemoConfig.min_size  # the demo's images: shapes 24-48 px on an 8-px grid
+    grid: int = DemoConfig.grid
+    warm_steps: int = DemoConfig.sft_steps  # the shared SFT warm start: the demo's
     warm_start: str = ""  # an HF folder (e.g. a demo's sft/hf) to start from instead of training one
     steps: int = 300  # SFT and GRPO steps after it
     eval_every: int = 50
-    sft_batch: int = 16
+    sft_batch: int = DemoConfig.sft_batch  # the warm start's and the SFT arm's samples per step
     grpo_prompts: int = 8
     generations: int = 8
     eval_batch: int = 100
@@ -140,7 +144,10 @@ def run_experiment(exp: ExperimentConfig, progress: bool = True) -> dict[str, Pa
     if (out / "curves.jsonl").exists():
         raise ValueError(f"{out / 'curves.jsonl'} exists: give a new --out (the experiment does not resume)")
     print(f"[sft-vs-rl] synthetic REC data -> {out / 'data'}", flush=True)
-    data = write_default_dataset(str(out / "data"), exp.n_train, exp.n_val, exp.n_ood, seed=exp.data_seed)
+    placement = Placement(min_size=exp.min_size, grid=exp.grid)
+    data = write_default_dataset(
+        str(out / "data"), exp.n_train, exp.n_val, exp.n_ood, seed=exp.data_seed, placement=placement
+    )
     images = image_folder(str(out / "data"))
     if exp.warm_start:
         warm_dir = Path(exp.warm_start)
@@ -150,7 +157,7 @@ def run_experiment(exp: ExperimentConfig, progress: bool = True) -> dict[str, Pa
     else:
         tokenizer = demo_tokenizer(out / "tokenizer", exp.data_seed)
         print(f"[sft-vs-rl] shared warm start: SFT {exp.warm_steps} steps x {exp.sft_batch} samples", flush=True)
-        model = ModelConfig(preset="demo-s", tokenizer=str(out / "tokenizer"))
+        model = demo_model(out / "tokenizer")
         warm = SFTTrainer.from_config(
             sft_config(data["train"], images, model, out / "warm", exp.warm_steps, exp.sft_batch, exp.data_seed),
             progress=progress,

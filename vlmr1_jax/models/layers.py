@@ -43,6 +43,19 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: Axes, init: str, 
     return nnx.Param(value, logical_axes=axes)
 
 
+def rescale_kernels_to_fan_in(model: nnx.Module) -> None:
+    """Rescale every linear kernel (and the vision patch embedding) of a freshly initialised `model` from
+    transformers' std 0.02 to std 1/sqrt(fan_in), in place; the embedding tables keep 0.02.
+
+    0.02 suits widths in the thousands; at the demo's widths (64-512) it makes attention scores and branch outputs
+    nearly zero at the start, and a model trained from scratch sits on a long plateau (docs/facts.md: The CPU demo).
+    """
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Param) and path and path[-1] in ("kernel", "patch_embed"):
+            fan_in = node.shape[-2]  # (in, out), or (layers, in, out) when the layers are stacked
+            node.set_value(node.get_value() * (1.0 / (0.02 * fan_in**0.5)))
+
+
 # Checkpoint name of bf16 matmul outputs: rematerialisation policies see a custom_vjp, not a dot, so the "dots"
 # policy (REMAT_POLICIES) saves them by this name.
 BF16_MATMUL = "bf16_matmul"

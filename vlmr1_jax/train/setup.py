@@ -18,7 +18,7 @@ from vlmr1_jax.config import ModelConfig, RunConfig
 from vlmr1_jax.data.jsonl import Sample, load_jsonl_datasets
 from vlmr1_jax.models.family import VisionLanguageModel, family_of, get_family, processor_of
 from vlmr1_jax.models.hf_weights import load_hf_model
-from vlmr1_jax.models.layers import LoRAParam
+from vlmr1_jax.models.layers import LoRAParam, rescale_kernels_to_fan_in
 from vlmr1_jax.models.processor import Processor, PromptBatch
 from vlmr1_jax.parallel.mesh import create_sharded, initialize_distributed, make_mesh, state_shardings
 from vlmr1_jax.processing.tokenizer import QWEN2_5_DIR, Tokenizer, qwen2_5_tokenizer
@@ -141,6 +141,8 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer, mesh: Mesh) -> VisionLangu
             ),
             mesh,
         )
+        if cfg.model.init == "fan_in":
+            rescale_kernels_to_fan_in(model)
         where = f"preset {cfg.model.preset}"
     check_tokenizer_matches(model.cfg, tokenizer, where)
     configure_model(model, cfg.model)
