@@ -86,6 +86,7 @@ def test_sft_vs_rl_writes_curves_that_match_its_saved_predictions(tmp_path):
         assert row["mean_iou"] == pytest.approx(np.mean(ious), abs=1e-9)
     table = (out / "sft-vs-rl.md").read_text()
     assert "| SFT | 2 |" in table and "| GRPO | 2 |" in table
+    assert [line for line in table.splitlines() if line.startswith("### ")] == [f"### Protocol `{p}`" for p in PARSERS]
 
 
 def test_sft_vs_rl_refuses_a_bad_size_naming_the_flag(capsys):

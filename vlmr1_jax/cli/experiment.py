@@ -5,7 +5,8 @@ One shared warm start (the demo's SFT, or `--warm-start`: an HF folder trained o
 seed, SFT and GRPO for the same number of optimizer steps from it; every `--eval-every` steps the policy is decoded
 greedily on the in-domain split (`val`: the training colour+shape pairs) and the out-of-domain split (`ood`:
 held-out pairs) and scored with VLM-R1's REC protocol (Acc@0.5 and mean IoU). Writes `curves.jsonl` (one row per
-evaluation), the per-sample predictions behind every row (`predictions/`), `sft-vs-rl.png` and `sft-vs-rl.md`.
+evaluation), the per-sample predictions behind every row (`predictions/`), `sft-vs-rl.png` and `sft-vs-rl.md` (a
+table per scoring protocol).
 """
 
 from __future__ import annotations
@@ -187,7 +188,9 @@ def run_experiment(exp: ExperimentConfig, progress: bool = True) -> dict[str, Pa
     rows = [json.loads(line) for line in recorder.curves.read_text().splitlines()]
     figure = draw_comparison(rows, SPLIT_NAMES, REPORTED_PROTOCOL, out / "sft-vs-rl.png")
     table = out / "sft-vs-rl.md"
-    table.write_text(comparison_table(rows, SPLIT_NAMES, REPORTED_PROTOCOL))
+    table.write_text(
+        "\n".join(f"### Protocol `{name}`\n\n{comparison_table(rows, SPLIT_NAMES, name)}" for name in PROTOCOLS)
+    )
     (out / "experiment.json").write_text(
         json.dumps({"config": dataclasses.asdict(exp), "seconds": time.perf_counter() - start}, indent=2)
     )
