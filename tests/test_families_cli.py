@@ -6,9 +6,9 @@ Qwen2.5-VL's training modes, SFT and plan are tested in depth elsewhere, so thos
 families only; LoRA and frozen-vision GRPO run for InternVL alone (Qwen2-VL is Qwen2.5-VL's model with another vision
 tower, which both modes leave untrained: what they train is Qwen2.5-VL's code, tests/test_train_modes.py), and
 `check-parity` too (Qwen2.5-VL's and Qwen2-VL's run on held-out configs in tests/test_parity.py and
-tests/test_qwen2_vl.py). Each family gets one synthetic REC data set and one compact tokenizer (with the family's own special
-tokens), one GRPO run from its tiny preset and one fp32 release of it (module-scoped), so the commands run on real
-outputs of each other. The references are independent: transformers' forward (check-parity, `infer --backend
+tests/test_qwen2_vl.py). Each family gets one synthetic REC data set and one compact tokenizer (with the family's
+own special tokens), one GRPO run from its tiny preset and one fp32 release of it (module-scoped), so the commands
+run on real outputs of each other. The references are independent: transformers' forward (check-parity, `infer --backend
 torch`), the release's own bytes (the import / export round trip), VLM-R1's evaluation settings per family.
 """
 
