@@ -257,6 +257,7 @@ def test_scanned_and_unrolled_towers_agree_with_and_without_remat():
     for value, grad in others:
         np.testing.assert_allclose(value, ref, rtol=1e-6)
         for a, b in zip(jax.tree.leaves(grad), ref_leaves, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+            # atol as the Qwen towers' scanned / unrolled gradients (test_train_step.py): the programs round apart
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     last = flat_paths(ref_grad)["visual.blocks.mlp.fc2.kernel"][...][-1]
     assert not np.asarray(last).any()  # the skipped last block gets no gradient
