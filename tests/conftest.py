@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,23 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 from tests.helpers.files import read_only  # noqa: E402
 from tests.helpers.hf_models import TINY_CONFIG, TINY_CONFIG_B, save_random_hf_model  # noqa: E402
 from tests.helpers.release import make_release_source  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """`make test` hands out whole files to its xdist workers (`--dist loadfile`), by default those with the most
+    tests first: the end-to-end files, one or two long tests each, came last and one worker waited for the other
+    (over a minute). The workers take the files in collection order instead, which the hook below sets."""
+    if hasattr(config.option, "loadscopereorder"):  # absent under -p no:xdist
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with a `slow` test first, then the others, each group with the most tests per file first; a file's tests
+    stay together and in their order."""
+    tests_in = Counter(item.path for item in items)
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (item.path not in slow, -tests_in[item.path]))
+
 
 # The session folders below are built once per session (per xdist worker) and shared by every module that asks; a
 # test that wrote into one would change what the next test sees, so each fails the session if it changed: copy first.
