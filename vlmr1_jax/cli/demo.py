@@ -19,7 +19,7 @@ What was tried (held-out greedy mean IoU, Acc@0.5; on two shared cores, so the t
   and branch outputs near zero (its widths are 64-512, not thousands). With the linear kernels at std
   1/sqrt(fan_in) (`model.init=fan_in`) the SFT loss per token is 0.125 at step 1000 instead of 0.239, and these
   defaults give SFT 0.5026 / 50.4% (ood 0.4501 / 44.8%) and GRPO 0.5538 / 55.8% (ood 0.5178 / 52.8%), 25.7 min
-  at load 2.4-6 (12.5 min on a quiet machine for the same steps). SFT lr 2e-3 instead of 1e-3: a slower loss.
+  at load 2.4-6 (14.2 min from a fresh clone, mostly quiet). SFT lr 2e-3 instead of 1e-3: a slower loss.
 """
 
 from __future__ import annotations
